@@ -1,0 +1,21 @@
+"""speedysvc: split a Python application into services called over shared memory.
+
+Linux only.  A client process imports this package, which loads the codecs and
+the transports only (never the service manager or the web interface).
+"""
+from .client import Client, connect
+from .codecs import Codec
+from .errors import (BadArguments, CallTimeout, DecodeError, EncodeError, MethodNotFound, PayloadTooLarge,
+                     RemoteError, ServiceAlreadyRunning, ServiceUnavailable, SpeedysvcError, WorkerDied)
+from .local import LocalService
+from .methods import (ClientMethodsBase, ServerMethodsBase, json_method, msgpack_method, pickle_method,
+                      raw_method)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ServerMethodsBase", "ClientMethodsBase", "json_method", "msgpack_method", "pickle_method", "raw_method",
+    "connect", "Client", "LocalService", "Codec",
+    "SpeedysvcError", "RemoteError", "MethodNotFound", "BadArguments", "EncodeError", "DecodeError",
+    "PayloadTooLarge", "ServiceUnavailable", "WorkerDied", "CallTimeout", "ServiceAlreadyRunning",
+]

@@ -1,0 +1,793 @@
+/*
+ * The hot path of the shared-memory protocol: atomics, futex wait/wake and
+ * the four operations every call goes through (post, wait_reply, next_call,
+ * reply).  Everything else (segment creation, growth, reclaiming, errors)
+ * lives in speedysvc/shm.py.  The layout is documented in docs/shm-protocol.md;
+ * its offsets are defined here once and exported to Python as constants.
+ *
+ * Linux only: futex(2) on a word of a MAP_SHARED mapping (no FUTEX_PRIVATE,
+ * since the waiters are different processes).
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <errno.h>
+#include <limits.h>
+#include <linux/futex.h>
+#include <sched.h>
+#include <signal.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/prctl.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+#include <fcntl.h>
+#include <sys/mman.h>
+
+/* ---- layout ------------------------------------------------------------ */
+#define MAGIC            0x43565353u   /* "SSVC" */
+#define LAYOUT_VERSION   1u
+
+#define H_MAGIC          0
+#define H_VERSION        4
+#define H_MAX_CHANNELS   8
+#define H_MAX_WORKERS    12
+#define H_MAX_PAYLOAD    16    /* u64 */
+#define H_OWNER_PID      24
+#define H_STATE          28
+#define H_CREATED_NS     32    /* u64, CLOCK_REALTIME */
+#define H_OWNER_START    40    /* u64, owner's start time in clock ticks */
+#define H_SEQ            64    /* own cache line: futex word workers sleep on */
+#define H_SLEEPERS       68
+#define H_PENDING        72
+#define H_BITMAP         256   /* one bit per channel with a posted call */
+#define H_WORKERS        4096
+#define W_SIZE           64
+#define W_PID            0
+#define W_STATE          4     /* 0 free, 1 idle, 2 busy */
+#define W_CALLS          8
+#define W_BUSY_NS        16
+#define W_STARTED_NS     24
+#define W_ERRORS         32
+#define W_CLAIM_NS       40
+#define H_CHANNELS       8192
+#define C_SIZE           64
+#define C_STATE          0     /* futex word the caller sleeps on */
+#define C_OWNER_PID      4
+#define C_DATA_GEN       8
+#define C_FLAGS          12
+#define C_DATA_CAP       16
+#define C_REQ_LEN        24
+#define C_NAME_LEN       32
+#define C_STATUS         36
+#define C_RESP_OFF       40
+#define C_RESP_LEN       48
+#define C_OWNER_START    56
+
+#define MAX_CHANNELS_LIMIT 4096
+#define MAX_WORKERS      64
+
+/* service states */
+#define SVC_STARTING 0
+#define SVC_SERVING  1
+#define SVC_STOPPING 2
+#define SVC_STOPPED  3
+
+/* channel state word: low 4 bits a code, bit 4 "caller sleeps on futex",
+ * bits 8..31 the pid of the worker that claimed the call (pid_max <= 2^22). */
+#define ST_IDLE      0u
+#define ST_REQUEST   1u
+#define ST_CLAIMED   2u
+#define ST_RESPONSE  3u
+#define ST_ABANDONED 4u
+#define ST_CODE      0x0fu
+#define ST_WAITING   0x10u
+#define ST_PID_SHIFT 8
+
+#define U32(base, off) ((uint32_t *)((char *)(base) + (off)))
+#define U64(base, off) ((uint64_t *)((char *)(base) + (off)))
+#define LOAD(p) __atomic_load_n((p), __ATOMIC_SEQ_CST)
+#define STORE(p, v) __atomic_store_n((p), (v), __ATOMIC_SEQ_CST)
+#define CAS(p, e, n) __atomic_compare_exchange_n((p), (e), (n), 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST)
+
+static inline void cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
+
+static inline uint64_t now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+static int futex_wait(uint32_t *addr, uint32_t expected, uint64_t timeout_ns) {
+    struct timespec ts = {(time_t)(timeout_ns / 1000000000ull), (long)(timeout_ns % 1000000000ull)};
+    if (syscall(SYS_futex, addr, FUTEX_WAIT, expected, &ts, NULL, 0) == 0) return 0;
+    return errno; /* EAGAIN (value changed), ETIMEDOUT, EINTR */
+}
+
+static int futex_wake(uint32_t *addr, int n) {
+    return (int)syscall(SYS_futex, addr, FUTEX_WAKE, n, NULL, NULL, 0);
+}
+
+/* ---- bounded, adaptive spinning ---------------------------------------
+ * A wake-up across cores costs tens of microseconds on a VM; a short spin
+ * before sleeping avoids it when the answer is about to arrive.  The spin is
+ * bounded by a budget that adapts: a wait that ended in sleep shortly after
+ * the budget ran out grows it back to the maximum (a longer spin would have
+ * paid), a long wait halves it (spinning did not pay).  When more threads are
+ * runnable than there are CPUs, spinning would steal the CPU the peer needs,
+ * so it is skipped altogether. */
+typedef struct { uint64_t budget_ns; } spinner;
+static spinner client_spin = {0}, worker_spin = {0};
+static uint64_t spin_max_ns = 50000;
+static long ncpu = 1;
+static uint64_t load_checked_ns = 0;
+static int overloaded = 0;
+
+static int system_overloaded(uint64_t now) {
+    if (now - load_checked_ns < 20000000ull) return overloaded;
+    load_checked_ns = now;
+    int fd = open("/proc/loadavg", O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return overloaded;
+    char buf[128];
+    ssize_t n = read(fd, buf, sizeof buf - 1);
+    close(fd);
+    if (n <= 0) return overloaded;
+    buf[n] = 0;
+    /* "0.10 0.20 0.30 R/T last": R = runnable tasks right now, us included */
+    char *p = buf;
+    for (int field = 0; field < 3 && p; field++) { p = strchr(p, ' '); if (p) p++; }
+    if (p) overloaded = atol(p) > ncpu;
+    return overloaded;
+}
+
+static void spin_adapt(spinner *s, int spun_ok, uint64_t waited_ns) {
+    if (spun_ok) return;
+    if (waited_ns < spin_max_ns) s->budget_ns = spin_max_ns;
+    else s->budget_ns = s->budget_ns > 1000 ? s->budget_ns / 2 : 0;
+}
+
+/* ---- Region: a writable buffer (an mmap) held for the object's lifetime */
+typedef struct {
+    PyObject_HEAD
+    Py_buffer view;
+    char *base;
+    Py_ssize_t size;
+    uint32_t last_slot; /* where a worker resumes scanning, for fairness */
+    int owns;           /* a mapping made by map_fd, unmapped on dealloc */
+    Py_ssize_t exports; /* memoryviews currently over an owned mapping */
+} Region;
+
+static int check_off(Region *r, Py_ssize_t off, Py_ssize_t width) {
+    if (off < 0 || off % width != 0 || off + width > r->size) {
+        PyErr_Format(PyExc_ValueError, "offset %zd out of range or unaligned", off);
+        return -1;
+    }
+    return 0;
+}
+
+static int Region_init(Region *self, PyObject *args, PyObject *kw) {
+    PyObject *obj;
+    if (!PyArg_ParseTuple(args, "O", &obj)) return -1;
+    if (self->base) { PyBuffer_Release(&self->view); self->base = NULL; }
+    if (PyObject_GetBuffer(obj, &self->view, PyBUF_WRITABLE | PyBUF_SIMPLE) < 0) return -1;
+    self->base = self->view.buf;
+    self->size = self->view.len;
+    if (((uintptr_t)self->base & 63) != 0) {
+        PyBuffer_Release(&self->view); self->base = NULL;
+        PyErr_SetString(PyExc_ValueError, "region must be 64-byte aligned (use an mmap)");
+        return -1;
+    }
+    return 0;
+}
+
+static void Region_dealloc(Region *self) {
+    if (self->owns) { if (self->base) munmap(self->base, self->size); }
+    else if (self->base) PyBuffer_Release(&self->view);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* -- generic atomics, for the slow paths written in Python -------------- */
+static PyObject *R_load32(Region *self, PyObject *arg) {
+    Py_ssize_t off = PyLong_AsSsize_t(arg);
+    if (off == -1 && PyErr_Occurred()) return NULL;
+    if (check_off(self, off, 4)) return NULL;
+    return PyLong_FromUnsignedLong(LOAD(U32(self->base, off)));
+}
+static PyObject *R_load64(Region *self, PyObject *arg) {
+    Py_ssize_t off = PyLong_AsSsize_t(arg);
+    if (off == -1 && PyErr_Occurred()) return NULL;
+    if (check_off(self, off, 8)) return NULL;
+    return PyLong_FromUnsignedLongLong(LOAD(U64(self->base, off)));
+}
+static PyObject *R_store32(Region *self, PyObject *args) {
+    Py_ssize_t off; unsigned long v;
+    if (!PyArg_ParseTuple(args, "nk", &off, &v) || check_off(self, off, 4)) return NULL;
+    STORE(U32(self->base, off), (uint32_t)v);
+    Py_RETURN_NONE;
+}
+static PyObject *R_store64(Region *self, PyObject *args) {
+    Py_ssize_t off; unsigned long long v;
+    if (!PyArg_ParseTuple(args, "nK", &off, &v) || check_off(self, off, 8)) return NULL;
+    STORE(U64(self->base, off), (uint64_t)v);
+    Py_RETURN_NONE;
+}
+static PyObject *R_cas32(Region *self, PyObject *args) {
+    Py_ssize_t off; unsigned long e, n;
+    if (!PyArg_ParseTuple(args, "nkk", &off, &e, &n) || check_off(self, off, 4)) return NULL;
+    uint32_t exp = (uint32_t)e;
+    return PyBool_FromLong(CAS(U32(self->base, off), &exp, (uint32_t)n));
+}
+static PyObject *R_add32(Region *self, PyObject *args) {
+    Py_ssize_t off; long d;
+    if (!PyArg_ParseTuple(args, "nl", &off, &d) || check_off(self, off, 4)) return NULL;
+    return PyLong_FromUnsignedLong(__atomic_fetch_add(U32(self->base, off), (uint32_t)d, __ATOMIC_SEQ_CST));
+}
+static PyObject *R_add64(Region *self, PyObject *args) {
+    Py_ssize_t off; long long d;
+    if (!PyArg_ParseTuple(args, "nL", &off, &d) || check_off(self, off, 8)) return NULL;
+    return PyLong_FromUnsignedLongLong(__atomic_fetch_add(U64(self->base, off), (uint64_t)d, __ATOMIC_SEQ_CST));
+}
+static PyObject *R_wait32(Region *self, PyObject *args) {
+    Py_ssize_t off; unsigned long expected; double timeout;
+    if (!PyArg_ParseTuple(args, "nkd", &off, &expected, &timeout) || check_off(self, off, 4)) return NULL;
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = futex_wait(U32(self->base, off), (uint32_t)expected, timeout > 0 ? (uint64_t)(timeout * 1e9) : 0);
+    Py_END_ALLOW_THREADS
+    if (rc == EINTR && PyErr_CheckSignals() < 0) return NULL;
+    return PyBool_FromLong(rc != ETIMEDOUT);
+}
+static PyObject *R_wake32(Region *self, PyObject *args) {
+    Py_ssize_t off; int n = INT_MAX;
+    if (!PyArg_ParseTuple(args, "n|i", &off, &n) || check_off(self, off, 4)) return NULL;
+    return PyLong_FromLong(futex_wake(U32(self->base, off), n));
+}
+static PyObject *R_addr(Region *self, PyObject *unused) {
+    return PyLong_FromVoidPtr(self->base);
+}
+
+/* -- the protocol's hot path -------------------------------------------- */
+static int check_slot(Region *self, long slot) {
+    uint32_t n = LOAD(U32(self->base, H_MAX_CHANNELS));
+    if (slot < 0 || (uint32_t)slot >= n || H_CHANNELS + (slot + 1) * C_SIZE > self->size) {
+        PyErr_Format(PyExc_ValueError, "channel %ld out of range", slot);
+        return -1;
+    }
+    return 0;
+}
+
+static inline void kick_workers(char *base) {
+    __atomic_fetch_add(U32(base, H_SEQ), 1, __ATOMIC_SEQ_CST);
+    if (LOAD(U32(base, H_SLEEPERS)) > 0) futex_wake(U32(base, H_SEQ), 1);
+}
+
+/* Copies name+payload into the data segment and publishes the call.
+ * Returns 0 when posted, 1 when it does not fit, 2 when the service is not serving. */
+static int post_call(char *base, long slot, Region *data, Py_buffer *name, Py_buffer *payload, uint32_t flags) {
+    Py_ssize_t total = name->len + payload->len;
+    if (total > data->size) return 1;
+    if (LOAD(U32(base, H_STATE)) != SVC_SERVING) return 2;
+    char *ch = base + H_CHANNELS + slot * C_SIZE;
+    memcpy(data->base, name->buf, name->len);
+    if (payload->len > (1 << 20)) {
+        Py_BEGIN_ALLOW_THREADS
+        memcpy(data->base + name->len, payload->buf, payload->len);
+        Py_END_ALLOW_THREADS
+    } else {
+        memcpy(data->base + name->len, payload->buf, payload->len);
+    }
+    STORE(U32(ch, C_NAME_LEN), (uint32_t)name->len);
+    STORE(U64(ch, C_REQ_LEN), (uint64_t)total);
+    STORE(U32(ch, C_FLAGS), flags);
+    STORE(U32(ch, C_STATE), ST_REQUEST);
+    uint64_t bit = 1ull << (slot & 63);
+    uint64_t old = __atomic_fetch_or(U64(base, H_BITMAP + (slot >> 6) * 8), bit, __ATOMIC_SEQ_CST);
+    if (!(old & bit)) __atomic_fetch_add(U32(base, H_PENDING), 1, __ATOMIC_SEQ_CST);
+    kick_workers(base);
+    return 0;
+}
+
+/* Spin, then sleep, until the channel holds a response or the timeout passes.
+ * Returns 1 when ready, 0 on timeout, -1 when interrupted by a signal.
+ * Called without the GIL. */
+static int await_response(uint32_t *st, double timeout) {
+    if ((LOAD(st) & ST_CODE) == ST_RESPONSE) return 1;
+    uint64_t start = now_ns(), deadline = start + (uint64_t)(timeout * 1e9), t;
+    int spun_ok = 0, ready = 0;
+    if (client_spin.budget_ns && !system_overloaded(start)) {
+        uint64_t stop = start + client_spin.budget_ns;
+        for (unsigned i = 1;; i++) {
+            if ((LOAD(st) & ST_CODE) == ST_RESPONSE) { spun_ok = ready = 1; break; }
+            cpu_relax();
+            if ((i & 15) == 0) {
+                t = now_ns();
+                if (t >= stop) break;
+                if (t - start > 5000) sched_yield(); /* a peer on this CPU gets to run */
+            }
+        }
+    }
+    while (!ready) {
+        uint32_t s = LOAD(st);
+        if ((s & ST_CODE) == ST_RESPONSE) { ready = 1; break; }
+        if (!(s & ST_WAITING)) {
+            uint32_t e = s;
+            if (!CAS(st, &e, s | ST_WAITING)) continue;
+            s |= ST_WAITING;
+        }
+        t = now_ns();
+        if (t >= deadline) break;
+        if (futex_wait(st, s, deadline - t) == EINTR) { ready = -1; break; }
+    }
+    spin_adapt(&client_spin, spun_ok, now_ns() - start);
+    return ready;
+}
+
+static int get_data(PyObject *obj, PyTypeObject *type, Region **out) {
+    if (!PyObject_TypeCheck(obj, type)) { PyErr_SetString(PyExc_TypeError, "data must be a Region"); return -1; }
+    *out = (Region *)obj;
+    return 0;
+}
+
+static PyObject *response_fields(char *ch) {
+    return Py_BuildValue("(kKKk)", (unsigned long)LOAD(U32(ch, C_STATUS)),
+                         (unsigned long long)LOAD(U64(ch, C_RESP_OFF)),
+                         (unsigned long long)LOAD(U64(ch, C_RESP_LEN)),
+                         (unsigned long)LOAD(U32(ch, C_DATA_GEN)));
+}
+
+/* wait_reply(slot, timeout) -> (status, resp_off, resp_len, data_gen) or None
+ * None means the timeout passed with the call still in flight: the caller
+ * checks the worker is alive and its own deadline, then waits again. */
+static PyObject *R_wait_reply(Region *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2) { PyErr_SetString(PyExc_TypeError, "wait_reply takes 2 arguments"); return NULL; }
+    long slot = PyLong_AsLong(args[0]);
+    if ((slot == -1 && PyErr_Occurred()) || check_slot(self, slot)) return NULL;
+    double timeout = PyFloat_AsDouble(args[1]);
+    if (timeout == -1.0 && PyErr_Occurred()) return NULL;
+    char *ch = self->base + H_CHANNELS + slot * C_SIZE;
+    int ready;
+    Py_BEGIN_ALLOW_THREADS
+    ready = await_response(U32(ch, C_STATE), timeout);
+    Py_END_ALLOW_THREADS
+    if (ready < 0 && PyErr_CheckSignals() < 0) return NULL;
+    if (ready <= 0) Py_RETURN_NONE;
+    return response_fields(ch);
+}
+
+#define SMALL_RESPONSE 65536
+
+/* call(slot, data_region, name, payload, flags, timeout): post + wait in one go.
+ * Returns (status, bytes) when a small response came back in the same data
+ * segment, else an int: 1 request too big (nothing posted), 2 not serving,
+ * 3 still in flight at the timeout, 4 ready (read it with wait_reply). */
+static PyObject *R_call(Region *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 6) { PyErr_SetString(PyExc_TypeError, "call takes 6 arguments"); return NULL; }
+    long slot = PyLong_AsLong(args[0]);
+    if ((slot == -1 && PyErr_Occurred()) || check_slot(self, slot)) return NULL;
+    Region *data;
+    if (get_data(args[1], Py_TYPE(self), &data)) return NULL;
+    unsigned long flags = PyLong_AsUnsignedLong(args[4]);
+    if (flags == (unsigned long)-1 && PyErr_Occurred()) return NULL;
+    double timeout = PyFloat_AsDouble(args[5]);
+    if (timeout == -1.0 && PyErr_Occurred()) return NULL;
+    Py_buffer name, payload;
+    if (PyObject_GetBuffer(args[2], &name, PyBUF_SIMPLE) < 0) return NULL;
+    if (PyObject_GetBuffer(args[3], &payload, PyBUF_SIMPLE) < 0) { PyBuffer_Release(&name); return NULL; }
+    int rc = post_call(self->base, slot, data, &name, &payload, (uint32_t)flags);
+    PyBuffer_Release(&name);
+    PyBuffer_Release(&payload);
+    if (rc) return PyLong_FromLong(rc);
+    char *ch = self->base + H_CHANNELS + slot * C_SIZE;
+    int ready;
+    Py_BEGIN_ALLOW_THREADS
+    ready = await_response(U32(ch, C_STATE), timeout);
+    Py_END_ALLOW_THREADS
+    if (ready < 0 && PyErr_CheckSignals() < 0) return NULL;
+    if (ready <= 0) return PyLong_FromLong(3);
+    uint64_t off = LOAD(U64(ch, C_RESP_OFF)), len = LOAD(U64(ch, C_RESP_LEN));
+    uint32_t gen = LOAD(U32(ch, C_DATA_GEN));
+    if (len > SMALL_RESPONSE || gen != LOAD(U32(ch, C_DATA_GEN)) || off + len > (uint64_t)data->size
+        || LOAD(U64(ch, C_DATA_CAP)) != (uint64_t)data->size)
+        return PyLong_FromLong(4);
+    PyObject *body = PyBytes_FromStringAndSize(data->base + off, (Py_ssize_t)len);
+    if (!body) return NULL;
+    PyObject *status = PyLong_FromUnsignedLong(LOAD(U32(ch, C_STATUS)));
+    if (!status) { Py_DECREF(body); return NULL; }
+    PyObject *res = PyTuple_Pack(2, status, body);
+    Py_DECREF(status); Py_DECREF(body);
+    return res;
+}
+
+/* Claims one posted call: clears its bit, then moves its state from REQUEST
+ * to CLAIMED|pid in one CAS, so a call is never owned by nobody.  Returns the
+ * slot or -1.  Scanning resumes after the last slot served, for fairness. */
+static long try_claim(Region *self, uint32_t pid) {
+    char *base = self->base;
+    uint32_t n = LOAD(U32(base, H_MAX_CHANNELS));
+    uint32_t words = (n + 63) / 64, start = (self->last_slot + 1) % n;
+    for (uint32_t k = 0; k <= words; k++) {
+        uint32_t w = (start / 64 + k) % words;
+        uint64_t *word = U64(base, H_BITMAP + w * 8);
+        uint64_t bits = LOAD(word);
+        if (k == 0) bits &= ~0ull << (start & 63);          /* from `start` on... */
+        else if (k == words) bits &= (start & 63) ? ~(~0ull << (start & 63)) : 0; /* ...wrapping round */
+        while (bits) {
+            int b = __builtin_ctzll(bits);
+            bits &= bits - 1;
+            uint64_t mask = 1ull << b;
+            uint64_t old = __atomic_fetch_and(word, ~mask, __ATOMIC_SEQ_CST);
+            if (!(old & mask)) continue;
+            uint32_t p = LOAD(U32(base, H_PENDING));
+            while (p > 0 && !CAS(U32(base, H_PENDING), &p, p - 1)) {}
+            long slot = (long)w * 64 + b;
+            uint32_t *st = U32(base, H_CHANNELS + slot * C_SIZE + C_STATE);
+            uint32_t s = LOAD(st);
+            while ((s & ST_CODE) == ST_REQUEST) {
+                if (CAS(st, &s, (s & ST_WAITING) | ST_CLAIMED | (pid << ST_PID_SHIFT))) {
+                    self->last_slot = (uint32_t)slot;
+                    return slot;
+                }
+            }
+            /* cancelled by its caller before we got to it */
+        }
+    }
+    return -1;
+}
+
+static int any_posted(char *base) {
+    uint32_t n = LOAD(U32(base, H_MAX_CHANNELS)), words = (n + 63) / 64;
+    for (uint32_t w = 0; w < words; w++) if (LOAD(U64(base, H_BITMAP + w * 8))) return 1;
+    return 0;
+}
+
+/* Claims the next posted call, spinning then sleeping until the deadline.
+ * Returns the slot, -1 on timeout (or when the service stops with nothing
+ * posted), -2 when interrupted.  Called without the GIL. */
+static long claim_next(Region *self, char *w, uint64_t deadline) {
+    char *base = self->base;
+    uint32_t pid = LOAD(U32(w, W_PID));
+    uint64_t start = now_ns(), t;
+    int spun_ok = 0;
+    long slot = try_claim(self, pid);
+    if (slot < 0 && worker_spin.budget_ns && !system_overloaded(start)) {
+        uint64_t stop = start + worker_spin.budget_ns;
+        for (unsigned i = 1;; i++) {
+            if (LOAD(U32(base, H_PENDING)) && (slot = try_claim(self, pid)) >= 0) { spun_ok = 1; break; }
+            cpu_relax();
+            if ((i & 15) == 0) {
+                t = now_ns();
+                if (t >= stop) break;
+                if (t - start > 5000) sched_yield();
+            }
+        }
+    }
+    while (slot < 0) {
+        if (LOAD(U32(base, H_STATE)) != SVC_SERVING && !any_posted(base)) break;
+        uint32_t seq = LOAD(U32(base, H_SEQ));
+        if ((slot = try_claim(self, pid)) >= 0) break;
+        __atomic_fetch_add(U32(base, H_SLEEPERS), 1, __ATOMIC_SEQ_CST);
+        if (any_posted(base)) {
+            __atomic_fetch_sub(U32(base, H_SLEEPERS), 1, __ATOMIC_SEQ_CST);
+            continue;
+        }
+        t = now_ns();
+        int rc = t < deadline ? futex_wait(U32(base, H_SEQ), seq, deadline - t) : ETIMEDOUT;
+        __atomic_fetch_sub(U32(base, H_SLEEPERS), 1, __ATOMIC_SEQ_CST);
+        if (rc == EINTR) { slot = -2; break; }
+        if (rc == ETIMEDOUT) { slot = try_claim(self, pid); break; }
+    }
+    t = now_ns();
+    spin_adapt(&worker_spin, spun_ok, t - start);
+    if (slot >= 0) {
+        STORE(U32(w, W_STATE), 2u);
+        STORE(U64(w, W_CLAIM_NS), t);
+    }
+    return slot;
+}
+
+static int check_worker(long widx) {
+    if (widx < 0 || widx >= MAX_WORKERS) { PyErr_SetString(PyExc_ValueError, "bad worker index"); return -1; }
+    return 0;
+}
+
+static PyObject *call_tuple(char *base, long slot) {
+    char *ch = base + H_CHANNELS + slot * C_SIZE;
+    return Py_BuildValue("(slkkkKk)", "call", slot,
+                         (unsigned long)LOAD(U32(ch, C_OWNER_PID)),
+                         (unsigned long)LOAD(U32(ch, C_DATA_GEN)),
+                         (unsigned long)LOAD(U32(ch, C_NAME_LEN)),
+                         (unsigned long long)LOAD(U64(ch, C_REQ_LEN)),
+                         (unsigned long)LOAD(U32(ch, C_FLAGS)));
+}
+
+/* Writes a response and hands the channel back to its caller.  A payload that
+ * already lies inside the data segment (a raw method returning a slice of its
+ * argument) is not copied: only its offset is published.  Returns 1 when
+ * delivered, 0 when the caller abandoned the call meanwhile, -1 when it does
+ * not fit (nothing written). */
+static int publish_reply(char *base, char *w, long slot, Region *data, uint32_t status, Py_buffer *payload) {
+    char *ch = base + H_CHANNELS + slot * C_SIZE;
+    uint64_t off = 0;
+    char *p = payload->buf;
+    if (p >= data->base && p + payload->len <= data->base + data->size) {
+        off = (uint64_t)(p - data->base);
+    } else if (payload->len > data->size) {
+        return -1;
+    } else if (payload->len > (1 << 20)) {
+        Py_BEGIN_ALLOW_THREADS
+        memcpy(data->base, p, payload->len);
+        Py_END_ALLOW_THREADS
+    } else {
+        memcpy(data->base, p, payload->len);
+    }
+    STORE(U32(ch, C_STATUS), status);
+    STORE(U64(ch, C_RESP_OFF), off);
+    STORE(U64(ch, C_RESP_LEN), (uint64_t)payload->len);
+    uint32_t pid = LOAD(U32(w, W_PID));
+    uint32_t *st = U32(ch, C_STATE);
+    uint32_t s = LOAD(st);
+    int delivered = 0;
+    while ((s & ~ST_WAITING) == (ST_CLAIMED | (pid << ST_PID_SHIFT))) {
+        if (CAS(st, &s, ST_RESPONSE)) {
+            delivered = 1;
+            if (s & ST_WAITING) futex_wake(st, INT_MAX);
+            break;
+        }
+    }
+    uint64_t t = now_ns();
+    __atomic_fetch_add(U64(w, W_BUSY_NS), t - LOAD(U64(w, W_CLAIM_NS)), __ATOMIC_SEQ_CST);
+    __atomic_fetch_add(U64(w, W_CALLS), 1, __ATOMIC_SEQ_CST);
+    if (status != 0) __atomic_fetch_add(U64(w, W_ERRORS), 1, __ATOMIC_SEQ_CST);
+    STORE(U32(w, W_STATE), 1u);
+    return delivered;
+}
+
+/* reply(worker_index, slot, data_region, status, payload) -> bool (False: abandoned) */
+static PyObject *R_reply(Region *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 5) { PyErr_SetString(PyExc_TypeError, "reply takes 5 arguments"); return NULL; }
+    long widx = PyLong_AsLong(args[0]);
+    if ((widx == -1 && PyErr_Occurred()) || check_worker(widx)) return NULL;
+    long slot = PyLong_AsLong(args[1]);
+    if ((slot == -1 && PyErr_Occurred()) || check_slot(self, slot)) return NULL;
+    Region *data;
+    if (get_data(args[2], Py_TYPE(self), &data)) return NULL;
+    unsigned long status = PyLong_AsUnsignedLong(args[3]);
+    if (status == (unsigned long)-1 && PyErr_Occurred()) return NULL;
+    Py_buffer payload;
+    if (PyObject_GetBuffer(args[4], &payload, PyBUF_SIMPLE) < 0) return NULL;
+    int rc = publish_reply(self->base, self->base + H_WORKERS + widx * W_SIZE, slot, data, (uint32_t)status, &payload);
+    Py_ssize_t len = payload.len;
+    PyBuffer_Release(&payload);
+    if (rc < 0) {
+        PyErr_Format(PyExc_ValueError, "response of %zd bytes does not fit a %zd-byte channel", len, data->size);
+        return NULL;
+    }
+    return PyBool_FromLong(rc);
+}
+
+/* serve(worker_index, channels, handlers, stop, timeout)
+ * The worker's loop for the common case, without returning to Python between
+ * calls.  channels[slot] is None or (owner, gen, data_region, readonly_view);
+ * handlers maps a method name (bytes) to handler(flags, request_view) ->
+ * (status, payload).  Returns None at the timeout (for housekeeping) or when
+ * stop[0] is true, or hands back what it cannot do itself:
+ * ("call", slot, owner, gen, name_len, req_len, flags): a claimed call on a
+ *     channel not mapped yet, or for an unknown method;
+ * ("reply", slot, status, payload): a response larger than the channel, or
+ *     one that is not (int, contiguous bytes);
+ * ("abandoned", slot): the caller gave up on the call just answered. */
+static PyObject *R_serve(Region *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 5) { PyErr_SetString(PyExc_TypeError, "serve takes 5 arguments"); return NULL; }
+    long widx = PyLong_AsLong(args[0]);
+    if ((widx == -1 && PyErr_Occurred()) || check_worker(widx)) return NULL;
+    PyObject *channels = args[1], *handlers = args[2], *stop = args[3];
+    if (!PyList_Check(channels) || !PyDict_Check(handlers) || !PyList_Check(stop) || PyList_GET_SIZE(stop) < 1) {
+        PyErr_SetString(PyExc_TypeError, "serve(int, list, dict, list, float)"); return NULL;
+    }
+    double timeout = PyFloat_AsDouble(args[4]);
+    if (timeout == -1.0 && PyErr_Occurred()) return NULL;
+    char *base = self->base, *w = base + H_WORKERS + widx * W_SIZE;
+    uint64_t deadline = now_ns() + (uint64_t)(timeout * 1e9);
+    for (;;) {
+        if (PyObject_IsTrue(PyList_GET_ITEM(stop, 0))) Py_RETURN_NONE;
+        long slot;
+        Py_BEGIN_ALLOW_THREADS
+        slot = claim_next(self, w, deadline);
+        Py_END_ALLOW_THREADS
+        if (slot == -2) { if (PyErr_CheckSignals() < 0) return NULL; continue; }
+        if (slot < 0) Py_RETURN_NONE;
+        char *ch = base + H_CHANNELS + slot * C_SIZE;
+        uint32_t owner = LOAD(U32(ch, C_OWNER_PID)), gen = LOAD(U32(ch, C_DATA_GEN));
+        uint32_t name_len = LOAD(U32(ch, C_NAME_LEN)), flags = LOAD(U32(ch, C_FLAGS));
+        uint64_t req_len = LOAD(U64(ch, C_REQ_LEN));
+        PyObject *entry = slot < PyList_GET_SIZE(channels) ? PyList_GET_ITEM(channels, slot) : Py_None;
+        if (!PyTuple_Check(entry) || PyTuple_GET_SIZE(entry) != 4
+            || PyLong_AsUnsignedLong(PyTuple_GET_ITEM(entry, 0)) != owner
+            || PyLong_AsUnsignedLong(PyTuple_GET_ITEM(entry, 1)) != gen
+            || !PyObject_TypeCheck(PyTuple_GET_ITEM(entry, 2), Py_TYPE(self))) {
+            PyErr_Clear();
+            return call_tuple(base, slot);
+        }
+        Region *data = (Region *)PyTuple_GET_ITEM(entry, 2);
+        if (req_len > (uint64_t)data->size || name_len > req_len) return call_tuple(base, slot);
+        PyObject *name = PyBytes_FromStringAndSize(data->base, name_len);
+        if (!name) return NULL;
+        PyObject *handler = PyDict_GetItemWithError(handlers, name);
+        Py_DECREF(name);
+        if (!handler) { if (PyErr_Occurred()) return NULL; return call_tuple(base, slot); }
+        Py_INCREF(handler);
+        Py_INCREF(entry); /* keeps the data region mapped through the call */
+        PyObject *request = PySequence_GetSlice(PyTuple_GET_ITEM(entry, 3), name_len, (Py_ssize_t)req_len);
+        PyObject *result = NULL, *hargs[2] = {NULL, request};
+        if (request && (hargs[0] = PyLong_FromUnsignedLong(flags)))
+            result = PyObject_Vectorcall(handler, hargs, 2, NULL);
+        Py_XDECREF(hargs[0]);
+        Py_XDECREF(request);
+        Py_DECREF(handler);
+        if (!result) { Py_DECREF(entry); return NULL; }  /* handlers catch everything: only a bug lands here */
+        PyObject *status = PyTuple_Check(result) && PyTuple_GET_SIZE(result) == 2 ? PyTuple_GET_ITEM(result, 0) : NULL;
+        unsigned long st = status ? PyLong_AsUnsignedLong(status) : (unsigned long)-1;
+        Py_buffer payload;
+        if (st == (unsigned long)-1 || PyObject_GetBuffer(PyTuple_GET_ITEM(result, 1), &payload, PyBUF_SIMPLE) < 0) {
+            /* not (status, contiguous bytes): Python turns it into an error response */
+            PyErr_Clear();
+            Py_DECREF(entry);
+            PyObject *odd = status ? Py_BuildValue("(slOO)", "reply", slot, status, PyTuple_GET_ITEM(result, 1))
+                                   : Py_BuildValue("(slkO)", "reply", slot, 1ul, result);
+            Py_DECREF(result);
+            return odd;
+        }
+        int rc = publish_reply(base, w, slot, data, (uint32_t)st, &payload);
+        PyBuffer_Release(&payload);
+        Py_DECREF(entry);
+        if (rc < 0) {
+            PyObject *big = Py_BuildValue("(slOO)", "reply", slot, status, PyTuple_GET_ITEM(result, 1));
+            Py_DECREF(result);
+            return big;
+        }
+        Py_DECREF(result);
+        if (rc == 0) return Py_BuildValue("(sl)", "abandoned", slot); /* Python frees the channel */
+        if (PyErr_CheckSignals() < 0) return NULL;
+        if (now_ns() >= deadline) Py_RETURN_NONE;
+    }
+}
+
+static PyObject *R_enter(PyObject *self, PyObject *unused) { Py_INCREF(self); return self; }
+
+static PyObject *R_release(Region *self, PyObject *unused) {
+    if (self->owns) {
+        if (self->exports) { PyErr_SetString(PyExc_BufferError, "region has exported views"); return NULL; }
+        if (self->base) munmap(self->base, self->size);
+    } else if (self->base) PyBuffer_Release(&self->view);
+    self->base = NULL; self->size = 0;
+    Py_RETURN_NONE;
+}
+
+/* The buffer protocol, for mappings made by map_fd: memoryview(region). */
+static int Region_getbuffer(Region *self, Py_buffer *view, int flags) {
+    if (!self->owns || !self->base) {
+        PyErr_SetString(PyExc_BufferError, "only a mapping made by map_fd exports a buffer");
+        view->obj = NULL;
+        return -1;
+    }
+    if (PyBuffer_FillInfo(view, (PyObject *)self, self->base, self->size, 0, flags) < 0) return -1;
+    self->exports++;
+    return 0;
+}
+static void Region_releasebuffer(Region *self, Py_buffer *view) { self->exports--; }
+static PyBufferProcs Region_as_buffer = {(getbufferproc)Region_getbuffer, (releasebufferproc)Region_releasebuffer};
+
+static PyMethodDef Region_methods[] = {
+    {"load32", (PyCFunction)R_load32, METH_O, "atomic load of a u32 at offset"},
+    {"load64", (PyCFunction)R_load64, METH_O, "atomic load of a u64 at offset"},
+    {"store32", (PyCFunction)R_store32, METH_VARARGS, "atomic store of a u32"},
+    {"store64", (PyCFunction)R_store64, METH_VARARGS, "atomic store of a u64"},
+    {"cas32", (PyCFunction)R_cas32, METH_VARARGS, "compare-and-swap a u32; True if swapped"},
+    {"add32", (PyCFunction)R_add32, METH_VARARGS, "atomic fetch-add on a u32; returns the old value"},
+    {"add64", (PyCFunction)R_add64, METH_VARARGS, "atomic fetch-add on a u64; returns the old value"},
+    {"wait32", (PyCFunction)R_wait32, METH_VARARGS, "futex wait while the u32 equals expected; False on timeout"},
+    {"wake32", (PyCFunction)R_wake32, METH_VARARGS, "futex wake up to n waiters"},
+    {"addr", (PyCFunction)R_addr, METH_NOARGS, "base address (for tests)"},
+    {"wait_reply", (PyCFunction)(void (*)(void))R_wait_reply, METH_FASTCALL, "wait for a channel's response"},
+    {"call", (PyCFunction)(void (*)(void))R_call, METH_FASTCALL, "post a call and wait for its response"},
+    {"serve", (PyCFunction)(void (*)(void))R_serve, METH_FASTCALL, "a worker's serving loop for the common case"},
+    {"reply", (PyCFunction)(void (*)(void))R_reply, METH_FASTCALL, "publish a response"},
+    {"release", (PyCFunction)R_release, METH_NOARGS, "drop the buffer (the region is unusable after)"},
+    {"__enter__", (PyCFunction)R_enter, METH_NOARGS, NULL},
+    {NULL}
+};
+
+static PyObject *Region_get_size(Region *self, void *c) { return PyLong_FromSsize_t(self->size); }
+static PyGetSetDef Region_getset[] = {{"size", (getter)Region_get_size, NULL, "size in bytes", NULL}, {NULL}};
+
+static PyTypeObject RegionType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "speedysvc._shmcore.Region",
+    .tp_basicsize = sizeof(Region),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "A writable, 64-byte aligned buffer (an mmap) with atomics and futex operations.",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Region_init,
+    .tp_dealloc = (destructor)Region_dealloc,
+    .tp_methods = Region_methods,
+    .tp_getset = Region_getset,
+    .tp_as_buffer = &Region_as_buffer,
+};
+
+/* ---- module-level ------------------------------------------------------ */
+static PyObject *m_set_spin(PyObject *self, PyObject *arg) {
+    double us = PyFloat_AsDouble(arg);
+    if (us == -1.0 && PyErr_Occurred()) return NULL;
+    if (us < 0 || us > 1e6) { PyErr_SetString(PyExc_ValueError, "spin must be 0..1e6 microseconds"); return NULL; }
+    spin_max_ns = (uint64_t)(us * 1000);
+    client_spin.budget_ns = worker_spin.budget_ns = spin_max_ns;
+    Py_RETURN_NONE;
+}
+
+static PyObject *m_get_spin(PyObject *self, PyObject *unused) {
+    return Py_BuildValue("(ddd)", spin_max_ns / 1000.0, client_spin.budget_ns / 1000.0, worker_spin.budget_ns / 1000.0);
+}
+
+static PyObject *m_set_parent_death_signal(PyObject *self, PyObject *arg) {
+    int sig = (int)PyLong_AsLong(arg);
+    if (sig == -1 && PyErr_Occurred()) return NULL;
+    if (prctl(PR_SET_PDEATHSIG, sig) != 0) return PyErr_SetFromErrno(PyExc_OSError);
+    Py_RETURN_NONE;
+}
+
+/* map_fd(fd, size) -> Region owning a MAP_SHARED mapping (the fd may be closed after). */
+static PyObject *m_map_fd(PyObject *self, PyObject *args) {
+    int fd; Py_ssize_t size;
+    if (!PyArg_ParseTuple(args, "in", &fd, &size)) return NULL;
+    if (size <= 0) { PyErr_SetString(PyExc_ValueError, "size must be positive"); return NULL; }
+    void *p;
+    Py_BEGIN_ALLOW_THREADS
+    p = mmap(NULL, (size_t)size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    Py_END_ALLOW_THREADS
+    if (p == MAP_FAILED) return PyErr_SetFromErrno(PyExc_OSError);
+    Region *r = (Region *)RegionType.tp_alloc(&RegionType, 0);
+    if (!r) { munmap(p, (size_t)size); return NULL; }
+    r->base = p; r->size = size; r->owns = 1; r->exports = 0;
+    return (PyObject *)r;
+}
+
+static PyMethodDef module_methods[] = {
+    {"map_fd", m_map_fd, METH_VARARGS, "map a file descriptor MAP_SHARED; the Region owns the mapping"},
+    {"set_spin", m_set_spin, METH_O, "set the longest spin before sleeping, in microseconds (0 disables)"},
+    {"get_spin", m_get_spin, METH_NOARGS, "(max, client budget, worker budget) in microseconds"},
+    {"set_parent_death_signal", m_set_parent_death_signal, METH_O, "prctl(PR_SET_PDEATHSIG)"},
+    {NULL}
+};
+
+static struct PyModuleDef moduledef = {PyModuleDef_HEAD_INIT, "_shmcore", NULL, -1, module_methods};
+
+#define ADD(name) if (PyModule_AddIntConstant(m, #name, name) < 0) return NULL
+PyMODINIT_FUNC PyInit__shmcore(void) {
+    ncpu = sysconf(_SC_NPROCESSORS_ONLN);
+    if (ncpu < 1) ncpu = 1;
+    client_spin.budget_ns = worker_spin.budget_ns = spin_max_ns;
+    if (PyType_Ready(&RegionType) < 0) return NULL;
+    PyObject *m = PyModule_Create(&moduledef);
+    if (!m) return NULL;
+    Py_INCREF(&RegionType);
+    if (PyModule_AddObject(m, "Region", (PyObject *)&RegionType) < 0) return NULL;
+    ADD(MAGIC); ADD(LAYOUT_VERSION);
+    ADD(H_MAGIC); ADD(H_VERSION); ADD(H_MAX_CHANNELS); ADD(H_MAX_WORKERS); ADD(H_MAX_PAYLOAD);
+    ADD(H_OWNER_PID); ADD(H_STATE); ADD(H_CREATED_NS); ADD(H_OWNER_START); ADD(H_SEQ);
+    ADD(H_SLEEPERS); ADD(H_PENDING); ADD(H_BITMAP); ADD(H_WORKERS); ADD(H_CHANNELS);
+    ADD(W_SIZE); ADD(W_PID); ADD(W_STATE); ADD(W_CALLS); ADD(W_BUSY_NS); ADD(W_STARTED_NS);
+    ADD(W_ERRORS); ADD(W_CLAIM_NS);
+    ADD(C_SIZE); ADD(C_STATE); ADD(C_OWNER_PID); ADD(C_DATA_GEN); ADD(C_FLAGS); ADD(C_DATA_CAP);
+    ADD(C_REQ_LEN); ADD(C_NAME_LEN); ADD(C_STATUS); ADD(C_RESP_OFF); ADD(C_RESP_LEN); ADD(C_OWNER_START);
+    ADD(MAX_CHANNELS_LIMIT); ADD(MAX_WORKERS);
+    ADD(SVC_STARTING); ADD(SVC_SERVING); ADD(SVC_STOPPING); ADD(SVC_STOPPED);
+    ADD(ST_IDLE); ADD(ST_REQUEST); ADD(ST_CLAIMED); ADD(ST_RESPONSE); ADD(ST_ABANDONED);
+    ADD(ST_CODE); ADD(ST_WAITING); ADD(ST_PID_SHIFT);
+    return m;
+}

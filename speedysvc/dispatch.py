@@ -1,0 +1,130 @@
+"""Turning one request (method name, flags, encoded arguments) into one response.
+
+Transport-neutral: the shared-memory worker uses it, and so can any other
+server loop.  Every failure becomes an error response; nothing a caller sends
+can stop the worker.  Each method gets a handler of its own, built once, so a
+call costs one dictionary lookup and one Python frame above the codec and the
+method itself.
+"""
+from __future__ import annotations
+
+from . import codecs
+from .errors import BadArguments, DecodeError, EncodeError, MethodNotFound, encode_exception
+
+STATUS_OK = 0
+STATUS_ERROR = 1
+
+
+def _error(exc: BaseException, with_traceback: bool):
+    return STATUS_ERROR, encode_exception(exc, with_traceback)
+
+
+def _call_error(method: str, e: BaseException):
+    if isinstance(e, TypeError) and e.__traceback__ is not None and e.__traceback__.tb_next is None:
+        # raised by the call itself, not inside the method: the arguments do not fit
+        return _error(BadArguments(f"{method}(): {e}"), False)
+    return _error(e, True)
+
+
+def make_handler(fn, codec: codecs.Codec, method: str, on_fatal=None):
+    """``handler(flags, data) -> (status, payload)`` for one method.  An exception
+    that is not an ``Exception`` (SystemExit, KeyboardInterrupt) is answered like
+    any other, then reported to ``on_fatal`` so the worker can stop."""
+    def fatal(e):
+        if on_fatal is not None:
+            on_fatal(e)
+        return _error(e, True)
+
+    fast_flags = codec.flags
+    decode_args, encode_result = codec.decode_args, codec.encode_result
+    # msgpack and json decode to a list of positional arguments; raw hands over the view
+    plain_loads = codec.loads if isinstance(codec, (codecs.MsgpackCodec, codecs.JSONCodec)) else None
+
+    def slow(flags, data):
+        sent_codec = flags >> codecs.CODEC_SHIFT & 0xFF
+        if sent_codec != codec.id:
+            sent = codecs.BY_ID.get(sent_codec)
+            return _error(DecodeError(
+                f"{method}() expects {codec.name} but the caller sent {sent.name if sent else sent_codec}; "
+                f"are both sides using the same version of the service class?"), False)
+        try:
+            args, kwargs = decode_args(method, data, flags)
+        except DecodeError as e:
+            return _error(e, False)
+        try:
+            result = fn(*args, **kwargs) if kwargs else fn(*args)
+        except Exception as e:
+            return _call_error(method, e)
+        except BaseException as e:
+            return fatal(e)
+        try:
+            return STATUS_OK, encode_result(method, result)
+        except EncodeError as e:
+            return _error(e, False)
+
+    if isinstance(codec, codecs.RawCodec):
+        def raw_handler(flags, data):
+            if flags != fast_flags:
+                return slow(flags, data)
+            try:
+                result = fn(data)
+            except Exception as e:
+                return _call_error(method, e)
+            except BaseException as e:
+                return fatal(e)
+            if result.__class__ is bytes or result.__class__ is memoryview:
+                return STATUS_OK, result
+            return slow_encode(result)
+        return raw_handler
+    if plain_loads is None:
+        return slow
+    dumps = codec.dumps
+
+    def handler(flags, data):
+        if flags != fast_flags:
+            return slow(flags, data)
+        try:
+            args = plain_loads(data)
+        except Exception:
+            return slow(flags, data)  # reports the decoding error
+        if args.__class__ is not list:
+            return slow(flags, data)
+        try:
+            result = fn(*args)
+        except Exception as e:
+            return _call_error(method, e)
+        except BaseException as e:
+            return fatal(e)
+        try:
+            return STATUS_OK, dumps(result)
+        except Exception:
+            return slow_encode(result)
+
+    def slow_encode(result):
+        try:
+            return STATUS_OK, encode_result(method, result)
+        except EncodeError as e:
+            return _error(e, False)
+
+    return handler
+
+
+class Dispatcher:
+    def __init__(self, server, on_fatal=None):
+        self.server = server
+        self.service = type(server).service_name()
+        self.handlers = {spec.name_bytes: make_handler(getattr(server, attr), spec.codec, spec.name, on_fatal)
+                         for attr, spec in type(server)._speedysvc_methods.items()}
+
+    def handle(self, name: bytes, flags: int, data):
+        """Return ``(status, payload)``.  ``data`` may be a view into shared memory
+        that becomes invalid once the response is sent."""
+        handler = self.handlers.get(name)
+        if handler is None:
+            return self.unknown(name)
+        return handler(flags, data)
+
+    def unknown(self, name: bytes):
+        return _error(MethodNotFound(
+            f"service {self.service!r} has no method {name.decode(errors='replace')!r}; "
+            f"it has: {', '.join(sorted(m.decode() for m in self.handlers)) or 'none'}"), False)

@@ -1,0 +1,107 @@
+"""Declaring a service: ``ServerMethodsBase``, the codec decorators and ``ClientMethodsBase``."""
+from __future__ import annotations
+
+import inspect
+import re
+
+from . import codecs
+
+_NAME_RE = re.compile(r"[A-Za-z0-9_\-]{1,64}")
+
+
+class MethodSpec:
+    """What both sides know about one service method: its name and codec."""
+
+    __slots__ = ("name", "name_bytes", "codec", "func", "signature")
+
+    def __init__(self, func, codec: codecs.Codec):
+        self.name = func.__name__
+        self.name_bytes = self.name.encode()
+        self.codec = codec
+        self.func = func
+        try:
+            self.signature = inspect.signature(func)
+        except (TypeError, ValueError):
+            self.signature = None
+
+    def __repr__(self) -> str:
+        return f"<method {self.name} ({self.codec.name})>"
+
+
+def _decorator(codec: codecs.Codec):
+    def decorate(func):
+        if not callable(func):
+            raise TypeError(f"@{codec.name}_method decorates a function, not {func!r}")
+        func.__speedysvc__ = MethodSpec(func, codec)
+        return func
+
+    decorate.__name__ = f"{codec.name}_method"
+    decorate.__doc__ = f"Expose a server method whose arguments and return value use {codec.name}."
+    return decorate
+
+
+json_method = _decorator(codecs.JSON)
+msgpack_method = _decorator(codecs.MSGPACK)
+pickle_method = _decorator(codecs.PICKLE)
+raw_method = _decorator(codecs.RAW)
+
+
+def method_spec(method) -> MethodSpec:
+    spec = getattr(method, "__speedysvc__", None)
+    if not isinstance(spec, MethodSpec):
+        raise TypeError(f"{method!r} is not a service method (decorate it with @json_method, @msgpack_method, ...)")
+    return spec
+
+
+class ServerMethodsBase:
+    """Base class of a service.  Subclasses set ``port`` and ``name`` and decorate
+    the methods they expose; the constructor takes no arguments and is the place to
+    load heavy state (it runs once in each worker process)."""
+
+    port: int | None = None
+    name: str | None = None
+    _speedysvc_methods: dict[str, MethodSpec] = {}
+
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        methods: dict[str, MethodSpec] = {}
+        for klass in reversed(cls.__mro__):
+            for attr, value in vars(klass).items():
+                spec = getattr(value, "__speedysvc__", None)
+                if isinstance(spec, MethodSpec):
+                    methods[attr] = spec
+                elif attr in methods:  # overridden without a decorator
+                    del methods[attr]
+        cls._speedysvc_methods = methods
+
+    @classmethod
+    def service_name(cls) -> str:
+        name = cls.name
+        if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
+            raise ValueError(
+                f"{cls.__qualname__}.name must be 1-64 characters of letters, digits, '_' or '-', got {name!r}")
+        return name
+
+
+class ClientMethodsBase:
+    """Base class for hand-written clients, as in the seed README::
+
+        class EchoClient(ClientMethodsBase):
+            def echo_json(self, data):
+                return self.send(EchoServer.echo_json, [data])
+    """
+
+    def __init__(self, client):
+        self.client = client
+
+    def send(self, method, args=(), kwargs=None, *, timeout=...):
+        return self.client.send(method, args, kwargs, timeout=timeout)
+
+    def close(self) -> None:
+        self.client.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

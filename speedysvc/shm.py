@@ -1,0 +1,616 @@
+"""The shared-memory protocol: segments, channels, and both sides of a call.
+
+One *service segment* per service (``/dev/shm/speedysvc.<user>.<service>``)
+holds a header, a bitmap of channels with a posted call, a table of workers
+and a table of channels.  Each client connection owns one or more *channels*;
+a channel's request and response bytes live in its own *data segment*
+(``speedysvc.<user>.<service>.<owner pid>-<channel>-<generation>``), which is
+replaced by a larger one when a payload does not fit.  Any idle worker claims
+any posted call.  The byte layout and the state machine are in
+``docs/shm-protocol.md``; the hot path (post, wait, claim, reply) is in the C
+extension ``_shmcore``.
+
+Linux only: it relies on /dev/shm, futex(2) and /proc.
+"""
+from __future__ import annotations
+
+import glob
+import mmap
+import os
+import pwd
+import re
+import threading
+import time
+import weakref
+
+from . import _shmcore as core
+from .errors import (CallTimeout, DecodeError, PayloadTooLarge, ServiceAlreadyRunning, ServiceUnavailable,
+                     SpeedysvcError, WorkerDied, decode_exception)
+
+SHM_DIR = "/dev/shm"
+PREFIX = "speedysvc"
+DEFAULT_MAX_CHANNELS = 1024
+DEFAULT_MAX_PAYLOAD = 1 << 30          # 1 GiB
+INITIAL_CHANNEL_SIZE = 1 << 20         # pages are only allocated when touched
+LIVENESS_SLICE = 0.1                   # how often a waiting caller checks its worker is alive
+
+STATUS_OK = 0
+STATUS_ERROR = 1
+
+# what _shmcore's call() returns when it has no response in hand
+CALL_TOO_BIG, CALL_NOT_SERVING, CALL_PENDING, CALL_READY = 1, 2, 3, 4
+
+STATE_NAMES = {core.SVC_STARTING: "starting", core.SVC_SERVING: "serving",
+               core.SVC_STOPPING: "stopping", core.SVC_STOPPED: "stopped"}
+_RECLAIMING = 0xFFFFFFFF
+
+
+# ---- names, segments, processes -----------------------------------------------------------
+
+def _user() -> str:
+    try:
+        name = pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:
+        name = str(os.getuid())
+    return re.sub(r"[^A-Za-z0-9_\-]", "_", name)
+
+
+USER = _user()
+
+
+def service_segment_name(service: str) -> str:
+    return f"{PREFIX}.{USER}.{service}"
+
+
+def data_segment_name(service: str, owner_pid: int, slot: int, gen: int) -> str:
+    return f"{PREFIX}.{USER}.{service}.{owner_pid}-{slot}-{gen}"
+
+
+def create_segment(name: str, size: int) -> tuple[core.Region, int]:
+    """A new segment readable and writable by this user only: (mapping, inode).
+    The mapping keeps no file descriptor open, so a worker can map many channels."""
+    path = os.path.join(SHM_DIR, name)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        os.ftruncate(fd, size)
+        return core.map_fd(fd, size), os.fstat(fd).st_ino
+    except BaseException:
+        unlink_segment(name)
+        raise
+    finally:
+        os.close(fd)
+
+
+def open_segment(name: str) -> tuple[core.Region, int]:
+    fd = os.open(os.path.join(SHM_DIR, name), os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if st.st_uid != os.getuid():
+            raise PermissionError(f"/dev/shm/{name} belongs to uid {st.st_uid}, not to this user")
+        return core.map_fd(fd, st.st_size), st.st_ino
+    finally:
+        os.close(fd)
+
+
+def unlink_segment(name: str) -> None:
+    try:
+        os.unlink(os.path.join(SHM_DIR, name))
+    except FileNotFoundError:
+        pass
+
+
+def process_start_time(pid: int) -> int | None:
+    """The process's start time in clock ticks, or None if it is gone or a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    fields = stat[stat.rfind(b")") + 2:].split()
+    if fields[0] in (b"Z", b"X"):
+        return None
+    return int(fields[19])
+
+
+def process_alive(pid: int, start_time: int = 0) -> bool:
+    """True if ``pid`` runs and (when given) started at ``start_time``, so a reused pid is not mistaken."""
+    if pid <= 0:
+        return False
+    started = process_start_time(pid)
+    return started is not None and (not start_time or started == start_time)
+
+
+MY_START_TIME = process_start_time(os.getpid()) or 0
+
+
+def _refresh_identity():
+    global MY_START_TIME
+    MY_START_TIME = process_start_time(os.getpid()) or 0
+
+
+# ---- the service segment --------------------------------------------------------------------
+
+class ServiceSegment:
+    """The mapped service segment; shared by the caller's and the worker's side."""
+
+    def __init__(self, service: str, mapped: tuple[core.Region, int]):
+        self.service = service
+        self.name = service_segment_name(service)
+        self.region, self.ino = mapped
+        r = self.region
+        if r.size < core.H_CHANNELS or r.load32(core.H_MAGIC) != core.MAGIC:
+            raise SpeedysvcError(f"/dev/shm/{self.name} is not a speedysvc segment")
+        if r.load32(core.H_VERSION) != core.LAYOUT_VERSION:
+            raise SpeedysvcError(f"/dev/shm/{self.name} uses layout version {r.load32(core.H_VERSION)}, "
+                                 f"this speedysvc speaks {core.LAYOUT_VERSION}: restart the service")
+        self.max_channels = r.load32(core.H_MAX_CHANNELS)
+        self.max_payload = r.load64(core.H_MAX_PAYLOAD)
+
+    # -- lifetime --
+    @classmethod
+    def create(cls, service: str, *, max_channels: int = DEFAULT_MAX_CHANNELS,
+               max_payload: int = DEFAULT_MAX_PAYLOAD) -> "ServiceSegment":
+        """Create the segment for a service this process will own, after removing what a dead owner left."""
+        if not 1 <= max_channels <= core.MAX_CHANNELS_LIMIT:
+            raise ValueError(f"max_channels must be 1..{core.MAX_CHANNELS_LIMIT}, got {max_channels}")
+        if max_payload < 1:
+            raise ValueError("max_payload must be positive")
+        name = service_segment_name(service)
+        try:
+            stale = cls.attach(service)
+        except ServiceUnavailable:
+            stale = None
+        except SpeedysvcError:
+            stale = None  # unreadable leftovers: remove them below
+        if stale is not None:
+            owner, start = stale.owner
+            if stale.state != core.SVC_STOPPED and process_alive(owner, start):
+                raise ServiceAlreadyRunning(f"service {service!r} is already served by pid {owner}")
+        remove_service_segments(service)
+        size = core.H_CHANNELS + max_channels * core.C_SIZE
+        mapped = create_segment(name, size)
+        r = mapped[0]
+        r.store32(core.H_VERSION, core.LAYOUT_VERSION)
+        r.store32(core.H_MAX_CHANNELS, max_channels)
+        r.store32(core.H_MAX_WORKERS, core.MAX_WORKERS)
+        r.store64(core.H_MAX_PAYLOAD, max_payload)
+        r.store32(core.H_OWNER_PID, os.getpid())
+        r.store64(core.H_OWNER_START, MY_START_TIME)
+        r.store64(core.H_CREATED_NS, time.time_ns())
+        r.store32(core.H_STATE, core.SVC_STARTING)
+        r.store32(core.H_MAGIC, core.MAGIC)
+        return cls(service, mapped)
+
+    @classmethod
+    def attach(cls, service: str) -> "ServiceSegment":
+        try:
+            mapped = open_segment(service_segment_name(service))
+        except FileNotFoundError:
+            raise ServiceUnavailable(f"service {service!r} is not running "
+                                     f"(no /dev/shm/{service_segment_name(service)})") from None
+        return cls(service, mapped)
+
+    def destroy(self) -> None:
+        """Remove this service's segments from /dev/shm (mappings stay valid until dropped)."""
+        self.set_state(core.SVC_STOPPED)
+        self.kick_workers()
+        remove_service_segments(self.service)
+
+    def is_current(self) -> bool:
+        """False once the name points to another segment (service restarted) or to none."""
+        try:
+            return os.stat(os.path.join(SHM_DIR, self.name)).st_ino == self.ino
+        except FileNotFoundError:
+            return False
+
+    # -- header --
+    @property
+    def state(self) -> int:
+        return self.region.load32(core.H_STATE)
+
+    def set_state(self, state: int) -> None:
+        self.region.store32(core.H_STATE, state)
+
+    @property
+    def owner(self) -> tuple[int, int]:
+        return self.region.load32(core.H_OWNER_PID), self.region.load64(core.H_OWNER_START)
+
+    def owner_alive(self) -> bool:
+        return process_alive(*self.owner)
+
+    def kick_workers(self) -> None:
+        """Wake every sleeping worker, e.g. so they notice a state change."""
+        self.region.add32(core.H_SEQ, 1)
+        self.region.wake32(core.H_SEQ)
+
+    def pending_calls(self) -> int:
+        """Calls posted and not yet claimed by a worker."""
+        words = (self.max_channels + 63) // 64
+        return sum(bin(self.region.load64(core.H_BITMAP + 8 * w)).count("1") for w in range(words))
+
+    # -- workers --
+    def worker_offset(self, index: int) -> int:
+        return core.H_WORKERS + index * core.W_SIZE
+
+    def register_worker(self, pid: int) -> int:
+        r = self.region
+        for i in range(core.MAX_WORKERS):
+            off = self.worker_offset(i)
+            if r.cas32(off + core.W_PID, 0, pid):
+                for field in (core.W_CALLS, core.W_BUSY_NS, core.W_ERRORS, core.W_CLAIM_NS):
+                    r.store64(off + field, 0)
+                r.store64(off + core.W_STARTED_NS, time.time_ns())
+                r.store32(off + core.W_STATE, 1)
+                return i
+        raise SpeedysvcError(f"service {self.service!r} already has {core.MAX_WORKERS} workers")
+
+    def unregister_worker(self, index: int, pid: int) -> None:
+        off = self.worker_offset(index)
+        self.region.store32(off + core.W_STATE, 0)
+        self.region.cas32(off + core.W_PID, pid, 0)
+
+    def workers(self) -> list[dict]:
+        """The registered workers and their counters (for supervisors and tests)."""
+        r, out = self.region, []
+        for i in range(core.MAX_WORKERS):
+            off = self.worker_offset(i)
+            pid = r.load32(off + core.W_PID)
+            if pid:
+                out.append({"index": i, "pid": pid, "busy": r.load32(off + core.W_STATE) == 2,
+                            "calls": r.load64(off + core.W_CALLS), "errors": r.load64(off + core.W_ERRORS),
+                            "busy_ns": r.load64(off + core.W_BUSY_NS),
+                            "started_ns": r.load64(off + core.W_STARTED_NS)})
+        return out
+
+    # -- channels --
+    def channel_offset(self, slot: int) -> int:
+        return core.H_CHANNELS + slot * core.C_SIZE
+
+    def free_channel(self, slot: int, owner_pid: int) -> None:
+        """Remove a channel's data segments and give the slot back.  The owner field is
+        released last, so nobody can acquire the slot while it is being cleaned."""
+        off = self.channel_offset(slot)
+        r = self.region
+        for path in glob.glob(os.path.join(SHM_DIR, glob.escape(data_segment_name(self.service, owner_pid, slot, 0))[:-1] + "*")):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+        r.store64(off + core.C_DATA_CAP, 0)
+        r.store32(off + core.C_STATE, core.ST_IDLE)
+        r.store32(off + core.C_OWNER_PID, 0)
+
+    def reap(self) -> int:
+        """Reclaim channels whose owner died, or whose caller gave up on a worker that
+        then died too, and the table entries of dead workers.  Safe to run from any
+        number of processes at once.  Returns how many channels were reclaimed."""
+        r, reclaimed, alive = self.region, 0, {}
+
+        def is_alive(pid, start=0):
+            key = (pid, start)
+            if key not in alive:
+                alive[key] = process_alive(pid, start)
+            return alive[key]
+
+        for slot in range(self.max_channels):
+            off = self.channel_offset(slot)
+            owner = r.load32(off + core.C_OWNER_PID)
+            if owner == 0 or owner == _RECLAIMING:
+                continue
+            st = r.load32(off + core.C_STATE)
+            dead_owner = not is_alive(owner, r.load64(off + core.C_OWNER_START))
+            orphaned = (st & core.ST_CODE) == core.ST_ABANDONED and not is_alive(st >> core.ST_PID_SHIFT)
+            if (dead_owner or orphaned) and r.cas32(off + core.C_OWNER_PID, owner, _RECLAIMING):
+                self.free_channel(slot, owner)
+                reclaimed += 1
+        for i in range(core.MAX_WORKERS):
+            off = self.worker_offset(i)
+            pid = r.load32(off + core.W_PID)
+            if pid and not is_alive(pid):
+                r.store32(off + core.W_STATE, 0)
+                r.cas32(off + core.W_PID, pid, 0)
+        return reclaimed
+
+
+def remove_service_segments(service: str) -> None:
+    """Unlink a service's segment and every data segment of its channels."""
+    base = os.path.join(SHM_DIR, glob.escape(service_segment_name(service)))
+    for path in [base] + glob.glob(base + ".*"):
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+
+# ---- a channel's data segment ---------------------------------------------------------------
+
+class DataSegment:
+    """One mapping of a channel's data segment, on either side."""
+
+    __slots__ = ("gen", "size", "region", "view")
+
+    def __init__(self, gen: int, mapped: tuple[core.Region, int]):
+        self.gen = gen
+        self.region = mapped[0]
+        self.size = self.region.size
+        self.view = memoryview(self.region)
+
+    @classmethod
+    def create(cls, service, owner_pid, slot, gen, size):
+        return cls(gen, create_segment(data_segment_name(service, owner_pid, slot, gen), size))
+
+    @classmethod
+    def open(cls, service, owner_pid, slot, gen):
+        return cls(gen, open_segment(data_segment_name(service, owner_pid, slot, gen)))
+
+
+def grown_size(needed: int, current: int) -> int:
+    size = max(needed, 2 * current, INITIAL_CHANNEL_SIZE)
+    return (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE * mmap.PAGESIZE
+
+
+def replace_data_segment(seg: ServiceSegment, slot: int, owner_pid: int, needed: int,
+                         current_size: int = 0) -> DataSegment:
+    """Move a channel to a larger data segment (the next generation) and drop the old name.
+    Called by whichever side holds the channel at the time.  Generations only grow, so
+    a name is never reused within the life of the service segment."""
+    off = seg.channel_offset(slot)
+    old_gen = seg.region.load32(off + core.C_DATA_GEN)
+    new = DataSegment.create(seg.service, owner_pid, slot, old_gen + 1, grown_size(needed, current_size))
+    seg.region.store64(off + core.C_DATA_CAP, new.size)
+    seg.region.store32(off + core.C_DATA_GEN, old_gen + 1)
+    unlink_segment(data_segment_name(seg.service, owner_pid, slot, old_gen))
+    return new
+
+
+# ---- the caller's side ----------------------------------------------------------------------
+
+def _decode_error(name: bytes, e: Exception) -> DecodeError:
+    return DecodeError(f"cannot decode the response of {name.decode(errors='replace')}(): {e}")
+
+
+class _Retry(Exception):
+    """The service was restarted under us: the call goes again on the new segment."""
+
+
+class _Channel:
+    __slots__ = ("slot", "data")
+
+    def __init__(self, slot: int, data: DataSegment):
+        self.slot = slot
+        self.data = data
+
+
+class _Channels:
+    """A transport's attachment to the service segment and the channels it owns.
+    Kept apart from the transport so a finalizer can free them without it."""
+
+    def __init__(self, seg: ServiceSegment):
+        self.seg = seg
+        self.pid = os.getpid()
+        self.owned: dict[int, _Channel] = {}
+        self.free: list[_Channel] = []
+
+    def acquire(self, service: str) -> _Channel:
+        seg, pid = self.seg, self.pid
+        r, n = seg.region, seg.max_channels
+        start = (pid * 7919 + threading.get_ident()) % n
+        for attempt in range(2):
+            for i in range(n):
+                slot = (start + i) % n
+                off = seg.channel_offset(slot)
+                if r.load32(off + core.C_OWNER_PID) == 0 and r.cas32(off + core.C_OWNER_PID, 0, pid):
+                    r.store64(off + core.C_OWNER_START, MY_START_TIME)
+                    r.store32(off + core.C_STATE, core.ST_IDLE)
+                    try:
+                        data = replace_data_segment(seg, slot, pid, INITIAL_CHANNEL_SIZE)
+                    except BaseException:
+                        seg.free_channel(slot, pid)
+                        raise
+                    ch = self.owned[slot] = _Channel(slot, data)
+                    return ch
+            if attempt == 0 and not seg.reap():
+                break
+        raise ServiceUnavailable(f"service {service!r} has no free channel "
+                                 f"(all {n} are in use; raise max_channels)")
+
+    def release_all(self) -> None:
+        """Free every channel not held by a worker (those the worker frees when done)."""
+        if os.getpid() != self.pid:
+            return
+        seg = self.seg
+        for ch in list(self.owned.values()):
+            st = seg.region.load32(seg.channel_offset(ch.slot) + core.C_STATE) & core.ST_CODE
+            if st in (core.ST_IDLE, core.ST_RESPONSE):
+                seg.free_channel(ch.slot, self.pid)
+        self.owned.clear()
+        self.free.clear()
+
+
+_transports: "weakref.WeakSet[ShmTransport]" = weakref.WeakSet()
+
+
+def _after_fork_in_child():
+    # The channels belong to the parent; the child attaches afresh when it calls.
+    _refresh_identity()
+    for t in list(_transports):
+        t._lock = threading.Lock()
+        t._drop(release=False)
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+class ShmTransport:
+    """Calls a service on this host through shared memory.
+
+    Thread-safe: each call in flight uses a channel of its own, taken from a small
+    pool.  Attaching is lazy, so creating a transport never fails because the
+    service is not up yet; a call then raises ServiceUnavailable.
+    """
+
+    scheme = "shm"
+
+    def __init__(self, service: str):
+        self.service = service
+        self._channels: _Channels | None = None
+        self._finalizer = None
+        self._lock = threading.Lock()
+        self._closed = False
+        _transports.add(self)
+
+    def __repr__(self) -> str:
+        return f"<ShmTransport {self.service!r}>"
+
+    # -- attaching --
+    def _attach(self) -> _Channels:
+        with self._lock:
+            if self._closed:
+                raise SpeedysvcError("this connection is closed")
+            if self._channels is None:
+                chans = _Channels(ServiceSegment.attach(self.service))
+                self._finalizer = weakref.finalize(self, chans.release_all)
+                self._channels = chans
+            return self._channels
+
+    def _drop(self, release: bool = True) -> None:
+        """Forget the current attachment, freeing its channels unless it is not ours (after fork)."""
+        chans, self._channels = self._channels, None
+        fin, self._finalizer = self._finalizer, None
+        if fin is not None:
+            fin() if release else fin.detach()
+
+    def _reattach(self, chans: _Channels) -> _Channels:
+        """The service was not serving: attach again if it was restarted, else raise."""
+        state = chans.seg.state
+        self._drop()
+        if chans.seg.is_current():
+            raise ServiceUnavailable(f"service {self.service!r} is {STATE_NAMES.get(state, state)}")
+        return self._attach()
+
+    # -- calling --
+    def call(self, name: bytes, payload, flags: int, decode, timeout: float | None):
+        """Send one request; return ``decode(response)`` or raise the server's error.
+        ``decode`` gets bytes, or a memoryview into shared memory for a large response."""
+        chans = self._channels or self._attach()
+        try:
+            ch = chans.free.pop()
+        except IndexError:
+            ch = chans.acquire(self.service)
+        reusable = True
+        try:
+            got = chans.seg.region.call(ch.slot, ch.data.region, name, payload, flags,
+                                        LIVENESS_SLICE if timeout is None or timeout > LIVENESS_SLICE
+                                        else float(timeout))
+            if got.__class__ is tuple:
+                if got[0] == STATUS_OK:
+                    try:
+                        return decode(got[1])
+                    except Exception as e:
+                        raise _decode_error(name, e) from None
+                raise decode_exception(got[1])
+            return self._call_slow(chans, ch, got, name, payload, flags, decode, timeout)
+        except _Retry:
+            reusable = False
+            return self.call(name, payload, flags, decode, timeout)
+        except BaseException:
+            reusable = self._settle(chans, ch)
+            raise
+        finally:
+            if reusable and chans.owned.get(ch.slot) is ch:
+                chans.free.append(ch)
+
+    def _call_slow(self, chans: _Channels, ch: _Channel, got: int, name, payload, flags, decode, timeout):
+        seg = chans.seg
+        if got == CALL_TOO_BIG:
+            size = len(payload) if isinstance(payload, bytes) else memoryview(payload).nbytes
+            if size > seg.max_payload:
+                raise PayloadTooLarge(f"request of {size} bytes exceeds the service's "
+                                      f"limit of {seg.max_payload} bytes")
+            ch.data = replace_data_segment(seg, ch.slot, chans.pid, len(name) + size, ch.data.size)
+            got = seg.region.call(ch.slot, ch.data.region, name, payload, flags,
+                                  LIVENESS_SLICE if timeout is None or timeout > LIVENESS_SLICE
+                                  else float(timeout))
+            if got.__class__ is tuple:
+                if got[0] == STATUS_OK:
+                    try:
+                        return decode(got[1])
+                    except Exception as e:
+                        raise _decode_error(name, e) from None
+                raise decode_exception(got[1])
+        if got == CALL_NOT_SERVING:
+            self._reattach(chans)
+            raise _Retry
+        if got == CALL_PENDING:
+            reply = self._wait_slow(chans, ch, timeout)
+        else:
+            reply = seg.region.wait_reply(ch.slot, 0.0)
+        status, off, length, gen = reply
+        if gen != ch.data.gen:  # the worker moved the channel to a larger segment
+            ch.data = DataSegment.open(self.service, chans.pid, ch.slot, gen)
+        view = ch.data.view[off:off + length]
+        try:
+            if status == STATUS_OK:
+                try:
+                    return decode(view)
+                except Exception as e:
+                    raise _decode_error(name, e) from None
+            raise decode_exception(view)
+        finally:
+            view.release()
+
+    def _settle(self, chans: _Channels, ch: _Channel) -> bool:
+        """After a failed or interrupted call: take back a call no worker claimed, or
+        leave the channel to the worker that holds it.  True if the channel is reusable."""
+        r, off = chans.seg.region, chans.seg.channel_offset(ch.slot) + core.C_STATE
+        while True:
+            st = r.load32(off)
+            code = st & core.ST_CODE
+            if code in (core.ST_IDLE, core.ST_RESPONSE):
+                return True
+            if code == core.ST_REQUEST:
+                if r.cas32(off, st, core.ST_IDLE):
+                    return True
+            elif code == core.ST_CLAIMED:
+                worker = st >> core.ST_PID_SHIFT
+                if not process_alive(worker):
+                    if r.cas32(off, st, core.ST_IDLE):
+                        return True
+                elif r.cas32(off, st, core.ST_ABANDONED | (worker << core.ST_PID_SHIFT)):
+                    chans.owned.pop(ch.slot, None)  # the worker frees it when it finishes
+                    return False
+            else:
+                return False
+
+    def _wait_slow(self, chans: _Channels, ch: _Channel, timeout: float | None):
+        """The call is taking a while: keep waiting, but notice a dead worker, a
+        stopped service and the deadline."""
+        seg = chans.seg
+        deadline = None if timeout is None else time.monotonic() + max(0.0, timeout - LIVENESS_SLICE)
+        r, off = seg.region, seg.channel_offset(ch.slot) + core.C_STATE
+        while True:
+            st = r.load32(off)
+            code = st & core.ST_CODE
+            if code == core.ST_CLAIMED and not process_alive(st >> core.ST_PID_SHIFT):
+                if r.cas32(off, st, core.ST_IDLE):
+                    raise WorkerDied(f"the worker (pid {st >> core.ST_PID_SHIFT}) of service "
+                                     f"{self.service!r} died during the call")
+                continue
+            if code == core.ST_REQUEST and (seg.state == core.SVC_STOPPED or not seg.owner_alive()):
+                if r.cas32(off, st, core.ST_IDLE):
+                    self._drop()
+                    raise ServiceUnavailable(f"service {self.service!r} stopped before the call was served")
+                continue
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                raise CallTimeout(f"call to service {self.service!r} timed out after {timeout} s")
+            reply = r.wait_reply(ch.slot, LIVENESS_SLICE if remaining is None else min(LIVENESS_SLICE, remaining))
+            if reply is not None:
+                return reply
+
+    def close(self) -> None:
+        """Give the channels back and remove their segments; further calls raise."""
+        with self._lock:
+            self._closed = True
+            self._drop()

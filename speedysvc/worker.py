@@ -1,0 +1,200 @@
+"""A worker process: instantiate the service class once, then serve calls from shared memory.
+
+Run as ``python -m speedysvc.worker TARGET SERVICE`` where TARGET is
+``module:Class`` or ``/path/to/file.py:Class``.  Supervisors (LocalService, the
+service manager) start workers this way.  A worker exits when the service
+stops, on SIGTERM (after finishing the call in hand), or when its parent dies.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import importlib.util
+import os
+import signal
+import sys
+import time
+
+from . import _shmcore as core
+from . import shm
+from .dispatch import STATUS_ERROR, Dispatcher
+from .errors import EncodeError, PayloadTooLarge, encode_exception
+
+HOUSEKEEPING_INTERVAL = 1.0
+
+log = logging.getLogger("speedysvc.worker")
+
+
+def load_target(target: str):
+    """Import ``module:Class`` or ``path/file.py:Class`` and return the class."""
+    module_name, sep, qualname = target.rpartition(":")
+    if not sep or not module_name or not qualname:
+        raise ValueError(f"target must be 'module:Class' or 'file.py:Class', got {target!r}")
+    if module_name.endswith(".py"):
+        path = os.path.abspath(module_name)
+        spec = importlib.util.spec_from_file_location("__speedysvc_main__", path)
+        if spec is None or spec.loader is None:
+            raise ImportError(f"cannot load {path}")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+    else:
+        module = importlib.import_module(module_name)
+    obj = module
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+class Worker:
+    def __init__(self, server_cls, service: str | None = None):
+        self.service = service or server_cls.service_name()
+        self.segment = shm.ServiceSegment.attach(self.service)
+        self.fatal: BaseException | None = None
+        self.dispatcher = Dispatcher(server_cls(), on_fatal=self.on_fatal)
+        self.pid = os.getpid()
+        self.index = self.segment.register_worker(self.pid)
+        # slot -> (owner pid, generation, data region, read-only view) of mapped channels
+        self.channels: list = [None] * self.segment.max_channels
+        self.stop = [False]
+
+    def on_fatal(self, exc: BaseException) -> None:
+        """A method raised SystemExit or the like: it was answered; now stop."""
+        self.fatal = exc
+        self.stop[0] = True
+
+    def serve_forever(self) -> None:
+        seg, region, dispatcher = self.segment, self.segment.region, self.dispatcher
+        parent = os.getppid()
+        try:
+            while not self.stop[0]:
+                # the common case runs in C until the housekeeping interval; it hands back
+                # what it cannot do itself
+                got = region.serve(self.index, self.channels, dispatcher.handlers, self.stop,
+                                   HOUSEKEEPING_INTERVAL)
+                if got is None:
+                    if seg.state != core.SVC_SERVING and not seg.pending_calls():
+                        break
+                    if os.getppid() != parent:
+                        break  # orphaned: the supervisor is gone
+                    self.housekeeping()
+                else:
+                    try:
+                        if got[0] == "call":
+                            self.serve_one(*got[1:])
+                        elif got[0] == "reply":
+                            self.reply_large(got[1], self.channels[got[1]], got[2], got[3])
+                        else:
+                            self.abandoned(got[1])
+                    except Exception as e:  # a fault of ours: fail that call, keep serving
+                        log.exception("internal error while serving a call")
+                        self.fail_call(got[1], e)
+        finally:
+            seg.unregister_worker(self.index, self.pid)
+
+    def serve_one(self, slot, owner, gen, name_len, req_len, flags) -> None:
+        """A call the C loop handed back: a channel not mapped yet, or an unknown method."""
+        seg = self.segment
+        entry = self.channels[slot]
+        if entry is None or entry[0] != owner or entry[1] != gen:
+            try:
+                data = shm.DataSegment.open(seg.service, owner, slot, gen)
+            except OSError:
+                # the caller vanished (and its segment with it) between posting and now
+                self.abandoned(slot)
+                return
+            entry = self.channels[slot] = (owner, gen, data.region, data.view.toreadonly())
+        view = entry[3]
+        name = bytes(view[:name_len])
+        status, out = self.dispatcher.handle(name, flags, view[name_len:req_len])
+        self.reply_large(slot, entry, status, out)
+
+    def reply_large(self, slot, entry, status, out) -> None:
+        """Reply with a response larger than the channel, or one the C loop could not send."""
+        seg = self.segment
+        try:
+            size = len(out) if isinstance(out, bytes) else memoryview(out).nbytes
+            if not isinstance(out, bytes) and not memoryview(out).c_contiguous:
+                raise TypeError("not contiguous")
+            if not isinstance(status, int) or status < 0:
+                raise TypeError(f"bad status {status!r}")
+        except TypeError as e:
+            status, out = STATUS_ERROR, encode_exception(EncodeError(f"bad response from the handler: {e}"), False)
+            size = len(out)
+        if size > entry[2].size:
+            if size > seg.max_payload:
+                status, out = STATUS_ERROR, encode_exception(PayloadTooLarge(
+                    f"the response of {size} bytes exceeds the service's limit of {seg.max_payload} bytes"), False)
+            else:
+                owner = entry[0]
+                data = shm.replace_data_segment(seg, slot, owner, size, entry[2].size)
+                entry = self.channels[slot] = (owner, data.gen, data.region, data.view.toreadonly())
+        self.finish(slot, entry, status, out)
+
+    def finish(self, slot, entry, status, out) -> None:
+        if not self.segment.region.reply(self.index, slot, entry[2], status, out):
+            self.abandoned(slot)
+
+    def fail_call(self, slot, exc) -> None:
+        entry = self.channels[slot]
+        try:
+            if entry is None:
+                raise LookupError("channel not mapped")
+            self.finish(slot, entry, STATUS_ERROR, encode_exception(exc))
+        except Exception:
+            self.abandoned(slot)
+
+    def abandoned(self, slot) -> None:
+        """The caller gave up on the call (timeout, interrupt) or is gone: free its channel."""
+        seg = self.segment
+        off = seg.channel_offset(slot)
+        st = seg.region.load32(off + core.C_STATE)
+        owner = seg.region.load32(off + core.C_OWNER_PID)
+        if st & core.ST_CODE in (core.ST_ABANDONED, core.ST_CLAIMED) and st >> core.ST_PID_SHIFT == self.pid:
+            if owner and seg.region.cas32(off + core.C_OWNER_PID, owner, 0xFFFFFFFF):
+                seg.free_channel(slot, owner)
+        self.channels[slot] = None
+
+    def housekeeping(self) -> None:
+        seg = self.segment
+        seg.reap()
+        # drop mappings of channels that were freed or moved, so their memory can go
+        for slot, entry in enumerate(self.channels):
+            if entry is not None:
+                off = seg.channel_offset(slot)
+                if (seg.region.load32(off + core.C_OWNER_PID) != entry[0]
+                        or seg.region.load32(off + core.C_DATA_GEN) != entry[1]):
+                    self.channels[slot] = None
+
+
+def run(server_cls, service: str | None = None) -> None:
+    """Serve until stopped; SIGTERM finishes the call in hand first."""
+    worker = None
+
+    def on_term(signum, frame):
+        if worker is not None:
+            worker.stop[0] = True
+        else:
+            raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when to stop
+    core.set_parent_death_signal(signal.SIGTERM)
+    worker = Worker(server_cls, service)
+    worker.serve_forever()
+    if worker.fatal is not None:
+        raise worker.fatal
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m speedysvc.worker", description=__doc__.splitlines()[0])
+    parser.add_argument("target", help="module:Class or path/file.py:Class")
+    parser.add_argument("service", nargs="?", help="service name (default: the class's name attribute)")
+    args = parser.parse_args(argv)
+    run(load_target(args.target), args.service)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

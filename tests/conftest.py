@@ -1,0 +1,39 @@
+import os
+import time
+
+import pytest
+
+from speedysvc import shm
+
+
+def our_segments():
+    prefix = f"{shm.PREFIX}.{shm.USER}."
+    return sorted(n for n in os.listdir(shm.SHM_DIR) if n.startswith(prefix))
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_segments():
+    """Every test must leave /dev/shm as it found it (reaping may take a moment)."""
+    before = set(our_segments())
+    yield
+    deadline = time.monotonic() + 3
+    while set(our_segments()) - before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    leaked = sorted(set(our_segments()) - before)
+    assert not leaked, f"segments left in /dev/shm: {leaked}"
+
+
+def pytest_sessionfinish(session, exitstatus):
+    leftovers = our_segments()
+    if leftovers:
+        print(f"\nERROR: segments left in /dev/shm after the run: {leftovers}")
+        session.exitstatus = 1
+
+
+def wait_until(predicate, timeout=5.0, interval=0.02):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()

@@ -1,0 +1,180 @@
+"""Services the tests run in real worker processes (imported by the workers by module name)."""
+import logging
+import os
+import signal
+import time
+
+from speedysvc import ServerMethodsBase, json_method, msgpack_method, pickle_method, raw_method
+
+
+class EchoServer(ServerMethodsBase):
+    """The seed README's example service."""
+    port = 5555
+    name = 'echo_serv'
+
+    @json_method
+    def echo_json(self, data):
+        return data
+
+
+class Custom(Exception):
+    """An exception type the caller can import."""
+
+    def __init__(self, code, detail):
+        super().__init__(code, detail)
+        self.code = code
+        self.detail = detail
+
+
+class NeedsTwoArgs(Exception):
+    def __init__(self, a, b):
+        super().__init__(f"{a}/{b}")
+
+
+class Kitchen(ServerMethodsBase):
+    port = 5556
+    name = 'kitchen'
+
+    def __init__(self):
+        self.calls = 0
+
+    @json_method
+    def echo_json(self, data):
+        return data
+
+    @msgpack_method
+    def echo_msgpack(self, data):
+        return data
+
+    @pickle_method
+    def echo_pickle(self, data):
+        return data
+
+    @raw_method
+    def echo_raw(self, data):
+        return data
+
+    @raw_method
+    def raw_tail(self, data):
+        return data[1:]  # a slice of the argument: sent back without a copy
+
+    @raw_method
+    def raw_copy(self, data):
+        return bytes(data)
+
+    @raw_method
+    def raw_upper(self, data):
+        return bytes(data).upper()
+
+    @msgpack_method
+    def big(self, n):
+        return b'z' * n
+
+    @msgpack_method
+    def size_of(self, data):
+        return len(data)
+
+    @msgpack_method
+    def add(self, a, b=10, *, scale=1):
+        """Add two numbers."""
+        return (a + b) * scale
+
+    @msgpack_method
+    def whoami(self):
+        return os.getpid()
+
+    @msgpack_method
+    def count(self):
+        self.calls += 1
+        return self.calls
+
+    @msgpack_method
+    def sleep(self, seconds, tag=None):
+        time.sleep(seconds)
+        return tag
+
+    @msgpack_method
+    def spin(self, seconds):
+        end = time.monotonic() + seconds
+        n = 0
+        while time.monotonic() < end:
+            n += 1
+        return n
+
+    @msgpack_method
+    def fail_value(self, message):
+        raise ValueError(message)
+
+    @msgpack_method
+    def fail_custom(self, code):
+        raise Custom(code, "custom detail")
+
+    @msgpack_method
+    def fail_two_args(self):
+        raise NeedsTwoArgs(1, 2)
+
+    @msgpack_method
+    def fail_local(self):
+        class LocalOnly(Exception):
+            pass
+        raise LocalOnly("defined inside the method")
+
+    @msgpack_method
+    def fail_typeerror_inside(self):
+        return len(5)
+
+    @msgpack_method
+    def unencodable(self):
+        return {1, 2, 3}
+
+    @json_method
+    def json_unencodable(self):
+        return object()
+
+    @msgpack_method
+    def die(self):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    @msgpack_method
+    def exit(self):
+        raise SystemExit(3)
+
+    @msgpack_method
+    def log(self, message):
+        logging.getLogger("kitchen").warning(message)
+        return True
+
+
+class Other(ServerMethodsBase):
+    """Same methods as Kitchen but another name, for tests that need a second service."""
+    port = 5557
+    name = 'other'
+
+    @msgpack_method
+    def whoami(self):
+        return os.getpid()
+
+    @msgpack_method
+    def sleep(self, seconds, tag=None):
+        time.sleep(seconds)
+        return tag
+
+
+class KitchenNewer(ServerMethodsBase):
+    """A caller's newer view of 'kitchen': a method the running service does not have,
+    and a method whose codec changed."""
+    port = 5556
+    name = 'kitchen'
+
+    @msgpack_method
+    def added_later(self):
+        return 1
+
+    @json_method
+    def echo_msgpack(self, data):  # the service uses msgpack
+        return data
+
+
+class Limited(Kitchen):
+    """Kitchen under another name, for a service with non-default limits."""
+    name = 'limited'

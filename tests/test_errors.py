@@ -1,0 +1,173 @@
+"""Errors travel back to the caller with a clear type; the worker keeps serving."""
+import pytest
+
+from speedysvc import (BadArguments, CallTimeout, DecodeError, EncodeError, LocalService, MethodNotFound,
+                       RemoteError, ServiceUnavailable, connect)
+from speedysvc import codecs
+from services import Custom, Kitchen, KitchenNewer, NeedsTwoArgs
+
+
+@pytest.fixture(scope="module")
+def kitchen():
+    with LocalService(Kitchen, workers=2) as svc:
+        yield svc
+
+
+@pytest.fixture
+def client(kitchen):
+    with connect(Kitchen) as c:
+        yield c
+
+
+def test_builtin_exception_keeps_its_type_and_traceback(client):
+    with pytest.raises(ValueError, match="bad input") as info:
+        client.fail_value("bad input")
+    tb = info.value.remote_traceback
+    assert "fail_value" in tb and "raise ValueError(message)" in tb
+    assert "bad input" in str(info.value.__cause__)
+    assert client.echo_msgpack(1) == 1  # the worker carries on
+
+
+def test_importable_custom_exception_is_rebuilt(client):
+    with pytest.raises(Custom) as info:
+        client.fail_custom(42)
+    assert info.value.code == 42 and info.value.detail == "custom detail"
+
+
+def test_exception_whose_constructor_differs_is_still_rebuilt(client):
+    with pytest.raises(NeedsTwoArgs):
+        client.fail_two_args()
+
+
+def test_exception_the_caller_cannot_name_becomes_remote_error(client):
+    with pytest.raises(RemoteError) as info:
+        client.fail_local()
+    assert "LocalOnly" in info.value.type_name
+    assert "defined inside the method" in str(info.value)
+    assert "fail_local" in info.value.remote_traceback
+
+
+def test_typeerror_inside_the_method_is_not_bad_arguments(client):
+    with pytest.raises(TypeError) as info:
+        client.fail_typeerror_inside()
+    assert not isinstance(info.value, BadArguments)
+
+
+def test_wrong_arguments(client):
+    with pytest.raises(BadArguments, match="add"):
+        client.add()
+    with pytest.raises(BadArguments):
+        client.add(1, 2, 3)
+    with pytest.raises(BadArguments):
+        client.add(1, nope=2)
+    with pytest.raises(TypeError):  # BadArguments is a TypeError
+        client.whoami(1)
+    assert client.add(1, 1) == 2
+
+
+def test_wrong_argument_types_raise_the_methods_own_error(client):
+    with pytest.raises(TypeError, match="unsupported operand"):
+        client.add(1, "a")
+
+
+def test_unknown_method_on_the_server(kitchen):
+    with connect(KitchenNewer) as newer:
+        with pytest.raises(MethodNotFound, match="added_later") as info:
+            newer.added_later()
+        assert "echo_msgpack" in str(info.value)  # lists what the service has
+
+
+def test_unknown_method_name_on_the_client(client):
+    with pytest.raises(MethodNotFound):
+        client.send("no_such_method", [])
+    with pytest.raises(TypeError, match="not a service method"):
+        client.send(len, [])
+
+
+def test_codec_mismatch_is_reported(kitchen):
+    with connect(KitchenNewer) as newer:
+        with pytest.raises(DecodeError, match="expects msgpack"):
+            newer.echo_msgpack("x")
+
+
+def test_undecodable_payload(client):
+    flags = codecs.MSGPACK.flags
+    with pytest.raises(DecodeError, match="cannot decode the arguments"):
+        client._transport.call(b"echo_msgpack", b"\xc1garbage", flags, codecs.MSGPACK.loads, 5)
+    with pytest.raises(DecodeError, match="must be an array"):
+        client._transport.call(b"echo_msgpack", codecs.MSGPACK.dumps(5), flags, codecs.MSGPACK.loads, 5)
+    with pytest.raises(DecodeError, match="keyword"):
+        client._transport.call(b"echo_msgpack", codecs.MSGPACK.dumps([1]), flags | codecs.FLAG_KWARGS,
+                               codecs.MSGPACK.loads, 5)
+    with pytest.raises(DecodeError):
+        client._transport.call(b"echo_json", b"{not json", codecs.JSON.flags, codecs.JSON.loads, 5)
+    assert client.echo_msgpack("still fine") == "still fine"
+
+
+def test_undecodable_response(client):
+    with pytest.raises(DecodeError, match="cannot decode the response"):
+        client._transport.call(b"echo_raw", b"\xc1", codecs.RAW.flags, codecs.MSGPACK.loads, 5)
+
+
+def test_unencodable_argument_fails_before_sending(client):
+    with pytest.raises(EncodeError, match="echo_msgpack"):
+        client.echo_msgpack({1, 2})
+    with pytest.raises(EncodeError):
+        client.echo_json(object())
+    with pytest.raises(EncodeError, match="exactly one"):
+        client.echo_raw(b"a", b"b")
+    with pytest.raises(EncodeError, match="bytes-like"):
+        client.echo_raw("text")
+    assert client.echo_msgpack(1) == 1
+
+
+def test_unencodable_return_value(client):
+    with pytest.raises(EncodeError, match="return value of unencodable"):
+        client.unencodable()
+    with pytest.raises(EncodeError, match="json"):
+        client.json_unencodable()
+
+
+def test_system_exit_in_a_method_answers_then_the_worker_stops(kitchen):
+    # a worker of its own, so the shared fixture keeps both of its workers
+    from conftest import wait_until
+    with connect(Kitchen) as c:
+        before = set(kitchen.pids)
+        for _ in range(2):  # the first call maps the channel in Python, later ones run in C
+            with pytest.raises(RemoteError, match="SystemExit") as info:
+                c.exit()
+            assert info.value.type_name == "builtins.SystemExit"
+            assert wait_until(lambda: len(set(kitchen.pids)) < len(before))
+            kitchen.add_worker()
+        assert c.echo_msgpack(1) == 1  # the other worker still serves
+
+
+def test_service_not_running():
+    from services import Other
+    c = connect(Other)  # connecting is lazy: no error yet
+    with pytest.raises(ServiceUnavailable, match="not running"):
+        c.whoami()
+    c.close()
+
+
+def test_closed_client_refuses_calls(kitchen):
+    c = connect(Kitchen)
+    assert c.echo_msgpack(1) == 1
+    c.close()
+    with pytest.raises(Exception, match="closed"):
+        c.echo_msgpack(1)
+
+
+def test_bad_connect_arguments():
+    with pytest.raises(TypeError):
+        connect(object)
+    with pytest.raises(ValueError, match="unsupported address"):
+        connect(Kitchen, "http://x")
+    with pytest.raises(NotImplementedError, match="TCP"):
+        connect(Kitchen, "tcp://localhost")
+    with pytest.raises(ValueError, match="timeout"):
+        connect(Kitchen, timeout=-1)
+
+
+def test_timeout_is_a_timeout_error():
+    assert issubclass(CallTimeout, TimeoutError)

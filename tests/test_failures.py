@@ -1,0 +1,238 @@
+"""Dead workers, dead clients, timeouts, interrupts and restarts: no hang, no leak."""
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+
+from speedysvc import CallTimeout, LocalService, ServiceUnavailable, WorkerDied, connect, shm
+from speedysvc import _shmcore as core
+from conftest import our_segments, wait_until
+from services import Kitchen, Other
+
+
+def channel_states(svc):
+    seg = svc.segment
+    out = {}
+    for slot in range(seg.max_channels):
+        off = seg.channel_offset(slot)
+        owner = seg.region.load32(off + core.C_OWNER_PID)
+        if owner:
+            out[slot] = (owner, seg.region.load32(off + core.C_STATE) & core.ST_CODE)
+    return out
+
+
+def test_worker_killed_mid_call_fails_fast_and_others_serve():
+    with LocalService(Kitchen, workers=2) as svc, connect(Kitchen) as c:
+        result = {}
+
+        def slow_call():
+            t = time.monotonic()
+            try:
+                c.sleep(30)
+            except BaseException as e:
+                result["error"] = e
+            result["elapsed"] = time.monotonic() - t
+
+        th = threading.Thread(target=slow_call)
+        th.start()
+        assert wait_until(lambda: any(w["busy"] for w in svc.segment.workers()))
+        busy = [w["pid"] for w in svc.segment.workers() if w["busy"]][0]
+        os.kill(busy, signal.SIGKILL)
+        th.join(10)
+        assert isinstance(result["error"], WorkerDied), result
+        assert str(busy) in str(result["error"])
+        assert result["elapsed"] < 5
+        # the surviving worker serves, on the same client and a new one
+        assert c.echo_msgpack("after") == "after"
+        with connect(Kitchen) as c2:
+            assert c2.whoami() != busy
+
+
+def test_worker_killing_itself_with_sigkill(tmp_path):
+    with LocalService(Kitchen, workers=1) as svc, connect(Kitchen, timeout=20) as c:
+        t = time.monotonic()
+        with pytest.raises(WorkerDied):
+            c.die()
+        assert time.monotonic() - t < 5
+        svc.add_worker()
+        assert c.echo_msgpack(1) == 1
+
+
+def test_no_worker_left_times_out_instead_of_hanging():
+    with LocalService(Kitchen, workers=1) as svc, connect(Kitchen) as c:
+        assert c.echo_msgpack(1) == 1
+        os.kill(svc.pids[0], signal.SIGKILL)
+        svc.processes[0].wait()
+        t = time.monotonic()
+        with pytest.raises(CallTimeout):
+            c.with_timeout(0.5).echo_msgpack(2)
+        assert 0.4 < time.monotonic() - t < 3
+        # the call was taken back, not left for a future worker to run
+        svc.add_worker()
+        assert c.count() == 1
+
+
+def test_timeout_on_a_slow_call_then_the_channel_is_reclaimed():
+    with LocalService(Kitchen, workers=1) as svc, connect(Kitchen) as c:
+        t = time.monotonic()
+        with pytest.raises(CallTimeout, match="timed out"):
+            c.with_timeout(0.3).sleep(1.5)
+        assert time.monotonic() - t < 1.2
+        # the abandoned call finishes in the worker, which then frees that channel;
+        # the client carries on with a fresh one meanwhile
+        assert c.echo_msgpack("x") == "x"
+        assert wait_until(lambda: len(channel_states(svc)) == 1, timeout=5)
+
+
+def test_per_call_timeout_with_send():
+    with LocalService(Kitchen, workers=1), connect(Kitchen, timeout=10) as c:
+        with pytest.raises(TimeoutError):
+            c.send(Kitchen.sleep, [2], timeout=0.2)
+        assert c.send(Kitchen.sleep, [0, "ok"], timeout=5) == "ok"
+        assert c.with_timeout(None).timeout is None and c.timeout == 10
+
+
+def test_client_killed_mid_call_frees_its_channel():
+    code = textwrap.dedent("""
+        import sys
+        from speedysvc import connect
+        from services import Kitchen
+        c = connect(Kitchen)
+        c.echo_msgpack(1)
+        print("ready", flush=True)
+        c.sleep(1.0)
+    """)
+    with LocalService(Kitchen, workers=1) as svc:
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+        proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, env=env)
+        assert proc.stdout.readline().strip() == b"ready"
+        assert wait_until(lambda: any(w["busy"] for w in svc.segment.workers()))
+        name_prefix = f"{shm.PREFIX}.{shm.USER}.kitchen.{proc.pid}-"
+        assert any(n.startswith(name_prefix) for n in our_segments())
+        proc.kill()
+        proc.wait()
+        # the worker finishes the call, notices the caller is gone and reclaims the channel
+        assert wait_until(lambda: not channel_states(svc), timeout=6)
+        assert not any(n.startswith(name_prefix) for n in our_segments())
+        with connect(Kitchen) as c:
+            assert c.echo_msgpack(2) == 2
+
+
+def test_client_killed_while_idle_is_reaped():
+    code = "from speedysvc import connect\nfrom services import Kitchen\nc = connect(Kitchen)\nc.echo_msgpack(1)\n" \
+           "import os, signal\nos.kill(os.getpid(), signal.SIGKILL)\n"
+    with LocalService(Kitchen, workers=1) as svc:
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+        subprocess.run([sys.executable, "-c", code], env=env)
+        assert wait_until(lambda: not channel_states(svc), timeout=6)
+
+
+def test_interrupted_call_gives_the_channel_back(kitchen_like=None):
+    with LocalService(Kitchen, workers=1) as svc, connect(Kitchen) as c:
+        def interrupt(signum, frame):
+            raise KeyboardInterrupt
+
+        old = signal.signal(signal.SIGALRM, interrupt)
+        try:
+            signal.setitimer(signal.ITIMER_REAL, 0.3)
+            with pytest.raises(KeyboardInterrupt):
+                c.sleep(1.0)
+        finally:
+            signal.signal(signal.SIGALRM, old)
+        assert c.echo_msgpack("next") == "next"
+        assert wait_until(lambda: len(channel_states(svc)) == 1, timeout=5)
+
+
+def test_a_slow_call_does_not_hold_up_another_client():
+    with LocalService(Other, workers=2), connect(Other) as a, connect(Other) as b:
+        th = threading.Thread(target=a.sleep, args=(2,))
+        th.start()
+        time.sleep(0.2)
+        t = time.monotonic()
+        assert b.whoami() > 0
+        assert time.monotonic() - t < 1.0
+        th.join()
+
+
+def test_stop_lets_running_calls_finish_and_refuses_new_ones():
+    svc = LocalService(Other, workers=1).start()
+    c = connect(Other)
+    result = {}
+    th = threading.Thread(target=lambda: result.setdefault("v", c.sleep(0.5, "done")))
+    th.start()
+    time.sleep(0.2)
+    svc.stop()
+    th.join(5)
+    assert result.get("v") == "done"
+    with pytest.raises(ServiceUnavailable):
+        c.whoami()
+    c.close()
+
+
+def test_restarted_service_is_picked_up_by_a_connected_client():
+    with connect(Other) as c:
+        with LocalService(Other, workers=1) as first:
+            assert c.whoami() in first.pids
+        with pytest.raises(ServiceUnavailable):
+            c.whoami()
+        with LocalService(Other, workers=1) as second:
+            assert c.whoami() in second.pids
+
+
+def test_service_owner_killed_clients_get_unavailable_and_next_start_cleans_up():
+    code = textwrap.dedent("""
+        import time
+        from speedysvc import LocalService
+        from services import Other
+        svc = LocalService(Other, workers=1).start()
+        print("up", flush=True)
+        time.sleep(60)
+    """)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    owner = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, env=env)
+    try:
+        assert owner.stdout.readline().strip() == b"up"
+        seg = shm.ServiceSegment.attach("other")
+        worker_pids = [w["pid"] for w in seg.workers()]
+        with connect(Other, timeout=10) as c:
+            assert c.whoami() in worker_pids
+            owner.kill()
+            owner.wait()
+            # workers notice their parent died and exit
+            assert wait_until(lambda: not any(shm.process_alive(p) for p in worker_pids), timeout=5)
+            t = time.monotonic()
+            with pytest.raises(ServiceUnavailable):
+                c.whoami()
+            assert time.monotonic() - t < 3
+        # stale segments are there now; a new owner removes them and serves
+        assert any(n.endswith(".other") for n in our_segments())
+        with LocalService(Other, workers=1) as svc, connect(Other) as c:
+            assert c.whoami() in svc.pids
+    finally:
+        owner.kill()
+
+
+def test_second_owner_of_a_running_service_is_refused():
+    from speedysvc import ServiceAlreadyRunning
+    with LocalService(Other, workers=1):
+        with pytest.raises(ServiceAlreadyRunning):
+            LocalService(Other, workers=1).start()
+
+
+def test_worker_that_fails_to_start_is_reported():
+    from services import EchoServer
+
+    class Broken(EchoServer):
+        name = "broken"
+
+        def __init__(self):
+            raise RuntimeError("cannot load the model")
+
+    Broken.__module__ = "services"  # workers look it up there and fail to find it
+    with pytest.raises(RuntimeError, match="exited with code"):
+        LocalService(Broken, workers=1, start_timeout=20).start()
