@@ -7,11 +7,18 @@ from .client import Client, connect
 from .codecs import Codec
 from .errors import (BadArguments, CallTimeout, DecodeError, EncodeError, MethodNotFound, PayloadTooLarge,
                      RemoteError, ServiceAlreadyRunning, ServiceUnavailable, SpeedysvcError, WorkerDied)
-from .local import LocalService
 from .methods import (ClientMethodsBase, ServerMethodsBase, json_method, msgpack_method, pickle_method,
                       raw_method)
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # LocalService starts processes; a client that never runs a service does not load it.
+    if name == "LocalService":
+        from .local import LocalService
+        return LocalService
+    raise AttributeError(f"module 'speedysvc' has no attribute {name!r}")
 
 __all__ = [
     "ServerMethodsBase", "ClientMethodsBase", "json_method", "msgpack_method", "pickle_method", "raw_method",

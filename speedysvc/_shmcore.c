@@ -23,6 +23,7 @@
 #include <unistd.h>
 #include <fcntl.h>
 #include <sys/mman.h>
+#include <malloc.h>
 
 /* ---- layout ------------------------------------------------------------ */
 #define MAGIC            0x43565353u   /* "SSVC" */
@@ -39,7 +40,6 @@
 #define H_OWNER_START    40    /* u64, owner's start time in clock ticks */
 #define H_SEQ            64    /* own cache line: futex word workers sleep on */
 #define H_SLEEPERS       68
-#define H_PENDING        72
 #define H_BITMAP         256   /* one bit per channel with a posted call */
 #define H_WORKERS        4096
 #define W_SIZE           64
@@ -51,7 +51,11 @@
 #define W_ERRORS         32
 #define W_CLAIM_NS       40
 #define H_CHANNELS       8192
-#define C_SIZE           64
+/* A channel takes two cache lines: the first is written by the caller (and
+ * holds the state word both sides watch), the second by the worker, so the
+ * worker writing its response fields does not fight a caller spinning on the
+ * state word. */
+#define C_SIZE           128
 #define C_STATE          0     /* futex word the caller sleeps on */
 #define C_OWNER_PID      4
 #define C_DATA_GEN       8
@@ -59,10 +63,10 @@
 #define C_DATA_CAP       16
 #define C_REQ_LEN        24
 #define C_NAME_LEN       32
-#define C_STATUS         36
-#define C_RESP_OFF       40
-#define C_RESP_LEN       48
-#define C_OWNER_START    56
+#define C_OWNER_START    40
+#define C_STATUS         64
+#define C_RESP_OFF       72
+#define C_RESP_LEN       80
 
 #define MAX_CHANNELS_LIMIT 4096
 #define MAX_WORKERS      64
@@ -122,6 +126,10 @@ static int futex_wake(uint32_t *addr, int n) {
  * paid), a long wait halves it (spinning did not pay).  When more threads are
  * runnable than there are CPUs, spinning would steal the CPU the peer needs,
  * so it is skipped altogether. */
+/* After this long, the spin yields the CPU on every round: if the peer shares
+ * our CPU it runs at once; if not, sched_yield returns at once. */
+#define YIELD_AFTER_NS 2000
+
 typedef struct { uint64_t budget_ns; } spinner;
 static spinner client_spin = {0}, worker_spin = {0};
 static uint64_t spin_max_ns = 50000;
@@ -262,9 +270,14 @@ static int check_slot(Region *self, long slot) {
     return 0;
 }
 
+/* Wakes one sleeping worker, if any sleeps.  Without sleepers nothing is
+ * written: a worker about to sleep counts itself in H_SLEEPERS before its last
+ * look at the bitmap, so it either sees our bit or we see it (seq_cst order). */
 static inline void kick_workers(char *base) {
-    __atomic_fetch_add(U32(base, H_SEQ), 1, __ATOMIC_SEQ_CST);
-    if (LOAD(U32(base, H_SLEEPERS)) > 0) futex_wake(U32(base, H_SEQ), 1);
+    if (LOAD(U32(base, H_SLEEPERS)) > 0) {
+        __atomic_fetch_add(U32(base, H_SEQ), 1, __ATOMIC_SEQ_CST);
+        futex_wake(U32(base, H_SEQ), 1);
+    }
 }
 
 /* Copies name+payload into the data segment and publishes the call.
@@ -287,8 +300,7 @@ static int post_call(char *base, long slot, Region *data, Py_buffer *name, Py_bu
     STORE(U32(ch, C_FLAGS), flags);
     STORE(U32(ch, C_STATE), ST_REQUEST);
     uint64_t bit = 1ull << (slot & 63);
-    uint64_t old = __atomic_fetch_or(U64(base, H_BITMAP + (slot >> 6) * 8), bit, __ATOMIC_SEQ_CST);
-    if (!(old & bit)) __atomic_fetch_add(U32(base, H_PENDING), 1, __ATOMIC_SEQ_CST);
+    __atomic_fetch_or(U64(base, H_BITMAP + (slot >> 6) * 8), bit, __ATOMIC_SEQ_CST);
     kick_workers(base);
     return 0;
 }
@@ -308,7 +320,7 @@ static int await_response(uint32_t *st, double timeout) {
             if ((i & 15) == 0) {
                 t = now_ns();
                 if (t >= stop) break;
-                if (t - start > 5000) sched_yield(); /* a peer on this CPU gets to run */
+                if (t - start > YIELD_AFTER_NS) sched_yield(); /* a peer on this CPU gets to run */
             }
         }
     }
@@ -423,8 +435,6 @@ static long try_claim(Region *self, uint32_t pid) {
             uint64_t mask = 1ull << b;
             uint64_t old = __atomic_fetch_and(word, ~mask, __ATOMIC_SEQ_CST);
             if (!(old & mask)) continue;
-            uint32_t p = LOAD(U32(base, H_PENDING));
-            while (p > 0 && !CAS(U32(base, H_PENDING), &p, p - 1)) {}
             long slot = (long)w * 64 + b;
             uint32_t *st = U32(base, H_CHANNELS + slot * C_SIZE + C_STATE);
             uint32_t s = LOAD(st);
@@ -458,12 +468,12 @@ static long claim_next(Region *self, char *w, uint64_t deadline) {
     if (slot < 0 && worker_spin.budget_ns && !system_overloaded(start)) {
         uint64_t stop = start + worker_spin.budget_ns;
         for (unsigned i = 1;; i++) {
-            if (LOAD(U32(base, H_PENDING)) && (slot = try_claim(self, pid)) >= 0) { spun_ok = 1; break; }
+            if (any_posted(base) && (slot = try_claim(self, pid)) >= 0) { spun_ok = 1; break; }
             cpu_relax();
             if ((i & 15) == 0) {
                 t = now_ns();
                 if (t >= stop) break;
-                if (t - start > 5000) sched_yield();
+                if (t - start > YIELD_AFTER_NS) sched_yield();
             }
         }
     }
@@ -574,8 +584,9 @@ static PyObject *R_reply(Region *self, PyObject *const *args, Py_ssize_t nargs) 
 /* serve(worker_index, channels, handlers, stop, timeout)
  * The worker's loop for the common case, without returning to Python between
  * calls.  channels[slot] is None or (owner, gen, data_region, readonly_view);
- * handlers maps a method name (bytes) to handler(flags, request_view) ->
- * (status, payload).  Returns None at the timeout (for housekeeping) or when
+ * handlers maps a method name (bytes) to (handler, wants_view), where
+ * handler(flags, request) -> (status, payload) and request is a read-only
+ * view into the channel, or bytes for a small request unless wants_view.  Returns None at the timeout (for housekeeping) or when
  * stop[0] is true, or hands back what it cannot do itself:
  * ("call", slot, owner, gen, name_len, req_len, flags): a claimed call on a
  *     channel not mapped yet, or for an unknown method;
@@ -618,12 +629,20 @@ static PyObject *R_serve(Region *self, PyObject *const *args, Py_ssize_t nargs) 
         if (req_len > (uint64_t)data->size || name_len > req_len) return call_tuple(base, slot);
         PyObject *name = PyBytes_FromStringAndSize(data->base, name_len);
         if (!name) return NULL;
-        PyObject *handler = PyDict_GetItemWithError(handlers, name);
+        PyObject *spec = PyDict_GetItemWithError(handlers, name);
         Py_DECREF(name);
-        if (!handler) { if (PyErr_Occurred()) return NULL; return call_tuple(base, slot); }
+        if (!spec) { if (PyErr_Occurred()) return NULL; return call_tuple(base, slot); }
+        if (!PyTuple_Check(spec) || PyTuple_GET_SIZE(spec) != 2) {
+            PyErr_SetString(PyExc_TypeError, "handlers values must be (handler, wants_view)"); return NULL;
+        }
+        PyObject *handler = PyTuple_GET_ITEM(spec, 0);
         Py_INCREF(handler);
         Py_INCREF(entry); /* keeps the data region mapped through the call */
-        PyObject *request = PySequence_GetSlice(PyTuple_GET_ITEM(entry, 3), name_len, (Py_ssize_t)req_len);
+        /* A small request is cheaper to hand over as bytes than as a view; raw
+         * methods always get a view, so their argument has one type. */
+        PyObject *request = (!PyObject_IsTrue(PyTuple_GET_ITEM(spec, 1)) && req_len - name_len <= 4096)
+            ? PyBytes_FromStringAndSize(data->base + name_len, (Py_ssize_t)(req_len - name_len))
+            : PySequence_GetSlice(PyTuple_GET_ITEM(entry, 3), name_len, (Py_ssize_t)req_len);
         PyObject *result = NULL, *hargs[2] = {NULL, request};
         if (request && (hargs[0] = PyLong_FromUnsignedLong(flags)))
             result = PyObject_Vectorcall(handler, hargs, 2, NULL);
@@ -757,7 +776,22 @@ static PyObject *m_map_fd(PyObject *self, PyObject *args) {
     return (PyObject *)r;
 }
 
+/* glibc hands large allocations to mmap and gives them back at free, so a
+ * process that decodes a 1 MiB payload per call takes hundreds of page faults
+ * per call; workers keep such memory in the heap instead. */
+static PyObject *m_keep_large_allocations(PyObject *self, PyObject *args) {
+    int mmap_threshold, trim_threshold;
+    if (!PyArg_ParseTuple(args, "ii", &mmap_threshold, &trim_threshold)) return NULL;
+    if (!mallopt(M_MMAP_THRESHOLD, mmap_threshold) || !mallopt(M_TRIM_THRESHOLD, trim_threshold)) {
+        PyErr_SetString(PyExc_ValueError, "mallopt refused the thresholds");
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef module_methods[] = {
+    {"keep_large_allocations", m_keep_large_allocations, METH_VARARGS,
+     "mallopt(M_MMAP_THRESHOLD, a); mallopt(M_TRIM_THRESHOLD, b)"},
     {"map_fd", m_map_fd, METH_VARARGS, "map a file descriptor MAP_SHARED; the Region owns the mapping"},
     {"set_spin", m_set_spin, METH_O, "set the longest spin before sleeping, in microseconds (0 disables)"},
     {"get_spin", m_get_spin, METH_NOARGS, "(max, client budget, worker budget) in microseconds"},
@@ -780,7 +814,7 @@ PyMODINIT_FUNC PyInit__shmcore(void) {
     ADD(MAGIC); ADD(LAYOUT_VERSION);
     ADD(H_MAGIC); ADD(H_VERSION); ADD(H_MAX_CHANNELS); ADD(H_MAX_WORKERS); ADD(H_MAX_PAYLOAD);
     ADD(H_OWNER_PID); ADD(H_STATE); ADD(H_CREATED_NS); ADD(H_OWNER_START); ADD(H_SEQ);
-    ADD(H_SLEEPERS); ADD(H_PENDING); ADD(H_BITMAP); ADD(H_WORKERS); ADD(H_CHANNELS);
+    ADD(H_SLEEPERS); ADD(H_BITMAP); ADD(H_WORKERS); ADD(H_CHANNELS);
     ADD(W_SIZE); ADD(W_PID); ADD(W_STATE); ADD(W_CALLS); ADD(W_BUSY_NS); ADD(W_STARTED_NS);
     ADD(W_ERRORS); ADD(W_CLAIM_NS);
     ADD(C_SIZE); ADD(C_STATE); ADD(C_OWNER_PID); ADD(C_DATA_GEN); ADD(C_FLAGS); ADD(C_DATA_CAP);

@@ -64,7 +64,7 @@ class Client:
 
     def _call(self, spec: MethodSpec, args, kwargs, timeout):
         payload, flags = spec.codec.encode_args(spec.name, args, kwargs)
-        return self._transport.call(spec.name_bytes, payload, flags, spec.codec.loads, timeout)
+        return self._transport.call(spec.name_bytes, payload, flags, spec.codec, timeout)
 
     def with_timeout(self, timeout: float | None) -> "Client":
         """The same connection with another timeout for each call, in seconds (None: no limit)."""
@@ -92,7 +92,7 @@ _proxy_classes: dict[type, type] = {}
 
 def _proxy_method(spec: MethodSpec):
     codec, name, name_bytes = spec.codec, spec.name, spec.name_bytes
-    encode, dumps, loads, plain_flags = codec.encode_args, codec.dumps, codec.loads, codec.flags
+    encode, dumps, plain_flags = codec.encode_args, codec.dumps, codec.flags
     if codec.id == codecs.RAW.id:
         dumps = None
 
@@ -104,7 +104,7 @@ def _proxy_method(spec: MethodSpec):
                 payload, flags = dumps(args), plain_flags
             except Exception:
                 payload, flags = encode(name, args, kwargs)  # raises a clear EncodeError
-        return self._transport.call(name_bytes, payload, flags, loads, self._timeout)
+        return self._transport.call(name_bytes, payload, flags, codec, self._timeout)
 
     method.__name__ = method.__qualname__ = name
     method.__doc__ = spec.func.__doc__

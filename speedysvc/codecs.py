@@ -35,6 +35,8 @@ class Codec:
     id = 0
     dumps = staticmethod(lambda obj: b"")
     loads = staticmethod(lambda data: None)
+    # tried first on the hot path; may refuse some valid input, which ``loads`` then decodes
+    loads_fast = loads
 
     @property
     def flags(self) -> int:
@@ -92,7 +94,7 @@ def _json_loads(data):
 class JSONCodec(Codec):
     name, id = "json", 1
     dumps = staticmethod(_json_dumps)
-    loads = staticmethod(_json_loads)
+    loads = loads_fast = staticmethod(_json_loads)
 
 
 def _msgpack_loads(data, _unpackb=msgpack.unpackb):
@@ -110,6 +112,7 @@ class MsgpackCodec(Codec):
     # value, and pack() runs under the GIL without calling back into Python.
     dumps = staticmethod(msgpack.Packer(use_bin_type=True).pack)
     loads = staticmethod(_msgpack_loads)
+    loads_fast = staticmethod(msgpack.unpackb)  # refuses non-string map keys: rare, and retried
 
 
 class PickleCodec(Codec):
@@ -118,18 +121,19 @@ class PickleCodec(Codec):
 
     name, id = "pickle", 3
     dumps = staticmethod(functools.partial(pickle.dumps, protocol=pickle.HIGHEST_PROTOCOL))
-    loads = staticmethod(pickle.loads)
+    loads = loads_fast = staticmethod(pickle.loads)
 
 
-def _as_bytes_view(value, what: str):
-    if isinstance(value, (bytes, bytearray)):
+def _as_bytes_view(value, what, method: str):
+    if value.__class__ is bytes or value.__class__ is bytearray:
         return value
     try:
         view = memoryview(value)
     except TypeError:
-        raise EncodeError(f"{what} must be bytes-like, not {type(value).__name__}") from None
+        raise EncodeError(f"{what} of raw method {method}() must be bytes-like, "
+                          f"not {type(value).__name__}") from None
     if not view.c_contiguous:
-        raise EncodeError(f"{what} must be a contiguous buffer")
+        raise EncodeError(f"{what} of raw method {method}() must be a contiguous buffer")
     return view.cast("B") if view.format != "B" or view.ndim != 1 else view
 
 
@@ -139,7 +143,7 @@ class RawCodec(Codec):
     def encode_args(self, method, args, kwargs):
         if kwargs or len(args) != 1:
             raise EncodeError(f"raw method {method}() takes exactly one positional bytes-like argument")
-        return _as_bytes_view(args[0], f"the argument of raw method {method}()"), self.flags
+        return _as_bytes_view(args[0], "the argument", method), self.flags
 
     def decode_args(self, method, data, flags):
         if flags & FLAG_KWARGS:
@@ -147,13 +151,13 @@ class RawCodec(Codec):
         return (data,), None
 
     def encode_result(self, method, value):
-        return _as_bytes_view(value, f"the return value of raw method {method}()")
+        return _as_bytes_view(value, "the return value", method)
 
     def decode_result(self, method, data):
         return bytes(data)
 
     dumps = staticmethod(bytes)
-    loads = staticmethod(bytes)
+    loads = loads_fast = staticmethod(bytes)
 
 
 JSON = JSONCodec()

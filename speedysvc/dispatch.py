@@ -38,7 +38,7 @@ def make_handler(fn, codec: codecs.Codec, method: str, on_fatal=None):
     fast_flags = codec.flags
     decode_args, encode_result = codec.decode_args, codec.encode_result
     # msgpack and json decode to a list of positional arguments; raw hands over the view
-    plain_loads = codec.loads if isinstance(codec, (codecs.MsgpackCodec, codecs.JSONCodec)) else None
+    plain_loads = codec.loads_fast if isinstance(codec, (codecs.MsgpackCodec, codecs.JSONCodec)) else None
 
     def slow(flags, data):
         sent_codec = flags >> codecs.CODEC_SHIFT & 0xFF
@@ -113,16 +113,18 @@ class Dispatcher:
     def __init__(self, server, on_fatal=None):
         self.server = server
         self.service = type(server).service_name()
-        self.handlers = {spec.name_bytes: make_handler(getattr(server, attr), spec.codec, spec.name, on_fatal)
+        # name -> (handler, wants a view even for a small request)
+        self.handlers = {spec.name_bytes: (make_handler(getattr(server, attr), spec.codec, spec.name, on_fatal),
+                                           isinstance(spec.codec, codecs.RawCodec))
                          for attr, spec in type(server)._speedysvc_methods.items()}
 
     def handle(self, name: bytes, flags: int, data):
         """Return ``(status, payload)``.  ``data`` may be a view into shared memory
         that becomes invalid once the response is sent."""
-        handler = self.handlers.get(name)
-        if handler is None:
+        entry = self.handlers.get(name)
+        if entry is None:
             return self.unknown(name)
-        return handler(flags, data)
+        return entry[0](flags, data)
 
     def unknown(self, name: bytes):
         return _error(MethodNotFound(

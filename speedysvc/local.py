@@ -127,3 +127,33 @@ class LocalService:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def main(argv=None) -> int:
+    """``python -m speedysvc.local module:Class [--workers N]``: serve until Ctrl-C or SIGTERM."""
+    import argparse
+
+    from .worker import load_target
+
+    parser = argparse.ArgumentParser(prog="python -m speedysvc.local",
+                                     description="Run one service's workers until Ctrl-C (no manager).")
+    parser.add_argument("target", help="module:Class or path/file.py:Class")
+    parser.add_argument("--workers", type=int, default=1)
+    args = parser.parse_args(argv)
+    sys.path.insert(0, os.getcwd())
+    server_cls = load_target(args.target)
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *a: stop.append(1))
+    with LocalService(server_cls, workers=args.workers) as svc:
+        print(f"serving {svc.service!r} with {len(svc.pids)} workers (pids {svc.pids}); Ctrl-C stops",
+              flush=True)
+        try:
+            while not stop:
+                time.sleep(0.2)
+        except KeyboardInterrupt:
+            pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

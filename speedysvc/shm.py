@@ -366,8 +366,13 @@ def replace_data_segment(seg: ServiceSegment, slot: int, owner_pid: int, needed:
 
 # ---- the caller's side ----------------------------------------------------------------------
 
-def _decode_error(name: bytes, e: Exception) -> DecodeError:
-    return DecodeError(f"cannot decode the response of {name.decode(errors='replace')}(): {e}")
+def _decode_slow(codec, name: bytes, data):
+    """The response ``codec.loads_fast`` refused: decode it fully, or say why not."""
+    try:
+        return codec.loads(data)
+    except Exception as e:
+        raise DecodeError(f"cannot decode the response of {name.decode(errors='replace')}() "
+                          f"with {codec.name}: {e}") from None
 
 
 class _Retry(Exception):
@@ -375,11 +380,19 @@ class _Retry(Exception):
 
 
 class _Channel:
-    __slots__ = ("slot", "data")
+    """One channel this process owns.  ``lost`` once it was given up (to a worker
+    still holding an abandoned call, or with a stopped service)."""
+
+    __slots__ = ("slot", "data", "region", "lost")
 
     def __init__(self, slot: int, data: DataSegment):
         self.slot = slot
+        self.lost = False
+        self.set_data(data)
+
+    def set_data(self, data: DataSegment) -> None:
         self.data = data
+        self.region = data.region
 
 
 class _Channels:
@@ -391,6 +404,7 @@ class _Channels:
         self.pid = os.getpid()
         self.owned: dict[int, _Channel] = {}
         self.free: list[_Channel] = []
+        self.call = seg.region.call
 
     def acquire(self, service: str) -> _Channel:
         seg, pid = self.seg, self.pid
@@ -421,6 +435,7 @@ class _Channels:
             return
         seg = self.seg
         for ch in list(self.owned.values()):
+            ch.lost = True
             st = seg.region.load32(seg.channel_offset(ch.slot) + core.C_STATE) & core.ST_CODE
             if st in (core.ST_IDLE, core.ST_RESPONSE):
                 seg.free_channel(ch.slot, self.pid)
@@ -490,54 +505,49 @@ class ShmTransport:
         return self._attach()
 
     # -- calling --
-    def call(self, name: bytes, payload, flags: int, decode, timeout: float | None):
-        """Send one request; return ``decode(response)`` or raise the server's error.
-        ``decode`` gets bytes, or a memoryview into shared memory for a large response."""
+    def call(self, name: bytes, payload, flags: int, codec, timeout: float | None):
+        """Send one request; return the response decoded with ``codec`` or raise the server's error."""
         chans = self._channels or self._attach()
         try:
             ch = chans.free.pop()
         except IndexError:
             ch = chans.acquire(self.service)
-        reusable = True
         try:
-            got = chans.seg.region.call(ch.slot, ch.data.region, name, payload, flags,
-                                        LIVENESS_SLICE if timeout is None or timeout > LIVENESS_SLICE
-                                        else float(timeout))
-            if got.__class__ is tuple:
-                if got[0] == STATUS_OK:
-                    try:
-                        return decode(got[1])
-                    except Exception as e:
-                        raise _decode_error(name, e) from None
+            got = chans.call(ch.slot, ch.region, name, payload, flags,
+                             LIVENESS_SLICE if timeout is None or timeout > LIVENESS_SLICE else float(timeout))
+            if got.__class__ is not tuple:
+                return self._call_slow(chans, ch, got, name, payload, flags, codec, timeout)
+            if got[0]:
                 raise decode_exception(got[1])
-            return self._call_slow(chans, ch, got, name, payload, flags, decode, timeout)
+            try:
+                return codec.loads_fast(got[1])
+            except Exception:
+                return _decode_slow(codec, name, got[1])
         except _Retry:
-            reusable = False
-            return self.call(name, payload, flags, decode, timeout)
+            ch.lost = True
+            return self.call(name, payload, flags, codec, timeout)
         except BaseException:
-            reusable = self._settle(chans, ch)
+            if not ch.lost and not self._settle(chans, ch):
+                ch.lost = True
             raise
         finally:
-            if reusable and chans.owned.get(ch.slot) is ch:
+            if not ch.lost:
                 chans.free.append(ch)
 
-    def _call_slow(self, chans: _Channels, ch: _Channel, got: int, name, payload, flags, decode, timeout):
+    def _call_slow(self, chans: _Channels, ch: _Channel, got: int, name, payload, flags, codec, timeout):
         seg = chans.seg
         if got == CALL_TOO_BIG:
             size = len(payload) if isinstance(payload, bytes) else memoryview(payload).nbytes
             if size > seg.max_payload:
                 raise PayloadTooLarge(f"request of {size} bytes exceeds the service's "
                                       f"limit of {seg.max_payload} bytes")
-            ch.data = replace_data_segment(seg, ch.slot, chans.pid, len(name) + size, ch.data.size)
-            got = seg.region.call(ch.slot, ch.data.region, name, payload, flags,
+            ch.set_data(replace_data_segment(seg, ch.slot, chans.pid, len(name) + size, ch.data.size))
+            got = seg.region.call(ch.slot, ch.region, name, payload, flags,
                                   LIVENESS_SLICE if timeout is None or timeout > LIVENESS_SLICE
                                   else float(timeout))
             if got.__class__ is tuple:
                 if got[0] == STATUS_OK:
-                    try:
-                        return decode(got[1])
-                    except Exception as e:
-                        raise _decode_error(name, e) from None
+                    return _decode_slow(codec, name, got[1])
                 raise decode_exception(got[1])
         if got == CALL_NOT_SERVING:
             self._reattach(chans)
@@ -548,14 +558,11 @@ class ShmTransport:
             reply = seg.region.wait_reply(ch.slot, 0.0)
         status, off, length, gen = reply
         if gen != ch.data.gen:  # the worker moved the channel to a larger segment
-            ch.data = DataSegment.open(self.service, chans.pid, ch.slot, gen)
+            ch.set_data(DataSegment.open(self.service, chans.pid, ch.slot, gen))
         view = ch.data.view[off:off + length]
         try:
             if status == STATUS_OK:
-                try:
-                    return decode(view)
-                except Exception as e:
-                    raise _decode_error(name, e) from None
+                return _decode_slow(codec, name, view)
             raise decode_exception(view)
         finally:
             view.release()
@@ -579,6 +586,7 @@ class ShmTransport:
                         return True
                 elif r.cas32(off, st, core.ST_ABANDONED | (worker << core.ST_PID_SHIFT)):
                     chans.owned.pop(ch.slot, None)  # the worker frees it when it finishes
+                    ch.lost = True
                     return False
             else:
                 return False

@@ -181,6 +181,8 @@ def run(server_cls, service: str | None = None) -> None:
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when to stop
     core.set_parent_death_signal(signal.SIGTERM)
+    # payloads of up to 32 MiB are decoded without page faults on every call
+    core.keep_large_allocations(32 << 20, 64 << 20)
     worker = Worker(server_cls, service)
     worker.serve_forever()
     if worker.fatal is not None:

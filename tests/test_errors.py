@@ -93,20 +93,20 @@ def test_codec_mismatch_is_reported(kitchen):
 def test_undecodable_payload(client):
     flags = codecs.MSGPACK.flags
     with pytest.raises(DecodeError, match="cannot decode the arguments"):
-        client._transport.call(b"echo_msgpack", b"\xc1garbage", flags, codecs.MSGPACK.loads, 5)
+        client._transport.call(b"echo_msgpack", b"\xc1garbage", flags, codecs.MSGPACK, 5)
     with pytest.raises(DecodeError, match="must be an array"):
-        client._transport.call(b"echo_msgpack", codecs.MSGPACK.dumps(5), flags, codecs.MSGPACK.loads, 5)
+        client._transport.call(b"echo_msgpack", codecs.MSGPACK.dumps(5), flags, codecs.MSGPACK, 5)
     with pytest.raises(DecodeError, match="keyword"):
         client._transport.call(b"echo_msgpack", codecs.MSGPACK.dumps([1]), flags | codecs.FLAG_KWARGS,
-                               codecs.MSGPACK.loads, 5)
+                               codecs.MSGPACK, 5)
     with pytest.raises(DecodeError):
-        client._transport.call(b"echo_json", b"{not json", codecs.JSON.flags, codecs.JSON.loads, 5)
+        client._transport.call(b"echo_json", b"{not json", codecs.JSON.flags, codecs.JSON, 5)
     assert client.echo_msgpack("still fine") == "still fine"
 
 
 def test_undecodable_response(client):
     with pytest.raises(DecodeError, match="cannot decode the response"):
-        client._transport.call(b"echo_raw", b"\xc1", codecs.RAW.flags, codecs.MSGPACK.loads, 5)
+        client._transport.call(b"echo_raw", b"\xc1", codecs.RAW.flags, codecs.MSGPACK, 5)
 
 
 def test_unencodable_argument_fails_before_sending(client):

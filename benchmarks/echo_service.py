@@ -1,0 +1,23 @@
+"""The service the benchmarks call: one echo method per codec."""
+from speedysvc import ServerMethodsBase, json_method, msgpack_method, pickle_method, raw_method
+
+
+class BenchEcho(ServerMethodsBase):
+    port = 5599
+    name = "bench_echo"
+
+    @msgpack_method
+    def echo_msgpack(self, data):
+        return data
+
+    @raw_method
+    def echo_raw(self, data):
+        return data  # the argument's view: sent back without a copy
+
+    @json_method
+    def echo_json(self, data):
+        return data
+
+    @pickle_method
+    def echo_pickle(self, data):
+        return data
