@@ -64,9 +64,11 @@
 #define C_REQ_LEN        24
 #define C_NAME_LEN       32
 #define C_OWNER_START    40
+#define C_CALLER_CPU     48    /* where the caller ran when it posted */
 #define C_STATUS         64
 #define C_RESP_OFF       72
 #define C_RESP_LEN       80
+#define C_WORKER_CPU     88    /* where the worker ran when it claimed */
 
 #define MAX_CHANNELS_LIMIT 4096
 #define MAX_WORKERS      64
@@ -167,6 +169,7 @@ typedef struct {
     char *base;
     Py_ssize_t size;
     uint32_t last_slot; /* where a worker resumes scanning, for fairness */
+    int last_caller_cpu; /* CPU of the caller last served by this worker */
     int owns;           /* a mapping made by map_fd, unmapped on dealloc */
     Py_ssize_t exports; /* memoryviews currently over an owned mapping */
 } Region;
@@ -186,6 +189,7 @@ static int Region_init(Region *self, PyObject *args, PyObject *kw) {
     if (PyObject_GetBuffer(obj, &self->view, PyBUF_WRITABLE | PyBUF_SIMPLE) < 0) return -1;
     self->base = self->view.buf;
     self->size = self->view.len;
+    self->last_caller_cpu = -1;
     if (((uintptr_t)self->base & 63) != 0) {
         PyBuffer_Release(&self->view); self->base = NULL;
         PyErr_SetString(PyExc_ValueError, "region must be 64-byte aligned (use an mmap)");
@@ -273,15 +277,17 @@ static int check_slot(Region *self, long slot) {
 /* Wakes one sleeping worker, if any sleeps.  Without sleepers nothing is
  * written: a worker about to sleep counts itself in H_SLEEPERS before its last
  * look at the bitmap, so it either sees our bit or we see it (seq_cst order). */
-static inline void kick_workers(char *base) {
+static inline int kick_workers(char *base) {
     if (LOAD(U32(base, H_SLEEPERS)) > 0) {
         __atomic_fetch_add(U32(base, H_SEQ), 1, __ATOMIC_SEQ_CST);
-        futex_wake(U32(base, H_SEQ), 1);
+        return futex_wake(U32(base, H_SEQ), 1) > 0;
     }
+    return 0;
 }
 
 /* Copies name+payload into the data segment and publishes the call.
- * Returns 0 when posted, 1 when it does not fit, 2 when the service is not serving. */
+ * Returns 0 when posted, 1 when it does not fit, 2 when the service is not
+ * serving, -1 when posted and a sleeping worker had to be woken for it. */
 static int post_call(char *base, long slot, Region *data, Py_buffer *name, Py_buffer *payload, uint32_t flags) {
     Py_ssize_t total = name->len + payload->len;
     if (total > data->size) return 1;
@@ -298,29 +304,35 @@ static int post_call(char *base, long slot, Region *data, Py_buffer *name, Py_bu
     STORE(U32(ch, C_NAME_LEN), (uint32_t)name->len);
     STORE(U64(ch, C_REQ_LEN), (uint64_t)total);
     STORE(U32(ch, C_FLAGS), flags);
+    STORE(U32(ch, C_CALLER_CPU), (uint32_t)sched_getcpu());
     STORE(U32(ch, C_STATE), ST_REQUEST);
     uint64_t bit = 1ull << (slot & 63);
     __atomic_fetch_or(U64(base, H_BITMAP + (slot >> 6) * 8), bit, __ATOMIC_SEQ_CST);
-    kick_workers(base);
-    return 0;
+    return kick_workers(base) ? -1 : 0;
 }
 
 /* Spin, then sleep, until the channel holds a response or the timeout passes.
  * Returns 1 when ready, 0 on timeout, -1 when interrupted by a signal.
  * Called without the GIL. */
-static int await_response(uint32_t *st, double timeout) {
+static int await_response(char *ch, double timeout, int woke_worker) {
+    uint32_t *st = U32(ch, C_STATE);
     if ((LOAD(st) & ST_CODE) == ST_RESPONSE) return 1;
     uint64_t start = now_ns(), deadline = start + (uint64_t)(timeout * 1e9), t;
-    int spun_ok = 0, ready = 0;
+    int spun_ok = 0, ready = 0, cpu = sched_getcpu();
+    /* a worker we just woke may have been put on our CPU: let it run at once */
+    uint64_t yield_after = woke_worker ? 0 : YIELD_AFTER_NS;
     if (client_spin.budget_ns && !system_overloaded(start)) {
         uint64_t stop = start + client_spin.budget_ns;
         for (unsigned i = 1;; i++) {
-            if ((LOAD(st) & ST_CODE) == ST_RESPONSE) { spun_ok = ready = 1; break; }
+            uint32_t s = LOAD(st);
+            if ((s & ST_CODE) == ST_RESPONSE) { spun_ok = ready = 1; break; }
             cpu_relax();
             if ((i & 15) == 0) {
+                /* a worker on our CPU cannot answer while we spin: sleep at once */
+                if ((s & ST_CODE) == ST_CLAIMED && (int)LOAD(U32(ch, C_WORKER_CPU)) == cpu) break;
                 t = now_ns();
                 if (t >= stop) break;
-                if (t - start > YIELD_AFTER_NS) sched_yield(); /* a peer on this CPU gets to run */
+                if (t - start >= yield_after) sched_yield(); /* a peer on this CPU gets to run */
             }
         }
     }
@@ -365,7 +377,7 @@ static PyObject *R_wait_reply(Region *self, PyObject *const *args, Py_ssize_t na
     char *ch = self->base + H_CHANNELS + slot * C_SIZE;
     int ready;
     Py_BEGIN_ALLOW_THREADS
-    ready = await_response(U32(ch, C_STATE), timeout);
+    ready = await_response(ch, timeout, 0);
     Py_END_ALLOW_THREADS
     if (ready < 0 && PyErr_CheckSignals() < 0) return NULL;
     if (ready <= 0) Py_RETURN_NONE;
@@ -394,11 +406,11 @@ static PyObject *R_call(Region *self, PyObject *const *args, Py_ssize_t nargs) {
     int rc = post_call(self->base, slot, data, &name, &payload, (uint32_t)flags);
     PyBuffer_Release(&name);
     PyBuffer_Release(&payload);
-    if (rc) return PyLong_FromLong(rc);
+    if (rc > 0) return PyLong_FromLong(rc);
     char *ch = self->base + H_CHANNELS + slot * C_SIZE;
     int ready;
     Py_BEGIN_ALLOW_THREADS
-    ready = await_response(U32(ch, C_STATE), timeout);
+    ready = await_response(ch, timeout, rc < 0);
     Py_END_ALLOW_THREADS
     if (ready < 0 && PyErr_CheckSignals() < 0) return NULL;
     if (ready <= 0) return PyLong_FromLong(3);
@@ -441,6 +453,7 @@ static long try_claim(Region *self, uint32_t pid) {
             while ((s & ST_CODE) == ST_REQUEST) {
                 if (CAS(st, &s, (s & ST_WAITING) | ST_CLAIMED | (pid << ST_PID_SHIFT))) {
                     self->last_slot = (uint32_t)slot;
+                    STORE(U32(base, H_CHANNELS + slot * C_SIZE + C_WORKER_CPU), (uint32_t)sched_getcpu());
                     return slot;
                 }
             }
@@ -465,7 +478,10 @@ static long claim_next(Region *self, char *w, uint64_t deadline) {
     uint64_t start = now_ns(), t;
     int spun_ok = 0;
     long slot = try_claim(self, pid);
-    if (slot < 0 && worker_spin.budget_ns && !system_overloaded(start)) {
+    /* the caller we just answered will post its next call soon, unless it
+     * needs this CPU to do so: then spinning would only delay it */
+    if (slot < 0 && worker_spin.budget_ns && self->last_caller_cpu != sched_getcpu()
+        && !system_overloaded(start)) {
         uint64_t stop = start + worker_spin.budget_ns;
         for (unsigned i = 1;; i++) {
             if (any_posted(base) && (slot = try_claim(self, pid)) >= 0) { spun_ok = 1; break; }
@@ -521,8 +537,9 @@ static PyObject *call_tuple(char *base, long slot) {
  * argument) is not copied: only its offset is published.  Returns 1 when
  * delivered, 0 when the caller abandoned the call meanwhile, -1 when it does
  * not fit (nothing written). */
-static int publish_reply(char *base, char *w, long slot, Region *data, uint32_t status, Py_buffer *payload) {
-    char *ch = base + H_CHANNELS + slot * C_SIZE;
+static int publish_reply(Region *self, char *w, long slot, Region *data, uint32_t status, Py_buffer *payload) {
+    char *base = self->base, *ch = base + H_CHANNELS + slot * C_SIZE;
+    self->last_caller_cpu = (int)LOAD(U32(ch, C_CALLER_CPU));
     uint64_t off = 0;
     char *p = payload->buf;
     if (p >= data->base && p + payload->len <= data->base + data->size) {
@@ -571,7 +588,7 @@ static PyObject *R_reply(Region *self, PyObject *const *args, Py_ssize_t nargs) 
     if (status == (unsigned long)-1 && PyErr_Occurred()) return NULL;
     Py_buffer payload;
     if (PyObject_GetBuffer(args[4], &payload, PyBUF_SIMPLE) < 0) return NULL;
-    int rc = publish_reply(self->base, self->base + H_WORKERS + widx * W_SIZE, slot, data, (uint32_t)status, &payload);
+    int rc = publish_reply(self, self->base + H_WORKERS + widx * W_SIZE, slot, data, (uint32_t)status, &payload);
     Py_ssize_t len = payload.len;
     PyBuffer_Release(&payload);
     if (rc < 0) {
@@ -662,7 +679,7 @@ static PyObject *R_serve(Region *self, PyObject *const *args, Py_ssize_t nargs) 
             Py_DECREF(result);
             return odd;
         }
-        int rc = publish_reply(base, w, slot, data, (uint32_t)st, &payload);
+        int rc = publish_reply(self, w, slot, data, (uint32_t)st, &payload);
         PyBuffer_Release(&payload);
         Py_DECREF(entry);
         if (rc < 0) {
@@ -772,7 +789,7 @@ static PyObject *m_map_fd(PyObject *self, PyObject *args) {
     if (p == MAP_FAILED) return PyErr_SetFromErrno(PyExc_OSError);
     Region *r = (Region *)RegionType.tp_alloc(&RegionType, 0);
     if (!r) { munmap(p, (size_t)size); return NULL; }
-    r->base = p; r->size = size; r->owns = 1; r->exports = 0;
+    r->base = p; r->size = size; r->owns = 1; r->exports = 0; r->last_caller_cpu = -1;
     return (PyObject *)r;
 }
 
@@ -818,7 +835,7 @@ PyMODINIT_FUNC PyInit__shmcore(void) {
     ADD(W_SIZE); ADD(W_PID); ADD(W_STATE); ADD(W_CALLS); ADD(W_BUSY_NS); ADD(W_STARTED_NS);
     ADD(W_ERRORS); ADD(W_CLAIM_NS);
     ADD(C_SIZE); ADD(C_STATE); ADD(C_OWNER_PID); ADD(C_DATA_GEN); ADD(C_FLAGS); ADD(C_DATA_CAP);
-    ADD(C_REQ_LEN); ADD(C_NAME_LEN); ADD(C_STATUS); ADD(C_RESP_OFF); ADD(C_RESP_LEN); ADD(C_OWNER_START);
+    ADD(C_REQ_LEN); ADD(C_NAME_LEN); ADD(C_STATUS); ADD(C_RESP_OFF); ADD(C_RESP_LEN); ADD(C_OWNER_START); ADD(C_CALLER_CPU); ADD(C_WORKER_CPU);
     ADD(MAX_CHANNELS_LIMIT); ADD(MAX_WORKERS);
     ADD(SVC_STARTING); ADD(SVC_SERVING); ADD(SVC_STOPPING); ADD(SVC_STOPPED);
     ADD(ST_IDLE); ADD(ST_REQUEST); ADD(ST_CLAIMED); ADD(ST_RESPONSE); ADD(ST_ABANDONED);
