@@ -38,6 +38,10 @@
 #define H_STATE          28
 #define H_CREATED_NS     32    /* u64, CLOCK_REALTIME */
 #define H_OWNER_START    40    /* u64, owner's start time in clock ticks */
+#define H_STATS_OFF      48    /* u32, where the per-method statistics start */
+#define H_MAX_METHODS    52    /* u32, methods with statistics of their own */
+#define H_NAMES_OFF      56    /* u32, where the method names start (MAX_METHODS x 64 bytes) */
+#define NAME_SIZE        64
 #define H_SEQ            64    /* own cache line: futex word workers sleep on */
 #define H_SLEEPERS       68
 #define H_BITMAP         256   /* one bit per channel with a posted call */
@@ -72,6 +76,16 @@
 
 #define MAX_CHANNELS_LIMIT 4096
 #define MAX_WORKERS      64
+#define MAX_METHODS      64
+/* per-method statistics: one record per (worker, method), written by that
+ * worker only; a supervisor sums them */
+#define M_SIZE           256
+#define M_CALLS          0
+#define M_ERRORS         8
+#define M_TOTAL_NS       16
+#define M_MAX_NS         24
+#define M_BUCKETS        32    /* u64[28]: bucket b counts calls under 2^b µs; the last, all slower */
+#define M_NBUCKETS       28
 
 /* service states */
 #define SVC_STARTING 0
@@ -537,7 +551,23 @@ static PyObject *call_tuple(char *base, long slot) {
  * argument) is not copied: only its offset is published.  Returns 1 when
  * delivered, 0 when the caller abandoned the call meanwhile, -1 when it does
  * not fit (nothing written). */
-static int publish_reply(Region *self, char *w, long slot, Region *data, uint32_t status, Py_buffer *payload) {
+static void record_call(char *base, char *w, long method, uint64_t ns, uint32_t status) {
+    uint32_t stats = LOAD(U32(base, H_STATS_OFF)), nmethods = LOAD(U32(base, H_MAX_METHODS));
+    if (method < 0 || (uint32_t)method >= nmethods || !stats) return;
+    long widx = (long)((w - (base + H_WORKERS)) / W_SIZE);
+    char *m = base + stats + ((uint64_t)widx * nmethods + (uint64_t)method) * M_SIZE;
+    __atomic_fetch_add(U64(m, M_CALLS), 1, __ATOMIC_RELAXED);
+    if (status) __atomic_fetch_add(U64(m, M_ERRORS), 1, __ATOMIC_RELAXED);
+    __atomic_fetch_add(U64(m, M_TOTAL_NS), ns, __ATOMIC_RELAXED);
+    if (ns > LOAD(U64(m, M_MAX_NS))) STORE(U64(m, M_MAX_NS), ns);
+    uint64_t us = ns / 1000;
+    int b = us ? 64 - __builtin_clzll(us) : 0;   /* us < 2^b */
+    if (b >= M_NBUCKETS) b = M_NBUCKETS - 1;
+    __atomic_fetch_add(U64(m, M_BUCKETS + 8 * b), 1, __ATOMIC_RELAXED);
+}
+
+static int publish_reply(Region *self, char *w, long slot, Region *data, uint32_t status, Py_buffer *payload,
+                         long method) {
     char *base = self->base, *ch = base + H_CHANNELS + slot * C_SIZE;
     self->last_caller_cpu = (int)LOAD(U32(ch, C_CALLER_CPU));
     uint64_t off = 0;
@@ -567,17 +597,20 @@ static int publish_reply(Region *self, char *w, long slot, Region *data, uint32_
             break;
         }
     }
-    uint64_t t = now_ns();
-    __atomic_fetch_add(U64(w, W_BUSY_NS), t - LOAD(U64(w, W_CLAIM_NS)), __ATOMIC_SEQ_CST);
+    uint64_t t = now_ns(), took = t - LOAD(U64(w, W_CLAIM_NS));
+    __atomic_fetch_add(U64(w, W_BUSY_NS), took, __ATOMIC_SEQ_CST);
     __atomic_fetch_add(U64(w, W_CALLS), 1, __ATOMIC_SEQ_CST);
     if (status != 0) __atomic_fetch_add(U64(w, W_ERRORS), 1, __ATOMIC_SEQ_CST);
     STORE(U32(w, W_STATE), 1u);
+    record_call(base, w, method, took, status);
     return delivered;
 }
 
-/* reply(worker_index, slot, data_region, status, payload) -> bool (False: abandoned) */
+/* reply(worker_index, slot, data_region, status, payload[, method_index]) -> bool (False: abandoned) */
 static PyObject *R_reply(Region *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 5) { PyErr_SetString(PyExc_TypeError, "reply takes 5 arguments"); return NULL; }
+    if (nargs != 5 && nargs != 6) { PyErr_SetString(PyExc_TypeError, "reply takes 5 or 6 arguments"); return NULL; }
+    long method = nargs == 6 ? PyLong_AsLong(args[5]) : -1;
+    if (method == -1 && PyErr_Occurred()) return NULL;
     long widx = PyLong_AsLong(args[0]);
     if ((widx == -1 && PyErr_Occurred()) || check_worker(widx)) return NULL;
     long slot = PyLong_AsLong(args[1]);
@@ -588,7 +621,8 @@ static PyObject *R_reply(Region *self, PyObject *const *args, Py_ssize_t nargs) 
     if (status == (unsigned long)-1 && PyErr_Occurred()) return NULL;
     Py_buffer payload;
     if (PyObject_GetBuffer(args[4], &payload, PyBUF_SIMPLE) < 0) return NULL;
-    int rc = publish_reply(self, self->base + H_WORKERS + widx * W_SIZE, slot, data, (uint32_t)status, &payload);
+    int rc = publish_reply(self, self->base + H_WORKERS + widx * W_SIZE, slot, data, (uint32_t)status, &payload,
+                           method);
     Py_ssize_t len = payload.len;
     PyBuffer_Release(&payload);
     if (rc < 0) {
@@ -601,13 +635,13 @@ static PyObject *R_reply(Region *self, PyObject *const *args, Py_ssize_t nargs) 
 /* serve(worker_index, channels, handlers, stop, timeout)
  * The worker's loop for the common case, without returning to Python between
  * calls.  channels[slot] is None or (owner, gen, data_region, readonly_view);
- * handlers maps a method name (bytes) to (handler, wants_view), where
+ * handlers maps a method name (bytes) to (handler, wants_view, method_index), where
  * handler(flags, request) -> (status, payload) and request is a read-only
  * view into the channel, or bytes for a small request unless wants_view.  Returns None at the timeout (for housekeeping) or when
  * stop[0] is true, or hands back what it cannot do itself:
  * ("call", slot, owner, gen, name_len, req_len, flags): a claimed call on a
  *     channel not mapped yet, or for an unknown method;
- * ("reply", slot, status, payload): a response larger than the channel, or
+ * ("reply", slot, status, payload, method_index): a response larger than the channel, or
  *     one that is not (int, contiguous bytes);
  * ("abandoned", slot): the caller gave up on the call just answered. */
 static PyObject *R_serve(Region *self, PyObject *const *args, Py_ssize_t nargs) {
@@ -649,9 +683,12 @@ static PyObject *R_serve(Region *self, PyObject *const *args, Py_ssize_t nargs) 
         PyObject *spec = PyDict_GetItemWithError(handlers, name);
         Py_DECREF(name);
         if (!spec) { if (PyErr_Occurred()) return NULL; return call_tuple(base, slot); }
-        if (!PyTuple_Check(spec) || PyTuple_GET_SIZE(spec) != 2) {
-            PyErr_SetString(PyExc_TypeError, "handlers values must be (handler, wants_view)"); return NULL;
+        if (!PyTuple_Check(spec) || PyTuple_GET_SIZE(spec) != 3) {
+            PyErr_SetString(PyExc_TypeError, "handlers values must be (handler, wants_view, method_index)");
+            return NULL;
         }
+        long method = PyLong_AsLong(PyTuple_GET_ITEM(spec, 2));
+        if (method == -1 && PyErr_Occurred()) return NULL;
         PyObject *handler = PyTuple_GET_ITEM(spec, 0);
         Py_INCREF(handler);
         Py_INCREF(entry); /* keeps the data region mapped through the call */
@@ -674,16 +711,16 @@ static PyObject *R_serve(Region *self, PyObject *const *args, Py_ssize_t nargs) 
             /* not (status, contiguous bytes): Python turns it into an error response */
             PyErr_Clear();
             Py_DECREF(entry);
-            PyObject *odd = status ? Py_BuildValue("(slOO)", "reply", slot, status, PyTuple_GET_ITEM(result, 1))
-                                   : Py_BuildValue("(slkO)", "reply", slot, 1ul, result);
+            PyObject *odd = status ? Py_BuildValue("(slOOl)", "reply", slot, status, PyTuple_GET_ITEM(result, 1), method)
+                                   : Py_BuildValue("(slkOl)", "reply", slot, 1ul, result, method);
             Py_DECREF(result);
             return odd;
         }
-        int rc = publish_reply(self, w, slot, data, (uint32_t)st, &payload);
+        int rc = publish_reply(self, w, slot, data, (uint32_t)st, &payload, method);
         PyBuffer_Release(&payload);
         Py_DECREF(entry);
         if (rc < 0) {
-            PyObject *big = Py_BuildValue("(slOO)", "reply", slot, status, PyTuple_GET_ITEM(result, 1));
+            PyObject *big = Py_BuildValue("(slOOl)", "reply", slot, status, PyTuple_GET_ITEM(result, 1), method);
             Py_DECREF(result);
             return big;
         }
@@ -836,7 +873,8 @@ PyMODINIT_FUNC PyInit__shmcore(void) {
     ADD(W_ERRORS); ADD(W_CLAIM_NS);
     ADD(C_SIZE); ADD(C_STATE); ADD(C_OWNER_PID); ADD(C_DATA_GEN); ADD(C_FLAGS); ADD(C_DATA_CAP);
     ADD(C_REQ_LEN); ADD(C_NAME_LEN); ADD(C_STATUS); ADD(C_RESP_OFF); ADD(C_RESP_LEN); ADD(C_OWNER_START); ADD(C_CALLER_CPU); ADD(C_WORKER_CPU);
-    ADD(MAX_CHANNELS_LIMIT); ADD(MAX_WORKERS);
+    ADD(MAX_CHANNELS_LIMIT); ADD(MAX_WORKERS); ADD(MAX_METHODS); ADD(H_STATS_OFF); ADD(H_MAX_METHODS); ADD(H_NAMES_OFF); ADD(NAME_SIZE);
+    ADD(M_SIZE); ADD(M_CALLS); ADD(M_ERRORS); ADD(M_TOTAL_NS); ADD(M_MAX_NS); ADD(M_BUCKETS); ADD(M_NBUCKETS);
     ADD(SVC_STARTING); ADD(SVC_SERVING); ADD(SVC_STOPPING); ADD(SVC_STOPPED);
     ADD(ST_IDLE); ADD(ST_REQUEST); ADD(ST_CLAIMED); ADD(ST_RESPONSE); ADD(ST_ABANDONED);
     ADD(ST_CODE); ADD(ST_WAITING); ADD(ST_PID_SHIFT);

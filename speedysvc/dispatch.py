@@ -9,6 +9,7 @@ method itself.
 from __future__ import annotations
 
 from . import codecs
+from ._shmcore import MAX_METHODS
 from .errors import BadArguments, DecodeError, EncodeError, MethodNotFound, encode_exception
 
 STATUS_OK = 0
@@ -113,10 +114,15 @@ class Dispatcher:
     def __init__(self, server, on_fatal=None):
         self.server = server
         self.service = type(server).service_name()
-        # name -> (handler, wants a view even for a small request)
-        self.handlers = {spec.name_bytes: (make_handler(getattr(server, attr), spec.codec, spec.name, on_fatal),
-                                           isinstance(spec.codec, codecs.RawCodec))
-                         for attr, spec in type(server)._speedysvc_methods.items()}
+        methods = type(server)._speedysvc_methods
+        # the index of a method's statistics; methods past MAX_METHODS get none (-1)
+        self.method_names = sorted(methods)
+        # name -> (handler, wants a view even for a small request, statistics index)
+        self.handlers = {
+            spec.name_bytes: (make_handler(getattr(server, attr), spec.codec, spec.name, on_fatal),
+                              isinstance(spec.codec, codecs.RawCodec),
+                              i if i < MAX_METHODS else -1)
+            for i, (attr, spec) in enumerate(sorted(methods.items()))}
 
     def handle(self, name: bytes, flags: int, data):
         """Return ``(status, payload)``.  ``data`` may be a view into shared memory
@@ -125,6 +131,10 @@ class Dispatcher:
         if entry is None:
             return self.unknown(name)
         return entry[0](flags, data)
+
+    def method_index(self, name: bytes) -> int:
+        entry = self.handlers.get(name)
+        return -1 if entry is None else entry[2]
 
     def unknown(self, name: bytes):
         return _error(MethodNotFound(

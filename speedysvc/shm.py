@@ -58,6 +58,10 @@ def _user() -> str:
 USER = _user()
 
 
+def _page_align(n: int) -> int:
+    return (n + 4095) // 4096 * 4096
+
+
 def service_segment_name(service: str) -> str:
     return f"{PREFIX}.{USER}.{service}"
 
@@ -168,9 +172,14 @@ class ServiceSegment:
             if stale.state != core.SVC_STOPPED and process_alive(owner, start):
                 raise ServiceAlreadyRunning(f"service {service!r} is already served by pid {owner}")
         remove_service_segments(service)
-        size = core.H_CHANNELS + max_channels * core.C_SIZE
+        names_off = _page_align(core.H_CHANNELS + max_channels * core.C_SIZE)
+        stats_off = names_off + _page_align(core.MAX_METHODS * core.NAME_SIZE)
+        size = stats_off + core.MAX_WORKERS * core.MAX_METHODS * core.M_SIZE
         mapped = create_segment(name, size)
         r = mapped[0]
+        r.store32(core.H_NAMES_OFF, names_off)
+        r.store32(core.H_STATS_OFF, stats_off)
+        r.store32(core.H_MAX_METHODS, core.MAX_METHODS)
         r.store32(core.H_VERSION, core.LAYOUT_VERSION)
         r.store32(core.H_MAX_CHANNELS, max_channels)
         r.store32(core.H_MAX_WORKERS, core.MAX_WORKERS)
@@ -261,6 +270,53 @@ class ServiceSegment:
                             "calls": r.load64(off + core.W_CALLS), "errors": r.load64(off + core.W_ERRORS),
                             "busy_ns": r.load64(off + core.W_BUSY_NS),
                             "started_ns": r.load64(off + core.W_STARTED_NS)})
+        return out
+
+    # -- methods and their statistics --
+    def write_method_names(self, names: list[str]) -> None:
+        """Workers publish the service's method names (in method-index order) so a
+        supervisor can label the statistics without importing the service.  Every
+        worker writes the same bytes, so concurrent writers do not matter."""
+        off = self.region.load32(core.H_NAMES_OFF)
+        with memoryview(self.region) as view:
+            for i, name in enumerate(names[:core.MAX_METHODS]):
+                start = off + i * core.NAME_SIZE
+                view[start:start + core.NAME_SIZE] = name.encode()[:core.NAME_SIZE - 1].ljust(core.NAME_SIZE, b"\0")
+
+    def method_names(self) -> list[str]:
+        off, out = self.region.load32(core.H_NAMES_OFF), []
+        with memoryview(self.region) as view:
+            for i in range(core.MAX_METHODS):
+                start = off + i * core.NAME_SIZE
+                name = bytes(view[start:start + core.NAME_SIZE]).split(b"\0", 1)[0]
+                if not name:
+                    break
+                out.append(name.decode(errors="replace"))
+        return out
+
+    def method_stats(self, worker_index: int | None = None) -> dict[str, dict]:
+        """Per method: calls, errors, total_ns, max_ns and the latency histogram
+        (``buckets[b]`` counts calls under 2**b µs), summed over worker-table entries unless
+        one is named.  Records are never cleared, so the sums only grow (a worker reusing an
+        entry adds to what its predecessor counted)."""
+        r = self.region
+        stats_off, nmethods = r.load32(core.H_STATS_OFF), r.load32(core.H_MAX_METHODS)
+        workers = range(core.MAX_WORKERS) if worker_index is None else [worker_index]
+        out = {}
+        for m, name in enumerate(self.method_names()):
+            rec = {"calls": 0, "errors": 0, "total_ns": 0, "max_ns": 0, "buckets": [0] * core.M_NBUCKETS}
+            for w in workers:
+                base = stats_off + (w * nmethods + m) * core.M_SIZE
+                calls = r.load64(base + core.M_CALLS)
+                if not calls:
+                    continue
+                rec["calls"] += calls
+                rec["errors"] += r.load64(base + core.M_ERRORS)
+                rec["total_ns"] += r.load64(base + core.M_TOTAL_NS)
+                rec["max_ns"] = max(rec["max_ns"], r.load64(base + core.M_MAX_NS))
+                for b in range(core.M_NBUCKETS):
+                    rec["buckets"][b] += r.load64(base + core.M_BUCKETS + 8 * b)
+            out[name] = rec
         return out
 
     # -- channels --

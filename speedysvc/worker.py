@@ -54,6 +54,7 @@ class Worker:
         self.fatal: BaseException | None = None
         self.dispatcher = Dispatcher(server_cls(), on_fatal=self.on_fatal)
         self.pid = os.getpid()
+        self.segment.write_method_names(self.dispatcher.method_names)
         self.index = self.segment.register_worker(self.pid)
         # slot -> (owner pid, generation, data region, read-only view) of mapped channels
         self.channels: list = [None] * self.segment.max_channels
@@ -84,7 +85,7 @@ class Worker:
                         if got[0] == "call":
                             self.serve_one(*got[1:])
                         elif got[0] == "reply":
-                            self.reply_large(got[1], self.channels[got[1]], got[2], got[3])
+                            self.reply_large(got[1], self.channels[got[1]], got[2], got[3], got[4])
                         else:
                             self.abandoned(got[1])
                     except Exception as e:  # a fault of ours: fail that call, keep serving
@@ -108,9 +109,9 @@ class Worker:
         view = entry[3]
         name = bytes(view[:name_len])
         status, out = self.dispatcher.handle(name, flags, view[name_len:req_len])
-        self.reply_large(slot, entry, status, out)
+        self.reply_large(slot, entry, status, out, self.dispatcher.method_index(name))
 
-    def reply_large(self, slot, entry, status, out) -> None:
+    def reply_large(self, slot, entry, status, out, method: int = -1) -> None:
         """Reply with a response larger than the channel, or one the C loop could not send."""
         seg = self.segment
         try:
@@ -130,10 +131,10 @@ class Worker:
                 owner = entry[0]
                 data = shm.replace_data_segment(seg, slot, owner, size, entry[2].size)
                 entry = self.channels[slot] = (owner, data.gen, data.region, data.view.toreadonly())
-        self.finish(slot, entry, status, out)
+        self.finish(slot, entry, status, out, method)
 
-    def finish(self, slot, entry, status, out) -> None:
-        if not self.segment.region.reply(self.index, slot, entry[2], status, out):
+    def finish(self, slot, entry, status, out, method: int = -1) -> None:
+        if not self.segment.region.reply(self.index, slot, entry[2], status, out, method):
             self.abandoned(slot)
 
     def fail_call(self, slot, exc) -> None:
