@@ -269,6 +269,7 @@ class ServiceSegment:
                 out.append({"index": i, "pid": pid, "busy": r.load32(off + core.W_STATE) == 2,
                             "calls": r.load64(off + core.W_CALLS), "errors": r.load64(off + core.W_ERRORS),
                             "busy_ns": r.load64(off + core.W_BUSY_NS),
+                            "claim_ns": r.load64(off + core.W_CLAIM_NS),
                             "started_ns": r.load64(off + core.W_STARTED_NS)})
         return out
 

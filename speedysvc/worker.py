@@ -20,6 +20,7 @@ from . import _shmcore as core
 from . import shm
 from .dispatch import STATUS_ERROR, Dispatcher
 from .errors import EncodeError, PayloadTooLarge, encode_exception
+from .logs import setup_worker_logging
 
 HOUSEKEEPING_INTERVAL = 1.0
 
@@ -171,6 +172,7 @@ class Worker:
 
 def run(server_cls, service: str | None = None) -> None:
     """Serve until stopped; SIGTERM finishes the call in hand first."""
+    setup_worker_logging()
     worker = None
 
     def on_term(signum, frame):
@@ -190,11 +192,45 @@ def run(server_cls, service: str | None = None) -> None:
         raise worker.fatal
 
 
+def describe(target: str) -> dict:
+    """What a supervisor needs to know of a service class, without starting it.
+    Raises ValueError with a message that says what is wrong."""
+    from .methods import ServerMethodsBase
+
+    module_name, _, qualname = target.rpartition(":")
+    try:
+        cls = load_target(target)
+    except ModuleNotFoundError as e:
+        raise ValueError(f"cannot import module {module_name!r}: {e}") from None
+    except AttributeError:
+        raise ValueError(f"module {module_name!r} has no class {qualname!r}") from None
+    except Exception as e:
+        raise ValueError(f"importing {module_name!r} failed: {type(e).__name__}: {e}") from None
+    if not (isinstance(cls, type) and issubclass(cls, ServerMethodsBase)):
+        raise ValueError(f"{qualname} in {module_name!r} is not a ServerMethodsBase subclass")
+    name = cls.service_name()
+    port = cls.port
+    if port is not None and (not isinstance(port, int) or not 0 < port < 65536):
+        raise ValueError(f"{qualname}.port must be a TCP port number, got {port!r}")
+    return {"name": name, "port": port, "methods": sorted(cls._speedysvc_methods)}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m speedysvc.worker", description=__doc__.splitlines()[0])
     parser.add_argument("target", help="module:Class or path/file.py:Class")
     parser.add_argument("service", nargs="?", help="service name (default: the class's name attribute)")
+    parser.add_argument("--describe", action="store_true",
+                        help="print the class's service name, port and methods as JSON, then exit")
     args = parser.parse_args(argv)
+    if args.describe:
+        import json
+        sys.path.insert(0, os.getcwd())
+        try:
+            print(json.dumps(describe(args.target)))
+        except ValueError as e:
+            print(str(e), file=sys.stderr)
+            return 2
+        return 0
     run(load_target(args.target), args.service)
     return 0
 

@@ -178,3 +178,47 @@ class KitchenNewer(ServerMethodsBase):
 class Limited(Kitchen):
     """Kitchen under another name, for a service with non-default limits."""
     name = 'limited'
+
+
+class Chatty(ServerMethodsBase):
+    """Logs, prints and burns CPU: for the manager's tests."""
+    port = 5558
+    name = 'chatty'
+
+    @msgpack_method
+    def log(self, level, message):
+        logging.getLogger("chatty").log(getattr(logging, level), message)
+        return os.getpid()
+
+    @msgpack_method
+    def shout(self, message):
+        print(message, flush=True)
+        return os.getpid()
+
+    @msgpack_method
+    def burn(self, seconds):
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            pass
+        return os.getpid()
+
+    @msgpack_method
+    def sleep(self, seconds, tag=None):
+        time.sleep(seconds)
+        return tag
+
+    @msgpack_method
+    def whoami(self):
+        return os.getpid()
+
+
+class CrashOnStart(ServerMethodsBase):
+    port = 5559
+    name = 'crash_on_start'
+
+    def __init__(self):
+        raise RuntimeError("cannot load the model")
+
+    @msgpack_method
+    def never(self):
+        return None

@@ -1,0 +1,175 @@
+"""The manager's HTTP API (JSON), used by the ``speedysvc`` command and the web interface.
+
+Reads the manager's state only (never the transports).  Documented in
+docs/http-api.md.  State-changing requests are POSTs that must carry the header
+``X-Speedysvc-Request: 1`` (a browser cannot add it to a cross-site request
+without a CORS preflight, which is never granted) and, when an Origin header
+is present, come from this server's own origin.  When the manager is bound to
+anything but loopback, every request except /healthz and /readyz needs the
+access token (``Authorization: Bearer <token>``).
+"""
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import secrets
+
+from aiohttp import web
+
+from .logs import matches
+
+CSRF_HEADER = "X-Speedysvc-Request"
+OPEN_PATHS = {"/healthz", "/readyz"}
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _json(data, status: int = 200) -> web.Response:
+    return web.json_response(data, status=status, dumps=lambda d: json.dumps(d, default=str))
+
+
+def _error(status: int, message: str) -> web.Response:
+    return _json({"error": message}, status)
+
+
+@web.middleware
+async def _guard(request: web.Request, handler):
+    token = request.app["token"]
+    if token and request.path not in OPEN_PATHS:
+        supplied = request.headers.get("Authorization", "").removeprefix("Bearer ").strip() \
+            or request.cookies.get("speedysvc_token", "") or request.query.get("token", "")
+        if not secrets.compare_digest(supplied, token):
+            return _error(401, "an access token is required (Authorization: Bearer <token>)")
+    if request.method not in ("GET", "HEAD", "OPTIONS"):
+        if request.headers.get(CSRF_HEADER) != "1":
+            return _error(403, f"state-changing requests need the header {CSRF_HEADER}: 1")
+        origin = request.headers.get("Origin")
+        if origin and origin != f"{request.scheme}://{request.host}":
+            return _error(403, f"cross-origin request from {origin} refused")
+    return await handler(request)
+
+
+def make_app(manager, token: str | None = None) -> web.Application:
+    app = web.Application(middlewares=[_guard])
+    app["manager"] = manager
+    app["token"] = token
+    routes = web.RouteTableDef()
+
+    @routes.get("/healthz")
+    async def healthz(request):
+        return _json({"ok": True})
+
+    @routes.get("/readyz")
+    async def readyz(request):
+        ready = manager.ready()
+        return _json({"ready": ready}, 200 if ready else 503)
+
+    @routes.get("/api/status")
+    async def status(request):
+        return _json(manager.status())
+
+    def pool_or_404(name):
+        try:
+            return manager.pool(name)
+        except KeyError as e:
+            raise web.HTTPNotFound(text=json.dumps({"error": str(e.args[0])}), content_type="application/json")
+
+    @routes.get("/api/services/{name}")
+    async def service(request):
+        return _json(pool_or_404(request.match_info["name"]).status())
+
+    @routes.get("/api/services/{name}/history")
+    async def history(request):
+        return _json({"points": list(pool_or_404(request.match_info["name"]).history)})
+
+    @routes.post("/api/services/{name}/{action:start|stop|restart}")
+    async def action(request):
+        pool = pool_or_404(request.match_info["name"])
+        act = request.match_info["action"]
+        try:
+            await getattr(pool, act)()
+        except Exception as e:
+            return _error(409, f"{act} failed: {e}")
+        return _json(pool.status())
+
+    @routes.post("/api/services/{name}/scale")
+    async def scale(request):
+        pool = pool_or_404(request.match_info["name"])
+        try:
+            body = await request.json()
+            workers = int(body["workers"])
+        except (ValueError, KeyError, TypeError):
+            return _error(400, 'send {"workers": N}')
+        try:
+            pool.scale(workers)
+        except (ValueError, RuntimeError) as e:
+            return _error(409, str(e))
+        return _json(pool.status())
+
+    def log_of(name):
+        return manager.log if name == "manager" else pool_or_404(name).log
+
+    @routes.get("/api/services/{name}/logs")
+    async def logs(request):
+        q = request.query
+        try:
+            lines = int(q.get("lines", "200"))
+        except ValueError:
+            return _error(400, "lines must be a number")
+        records = log_of(request.match_info["name"]).tail(lines, q.get("level"), q.get("q"))
+        return _json({"records": records})
+
+    @routes.get("/api/services/{name}/logs/stream")
+    async def log_stream(request):
+        """Server-sent events: one ``data: {record}`` per new log record."""
+        target = log_of(request.match_info["name"])
+        level, text = request.query.get("level"), request.query.get("q")
+        queue: asyncio.Queue = asyncio.Queue(maxsize=10000)
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await resp.prepare(request)
+
+        def notify(rec):
+            if matches(rec, level, text):
+                if queue.full():
+                    queue.get_nowait()
+                queue.put_nowait(rec)
+
+        target.subscribers.add(notify)
+        try:
+            await resp.write(b": connected\n\n")
+            while True:
+                try:
+                    rec = await asyncio.wait_for(queue.get(), 15)
+                    await resp.write(f"data: {json.dumps(rec)}\n\n".encode())
+                except asyncio.TimeoutError:
+                    await resp.write(b": keep-alive\n\n")
+        except (ConnectionResetError, asyncio.CancelledError):
+            pass
+        finally:
+            target.subscribers.discard(notify)
+        return resp
+
+    app.add_routes(routes)
+    return app
+
+
+async def start_web(manager, web_cfg) -> tuple[web.AppRunner, str]:
+    """Start the API (and web interface) on the configured address; returns (runner, url)."""
+    if not is_loopback(web_cfg.host) and not web_cfg.token:
+        raise OSError(f"the web interface would listen on {web_cfg.host}, beyond this host, without an access "
+                      f"token: set token in [web monitor] or SPEEDYSVC_WEB_TOKEN")
+    app = make_app(manager, web_cfg.token)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, web_cfg.host, web_cfg.port, shutdown_timeout=1.0)
+    await site.start()
+    host = f"[{web_cfg.host}]" if ":" in web_cfg.host else web_cfg.host
+    return runner, f"http://{host}:{web_cfg.port}"

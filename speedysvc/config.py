@@ -1,0 +1,283 @@
+"""Reading and checking ``service.ini``.
+
+    [defaults]              ; every service section inherits these keys
+    log_dir=/tmp/test_server_logs/
+
+    [EchoServer]            ; one section per service, named after its class
+    import_from=echoserver  ; module imported from the ini file's folder
+    max_proc_num=3
+    min_proc_num=3
+
+    [web monitor]
+    host=127.0.0.1
+    port=5155
+
+Every key, its default and its meaning are in ``SERVICE_KEYS`` and ``WEB_KEYS``
+below (and in docs/service-manager.md).  Anything wrong fails at start with a
+message naming the file, the section and the key.
+"""
+from __future__ import annotations
+
+import configparser
+import os
+import re
+from dataclasses import dataclass, field
+
+
+class ConfigError(Exception):
+    def __init__(self, path: str, section: str | None, key: str | None, message: str):
+        where = os.path.basename(path)
+        if section is not None:
+            where += f", section [{section}]"
+        if key is not None:
+            where += f", key {key}"
+        super().__init__(f"{where}: {message}")
+        self.path, self.section, self.key = path, section, key
+
+
+_SIZE_RE = re.compile(r"(\d+)\s*([kmg]i?b?|b)?", re.I)
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+
+
+def _size(text: str) -> int:
+    m = _SIZE_RE.fullmatch(text.strip())
+    if not m:
+        raise ValueError("must be a size such as 1048576, 512K, 64M or 1G")
+    return int(m.group(1)) * _SIZE_UNITS[(m.group(2) or "")[:1].lower()]
+
+
+def _int(minimum: int = 0):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise ValueError(f"must be a whole number >= {minimum}") from None
+        if value < minimum:
+            raise ValueError(f"must be a whole number >= {minimum}")
+        return value
+    return parse
+
+
+def _float(minimum: float = 0.0, maximum: float | None = None):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise ValueError("must be a number") from None
+        if value < minimum or (maximum is not None and value > maximum) or value != value:
+            raise ValueError(f"must be a number from {minimum}" + (f" to {maximum}" if maximum is not None else " up"))
+        return value
+    return parse
+
+
+def _text(text: str) -> str:
+    return text.strip()
+
+
+def _level(text: str) -> str:
+    level = text.strip().upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        raise ValueError("must be DEBUG, INFO, WARNING, ERROR or CRITICAL")
+    return level
+
+
+# key: (parser, default, meaning).  A default of None means "not set".
+SERVICE_KEYS = {
+    "import_from": (_text, None, "module that defines the class, imported from the ini file's folder (required)"),
+    "min_proc_num": (_int(1), 1, "fewest worker processes"),
+    "max_proc_num": (_int(1), None, "most worker processes (default: min_proc_num)"),
+    "log_dir": (_text, "logs", "folder of the log files, relative to the ini file's folder"),
+    "log_level": (_level, "INFO", "least severe logging level a worker records"),
+    "log_max_bytes": (_size, 10 << 20, "size at which a log file is rotated"),
+    "log_backups": (_int(0), 5, "rotated log files kept"),
+    "bind_tcp": (_text, None, "address to accept TCP clients on (also spelled tcp_bind)"),
+    "max_channels": (_int(1), 1024, "most shared-memory channels (connections and concurrent calls) at once"),
+    "max_payload": (_size, 1 << 30, "largest request or response"),
+    "call_timeout": (_float(0), 0.0, "seconds a call may run before its worker is killed and restarted (0: no limit)"),
+    "stop_timeout": (_float(0), 10.0, "seconds running calls get to finish on stop before workers are killed"),
+    "start_timeout": (_float(0.1), 60.0, "seconds a worker may take to start serving"),
+    "restart_backoff": (_float(0), 0.5, "first delay before restarting a crashed worker; doubles per quick crash"),
+    "restart_backoff_max": (_float(0), 30.0, "longest delay before restarting a crashed worker"),
+    "crash_window": (_float(0), 10.0, "a worker that dies sooner than this after starting crashed quickly"),
+    "crash_limit": (_int(1), 5, "quick crashes in a row after which the service is marked failed"),
+    "scale_interval": (_float(0.05), 1.0, "seconds between autoscaling decisions"),
+    "scale_up_queue": (_float(0), 0.5, "calls waiting for a worker, on average, that add workers"),
+    "scale_up_busy": (_float(0, 1), 0.85, "fraction of time the workers are busy that adds a worker"),
+    "scale_up_cooldown": (_float(0), 1.0, "seconds between two additions"),
+    "scale_down_busy": (_float(0, 1), 0.25, "busy fraction under which a worker may be removed"),
+    "scale_down_after": (_float(0), 30.0, "seconds of low load before one worker is removed"),
+}
+SERVICE_ALIASES = {"tcp_bind": "bind_tcp"}
+
+WEB_KEYS = {
+    "host": (_text, "127.0.0.1", "address of the web management interface"),
+    "port": (_int(0), 5155, "port of the web management interface (0: do not start it)"),
+    "token": (_text, None, "access token; required when host is not a loopback address "
+                           "(or set SPEEDYSVC_WEB_TOKEN)"),
+}
+
+DEFAULTS_SECTION = "defaults"
+WEB_SECTION = "web monitor"
+
+
+@dataclass
+class ServiceConfig:
+    section: str              # the class name
+    import_from: str
+    min_proc_num: int
+    max_proc_num: int
+    log_dir: str              # absolute
+    log_level: str
+    log_max_bytes: int
+    log_backups: int
+    bind_tcp: str | None
+    max_channels: int
+    max_payload: int
+    call_timeout: float
+    stop_timeout: float
+    start_timeout: float
+    restart_backoff: float
+    restart_backoff_max: float
+    crash_window: float
+    crash_limit: int
+    scale_interval: float
+    scale_up_queue: float
+    scale_up_busy: float
+    scale_up_cooldown: float
+    scale_down_busy: float
+    scale_down_after: float
+    # filled in after the class is imported (in a separate process)
+    name: str = ""            # the class's ``name``: the shared-memory service name
+    port: int | None = None
+    methods: list[str] = field(default_factory=list)
+
+    @property
+    def target(self) -> str:
+        return f"{self.import_from}:{self.section}"
+
+
+@dataclass
+class WebConfig:
+    host: str
+    port: int
+    token: str | None
+
+
+@dataclass
+class ManagerConfig:
+    path: str                 # absolute path of the ini file
+    folder: str               # its folder: where modules are imported from
+    services: list[ServiceConfig]
+    web: WebConfig
+    log_dir: str              # the manager's own log goes here ([defaults] log_dir)
+    log_max_bytes: int
+    log_backups: int
+
+    def service(self, name: str) -> ServiceConfig:
+        for s in self.services:
+            if s.section == name or s.name == name:
+                return s
+        raise KeyError(name)
+
+
+def _parse(path, section, key, parser, text):
+    try:
+        return parser(text)
+    except ValueError as e:
+        raise ConfigError(path, section, key, f"{e}, got {text!r}") from None
+
+
+def load(path: str) -> ManagerConfig:
+    """Read and check an ini file (everything but importing the classes: see ``describe``)."""
+    path = os.path.abspath(path)
+    if not os.path.isfile(path):
+        raise ConfigError(path, None, None, "no such file")
+    folder = os.path.dirname(path)
+    ini = configparser.ConfigParser(interpolation=None, default_section="\0none")
+    try:
+        with open(path, encoding="utf-8") as f:
+            ini.read_file(f)
+    except configparser.Error as e:
+        raise ConfigError(path, None, None, str(e).replace("\n", " ")) from None
+
+    def items(section, known, aliases=None):
+        out = {}
+        for key, text in ini.items(section):
+            key = (aliases or {}).get(key, key)
+            if key not in known:
+                raise ConfigError(path, section, key, f"unknown key; known keys: {', '.join(sorted(known))}")
+            if key in out:
+                raise ConfigError(path, section, key, "given twice (under two spellings)")
+            out[key] = text
+        return out
+
+    defaults = items(DEFAULTS_SECTION, SERVICE_KEYS, SERVICE_ALIASES) if ini.has_section(DEFAULTS_SECTION) else {}
+    if "import_from" in defaults:
+        raise ConfigError(path, DEFAULTS_SECTION, "import_from", "belongs in a service's own section")
+
+    web_raw = items(WEB_SECTION, WEB_KEYS) if ini.has_section(WEB_SECTION) else {}
+    web_values = {k: (_parse(path, WEB_SECTION, k, p, web_raw[k]) if k in web_raw else d)
+                  for k, (p, d, _) in WEB_KEYS.items()}
+    if web_values["port"] > 65535:
+        raise ConfigError(path, WEB_SECTION, "port", f"must be at most 65535, got {web_values['port']}")
+    web_values["token"] = web_values["token"] or os.environ.get("SPEEDYSVC_WEB_TOKEN") or None
+    web = WebConfig(**web_values)
+
+    services = []
+    for section in ini.sections():
+        if section in (DEFAULTS_SECTION, WEB_SECTION):
+            continue
+        if not section.isidentifier():
+            raise ConfigError(path, section, None, "a service section is named after its class: "
+                                                   "a Python identifier (or [defaults], [web monitor])")
+        raw = dict(defaults)
+        raw.update(items(section, SERVICE_KEYS, SERVICE_ALIASES))
+        values = {}
+        for key, (parser, default, _) in SERVICE_KEYS.items():
+            values[key] = _parse(path, section, key, parser, raw[key]) if key in raw else default
+        if not values["import_from"]:
+            raise ConfigError(path, section, "import_from", "missing: name the module that defines the class")
+        if values["max_proc_num"] is None:
+            values["max_proc_num"] = values["min_proc_num"]
+        if values["min_proc_num"] > values["max_proc_num"]:
+            raise ConfigError(path, section, "min_proc_num",
+                              f"{values['min_proc_num']} is more than max_proc_num {values['max_proc_num']}")
+        if values["max_proc_num"] > 64:
+            raise ConfigError(path, section, "max_proc_num", "at most 64 workers per service")
+        if values["max_channels"] > 4096:
+            raise ConfigError(path, section, "max_channels", "at most 4096")
+        values["log_dir"] = os.path.join(folder, os.path.expanduser(values["log_dir"]))
+        services.append(ServiceConfig(section=section, **values))
+    if not services:
+        raise ConfigError(path, None, None, "no service section: add one named after a service class")
+
+    manager_log = dict(defaults)
+    return ManagerConfig(
+        path=path, folder=folder, services=services, web=web,
+        log_dir=os.path.join(folder, os.path.expanduser(manager_log.get("log_dir", "logs"))),
+        log_max_bytes=_parse(path, DEFAULTS_SECTION, "log_max_bytes", _size, manager_log.get("log_max_bytes", "10M")),
+        log_backups=_parse(path, DEFAULTS_SECTION, "log_backups", _int(0), manager_log.get("log_backups", "5")),
+    )
+
+
+def check_unique(config: ManagerConfig) -> None:
+    """After ``describe``: two services may not share a name or a port."""
+    seen_names, seen_ports = {}, {}
+    for s in config.services:
+        if s.name in seen_names:
+            raise ConfigError(config.path, s.section, None,
+                              f"{s.section}.name is {s.name!r}, as for [{seen_names[s.name]}]")
+        seen_names[s.name] = s.section
+        if s.port is not None:
+            if s.port in seen_ports:
+                raise ConfigError(config.path, s.section, None,
+                                  f"{s.section}.port is {s.port}, as for [{seen_ports[s.port]}]")
+            seen_ports[s.port] = s.section
+
+
+def describe_keys() -> str:
+    """The keys as a Markdown table (kept in docs/service-manager.md)."""
+    rows = ["| key | default | meaning |", "|---|---|---|"]
+    for key, (_, default, meaning) in SERVICE_KEYS.items():
+        rows.append(f"| `{key}` | {'' if default is None else default} | {meaning} |")
+    return "\n".join(rows)

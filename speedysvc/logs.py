@@ -1,0 +1,129 @@
+"""Service logs: how workers hand their records to the manager, and how the manager keeps them.
+
+A worker's ``logging`` records travel as JSON lines on a pipe of their own
+(``SPEEDYSVC_LOG_FD``); its stdout and stderr are captured line by line too.
+The manager is the only writer of each service's log file, so rotation by size
+is safe, and it keeps the latest records in memory for the web interface.
+Every line of a log file reads ``time [pid N] LEVEL logger: message``.
+"""
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import logging.handlers
+import os
+import time
+
+LOG_FD_ENV = "SPEEDYSVC_LOG_FD"
+LOG_LEVEL_ENV = "SPEEDYSVC_LOG_LEVEL"
+RECENT = 2000
+LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+# ---- in the worker ---------------------------------------------------------------------------
+
+class _JSONLineHandler(logging.Handler):
+    def __init__(self, fd: int):
+        super().__init__()
+        self.stream = os.fdopen(fd, "w", buffering=1, encoding="utf-8", errors="replace")
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            message = record.getMessage()
+            if record.exc_info:
+                message += "\n" + logging.Formatter().formatException(record.exc_info)
+            self.stream.write(json.dumps({"t": record.created, "l": record.levelname, "n": record.name,
+                                          "m": message}) + "\n")
+        except Exception:  # the manager is gone: nothing left to tell
+            pass
+
+
+def setup_worker_logging() -> None:
+    """Send this worker's logging records to the manager, if one listens."""
+    fd = os.environ.get(LOG_FD_ENV)
+    if not fd:
+        return
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    root.addHandler(_JSONLineHandler(int(fd)))
+    root.setLevel(os.environ.get(LOG_LEVEL_ENV, "INFO"))
+    logging.captureWarnings(True)
+
+
+# ---- in the manager --------------------------------------------------------------------------
+
+class LogRecord(dict):
+    """One line of a service's log: t (epoch seconds), pid, level, logger, message."""
+
+    def format(self) -> str:
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self["t"])) + f",{int(self['t'] % 1 * 1000):03d}"
+        head = f"{stamp} [pid {self['pid']}] {self['level']} {self['logger']}: "
+        return head + self["message"].replace("\n", "\n" + " " * 4)
+
+
+class ServiceLog:
+    """A rotating log file, the latest records in memory, and live subscribers."""
+
+    def __init__(self, path: str, max_bytes: int, backups: int):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        self.path = path
+        self.handler = logging.handlers.RotatingFileHandler(path, maxBytes=max_bytes, backupCount=backups,
+                                                            encoding="utf-8")
+        self.handler.setFormatter(logging.Formatter("%(message)s"))
+        self.recent: collections.deque[LogRecord] = collections.deque(maxlen=RECENT)
+        self.subscribers: set = set()   # callables taking a LogRecord
+        self.seq = 0
+
+    def write(self, pid: int, level: str, logger: str, message: str, t: float | None = None) -> LogRecord:
+        self.seq += 1
+        rec = LogRecord(seq=self.seq, t=time.time() if t is None else t, pid=pid,
+                        level=level if level in LEVELS else "INFO", logger=logger, message=message)
+        self.handler.emit(logging.makeLogRecord({"msg": rec.format(), "levelno": logging.INFO,
+                                                 "levelname": "INFO"}))
+        self.recent.append(rec)
+        for notify in list(self.subscribers):
+            notify(rec)
+        return rec
+
+    def write_json_line(self, pid: int, line: str) -> None:
+        try:
+            d = json.loads(line)
+            self.write(pid, str(d.get("l", "INFO")), str(d.get("n", "")), str(d.get("m", "")), float(d["t"]))
+        except (ValueError, KeyError, TypeError):
+            self.write(pid, "INFO", "log", line)
+
+    def tail(self, lines: int = 200, level: str | None = None, text: str | None = None) -> list[LogRecord]:
+        out = [r for r in self.recent if matches(r, level, text)]
+        return out[-lines:] if lines else out
+
+    def close(self) -> None:
+        self.handler.close()
+
+
+def matches(rec: LogRecord, level: str | None = None, text: str | None = None) -> bool:
+    """At least as severe as ``level``, and containing ``text`` (any case)."""
+    if level and level.upper() in LEVELS and LEVELS.index(rec["level"]) < LEVELS.index(level.upper()):
+        return False
+    return not text or text.lower() in rec["message"].lower() or text.lower() in rec["logger"].lower()
+
+
+class LineSplitter:
+    """Bytes read from a pipe in, complete lines out."""
+
+    def __init__(self, limit: int = 1 << 20):
+        self.buf = b""
+        self.limit = limit
+
+    def feed(self, data: bytes) -> list[str]:
+        self.buf += data
+        *lines, self.buf = self.buf.split(b"\n")
+        if len(self.buf) > self.limit:  # a line without end: cut it
+            lines.append(self.buf)
+            self.buf = b""
+        return [line.decode("utf-8", errors="replace").rstrip("\r") for line in lines]
+
+    def rest(self) -> list[str]:
+        rest, self.buf = self.buf, b""
+        return [rest.decode("utf-8", errors="replace")] if rest else []

@@ -1,0 +1,193 @@
+"""The service manager: every service of an ini file as a supervised pool, one process.
+
+    python3 -m speedysvc.service service.ini      (or: speedysvc run service.ini)
+
+One asyncio loop and no other thread: the pools (speedysvc/supervisor.py), a
+100 ms tick for sampling and autoscaling, the HTTP API and web interface, and
+SIGTERM/SIGINT, which stop every service gracefully.  If the manager itself is
+killed, its workers notice their parent is gone and exit, and the next start
+removes what it left in /dev/shm.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from . import config as configmod
+from .config import ConfigError, ManagerConfig
+from .errors import ServiceAlreadyRunning
+from .logs import ServiceLog
+from .supervisor import FAILED, RUNNING, ServicePool
+
+log = logging.getLogger("speedysvc.manager")
+TICK = 0.1
+
+
+class _ToServiceLog(logging.Handler):
+    def __init__(self, target: ServiceLog):
+        super().__init__()
+        self.target = target
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if record.exc_info:
+            message += "\n" + logging.Formatter().formatException(record.exc_info)
+        self.target.write(record.process or os.getpid(), record.levelname, record.name, message, record.created)
+
+
+def describe_services(cfg: ManagerConfig) -> None:
+    """Import each service class in a throwaway process (so the manager stays light and a
+    broken module cannot hurt it) to learn its name, port and methods."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([cfg.folder] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    procs = [(s, subprocess.Popen([sys.executable, "-m", "speedysvc.worker", "--describe", s.target],
+                                  cwd=cfg.folder, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True))
+             for s in cfg.services]
+    error = None
+    for s, p in procs:
+        out, err = p.communicate(timeout=120)
+        if error is not None:
+            continue
+        if p.returncode != 0:
+            error = ConfigError(cfg.path, s.section, "import_from", (err.strip().splitlines() or ["failed"])[-1])
+            continue
+        info = json.loads(out)
+        s.name, s.port, s.methods = info["name"], info["port"], info["methods"]
+    if error is not None:
+        raise error
+    configmod.check_unique(cfg)
+
+
+class Manager:
+    def __init__(self, cfg: ManagerConfig):
+        self.config = cfg
+        self.pools: dict[str, ServicePool] = {}
+        self.started = time.time()
+        self.log = ServiceLog(os.path.join(cfg.log_dir, "manager.log"), cfg.log_max_bytes, cfg.log_backups)
+        self._stop = asyncio.Event()
+        self._handler = _ToServiceLog(self.log)
+        self.web_url: str | None = None
+
+    # -- the main loop ---------------------------------------------------------------------
+    async def run(self, ready=None) -> None:
+        """Start everything, serve until SIGTERM/SIGINT (or ``request_stop``), stop everything."""
+        loop = asyncio.get_running_loop()
+        root = logging.getLogger("speedysvc")
+        root.addHandler(self._handler)
+        root.setLevel(logging.INFO)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop)
+        runner = None
+        try:
+            cfg = self.config
+            log.info("manager %d starting %d service(s) from %s", os.getpid(), len(cfg.services), cfg.path)
+            for s in cfg.services:
+                self.pools[s.section] = ServicePool(s, cfg.folder, loop)
+            if cfg.web.port:
+                from .api import start_web
+                runner, self.web_url = await start_web(self, cfg.web)
+                log.info("web interface on %s", self.web_url)
+            results = await asyncio.gather(*(p.start() for p in self.pools.values()), return_exceptions=True)
+            for pool, result in zip(self.pools.values(), results):
+                if isinstance(result, ServiceAlreadyRunning):
+                    raise result
+                if isinstance(result, BaseException):
+                    log.error("service %s did not start: %s", pool.cfg.section, result)
+                    pool.state, pool.failure = FAILED, str(result)
+            ticker = loop.create_task(self._ticker())
+            if ready is not None:
+                ready()
+            await self._stop.wait()
+            ticker.cancel()
+            log.info("stopping")
+        finally:
+            await asyncio.gather(*(p.stop() for p in self.pools.values()), return_exceptions=True)
+            if runner is not None:
+                await runner.cleanup()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+            log.info("manager stopped")
+            root.removeHandler(self._handler)
+            for p in self.pools.values():
+                p.close()
+            self.log.close()
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def _ticker(self) -> None:
+        while True:
+            await asyncio.sleep(TICK)
+            now = time.monotonic()
+            for p in self.pools.values():
+                try:
+                    p.sample()
+                    p.tick(now)
+                except Exception:
+                    log.exception("periodic work of %s failed", p.cfg.section)
+
+    # -- controls (the API and the CLI use these) ------------------------------------------
+    def pool(self, name: str) -> ServicePool:
+        for p in self.pools.values():
+            if name in (p.cfg.section, p.cfg.name):
+                return p
+        raise KeyError(f"no service named {name!r}; there are: {', '.join(self.pools)}")
+
+    async def start_service(self, name: str) -> None:
+        await self.pool(name).start()
+
+    async def stop_service(self, name: str) -> None:
+        await self.pool(name).stop()
+
+    async def restart_service(self, name: str) -> None:
+        await self.pool(name).restart()
+
+    def scale_service(self, name: str, workers: int) -> None:
+        self.pool(name).scale(workers)
+
+    # -- state (read by the API and the web interface) -------------------------------------
+    def status(self) -> dict:
+        return {
+            "manager": {"pid": os.getpid(), "started": self.started, "uptime": time.time() - self.started,
+                        "config": self.config.path, "web": self.web_url},
+            "services": [p.status() for p in self.pools.values()],
+        }
+
+    def ready(self) -> bool:
+        return all(p.state == RUNNING and any(w["serving"] for w in p.status()["worker_list"])
+                   for p in self.pools.values())
+
+    def history(self, name: str) -> list[dict]:
+        return list(self.pool(name).history)
+
+
+def main(argv=None) -> int:
+    """``python -m speedysvc.service service.ini``"""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python3 -m speedysvc.service",
+                                     description="Run the services of an ini file under one manager.")
+    parser.add_argument("config", help="the ini file, e.g. service.ini")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = configmod.load(args.config)
+        describe_services(cfg)
+        asyncio.run(Manager(cfg).run())
+    except ConfigError as e:
+        print(f"speedysvc: configuration error: {e}", file=sys.stderr)
+        return 2
+    except ServiceAlreadyRunning as e:
+        print(f"speedysvc: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"speedysvc: {e}", file=sys.stderr)
+        return 1
+    return 0

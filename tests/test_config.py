@@ -1,0 +1,123 @@
+"""service.ini: defaults, inheritance, and every class of bad configuration fails at start, clearly."""
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from speedysvc import config
+from speedysvc.config import ConfigError
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def write(tmp_path, text):
+    p = tmp_path / "service.ini"
+    p.write_text(textwrap.dedent(text))
+    return str(p)
+
+
+def test_seed_ini_and_inheritance(tmp_path):
+    cfg = config.load(write(tmp_path, """
+        [defaults]
+        # Uncomment this line to listen on the network
+        #bind_tcp=(host adaptor)
+        log_dir=/tmp/test_server_logs/
+        max_proc_num=4
+
+        [EchoServer]
+        import_from=echoserver
+        max_proc_num=3
+        min_proc_num=3
+
+        [Other]
+        import_from=other
+    """))
+    echo, other = cfg.services
+    assert (echo.section, echo.import_from, echo.min_proc_num, echo.max_proc_num) == ("EchoServer", "echoserver", 3, 3)
+    assert echo.log_dir == "/tmp/test_server_logs/" and other.log_dir == "/tmp/test_server_logs/"
+    assert (other.min_proc_num, other.max_proc_num) == (1, 4)     # inherited from [defaults]
+    assert cfg.web.host == "127.0.0.1" and cfg.web.port == 5155
+    assert echo.stop_timeout == 10.0 and echo.max_payload == 1 << 30 and echo.call_timeout == 0
+
+
+def test_sizes_aliases_and_relative_log_dir(tmp_path):
+    cfg = config.load(write(tmp_path, """
+        [S]
+        import_from=s
+        max_payload=64M
+        log_max_bytes=512K
+        tcp_bind=127.0.0.1
+    """))
+    s = cfg.services[0]
+    assert s.max_payload == 64 << 20 and s.log_max_bytes == 512 << 10 and s.bind_tcp == "127.0.0.1"
+    assert s.log_dir == str(tmp_path / "logs")
+
+
+@pytest.mark.parametrize("text, section, key, words", [
+    ("[S]\nimport_from=s\nmin_proc_nums=2\n", "S", "min_proc_nums", "unknown key"),
+    ("[S]\nimport_from=s\nmin_proc_num=two\n", "S", "min_proc_num", "whole number"),
+    ("[S]\nimport_from=s\nmin_proc_num=0\n", "S", "min_proc_num", ">= 1"),
+    ("[S]\nimport_from=s\nmin_proc_num=3\nmax_proc_num=2\n", "S", "min_proc_num", "more than max_proc_num"),
+    ("[S]\nimport_from=s\nmax_proc_num=100\n", "S", "max_proc_num", "at most 64"),
+    ("[S]\nimport_from=s\nmax_payload=lots\n", "S", "max_payload", "size"),
+    ("[S]\nimport_from=s\nscale_up_busy=1.5\n", "S", "scale_up_busy", "from 0 to 1"),
+    ("[S]\nimport_from=s\nlog_level=LOUD\n", "S", "log_level", "DEBUG"),
+    ("[S]\nmin_proc_num=1\n", "S", "import_from", "missing"),
+    ("[defaults]\nimport_from=x\n[S]\nimport_from=s\n", "defaults", "import_from", "own section"),
+    ("[S]\nimport_from=s\nbind_tcp=a\ntcp_bind=b\n", "S", "bind_tcp", "twice"),
+    ("[web monitor]\nport=99999\n[S]\nimport_from=s\n", "web monitor", "port", "65535"),
+    ("[web monitor]\nhots=1\n[S]\nimport_from=s\n", "web monitor", "hots", "unknown key"),
+    ("[not a class]\nimport_from=s\n", "not a class", None, "identifier"),
+    ("[defaults]\nlog_dir=x\n", None, None, "no service section"),
+    ("[S]\nimport_from=s\n[S]\nimport_from=t\n", None, None, "already exists"),
+])
+def test_bad_configuration_names_file_section_and_key(tmp_path, text, section, key, words):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        config.load(path)
+    message = str(info.value)
+    assert message.startswith("service.ini")
+    if section:
+        assert f"[{section}]" in message
+    if key:
+        assert f"key {key}" in message
+    assert words in message
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="no such file"):
+        config.load(str(tmp_path / "nope.ini"))
+
+
+def run_manager(tmp_path, ini):
+    shutil.copy(os.path.join(HERE, "services.py"), tmp_path)
+    write(tmp_path, ini)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    return subprocess.run([sys.executable, "-m", "speedysvc.service", "service.ini"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120, env=env)
+
+
+@pytest.mark.parametrize("ini, words", [
+    ("[Kitchen]\nimport_from=no_such_module\n", ["[Kitchen]", "key import_from", "cannot import module 'no_such_module'"]),
+    ("[NoSuchClass]\nimport_from=services\n", ["[NoSuchClass]", "key import_from", "has no class 'NoSuchClass'"]),
+    ("[Custom]\nimport_from=services\n", ["[Custom]", "not a ServerMethodsBase subclass"]),
+    ("[Kitchen]\nimport_from=services\n[KitchenNewer]\nimport_from=services\n",
+     ["[KitchenNewer]", "name is 'kitchen', as for [Kitchen]"]),
+    ("[Kitchen]\nimport_from=services\n[Limited]\nimport_from=services\n", ["[Limited]", "port is 5556"]),
+    ("[web monitor]\nhost=0.0.0.0\nport=0\n[EchoServer]\nimport_from=services\nmin_proc_num=5\nmax_proc_num=4\n",
+     ["min_proc_num"]),
+])
+def test_manager_refuses_to_start_on_bad_configuration(tmp_path, ini, words):
+    out = run_manager(tmp_path, ini)
+    assert out.returncode == 2, out.stderr
+    assert "configuration error: service.ini" in out.stderr
+    for w in words:
+        assert w in out.stderr
+
+
+def test_manager_refuses_a_web_interface_beyond_loopback_without_token(tmp_path):
+    out = run_manager(tmp_path, "[web monitor]\nhost=0.0.0.0\nport=5191\n[EchoServer]\nimport_from=services\n")
+    assert out.returncode == 1 and "without an access token" in out.stderr
