@@ -246,6 +246,9 @@ def load(path: str) -> ManagerConfig:
             raise ConfigError(path, section, "max_proc_num", "at most 64 workers per service")
         if values["max_channels"] > 4096:
             raise ConfigError(path, section, "max_channels", "at most 4096")
+        if values["bind_tcp"]:
+            raise ConfigError(path, section, "bind_tcp", "the TCP transport is not available in this version "
+                                                         "of speedysvc; remove the key to serve over shared memory")
         values["log_dir"] = os.path.join(folder, os.path.expanduser(values["log_dir"]))
         services.append(ServiceConfig(section=section, **values))
     if not services:

@@ -49,10 +49,9 @@ def test_sizes_aliases_and_relative_log_dir(tmp_path):
         import_from=s
         max_payload=64M
         log_max_bytes=512K
-        tcp_bind=127.0.0.1
     """))
     s = cfg.services[0]
-    assert s.max_payload == 64 << 20 and s.log_max_bytes == 512 << 10 and s.bind_tcp == "127.0.0.1"
+    assert s.max_payload == 64 << 20 and s.log_max_bytes == 512 << 10
     assert s.log_dir == str(tmp_path / "logs")
 
 
@@ -68,6 +67,7 @@ def test_sizes_aliases_and_relative_log_dir(tmp_path):
     ("[S]\nmin_proc_num=1\n", "S", "import_from", "missing"),
     ("[defaults]\nimport_from=x\n[S]\nimport_from=s\n", "defaults", "import_from", "own section"),
     ("[S]\nimport_from=s\nbind_tcp=a\ntcp_bind=b\n", "S", "bind_tcp", "twice"),
+    ("[S]\nimport_from=s\ntcp_bind=127.0.0.1\n", "S", "bind_tcp", "TCP transport is not available"),
     ("[web monitor]\nport=99999\n[S]\nimport_from=s\n", "web monitor", "port", "65535"),
     ("[web monitor]\nhots=1\n[S]\nimport_from=s\n", "web monitor", "hots", "unknown key"),
     ("[not a class]\nimport_from=s\n", "not a class", None, "identifier"),
