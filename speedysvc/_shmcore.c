@@ -41,6 +41,8 @@
 #define H_STATS_OFF      48    /* u32, where the per-method statistics start */
 #define H_MAX_METHODS    52    /* u32, methods with statistics of their own */
 #define H_NAMES_OFF      56    /* u32, where the method names start (MAX_METHODS x 64 bytes) */
+#define H_OWNER_FLAGS    60    /* u32: bit 0, the owner restarts workers that die */
+#define OWNER_RESTARTS_WORKERS 1u
 #define NAME_SIZE        64
 #define H_SEQ            64    /* own cache line: futex word workers sleep on */
 #define H_SLEEPERS       68
@@ -873,7 +875,7 @@ PyMODINIT_FUNC PyInit__shmcore(void) {
     ADD(W_ERRORS); ADD(W_CLAIM_NS);
     ADD(C_SIZE); ADD(C_STATE); ADD(C_OWNER_PID); ADD(C_DATA_GEN); ADD(C_FLAGS); ADD(C_DATA_CAP);
     ADD(C_REQ_LEN); ADD(C_NAME_LEN); ADD(C_STATUS); ADD(C_RESP_OFF); ADD(C_RESP_LEN); ADD(C_OWNER_START); ADD(C_CALLER_CPU); ADD(C_WORKER_CPU);
-    ADD(MAX_CHANNELS_LIMIT); ADD(MAX_WORKERS); ADD(MAX_METHODS); ADD(H_STATS_OFF); ADD(H_MAX_METHODS); ADD(H_NAMES_OFF); ADD(NAME_SIZE);
+    ADD(MAX_CHANNELS_LIMIT); ADD(MAX_WORKERS); ADD(MAX_METHODS); ADD(H_STATS_OFF); ADD(H_MAX_METHODS); ADD(H_NAMES_OFF); ADD(NAME_SIZE); ADD(H_OWNER_FLAGS); ADD(OWNER_RESTARTS_WORKERS);
     ADD(M_SIZE); ADD(M_CALLS); ADD(M_ERRORS); ADD(M_TOTAL_NS); ADD(M_MAX_NS); ADD(M_BUCKETS); ADD(M_NBUCKETS);
     ADD(SVC_STARTING); ADD(SVC_SERVING); ADD(SVC_STOPPING); ADD(SVC_STOPPED);
     ADD(ST_IDLE); ADD(ST_REQUEST); ADD(ST_CLAIMED); ADD(ST_RESPONSE); ADD(ST_ABANDONED);

@@ -63,6 +63,12 @@ def make_handler(fn, codec: codecs.Codec, method: str, on_fatal=None):
         except EncodeError as e:
             return _error(e, False)
 
+    def slow_encode(result):
+        try:
+            return STATUS_OK, encode_result(method, result)
+        except EncodeError as e:
+            return _error(e, False)
+
     if isinstance(codec, codecs.RawCodec):
         def raw_handler(flags, data):
             if flags != fast_flags:
@@ -100,12 +106,6 @@ def make_handler(fn, codec: codecs.Codec, method: str, on_fatal=None):
             return STATUS_OK, dumps(result)
         except Exception:
             return slow_encode(result)
-
-    def slow_encode(result):
-        try:
-            return STATUS_OK, encode_result(method, result)
-        except EncodeError as e:
-            return _error(e, False)
 
     return handler
 

@@ -154,8 +154,10 @@ class ServiceSegment:
     # -- lifetime --
     @classmethod
     def create(cls, service: str, *, max_channels: int = DEFAULT_MAX_CHANNELS,
-               max_payload: int = DEFAULT_MAX_PAYLOAD) -> "ServiceSegment":
-        """Create the segment for a service this process will own, after removing what a dead owner left."""
+               max_payload: int = DEFAULT_MAX_PAYLOAD, supervised: bool = False) -> "ServiceSegment":
+        """Create the segment for a service this process will own, after removing what a dead owner left.
+        ``supervised``: the owner restarts workers that die, so a call waits for one rather than
+        failing when none is alive."""
         if not 1 <= max_channels <= core.MAX_CHANNELS_LIMIT:
             raise ValueError(f"max_channels must be 1..{core.MAX_CHANNELS_LIMIT}, got {max_channels}")
         if max_payload < 1:
@@ -188,6 +190,7 @@ class ServiceSegment:
         r.store64(core.H_OWNER_START, MY_START_TIME)
         r.store64(core.H_CREATED_NS, time.time_ns())
         r.store32(core.H_STATE, core.SVC_STARTING)
+        r.store32(core.H_OWNER_FLAGS, core.OWNER_RESTARTS_WORKERS if supervised else 0)
         r.store32(core.H_MAGIC, core.MAGIC)
         return cls(service, mapped)
 
@@ -227,6 +230,13 @@ class ServiceSegment:
 
     def owner_alive(self) -> bool:
         return process_alive(*self.owner)
+
+    @property
+    def supervised(self) -> bool:
+        return bool(self.region.load32(core.H_OWNER_FLAGS) & core.OWNER_RESTARTS_WORKERS)
+
+    def any_worker_alive(self) -> bool:
+        return any(process_alive(w["pid"]) for w in self.workers())
 
     def kick_workers(self) -> None:
         """Wake every sleeping worker, e.g. so they notice a state change."""
@@ -355,10 +365,25 @@ class ServiceSegment:
             owner = r.load32(off + core.C_OWNER_PID)
             if owner == 0 or owner == _RECLAIMING:
                 continue
-            st = r.load32(off + core.C_STATE)
             dead_owner = not is_alive(owner, r.load64(off + core.C_OWNER_START))
-            orphaned = (st & core.ST_CODE) == core.ST_ABANDONED and not is_alive(st >> core.ST_PID_SHIFT)
-            if (dead_owner or orphaned) and r.cas32(off + core.C_OWNER_PID, owner, _RECLAIMING):
+            while True:
+                st = r.load32(off + core.C_STATE)
+                code, worker = st & core.ST_CODE, st >> core.ST_PID_SHIFT
+                if code == core.ST_REQUEST and dead_owner:
+                    if not r.cas32(off + core.C_STATE, st, core.ST_IDLE):   # withdraw it before a worker claims it
+                        continue
+                    reclaimable = True
+                elif code in (core.ST_CLAIMED, core.ST_ABANDONED) and is_alive(worker):
+                    # a live worker still holds the call: it frees the channel when it finishes
+                    if (code == core.ST_CLAIMED and dead_owner
+                            and not r.cas32(off + core.C_STATE, st, core.ST_ABANDONED | (worker << core.ST_PID_SHIFT))):
+                        continue
+                    reclaimable = False
+                else:
+                    # a dead worker's call: the owner, if alive, takes the channel back itself
+                    reclaimable = dead_owner or code == core.ST_ABANDONED
+                break
+            if reclaimable and r.cas32(off + core.C_OWNER_PID, owner, _RECLAIMING):
                 self.free_channel(slot, owner)
                 reclaimed += 1
         for i in range(core.MAX_WORKERS):
@@ -462,6 +487,7 @@ class _Channels:
         self.owned: dict[int, _Channel] = {}
         self.free: list[_Channel] = []
         self.call = seg.region.call
+        self.closed = False
 
     def acquire(self, service: str) -> _Channel:
         seg, pid = self.seg, self.pid
@@ -486,18 +512,22 @@ class _Channels:
         raise ServiceUnavailable(f"service {service!r} has no free channel "
                                  f"(all {n} are in use; raise max_channels)")
 
+    def retire(self, ch: _Channel) -> None:
+        """Free a channel of ours that no call holds, with every data segment it ever had."""
+        ch.lost = True
+        if self.owned.get(ch.slot) is ch:
+            del self.owned[ch.slot]
+            self.seg.free_channel(ch.slot, self.pid)
+
     def release_all(self) -> None:
-        """Free every channel not held by a worker (those the worker frees when done)."""
+        """On close: free the channels no call is using now; a call in progress in another
+        thread frees its own when it ends (see ``ShmTransport.call``)."""
+        self.closed = True
         if os.getpid() != self.pid:
             return
-        seg = self.seg
-        for ch in list(self.owned.values()):
-            ch.lost = True
-            st = seg.region.load32(seg.channel_offset(ch.slot) + core.C_STATE) & core.ST_CODE
-            if st in (core.ST_IDLE, core.ST_RESPONSE):
-                seg.free_channel(ch.slot, self.pid)
-        self.owned.clear()
-        self.free.clear()
+        free, self.free = self.free, []
+        for ch in free:
+            self.retire(ch)
 
 
 _transports: "weakref.WeakSet[ShmTransport]" = weakref.WeakSet()
@@ -581,7 +611,7 @@ class ShmTransport:
             except Exception:
                 return _decode_slow(codec, name, got[1])
         except _Retry:
-            ch.lost = True
+            chans.retire(ch)
             return self.call(name, payload, flags, codec, timeout)
         except BaseException:
             if not ch.lost and not self._settle(chans, ch):
@@ -589,7 +619,10 @@ class ShmTransport:
             raise
         finally:
             if not ch.lost:
-                chans.free.append(ch)
+                if chans.closed:   # closed (or the service went away) while this call ran
+                    chans.retire(ch)
+                else:
+                    chans.free.append(ch)
 
     def _call_slow(self, chans: _Channels, ch: _Channel, got: int, name, payload, flags, codec, timeout):
         seg = chans.seg
@@ -640,7 +673,9 @@ class ShmTransport:
                 worker = st >> core.ST_PID_SHIFT
                 if not process_alive(worker):
                     if r.cas32(off, st, core.ST_IDLE):
-                        return True
+                        # it may have died halfway through growing the channel: start afresh
+                        chans.retire(ch)
+                        return False
                 elif r.cas32(off, st, core.ST_ABANDONED | (worker << core.ST_PID_SHIFT)):
                     chans.owned.pop(ch.slot, None)  # the worker frees it when it finishes
                     ch.lost = True
@@ -659,6 +694,8 @@ class ShmTransport:
             code = st & core.ST_CODE
             if code == core.ST_CLAIMED and not process_alive(st >> core.ST_PID_SHIFT):
                 if r.cas32(off, st, core.ST_IDLE):
+                    # it may have died halfway through growing the channel: start afresh
+                    chans.retire(ch)
                     raise WorkerDied(f"the worker (pid {st >> core.ST_PID_SHIFT}) of service "
                                      f"{self.service!r} died during the call")
                 continue
@@ -666,6 +703,11 @@ class ShmTransport:
                 if r.cas32(off, st, core.ST_IDLE):
                     self._drop()
                     raise ServiceUnavailable(f"service {self.service!r} stopped before the call was served")
+                continue
+            if code == core.ST_REQUEST and not seg.supervised and not seg.any_worker_alive():
+                # nobody will start a worker for this call (a supervised service's owner would)
+                if r.cas32(off, st, core.ST_IDLE):
+                    raise ServiceUnavailable(f"service {self.service!r} has no worker running")
                 continue
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:

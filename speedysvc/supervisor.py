@@ -117,7 +117,7 @@ class ServicePool:
         self.state, self.failure, self.quick_crashes = STARTING, None, 0
         self.log.write(os.getpid(), "INFO", "manager", f"starting {cfg.min_proc_num} worker(s) of {cfg.target}")
         self.segment = shm.ServiceSegment.create(cfg.name, max_channels=cfg.max_channels,
-                                                 max_payload=cfg.max_payload)
+                                                 max_payload=cfg.max_payload, supervised=True)
         self.segment.set_state(core.SVC_SERVING)  # calls queue while the workers start
         self.started_at = time.time()
         self.target = cfg.min_proc_num

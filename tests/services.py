@@ -222,3 +222,62 @@ class CrashOnStart(ServerMethodsBase):
     @msgpack_method
     def never(self):
         return None
+
+
+class RawOdd(ServerMethodsBase):
+    """Raw methods returning what is not bytes."""
+    port = 5560
+    name = 'raw_odd'
+
+    @raw_method
+    def to_bytearray(self, data):
+        return bytearray(data)
+
+    @raw_method
+    def to_str(self, data):
+        return "text"
+
+    @raw_method
+    def to_none(self, data):
+        return None
+
+    @raw_method
+    def ok(self, data):
+        return bytes(data)
+
+
+class DiesWhileGrowing(ServerMethodsBase):
+    """Its worker is SIGKILLed in the middle of growing a channel for a large response
+    (as an out-of-memory kill would), at the step named by SPEEDYSVC_TEST_DIE."""
+    port = 5561
+    name = 'dies_growing'
+
+    def __init__(self):
+        from speedysvc import shm
+        mode = os.environ.get("SPEEDYSVC_TEST_DIE")
+        if mode == "after_grow":          # new generation published, response not yet written
+            orig = shm.replace_data_segment
+
+            def grow_then_die(*a, **k):
+                orig(*a, **k)
+                os.kill(os.getpid(), signal.SIGKILL)
+            shm.replace_data_segment = grow_then_die
+        elif mode == "after_create":      # new generation's file created, not yet published
+            orig_create = shm.DataSegment.create.__func__
+
+            def create_then_die(cls, *a, **k):
+                orig_create(cls, *a, **k)
+                os.kill(os.getpid(), signal.SIGKILL)
+            shm.DataSegment.create = classmethod(create_then_die)
+
+    @msgpack_method
+    def big(self, n):
+        return b"z" * n
+
+    @msgpack_method
+    def echo(self, x):
+        return x
+
+    @msgpack_method
+    def size_of(self, data):
+        return len(data)

@@ -63,18 +63,32 @@ def test_worker_killing_itself_with_sigkill(tmp_path):
         assert c.echo_msgpack(1) == 1
 
 
-def test_no_worker_left_times_out_instead_of_hanging():
+def test_no_worker_left_fails_instead_of_hanging():
+    """Nobody restarts LocalService's workers: with none alive, a call without a timeout fails."""
     with LocalService(Kitchen, workers=1) as svc, connect(Kitchen) as c:
         assert c.echo_msgpack(1) == 1
         os.kill(svc.pids[0], signal.SIGKILL)
         svc.processes[0].wait()
         t = time.monotonic()
-        with pytest.raises(CallTimeout):
-            c.with_timeout(0.5).echo_msgpack(2)
-        assert 0.4 < time.monotonic() - t < 3
+        with pytest.raises(ServiceUnavailable, match="no worker"):
+            c.echo_msgpack(2)
+        assert time.monotonic() - t < 3
         # the call was taken back, not left for a future worker to run
         svc.add_worker()
         assert c.count() == 1
+
+
+def test_queued_call_times_out_and_is_withdrawn():
+    with LocalService(Kitchen, workers=1) as svc, connect(Kitchen) as busy, connect(Kitchen) as c:
+        th = threading.Thread(target=busy.sleep, args=(1.0,))
+        th.start()
+        assert wait_until(lambda: any(w["busy"] for w in svc.segment.workers()))
+        t = time.monotonic()
+        with pytest.raises(CallTimeout):
+            c.with_timeout(0.3).count()
+        assert time.monotonic() - t < 1.0
+        th.join()
+        assert c.count() == 1   # the timed-out call never ran
 
 
 def test_timeout_on_a_slow_call_then_the_channel_is_reclaimed():
@@ -236,3 +250,82 @@ def test_worker_that_fails_to_start_is_reported():
     Broken.__module__ = "services"  # workers look it up there and fail to find it
     with pytest.raises(RuntimeError, match="exited with code"):
         LocalService(Broken, workers=1, start_timeout=20).start()
+
+
+def test_raw_method_returning_something_else():
+    from services import RawOdd
+    from speedysvc import EncodeError
+    with LocalService(RawOdd, workers=1) as svc, connect(RawOdd, timeout=10) as c:
+        pid = svc.pids[0]
+        for _ in range(2):   # first through the Python path, then through the C loop
+            assert c.to_bytearray(b"abc") == b"abc"
+            with pytest.raises(EncodeError, match="bytes-like"):
+                c.to_str(b"x")
+            with pytest.raises(EncodeError):
+                c.to_none(b"x")
+        assert c.ok(b"fine") == b"fine" and svc.pids == [pid]
+
+
+@pytest.mark.parametrize("mode", ["after_grow", "after_create"])
+def test_worker_killed_while_growing_a_channel(mode):
+    from services import DiesWhileGrowing
+    env = dict(os.environ, SPEEDYSVC_TEST_DIE=mode)
+    with LocalService(DiesWhileGrowing, workers=2, env=env), connect(DiesWhileGrowing, timeout=20) as c:
+        assert c.echo("warm") == "warm"
+        with pytest.raises(WorkerDied):
+            c.big(3 << 20)
+        # the channel was not reused half-grown: calls of every size work
+        assert c.echo("hello") == "hello"
+        assert c.size_of(b"x" * (2 << 20)) == 2 << 20
+        assert c.size_of(b"x" * (2 << 20)) == 2 << 20
+
+
+def test_client_dies_while_its_call_runs_and_another_client_takes_the_slot():
+    """The call's channel is left to the worker holding it, not handed to the next client."""
+    code = textwrap.dedent("""
+        from speedysvc import connect
+        from services import Kitchen
+        c = connect(Kitchen)
+        c.echo_msgpack(1)
+        print("ready", flush=True)
+        c.sleep(1.5)
+    """)
+    with LocalService(Kitchen, workers=2, max_channels=2) as svc:
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+        proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, env=env)
+        assert proc.stdout.readline().strip() == b"ready"
+        assert wait_until(lambda: any(w["busy"] for w in svc.segment.workers()))
+        proc.kill()
+        proc.wait()
+        time.sleep(1.2)   # the workers reap meanwhile
+        with connect(Kitchen, timeout=5) as c:
+            for i in range(20):
+                assert c.big(10 + i) == b"z" * (10 + i)
+            assert wait_until(lambda: not any(w["busy"] for w in svc.segment.workers()), timeout=5)
+            for i in range(20):
+                assert c.big(3 << 20 if i % 5 == 0 else i) == b"z" * (3 << 20 if i % 5 == 0 else i)
+        assert wait_until(lambda: not channel_states(svc), timeout=6)
+
+
+def test_close_while_another_thread_calls():
+    with LocalService(Kitchen, workers=1) as svc:
+        for _ in range(30):
+            c = connect(Kitchen)
+            c.echo_msgpack(0)
+            outcome = []
+
+            def loop():
+                try:
+                    while True:
+                        c.echo_msgpack(1)
+                except Exception as e:
+                    outcome.append(e)
+
+            th = threading.Thread(target=loop)
+            th.start()
+            time.sleep(0.002)
+            c.close()
+            th.join(5)
+            assert not th.is_alive(), "a call hung after close()"
+            assert "closed" in str(outcome[0])
+        assert wait_until(lambda: not channel_states(svc), timeout=5)
