@@ -27,7 +27,7 @@
 
 /* ---- layout ------------------------------------------------------------ */
 #define MAGIC            0x43565353u   /* "SSVC" */
-#define LAYOUT_VERSION   1u
+#define LAYOUT_VERSION   2u
 
 #define H_MAGIC          0
 #define H_VERSION        4
@@ -41,8 +41,10 @@
 #define H_STATS_OFF      48    /* u32, where the per-method statistics start */
 #define H_MAX_METHODS    52    /* u32, methods with statistics of their own */
 #define H_NAMES_OFF      56    /* u32, where the method names start (MAX_METHODS x 64 bytes) */
-#define H_OWNER_FLAGS    60    /* u32: bit 0, the owner restarts workers that die */
+#define H_OWNER_FLAGS    60    /* u32: bit 0, the owner restarts workers that die;
+                                  bit 1, the first workers have started */
 #define OWNER_RESTARTS_WORKERS 1u
+#define OWNER_WORKERS_STARTED  2u
 #define NAME_SIZE        64
 #define H_SEQ            64    /* own cache line: futex word workers sleep on */
 #define H_SLEEPERS       68
@@ -56,6 +58,7 @@
 #define W_STARTED_NS     24
 #define W_ERRORS         32
 #define W_CLAIM_NS       40
+#define W_START_TICKS    48    /* u64, the worker's start time (clock ticks), against pid reuse */
 #define H_CHANNELS       8192
 /* A channel takes two cache lines: the first is written by the caller (and
  * holds the state word both sides watch), the second by the worker, so the
@@ -190,8 +193,10 @@ typedef struct {
     Py_ssize_t exports; /* memoryviews currently over an owned mapping */
 } Region;
 
+static int check_timeout(double timeout);
+
 static int check_off(Region *r, Py_ssize_t off, Py_ssize_t width) {
-    if (off < 0 || off % width != 0 || off + width > r->size) {
+    if (!r->base || off < 0 || off % width != 0 || off + width > r->size) {
         PyErr_Format(PyExc_ValueError, "offset %zd out of range or unaligned", off);
         return -1;
     }
@@ -201,7 +206,10 @@ static int check_off(Region *r, Py_ssize_t off, Py_ssize_t width) {
 static int Region_init(Region *self, PyObject *args, PyObject *kw) {
     PyObject *obj;
     if (!PyArg_ParseTuple(args, "O", &obj)) return -1;
-    if (self->base) { PyBuffer_Release(&self->view); self->base = NULL; }
+    if (self->base || self->owns) {
+        PyErr_SetString(PyExc_TypeError, "a Region is initialised once");
+        return -1;
+    }
     if (PyObject_GetBuffer(obj, &self->view, PyBUF_WRITABLE | PyBUF_SIMPLE) < 0) return -1;
     self->base = self->view.buf;
     self->size = self->view.len;
@@ -263,7 +271,8 @@ static PyObject *R_add64(Region *self, PyObject *args) {
 }
 static PyObject *R_wait32(Region *self, PyObject *args) {
     Py_ssize_t off; unsigned long expected; double timeout;
-    if (!PyArg_ParseTuple(args, "nkd", &off, &expected, &timeout) || check_off(self, off, 4)) return NULL;
+    if (!PyArg_ParseTuple(args, "nkd", &off, &expected, &timeout) || check_off(self, off, 4)
+        || check_timeout(timeout)) return NULL;
     int rc;
     Py_BEGIN_ALLOW_THREADS
     rc = futex_wait(U32(self->base, off), (uint32_t)expected, timeout > 0 ? (uint64_t)(timeout * 1e9) : 0);
@@ -281,7 +290,38 @@ static PyObject *R_addr(Region *self, PyObject *unused) {
 }
 
 /* -- the protocol's hot path -------------------------------------------- */
+/* A wait's timeout must be a finite number of seconds, at most a day (a NaN
+ * would turn into an endless wait and skip the caller's liveness checks). */
+static int check_timeout(double timeout) {
+    if (!(timeout >= 0.0 && timeout <= 86400.0)) {
+        PyErr_SetString(PyExc_ValueError, "timeout must be a number of seconds from 0 to 86400");
+        return -1;
+    }
+    return 0;
+}
+
+/* A service segment whose header promises no more than the mapping holds. */
+static int check_service(Region *self) {
+    if (!self->base || self->size < H_CHANNELS) {
+        PyErr_SetString(PyExc_ValueError, "not a mapped service segment");
+        return -1;
+    }
+    uint32_t n = LOAD(U32(self->base, H_MAX_CHANNELS));
+    if (n == 0 || n > MAX_CHANNELS_LIMIT || H_CHANNELS + (Py_ssize_t)n * C_SIZE > self->size) {
+        PyErr_SetString(PyExc_ValueError, "corrupt service segment header (max_channels)");
+        return -1;
+    }
+    uint32_t stats = LOAD(U32(self->base, H_STATS_OFF)), nm = LOAD(U32(self->base, H_MAX_METHODS));
+    if (stats && (nm > MAX_METHODS
+                  || (Py_ssize_t)stats + (Py_ssize_t)MAX_WORKERS * nm * M_SIZE > self->size)) {
+        PyErr_SetString(PyExc_ValueError, "corrupt service segment header (statistics)");
+        return -1;
+    }
+    return 0;
+}
+
 static int check_slot(Region *self, long slot) {
+    if (check_service(self)) return -1;
     uint32_t n = LOAD(U32(self->base, H_MAX_CHANNELS));
     if (slot < 0 || (uint32_t)slot >= n || H_CHANNELS + (slot + 1) * C_SIZE > self->size) {
         PyErr_Format(PyExc_ValueError, "channel %ld out of range", slot);
@@ -389,7 +429,7 @@ static PyObject *R_wait_reply(Region *self, PyObject *const *args, Py_ssize_t na
     long slot = PyLong_AsLong(args[0]);
     if ((slot == -1 && PyErr_Occurred()) || check_slot(self, slot)) return NULL;
     double timeout = PyFloat_AsDouble(args[1]);
-    if (timeout == -1.0 && PyErr_Occurred()) return NULL;
+    if ((timeout == -1.0 && PyErr_Occurred()) || check_timeout(timeout)) return NULL;
     char *ch = self->base + H_CHANNELS + slot * C_SIZE;
     int ready;
     Py_BEGIN_ALLOW_THREADS
@@ -415,7 +455,7 @@ static PyObject *R_call(Region *self, PyObject *const *args, Py_ssize_t nargs) {
     unsigned long flags = PyLong_AsUnsignedLong(args[4]);
     if (flags == (unsigned long)-1 && PyErr_Occurred()) return NULL;
     double timeout = PyFloat_AsDouble(args[5]);
-    if (timeout == -1.0 && PyErr_Occurred()) return NULL;
+    if ((timeout == -1.0 && PyErr_Occurred()) || check_timeout(timeout)) return NULL;
     Py_buffer name, payload;
     if (PyObject_GetBuffer(args[2], &name, PyBUF_SIMPLE) < 0) return NULL;
     if (PyObject_GetBuffer(args[3], &payload, PyBUF_SIMPLE) < 0) { PyBuffer_Release(&name); return NULL; }
@@ -655,7 +695,7 @@ static PyObject *R_serve(Region *self, PyObject *const *args, Py_ssize_t nargs) 
         PyErr_SetString(PyExc_TypeError, "serve(int, list, dict, list, float)"); return NULL;
     }
     double timeout = PyFloat_AsDouble(args[4]);
-    if (timeout == -1.0 && PyErr_Occurred()) return NULL;
+    if ((timeout == -1.0 && PyErr_Occurred()) || check_timeout(timeout) || check_service(self)) return NULL;
     char *base = self->base, *w = base + H_WORKERS + widx * W_SIZE;
     uint64_t deadline = now_ns() + (uint64_t)(timeout * 1e9);
     for (;;) {
@@ -876,6 +916,7 @@ PyMODINIT_FUNC PyInit__shmcore(void) {
     ADD(C_SIZE); ADD(C_STATE); ADD(C_OWNER_PID); ADD(C_DATA_GEN); ADD(C_FLAGS); ADD(C_DATA_CAP);
     ADD(C_REQ_LEN); ADD(C_NAME_LEN); ADD(C_STATUS); ADD(C_RESP_OFF); ADD(C_RESP_LEN); ADD(C_OWNER_START); ADD(C_CALLER_CPU); ADD(C_WORKER_CPU);
     ADD(MAX_CHANNELS_LIMIT); ADD(MAX_WORKERS); ADD(MAX_METHODS); ADD(H_STATS_OFF); ADD(H_MAX_METHODS); ADD(H_NAMES_OFF); ADD(NAME_SIZE); ADD(H_OWNER_FLAGS); ADD(OWNER_RESTARTS_WORKERS);
+    ADD(OWNER_WORKERS_STARTED); ADD(W_START_TICKS);
     ADD(M_SIZE); ADD(M_CALLS); ADD(M_ERRORS); ADD(M_TOTAL_NS); ADD(M_MAX_NS); ADD(M_BUCKETS); ADD(M_NBUCKETS);
     ADD(SVC_STARTING); ADD(SVC_SERVING); ADD(SVC_STOPPING); ADD(SVC_STOPPED);
     ADD(ST_IDLE); ADD(ST_REQUEST); ADD(ST_CLAIMED); ADD(ST_RESPONSE); ADD(ST_ABANDONED);

@@ -21,6 +21,7 @@ from .logs import matches
 
 CSRF_HEADER = "X-Speedysvc-Request"
 OPEN_PATHS = {"/healthz", "/readyz"}
+TOKEN_COOKIE = "speedysvc_token"
 
 
 def is_loopback(host: str) -> bool:
@@ -43,18 +44,26 @@ def _error(status: int, message: str) -> web.Response:
 @web.middleware
 async def _guard(request: web.Request, handler):
     token = request.app["token"]
-    if token and request.path not in OPEN_PATHS:
+    from_query = False
+    if token and request.path not in OPEN_PATHS and not request.path.startswith("/static/"):
         supplied = request.headers.get("Authorization", "").removeprefix("Bearer ").strip() \
-            or request.cookies.get("speedysvc_token", "") or request.query.get("token", "")
-        if not secrets.compare_digest(supplied, token):
-            return _error(401, "an access token is required (Authorization: Bearer <token>)")
+            or request.cookies.get(TOKEN_COOKIE, "")
+        if not supplied and request.query.get("token"):
+            supplied, from_query = request.query["token"], True
+        if not secrets.compare_digest(supplied.encode(), token.encode()):
+            return _error(401, "an access token is required (Authorization: Bearer <token>, "
+                               "or open the page once as /?token=<token>)")
     if request.method not in ("GET", "HEAD", "OPTIONS"):
         if request.headers.get(CSRF_HEADER) != "1":
             return _error(403, f"state-changing requests need the header {CSRF_HEADER}: 1")
         origin = request.headers.get("Origin")
         if origin and origin != f"{request.scheme}://{request.host}":
             return _error(403, f"cross-origin request from {origin} refused")
-    return await handler(request)
+    response = await handler(request)
+    if from_query and not response.prepared:
+        # a browser opened /?token=...: remember it for this site only
+        response.set_cookie(TOKEN_COOKIE, token, httponly=True, samesite="Strict", path="/")
+    return response
 
 
 def make_app(manager, token: str | None = None) -> web.Application:
@@ -158,6 +167,8 @@ def make_app(manager, token: str | None = None) -> web.Application:
         return resp
 
     app.add_routes(routes)
+    from .web import add_web_routes
+    add_web_routes(app, manager)
     return app
 
 

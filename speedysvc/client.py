@@ -7,6 +7,7 @@ lower-level form that ``ClientMethodsBase`` subclasses use.
 from __future__ import annotations
 
 import functools
+import math
 
 from . import codecs
 from urllib.parse import urlsplit
@@ -18,9 +19,11 @@ _DEFAULT = ...
 
 
 def _check_timeout(timeout):
-    if timeout is not None and (not isinstance(timeout, (int, float)) or timeout < 0):
-        raise ValueError(f"timeout must be None or a number >= 0, got {timeout!r}")
-    return None if timeout is None else float(timeout)
+    if timeout is None or timeout == math.inf:
+        return None
+    if not isinstance(timeout, (int, float)) or not math.isfinite(timeout) or not 0 <= timeout <= 86400:
+        raise ValueError(f"timeout must be None or a number of seconds from 0 to 86400, got {timeout!r}")
+    return float(timeout)
 
 
 def make_transport(server_cls, address: str):

@@ -74,6 +74,7 @@ class LocalService:
             for _ in range(self.n_workers):
                 self._spawn()
             self.wait_for_workers(self.n_workers, self.start_timeout)
+            self.segment.mark_workers_started()
         except BaseException:
             self.stop()
             raise

@@ -109,7 +109,7 @@ def process_start_time(pid: int) -> int | None:
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             stat = f.read()
-    except (FileNotFoundError, ProcessLookupError, PermissionError):
+    except (FileNotFoundError, ProcessLookupError):
         return None
     fields = stat[stat.rfind(b")") + 2:].split()
     if fields[0] in (b"Z", b"X"):
@@ -121,7 +121,10 @@ def process_alive(pid: int, start_time: int = 0) -> bool:
     """True if ``pid`` runs and (when given) started at ``start_time``, so a reused pid is not mistaken."""
     if pid <= 0:
         return False
-    started = process_start_time(pid)
+    try:
+        started = process_start_time(pid)
+    except OSError:
+        return True   # cannot tell (out of file descriptors, say): never take a live process for dead
     return started is not None and (not start_time or started == start_time)
 
 
@@ -144,7 +147,7 @@ class ServiceSegment:
         self.region, self.ino = mapped
         r = self.region
         if r.size < core.H_CHANNELS or r.load32(core.H_MAGIC) != core.MAGIC:
-            raise SpeedysvcError(f"/dev/shm/{self.name} is not a speedysvc segment")
+            raise ServiceUnavailable(f"/dev/shm/{self.name} is not a speedysvc segment (or not a complete one)")
         if r.load32(core.H_VERSION) != core.LAYOUT_VERSION:
             raise SpeedysvcError(f"/dev/shm/{self.name} uses layout version {r.load32(core.H_VERSION)}, "
                                  f"this speedysvc speaks {core.LAYOUT_VERSION}: restart the service")
@@ -173,11 +176,14 @@ class ServiceSegment:
             owner, start = stale.owner
             if stale.state != core.SVC_STOPPED and process_alive(owner, start):
                 raise ServiceAlreadyRunning(f"service {service!r} is already served by pid {owner}")
-        remove_service_segments(service)
+        remove_service_segments(service, keep_starting=True)
         names_off = _page_align(core.H_CHANNELS + max_channels * core.C_SIZE)
         stats_off = names_off + _page_align(core.MAX_METHODS * core.NAME_SIZE)
         size = stats_off + core.MAX_WORKERS * core.MAX_METHODS * core.M_SIZE
-        mapped = create_segment(name, size)
+        # filled in under a temporary name, then linked to the real one: the name only
+        # ever points to a complete segment, and of two owners starting at once one wins
+        temp = f"{name}.starting-{os.getpid()}"
+        mapped = create_segment(temp, size)
         r = mapped[0]
         r.store32(core.H_NAMES_OFF, names_off)
         r.store32(core.H_STATS_OFF, stats_off)
@@ -192,12 +198,20 @@ class ServiceSegment:
         r.store32(core.H_STATE, core.SVC_STARTING)
         r.store32(core.H_OWNER_FLAGS, core.OWNER_RESTARTS_WORKERS if supervised else 0)
         r.store32(core.H_MAGIC, core.MAGIC)
+        try:
+            os.link(os.path.join(SHM_DIR, temp), os.path.join(SHM_DIR, name))
+        except FileExistsError:
+            raise ServiceAlreadyRunning(f"service {service!r} was started by another process meanwhile") from None
+        finally:
+            unlink_segment(temp)
         return cls(service, mapped)
 
     @classmethod
     def attach(cls, service: str) -> "ServiceSegment":
         try:
             mapped = open_segment(service_segment_name(service))
+        except ValueError:   # an empty file: not ours, or not complete
+            raise ServiceUnavailable(f"/dev/shm/{service_segment_name(service)} is not a speedysvc segment") from None
         except FileNotFoundError:
             raise ServiceUnavailable(f"service {service!r} is not running "
                                      f"(no /dev/shm/{service_segment_name(service)})") from None
@@ -235,8 +249,27 @@ class ServiceSegment:
     def supervised(self) -> bool:
         return bool(self.region.load32(core.H_OWNER_FLAGS) & core.OWNER_RESTARTS_WORKERS)
 
-    def any_worker_alive(self) -> bool:
-        return any(process_alive(w["pid"]) for w in self.workers())
+    def mark_workers_started(self) -> None:
+        """The owner's first workers serve: from now on an unsupervised service without a
+        live worker fails calls instead of queueing them."""
+        while True:
+            flags = self.region.load32(core.H_OWNER_FLAGS)
+            if self.region.cas32(core.H_OWNER_FLAGS, flags, flags | core.OWNER_WORKERS_STARTED):
+                return
+
+    def abandoned_by_workers(self) -> bool:
+        """No worker will ever come: unsupervised, its workers started once and all are dead."""
+        flags = self.region.load32(core.H_OWNER_FLAGS)
+        return (not flags & core.OWNER_RESTARTS_WORKERS and bool(flags & core.OWNER_WORKERS_STARTED)
+                and not any(w["alive"] for w in self.workers()))
+
+    def worker_alive(self, pid: int) -> bool:
+        """Is the worker with this pid alive?  Its start time in the worker table guards
+        against a reused pid."""
+        for w in self.workers():
+            if w["pid"] == pid:
+                return w["alive"]
+        return process_alive(pid)
 
     def kick_workers(self) -> None:
         """Wake every sleeping worker, e.g. so they notice a state change."""
@@ -260,6 +293,7 @@ class ServiceSegment:
                 for field in (core.W_CALLS, core.W_BUSY_NS, core.W_ERRORS, core.W_CLAIM_NS):
                     r.store64(off + field, 0)
                 r.store64(off + core.W_STARTED_NS, time.time_ns())
+                r.store64(off + core.W_START_TICKS, process_start_time(pid) or 0)
                 r.store32(off + core.W_STATE, 1)
                 return i
         raise SpeedysvcError(f"service {self.service!r} already has {core.MAX_WORKERS} workers")
@@ -280,6 +314,7 @@ class ServiceSegment:
                             "calls": r.load64(off + core.W_CALLS), "errors": r.load64(off + core.W_ERRORS),
                             "busy_ns": r.load64(off + core.W_BUSY_NS),
                             "claim_ns": r.load64(off + core.W_CLAIM_NS),
+                            "alive": process_alive(pid, r.load64(off + core.W_START_TICKS)),
                             "started_ns": r.load64(off + core.W_STARTED_NS)})
         return out
 
@@ -395,10 +430,15 @@ class ServiceSegment:
         return reclaimed
 
 
-def remove_service_segments(service: str) -> None:
-    """Unlink a service's segment and every data segment of its channels."""
+def remove_service_segments(service: str, keep_starting: bool = False) -> None:
+    """Unlink a service's segment and every data segment of its channels (but, with
+    ``keep_starting``, not a segment another live owner is still filling in)."""
     base = os.path.join(SHM_DIR, glob.escape(service_segment_name(service)))
     for path in [base] + glob.glob(base + ".*"):
+        if keep_starting and ".starting-" in path:
+            pid = path.rsplit("-", 1)[-1]
+            if pid.isdigit() and process_alive(int(pid)):
+                continue
         try:
             os.unlink(path)
         except FileNotFoundError:
@@ -439,7 +479,12 @@ def replace_data_segment(seg: ServiceSegment, slot: int, owner_pid: int, needed:
     a name is never reused within the life of the service segment."""
     off = seg.channel_offset(slot)
     old_gen = seg.region.load32(off + core.C_DATA_GEN)
-    new = DataSegment.create(seg.service, owner_pid, slot, old_gen + 1, grown_size(needed, current_size))
+    size = grown_size(needed, current_size)
+    try:
+        new = DataSegment.create(seg.service, owner_pid, slot, old_gen + 1, size)
+    except FileExistsError:   # left by a growth that was interrupted before it was published
+        unlink_segment(data_segment_name(seg.service, owner_pid, slot, old_gen + 1))
+        new = DataSegment.create(seg.service, owner_pid, slot, old_gen + 1, size)
     seg.region.store64(off + core.C_DATA_CAP, new.size)
     seg.region.store32(off + core.C_DATA_GEN, old_gen + 1)
     unlink_segment(data_segment_name(seg.service, owner_pid, slot, old_gen))
@@ -623,6 +668,8 @@ class ShmTransport:
                     chans.retire(ch)
                 else:
                     chans.free.append(ch)
+                    if chans.closed:   # ...or just now, between the check and the append
+                        chans.release_all()
 
     def _call_slow(self, chans: _Channels, ch: _Channel, got: int, name, payload, flags, codec, timeout):
         seg = chans.seg
@@ -671,7 +718,7 @@ class ShmTransport:
                     return True
             elif code == core.ST_CLAIMED:
                 worker = st >> core.ST_PID_SHIFT
-                if not process_alive(worker):
+                if not chans.seg.worker_alive(worker):
                     if r.cas32(off, st, core.ST_IDLE):
                         # it may have died halfway through growing the channel: start afresh
                         chans.retire(ch)
@@ -692,7 +739,7 @@ class ShmTransport:
         while True:
             st = r.load32(off)
             code = st & core.ST_CODE
-            if code == core.ST_CLAIMED and not process_alive(st >> core.ST_PID_SHIFT):
+            if code == core.ST_CLAIMED and not seg.worker_alive(st >> core.ST_PID_SHIFT):
                 if r.cas32(off, st, core.ST_IDLE):
                     # it may have died halfway through growing the channel: start afresh
                     chans.retire(ch)
@@ -704,11 +751,16 @@ class ShmTransport:
                     self._drop()
                     raise ServiceUnavailable(f"service {self.service!r} stopped before the call was served")
                 continue
-            if code == core.ST_REQUEST and not seg.supervised and not seg.any_worker_alive():
+            if code == core.ST_REQUEST and seg.abandoned_by_workers():
                 # nobody will start a worker for this call (a supervised service's owner would)
                 if r.cas32(off, st, core.ST_IDLE):
                     raise ServiceUnavailable(f"service {self.service!r} has no worker running")
                 continue
+            if code == core.ST_IDLE or r.load32(seg.channel_offset(ch.slot) + core.C_OWNER_PID) != chans.pid:
+                # a worker dropped the call and gave the channel up (it could not map it)
+                chans.retire(ch)
+                raise ServiceUnavailable(f"service {self.service!r} dropped the call: a worker could not "
+                                         f"map its channel (out of file descriptors or memory?)")
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 raise CallTimeout(f"call to service {self.service!r} timed out after {timeout} s")

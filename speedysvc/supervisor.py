@@ -115,7 +115,7 @@ class ServicePool:
             raise RuntimeError(f"service {self.cfg.section} is stopping")
         cfg = self.cfg
         self.state, self.failure, self.quick_crashes = STARTING, None, 0
-        self.log.write(os.getpid(), "INFO", "manager", f"starting {cfg.min_proc_num} worker(s) of {cfg.target}")
+        self._event("INFO", f"starting {cfg.min_proc_num} worker(s) of {cfg.target}")
         self.segment = shm.ServiceSegment.create(cfg.name, max_channels=cfg.max_channels,
                                                  max_payload=cfg.max_payload, supervised=True)
         self.segment.set_state(core.SVC_SERVING)  # calls queue while the workers start
@@ -132,7 +132,7 @@ class ServicePool:
             await asyncio.sleep(0.02)
         if self.state == STARTING:
             self.state = RUNNING
-            self.log.write(os.getpid(), "INFO", "manager", f"running with {len(self.workers)} worker(s)")
+            self._event("INFO", f"running with {len(self.workers)} worker(s)")
 
     async def stop(self, timeout: float | None = None) -> None:
         """Refuse new calls, let running and queued ones finish (up to ``stop_timeout``),
@@ -155,8 +155,7 @@ class ServicePool:
             await asyncio.wait_for(self._all_exited.wait(), timeout)
         except asyncio.TimeoutError:
             for w in list(self.workers.values()):
-                self.log.write(os.getpid(), "WARNING", "manager",
-                               f"worker {w.pid} did not stop within {timeout} s: killing it")
+                self._event("WARNING", f"worker {w.pid} did not stop within {timeout} s: killing it")
                 self._signal(w, signal.SIGKILL)
             try:
                 await asyncio.wait_for(self._all_exited.wait(), 5)
@@ -167,7 +166,7 @@ class ServicePool:
             self.segment = None
         if not was_failed:
             self.state = STOPPED
-            self.log.write(os.getpid(), "INFO", "manager", "stopped")
+            self._event("INFO", "stopped")
 
     async def restart(self) -> None:
         await self.stop()
@@ -187,6 +186,11 @@ class ServicePool:
     def close(self) -> None:
         self.log.close()
 
+    def _event(self, level: str, message: str) -> None:
+        """A lifecycle event: in the service's log, and in the manager's."""
+        self.log.write(os.getpid(), level, "manager", message)
+        log.log(getattr(logging, level), "%s: %s", self.cfg.section, message)
+
     # -- workers ---------------------------------------------------------------------------
     def _live(self) -> list[Worker]:
         return [w for w in self.workers.values() if not w.leaving]
@@ -201,6 +205,7 @@ class ServicePool:
         env["PYTHONPATH"] = os.pathsep.join([self.folder] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
         env[LOG_FD_ENV] = str(write_log)
         env[LOG_LEVEL_ENV] = cfg.log_level
+        env["SPEEDYSVC_PARENT_DEATH_SIGNAL"] = "1"   # the manager spawns from its only thread
         try:
             proc = subprocess.Popen([sys.executable, "-m", "speedysvc.worker", cfg.target, cfg.name],
                                     cwd=self.folder, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -216,7 +221,7 @@ class ServicePool:
             fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_NONBLOCK)
             w.fds[fd] = (kind, LineSplitter())
             self.loop.add_reader(fd, self._on_output, w, fd)
-        self.log.write(os.getpid(), "INFO", "manager", f"started worker {w.pid}")
+        self._event("INFO", f"started worker {w.pid}")
         return w
 
     def _on_output(self, w: Worker, fd: int) -> None:
@@ -260,7 +265,7 @@ class ServicePool:
             self.segment.reap()  # frees its worker-table entry and any channel it held
         how = f"code {code}" if code >= 0 else f"signal {signal.Signals(-code).name}"
         if w.leaving or self.state in (STOPPING, STOPPED, FAILED):
-            self.log.write(os.getpid(), "INFO", "manager", f"worker {w.pid} exited ({how})")
+            self._event("INFO", f"worker {w.pid} exited ({how})")
         else:
             self._crashed(w, how)
         if not self.workers:
@@ -270,13 +275,13 @@ class ServicePool:
         cfg = self.cfg
         uptime = time.monotonic() - w.started
         self.quick_crashes = self.quick_crashes + 1 if uptime < cfg.crash_window else 1
-        self.log.write(os.getpid(), "ERROR", "manager", f"worker {w.pid} died ({how}) after {uptime:.1f} s")
+        self._event("ERROR", f"worker {w.pid} died ({how}) after {uptime:.1f} s")
         if self.quick_crashes >= cfg.crash_limit:
             self.loop.create_task(self._fail(f"{self.quick_crashes} workers in a row died within "
                                              f"crash_window ({cfg.crash_window} s) of starting"))
             return
         delay = min(cfg.restart_backoff * 2 ** (self.quick_crashes - 1), cfg.restart_backoff_max)
-        self.log.write(os.getpid(), "INFO", "manager", f"restarting a worker in {delay:.2f} s")
+        self._event("INFO", f"restarting a worker in {delay:.2f} s")
         if self._restart_handle is None:
             self._restart_handle = self.loop.call_later(delay, self._replenish)
 
@@ -292,8 +297,7 @@ class ServicePool:
         if self.state in (FAILED, STOPPED):
             return
         self.failure = reason
-        self.log.write(os.getpid(), "ERROR", "manager", f"service marked failed: {reason}")
-        log.error("service %s failed: %s", self.cfg.section, reason)
+        self._event("ERROR", f"service marked failed: {reason}")
         self.state = STOPPING
         await self.stop(timeout=2.0)
         self.state = FAILED
@@ -308,7 +312,7 @@ class ServicePool:
         old, self.target = self.target, n
         if n == old:
             return
-        self.log.write(os.getpid(), "INFO", "manager", f"{why}: {old} -> {n} worker(s)")
+        self._event("INFO", f"{why}: {old} -> {n} worker(s)")
         live = self._live()
         if n > len(live):
             for _ in range(n - len(live)):
@@ -347,8 +351,7 @@ class ServicePool:
             if r["busy"] and r["claim_ns"] and (now_ns - r["claim_ns"]) / 1e9 > limit:
                 w = self.workers.get(r["pid"])
                 if w is not None and not w.leaving:
-                    self.log.write(os.getpid(), "ERROR", "manager",
-                                   f"worker {w.pid} spent more than call_timeout ({limit} s) on one call: killing it")
+                    self._event("ERROR", f"worker {w.pid} spent more than call_timeout ({limit} s) on one call: killing it")
                     self._signal(w, signal.SIGKILL)
 
     def _busy_ns(self, registered: list[dict]) -> int:

@@ -23,6 +23,7 @@ from .errors import EncodeError, PayloadTooLarge, encode_exception
 from .logs import setup_worker_logging
 
 HOUSEKEEPING_INTERVAL = 1.0
+PARENT_DEATH_ENV = "SPEEDYSVC_PARENT_DEATH_SIGNAL"
 
 log = logging.getLogger("speedysvc.worker")
 
@@ -80,7 +81,10 @@ class Worker:
                         break
                     if os.getppid() != parent:
                         break  # orphaned: the supervisor is gone
-                    self.housekeeping()
+                    try:
+                        self.housekeeping()
+                    except Exception:
+                        log.exception("housekeeping failed")
                 else:
                     try:
                         if got[0] == "call":
@@ -102,9 +106,15 @@ class Worker:
         if entry is None or entry[0] != owner or entry[1] != gen:
             try:
                 data = shm.DataSegment.open(seg.service, owner, slot, gen)
-            except OSError:
-                # the caller vanished (and its segment with it) between posting and now
-                self.abandoned(slot)
+            except OSError as e:
+                off = seg.channel_offset(slot)
+                if shm.process_alive(owner, seg.region.load64(off + core.C_OWNER_START)):
+                    # a live caller's channel we cannot map (out of descriptors or memory): give the
+                    # call back undone, and the caller reports it
+                    log.error("cannot map the channel of caller %d: %s", owner, e)
+                    self.give_back(slot)
+                else:   # the caller vanished, and its segment with it
+                    self.abandoned(slot)
                 return
             entry = self.channels[slot] = (owner, gen, data.region, data.view.toreadonly())
         view = entry[3]
@@ -137,6 +147,19 @@ class Worker:
     def finish(self, slot, entry, status, out, method: int = -1) -> None:
         if not self.segment.region.reply(self.index, slot, entry[2], status, out, method):
             self.abandoned(slot)
+
+    def give_back(self, slot) -> None:
+        """Hand a claimed call back undone (state IDLE), waking its caller if it sleeps."""
+        r, off = self.segment.region, self.segment.channel_offset(slot) + core.C_STATE
+        mine = core.ST_CLAIMED | (self.pid << core.ST_PID_SHIFT)
+        while True:
+            st = r.load32(off)
+            if st & ~core.ST_WAITING != mine:
+                return
+            if r.cas32(off, st, core.ST_IDLE):
+                if st & core.ST_WAITING:
+                    r.wake32(off)
+                return
 
     def fail_call(self, slot, exc) -> None:
         entry = self.channels[slot]
@@ -185,7 +208,10 @@ def run(server_cls, service: str | None = None) -> None:
 
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when to stop
-    core.set_parent_death_signal(signal.SIGTERM)
+    if os.environ.get(PARENT_DEATH_ENV):
+        # only for a single-threaded supervisor (the manager): the signal comes when the *thread*
+        # that started us ends; others rely on the check of the parent each second
+        core.set_parent_death_signal(signal.SIGTERM)
     # payloads of up to 32 MiB are decoded without page faults on every call
     core.keep_large_allocations(32 << 20, 64 << 20)
     worker = Worker(server_cls, service)

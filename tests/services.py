@@ -281,3 +281,20 @@ class DiesWhileGrowing(ServerMethodsBase):
     @msgpack_method
     def size_of(self, data):
         return len(data)
+
+
+class FdHog(ServerMethodsBase):
+    """A service that uses up its file descriptors (RLIMIT_NOFILE reached) on request."""
+    port = 5562
+    name = 'fd_hog'
+
+    @msgpack_method
+    def use_up_fds(self):
+        import resource
+        n = len(os.listdir("/proc/self/fd"))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (n - 1, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+        return n - 1
+
+    @msgpack_method
+    def echo(self, x):
+        return x

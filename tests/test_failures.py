@@ -329,3 +329,63 @@ def test_close_while_another_thread_calls():
             assert not th.is_alive(), "a call hung after close()"
             assert "closed" in str(outcome[0])
         assert wait_until(lambda: not channel_states(svc), timeout=5)
+
+
+def test_worker_that_cannot_map_a_channel_fails_the_call_clearly():
+    from services import FdHog
+    with LocalService(FdHog, workers=1) as svc:
+        with connect(FdHog) as first:
+            first.use_up_fds()
+        with connect(FdHog) as c:   # a new channel the worker cannot open
+            t = time.monotonic()
+            with pytest.raises(ServiceUnavailable, match="could not map"):
+                c.echo("hi")
+            assert time.monotonic() - t < 5
+        time.sleep(1.5)   # housekeeping runs with no descriptor to spare
+        assert svc.processes[0].poll() is None, "the worker died"
+
+
+def test_calls_made_while_local_service_starts_wait_for_the_workers():
+    svc = LocalService(Other, workers=1)
+    starter = threading.Thread(target=svc.start)
+    starter.start()
+    errors = []
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                with connect(Other) as c:
+                    assert c.sleep(0, "ok") == "ok"
+                break
+            except ServiceUnavailable as e:
+                errors.append(str(e))
+                time.sleep(0.005)
+        assert not [e for e in errors if "not running" not in e and "not a speedysvc" not in e], errors
+    finally:
+        starter.join()
+        svc.stop()
+
+
+def test_local_service_started_from_a_thread_that_ends_keeps_its_workers():
+    holder = []
+    th = threading.Thread(target=lambda: holder.append(LocalService(Other, workers=1).start()))
+    th.start()
+    th.join()
+    svc = holder[0]
+    try:
+        time.sleep(1.5)
+        assert all(p.poll() is None for p in svc.processes)
+        with connect(Other) as c:
+            assert c.whoami() in svc.pids
+    finally:
+        svc.stop()
+
+
+@pytest.mark.parametrize("bad", [float("nan"), -1, 1e9, "5"])
+def test_bad_timeouts_are_refused(bad):
+    with pytest.raises(ValueError, match="timeout"):
+        connect(Other, timeout=bad)
+
+
+def test_infinite_timeout_means_none():
+    assert connect(Other, timeout=float("inf")).timeout is None
