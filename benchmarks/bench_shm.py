@@ -13,6 +13,7 @@ idle service uses with a connected client.  Prints Markdown tables.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import multiprocessing
 import os
 import socket
@@ -264,10 +265,9 @@ def main():
     multiprocessing.set_start_method("fork")
 
     baselines = [UnixSocketClient, PipeClient]
-    try:
-        import zmq  # noqa: F401
+    if importlib.util.find_spec("zmq"):
         baselines.append(ZmqClient)
-    except ImportError:
+    else:
         print("(pyzmq not installed: its row is skipped)")
 
     print(f"Python {sys.version.split()[0]}, {os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d')}\n")

@@ -6,7 +6,6 @@ lower-level form that ``ClientMethodsBase`` subclasses use.
 """
 from __future__ import annotations
 
-import functools
 import math
 
 from . import codecs

@@ -623,7 +623,7 @@ class ShmTransport:
 
     def _drop(self, release: bool = True) -> None:
         """Forget the current attachment, freeing its channels unless it is not ours (after fork)."""
-        chans, self._channels = self._channels, None
+        self._channels = None
         fin, self._finalizer = self._finalizer, None
         if fin is not None:
             fin() if release else fin.detach()

@@ -14,7 +14,6 @@ import importlib.util
 import os
 import signal
 import sys
-import time
 
 from . import _shmcore as core
 from . import shm

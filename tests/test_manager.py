@@ -10,9 +10,9 @@ import time
 import psutil
 import pytest
 
-from speedysvc import ServiceUnavailable, connect, shm
+from speedysvc import ServiceUnavailable, connect
 from conftest import our_segments, wait_until
-from manager_fixture import RunningManager, free_port
+from manager_fixture import RunningManager
 from services import Chatty, EchoServer
 
 
