@@ -171,7 +171,14 @@ static int system_overloaded(uint64_t now) {
     /* "0.10 0.20 0.30 R/T last": R = runnable tasks right now, us included */
     char *p = buf;
     for (int field = 0; field < 3 && p; field++) { p = strchr(p, ' '); if (p) p++; }
-    if (p) overloaded = atol(p) > ncpu;
+    /* one sample is a moment's view (a daemon waking up counts): spinning stops
+     * only when two samples in a row see more runnable threads than CPUs */
+    static int last_over = 0;
+    if (p) {
+        int over = atol(p) > ncpu;
+        overloaded = over && last_over;
+        last_over = over;
+    }
     return overloaded;
 }
 
