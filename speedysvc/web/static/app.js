@@ -28,6 +28,9 @@ function fmtAge(s) {
   if (s < 7200) return (s / 60).toFixed(0) + " min";
   return (s / 3600).toFixed(1) + " h";
 }
+function esc(v) {
+  return String(v).replace(/[&<>"']/g, (c) => ({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;"}[c]));
+}
 function setText(el, text) { if (el && el.textContent !== text) el.textContent = text; }
 function live(ok) {
   const el = document.getElementById("conn");
@@ -126,7 +129,7 @@ function drawChart(svg, points) {
     if (pts.length) {
       const last = pts[pts.length - 1].split(",");
       parts.push(`<circle cx="${last[0]}" cy="${last[1]}" r="2.5" fill="${COLORS[i]}"/>`);
-      parts.push(`<text x="${W - R - 90}" y="${T + 10 + 11 * i}" fill="${COLORS[i]}">${k}</text>`);
+      parts.push(`<text x="${W - R - 90}" y="${T + 10 + 11 * i}" fill="${COLORS[i]}">${esc(k)}</text>`);
     }
   });
   svg.setAttribute("viewBox", `0 0 ${W} ${H}`);
@@ -167,7 +170,7 @@ async function refreshService(name) {
     pill.className = "pill " + s.state;
     setText(document.getElementById("restarts"), String(s.restarts));
     document.querySelector("#methods tbody").innerHTML = s.methods.map((m) =>
-      `<tr><td>${m.name}</td><td>${m.calls}</td><td>${m.errors}</td><td>${fmt(m.mean_ms, 3)}</td>` +
+      `<tr><td>${esc(m.name)}</td><td>${m.calls}</td><td>${m.errors}</td><td>${fmt(m.mean_ms, 3)}</td>` +
       `<td>${fmt(m.p99_ms, 3)}</td><td>${fmt(m.max_ms, 3)}</td><td>${(m.share * 100).toFixed(1)} %</td></tr>`).join("");
     document.querySelector("#workers tbody").innerHTML = s.worker_list.map((w) =>
       `<tr data-pid="${w.pid}"><td>${w.pid}</td><td>${w.leaving ? "leaving" : (!w.serving ? "starting" : (w.busy ? "busy" : "idle"))}</td>` +
