@@ -41,9 +41,20 @@ def _error(status: int, message: str) -> web.Response:
     return _json({"error": message}, status)
 
 
+def _host_name(host: str) -> str:
+    if host.startswith("["):
+        return host[1:host.find("]")]
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
 @web.middleware
 async def _guard(request: web.Request, handler):
     token = request.app["token"]
+    # Without a token, only names of this host are served: a page elsewhere whose domain
+    # re-resolves to 127.0.0.1 (DNS rebinding) sends its own name as Host and is refused.
+    if not token and _host_name(request.host or "").lower() not in request.app["hosts"]:
+        return _error(421, f"this server answers to {', '.join(sorted(request.app['hosts']))}, "
+                           f"not {request.host!r}")
     from_query = False
     if token and request.path not in OPEN_PATHS and not request.path.startswith("/static/"):
         supplied = request.headers.get("Authorization", "").removeprefix("Bearer ").strip() \
@@ -66,10 +77,11 @@ async def _guard(request: web.Request, handler):
     return response
 
 
-def make_app(manager, token: str | None = None) -> web.Application:
+def make_app(manager, token: str | None = None, host: str = "127.0.0.1") -> web.Application:
     app = web.Application(middlewares=[_guard])
     app["manager"] = manager
     app["token"] = token
+    app["hosts"] = {"127.0.0.1", "localhost", "::1", host.lower()}
     routes = web.RouteTableDef()
 
     @routes.get("/healthz")
@@ -107,6 +119,8 @@ def make_app(manager, token: str | None = None) -> web.Application:
             await getattr(pool, act)()
         except Exception as e:
             return _error(409, f"{act} failed: {e}")
+        if act != "stop" and pool.state != "running" and pool.failure:
+            return _error(409, f"{act} failed: {pool.failure}")
         return _json(pool.status())
 
     @routes.post("/api/services/{name}/scale")
@@ -177,7 +191,7 @@ async def start_web(manager, web_cfg) -> tuple[web.AppRunner, str]:
     if not is_loopback(web_cfg.host) and not web_cfg.token:
         raise OSError(f"the web interface would listen on {web_cfg.host}, beyond this host, without an access "
                       f"token: set token in [web monitor] or SPEEDYSVC_WEB_TOKEN")
-    app = make_app(manager, web_cfg.token)
+    app = make_app(manager, web_cfg.token, web_cfg.host)
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
     site = web.TCPSite(runner, web_cfg.host, web_cfg.port, shutdown_timeout=1.0)

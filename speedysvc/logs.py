@@ -90,9 +90,13 @@ class ServiceLog:
     def write_json_line(self, pid: int, line: str) -> None:
         try:
             d = json.loads(line)
-            self.write(pid, str(d.get("l", "INFO")), str(d.get("n", "")), str(d.get("m", "")), float(d["t"]))
-        except (ValueError, KeyError, TypeError):
+            t = float(d["t"])
+            time.localtime(t)   # in range
+            level, logger, message = str(d.get("l", "INFO")), str(d.get("n", "")), str(d.get("m", ""))
+        except Exception:   # not a record of ours (or cut by the length limit): keep it as text
             self.write(pid, "INFO", "log", line)
+            return
+        self.write(pid, level, logger, message, t)
 
     def tail(self, lines: int = 200, level: str | None = None, text: str | None = None) -> list[LogRecord]:
         out = [r for r in self.recent if matches(r, level, text)]

@@ -116,8 +116,13 @@ class ServicePool:
         cfg = self.cfg
         self.state, self.failure, self.quick_crashes = STARTING, None, 0
         self._event("INFO", f"starting {cfg.min_proc_num} worker(s) of {cfg.target}")
-        self.segment = shm.ServiceSegment.create(cfg.name, max_channels=cfg.max_channels,
-                                                 max_payload=cfg.max_payload, supervised=True)
+        try:
+            self.segment = shm.ServiceSegment.create(cfg.name, max_channels=cfg.max_channels,
+                                                     max_payload=cfg.max_payload, supervised=True)
+        except BaseException as e:
+            self.state = STOPPED
+            self._event("ERROR", f"cannot start: {e}")
+            raise
         self.segment.set_state(core.SVC_SERVING)  # calls queue while the workers start
         self.started_at = time.time()
         self.target = cfg.min_proc_num
@@ -247,6 +252,13 @@ class ServicePool:
         self.loop.remove_reader(pidfd)
         os.close(pidfd)
         code = w.proc.wait()
+        try:
+            self._drain(w)
+        except Exception:
+            log.exception("reading the last output of worker %d failed", w.pid)
+        self._forget(w, code)
+
+    def _drain(self, w: Worker) -> None:
         for fd in list(w.fds):   # what it wrote last, up to what the pipe holds
             for _ in range(64):
                 if fd not in w.fds:
@@ -255,7 +267,14 @@ class ServicePool:
         for fd, (kind, lines) in list(w.fds.items()):
             self.loop.remove_reader(fd)
             for line in lines.rest():
-                self.log.write(w.pid, "INFO", kind, line)
+                if kind == "log":
+                    self.log.write_json_line(w.pid, line)
+                else:
+                    self.log.write(w.pid, "INFO" if kind == "stdout" else "WARNING", kind, line)
+
+    def _forget(self, w: Worker, code: int) -> None:
+        for fd in list(w.fds):
+            self.loop.remove_reader(fd)
         for f in (w.proc.stdout, w.proc.stderr):
             f.close()
         if w.log_fd in w.fds:
@@ -371,6 +390,9 @@ class ServicePool:
         self._last_busy = (now, busy_ns)
         self._sample_processes()
         live = self._live()
+        if self._restart_handle is not None or len(live) < self.target or any(
+                w.pid not in {r["pid"] for r in registered} for w in live):
+            return   # workers are being replaced or still starting (importing costs CPU): not load
         cpu = sum(w.cpu for w in live) / len(live) if live else 0.0
         self.signals = {"pending": pending, "busy": busy, "cpu": cpu}
         change, self._low_since = decide_scale(self.cfg, len(live), pending, busy, cpu, self._low_since,

@@ -328,3 +328,51 @@ def test_access_token(running):
     env_out = subprocess.run([sys.executable, "-m", "speedysvc.cli", "--url", m.url, "--token", "s3cret", "status"],
                              capture_output=True, text=True, timeout=60)
     assert env_out.returncode == 0 and "Chatty" in env_out.stdout
+
+
+def test_refuses_foreign_host_names_without_a_token(running):
+    """A page whose domain re-resolves to 127.0.0.1 (DNS rebinding) sends its own Host."""
+    import urllib.request
+    m = running(chatty_ini())
+    req = urllib.request.Request(m.url + "/api/services/Chatty/stop", data=b"{}", method="POST",
+                                 headers={"Host": f"evil.example:{m.port}", "Origin": f"http://evil.example:{m.port}",
+                                          "X-Speedysvc-Request": "1"})
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(req, timeout=10)
+    assert info.value.code == 421
+    assert m.service("Chatty")["state"] == "running"
+    assert m.get("/healthz") == {"ok": True}   # 127.0.0.1 still answers
+
+
+def test_starting_a_failing_service_again_reports_the_failure(running):
+    m = running("""
+        [EchoServer]
+        import_from=services
+
+        [CrashOnStart]
+        import_from=services
+        restart_backoff=0.05
+        crash_limit=2
+
+        [web monitor]
+        port={port}
+    """, wait_ready=False)
+    m.wait(lambda: m.service("CrashOnStart")["state"] == "failed", 60, "failed")
+    code, body = m.post("/api/services/CrashOnStart/start")
+    assert code == 409 and "died within crash_window" in body["error"]
+    out = m.cli("start", "CrashOnStart")
+    assert out.returncode == 1
+
+
+def test_log_pipe_lines_that_are_not_records_are_kept_as_text(tmp_path):
+    from speedysvc.logs import ServiceLog
+    log = ServiceLog(str(tmp_path / "s.log"), 1 << 20, 1)
+    for line in ("null", "[1, 2]", '{"t": 1e300, "l": "INFO", "m": "x"}', '{"no": "t"}', "not json"):
+        log.write_json_line(123, line)
+    log.write_json_line(123, '{"t": 1700000000.5, "l": "ERROR", "n": "svc", "m": "real"}')
+    recs = log.tail(0)
+    assert [r["message"] for r in recs[:5]] == ["null", "[1, 2]", '{"t": 1e300, "l": "INFO", "m": "x"}',
+                                                '{"no": "t"}', "not json"]
+    assert (recs[-1]["level"], recs[-1]["logger"], recs[-1]["message"]) == ("ERROR", "svc", "real")
+    log.close()
+    assert "ERROR svc: real" in (tmp_path / "s.log").read_text()

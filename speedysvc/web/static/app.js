@@ -82,8 +82,10 @@ function followLog(pre, getFilter) {
     while (pre.childNodes.length > 2000) pre.removeChild(pre.firstChild);
     if (atEnd) pre.scrollTop = pre.scrollHeight;
   }
+  let generation = 0;
   async function restart() {
-    if (source) source.close();
+    const mine = ++generation;
+    if (source) { source.close(); source = null; }
     const f = getFilter();
     const q = new URLSearchParams();
     if (f.level) q.set("level", f.level);
@@ -91,8 +93,10 @@ function followLog(pre, getFilter) {
     pre.textContent = "";
     try {
       const data = await api(`/api/services/${encodeURIComponent(name)}/logs?lines=300&${q}`);
+      if (mine !== generation) return;   // a newer filter took over meanwhile
       data.records.forEach(append);
     } catch (e) { /* the stream below retries */ }
+    if (mine !== generation) return;
     source = new EventSource(`/api/services/${encodeURIComponent(name)}/logs/stream?${q}`);
     source.onmessage = (ev) => append(JSON.parse(ev.data));
   }
