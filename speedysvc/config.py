@@ -41,8 +41,8 @@ _SIZE_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 
 def _size(text: str) -> int:
     m = _SIZE_RE.fullmatch(text.strip())
-    if not m:
-        raise ValueError("must be a size such as 1048576, 512K, 64M or 1G")
+    if not m or int(m.group(1)) == 0:
+        raise ValueError("must be a size above 0 such as 1048576, 512K, 64M or 1G")
     return int(m.group(1)) * _SIZE_UNITS[(m.group(2) or "")[:1].lower()]
 
 

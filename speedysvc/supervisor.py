@@ -215,6 +215,9 @@ class ServicePool:
             proc = subprocess.Popen([sys.executable, "-m", "speedysvc.worker", cfg.target, cfg.name],
                                     cwd=self.folder, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                     stderr=subprocess.PIPE, pass_fds=(write_log,), start_new_session=True)
+        except BaseException:
+            os.close(read_log)
+            raise
         finally:
             os.close(write_log)
         w = Worker(proc, read_log)

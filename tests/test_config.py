@@ -62,6 +62,7 @@ def test_sizes_aliases_and_relative_log_dir(tmp_path):
     ("[S]\nimport_from=s\nmin_proc_num=3\nmax_proc_num=2\n", "S", "min_proc_num", "more than max_proc_num"),
     ("[S]\nimport_from=s\nmax_proc_num=100\n", "S", "max_proc_num", "at most 64"),
     ("[S]\nimport_from=s\nmax_payload=lots\n", "S", "max_payload", "size"),
+    ("[S]\nimport_from=s\nmax_payload=0\n", "S", "max_payload", "above 0"),
     ("[S]\nimport_from=s\nscale_up_busy=1.5\n", "S", "scale_up_busy", "from 0 to 1"),
     ("[S]\nimport_from=s\nlog_level=LOUD\n", "S", "log_level", "DEBUG"),
     ("[S]\nmin_proc_num=1\n", "S", "import_from", "missing"),
