@@ -50,6 +50,20 @@ CHATTY = """
 """
 
 
+CRASH_LOOP_INI = """
+    [EchoServer]
+    import_from=services
+
+    [CrashOnStart]
+    import_from=services
+    restart_backoff=0.05
+    crash_limit={crash_limit}
+
+    [web monitor]
+    port={{port}}
+"""
+
+
 def chatty_ini(min=1, max=1, extra=""):
     return CHATTY.format(min=min, max=max, extra=textwrap.dedent(extra).replace("\n", "\n    "))
 
@@ -118,18 +132,7 @@ def test_worker_crash_is_noticed_and_restarted(running):
 
 
 def test_crash_looping_service_is_marked_failed_and_others_run(running):
-    m = running("""
-        [EchoServer]
-        import_from=services
-
-        [CrashOnStart]
-        import_from=services
-        restart_backoff=0.05
-        crash_limit=3
-
-        [web monitor]
-        port={port}
-    """, wait_ready=False)
+    m = running(CRASH_LOOP_INI.format(crash_limit=3), wait_ready=False)
     m.wait(lambda: m.service("CrashOnStart")["state"] == "failed", 60, "the service to be marked failed")
     s = m.service("CrashOnStart")
     assert "3 workers in a row" in s["failure"] and s["workers"] == 0
@@ -345,18 +348,7 @@ def test_refuses_foreign_host_names_without_a_token(running):
 
 
 def test_starting_a_failing_service_again_reports_the_failure(running):
-    m = running("""
-        [EchoServer]
-        import_from=services
-
-        [CrashOnStart]
-        import_from=services
-        restart_backoff=0.05
-        crash_limit=2
-
-        [web monitor]
-        port={port}
-    """, wait_ready=False)
+    m = running(CRASH_LOOP_INI.format(crash_limit=2), wait_ready=False)
     m.wait(lambda: m.service("CrashOnStart")["state"] == "failed", 60, "failed")
     code, body = m.post("/api/services/CrashOnStart/start")
     assert code == 409 and "died within crash_window" in body["error"]
