@@ -70,12 +70,6 @@ class Codec:
         except Exception as e:
             raise EncodeError(f"cannot encode the return value of {method}() with {self.name}: {e}") from e
 
-    def decode_result(self, method: str, data):
-        try:
-            return self.loads(data)
-        except Exception as e:
-            raise DecodeError(f"cannot decode the response of {method}() with {self.name}: {e}") from None
-
     def __repr__(self) -> str:
         return f"<codec {self.name}>"
 
@@ -153,9 +147,6 @@ class RawCodec(Codec):
     def encode_result(self, method, value):
         return _as_bytes_view(value, "the return value", method)
 
-    def decode_result(self, method, data):
-        return bytes(data)
-
     dumps = staticmethod(bytes)
     loads = loads_fast = staticmethod(bytes)
 
@@ -166,4 +157,3 @@ PICKLE = PickleCodec()
 RAW = RawCodec()
 
 BY_ID = {c.id: c for c in (JSON, MSGPACK, PICKLE, RAW)}
-BY_NAME = {c.name: c for c in (JSON, MSGPACK, PICKLE, RAW)}

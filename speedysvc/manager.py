@@ -133,24 +133,12 @@ class Manager:
                 except Exception:
                     log.exception("periodic work of %s failed", p.cfg.section)
 
-    # -- controls (the API and the CLI use these) ------------------------------------------
+    # -- the pools, by section or service name (the API starts, stops and scales them) ----
     def pool(self, name: str) -> ServicePool:
         for p in self.pools.values():
             if name in (p.cfg.section, p.cfg.name):
                 return p
         raise KeyError(f"no service named {name!r}; there are: {', '.join(self.pools)}")
-
-    async def start_service(self, name: str) -> None:
-        await self.pool(name).start()
-
-    async def stop_service(self, name: str) -> None:
-        await self.pool(name).stop()
-
-    async def restart_service(self, name: str) -> None:
-        await self.pool(name).restart()
-
-    def scale_service(self, name: str, workers: int) -> None:
-        self.pool(name).scale(workers)
 
     # -- state (read by the API and the web interface) -------------------------------------
     def status(self) -> dict:
@@ -163,9 +151,6 @@ class Manager:
     def ready(self) -> bool:
         return all(p.state == RUNNING and any(w["serving"] for w in p.status()["worker_list"])
                    for p in self.pools.values())
-
-    def history(self, name: str) -> list[dict]:
-        return list(self.pool(name).history)
 
 
 def main(argv=None) -> int:

@@ -691,7 +691,7 @@ class ShmTransport:
             raise _Retry
         if got == CALL_PENDING:
             reply = self._wait_slow(chans, ch, timeout)
-        else:
+        else:   # CALL_READY: a large response, or one in a segment the worker grew
             reply = seg.region.wait_reply(ch.slot, 0.0)
         status, off, length, gen = reply
         if gen != ch.data.gen:  # the worker moved the channel to a larger segment

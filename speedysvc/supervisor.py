@@ -105,7 +105,6 @@ class ServicePool:
         self.signals = {"pending": 0.0, "busy": 0.0, "cpu": 0.0}
         self.history: collections.deque = collections.deque(maxlen=HISTORY_POINTS)
         self._last_history: tuple[float, dict] | None = None
-        self._retired_calls = 0       # calls of workers whose table entry was reused
 
     # -- lifetime --------------------------------------------------------------------------
     async def start(self) -> None:
@@ -241,10 +240,7 @@ class ServicePool:
         except OSError:
             data = b""
         for line in (lines.feed(data) if data else lines.rest()):
-            if kind == "log":
-                self.log.write_json_line(w.pid, line)
-            elif line.strip():
-                self.log.write(w.pid, "INFO" if kind == "stdout" else "WARNING", kind, line)
+            self._write_line(w, kind, line)
         if not data:
             self.loop.remove_reader(fd)
             del w.fds[fd]
@@ -270,10 +266,14 @@ class ServicePool:
         for fd, (kind, lines) in list(w.fds.items()):
             self.loop.remove_reader(fd)
             for line in lines.rest():
-                if kind == "log":
-                    self.log.write_json_line(w.pid, line)
-                else:
-                    self.log.write(w.pid, "INFO" if kind == "stdout" else "WARNING", kind, line)
+                self._write_line(w, kind, line)
+
+    def _write_line(self, w: Worker, kind: str, line: str) -> None:
+        """A line a worker wrote: a logging record, or stdout (INFO) / stderr (WARNING) text."""
+        if kind == "log":
+            self.log.write_json_line(w.pid, line)
+        elif line.strip():
+            self.log.write(w.pid, "INFO" if kind == "stdout" else "WARNING", kind, line)
 
     def _forget(self, w: Worker, code: int) -> None:
         for fd in list(w.fds):

@@ -199,7 +199,7 @@ def run(server_cls, service: str | None = None) -> None:
     setup_worker_logging()
     worker = None
 
-    def on_term(signum, frame):
+    def on_term(_signum, _frame):
         if worker is not None:
             worker.stop[0] = True
         else:

@@ -389,3 +389,17 @@ def test_bad_timeouts_are_refused(bad):
 
 def test_infinite_timeout_means_none():
     assert connect(Other, timeout=float("inf")).timeout is None
+
+
+def test_all_channels_in_use_is_a_clear_error_and_passes():
+    from services import Limited
+    with LocalService(Limited, workers=2, max_channels=2), connect(Limited) as c:
+        threads = [threading.Thread(target=c.sleep, args=(1.0,)) for _ in range(2)]
+        for t in threads:
+            t.start()
+        time.sleep(0.3)
+        with pytest.raises(ServiceUnavailable, match="no free channel"):
+            c.whoami()
+        for t in threads:
+            t.join()
+        assert c.whoami() > 0   # the channels came back to the pool
