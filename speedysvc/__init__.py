@@ -5,8 +5,9 @@ the transports only (never the service manager or the web interface).
 """
 from .client import Client, connect
 from .codecs import Codec
-from .errors import (BadArguments, CallTimeout, DecodeError, EncodeError, MethodNotFound, PayloadTooLarge,
-                     RemoteError, ServiceAlreadyRunning, ServiceUnavailable, SpeedysvcError, WorkerDied)
+from .errors import (AuthenticationFailed, BadArguments, CallTimeout, ConnectionLost, DecodeError, EncodeError,
+                     MethodNotFound, NotAllowed, PayloadTooLarge, ProtocolError, RemoteError, ServiceAlreadyRunning,
+                     ServiceUnavailable, SpeedysvcError, WorkerDied)
 from .methods import (ClientMethodsBase, ServerMethodsBase, json_method, msgpack_method, pickle_method,
                       raw_method)
 
@@ -18,11 +19,16 @@ def __getattr__(name):
     if name == "LocalService":
         from .local import LocalService
         return LocalService
+    # the asyncio client is loaded by the processes that use it
+    if name in ("connect_async", "AsyncClient"):
+        from . import aio
+        return getattr(aio, name)
     raise AttributeError(f"module 'speedysvc' has no attribute {name!r}")
 
 __all__ = [
     "ServerMethodsBase", "ClientMethodsBase", "json_method", "msgpack_method", "pickle_method", "raw_method",
-    "connect", "Client", "LocalService", "Codec",
+    "connect", "Client", "connect_async", "AsyncClient", "LocalService", "Codec",
     "SpeedysvcError", "RemoteError", "MethodNotFound", "BadArguments", "EncodeError", "DecodeError",
     "PayloadTooLarge", "ServiceUnavailable", "WorkerDied", "CallTimeout", "ServiceAlreadyRunning",
+    "ConnectionLost", "ProtocolError", "AuthenticationFailed", "NotAllowed",
 ]

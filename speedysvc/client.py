@@ -25,20 +25,58 @@ def _check_timeout(timeout):
     return float(timeout)
 
 
-def make_transport(server_cls, address: str):
-    """A transport for ``shm://`` (this host) or ``tcp://host[:port]``."""
+def parse_address(server_cls, address: str):
+    """``('shm', service, None)`` or ``('tcp', host, port)``."""
+    if not isinstance(address, str):
+        raise TypeError(f"address must be a string such as 'shm://', not {address!r}")
     parts = urlsplit(address)
     scheme = parts.scheme.lower()
     if scheme == "shm":
-        service = parts.netloc or server_cls.service_name()
-        return ShmTransport(service)
+        return "shm", parts.netloc or server_cls.service_name(), None
     if scheme == "tcp":
+        try:
+            port = parts.port or server_cls.port
+        except ValueError:
+            raise ValueError(f"bad port in {address!r}") from None
         if not parts.hostname:
             raise ValueError(f"tcp address needs a host: {address!r}")
-        port = parts.port or server_cls.port
-        raise NotImplementedError(f"the TCP transport (tcp://{parts.hostname}:{port}) is not available "
-                                  f"in this version of speedysvc; use shm:// on the same host")
+        if not isinstance(port, int) or not 0 < port < 65536:
+            raise ValueError(f"no port in {address!r} and {server_cls.__qualname__}.port is {port!r}")
+        return "tcp", parts.hostname, port
     raise ValueError(f"unsupported address {address!r}: use 'shm://' or 'tcp://host[:port]'")
+
+
+def tcp_options(server_cls, host: str, port: int, tcp_kwargs: dict):
+    from .tcp_client import ClientOptions
+    kw = dict(tcp_kwargs)
+    if "compression" in kw:
+        kw["compression_name"] = kw.pop("compression")
+    return ClientOptions(server_cls.service_name(), host, port, **kw)
+
+
+def make_transport(server_cls, address: str, tcp_kwargs: dict | None = None, *, shm_cls=ShmTransport,
+                   tcp_cls=None):
+    """A transport for ``shm://`` (this host) or ``tcp://host[:port]``."""
+    scheme, where, port = parse_address(server_cls, address)
+    tcp_kwargs = {k: v for k, v in (tcp_kwargs or {}).items() if v is not None}
+    if scheme == "shm":
+        if tcp_kwargs:
+            raise ValueError(f"{', '.join(sorted(tcp_kwargs))} only apply to tcp:// addresses")
+        return shm_cls(where)
+    if tcp_cls is None:
+        from .tcp_client import TcpTransport as tcp_cls   # loaded only by clients that use TCP
+    return tcp_cls(tcp_options(server_cls, where, port, tcp_kwargs))
+
+
+def resolve_method(server_cls, method) -> MethodSpec:
+    """The spec of a server method given as the method itself or its name."""
+    if isinstance(method, str):
+        spec = server_cls._speedysvc_methods.get(method)
+        if spec is None:
+            from .errors import MethodNotFound
+            raise MethodNotFound(f"{server_cls.__qualname__} has no service method {method!r}")
+        return spec
+    return method_spec(method)
 
 
 class Client:
@@ -55,13 +93,7 @@ class Client:
 
     def send(self, method, args=(), kwargs=None, *, timeout=_DEFAULT):
         """Call ``method`` (a server method, e.g. ``EchoServer.echo_json``, or its name)."""
-        if isinstance(method, str):
-            spec = self._server_cls._speedysvc_methods.get(method)
-            if spec is None:
-                from .errors import MethodNotFound
-                raise MethodNotFound(f"{self._server_cls.__qualname__} has no service method {method!r}")
-        else:
-            spec = method_spec(method)
+        spec = resolve_method(self._server_cls, method)
         return self._call(spec, tuple(args), kwargs, self._timeout if timeout is _DEFAULT else _check_timeout(timeout))
 
     def _call(self, spec: MethodSpec, args, kwargs, timeout):
@@ -125,17 +157,25 @@ def client_class(server_cls) -> type:
     return cls
 
 
-def connect(server_cls, address: str = "shm://", *, timeout: float | None = None) -> Client:
+def connect(server_cls, address: str = "shm://", *, timeout: float | None = None, secret=None, tls=None,
+            compression: str | None = None, compress_min: int | None = None,
+            connect_timeout: float | None = None) -> Client:
     """Connect to a service: ``connect(EchoServer)`` or ``connect(EchoServer, 'tcp://host:port')``.
 
     ``timeout`` bounds each call in seconds (None: no limit; a call still fails at
     once if the worker serving it dies).  Nothing is contacted until the first call.
+
+    Over TCP only: ``secret`` (str or bytes; default: the SPEEDYSVC_SECRET
+    environment variable) proves the client to a service that requires one;
+    ``tls`` is True, a CA file to trust, or an ``ssl.SSLContext``;
+    ``compression`` is one of ``speedysvc.compression.available()`` and applies
+    to payloads of at least ``compress_min`` bytes (default 4096) both ways.
     """
     if not (isinstance(server_cls, type) and issubclass(server_cls, ServerMethodsBase)):
         raise TypeError(f"connect() takes a ServerMethodsBase subclass, not {server_cls!r}")
-    if not isinstance(address, str):
-        raise TypeError(f"address must be a string such as 'shm://', not {address!r}")
-    return client_class(server_cls)(server_cls, make_transport(server_cls, address), timeout)
+    transport = make_transport(server_cls, address, dict(
+        secret=secret, tls=tls, compression=compression, compress_min=compress_min, connect_timeout=connect_timeout))
+    return client_class(server_cls)(server_cls, transport, timeout)
 
 
 __all__ = ["Client", "connect", "client_class"]

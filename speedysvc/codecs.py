@@ -20,7 +20,7 @@ import pickle
 
 import msgpack
 
-from .errors import DecodeError, EncodeError
+from .errors import DecodeError, EncodeError, decode_exception
 
 FLAG_KWARGS = 0x1
 CODEC_SHIFT = 8
@@ -69,6 +69,11 @@ class Codec:
             return self.dumps(value)
         except Exception as e:
             raise EncodeError(f"cannot encode the return value of {method}() with {self.name}: {e}") from e
+
+    @staticmethod
+    def remote_error(data):
+        """The service answered with an error: raise it here."""
+        raise decode_exception(data)
 
     def __repr__(self) -> str:
         return f"<codec {self.name}>"

@@ -74,6 +74,15 @@ def _text(text: str) -> str:
     return text.strip()
 
 
+def _bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("must be true or false")
+
+
 def _level(text: str) -> str:
     level = text.strip().upper()
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
@@ -90,7 +99,15 @@ SERVICE_KEYS = {
     "log_level": (_level, "INFO", "least severe logging level a worker records"),
     "log_max_bytes": (_size, 10 << 20, "size at which a log file is rotated"),
     "log_backups": (_int(0), 5, "rotated log files kept"),
-    "bind_tcp": (_text, None, "address to accept TCP clients on (also spelled tcp_bind)"),
+    "bind_tcp": (_text, None, "address to accept TCP clients on, at the class's port (also spelled tcp_bind)"),
+    "tcp_secret": (_text, None, "shared secret TCP clients must prove (required unless bind_tcp is loopback; "
+                                "default: the SPEEDYSVC_TCP_SECRET environment variable)"),
+    "tcp_tls_cert": (_text, None, "PEM certificate (chain) file: serve TCP clients over TLS"),
+    "tcp_tls_key": (_text, None, "PEM private key of tcp_tls_cert (if not in the same file)"),
+    "tcp_allow_pickle": (_bool, False, "accept calls to pickle methods from authenticated TCP clients"),
+    "tcp_max_connections": (_int(1), 10000, "most TCP clients at once"),
+    "tcp_handshake_timeout": (_float(0.1), 10.0, "seconds a TCP client has to complete the handshake"),
+    "tcp_stall_timeout": (_float(0.1), 30.0, "seconds a TCP client may stall in the middle of a frame"),
     "max_channels": (_int(1), 1024, "most shared-memory channels (connections and concurrent calls) at once"),
     "max_payload": (_size, 1 << 30, "largest request or response"),
     "call_timeout": (_float(0), 0.0, "seconds a call may run before its worker is killed and restarted (0: no limit)"),
@@ -131,6 +148,13 @@ class ServiceConfig:
     log_max_bytes: int
     log_backups: int
     bind_tcp: str | None
+    tcp_secret: str | None
+    tcp_tls_cert: str | None
+    tcp_tls_key: str | None
+    tcp_allow_pickle: bool
+    tcp_max_connections: int
+    tcp_handshake_timeout: float
+    tcp_stall_timeout: float
     max_channels: int
     max_payload: int
     call_timeout: float
@@ -246,9 +270,7 @@ def load(path: str) -> ManagerConfig:
             raise ConfigError(path, section, "max_proc_num", "at most 64 workers per service")
         if values["max_channels"] > 4096:
             raise ConfigError(path, section, "max_channels", "at most 4096")
-        if values["bind_tcp"]:
-            raise ConfigError(path, section, "bind_tcp", "the TCP transport is not available in this version "
-                                                         "of speedysvc; remove the key to serve over shared memory")
+        _check_tcp(path, section, folder, values)
         values["log_dir"] = os.path.join(folder, os.path.expanduser(values["log_dir"]))
         services.append(ServiceConfig(section=section, **values))
     if not services:
@@ -263,6 +285,29 @@ def load(path: str) -> ManagerConfig:
     )
 
 
+def _check_tcp(path: str, section: str, folder: str, values: dict) -> None:
+    from .tcp_server import SECRET_ENV, is_loopback
+    host = values["bind_tcp"]
+    values["tcp_secret"] = values["tcp_secret"] or os.environ.get(SECRET_ENV) or None
+    for key in ("tcp_tls_cert", "tcp_tls_key"):
+        if values[key]:
+            values[key] = os.path.join(folder, os.path.expanduser(values[key]))
+            if not os.path.isfile(values[key]):
+                raise ConfigError(path, section, key, f"no such file: {values[key]}")
+    if not host:
+        return
+    if host.startswith("[") and host.endswith("]"):
+        host = values["bind_tcp"] = host[1:-1]
+    if not values["tcp_secret"] and not is_loopback(host):
+        raise ConfigError(path, section, "bind_tcp", f"{host} is not a loopback address: set tcp_secret (or the "
+                                                     f"{SECRET_ENV} environment variable) so clients must prove it")
+    if values["tcp_allow_pickle"] and not values["tcp_secret"]:
+        raise ConfigError(path, section, "tcp_allow_pickle", "pickle is only allowed to authenticated clients: "
+                                                             "set tcp_secret too")
+    if values["tcp_tls_key"] and not values["tcp_tls_cert"]:
+        raise ConfigError(path, section, "tcp_tls_key", "needs tcp_tls_cert")
+
+
 def check_unique(config: ManagerConfig) -> None:
     """After ``describe``: two services may not share a name or a port."""
     seen_names, seen_ports = {}, {}
@@ -271,6 +316,9 @@ def check_unique(config: ManagerConfig) -> None:
             raise ConfigError(config.path, s.section, None,
                               f"{s.section}.name is {s.name!r}, as for [{seen_names[s.name]}]")
         seen_names[s.name] = s.section
+        if s.bind_tcp and not (isinstance(s.port, int) and 0 < s.port < 65536):
+            raise ConfigError(config.path, s.section, "bind_tcp",
+                              f"{s.section}.port is {s.port!r}: TCP clients need a port from 1 to 65535")
         if s.port is not None:
             if s.port in seen_ports:
                 raise ConfigError(config.path, s.section, None,

@@ -68,6 +68,23 @@ class ServiceAlreadyRunning(SpeedysvcError, RuntimeError):
     """Another live process already serves a service of that name."""
 
 
+class ConnectionLost(ServiceUnavailable):
+    """The TCP connection broke while the call was in flight (the service may have
+    restarted); the call may or may not have run.  The next call reconnects."""
+
+
+class ProtocolError(SpeedysvcError, ConnectionError):
+    """The peer sent something that is not the speedysvc protocol (or not this version of it)."""
+
+
+class AuthenticationFailed(SpeedysvcError, PermissionError):
+    """The TCP service and its client do not share the same secret."""
+
+
+class NotAllowed(SpeedysvcError, PermissionError):
+    """The service refuses this call over this transport (pickle over TCP, for instance)."""
+
+
 class RemoteTraceback(Exception):
     """Attached as ``__cause__`` so the server's traceback prints under the caller's."""
 

@@ -36,7 +36,11 @@ def target_of(server_cls) -> str:
 class LocalService:
     def __init__(self, server_cls, workers: int = 1, *, max_channels: int = shm.DEFAULT_MAX_CHANNELS,
                  max_payload: int = shm.DEFAULT_MAX_PAYLOAD, start_timeout: float = 30.0,
-                 stop_timeout: float = 10.0, env: dict | None = None):
+                 stop_timeout: float = 10.0, env: dict | None = None, tcp: str | None = None,
+                 tcp_secret=None, tcp_tls: tuple[str, str] | None = None, tcp_allow_pickle: bool = False,
+                 tcp_handshake_timeout: float = 10.0, tcp_stall_timeout: float = 30.0):
+        """``tcp='HOST[:PORT]'`` also serves TCP clients (PORT defaults to the class's
+        ``port``; 0 picks a free one, see ``tcp_address``), in a process of its own."""
         if workers < 1 or workers > core.MAX_WORKERS:
             raise ValueError(f"workers must be 1..{core.MAX_WORKERS}, got {workers}")
         self.server_cls = server_cls
@@ -50,19 +54,29 @@ class LocalService:
         self.env = env
         self.segment: shm.ServiceSegment | None = None
         self.processes: list[subprocess.Popen] = []
+        self.tcp = tcp
+        self.tcp_secret = tcp_secret
+        self.tcp_tls = tcp_tls
+        self.tcp_allow_pickle = tcp_allow_pickle
+        self.tcp_timeouts = (tcp_handshake_timeout, tcp_stall_timeout)
+        self.tcp_process: subprocess.Popen | None = None
+        self.tcp_address: str | None = None     # tcp://host:port once serving
 
     @property
     def pids(self) -> list[int]:
         return [p.pid for p in self.processes if p.poll() is None]
 
-    def _spawn(self) -> subprocess.Popen:
+    def _env(self) -> dict:
         env = dict(os.environ if self.env is None else self.env)
         paths = [p for p in sys.path if p] + [os.getcwd()]
         if env.get("PYTHONPATH"):
             paths.append(env["PYTHONPATH"])
         env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+        return env
+
+    def _spawn(self) -> subprocess.Popen:
         proc = subprocess.Popen([sys.executable, "-m", "speedysvc.worker", self.target, self.service],
-                                env=env, stdin=subprocess.DEVNULL)
+                                env=self._env(), stdin=subprocess.DEVNULL)
         self.processes.append(proc)
         return proc
 
@@ -75,6 +89,8 @@ class LocalService:
                 self._spawn()
             self.wait_for_workers(self.n_workers, self.start_timeout)
             self.segment.mark_workers_started()
+            if self.tcp:
+                self._start_tcp()
         except BaseException:
             self.stop()
             raise
@@ -101,12 +117,45 @@ class LocalService:
         self.wait_for_workers(before + 1, self.start_timeout, [proc])
         return proc.pid
 
+    def _start_tcp(self) -> None:
+        host, _, port = self.tcp.rpartition(":") if self.tcp.count(":") == 1 or "]" in self.tcp else (self.tcp, "", "")
+        host = host.strip("[]")
+        port = int(port) if port else self.server_cls.port
+        env = self._env()
+        if self.tcp_secret is not None:
+            env["SPEEDYSVC_TCP_SECRET"] = self.tcp_secret if isinstance(self.tcp_secret, str) else \
+                self.tcp_secret.decode()
+        argv = [sys.executable, "-m", "speedysvc.tcp_server", self.service, "--host", host, "--port", str(port),
+                "--max-payload", str(self.max_payload), "--handshake-timeout", str(self.tcp_timeouts[0]),
+                "--stall-timeout", str(self.tcp_timeouts[1]), "--stop-timeout", str(self.stop_timeout)]
+        if self.tcp_tls:
+            argv += ["--tls-cert", self.tcp_tls[0], "--tls-key", self.tcp_tls[1]]
+        if self.tcp_allow_pickle:
+            argv.append("--allow-pickle")
+        proc = self.tcp_process = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL,
+                                                   stdout=subprocess.PIPE, text=True)
+        line = proc.stdout.readline()
+        if not line.startswith("listening on "):
+            proc.wait()
+            raise RuntimeError(f"the TCP server of {self.service!r} did not start (exit code {proc.returncode}; "
+                               f"see its stderr)")
+        self.tcp_address = "tcp://" + line.split()[-1]
+
     def stop(self) -> None:
         """Refuse new calls, let queued and running calls finish (up to stop_timeout),
         then stop the workers and remove the segments."""
         seg = self.segment
         if seg is None:
             return
+        if self.tcp_process is not None:
+            self.tcp_process.terminate()
+            try:
+                self.tcp_process.wait(self.stop_timeout + 5)
+            except subprocess.TimeoutExpired:
+                self.tcp_process.kill()
+                self.tcp_process.wait()
+            self.tcp_process.stdout.close()
+            self.tcp_process = None
         seg.set_state(core.SVC_STOPPING)
         seg.kick_workers()
         deadline = time.monotonic() + self.stop_timeout

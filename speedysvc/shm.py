@@ -14,6 +14,7 @@ Linux only: it relies on /dev/shm, futex(2) and /proc.
 """
 from __future__ import annotations
 
+import functools
 import glob
 import mmap
 import os
@@ -25,10 +26,22 @@ import weakref
 
 from . import _shmcore as core
 from .errors import (CallTimeout, DecodeError, PayloadTooLarge, ServiceAlreadyRunning, ServiceUnavailable,
-                     SpeedysvcError, WorkerDied, decode_exception)
+                     SpeedysvcError, WorkerDied)
 
 SHM_DIR = "/dev/shm"
-PREFIX = "speedysvc"
+NAMESPACE_ENV = "SPEEDYSVC_NAMESPACE"
+
+
+def _prefix() -> str:
+    """Service names are per user; SPEEDYSVC_NAMESPACE keeps sets of services apart
+    (two test runs at once, say).  Processes must share it to see each other."""
+    ns = os.environ.get(NAMESPACE_ENV, "")
+    if ns and not re.fullmatch(r"[A-Za-z0-9_\-]{1,32}", ns):
+        raise ValueError(f"{NAMESPACE_ENV} must be 1 to 32 letters, digits, '_' or '-', got {ns!r}")
+    return f"speedysvc-{ns}" if ns else "speedysvc"
+
+
+PREFIX = _prefix()
 DEFAULT_MAX_CHANNELS = 1024
 DEFAULT_MAX_PAYLOAD = 1 << 30          # 1 GiB
 INITIAL_CHANNEL_SIZE = 1 << 20         # pages are only allocated when touched
@@ -650,7 +663,7 @@ class ShmTransport:
             if got.__class__ is not tuple:
                 return self._call_slow(chans, ch, got, name, payload, flags, codec, timeout)
             if got[0]:
-                raise decode_exception(got[1])
+                return codec.remote_error(got[1])
             try:
                 return codec.loads_fast(got[1])
             except Exception:
@@ -659,17 +672,65 @@ class ShmTransport:
             chans.retire(ch)
             return self.call(name, payload, flags, codec, timeout)
         except BaseException:
-            if not ch.lost and not self._settle(chans, ch):
-                ch.lost = True
+            self._failed(chans, ch)
             raise
         finally:
-            if not ch.lost:
-                if chans.closed:   # closed (or the service went away) while this call ran
-                    chans.retire(ch)
-                else:
-                    chans.free.append(ch)
-                    if chans.closed:   # ...or just now, between the check and the append
-                        chans.release_all()
+            self._give_back(chans, ch)
+
+    def begin(self, name: bytes, payload, flags: int, codec, timeout: float | None):
+        """Post a call and spin briefly for its answer, for callers that must not block
+        (an event loop).  Returns ``(True, result)`` when it was answered at once, else
+        ``(False, finish)`` where ``finish()`` blocks until the result (or raises) and is
+        meant to run in a thread.  Raises like ``call`` for what fails at once."""
+        chans = self._channels or self._attach()
+        try:
+            ch = chans.free.pop()
+        except IndexError:
+            ch = chans.acquire(self.service)
+        later = False
+        try:
+            got = chans.call(ch.slot, ch.region, name, payload, flags, 0.0)
+            if got.__class__ is tuple:
+                if got[0]:
+                    return True, codec.remote_error(got[1])
+                try:
+                    return True, codec.loads_fast(got[1])
+                except Exception:
+                    return True, _decode_slow(codec, name, got[1])
+            later = True
+            return False, functools.partial(self._finish, chans, ch, got, name, payload, flags, codec, timeout)
+        except BaseException:
+            self._failed(chans, ch)
+            raise
+        finally:
+            if not later:
+                self._give_back(chans, ch)
+
+    def _finish(self, chans: _Channels, ch: _Channel, got: int, name, payload, flags, codec, timeout):
+        try:
+            return self._call_slow(chans, ch, got, name, payload, flags, codec, timeout)
+        except _Retry:
+            chans.retire(ch)
+            return self.call(name, payload, flags, codec, timeout)
+        except BaseException:
+            self._failed(chans, ch)
+            raise
+        finally:
+            self._give_back(chans, ch)
+
+    def _failed(self, chans: _Channels, ch: _Channel) -> None:
+        if not ch.lost and not self._settle(chans, ch):
+            ch.lost = True
+
+    @staticmethod
+    def _give_back(chans: _Channels, ch: _Channel) -> None:
+        if not ch.lost:
+            if chans.closed:   # closed (or the service went away) while this call ran
+                chans.retire(ch)
+            else:
+                chans.free.append(ch)
+                if chans.closed:   # ...or just now, between the check and the append
+                    chans.release_all()
 
     def _call_slow(self, chans: _Channels, ch: _Channel, got: int, name, payload, flags, codec, timeout):
         seg = chans.seg
@@ -685,7 +746,7 @@ class ShmTransport:
             if got.__class__ is tuple:
                 if got[0] == STATUS_OK:
                     return _decode_slow(codec, name, got[1])
-                raise decode_exception(got[1])
+                return codec.remote_error(got[1])
         if got == CALL_NOT_SERVING:
             self._reattach(chans)
             raise _Retry
@@ -700,7 +761,7 @@ class ShmTransport:
         try:
             if status == STATUS_OK:
                 return _decode_slow(codec, name, view)
-            raise decode_exception(view)
+            return codec.remote_error(view)
         finally:
             view.release()
 

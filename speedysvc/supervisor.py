@@ -24,6 +24,7 @@ import psutil
 from . import _shmcore as core
 from . import shm
 from .config import ServiceConfig
+from .tcp_server import TcpServer, make_ssl_context
 from .logs import LOG_FD_ENV, LOG_LEVEL_ENV, LineSplitter, ServiceLog
 
 log = logging.getLogger("speedysvc.manager")
@@ -105,6 +106,7 @@ class ServicePool:
         self.signals = {"pending": 0.0, "busy": 0.0, "cpu": 0.0}
         self.history: collections.deque = collections.deque(maxlen=HISTORY_POINTS)
         self._last_history: tuple[float, dict] | None = None
+        self.tcp: TcpServer | None = None
 
     # -- lifetime --------------------------------------------------------------------------
     async def start(self) -> None:
@@ -134,9 +136,28 @@ class ServicePool:
                 await self._fail(f"workers did not start within start_timeout ({cfg.start_timeout} s)")
                 break
             await asyncio.sleep(0.02)
+        if self.state == STARTING and cfg.bind_tcp:
+            await self._start_tcp()
         if self.state == STARTING:
             self.state = RUNNING
             self._event("INFO", f"running with {len(self.workers)} worker(s)")
+
+    async def _start_tcp(self) -> None:
+        cfg = self.cfg
+        try:
+            self.tcp = await TcpServer(
+                cfg.name, cfg.bind_tcp, cfg.port, secret=cfg.tcp_secret,
+                ssl_context=make_ssl_context(cfg.tcp_tls_cert, cfg.tcp_tls_key),
+                allow_pickle=cfg.tcp_allow_pickle, max_payload=cfg.max_payload,
+                max_connections=cfg.tcp_max_connections, max_inflight=max(1, cfg.max_channels // 2),
+                handshake_timeout=cfg.tcp_handshake_timeout, stall_timeout=cfg.tcp_stall_timeout).start()
+        except (OSError, ValueError) as e:
+            self.tcp = None
+            await self._fail(f"cannot accept TCP clients on {cfg.bind_tcp}:{cfg.port}: {e}")
+            return
+        self._event("INFO", f"accepting TCP clients on {cfg.bind_tcp}:{self.tcp.port}"
+                            + (" over TLS" if cfg.tcp_tls_cert else "")
+                            + (" (secret required)" if cfg.tcp_secret else ""))
 
     async def stop(self, timeout: float | None = None) -> None:
         """Refuse new calls, let running and queued ones finish (up to ``stop_timeout``),
@@ -147,6 +168,10 @@ class ServicePool:
         was_failed = self.state == FAILED
         if not was_failed:
             self.state = STOPPING
+        if self.tcp is not None:
+            # TCP calls in flight finish first (new ones are refused), then the clients are told
+            tcp, self.tcp = self.tcp, None
+            await tcp.close(timeout)
         if self._restart_handle:
             self._restart_handle.cancel()
             self._restart_handle = None
@@ -465,7 +490,9 @@ class ServicePool:
             "p99_ms": last.get("p99_ms"), "cpu": sum(w.cpu for w in self.workers.values()),
             "rss": sum(w.rss for w in self.workers.values()),
             "uptime": time.time() - self.started_at if self.started_at and self.state == RUNNING else 0.0,
-            "restarts": self.restarts, "tcp": None, "signals": self.signals, "port": cfg.port,
+            "restarts": self.restarts,
+            "tcp": f"{self.tcp.host}:{self.tcp.port} ({len(self.tcp.connections)} clients)" if self.tcp else None,
+            "tcp_server": self.tcp.status() if self.tcp else None, "signals": self.signals, "port": cfg.port,
             "log_file": self.log.path, "methods": methods, "worker_list": workers,
         }
 

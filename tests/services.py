@@ -160,6 +160,15 @@ class Other(ServerMethodsBase):
         return tag
 
 
+class NoPort(ServerMethodsBase):
+    """A service without a port: fine over shared memory, not over TCP."""
+    name = 'noport'
+
+    @msgpack_method
+    def ping(self):
+        return "pong"
+
+
 class KitchenNewer(ServerMethodsBase):
     """A caller's newer view of 'kitchen': a method the running service does not have,
     and a method whose codec changed."""

@@ -68,7 +68,11 @@ def test_sizes_aliases_and_relative_log_dir(tmp_path):
     ("[S]\nmin_proc_num=1\n", "S", "import_from", "missing"),
     ("[defaults]\nimport_from=x\n[S]\nimport_from=s\n", "defaults", "import_from", "own section"),
     ("[S]\nimport_from=s\nbind_tcp=a\ntcp_bind=b\n", "S", "bind_tcp", "twice"),
-    ("[S]\nimport_from=s\ntcp_bind=127.0.0.1\n", "S", "bind_tcp", "TCP transport is not available"),
+    ("[S]\nimport_from=s\ntcp_bind=0.0.0.0\n", "S", "bind_tcp", "not a loopback address: set tcp_secret"),
+    ("[S]\nimport_from=s\nbind_tcp=127.0.0.1\ntcp_allow_pickle=yes\n", "S", "tcp_allow_pickle", "set tcp_secret"),
+    ("[S]\nimport_from=s\ntcp_allow_pickle=maybe\n", "S", "tcp_allow_pickle", "true or false"),
+    ("[S]\nimport_from=s\ntcp_tls_cert=nope.pem\n", "S", "tcp_tls_cert", "no such file"),
+    ("[S]\nimport_from=s\ntcp_stall_timeout=0\n", "S", "tcp_stall_timeout", "number from 0.1"),
     ("[web monitor]\nport=99999\n[S]\nimport_from=s\n", "web monitor", "port", "65535"),
     ("[web monitor]\nhots=1\n[S]\nimport_from=s\n", "web monitor", "hots", "unknown key"),
     ("[not a class]\nimport_from=s\n", "not a class", None, "identifier"),
@@ -86,6 +90,15 @@ def test_bad_configuration_names_file_section_and_key(tmp_path, text, section, k
     if key:
         assert f"key {key}" in message
     assert words in message
+
+
+def test_tcp_keys(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPEEDYSVC_TCP_SECRET", "from-env")
+    path = write(tmp_path, "[S]\nimport_from=s\nbind_tcp=[::]\ntcp_allow_pickle=on\n"
+                           "[T]\nimport_from=t\nbind_tcp=127.0.0.1\ntcp_secret=own\n")
+    s, t = config.load(path).services
+    assert (s.bind_tcp, s.tcp_secret, s.tcp_allow_pickle) == ("::", "from-env", True)
+    assert (t.tcp_secret, t.tcp_allow_pickle, t.tcp_max_connections) == ("own", False, 10000)
 
 
 def test_missing_file(tmp_path):
@@ -108,6 +121,7 @@ def run_manager(tmp_path, ini):
     ("[Kitchen]\nimport_from=services\n[KitchenNewer]\nimport_from=services\n",
      ["[KitchenNewer]", "name is 'kitchen', as for [Kitchen]"]),
     ("[Kitchen]\nimport_from=services\n[Limited]\nimport_from=services\n", ["[Limited]", "port is 5556"]),
+    ("[NoPort]\nimport_from=services\nbind_tcp=127.0.0.1\n", ["[NoPort]", "key bind_tcp", "NoPort.port is None"]),
     ("[web monitor]\nhost=0.0.0.0\nport=0\n[EchoServer]\nimport_from=services\nmin_proc_num=5\nmax_proc_num=4\n",
      ["min_proc_num"]),
 ])

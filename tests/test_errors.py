@@ -163,8 +163,14 @@ def test_bad_connect_arguments():
         connect(object)
     with pytest.raises(ValueError, match="unsupported address"):
         connect(Kitchen, "http://x")
-    with pytest.raises(NotImplementedError, match="TCP"):
-        connect(Kitchen, "tcp://localhost")
+    with pytest.raises(ValueError, match="needs a host"):
+        connect(Kitchen, "tcp://:5000")
+    with pytest.raises(ValueError, match="bad port"):
+        connect(Kitchen, "tcp://localhost:99999")
+    with pytest.raises(ValueError, match="only apply to tcp"):
+        connect(Kitchen, "shm://", secret="x")
+    with pytest.raises(ValueError, match="unknown compression"):
+        connect(Kitchen, "tcp://localhost", compression="bogus")
     with pytest.raises(ValueError, match="timeout"):
         connect(Kitchen, timeout=-1)
 

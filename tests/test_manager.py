@@ -368,3 +368,53 @@ def test_log_pipe_lines_that_are_not_records_are_kept_as_text(tmp_path):
     assert (recs[-1]["level"], recs[-1]["logger"], recs[-1]["message"]) == ("ERROR", "svc", "real")
     log.close()
     assert "ERROR svc: real" in (tmp_path / "s.log").read_text()
+
+
+def test_bind_tcp_serves_remote_clients_and_follows_restarts(running):
+    from services import Other
+    m = running("""
+        [Other]
+        import_from=services
+        bind_tcp=127.0.0.1
+        tcp_secret=letmein
+
+        [web monitor]
+        port={port}
+    """)
+    status = m.service("Other")
+    assert status["tcp"].startswith("127.0.0.1:5557") and status["tcp_server"]["secret"] is True
+    with connect(Other, "tcp://127.0.0.1", secret="letmein", timeout=10) as c, connect(Other) as local:
+        first = c.whoami()
+        assert first == local.whoami() or first in m.service("Other")["worker_list"][0].values()
+        assert m.service("Other")["tcp_server"]["connections"] == 1
+        assert m.cli("restart", "Other").returncode == 0
+        assert c.whoami() != first          # reconnected to the restarted service
+        assert m.cli("stop", "Other").returncode == 0
+        with pytest.raises(ServiceUnavailable):
+            c.whoami()
+
+
+def test_tcp_port_in_use_fails_the_service_clearly(running):
+    import socket
+    blocker = socket.socket()
+    blocker.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    blocker.bind(("127.0.0.1", 5557))
+    blocker.listen()
+    try:
+        m = running("""
+            [Other]
+            import_from=services
+            bind_tcp=127.0.0.1
+
+            [EchoServer]
+            import_from=services
+
+            [web monitor]
+            port={port}
+        """, wait_ready=False)
+        m.wait(lambda: m.service("Other")["state"] == "failed", 20, "Other to fail")
+        assert "cannot accept TCP clients on 127.0.0.1:5557" in m.service("Other")["failure"]
+        with connect(EchoServer) as c:
+            assert c.echo_json(1) == 1
+    finally:
+        blocker.close()

@@ -1,0 +1,242 @@
+"""The TCP wire format: a versioned handshake, then frames.  docs/tcp-protocol.md
+describes it with offsets; this module is the only code that knows it.
+
+Both ends read with ``FrameParser``, an incremental parser that also tells the
+socket where to put the next bytes, so a large payload is received straight
+into its own buffer (asyncio's ``BufferedProtocol`` and ``socket.recv_into``)
+and small frames are cut out of one scratch buffer many at a time.
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import struct
+
+import msgpack
+
+from .errors import ProtocolError
+
+MAGIC = b"SSVC"
+VERSION = 1
+SUPPORTED_VERSIONS = (1,)
+
+# handshake messages: magic, protocol version, message type, body length; body is a msgpack map
+HELLO = struct.Struct("<4sBBH")
+SERVER_HELLO, CLIENT_HELLO, WELCOME, REFUSED = 1, 2, 3, 4
+MAX_HELLO_BODY = 4096
+NONCE_SIZE = 32
+
+# frames: kind, frame flags, method-name length, call id, codec flags or status,
+# timeout in ms (0: none), payload length
+FRAME = struct.Struct("<BBHIIIQ")
+HEADER_SIZE = FRAME.size
+CALL, REPLY, GOAWAY = 1, 2, 3
+F_COMPRESSED = 0x1
+KNOWN_FRAME_FLAGS = F_COMPRESSED
+MAX_NAME = 64
+SCRATCH_SIZE = 256 << 10
+DEFAULT_MAX_PAYLOAD = 1 << 30
+COMPRESSION_OVERHEAD = 8        # the original length in front of a compressed payload
+
+
+# ---- handshake -------------------------------------------------------------------------------
+
+def pack_hello(msg_type: int, body: dict) -> bytes:
+    data = msgpack.packb(body, use_bin_type=True)
+    if len(data) > MAX_HELLO_BODY:
+        raise ValueError("handshake message too large")
+    return HELLO.pack(MAGIC, VERSION, msg_type, len(data)) + data
+
+
+class HelloReader:
+    """Collects one handshake message: ``feed(data)`` returns ``None`` until it is
+    complete, then ``(msg_type, version, body, leftover bytes)``."""
+
+    def __init__(self):
+        self.buf = bytearray()
+
+    def feed(self, data):
+        self.buf += data
+        if len(self.buf) < HELLO.size:
+            if not MAGIC.startswith(bytes(self.buf[:4])):
+                raise ProtocolError("the peer does not speak the speedysvc protocol")
+            return None
+        magic, version, msg_type, length = HELLO.unpack_from(self.buf)
+        if magic != MAGIC:
+            raise ProtocolError("the peer does not speak the speedysvc protocol")
+        if length > MAX_HELLO_BODY:
+            raise ProtocolError(f"handshake message of {length} bytes is too large")
+        end = HELLO.size + length
+        if len(self.buf) < end:
+            return None
+        try:
+            body = msgpack.unpackb(bytes(self.buf[HELLO.size:end]), raw=False)
+        except Exception as e:
+            raise ProtocolError(f"undecodable handshake message: {e}") from None
+        if not isinstance(body, dict):
+            raise ProtocolError("handshake message is not a map")
+        return msg_type, version, body, bytes(self.buf[end:])
+
+
+def new_nonce() -> bytes:
+    return os.urandom(NONCE_SIZE)
+
+
+def proof(secret: bytes, role: bytes, first: bytes, second: bytes, service: str) -> bytes:
+    """HMAC-SHA256 over both nonces, so neither side can replay an old answer."""
+    return hmac.new(secret, role + b"\0" + first + second + service.encode(), hashlib.sha256).digest()
+
+
+def client_proof(secret: bytes, server_nonce: bytes, client_nonce: bytes, service: str) -> bytes:
+    return proof(secret, b"speedysvc client", server_nonce, client_nonce, service)
+
+
+def server_proof(secret: bytes, server_nonce: bytes, client_nonce: bytes, service: str) -> bytes:
+    return proof(secret, b"speedysvc server", client_nonce, server_nonce, service)
+
+
+def as_secret(secret) -> bytes | None:
+    if secret is None or secret == "" or secret == b"":
+        return None
+    if isinstance(secret, str):
+        return secret.encode()
+    if isinstance(secret, (bytes, bytearray)):
+        return bytes(secret)
+    raise TypeError(f"secret must be str or bytes, not {type(secret).__name__}")
+
+
+# ---- frames ----------------------------------------------------------------------------------
+
+class Frame:
+    __slots__ = ("kind", "flags", "call_id", "arg", "timeout_ms", "name", "payload")
+
+    def __init__(self, kind, flags, call_id, arg, timeout_ms, name, payload):
+        self.kind, self.flags, self.call_id, self.arg = kind, flags, call_id, arg
+        self.timeout_ms, self.name, self.payload = timeout_ms, name, payload
+
+    def __repr__(self) -> str:
+        return (f"<Frame kind={self.kind} flags={self.flags} id={self.call_id} arg={self.arg} "
+                f"name={self.name!r} {len(self.payload)} bytes>")
+
+
+def call_header(call_id: int, name: bytes, codec_flags: int, timeout_ms: int, length: int, flags: int = 0) -> bytes:
+    return FRAME.pack(CALL, flags, len(name), call_id, codec_flags, timeout_ms, length) + name
+
+
+def reply_header(call_id: int, status: int, length: int, flags: int = 0) -> bytes:
+    return FRAME.pack(REPLY, flags, 0, call_id, status, 0, length)
+
+
+def goaway(payload: bytes) -> bytes:
+    return FRAME.pack(GOAWAY, 0, 0, 0, 0, 0, len(payload)) + payload
+
+
+def payload_size(payload) -> int:
+    return len(payload) if isinstance(payload, (bytes, bytearray)) else memoryview(payload).nbytes
+
+
+class FrameParser:
+    """Incremental frame parser.  ``get_buffer()`` gives the memory the next bytes
+    go to; ``buffer_updated(n)`` says how many arrived and returns the frames now
+    complete.  ``accept`` is the set of frame kinds this end may receive;
+    ``max_payload`` bounds a frame's payload (the service's payload limit)."""
+
+    def __init__(self, max_payload: int, accept: frozenset):
+        self.max_payload = max_payload
+        self.max_length = max_payload + COMPRESSION_OVERHEAD
+        self.accept = accept
+        self._buf = bytearray(SCRATCH_SIZE)
+        self._view = memoryview(self._buf)
+        self._start = self._end = 0
+        self._big: Frame | None = None     # a frame whose payload arrives into its own buffer
+        self._big_view: memoryview | None = None
+        self._big_filled = 0
+
+    @property
+    def mid_frame(self) -> bool:
+        """True while part of a frame has arrived and the rest has not."""
+        return self._big is not None or self._end > self._start
+
+    def get_buffer(self, sizehint: int = -1) -> memoryview:
+        if self._big is not None:
+            return self._big_view[self._big_filled:]
+        if self._end == len(self._buf):
+            self._compact()
+        return self._view[self._end:]
+
+    def feed(self, data) -> list[Frame]:
+        """Parse bytes received some other way (copies them in)."""
+        data = memoryview(data).cast("B")
+        frames, pos = [], 0
+        while pos < len(data):
+            buf = self.get_buffer()
+            n = min(len(buf), len(data) - pos)
+            buf[:n] = data[pos:pos + n]
+            pos += n
+            frames.extend(self.buffer_updated(n))
+        return frames
+
+    def _compact(self) -> None:
+        rest = self._end - self._start
+        if self._start:
+            self._buf[:rest] = self._buf[self._start:self._end]
+        self._start, self._end = 0, rest
+
+    def _check(self, kind, flags, name_len, length) -> None:
+        if kind not in self.accept:
+            raise ProtocolError(f"unexpected frame kind {kind}")
+        if flags & ~KNOWN_FRAME_FLAGS:
+            raise ProtocolError(f"unknown frame flags {flags:#x}")
+        if kind == CALL:
+            if not 1 <= name_len <= MAX_NAME:
+                raise ProtocolError(f"method name of {name_len} bytes (1 to {MAX_NAME} allowed)")
+        elif name_len:
+            raise ProtocolError("only a call frame carries a method name")
+        if length > (self.max_length if flags & F_COMPRESSED else self.max_payload):
+            raise FrameTooLarge(length, self.max_payload)
+
+    def buffer_updated(self, n: int) -> list[Frame]:
+        if self._big is not None:
+            self._big_filled += n
+            if self._big_filled < len(self._big.payload):
+                return []
+            frame, self._big, self._big_view = self._big, None, None
+            return [frame]
+        self._end += n
+        frames = []
+        buf, start, end = self._buf, self._start, self._end
+        while end - start >= HEADER_SIZE:
+            kind, flags, name_len, call_id, arg, timeout_ms, length = FRAME.unpack_from(buf, start)
+            self._check(kind, flags, name_len, length)
+            body = start + HEADER_SIZE
+            total = HEADER_SIZE + name_len + length
+            if end - start >= total:
+                name = bytes(buf[body:body + name_len]) if name_len else b""
+                frames.append(Frame(kind, flags, call_id, arg, timeout_ms, name,
+                                    bytes(buf[body + name_len:start + total])))
+                start += total
+                continue
+            if total > len(buf) and end - start >= HEADER_SIZE + name_len:
+                # too large for the scratch buffer: the rest goes straight into its own buffer
+                name = bytes(buf[body:body + name_len])
+                payload = bytearray(length)
+                have = end - body - name_len
+                payload[:have] = buf[body + name_len:end]
+                self._big = Frame(kind, flags, call_id, arg, timeout_ms, name, payload)
+                self._big_view = memoryview(payload)
+                self._big_filled = have
+                start = end = 0
+            break
+        if start == end:
+            start = end = 0
+        self._start, self._end = start, end
+        if start and len(buf) - end < HEADER_SIZE + MAX_NAME:
+            self._compact()
+        return frames
+
+
+class FrameTooLarge(ProtocolError):
+    def __init__(self, length: int, limit: int):
+        super().__init__(f"frame payload of {length} bytes exceeds the limit of {limit} bytes")
+        self.length, self.limit = length, limit

@@ -1,0 +1,357 @@
+"""Calling a service over TCP: ``TcpTransport``, used by ``connect(Server, 'tcp://host:port')``.
+
+One connection carries every call of a client, several at once when several
+threads call: each call has an id, replies may come back in any order, and
+whichever waiting thread is free reads the socket for all of them (no
+background thread).  A connection that broke is replaced on the next call;
+calls in flight at the break raise ``ConnectionLost``.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import select
+import socket
+import ssl
+import threading
+import time
+
+from . import compression
+from . import framing as fr
+from .errors import (AuthenticationFailed, CallTimeout, ConnectionLost, PayloadTooLarge, ProtocolError,
+                     ServiceUnavailable, SpeedysvcError, decode_exception, encode_exception)
+
+SECRET_ENV = "SPEEDYSVC_SECRET"
+DEFAULT_CONNECT_TIMEOUT = 10.0
+
+
+def client_ssl_context(tls) -> ssl.SSLContext | None:
+    """``tls``: None/False (plain TCP), True (verify against the system's CAs), a
+    path to a CA bundle or certificate to trust, or a ready SSLContext."""
+    if tls is None or tls is False:
+        return None
+    if isinstance(tls, ssl.SSLContext):
+        return tls
+    if tls is True:
+        return ssl.create_default_context()
+    if isinstance(tls, (str, os.PathLike)):
+        return ssl.create_default_context(cafile=os.fspath(tls))
+    raise TypeError(f"tls must be True, a CA file path or an ssl.SSLContext, not {tls!r}")
+
+
+class ClientOptions:
+    """What a client asks of a TCP service; shared by the blocking and the asyncio client."""
+
+    def __init__(self, service: str, host: str, port: int, *, secret=None, tls=None, compression_name=None,
+                 compress_min: int = compression.DEFAULT_MIN_SIZE,
+                 connect_timeout: float = DEFAULT_CONNECT_TIMEOUT):
+        self.service, self.host, self.port = service, host, port
+        self.secret = fr.as_secret(secret if secret is not None else os.environ.get(SECRET_ENV))
+        self.ssl_context = client_ssl_context(tls)
+        self.compression = compression.check(compression_name)
+        if not isinstance(compress_min, int) or compress_min < 0:
+            raise ValueError(f"compress_min must be a whole number of bytes >= 0, got {compress_min!r}")
+        self.compress_min = compress_min
+        self.connect_timeout = connect_timeout
+        self.address = f"tcp://{host}:{port}"
+
+    def client_hello(self, hello: tuple) -> tuple[bytes, bytes]:
+        """Answer the server's hello: (our hello, our nonce).  Raises if we cannot talk to it."""
+        msg_type, version, body, leftover = hello
+        if msg_type == fr.REFUSED:
+            raise self.refused(body)
+        if msg_type != fr.SERVER_HELLO or leftover:
+            raise ProtocolError(f"{self.address} sent an unexpected handshake message")
+        if fr.VERSION not in body.get("versions", ()):
+            raise ProtocolError(f"{self.address} speaks protocol versions {body.get('versions')}, "
+                                f"this client {fr.VERSION}: upgrade the older side")
+        if body.get("service") != self.service:
+            raise ServiceUnavailable(f"{self.address} serves {body.get('service')!r}, not {self.service!r}")
+        if self.compression and self.compression not in body.get("compression", ()):
+            raise ValueError(f"{self.address} does not support {self.compression} compression; "
+                             f"it supports: {', '.join(body.get('compression', ())) or 'none'}")
+        server_nonce = body.get("nonce", b"")
+        nonce = fr.new_nonce()
+        proof = None
+        if body.get("auth"):
+            if self.secret is None:
+                raise AuthenticationFailed(f"{self.address} requires a shared secret: pass secret= to connect() "
+                                           f"or set {SECRET_ENV}")
+            proof = fr.client_proof(self.secret, server_nonce, nonce, self.service)
+        self.server_nonce = server_nonce
+        self.max_payload = int(body.get("max_payload", 0)) or None
+        self.auth = bool(body.get("auth"))
+        return fr.pack_hello(fr.CLIENT_HELLO, {"service": self.service, "compression": self.compression or "",
+                                               "compress_min": self.compress_min, "nonce": nonce,
+                                               "proof": proof}), nonce
+
+    def check_welcome(self, welcome: tuple, nonce: bytes) -> bytes:
+        """Check the server's answer to our hello; returns bytes that came after it."""
+        msg_type, version, body, leftover = welcome
+        if msg_type == fr.REFUSED:
+            raise self.refused(body)
+        if msg_type != fr.WELCOME:
+            raise ProtocolError(f"{self.address} sent an unexpected handshake message")
+        if self.auth:
+            expected = fr.server_proof(self.secret, self.server_nonce, nonce, self.service)
+            if not isinstance(body.get("proof"), bytes) or not fr.hmac.compare_digest(body["proof"], expected):
+                raise AuthenticationFailed(f"{self.address} could not prove it knows the shared secret")
+        return leftover
+
+    def refused(self, body: dict) -> BaseException:
+        exc = decode_exception(body.get("error", b""))
+        return exc
+
+    def encode_call(self, call_id: int, name: bytes, payload, flags: int, timeout: float | None) -> list:
+        """The frame of one call, as a list of buffers to send."""
+        size = fr.payload_size(payload)
+        if self.max_payload is not None and size > self.max_payload:
+            raise PayloadTooLarge(f"request of {size} bytes exceeds the service's limit of {self.max_payload} bytes")
+        fflags = 0
+        if self.compression is not None and size >= self.compress_min:
+            packed = compression.compress(self.compression, payload)
+            if packed is not None:
+                payload, size, fflags = packed, len(packed), fr.F_COMPRESSED
+        timeout_ms = 0 if timeout is None else max(1, min(int(timeout * 1000), 0xFFFFFFFF))
+        header = fr.call_header(call_id, name, flags, timeout_ms, size, fflags)
+        if size < 64 << 10:
+            return [header + payload if isinstance(payload, bytes) else header + bytes(payload)]
+        return [header, payload]
+
+    def decode_reply(self, frame: fr.Frame):
+        """(status, payload) of a reply frame."""
+        if frame.flags & fr.F_COMPRESSED:
+            return frame.arg, compression.decompress(self.compression or "", frame.payload,
+                                                     self.max_payload or (1 << 62))
+        return frame.arg, frame.payload
+
+    def goaway_error(self, frame: fr.Frame) -> BaseException:
+        exc = decode_exception(frame.payload)
+        return ConnectionLost(f"{self.address} closed the connection: {exc}")
+
+
+_ids = itertools.count(1)
+
+
+def next_call_id() -> int:
+    return next(_ids) & 0xFFFFFFFF or next(_ids)
+
+
+class _Connection:
+    """One established connection; replies are matched to calls by id."""
+
+    def __init__(self, sock: socket.socket, opts: ClientOptions, leftover: bytes):
+        self.sock = sock
+        self.opts = opts
+        self.parser = fr.FrameParser(opts.max_payload or fr.DEFAULT_MAX_PAYLOAD, frozenset((fr.REPLY, fr.GOAWAY)))
+        self.send_lock = threading.Lock()
+        self.cond = threading.Condition(threading.Lock())
+        self.replies: dict[int, tuple] = {}
+        self.waiting: set[int] = set()
+        self.reading = False
+        self.broken: BaseException | None = None
+        self.poller = select.poll()
+        self.poller.register(sock, select.POLLIN | select.POLLPRI)
+        if leftover:
+            self._deliver(self.parser.feed(leftover))
+
+    def close(self) -> None:
+        with self.cond:
+            if self.broken is None:
+                self.broken = ConnectionLost(f"connection to {self.opts.address} was closed")
+            self.cond.notify_all()
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+    def _break(self, exc: BaseException) -> None:
+        """Under ``cond``: the connection is unusable; every waiting call fails."""
+        if self.broken is None:
+            self.broken = exc if isinstance(exc, ConnectionLost) else ConnectionLost(
+                f"connection to {self.opts.address} was lost ({exc}); the call may or may not have run")
+        self.cond.notify_all()
+
+    def stale(self) -> bool:
+        """With no call in flight the server sends nothing: anything to read means it closed."""
+        if self.broken is not None:
+            return True
+        if self.waiting or self.reading:
+            return False
+        if isinstance(self.sock, ssl.SSLSocket) and self.sock.pending():
+            return True
+        return bool(self.poller.poll(0))
+
+    def call(self, name: bytes, payload, flags: int, timeout: float | None):
+        call_id = next_call_id()
+        buffers = self.opts.encode_call(call_id, name, payload, flags, timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self.cond:
+            if self.broken is not None:
+                raise self.broken
+            self.waiting.add(call_id)
+        try:
+            try:
+                with self.send_lock:
+                    for buf in buffers:
+                        self.sock.sendall(buf)
+            except OSError as e:
+                with self.cond:
+                    self._break(e)
+                raise self.broken from None
+            return self._wait(call_id, deadline, timeout)
+        finally:
+            with self.cond:
+                self.waiting.discard(call_id)
+                self.replies.pop(call_id, None)
+
+    def _wait(self, call_id: int, deadline: float | None, timeout: float | None):
+        cond = self.cond
+        with cond:
+            while True:
+                reply = self.replies.pop(call_id, None)
+                if reply is not None:
+                    return reply
+                if self.broken is not None:
+                    raise self.broken
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise CallTimeout(f"call to {self.opts.address} timed out after {timeout} s")
+                if self.reading:
+                    cond.wait(remaining)
+                    continue
+                self.reading = True
+                cond.release()
+                try:
+                    frames = self._read(remaining)
+                    error = None
+                except (OSError, ProtocolError) as e:
+                    frames, error = [], e
+                finally:
+                    cond.acquire()
+                    self.reading = False
+                if error is not None:
+                    self._break(error)
+                else:
+                    self._deliver(frames)
+                cond.notify_all()
+
+    def _read(self, timeout: float | None) -> list:
+        """Read what has arrived (waiting up to ``timeout``); the frames now complete."""
+        sock = self.sock
+        if not (isinstance(sock, ssl.SSLSocket) and sock.pending()):
+            if not self.poller.poll(None if timeout is None else max(0, int(timeout * 1000) + 1)):
+                return []
+        buf = self.parser.get_buffer()
+        n = sock.recv_into(buf, len(buf))
+        if not n:
+            raise ConnectionLost(f"{self.opts.address} closed the connection; the call may or may not have run")
+        return self.parser.buffer_updated(n)
+
+    def _deliver(self, frames) -> None:
+        """Under ``cond`` (or before anyone else can see us)."""
+        for frame in frames:
+            if frame.kind == fr.GOAWAY:
+                self._break(self.opts.goaway_error(frame))
+            elif frame.call_id in self.waiting:
+                try:
+                    self.replies[frame.call_id] = self.opts.decode_reply(frame)
+                except Exception as e:   # a reply that does not decompress fails its call only
+                    self.replies[frame.call_id] = (1, encode_exception(e, False))
+
+
+def open_connection(opts: ClientOptions) -> _Connection:
+    """Connect, shake hands, and return the connection (raises with a clear message)."""
+    try:
+        sock = socket.create_connection((opts.host, opts.port), timeout=opts.connect_timeout)
+    except OSError as e:
+        raise ServiceUnavailable(f"cannot connect to {opts.address}: {e.strerror or e}") from None
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        for opt, value in (("TCP_KEEPIDLE", 30), ("TCP_KEEPINTVL", 10), ("TCP_KEEPCNT", 3)):
+            if hasattr(socket, opt):
+                sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, opt), value)
+        if opts.ssl_context is not None:
+            sock = opts.ssl_context.wrap_socket(sock, server_hostname=opts.host)
+        reader = fr.HelloReader()
+        hello = None
+        while hello is None:
+            data = sock.recv(4096)
+            if not data:
+                raise ConnectionLost(f"{opts.address} closed the connection during the handshake")
+            hello = reader.feed(data)
+        message, nonce = opts.client_hello(hello)
+        sock.sendall(message)
+        reader = fr.HelloReader()
+        welcome = None
+        while welcome is None:
+            data = sock.recv(4096)
+            if not data:
+                raise ConnectionLost(f"{opts.address} closed the connection during the handshake")
+            welcome = reader.feed(data)
+        leftover = opts.check_welcome(welcome, nonce)
+        sock.settimeout(None)
+        return _Connection(sock, opts, leftover)
+    except SpeedysvcError:
+        sock.close()
+        raise
+    except socket.timeout:
+        sock.close()
+        raise ServiceUnavailable(f"{opts.address} did not complete the handshake within "
+                                 f"{opts.connect_timeout} s") from None
+    except ssl.SSLError as e:
+        sock.close()
+        raise ServiceUnavailable(f"TLS with {opts.address} failed: {e}") from None
+    except OSError as e:
+        sock.close()
+        raise ConnectionLost(f"connection to {opts.address} failed during the handshake: {e}") from None
+    except BaseException:
+        sock.close()
+        raise
+
+
+class TcpTransport:
+    """Calls a service on another host (or this one) over TCP.  Thread-safe."""
+
+    scheme = "tcp"
+
+    def __init__(self, opts: ClientOptions):
+        self.opts = opts
+        self._lock = threading.Lock()
+        self._conn: _Connection | None = None
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"<TcpTransport {self.opts.address} {self.opts.service!r}>"
+
+    def _connection(self) -> _Connection:
+        conn = self._conn
+        if conn is not None and not conn.stale():
+            return conn
+        with self._lock:
+            if self._closed:
+                raise SpeedysvcError("this connection is closed")
+            conn = self._conn
+            if conn is None or conn.stale():
+                if conn is not None:
+                    conn.close()
+                conn = self._conn = open_connection(self.opts)
+            return conn
+
+    def call(self, name: bytes, payload, flags: int, codec, timeout: float | None):
+        status, data = self._connection().call(name, payload, flags, timeout)
+        if status:
+            return codec.remote_error(data)
+        try:
+            return codec.loads_fast(data)
+        except Exception:
+            from .shm import _decode_slow
+            return _decode_slow(codec, name, data)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()

@@ -1,0 +1,479 @@
+"""Serving a service to TCP clients: ``TcpServer`` accepts connections and hands
+each call to the service's own worker pool over shared memory, so TCP and
+shared-memory clients share one copy of the service's state.
+
+One asyncio loop serves every connection (no thread per connection).  A call
+is posted to a worker and answered inline when the worker replies within the
+caller's short spin; a slower call is waited for in a small thread pool
+(``max_waiting_threads``) while the loop goes on.  The wire format is in
+``framing`` and docs/tcp-protocol.md.
+
+The service manager runs one ``TcpServer`` per service with ``bind_tcp`` in its
+own loop; ``python -m speedysvc.tcp_server`` runs one on its own (LocalService
+uses that).
+"""
+from __future__ import annotations
+
+import asyncio
+import functools
+import ipaddress
+import logging
+import os
+import resource
+import ssl
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from . import codecs, compression
+from . import framing as fr
+from .errors import (AuthenticationFailed, DecodeError, NotAllowed, PayloadTooLarge, ProtocolError,
+                     ServiceUnavailable, SpeedysvcError, encode_exception)
+from .shm import DEFAULT_MAX_PAYLOAD, ShmTransport
+
+log = logging.getLogger("speedysvc.tcp")
+
+SECRET_ENV = "SPEEDYSVC_TCP_SECRET"
+SMALL_WRITE = 64 << 10        # below this, header and payload go out in one write
+
+
+class _Passthrough:
+    """A 'codec' that leaves the worker's answer as it is: (status, bytes)."""
+    name = "passthrough"
+
+    @staticmethod
+    def loads_fast(data):
+        return 0, bytes(data)
+
+    loads = loads_fast
+
+    @staticmethod
+    def remote_error(data):
+        return 1, bytes(data)
+
+
+PASSTHROUGH = _Passthrough()
+
+
+def is_loopback(host: str) -> bool:
+    if host in ("localhost", "ip6-localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def raise_fd_limit() -> int:
+    """Thousands of connections need thousands of descriptors: lift the soft limit to the hard one."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    return soft
+
+
+class TcpServer:
+    """Accepts TCP clients of one service (``service``: its shared-memory name)."""
+
+    def __init__(self, service: str, host: str, port: int, *, secret=None, ssl_context: ssl.SSLContext | None = None,
+                 allow_pickle: bool = False, max_payload: int = DEFAULT_MAX_PAYLOAD, max_connections: int = 10000,
+                 max_inflight: int = 256, handshake_timeout: float = 10.0, stall_timeout: float = 30.0,
+                 max_waiting_threads: int = 64):
+        self.service = service
+        self.host, self.port = host, port
+        self.secret = fr.as_secret(secret)
+        if self.secret is None and not is_loopback(host):
+            raise ValueError(f"a TCP service bound to {host} (not loopback) needs a shared secret "
+                             f"(tcp_secret in service.ini, or the {SECRET_ENV} environment variable)")
+        if allow_pickle and self.secret is None:
+            raise ValueError("pickle over TCP is only allowed to authenticated clients: set a secret too")
+        self.ssl_context = ssl_context
+        self.allow_pickle = allow_pickle
+        self.max_payload = max_payload
+        self.max_connections = max_connections
+        self.max_inflight = max_inflight
+        self.handshake_timeout = handshake_timeout
+        self.stall_timeout = stall_timeout
+        self.max_waiting_threads = max_waiting_threads
+        self.shm = ShmTransport(service)
+        self.executor: ThreadPoolExecutor | None = None
+        self.connections: set[_Connection] = set()
+        self.closing = False
+        self.inflight = 0
+        self._queued: list[tuple[_Connection, fr.Frame]] = []   # calls waiting for room (max_inflight)
+        self._server: asyncio.base_events.Server | None = None
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._idle = asyncio.Event()
+        self.counters = {"connections_total": 0, "calls": 0, "errors": 0, "refused": 0,
+                         "auth_failures": 0, "protocol_errors": 0, "bytes_in": 0, "bytes_out": 0}
+
+    def __repr__(self) -> str:
+        return f"<TcpServer {self.service!r} on {self.host}:{self.port}>"
+
+    async def start(self) -> "TcpServer":
+        loop = asyncio.get_running_loop()
+        raise_fd_limit()
+        self.executor = ThreadPoolExecutor(self.max_waiting_threads, thread_name_prefix=f"speedysvc-tcp-wait")
+        self._server = await loop.create_server(lambda: _Connection(self), self.host, self.port,
+                                                ssl=self.ssl_context, reuse_address=True, backlog=1024)
+        self.port = self._server.sockets[0].getsockname()[1]
+        self._sweeper = loop.call_later(1.0, self._sweep)
+        self._idle.set()
+        log.info("%s: accepting TCP clients on %s:%d%s%s", self.service, self.host, self.port,
+                 " with TLS" if self.ssl_context else "", " (secret required)" if self.secret else "")
+        return self
+
+    async def close(self, timeout: float = 10.0, reason: str = "the service is stopping") -> None:
+        """Stop accepting; calls in flight get up to ``timeout`` seconds to finish,
+        then every client is told why and disconnected."""
+        if self._server is None:
+            return
+        self.closing = True
+        self._server.close()
+        for conn, frame in self._queued:
+            conn.reply_error(frame.call_id, ServiceUnavailable(f"service {self.service!r}: {reason}"))
+        self._queued.clear()
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except asyncio.TimeoutError:
+            log.warning("%s: %d TCP call(s) still running after %s s", self.service, self.inflight, timeout)
+        for conn in list(self.connections):
+            conn.go_away(ServiceUnavailable(f"service {self.service!r}: {reason}"))
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        self._server = None
+        self.shm.close()
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+    def status(self) -> dict:
+        return {"host": self.host, "port": self.port, "tls": self.ssl_context is not None,
+                "secret": self.secret is not None, "connections": len(self.connections),
+                "inflight": self.inflight, **self.counters}
+
+    # -- calls -----------------------------------------------------------------------------
+    def submit(self, conn: "_Connection", frame: fr.Frame) -> None:
+        if self.closing:
+            conn.reply_error(frame.call_id, ServiceUnavailable(f"service {self.service!r} is stopping"))
+            return
+        if self.inflight >= self.max_inflight:
+            self._queued.append((conn, frame))
+            conn.transport.pause_reading()   # that client waits; the others go on
+            conn.paused_by_server = True
+            return
+        self._run(conn, frame)
+
+    def _run(self, conn: "_Connection", frame: fr.Frame) -> None:
+        self.counters["calls"] += 1
+        payload = frame.payload
+        if frame.flags & fr.F_COMPRESSED:
+            try:
+                payload = compression.decompress(conn.compression, payload, self.max_payload)
+            except (DecodeError, PayloadTooLarge) as e:
+                conn.reply_error(frame.call_id, e)
+                return
+        codec_id = frame.arg >> codecs.CODEC_SHIFT & 0xFF
+        if codec_id == codecs.PICKLE.id and not (self.allow_pickle and conn.authenticated):
+            conn.reply_error(frame.call_id, NotAllowed(
+                f"{frame.name.decode(errors='replace')}() uses pickle, which this service does not accept over "
+                f"TCP" + ("" if self.secret else " (it would need a secret and tcp_allow_pickle)")))
+            return
+        timeout = frame.timeout_ms / 1000 if frame.timeout_ms else None
+        try:
+            done, result = self.shm.begin(frame.name, payload, frame.arg, PASSTHROUGH, timeout)
+        except Exception as e:
+            conn.reply_error(frame.call_id, e)
+            return
+        if done:
+            conn.reply(frame.call_id, *result)
+            return
+        self.inflight += 1
+        conn.inflight += 1
+        self._idle.clear()
+        fut = asyncio.get_running_loop().run_in_executor(self.executor, result)
+        fut.add_done_callback(functools.partial(self._finished, conn, frame.call_id))
+
+    def _finished(self, conn: "_Connection", call_id: int, fut: asyncio.Future) -> None:
+        self.inflight -= 1
+        conn.inflight -= 1
+        if fut.cancelled():
+            conn.reply_error(call_id, ServiceUnavailable(f"service {self.service!r} is stopping"))
+        elif fut.exception() is not None:
+            conn.reply_error(call_id, fut.exception())
+        else:
+            conn.reply(call_id, *fut.result())
+        while self._queued and self.inflight < self.max_inflight:
+            qconn, frame = self._queued.pop(0)
+            if not qconn.closed:
+                self._run(qconn, frame)
+            if qconn.paused_by_server and not any(c is qconn for c, _ in self._queued):
+                qconn.paused_by_server = False
+                qconn.resume()
+        if self.inflight == 0:
+            self._idle.set()
+
+    # -- housekeeping ----------------------------------------------------------------------
+    def _sweep(self) -> None:
+        """Once a second: drop clients that stall a handshake or a frame (slow-loris)."""
+        now = time.monotonic()
+        for conn in list(self.connections):
+            if conn.parser is None and now - conn.opened > self.handshake_timeout:
+                conn.refuse(ProtocolError(f"handshake not completed within {self.handshake_timeout} s"))
+            elif conn.parser is not None and conn.parser.mid_frame and now - conn.last_progress > self.stall_timeout:
+                conn.go_away(ProtocolError(f"no progress within a frame for {self.stall_timeout} s"))
+                self.counters["protocol_errors"] += 1
+        self._sweeper = asyncio.get_running_loop().call_later(1.0, self._sweep)
+
+
+class _Connection(asyncio.BufferedProtocol):
+    """One TCP client: the handshake, then its frames."""
+
+    def __init__(self, server: TcpServer):
+        self.server = server
+        self.transport: asyncio.Transport | None = None
+        self.peer = "?"
+        self.opened = self.last_progress = time.monotonic()
+        self.hello = fr.HelloReader()
+        self.hello_buf = bytearray(fr.HELLO.size + fr.MAX_HELLO_BODY)
+        self.parser: fr.FrameParser | None = None
+        self.nonce = fr.new_nonce()
+        self.compression: str | None = None
+        self.compress_min = compression.DEFAULT_MIN_SIZE
+        self.authenticated = False
+        self.inflight = 0
+        self.closed = False
+        self.paused_by_server = False
+        self.paused_by_writes = False
+        self.batch: list | None = None
+
+    # -- asyncio callbacks -----------------------------------------------------------------
+    def connection_made(self, transport) -> None:
+        server = self.server
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        server.counters["connections_total"] += 1
+        if len(server.connections) >= server.max_connections:
+            self.refuse(ServiceUnavailable(f"service {server.service!r} has too many TCP clients "
+                                           f"({server.max_connections}); try again later"))
+            return
+        server.connections.add(self)
+        transport.write(fr.pack_hello(fr.SERVER_HELLO, {
+            "versions": list(fr.SUPPORTED_VERSIONS), "service": server.service,
+            "compression": compression.available(), "auth": server.secret is not None,
+            "nonce": self.nonce, "max_payload": server.max_payload}))
+
+    def connection_lost(self, exc) -> None:
+        self.closed = True
+        self.server.connections.discard(self)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self.parser is not None:
+            return self.parser.get_buffer()
+        return memoryview(self.hello_buf)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.last_progress = time.monotonic()
+        self.server.counters["bytes_in"] += nbytes
+        if self.closed:
+            return
+        if self.parser is None:
+            try:
+                done = self.hello.feed(self.hello_buf[:nbytes])
+            except ProtocolError as e:
+                self.refuse(e)
+                return
+            if done is not None:
+                self._on_client_hello(*done)
+            return
+        try:
+            frames = self.parser.buffer_updated(nbytes)
+        except fr.FrameTooLarge as e:
+            self.server.counters["protocol_errors"] += 1
+            self.go_away(PayloadTooLarge(str(e)))
+            return
+        except ProtocolError as e:
+            self.server.counters["protocol_errors"] += 1
+            self.go_away(e)
+            return
+        # replies to calls answered at once go out together, in one write
+        self.batch = []
+        try:
+            submit = self.server.submit
+            for frame in frames:
+                submit(self, frame)
+        finally:
+            batch, self.batch = self.batch, None
+            if batch and not self.closed:
+                self.transport.write(b"".join(batch) if len(batch) > 1 else batch[0])
+
+    def eof_received(self):
+        return False   # close our side too; replies still in flight are dropped
+
+    def pause_writing(self) -> None:
+        # the client does not read its replies: stop reading its calls until it does
+        self.paused_by_writes = True
+        self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.paused_by_writes = False
+        self.resume()
+
+    def resume(self) -> None:
+        if not (self.closed or self.paused_by_writes or self.paused_by_server):
+            self.transport.resume_reading()
+
+    # -- handshake -------------------------------------------------------------------------
+    def _on_client_hello(self, msg_type, version, body, leftover) -> None:
+        server = self.server
+        if msg_type != fr.CLIENT_HELLO:
+            self.refuse(ProtocolError(f"expected a client hello, got message type {msg_type}"))
+            return
+        if version not in fr.SUPPORTED_VERSIONS:
+            self.refuse(ProtocolError(f"protocol version {version} is not supported; this service speaks "
+                                      f"{', '.join(map(str, fr.SUPPORTED_VERSIONS))} (upgrade speedysvc)"))
+            return
+        if body.get("service") != server.service:
+            self.refuse(ServiceUnavailable(f"this port serves {server.service!r}, not {body.get('service')!r}"))
+            return
+        algo = body.get("compression") or None
+        if algo is not None and algo not in compression.ALGORITHMS:
+            self.refuse(ValueError(f"compression {algo!r} is not supported here; supported: "
+                                   f"{', '.join(compression.available())}"))
+            return
+        compress_min = body.get("compress_min", compression.DEFAULT_MIN_SIZE)
+        client_nonce = body.get("nonce")
+        if not isinstance(compress_min, int) or compress_min < 0 or not isinstance(client_nonce, bytes) \
+                or len(client_nonce) != fr.NONCE_SIZE:
+            self.refuse(ProtocolError("malformed client hello"))
+            return
+        welcome = {"proof": None}
+        if server.secret is not None:
+            sent = body.get("proof")
+            expected = fr.client_proof(server.secret, self.nonce, client_nonce, server.service)
+            if not isinstance(sent, bytes) or not fr.hmac.compare_digest(sent, expected):
+                server.counters["auth_failures"] += 1
+                log.warning("%s: TCP client %s failed authentication", server.service, self.peer)
+                self.refuse(AuthenticationFailed(
+                    f"service {server.service!r} requires a shared secret and the client's is "
+                    f"{'wrong' if sent else 'missing'}"))
+                return
+            self.authenticated = True
+            welcome["proof"] = fr.server_proof(server.secret, self.nonce, client_nonce, server.service)
+        self.compression, self.compress_min = algo, compress_min
+        self.parser = fr.FrameParser(server.max_payload, frozenset((fr.CALL,)))
+        self.transport.write(fr.pack_hello(fr.WELCOME, welcome))
+        self.hello = self.hello_buf = None
+        if leftover:
+            try:
+                frames = self.parser.feed(leftover)
+            except ProtocolError as e:
+                self.go_away(e)
+                return
+            for frame in frames:
+                server.submit(self, frame)
+
+    # -- answers ---------------------------------------------------------------------------
+    def reply(self, call_id: int, status: int, data) -> None:
+        if self.closed:
+            return
+        flags = 0
+        if self.compression is not None and len(data) >= self.compress_min:
+            packed = compression.compress(self.compression, data)
+            if packed is not None:
+                data, flags = packed, fr.F_COMPRESSED
+        if status:
+            self.server.counters["errors"] += 1
+        header = fr.reply_header(call_id, status, len(data), flags)
+        self.server.counters["bytes_out"] += len(header) + len(data)
+        if len(data) < SMALL_WRITE:
+            if self.batch is not None:
+                self.batch.append(header + data)
+            else:
+                self.transport.write(header + data)
+        else:
+            if self.batch:
+                self.transport.write(b"".join(self.batch))
+                self.batch.clear()
+            self.transport.write(header)
+            self.transport.write(data)
+
+    def reply_error(self, call_id: int, exc: BaseException) -> None:
+        with_tb = not isinstance(exc, SpeedysvcError)
+        self.reply(call_id, 1, encode_exception(exc, with_tb))
+
+    def refuse(self, exc: BaseException) -> None:
+        """End a connection during the handshake, telling the client why."""
+        self.server.counters["refused"] += 1
+        if not self.closed:
+            self.transport.write(fr.pack_hello(fr.REFUSED, {"error": encode_exception(exc, False)}))
+            self.closed = True
+            self.transport.close()
+        self.server.connections.discard(self)
+
+    def go_away(self, exc: BaseException) -> None:
+        """End an established connection, telling the client why."""
+        if not self.closed:
+            self.transport.write(fr.goaway(encode_exception(exc, False)))
+            self.closed = True
+            self.transport.close()
+        self.server.connections.discard(self)
+
+
+# ---- running one on its own ------------------------------------------------------------------
+
+def make_ssl_context(cert: str | None, key: str | None) -> ssl.SSLContext | None:
+    if not cert:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(cert, key or None)
+    return ctx
+
+
+async def serve(args, ready=None) -> None:
+    server = TcpServer(args.service, args.host, args.port, secret=os.environ.get(SECRET_ENV),
+                       ssl_context=make_ssl_context(args.tls_cert, args.tls_key), allow_pickle=args.allow_pickle,
+                       max_payload=args.max_payload, handshake_timeout=args.handshake_timeout,
+                       stall_timeout=args.stall_timeout)
+    await server.start()
+    print(f"listening on {server.host}:{server.port}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    import signal
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await server.close(timeout=args.stop_timeout)
+
+
+def main(argv=None) -> int:
+    """``python -m speedysvc.tcp_server SERVICE --host H --port P``: serve a running
+    service (started by LocalService or the manager) to TCP clients until SIGTERM.
+    The secret, if any, comes from the SPEEDYSVC_TCP_SECRET environment variable."""
+    import argparse
+    p = argparse.ArgumentParser(prog="python -m speedysvc.tcp_server", description=main.__doc__)
+    p.add_argument("service")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--tls-cert")
+    p.add_argument("--tls-key")
+    p.add_argument("--allow-pickle", action="store_true")
+    p.add_argument("--max-payload", type=int, default=DEFAULT_MAX_PAYLOAD)
+    p.add_argument("--handshake-timeout", type=float, default=10.0)
+    p.add_argument("--stall-timeout", type=float, default=30.0)
+    p.add_argument("--stop-timeout", type=float, default=10.0)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        asyncio.run(serve(args))
+    except (ValueError, OSError) as e:
+        print(f"speedysvc.tcp_server: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
