@@ -189,14 +189,16 @@ def main(argv=None) -> int:
                                      description="Run one service's workers until Ctrl-C (no manager).")
     parser.add_argument("target", help="module:Class or path/file.py:Class")
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--tcp", metavar="HOST[:PORT]", help="also serve TCP clients (secret: SPEEDYSVC_TCP_SECRET)")
     args = parser.parse_args(argv)
     sys.path.insert(0, os.getcwd())
     server_cls = load_target(args.target)
     stop = []
     signal.signal(signal.SIGTERM, lambda *a: stop.append(1))
-    with LocalService(server_cls, workers=args.workers) as svc:
-        print(f"serving {svc.service!r} with {len(svc.pids)} workers (pids {svc.pids}); Ctrl-C stops",
-              flush=True)
+    with LocalService(server_cls, workers=args.workers, tcp=args.tcp,
+                      tcp_secret=os.environ.get("SPEEDYSVC_TCP_SECRET")) as svc:
+        print(f"serving {svc.service!r} with {len(svc.pids)} workers (pids {svc.pids})"
+              + (f" and on {svc.tcp_address}" if svc.tcp_address else "") + "; Ctrl-C stops", flush=True)
         try:
             while not stop:
                 time.sleep(0.2)

@@ -387,6 +387,10 @@ def test_bind_tcp_serves_remote_clients_and_follows_restarts(running):
         first = c.whoami()
         assert first == local.whoami() or first in m.service("Other")["worker_list"][0].values()
         assert m.service("Other")["tcp_server"]["connections"] == 1
+        import urllib.request
+        with urllib.request.urlopen(m.url + "/metrics", timeout=10) as r:
+            metrics = r.read().decode()
+        assert 'speedysvc_tcp_connections{service="Other"} 1.0' in metrics
         assert m.cli("restart", "Other").returncode == 0
         assert c.whoami() != first          # reconnected to the restarted service
         assert m.cli("stop", "Other").returncode == 0

@@ -26,8 +26,16 @@ class _ManagerCollector:
                                 labels=["service", "pid"])
         rss = GaugeMetricFamily("speedysvc_worker_rss_bytes", "Resident memory of a worker",
                                 labels=["service", "pid"])
+        tcp_clients = GaugeMetricFamily("speedysvc_tcp_connections", "TCP clients connected", labels=["service"])
+        tcp_events = CounterMetricFamily("speedysvc_tcp_events", "TCP gateway events (calls, refused handshakes, "
+                                         "failed logins, bad frames)", labels=["service", "event"])
         for s in services:
             name = s["name"]
+            t = s.get("tcp_server")
+            if t:
+                tcp_clients.add_metric([name], t["connections"])
+                for event in ("calls", "refused", "auth_failures", "protocol_errors"):
+                    tcp_events.add_metric([name, event], t[event])
             for m in s["methods"]:
                 labels = [name, m["name"]]
                 calls.add_metric(labels, m["calls"])
@@ -46,7 +54,7 @@ class _ManagerCollector:
             for w in s["worker_list"]:
                 cpu.add_metric([name, str(w["pid"])], w["cpu"])
                 rss.add_metric([name, str(w["pid"])], w["rss"])
-        yield from (calls, errors, latency, in_flight, waiting, workers, up, restarts, cpu, rss)
+        yield from (calls, errors, latency, in_flight, waiting, workers, up, restarts, cpu, rss, tcp_clients, tcp_events)
 
 
 def metrics_text(manager) -> tuple[bytes, str]:

@@ -173,6 +173,9 @@ async function refreshService(name) {
     setText(pill, s.state + (s.failure ? ` (${s.failure})` : ""));
     pill.className = "pill " + s.state;
     setText(document.getElementById("restarts"), String(s.restarts));
+    const t = s.tcp_server;
+    setText(document.getElementById("tcp"), t ? `${s.tcp}, ${t.calls} calls, ${t.auth_failures} failed logins, `
+      + `${t.protocol_errors} bad frames${t.tls ? ", TLS" : ""}` : "not bound");
     document.querySelector("#methods tbody").innerHTML = s.methods.map((m) =>
       `<tr><td>${esc(m.name)}</td><td>${m.calls}</td><td>${m.errors}</td><td>${fmt(m.mean_ms, 3)}</td>` +
       `<td>${fmt(m.p99_ms, 3)}</td><td>${fmt(m.max_ms, 3)}</td><td>${(m.share * 100).toFixed(1)} %</td></tr>`).join("");
