@@ -8,6 +8,7 @@ refused instead of exhausting memory.
 """
 from __future__ import annotations
 
+import mmap
 import struct
 import zlib
 
@@ -20,6 +21,7 @@ except ImportError:  # pragma: no cover - cramjam is a dependency; zlib still wo
 
 _LENGTH = struct.Struct("<Q")
 DEFAULT_MIN_SIZE = 4096     # payloads below this are sent as they are
+LAZY_SIZE = 1 << 20
 
 
 def _zlib_decompress_into(data, out: bytearray) -> int:
@@ -65,15 +67,17 @@ def compress(name: str, payload) -> bytes | None:
     return _LENGTH.pack(size) + packed
 
 
-def decompress(name: str, data, limit: int) -> bytearray:
-    """Undo ``compress``; the stated length must be at most ``limit`` and must be exact."""
+def decompress(name: str, data, limit: int, lazy: bool = False):
+    """Undo ``compress``; the stated length must be at most ``limit`` and must be exact.
+    With ``lazy``, a large result goes to an anonymous mapping, whose pages cost memory
+    only once written: a payload that states a large size and inflates to little costs little."""
     view = memoryview(data)
     if view.nbytes < _LENGTH.size:
         raise DecodeError("compressed payload is shorter than its length prefix")
     (size,) = _LENGTH.unpack_from(view)
     if size > limit:
         raise PayloadTooLarge(f"compressed payload states {size} bytes, above the limit of {limit} bytes")
-    out = bytearray(size)
+    out = mmap.mmap(-1, size) if lazy and size >= LAZY_SIZE else bytearray(size)
     try:
         n = ALGORITHMS[name][1](view[_LENGTH.size:], out)
     except Exception as e:

@@ -68,6 +68,10 @@ class ServiceAlreadyRunning(SpeedysvcError, RuntimeError):
     """Another live process already serves a service of that name."""
 
 
+class NoFreeChannel(ServiceUnavailable):
+    """Every shared-memory channel of the service is in use."""
+
+
 class ConnectionLost(ServiceUnavailable):
     """The TCP connection broke while the call was in flight (the service may have
     restarted); the call may or may not have run.  The next call reconnects."""

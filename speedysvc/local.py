@@ -126,7 +126,8 @@ class LocalService:
             env["SPEEDYSVC_TCP_SECRET"] = self.tcp_secret if isinstance(self.tcp_secret, str) else \
                 self.tcp_secret.decode()
         argv = [sys.executable, "-m", "speedysvc.tcp_server", self.service, "--host", host, "--port", str(port),
-                "--max-payload", str(self.max_payload), "--handshake-timeout", str(self.tcp_timeouts[0]),
+                "--max-payload", str(self.max_payload),
+                "--max-inflight", str(max(1, self.max_channels // 2)), "--handshake-timeout", str(self.tcp_timeouts[0]),
                 "--stall-timeout", str(self.tcp_timeouts[1]), "--stop-timeout", str(self.stop_timeout)]
         if self.tcp_tls:
             argv += ["--tls-cert", self.tcp_tls[0], "--tls-key", self.tcp_tls[1]]

@@ -25,7 +25,7 @@ import time
 import weakref
 
 from . import _shmcore as core
-from .errors import (CallTimeout, DecodeError, PayloadTooLarge, ServiceAlreadyRunning, ServiceUnavailable,
+from .errors import (CallTimeout, DecodeError, NoFreeChannel, PayloadTooLarge, ServiceAlreadyRunning, ServiceUnavailable,
                      SpeedysvcError, WorkerDied)
 
 SHM_DIR = "/dev/shm"
@@ -567,7 +567,7 @@ class _Channels:
                     return ch
             if attempt == 0 and not seg.reap():
                 break
-        raise ServiceUnavailable(f"service {service!r} has no free channel "
+        raise NoFreeChannel(f"service {service!r} has no free channel "
                                  f"(all {n} are in use; raise max_channels)")
 
     def retire(self, ch: _Channel) -> None:

@@ -173,14 +173,16 @@ class _Connection:
         self.cond.notify_all()
 
     def stale(self) -> bool:
-        """With no call in flight the server sends nothing: anything to read means it closed."""
-        if self.broken is not None:
-            return True
-        if self.waiting or self.reading:
-            return False
-        if isinstance(self.sock, ssl.SSLSocket) and self.sock.pending():
-            return True
-        return bool(self.poller.poll(0))
+        """With no call in flight the server sends nothing: anything to read means it closed.
+        Under ``cond``, so that no reader is polling the socket meanwhile."""
+        with self.cond:
+            if self.broken is not None:
+                return True
+            if self.waiting or self.reading:
+                return False
+            if isinstance(self.sock, ssl.SSLSocket) and self.sock.pending():
+                return True
+            return bool(self.poller.poll(0))
 
     def call(self, name: bytes, payload, flags: int, timeout: float | None):
         call_id = next_call_id()

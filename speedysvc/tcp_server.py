@@ -15,6 +15,7 @@ uses that).
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
 import ipaddress
 import logging
@@ -27,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from . import codecs, compression
 from . import framing as fr
-from .errors import (AuthenticationFailed, DecodeError, NotAllowed, PayloadTooLarge, ProtocolError,
+from .errors import (AuthenticationFailed, DecodeError, NoFreeChannel, NotAllowed, PayloadTooLarge, ProtocolError,
                      ServiceUnavailable, SpeedysvcError, encode_exception)
 from .shm import DEFAULT_MAX_PAYLOAD, ShmTransport
 
@@ -35,6 +36,7 @@ log = logging.getLogger("speedysvc.tcp")
 
 SECRET_ENV = "SPEEDYSVC_TCP_SECRET"
 SMALL_WRITE = 64 << 10        # below this, header and payload go out in one write
+CLOSE_GRACE = 5.0             # seconds a closed connection gets to flush its last bytes
 
 
 class _Passthrough:
@@ -104,7 +106,8 @@ class TcpServer:
         self.connections: set[_Connection] = set()
         self.closing = False
         self.inflight = 0
-        self._queued: list[tuple[_Connection, fr.Frame]] = []   # calls waiting for room (max_inflight)
+        # calls waiting for room (max_inflight), per connection, served round-robin
+        self._waiting: collections.OrderedDict[_Connection, collections.deque] = collections.OrderedDict()
         self._server: asyncio.base_events.Server | None = None
         self._sweeper: asyncio.TimerHandle | None = None
         self._idle = asyncio.Event()
@@ -134,9 +137,10 @@ class TcpServer:
             return
         self.closing = True
         self._server.close()
-        for conn, frame in self._queued:
-            conn.reply_error(frame.call_id, ServiceUnavailable(f"service {self.service!r}: {reason}"))
-        self._queued.clear()
+        for conn, frames in self._waiting.items():
+            for frame in frames:
+                conn.reply_error(frame.call_id, ServiceUnavailable(f"service {self.service!r}: {reason}"))
+        self._waiting.clear()
         try:
             await asyncio.wait_for(self._idle.wait(), timeout)
         except asyncio.TimeoutError:
@@ -159,42 +163,78 @@ class TcpServer:
         if self.closing:
             conn.reply_error(frame.call_id, ServiceUnavailable(f"service {self.service!r} is stopping"))
             return
-        if self.inflight >= self.max_inflight:
-            self._queued.append((conn, frame))
-            conn.transport.pause_reading()   # that client waits; the others go on
-            conn.paused_by_server = True
+        if self.inflight >= self.max_inflight or conn in self._waiting:
+            self._wait(conn, frame)
             return
         self._run(conn, frame)
 
-    def _run(self, conn: "_Connection", frame: fr.Frame) -> None:
-        self.counters["calls"] += 1
+    def _wait(self, conn: "_Connection", frame: fr.Frame, first: bool = False) -> None:
+        """No room for the call now: it waits, and its connection is not read meanwhile."""
+        frames = self._waiting.get(conn)
+        if frames is None:
+            frames = self._waiting[conn] = collections.deque()
+        frames.appendleft(frame) if first else frames.append(frame)
+        if not conn.paused_by_server:
+            conn.paused_by_server = True
+            conn.transport.pause_reading()   # that client waits; the others go on
+
+    def _drain(self) -> None:
+        """Run waiting calls while there is room, one connection after another."""
+        while self._waiting and self.inflight < self.max_inflight:
+            conn, frames = next(iter(self._waiting.items()))
+            frame = frames.popleft()
+            if frames:
+                self._waiting.move_to_end(conn)
+            else:
+                del self._waiting[conn]
+                conn.paused_by_server = False
+                conn.resume()
+            if not conn.closed and not self._run(conn, frame):
+                break   # no channel free after all: wait for a call to finish
+
+    def _run(self, conn: "_Connection", frame: fr.Frame) -> bool:
+        """Start one call (answer it if it is quick); False if it went back to wait for a channel."""
         payload = frame.payload
         if frame.flags & fr.F_COMPRESSED:
+            if conn.compression is None:
+                conn.reply_error(frame.call_id, DecodeError("a compressed payload, but the handshake chose "
+                                                            "no compression"))
+                return True
             try:
-                payload = compression.decompress(conn.compression, payload, self.max_payload)
+                payload = compression.decompress(conn.compression, payload, self.max_payload, lazy=True)
             except (DecodeError, PayloadTooLarge) as e:
                 conn.reply_error(frame.call_id, e)
-                return
+                return True
         codec_id = frame.arg >> codecs.CODEC_SHIFT & 0xFF
         if codec_id == codecs.PICKLE.id and not (self.allow_pickle and conn.authenticated):
             conn.reply_error(frame.call_id, NotAllowed(
                 f"{frame.name.decode(errors='replace')}() uses pickle, which this service does not accept over "
                 f"TCP" + ("" if self.secret else " (it would need a secret and tcp_allow_pickle)")))
-            return
+            return True
         timeout = frame.timeout_ms / 1000 if frame.timeout_ms else None
         try:
             done, result = self.shm.begin(frame.name, payload, frame.arg, PASSTHROUGH, timeout)
+        except NoFreeChannel as e:
+            if self.inflight:   # our own calls hold channels: this one waits for one of them
+                if frame.flags & fr.F_COMPRESSED:
+                    frame.payload, frame.flags = payload, frame.flags & ~fr.F_COMPRESSED
+                self._wait(conn, frame, first=True)
+                return False
+            conn.reply_error(frame.call_id, e)
+            return True
         except Exception as e:
             conn.reply_error(frame.call_id, e)
-            return
+            return True
+        self.counters["calls"] += 1
         if done:
             conn.reply(frame.call_id, *result)
-            return
+            return True
         self.inflight += 1
         conn.inflight += 1
         self._idle.clear()
         fut = asyncio.get_running_loop().run_in_executor(self.executor, result)
         fut.add_done_callback(functools.partial(self._finished, conn, frame.call_id))
+        return True
 
     def _finished(self, conn: "_Connection", call_id: int, fut: asyncio.Future) -> None:
         self.inflight -= 1
@@ -205,13 +245,7 @@ class TcpServer:
             conn.reply_error(call_id, fut.exception())
         else:
             conn.reply(call_id, *fut.result())
-        while self._queued and self.inflight < self.max_inflight:
-            qconn, frame = self._queued.pop(0)
-            if not qconn.closed:
-                self._run(qconn, frame)
-            if qconn.paused_by_server and not any(c is qconn for c, _ in self._queued):
-                qconn.paused_by_server = False
-                qconn.resume()
+        self._drain()
         if self.inflight == 0:
             self._idle.set()
 
@@ -222,7 +256,9 @@ class TcpServer:
         for conn in list(self.connections):
             if conn.parser is None and now - conn.opened > self.handshake_timeout:
                 conn.refuse(ProtocolError(f"handshake not completed within {self.handshake_timeout} s"))
-            elif conn.parser is not None and conn.parser.mid_frame and now - conn.last_progress > self.stall_timeout:
+            elif (conn.parser is not None and conn.parser.mid_frame and not conn.paused_by_server
+                  and now - conn.last_progress > self.stall_timeout):
+                # (calls waiting for room are not a stall; a client that reads none of its replies is)
                 conn.go_away(ProtocolError(f"no progress within a frame for {self.stall_timeout} s"))
                 self.counters["protocol_errors"] += 1
         self._sweeper = asyncio.get_running_loop().call_later(1.0, self._sweep)
@@ -287,10 +323,18 @@ class _Connection(asyncio.BufferedProtocol):
                 self.refuse(e)
                 return
             if done is not None:
-                self._on_client_hello(*done)
+                try:
+                    self._on_client_hello(*done)
+                except Exception as e:   # a hello of the right shape with values of the wrong types
+                    log.debug("malformed client hello from %s: %r", self.peer, e)
+                    self.refuse(ProtocolError("malformed client hello"))
             return
+        self._frames(self.parser.buffer_updated, nbytes)
+
+    def _frames(self, parse, data) -> None:
+        """Parse what arrived and submit the calls now complete; a bad frame ends the connection."""
         try:
-            frames = self.parser.buffer_updated(nbytes)
+            frames = parse(data)
         except fr.FrameTooLarge as e:
             self.server.counters["protocol_errors"] += 1
             self.go_away(PayloadTooLarge(str(e)))
@@ -322,8 +366,14 @@ class _Connection(asyncio.BufferedProtocol):
         self.paused_by_writes = False
         self.resume()
 
+    @property
+    def paused(self) -> bool:
+        """Not read because of us (its calls wait for room, or it does not read its replies)."""
+        return self.paused_by_server or self.paused_by_writes
+
     def resume(self) -> None:
-        if not (self.closed or self.paused_by_writes or self.paused_by_server):
+        self.last_progress = time.monotonic()   # a pause is not a stall
+        if not (self.closed or self.paused):
             self.transport.resume_reading()
 
     # -- handshake -------------------------------------------------------------------------
@@ -340,7 +390,7 @@ class _Connection(asyncio.BufferedProtocol):
             self.refuse(ServiceUnavailable(f"this port serves {server.service!r}, not {body.get('service')!r}"))
             return
         algo = body.get("compression") or None
-        if algo is not None and algo not in compression.ALGORITHMS:
+        if algo is not None and (not isinstance(algo, str) or algo not in compression.ALGORITHMS):
             self.refuse(ValueError(f"compression {algo!r} is not supported here; supported: "
                                    f"{', '.join(compression.available())}"))
             return
@@ -368,13 +418,7 @@ class _Connection(asyncio.BufferedProtocol):
         self.transport.write(fr.pack_hello(fr.WELCOME, welcome))
         self.hello = self.hello_buf = None
         if leftover:
-            try:
-                frames = self.parser.feed(leftover)
-            except ProtocolError as e:
-                self.go_away(e)
-                return
-            for frame in frames:
-                server.submit(self, frame)
+            self._frames(self.parser.feed, leftover)
 
     # -- answers ---------------------------------------------------------------------------
     def reply(self, call_id: int, status: int, data) -> None:
@@ -408,18 +452,22 @@ class _Connection(asyncio.BufferedProtocol):
     def refuse(self, exc: BaseException) -> None:
         """End a connection during the handshake, telling the client why."""
         self.server.counters["refused"] += 1
-        if not self.closed:
-            self.transport.write(fr.pack_hello(fr.REFUSED, {"error": encode_exception(exc, False)}))
-            self.closed = True
-            self.transport.close()
-        self.server.connections.discard(self)
+        self._close_with(fr.pack_hello(fr.REFUSED, {"error": encode_exception(exc, False)}))
 
     def go_away(self, exc: BaseException) -> None:
         """End an established connection, telling the client why."""
+        self._close_with(fr.goaway(encode_exception(exc, False)))
+
+    def _close_with(self, last: bytes) -> None:
         if not self.closed:
-            self.transport.write(fr.goaway(encode_exception(exc, False)))
             self.closed = True
+            self.transport.write(last)
             self.transport.close()
+            # a client that does not read would keep the socket and its unsent replies forever
+            if self.paused_by_writes:
+                self.transport.abort()
+            else:
+                asyncio.get_running_loop().call_later(CLOSE_GRACE, self.transport.abort)
         self.server.connections.discard(self)
 
 
@@ -436,7 +484,7 @@ def make_ssl_context(cert: str | None, key: str | None) -> ssl.SSLContext | None
 async def serve(args, ready=None) -> None:
     server = TcpServer(args.service, args.host, args.port, secret=os.environ.get(SECRET_ENV),
                        ssl_context=make_ssl_context(args.tls_cert, args.tls_key), allow_pickle=args.allow_pickle,
-                       max_payload=args.max_payload, handshake_timeout=args.handshake_timeout,
+                       max_payload=args.max_payload, max_inflight=args.max_inflight, handshake_timeout=args.handshake_timeout,
                        stall_timeout=args.stall_timeout)
     await server.start()
     print(f"listening on {server.host}:{server.port}", flush=True)
@@ -462,13 +510,19 @@ def main(argv=None) -> int:
     p.add_argument("--tls-key")
     p.add_argument("--allow-pickle", action="store_true")
     p.add_argument("--max-payload", type=int, default=DEFAULT_MAX_PAYLOAD)
+    p.add_argument("--max-inflight", type=int, default=256, help="calls in flight to the workers at once "
+                                                                  "(at most half the service's channels)")
     p.add_argument("--handshake-timeout", type=float, default=10.0)
     p.add_argument("--stall-timeout", type=float, default=30.0)
     p.add_argument("--stop-timeout", type=float, default=10.0)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        asyncio.run(serve(args))
+        if os.environ.get("SPEEDYSVC_LOOP") == "uvloop":
+            import uvloop
+            uvloop.run(serve(args))
+        else:
+            asyncio.run(serve(args))
     except (ValueError, OSError) as e:
         print(f"speedysvc.tcp_server: {e}", file=sys.stderr)
         return 2

@@ -1,0 +1,1132 @@
+"""Hostile TCP clients: garbage, truncated and oversized frames, slow-loris, floods,
+wrong secrets, vanishing callers.  Real worker processes, a real TCP gateway
+process and real sockets; nothing is mocked.  Whatever a bad client does, its
+own connection is the only thing that suffers: every other client (connected
+before or after) keeps getting correct answers, quickly.
+
+The pure parsers (``FrameParser``, ``HelloReader``) are fuzzed with hypothesis.
+
+Run with ``SPEEDYSVC_NAMESPACE=tcph`` so these services never meet another test run's.
+"""
+import asyncio
+import os
+import socket
+import struct
+import threading
+import time
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from speedysvc import (AuthenticationFailed, BadArguments, DecodeError, LocalService,
+                       MethodNotFound, NotAllowed, PayloadTooLarge, ProtocolError, ServiceUnavailable, codecs,
+                       compression, connect, connect_async)
+from speedysvc import _shmcore as core
+from speedysvc import framing as fr
+from speedysvc.errors import decode_exception
+
+from conftest import wait_until
+from hostile_services import HostileEcho, HostileSecret
+
+MiB = 1 << 20
+LIMIT = 1 * MiB                       # max_payload of most services here
+MSGPACK, RAW, JSON = codecs.MSGPACK, codecs.RAW, codecs.JSON
+
+
+# ---- helpers ---------------------------------------------------------------------------------
+
+def serve(cls=HostileEcho, **kw) -> LocalService:
+    opts = dict(workers=2, tcp="127.0.0.1:0", tcp_handshake_timeout=1.0, tcp_stall_timeout=1.0,
+                max_payload=LIMIT, start_timeout=20)
+    opts.update(kw)
+    return LocalService(cls, **opts)
+
+
+def client(svc, cls=HostileEcho, **kw):
+    kw.setdefault("timeout", 10)
+    return connect(cls, svc.tcp_address, **kw)
+
+
+def check(c, tag="ok"):
+    """A normal client gets correct answers: small, structured and large (> scratch buffer) payloads."""
+    assert c.echo(tag) == tag
+    assert c.echo({"k": [1, 2.5, None, b"\x00"]}) == {"k": [1, 2.5, None, b"\x00"]}
+    big = bytes(range(256)) * 1200      # 300 KiB: goes through the parser's big-frame path both ways
+    assert c.echo_raw(big) == big
+
+
+def timed_check(c, tag="ok") -> float:
+    t = time.monotonic()
+    assert c.echo(tag) == tag
+    return time.monotonic() - t
+
+
+def rss_mib(pid) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+def open_sockets(pid) -> int:
+    n = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            n += os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:")
+        except OSError:
+            pass
+    return n
+
+
+def busy_channels(svc) -> dict:
+    """Channels whose call is not finished (requested, claimed, abandoned...)."""
+    seg = svc.segment
+    out = {}
+    for slot in range(seg.max_channels):
+        off = seg.channel_offset(slot)
+        if seg.region.load32(off + core.C_OWNER_PID):
+            code = seg.region.load32(off + core.C_STATE) & core.ST_CODE
+            if code not in (core.ST_IDLE, core.ST_RESPONSE):
+                out[slot] = code
+    return out
+
+
+def server_alive(svc) -> bool:
+    return svc.tcp_process is not None and svc.tcp_process.poll() is None
+
+
+def handshake_messages(data: bytes) -> list:
+    """Split bytes into handshake messages (msg_type, body)."""
+    out = []
+    while data:
+        msg = fr.HelloReader().feed(data)
+        if msg is None:
+            break
+        out.append((msg[0], msg[2]))
+        data = msg[3]
+    return out
+
+
+class RawClient:
+    """Speaks (or abuses) the protocol by hand over a plain socket."""
+
+    def __init__(self, svc_or_address, timeout=5.0, rcvbuf=None, service=HostileEcho.name):
+        address = svc_or_address if isinstance(svc_or_address, str) else svc_or_address.tcp_address
+        host, port = address[len("tcp://"):].rsplit(":", 1)
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        if rcvbuf:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        self.sock.settimeout(timeout)
+        self.sock.connect((host, int(port)))
+        self.service = service
+        self.server_hello = None
+        self.parser = fr.FrameParser(1 << 31, frozenset({fr.REPLY, fr.GOAWAY}))
+        self.pending = []
+        self.compression = None
+
+    # -- handshake --
+    def _read_message(self):
+        reader = fr.HelloReader()
+        while True:
+            data = self.sock.recv(65536)
+            if not data:
+                raise EOFError("the server closed the connection during the handshake")
+            msg = reader.feed(data)
+            if msg is not None:
+                if msg[3]:
+                    self.pending.extend(self.parser.feed(msg[3]))
+                return msg
+
+    def read_server_hello(self) -> dict:
+        msg_type, version, body, _ = self.server_hello = self._read_message()
+        assert msg_type == fr.SERVER_HELLO and version == fr.VERSION
+        return body
+
+    def client_hello(self, **fields) -> bytes:
+        body = {"service": self.service, "compression": "", "compress_min": 4096, "nonce": fr.new_nonce(),
+                "proof": None}
+        body.update(fields)
+        return fr.pack_hello(fr.CLIENT_HELLO, body)
+
+    def handshake(self, **fields) -> tuple:
+        """Full handshake; returns the server's answer (msg_type, body)."""
+        if self.server_hello is None:
+            self.read_server_hello()
+        self.sock.sendall(self.client_hello(**fields))
+        msg_type, _, body, _ = self._read_message()
+        if msg_type == fr.WELCOME:
+            self.compression = fields.get("compression") or None
+        return msg_type, body
+
+    def welcome(self, **fields) -> "RawClient":
+        msg_type, body = self.handshake(**fields)
+        assert msg_type == fr.WELCOME, (msg_type, body)
+        return self
+
+    # -- frames --
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def call(self, call_id, name, payload=b"", codec_flags=MSGPACK.flags, timeout_ms=0, flags=0) -> None:
+        if isinstance(name, str):
+            name = name.encode()
+        self.sock.sendall(fr.call_header(call_id, name, codec_flags, timeout_ms, len(payload), flags) + payload)
+
+    def read_frames(self, n, timeout=10.0) -> list:
+        deadline = time.monotonic() + timeout
+        while len(self.pending) < n:
+            self.sock.settimeout(max(0.01, deadline - time.monotonic()))
+            data = self.sock.recv(1 << 20)
+            if not data:
+                raise EOFError(f"closed after {len(self.pending)} of {n} frames")
+            self.pending.extend(self.parser.feed(data))
+        frames, self.pending = self.pending[:n], self.pending[n:]
+        return frames
+
+    def reply(self, timeout=10.0):
+        """(status, payload) of the next reply frame."""
+        (frame,) = self.read_frames(1, timeout)
+        assert frame.kind == fr.REPLY, frame
+        payload = bytes(frame.payload)
+        if frame.flags & fr.F_COMPRESSED:
+            payload = bytes(compression.decompress(self.compression, payload, 1 << 31))
+        return frame.arg, payload, frame
+
+    def error_reply(self, timeout=10.0) -> BaseException:
+        status, payload, _ = self.reply(timeout)
+        assert status == 1, payload
+        return decode_exception(payload)
+
+    def read_to_eof(self, timeout=5.0) -> bytes:
+        """Everything the server sends until it closes; fails if it does not close in time."""
+        deadline = time.monotonic() + timeout
+        data = []
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"the server did not close the connection within {timeout} s")
+            self.sock.settimeout(left)
+            try:
+                chunk = self.sock.recv(1 << 20)
+            except ConnectionResetError:
+                break
+            except socket.timeout:
+                continue
+            if not chunk:
+                break
+            data.append(chunk)
+        return b"".join(data)
+
+    def expect_refused(self, timeout=5.0) -> BaseException:
+        msgs = handshake_messages(self.read_to_eof(timeout))
+        msgs = [m for m in msgs if m[0] != fr.SERVER_HELLO]
+        assert msgs and msgs[-1][0] == fr.REFUSED, f"expected a refusal, got {msgs}"
+        return decode_exception(msgs[-1][1]["error"])
+
+    def expect_goaway(self, timeout=5.0) -> BaseException:
+        frames = self.pending + self.parser.feed(self.read_to_eof(timeout))
+        self.pending = []
+        goaways = [f for f in frames if f.kind == fr.GOAWAY]
+        assert goaways, f"expected a go-away frame, got {frames}"
+        assert frames[-1].kind == fr.GOAWAY and goaways[0].call_id == 0
+        return decode_exception(goaways[0].payload)
+
+    def close(self, reset=False) -> None:
+        if reset:   # abortive close: RST instead of FIN
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.sock.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def msgpack_args(*args) -> bytes:
+    return MSGPACK.dumps(list(args))
+
+
+@pytest.fixture(autouse=True)
+def server_logs_clean(capfd):
+    """The gateway and the workers write to our stderr: nothing bad may crash a callback there."""
+    yield
+    _, err = capfd.readouterr()
+    for bad in ("Traceback", "Fatal error", "Exception in callback", "exception was never retrieved"):
+        assert bad not in err, f"the server logged {bad!r}:\n{err[-4000:]}"
+
+
+# ---- the pure parsers, fuzzed ----------------------------------------------------------------
+
+FUZZ = settings(max_examples=100, deadline=None,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                       HealthCheck.function_scoped_fixture])
+FUZZ_LIMIT = 2 * fr.SCRATCH_SIZE + 1000
+
+
+def pump(parser: fr.FrameParser, data: bytes, chunks: list[int], max_steps=4000) -> list:
+    """Feed ``data`` the way a socket does (recv_into the parser's buffer), in the given chunk sizes."""
+    step = max(1, len(data) // max_steps)
+    frames, pos, i = [], 0, 0
+    while pos < len(data):
+        buf = parser.get_buffer()
+        assert len(buf) > 0, "the parser offered an empty buffer (a reader would stall or see EOF)"
+        n = min(len(buf), max(step, chunks[i % len(chunks)]), len(data) - pos)
+        i += 1
+        buf[:n] = data[pos:pos + n]
+        pos += n
+        frames.extend(parser.buffer_updated(n))
+    return frames
+
+
+def valid_frame_fields(frame: fr.Frame, accept, limit) -> None:
+    assert frame.kind in accept
+    assert frame.flags & ~fr.KNOWN_FRAME_FLAGS == 0
+    if frame.kind == fr.CALL:
+        assert 1 <= len(frame.name) <= fr.MAX_NAME
+    else:
+        assert frame.name == b""
+    assert len(frame.payload) <= (limit + fr.COMPRESSION_OVERHEAD if frame.flags & fr.F_COMPRESSED else limit)
+
+
+# headers that look nearly right, so fuzzing gets past the first check now and then
+plausible_headers = st.builds(
+    lambda kind, flags, name_len, call_id, arg, tmo, length: fr.FRAME.pack(kind, flags, name_len, call_id, arg,
+                                                                          tmo, length),
+    st.sampled_from([0, 1, 1, 1, 2, 2, 3, 4, 255]), st.sampled_from([0, 0, 0, 1, 2, 0x80]),
+    st.one_of(st.integers(0, 70), st.just(0xFFFF)), st.integers(0, 2**32 - 1), st.integers(0, 2**32 - 1),
+    st.integers(0, 2**32 - 1),
+    st.one_of(st.integers(0, 300), st.integers(fr.SCRATCH_SIZE - 100, FUZZ_LIMIT + 20), st.just(2**64 - 1)))
+garbage = st.lists(st.one_of(st.binary(max_size=300), plausible_headers), max_size=12).map(b"".join)
+chunkings = st.lists(st.integers(1, 70000) | st.integers(1, 40), min_size=1, max_size=16)
+accepts = st.sampled_from([frozenset({fr.CALL}), frozenset({fr.REPLY, fr.GOAWAY})])
+
+
+@FUZZ
+@given(data=garbage, chunks=chunkings, accept=accepts, via_feed=st.booleans())
+def test_parser_fuzz_garbage_gives_frames_or_protocol_error(data, chunks, accept, via_feed):
+    parser = fr.FrameParser(FUZZ_LIMIT, accept)
+    frames = []
+    try:
+        if via_feed:
+            pos, i = 0, 0
+            while pos < len(data):
+                n = chunks[i % len(chunks)]
+                frames.extend(parser.feed(data[pos:pos + n]))
+                pos, i = pos + n, i + 1
+        else:
+            frames = pump(parser, data, chunks)
+    except ProtocolError:
+        pass                           # the only way a parser may refuse input
+    for frame in frames:
+        valid_frame_fields(frame, accept, FUZZ_LIMIT)
+    consumed = sum(fr.HEADER_SIZE + len(f.name) + len(f.payload) for f in frames)
+    assert consumed <= len(data)
+
+
+frame_specs = st.lists(
+    st.tuples(st.sampled_from([fr.CALL, fr.REPLY]), st.integers(0, 2**32 - 1), st.integers(0, 2**32 - 1),
+              st.integers(0, 2**32 - 1), st.binary(min_size=1, max_size=fr.MAX_NAME),
+              st.sampled_from([0, fr.F_COMPRESSED]),
+              st.one_of(st.integers(0, 200), st.integers(0, 5000),
+                        st.integers(fr.SCRATCH_SIZE - fr.HEADER_SIZE - 80, fr.SCRATCH_SIZE + 80),
+                        st.integers(fr.SCRATCH_SIZE, 2 * fr.SCRATCH_SIZE))),
+    min_size=1, max_size=8)
+
+
+@FUZZ
+@given(specs=frame_specs, chunks=chunkings, seed=st.integers(0, 255), via_feed=st.booleans())
+def test_parser_round_trip_in_any_chunking(specs, chunks, seed, via_feed):
+    big_source = bytes((seed + i * 7) & 0xFF for i in range(256)) * (2 * fr.SCRATCH_SIZE // 256 + 2)
+    sent, wire = [], []
+    for i, (kind, call_id, arg, tmo, name, flags, size) in enumerate(specs):
+        payload = big_source[i:i + size]
+        if kind == fr.CALL:
+            wire.append(fr.call_header(call_id, name, arg, tmo, len(payload), flags))
+            sent.append((kind, flags, call_id, arg, tmo, name, payload))
+        else:
+            wire.append(fr.reply_header(call_id, arg, len(payload), flags))
+            sent.append((kind, flags, call_id, arg, 0, b"", payload))
+        wire.append(payload)
+    data = b"".join(wire)
+    parser = fr.FrameParser(2 * fr.SCRATCH_SIZE, frozenset({fr.CALL, fr.REPLY}))
+    if via_feed:
+        got, pos, i = [], 0, 0
+        while pos < len(data):
+            n = max(chunks[i % len(chunks)], len(data) // 3000)
+            got.extend(parser.feed(data[pos:pos + n]))
+            pos, i = pos + n, i + 1
+    else:
+        got = pump(parser, data, chunks)
+    assert [(f.kind, f.flags, f.call_id, f.arg, f.timeout_ms, f.name, bytes(f.payload)) for f in got] == sent
+    assert not parser.mid_frame
+
+
+def test_parser_refuses_each_bad_header():
+    limit = 1000
+    cases = {
+        "unknown kind": fr.FRAME.pack(9, 0, 3, 1, 0, 0, 1),
+        "kind not accepted here": fr.reply_header(1, 0, 1),
+        "unknown flag bit": fr.FRAME.pack(fr.CALL, 0x2, 3, 1, 0, 0, 1),
+        "empty method name": fr.FRAME.pack(fr.CALL, 0, 0, 1, 0, 0, 1),
+        "method name too long": fr.FRAME.pack(fr.CALL, 0, fr.MAX_NAME + 1, 1, 0, 0, 1),
+        "payload above the limit": fr.call_header(1, b"abc", 0, 0, limit + 1),
+        "compressed payload above the limit": fr.call_header(1, b"abc", 0, 0,
+                                                             limit + fr.COMPRESSION_OVERHEAD + 1, fr.F_COMPRESSED),
+        "payload of 2**64-1": fr.call_header(1, b"abc", 0, 0, 2**64 - 1),
+    }
+    for what, header in cases.items():
+        with pytest.raises(ProtocolError):
+            fr.FrameParser(limit, frozenset({fr.CALL})).feed(header)
+            pytest.fail(f"{what}: accepted")
+    with pytest.raises(fr.FrameTooLarge):
+        fr.FrameParser(limit, frozenset({fr.CALL})).feed(cases["payload above the limit"])
+    # the limits themselves are accepted
+    p = fr.FrameParser(limit, frozenset({fr.CALL}))
+    assert p.feed(fr.call_header(1, b"x" * fr.MAX_NAME, 0, 0, limit) + b"y" * limit)[0].payload == b"y" * limit
+    p.feed(fr.call_header(2, b"x", 0, 0, limit + fr.COMPRESSION_OVERHEAD, fr.F_COMPRESSED))
+    assert p.mid_frame
+
+
+hello_bodies = st.dictionaries(st.text(max_size=20), st.one_of(
+    st.none(), st.booleans(), st.integers(-2**63, 2**64 - 1), st.text(max_size=50), st.binary(max_size=50),
+    st.lists(st.integers(0, 10), max_size=5)), max_size=10)
+
+
+@FUZZ
+@given(data=st.binary(max_size=600) | st.builds(lambda h, b: h + b, st.sampled_from(
+    [b"SSVC", b"SSVC\x01\x02", fr.HELLO.pack(fr.MAGIC, 1, 2, 5), fr.HELLO.pack(fr.MAGIC, 1, 2, 0xFFFF),
+     fr.HELLO.pack(fr.MAGIC, 7, 9, 1)]), st.binary(max_size=300)),
+       chunks=chunkings)
+def test_hello_reader_fuzz_garbage(data, chunks):
+    reader = fr.HelloReader()
+    pos, i = 0, 0
+    try:
+        while pos < len(data):
+            n = chunks[i % len(chunks)]
+            msg = reader.feed(data[pos:pos + n])
+            pos, i = pos + n, i + 1
+            if msg is not None:
+                msg_type, version, body, leftover = msg
+                assert isinstance(body, dict) and isinstance(leftover, bytes)
+                assert data.startswith(fr.MAGIC)
+                break
+    except ProtocolError:
+        return
+    # nothing refused: what arrived is a (prefix of a) message that starts like one
+    assert fr.MAGIC.startswith(data[:4]) or data[:4] == fr.MAGIC
+
+
+@FUZZ
+@given(msg_type=st.integers(0, 255), body=hello_bodies, trailing=st.binary(max_size=200), chunks=chunkings)
+def test_hello_reader_round_trip(msg_type, body, trailing, chunks):
+    message = fr.pack_hello(msg_type, body)
+    data = message + trailing
+    reader = fr.HelloReader()
+    pos, i, msg = 0, 0, None
+    while msg is None:
+        assert pos < len(data), "complete message not recognised"
+        n = chunks[i % len(chunks)]
+        msg = reader.feed(data[pos:pos + n])
+        pos, i = pos + n, i + 1
+    assert msg[:3] == (msg_type, fr.VERSION, body)
+    assert msg[3] == data[len(message):pos]
+
+
+# ---- garbage during the handshake ------------------------------------------------------------
+
+def test_garbage_instead_of_a_handshake_closes_only_that_connection():
+    with serve() as svc, client(svc) as before:
+        check(before)
+        pid = svc.tcp_process.pid
+        base = open_sockets(pid)
+        tls_client_hello = bytes.fromhex("16030100a5010000a10303") + os.urandom(32) + b"\x00" * 40
+        garbage = {
+            "http": b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+            "tls": tls_client_hello,
+            "random": b"\x00" + os.urandom(500),
+            "magic then a huge length": fr.HELLO.pack(fr.MAGIC, 1, fr.CLIENT_HELLO, 0xFFFF) + b"x" * 100,
+            "magic then a body that is not msgpack": fr.HELLO.pack(fr.MAGIC, 1, fr.CLIENT_HELLO, 4) + b"\xc1\xc1\xc1\xc1",
+            "magic then a body that is not a map": fr.pack_hello(fr.CLIENT_HELLO, {}).replace(b"\x80", b"\x90"),
+            "a call frame instead of a hello": fr.call_header(1, b"echo", MSGPACK.flags, 0, 2) + b"\x91\x01",
+        }
+        for what, data in garbage.items():
+            with RawClient(svc) as raw:
+                raw.read_server_hello()
+                raw.send(data)
+                exc = raw.expect_refused(timeout=3)
+                assert isinstance(exc, ProtocolError), (what, exc)
+            check(before, what)
+        # garbage sent before even reading the server's hello
+        with RawClient(svc) as raw:
+            raw.send(b"\xff" * 64)
+            assert isinstance(raw.expect_refused(timeout=3), ProtocolError)
+        assert server_alive(svc)
+        assert wait_until(lambda: open_sockets(pid) == base, timeout=5)
+        with client(svc) as after:
+            check(after)
+        check(before)
+
+
+def test_malformed_client_hellos_are_refused():
+    nonce = fr.new_nonce()
+    cases = [
+        ("wrong service", dict(service="tcph_other"), ServiceUnavailable),
+        ("no service", dict(service=None), ServiceUnavailable),
+        ("short nonce", dict(nonce=b"123"), ProtocolError),
+        ("nonce not bytes", dict(nonce="x" * 32), ProtocolError),
+        ("negative compress_min", dict(compress_min=-1), ProtocolError),
+        ("compress_min not a number", dict(compress_min="4096"), ProtocolError),
+        ("unknown compression", dict(compression="brotli"), ValueError),
+        ("compression not a string", dict(compression=7), ValueError),
+    ]
+    with serve() as svc, client(svc) as before:
+        check(before)
+        for what, fields, expected in cases:
+            with RawClient(svc) as raw:
+                msg_type, body = raw.handshake(**fields)
+                assert msg_type == fr.REFUSED, what
+                exc = decode_exception(body["error"])
+                assert isinstance(exc, expected), (what, exc)
+        for what, message in [("version 2", fr.HELLO.pack(fr.MAGIC, 2, fr.CLIENT_HELLO, 1) + b"\x80"),
+                              ("a welcome from the client", fr.pack_hello(fr.WELCOME, {"proof": None})),
+                              ("a server hello from the client", fr.pack_hello(fr.SERVER_HELLO, {"nonce": nonce}))]:
+            with RawClient(svc) as raw:
+                raw.read_server_hello()
+                raw.send(message)
+                assert isinstance(raw.expect_refused(), ProtocolError), what
+        check(before)
+        assert server_alive(svc)
+
+
+def test_hello_with_an_unhashable_compression_is_refused_cleanly(capfd):
+    """A msgpack list where the compression name goes must be refused like any bad
+    hello, not crash the connection's callback (``algo not in ALGORITHMS`` raises TypeError)."""
+    with serve() as svc, client(svc) as before:
+        check(before)
+        with RawClient(svc) as raw:
+            raw.read_server_hello()
+            raw.send(raw.client_hello(compression=["zlib"]))
+            data = raw.read_to_eof(timeout=3)
+        check(before)
+        assert server_alive(svc)
+    _, err = capfd.readouterr()
+    msgs = handshake_messages(data)
+    assert "Fatal error" not in err, f"a callback of the gateway crashed:\n{err[-2000:]}"
+    assert msgs and msgs[-1][0] == fr.REFUSED, "the connection was dropped without a refusal"
+
+
+# ---- bad frames after the handshake ----------------------------------------------------------
+
+def test_garbage_frames_after_the_handshake_get_a_goaway():
+    bad = {
+        "random bytes": b"\x00" + os.urandom(200),
+        "unknown frame kind": fr.FRAME.pack(9, 0, 4, 1, MSGPACK.flags, 0, 0) + b"echo",
+        "a reply frame from the client": fr.reply_header(1, 0, 3) + b"abc",
+        "a go-away frame from the client": fr.goaway(b"bye"),
+        "unknown frame flag": fr.call_header(1, b"echo", MSGPACK.flags, 0, 2, flags=0x4) + b"\x91\x01",
+        "empty method name": fr.FRAME.pack(fr.CALL, 0, 0, 1, MSGPACK.flags, 0, 2) + b"\x91\x01",
+        "method name too long": fr.call_header(1, b"e" * (fr.MAX_NAME + 1), MSGPACK.flags, 0, 2) + b"\x91\x01",
+        "method name of 65535 bytes": fr.FRAME.pack(fr.CALL, 0, 0xFFFF, 1, MSGPACK.flags, 0, 2) + b"e" * 100,
+        "a good call then garbage": fr.call_header(1, b"echo", MSGPACK.flags, 0, 2) + b"\x91\x01" + b"\xee" * 40,
+    }
+    with serve() as svc, client(svc) as before:
+        check(before)
+        pid = svc.tcp_process.pid
+        base = open_sockets(pid)
+        for what, data in bad.items():
+            with RawClient(svc) as raw:
+                raw.welcome()
+                raw.call(100, "echo", msgpack_args("first"))
+                assert raw.reply()[:2] == (0, MSGPACK.dumps("first")), what
+                raw.send(data)
+                exc = raw.expect_goaway(timeout=3)
+                assert isinstance(exc, ProtocolError), (what, exc)
+            check(before, what)
+        assert wait_until(lambda: open_sockets(pid) == base, timeout=5)
+        with client(svc) as after:
+            check(after)
+
+
+def test_truncated_frames_then_close():
+    with serve() as svc, client(svc) as before:
+        check(before)
+        pid = svc.tcp_process.pid
+        base = open_sockets(pid)
+        payload = b"p" * 2000
+        full = fr.call_header(1, b"echo_raw", RAW.flags, 0, len(payload)) + payload
+        big = fr.call_header(2, b"echo_raw", RAW.flags, 0, 700_000) + b"q" * 300_000   # big-frame path
+        for cut in (1, fr.HEADER_SIZE - 1, fr.HEADER_SIZE + 3, len(full) - 1):
+            for reset in (False, True):
+                raw = RawClient(svc).welcome()
+                raw.send(full[:cut])
+                raw.close(reset=reset)
+        for reset in (False, True):
+            raw = RawClient(svc).welcome()
+            raw.send(big)
+            raw.close(reset=reset)
+        check(before)
+        assert wait_until(lambda: open_sockets(pid) == base, timeout=5), "a truncated connection was kept open"
+        with client(svc) as after:
+            check(after)
+        assert server_alive(svc)
+
+
+def test_frame_above_max_payload_gets_goaway_without_being_read():
+    with serve() as svc, client(svc) as before:
+        check(before)
+        for header in (fr.call_header(1, b"echo_raw", RAW.flags, 0, LIMIT + 1),
+                       fr.call_header(1, b"echo_raw", RAW.flags, 0, 2**64 - 1),
+                       fr.call_header(1, b"echo_raw", RAW.flags, 0, LIMIT + fr.COMPRESSION_OVERHEAD + 1,
+                                      fr.F_COMPRESSED)):
+            with RawClient(svc) as raw:
+                raw.welcome(compression="zlib")
+                raw.send(header)     # only the header: the server must not wait for the rest
+                exc = raw.expect_goaway(timeout=3)
+                assert isinstance(exc, PayloadTooLarge), exc
+                assert str(LIMIT) in str(exc)
+                # the connection is gone: the payload has nowhere to go
+                with pytest.raises(OSError):
+                    for _ in range(64):
+                        raw.send(b"\0" * 65536)
+            check(before)
+        with client(svc) as after:
+            check(after)
+
+
+def test_oversized_frame_sent_together_with_the_hello_gets_payload_too_large():
+    """Frames that arrive in the same packet as the client hello go through another
+    path (the hello's leftover); an oversized one must be answered the same way."""
+    with serve() as svc, client(svc) as before:
+        with RawClient(svc) as raw:
+            raw.read_server_hello()
+            raw.send(raw.client_hello() + fr.call_header(1, b"echo_raw", RAW.flags, 0, LIMIT + 1))
+            msg_type, _, _, _ = raw._read_message()
+            assert msg_type == fr.WELCOME
+            exc = raw.expect_goaway(timeout=3)
+            assert isinstance(exc, PayloadTooLarge), f"{type(exc).__module__}.{type(exc).__qualname__}: {exc}"
+        check(before)
+        assert server_alive(svc)
+
+
+def test_unknown_methods_get_an_error_reply_and_the_connection_goes_on():
+    with serve() as svc, client(svc) as before, RawClient(svc) as raw:
+        raw.welcome()
+        for i, name in enumerate([b"nope", b"\xff\xfe\x00bad utf-8", b"m" * fr.MAX_NAME, b"__init__", b"echo "]):
+            raw.call(i + 1, name, msgpack_args(1))
+            exc = raw.error_reply()
+            assert isinstance(exc, MethodNotFound), (name, exc)
+            raw.call(1000 + i, "echo", msgpack_args(i))
+            assert raw.reply()[:2] == (0, MSGPACK.dumps(i))
+        check(before)
+
+
+def test_codec_mismatches_and_bad_arguments_get_error_replies():
+    cases = [
+        ("json flags to a msgpack method", "echo", JSON.flags, b"[1]", DecodeError),
+        ("unknown codec id", "echo", 99 << codecs.CODEC_SHIFT, msgpack_args(1), DecodeError),
+        ("codec id 0", "echo", 0, msgpack_args(1), DecodeError),
+        ("all flag bits set", "echo", 0xFFFFFFFF, msgpack_args(1), Exception),
+        ("undecodable msgpack", "echo", MSGPACK.flags, b"\xc1\xc1", DecodeError),
+        ("truncated msgpack", "echo", MSGPACK.flags, b"\x92\x01", DecodeError),
+        ("arguments not an array", "echo", MSGPACK.flags, MSGPACK.dumps(5), DecodeError),
+        ("malformed keyword arguments", "echo", MSGPACK.flags | codecs.FLAG_KWARGS, msgpack_args(1), DecodeError),
+        ("keyword arguments to a raw method", "echo_raw", RAW.flags | codecs.FLAG_KWARGS, b"x", DecodeError),
+        ("msgpack flags to a json method", "echo_json", MSGPACK.flags, msgpack_args(1), DecodeError),
+        ("bad json", "echo_json", JSON.flags, b"[1,", DecodeError),
+        ("wrong number of arguments", "size_of", MSGPACK.flags, msgpack_args(1, 2, 3), BadArguments),
+        ("pickle over TCP", "echo", codecs.PICKLE.flags, b"\x80\x05N.", NotAllowed),
+    ]
+    with serve() as svc, client(svc) as before, RawClient(svc) as raw:
+        raw.welcome()
+        for i, (what, name, codec_flags, payload, expected) in enumerate(cases):
+            raw.call(i + 1, name, payload, codec_flags)
+            status, data, frame = raw.reply()
+            assert frame.call_id == i + 1
+            assert status == 1, (what, data)
+            exc = decode_exception(data)
+            assert isinstance(exc, expected), (what, exc)
+            raw.call(500 + i, "echo", msgpack_args(what))
+            assert raw.reply()[:2] == (0, MSGPACK.dumps(what)), what
+        check(before)
+        assert server_alive(svc)
+
+
+def compressed_raw(algo, data: bytes) -> bytes:
+    return bytes(compression.ALGORITHMS[algo][0](data))
+
+
+def test_hostile_compressed_frames_get_error_replies():
+    good = b"abc" * 5000
+    with serve() as svc, client(svc) as before:
+        check(before)
+        for algo in compression.available():
+            with RawClient(svc) as raw:
+                raw.welcome(compression=algo, compress_min=0)
+                cases = [
+                    ("states more than the limit", struct.pack("<Q", LIMIT + 1) + compressed_raw(algo, b"x" * 100),
+                     PayloadTooLarge),
+                    ("states 2**64-1 bytes", struct.pack("<Q", 2**64 - 1) + b"junk", PayloadTooLarge),
+                    ("garbage data", struct.pack("<Q", 5000) + os.urandom(300), DecodeError),
+                    ("shorter than its length prefix", b"\x01\x02\x03", DecodeError),
+                    ("inflates to less than it states", struct.pack("<Q", 50_000) + compressed_raw(algo, good),
+                     DecodeError),
+                    ("inflates to more than it states (bomb)",
+                     struct.pack("<Q", 1000) + compressed_raw(algo, b"\0" * (8 * MiB)), DecodeError),
+                    ("empty compressed data", struct.pack("<Q", 10), DecodeError),
+                ]
+                for i, (what, body, expected) in enumerate(cases):
+                    raw.call(i + 1, "echo_raw", body, RAW.flags, flags=fr.F_COMPRESSED)
+                    exc = raw.error_reply()
+                    assert isinstance(exc, expected), (algo, what, exc)
+                    # the connection goes on, compressed both ways
+                    raw.call(100 + i, "echo_raw", compression.compress(algo, good), RAW.flags, flags=fr.F_COMPRESSED)
+                    status, data, frame = raw.reply()
+                    assert status == 0 and frame.flags & fr.F_COMPRESSED, (algo, what)
+                    assert data == good
+            with client(svc, compression=algo, compress_min=0) as cc:
+                check(cc, algo)
+                assert cc.echo_raw(good) == good
+        # the compressed flag without having negotiated compression
+        with RawClient(svc) as raw:
+            raw.welcome()
+            raw.call(1, "echo_raw", compression.compress("zlib", good), RAW.flags, flags=fr.F_COMPRESSED)
+            assert isinstance(raw.error_reply(), (DecodeError, ProtocolError))
+            raw.call(2, "echo", msgpack_args("still here"))
+            assert raw.reply()[:2] == (0, MSGPACK.dumps("still here"))
+        check(before)
+        assert server_alive(svc)
+
+
+# ---- slow-loris ------------------------------------------------------------------------------
+
+def test_clients_that_never_finish_the_handshake_are_dropped():
+    with serve(tcp_handshake_timeout=1.0) as svc, client(svc) as c:
+        check(c)
+        silent = RawClient(svc)                    # reads nothing, sends nothing
+        hello_read = RawClient(svc)
+        hello_read.read_server_hello()             # reads the server's hello, answers nothing
+        dribble = RawClient(svc)                   # sends its hello a byte at a time, for ever
+        dribble.read_server_hello()
+        hello = dribble.client_hello()
+        t0 = time.monotonic()
+        latencies, sent = [], 0
+        assert len(hello) > 60                     # more bytes than the loop below dribbles
+        while time.monotonic() - t0 < 2.6:         # handshake timeout + the once-a-second sweep
+            if sent is not None:
+                try:
+                    dribble.send(hello[sent:sent + 1])
+                    sent += 1
+                except OSError:
+                    sent = None                    # closed by the server: good
+            latencies.append(timed_check(c))
+            time.sleep(0.05)
+        for raw in (silent, hello_read):
+            exc = raw.expect_refused(timeout=0.5)
+            assert isinstance(exc, ProtocolError) and "handshake" in str(exc), exc
+            raw.close()
+        dribble.read_to_eof(timeout=0.5)           # dribbling a byte at a time did not keep it open
+        dribble.close()
+        assert max(latencies) < 0.5, latencies
+        check(c)
+        with client(svc) as after:
+            check(after)
+
+
+def test_clients_that_stall_halfway_through_a_frame_are_dropped():
+    with serve(tcp_stall_timeout=1.0) as svc, client(svc) as c:
+        check(c)
+        payload = b"z" * 1000
+        frame = fr.call_header(1, b"echo_raw", RAW.flags, 0, len(payload)) + payload
+        half_header = RawClient(svc).welcome()
+        half_payload = RawClient(svc).welcome()
+        half_big = RawClient(svc).welcome()
+        idle = RawClient(svc).welcome()           # idle between frames: allowed to stay
+        t0 = time.monotonic()
+        half_header.send(frame[:10])
+        half_payload.send(frame[:len(frame) // 2])
+        half_big.send(fr.call_header(1, b"echo_raw", RAW.flags, 0, 600_000) + b"b" * 200_000)
+        latencies = []
+        while time.monotonic() - t0 < 0.8:
+            latencies.append(timed_check(c))
+            time.sleep(0.05)
+        for raw in (half_header, half_payload, half_big):
+            exc = raw.expect_goaway(timeout=4)
+            assert isinstance(exc, ProtocolError) and "progress" in str(exc), exc
+            assert 0.9 < time.monotonic() - t0 < 3.5
+            raw.close()
+        assert max(latencies) < 0.5, latencies
+        idle.call(7, "echo", msgpack_args("idle is fine"))
+        assert idle.reply()[:2] == (0, MSGPACK.dumps("idle is fine"))
+        idle.close()
+        check(c)
+
+
+def test_a_stalled_client_that_does_not_read_is_still_disconnected():
+    """The stall timeout must free the connection even when the client reads
+    nothing: a go-away queued behind replies nobody reads never flushes, so a
+    plain close() leaves the socket (and its buffered replies) open for as long
+    as the client likes, no longer counted among the connections."""
+    with serve(tcp_stall_timeout=1.0) as svc, client(svc) as c:
+        check(c)
+        pid = svc.tcp_process.pid
+        base = open_sockets(pid)
+        raw = RawClient(svc, rcvbuf=16 << 10).welcome()
+        payload = msgpack_args(900 << 10)
+        calls = b"".join(fr.call_header(i + 1, b"blob", MSGPACK.flags, 0, len(payload)) + payload for i in range(8))
+        raw.send(calls + fr.call_header(99, b"echo_raw", RAW.flags, 0, 100) + b"x" * 10)   # 7 MB of replies,
+        t0 = time.monotonic()                                                             # then half a frame
+        assert open_sockets(pid) == base + 1
+        closed = wait_until(lambda: open_sockets(pid) == base, timeout=4)
+        elapsed = time.monotonic() - t0
+        check(c)
+        raw.close()
+        assert closed, f"the stalled connection was still open on the server after {elapsed:.1f} s"
+
+
+# ---- callers that vanish ---------------------------------------------------------------------
+
+def test_caller_vanishing_mid_call_leaks_nothing(tmp_path):
+    with serve() as svc, client(svc) as c:
+        check(c)
+        pid = svc.tcp_process.pid
+        base = open_sockets(pid)
+        marks = []
+        for i, reset in enumerate((False, True, False)):
+            assert wait_until(lambda: not any(w["busy"] for w in svc.segment.workers()), timeout=5)
+            mark = tmp_path / f"slow{i}"
+            marks.append(mark)
+            raw = RawClient(svc).welcome()
+            raw.call(1, "sleep", msgpack_args(0.6, None))
+            raw.call(2, "mark", msgpack_args(str(mark)))
+            time.sleep(0.1)
+            raw.close(reset=reset)
+            # the other worker serves others meanwhile
+            assert timed_check(c, f"during {i}") < 0.5
+        assert wait_until(lambda: open_sockets(pid) == base, timeout=5)
+        # the abandoned calls ran to their end, and every channel came back
+        assert wait_until(lambda: all(m.exists() for m in marks), timeout=8)
+        assert wait_until(lambda: not busy_channels(svc), timeout=5), busy_channels(svc)
+        assert not any(w["busy"] for w in svc.segment.workers())
+        check(c)
+        with client(svc) as after:
+            check(after)
+
+
+# ---- authentication --------------------------------------------------------------------------
+
+def test_wrong_or_missing_secret_is_refused_and_nothing_is_served(tmp_path, monkeypatch):
+    monkeypatch.delenv("SPEEDYSVC_SECRET", raising=False)
+    mark = tmp_path / "served"
+    with serve(HostileSecret, tcp_secret="right") as svc:
+        good = client(svc, HostileSecret, secret="right")
+        assert good.echo("in") == "in"
+        with pytest.raises(AuthenticationFailed):
+            with client(svc, HostileSecret, secret="wrong") as bad:
+                bad.echo(1)
+        with pytest.raises(AuthenticationFailed, match="secret"):
+            with client(svc, HostileSecret) as bad:
+                bad.echo(1)
+
+        payload = msgpack_args(str(mark))
+        call = fr.call_header(1, b"mark", MSGPACK.flags, 0, len(payload)) + payload
+
+        def refused(proof, service=HostileSecret.name, extra=call):
+            with RawClient(svc, service=service) as raw:
+                raw.read_server_hello()
+                raw.send(raw.client_hello(proof=proof) + extra)   # a call pipelined behind the hello
+                return raw.expect_refused(timeout=3)
+
+        assert isinstance(refused(os.urandom(32)), AuthenticationFailed)
+        assert isinstance(refused(None), AuthenticationFailed)
+        assert isinstance(refused(b""), AuthenticationFailed)
+        assert isinstance(refused("not bytes"), AuthenticationFailed)
+        assert isinstance(refused(os.urandom(1000)), AuthenticationFailed)
+        # a proof made with the right secret for another connection (a replay) is refused
+        with RawClient(svc, service=HostileSecret.name) as first:
+            server_nonce = first.read_server_hello()["nonce"]
+            client_nonce = fr.new_nonce()
+            proof = fr.client_proof(b"right", server_nonce, client_nonce, HostileSecret.name)
+            recorded = first.client_hello(nonce=client_nonce, proof=proof)
+            first.send(recorded)
+            msg_type, _, body, _ = first._read_message()
+            assert msg_type == fr.WELCOME
+            assert body["proof"] == fr.server_proof(b"right", server_nonce, client_nonce, HostileSecret.name)
+        with RawClient(svc, service=HostileSecret.name) as replay:
+            replay.read_server_hello()
+            replay.send(recorded + call)
+            assert isinstance(replay.expect_refused(timeout=3), AuthenticationFailed)
+        # frames with no handshake at all
+        with RawClient(svc) as raw:
+            raw.send(call * 3)
+            assert isinstance(raw.expect_refused(timeout=3), ProtocolError)
+        # a connection that never authenticates is not served either, and is dropped in time
+        with RawClient(svc) as raw:
+            raw.read_server_hello()
+            assert isinstance(raw.expect_refused(timeout=4), ProtocolError)
+
+        assert good.echo("still in") == "still in"
+        with client(svc, HostileSecret, secret="right") as again:
+            assert again.echo("new") == "new"
+            assert again.mark(str(tmp_path / "legit")) is True
+        good.close()
+    assert (tmp_path / "legit").exists()
+    assert not mark.exists(), "a call from an unauthenticated client was served"
+
+
+def test_frames_without_a_handshake_are_never_served(tmp_path):
+    mark = tmp_path / "served"
+    payload = msgpack_args(str(mark))
+    call = fr.call_header(1, b"mark", MSGPACK.flags, 0, len(payload)) + payload
+    with serve() as svc, client(svc) as before:
+        with RawClient(svc) as raw:              # straight away, without reading the server's hello
+            raw.send(call)
+            assert isinstance(raw.expect_refused(timeout=3), ProtocolError)
+        with RawClient(svc) as raw:              # after reading it
+            raw.read_server_hello()
+            raw.send(call * 5)
+            assert isinstance(raw.expect_refused(timeout=3), ProtocolError)
+        with RawClient(svc) as raw:              # behind a hello of the wrong type
+            raw.read_server_hello()
+            raw.send(fr.pack_hello(fr.WELCOME, {"proof": None}) + call)
+            assert isinstance(raw.expect_refused(timeout=3), ProtocolError)
+        with RawClient(svc) as raw:              # behind a hello for another service
+            raw.read_server_hello()
+            raw.send(raw.client_hello(service="tcph_secret") + call)
+            assert isinstance(raw.expect_refused(timeout=3), ServiceUnavailable)
+        check(before)
+        assert before.mark(str(tmp_path / "legit")) is True
+    assert not mark.exists(), "a call sent without a handshake was served"
+
+
+# ---- floods ----------------------------------------------------------------------------------
+
+def test_pipelined_calls_never_read_do_not_grow_memory_or_stall_others():
+    with serve(tcp_stall_timeout=30.0) as svc, client(svc) as c:
+        check(c)
+        pid = svc.tcp_process.pid
+        rss0 = rss_mib(pid)
+        payload = msgpack_args("x" * 2000)
+        one = [fr.call_header(i, b"echo", MSGPACK.flags, 0, len(payload)) + payload for i in range(1, 20_001)]
+        blob = b"".join(one)                      # 20k calls, ~40 MB, ~40 MB of replies nobody reads
+        raw = RawClient(svc, rcvbuf=64 << 10).welcome()
+        raw.sock.setblocking(False)
+        sent, t0, latencies = 0, time.monotonic(), []
+        next_ping = t0
+        while sent < len(blob) and time.monotonic() - t0 < 1.5:
+            try:
+                sent += raw.sock.send(blob[sent:sent + (256 << 10)])
+            except BlockingIOError:
+                time.sleep(0.005)
+            if time.monotonic() >= next_ping:
+                latencies.append(timed_check(c, "ping"))
+                next_ping = time.monotonic() + 0.1
+        assert sent < len(blob), "nothing pushed back: the server read 20k calls whose replies nobody reads"
+        for _ in range(5):
+            latencies.append(timed_check(c, "ping"))
+        check(c)
+        grown = rss_mib(pid) - rss0
+        assert grown < 64, f"the gateway grew by {grown:.0f} MiB for a client that does not read"
+        assert max(latencies) < 1.0, latencies
+        raw.close(reset=True)
+        check(c)
+        with client(svc) as after:
+            check(after)
+        assert wait_until(lambda: not busy_channels(svc), timeout=5)
+
+
+def test_many_connections_opened_and_abandoned():
+    with serve(tcp_handshake_timeout=5.0, tcp_stall_timeout=5.0) as svc, client(svc) as c:
+        check(c)
+        pid = svc.tcp_process.pid
+        base = open_sockets(pid)
+        payload = msgpack_args(0.0)
+        call = fr.call_header(1, b"echo", MSGPACK.flags, 0, len(payload)) + payload
+        raws = []
+        for i in range(200):
+            raw = RawClient(svc)
+            kind = i % 5
+            if kind == 1:
+                raw.read_server_hello()
+            elif kind >= 2:
+                raw.welcome()
+            if kind == 3:
+                raw.send(call[:30])               # half a frame
+            elif kind == 4:
+                raw.send(call * 3)                # calls whose replies are never read
+            raws.append(raw)
+            if i % 50 == 0:
+                assert timed_check(c) < 0.5
+        assert wait_until(lambda: open_sockets(pid) >= base + 200, timeout=5)
+        check(c)
+        for i, raw in enumerate(raws):
+            raw.close(reset=i % 2 == 0)
+        assert wait_until(lambda: open_sockets(pid) == base, timeout=5), \
+            f"{open_sockets(pid) - base} abandoned connections still open"
+        check(c)
+        with client(svc) as after:
+            check(after)
+        assert server_alive(svc)
+
+
+# ---- what the normal client refuses to send --------------------------------------------------
+
+def test_oversized_request_is_refused_locally_and_the_connection_goes_on():
+    with serve() as svc, client(svc) as c:
+        check(c)
+        conn = c._transport._conn
+        pid = svc.tcp_process.pid
+        base = open_sockets(pid)
+        t = time.monotonic()
+        with pytest.raises(PayloadTooLarge, match=rf"request of {LIMIT + 1} bytes exceeds the service's limit "
+                                                  rf"of {LIMIT} bytes"):
+            c.echo_raw(b"x" * (LIMIT + 1))
+        with pytest.raises(PayloadTooLarge, match="exceeds the service's limit"):
+            c.echo("y" * (2 * LIMIT))
+        assert time.monotonic() - t < 0.5
+        assert c._transport._conn is conn, "the connection was replaced"
+        assert c.echo_raw(b"x" * LIMIT) == b"x" * LIMIT          # the limit itself is fine
+        check(c)
+        assert c._transport._conn is conn
+        assert open_sockets(pid) == base
+        # compression does not get around the check (the limit is on the request itself)
+        with client(svc, compression="zlib", compress_min=0) as cc:
+            with pytest.raises(PayloadTooLarge):
+                cc.echo_raw(b"\0" * (LIMIT + 1))
+            check(cc)
+
+        async def with_asyncio():
+            ac = connect_async(HostileEcho, svc.tcp_address, timeout=10)
+            try:
+                assert await ac.echo("a") == "a"
+                with pytest.raises(PayloadTooLarge, match="exceeds the service's limit"):
+                    await ac.echo_raw(b"x" * (LIMIT + 1))
+                assert await ac.echo("b") == "b"
+            finally:
+                await ac.aclose()
+
+        asyncio.run(with_asyncio())
+        check(c)
+
+
+# ---- amplification: a few bytes must not buy a lot of server memory or time -----------------
+
+def test_claimed_payload_sizes_do_not_commit_memory_up_front():
+    """A frame header is 24 bytes; the memory for its payload should follow the bytes
+    that actually arrive, not the length the header claims (docs/tcp-protocol.md:
+    "a small frame cannot make it allocate a lot")."""
+    limit = 64 * MiB
+    with serve(max_payload=limit, tcp_stall_timeout=30.0) as svc, client(svc) as c:
+        check(c)
+        pid = svc.tcp_process.pid
+        rss0 = rss_mib(pid)
+        raws = []
+        for i in range(4):
+            raw = RawClient(svc).welcome()
+            raw.send(fr.call_header(1, b"echo_raw", RAW.flags, 0, limit - 1) + b"x" * 100)
+            raws.append(raw)
+        assert timed_check(c) < 1.0
+        time.sleep(0.3)
+        grown = rss_mib(pid) - rss0
+        for raw in raws:
+            raw.close()
+        check(c)
+        assert grown < 64, (f"four 132-byte messages made the gateway grow by {grown:.0f} MiB "
+                            f"(each claimed a {limit - 1}-byte payload)")
+
+
+def test_compressed_frames_claiming_huge_sizes_do_not_stall_other_clients():
+    """A 40-byte compressed frame that states a large original size must not make the
+    gateway's event loop allocate and clear that much before finding it is garbage."""
+    limit = 256 * MiB
+    with serve(max_payload=limit) as svc, client(svc) as c:
+        check(c)
+        raw = RawClient(svc).welcome(compression="zlib")
+        body = struct.pack("<Q", limit) + b"garbage!"
+        n = 8
+        latencies = []
+        started = threading.Event()
+
+        def ping():
+            started.set()
+            for _ in range(10):
+                latencies.append(timed_check(c, "ping"))
+                time.sleep(0.05)
+
+        th = threading.Thread(target=ping)
+        raw.send(b"".join(fr.call_header(i + 1, b"echo_raw", RAW.flags, 0, len(body), fr.F_COMPRESSED) + body
+                          for i in range(n)))
+        th.start()
+        started.wait()
+        for _ in range(n):
+            assert isinstance(raw.error_reply(timeout=30), DecodeError)
+        th.join(30)
+        raw.close()
+        check(c)
+        assert max(latencies) < 1.0, (f"{n} frames of {fr.HEADER_SIZE + len('echo_raw') + len(body)} bytes "
+                                      f"held up another client for {max(latencies):.1f} s")
+
+
+def test_backpressure_is_not_mistaken_for_a_stall():
+    """When the gateway itself stops reading a connection (too many calls in flight),
+    the time it does not read must not count as the client stalling mid-frame: here
+    the client sends everything at once, yet the gateway drops it for "no progress"."""
+    with serve(workers=2, tcp_stall_timeout=1.0) as svc, client(svc) as c:
+        check(c)
+        long, short = msgpack_args(2.5, None), msgpack_args(0, None)
+        calls = [fr.call_header(i + 1, b"sleep", MSGPACK.flags, 0, len(p)) + p
+                 for i, p in enumerate([long, long] + [short] * 300)]   # 302 > the gateway's 256 in flight
+        frames = b"".join(calls)
+        raw = RawClient(svc).welcome()
+        cut = len(frames) - len(calls[-1]) // 2
+        raw.send(frames[:cut])                    # the last frame in two parts, a moment apart:
+        time.sleep(0.1)                           # the gateway has paused reading by then
+        raw.send(frames[cut:])
+        got, t0, dropped = [], time.monotonic(), None
+        try:
+            while len(got) < len(calls):
+                got += raw.read_frames(1, timeout=30)
+        except (EOFError, ConnectionResetError) as e:
+            dropped = e
+        elapsed = time.monotonic() - t0
+        goaways = [decode_exception(f.payload) for f in got if f.kind == fr.GOAWAY]
+        raw.close()
+        check(c)
+        assert not goaways and dropped is None, (
+            f"the gateway dropped the connection after {elapsed:.1f} s and "
+            f"{sum(f.kind == fr.REPLY for f in got)} of {len(calls)} replies "
+            f"({goaways[0] if goaways else dropped!r})")
+        assert all(f.kind == fr.REPLY and f.arg == 0 for f in got)
+
+
+def test_slow_calls_pipelined_by_one_client_do_not_exhaust_the_channels():
+    """The gateway must keep its calls in flight below the service's channels
+    (docs/tcp-protocol.md: "calls in flight to the workers: half of max_channels;
+    further calls wait"), or one TCP client's pipelined calls leave none for
+    anybody else, and fail themselves instead of waiting."""
+    with serve(workers=2, max_channels=16) as svc, client(svc) as c:
+        check(c)
+        payload = msgpack_args(0.05, None)
+        n = 40
+        raw = RawClient(svc).welcome()
+        raw.send(b"".join(fr.call_header(i + 1, b"sleep", MSGPACK.flags, 0, len(payload)) + payload
+                          for i in range(n)))
+        time.sleep(0.2)
+        problems = []
+        for when in ("during", "after"):
+            if when == "after":
+                replies = raw.read_frames(n, timeout=30)
+                failed = [decode_exception(f.payload) for f in replies if f.arg]
+                if failed:
+                    problems.append(f"{len(failed)} of {n} pipelined calls failed instead of waiting: {failed[0]}")
+            for who, make in (("tcp", lambda: client(svc)), ("shm", lambda: connect(HostileEcho, timeout=20))):
+                try:
+                    with make() as cl:                # a client arriving now
+                        assert cl.echo(who) == who
+                except ServiceUnavailable as e:
+                    problems.append(f"a new {who} client {when} the flood: {e}")
+        raw.close()
+        check(c)
+        assert not problems, problems
