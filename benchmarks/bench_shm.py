@@ -16,95 +16,19 @@ import argparse
 import importlib.util
 import multiprocessing
 import os
-import socket
-import statistics
-import struct
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import psutil  # noqa: E402
 
+from _common import UnixSocketClient, ZmqClient, measure  # noqa: E402
 from echo_service import BenchEcho  # noqa: E402
 from speedysvc import LocalService, connect  # noqa: E402
 
-MiB = 1 << 20
-CPUS = sorted(os.sched_getaffinity(0))
 
-
-def pin(pids, placement, role):
-    if placement == "default" or len(CPUS) < 2 and placement == "split":
-        cpus = set(CPUS)
-    elif placement == "same":
-        cpus = {CPUS[0]}
-    else:  # split
-        cpus = {CPUS[0]} if role == "client" else {CPUS[1]}
-    for pid in pids:
-        os.sched_setaffinity(pid, cpus)
-
-
-# ---- baselines: a server process each, echoing what it receives ------------------------------
-
-def _recv_exact(sock, view):
-    got, n = 0, len(view)
-    while got < n:
-        r = sock.recv_into(view[got:], n - got)
-        if not r:
-            raise EOFError
-        got += r
-
-
-def uds_server(path, ready):
-    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    srv.bind(path)
-    srv.listen(1)
-    ready.set()
-    conn, _ = srv.accept()
-    hdr = bytearray(4)
-    buf = bytearray(32 * MiB)
-    view = memoryview(buf)
-    try:
-        while True:
-            _recv_exact(conn, memoryview(hdr))
-            n = struct.unpack("<I", hdr)[0]
-            _recv_exact(conn, view[:n])
-            conn.sendall(hdr)
-            conn.sendall(view[:n])
-    except (EOFError, ConnectionError):
-        pass
-
-
-class UnixSocketClient:
-    name = "Unix socket, 4-byte length prefix"
-
-    def __init__(self):
-        self.dir = tempfile.mkdtemp()
-        path = os.path.join(self.dir, "s")
-        ready = multiprocessing.Event()
-        self.proc = multiprocessing.Process(target=uds_server, args=(path, ready), daemon=True)
-        self.proc.start()
-        ready.wait(10)
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.connect(path)
-        self.hdr = bytearray(4)
-        self.buf = bytearray(32 * MiB)
-        self.pids = [self.proc.pid]
-
-    def echo(self, payload):
-        self.sock.sendall(struct.pack("<I", len(payload)))
-        self.sock.sendall(payload)
-        _recv_exact(self.sock, memoryview(self.hdr))
-        n = struct.unpack("<I", self.hdr)[0]
-        view = memoryview(self.buf)[:n]
-        _recv_exact(self.sock, view)
-        return bytes(view)
-
-    def close(self):
-        self.sock.close()
-        self.proc.join(5)
-
+# ---- baselines: a server process each, echoing what it receives (the others are in _common) --
 
 def pipe_server(conn):
     try:
@@ -133,48 +57,6 @@ class PipeClient:
         self.proc.join(5)
 
 
-def zmq_server(addr, ready):
-    import zmq
-    ctx = zmq.Context()
-    s = ctx.socket(zmq.REP)
-    s.bind(addr)
-    ready.set()
-    while True:
-        msg = s.recv(copy=False)
-        if len(msg) == 0:
-            s.send(b"")
-            break
-        s.send(msg, copy=False)
-
-
-class ZmqClient:
-    name = "pyzmq REQ/REP ipc://"
-
-    def __init__(self):
-        import zmq
-        self.dir = tempfile.mkdtemp()
-        addr = f"ipc://{self.dir}/z"
-        ready = multiprocessing.Event()
-        self.proc = multiprocessing.Process(target=zmq_server, args=(addr, ready), daemon=True)
-        self.proc.start()
-        ready.wait(10)
-        self.ctx = zmq.Context()
-        self.sock = self.ctx.socket(zmq.REQ)
-        self.sock.connect(addr)
-        self.pids = [self.proc.pid]
-
-    def echo(self, payload):
-        self.sock.send(payload, copy=len(payload) < 65536)
-        return self.sock.recv()
-
-    def close(self):
-        self.sock.send(b"")
-        self.sock.recv()
-        self.sock.close()
-        self.ctx.term()
-        self.proc.join(5)
-
-
 class SpeedysvcClient:
     def __init__(self, codec, service):
         self.codec = codec
@@ -193,52 +75,7 @@ class SpeedysvcClient:
         self.client.close()
 
 
-# ---- measurements ---------------------------------------------------------------------------
-
-def round_trips(client, n):
-    payload = prepare(client, b"x" * 64)
-    for _ in range(min(2000, n)):
-        client.echo(payload)
-    times = []
-    clock = time.perf_counter_ns
-    for _ in range(n):
-        t = clock()
-        client.echo(payload)
-        times.append(clock() - t)
-    times.sort()
-    return times[len(times) // 2] / 1000, times[int(len(times) * 0.99)] / 1000
-
-
-def prepare(client, payload):
-    return client.prepare(payload) if hasattr(client, "prepare") else payload
-
-
-def throughput(client, size, seconds):
-    payload = prepare(client, os.urandom(size))
-    assert client.echo(payload) == payload
-    calls, start = 0, time.perf_counter()
-    samples = []
-    while time.perf_counter() - start < seconds or calls < 3:
-        t = time.perf_counter()
-        client.echo(payload)
-        samples.append(time.perf_counter() - t)
-        calls += 1
-    return size / statistics.median(samples) / 1e6
-
-
-def measure(make, placement, args):
-    client = make()
-    try:
-        pin(client.pids, placement, "server")
-        pin([0], placement, "client")
-        med, p99 = round_trips(client, args.calls)
-        mb1 = throughput(client, MiB, args.seconds)
-        mb16 = throughput(client, 16 * MiB, args.seconds * 2)
-        return {"name": client.name, "median": med, "p99": p99, "1MiB": mb1, "16MiB": mb16}
-    finally:
-        pin([0], "default", "client")
-        client.close()
-
+# ---- measurements (round trips and throughput: _common) ------------------------------------
 
 def idle_cpu(service, seconds=3.0):
     with connect(BenchEcho) as c:

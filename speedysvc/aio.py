@@ -214,6 +214,8 @@ class AsyncTcpTransport:
         try:
             await asyncio.wait_for(asyncio.shield(conn.ready), opts.connect_timeout)
         except asyncio.TimeoutError:
+            # closing fails ``ready`` too: that outcome is ours to drop, not asyncio's to report
+            conn.ready.add_done_callback(lambda f: f.cancelled() or f.exception())
             conn.transport.close()
             raise ServiceUnavailable(f"{opts.address} did not complete the handshake within "
                                      f"{opts.connect_timeout} s") from None

@@ -140,7 +140,8 @@ class LocalService:
             proc.wait()
             raise RuntimeError(f"the TCP server of {self.service!r} did not start (exit code {proc.returncode}; "
                                f"see its stderr)")
-        self.tcp_address = "tcp://" + line.split()[-1]
+        bound_host, _, bound_port = line.split()[-1].rpartition(":")
+        self.tcp_address = f"tcp://[{bound_host}]:{bound_port}" if ":" in bound_host else f"tcp://{bound_host}:{bound_port}"
 
     def stop(self) -> None:
         """Refuse new calls, let queued and running calls finish (up to stop_timeout),

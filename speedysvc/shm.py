@@ -698,7 +698,9 @@ class ShmTransport:
                 except Exception:
                     return True, _decode_slow(codec, name, got[1])
             later = True
-            return False, functools.partial(self._finish, chans, ch, got, name, payload, flags, codec, timeout)
+            deadline = None if timeout is None else time.monotonic() + timeout
+            return False, functools.partial(self._finish, chans, ch, got, name, payload, flags, codec, timeout,
+                                            deadline)
         except BaseException:
             self._failed(chans, ch)
             raise
@@ -706,12 +708,13 @@ class ShmTransport:
             if not later:
                 self._give_back(chans, ch)
 
-    def _finish(self, chans: _Channels, ch: _Channel, got: int, name, payload, flags, codec, timeout):
+    def _finish(self, chans: _Channels, ch: _Channel, got: int, name, payload, flags, codec, timeout, deadline):
         try:
-            return self._call_slow(chans, ch, got, name, payload, flags, codec, timeout)
+            return self._call_slow(chans, ch, got, name, payload, flags, codec, timeout, deadline)
         except _Retry:
             chans.retire(ch)
-            return self.call(name, payload, flags, codec, timeout)
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            return self.call(name, payload, flags, codec, remaining)
         except BaseException:
             self._failed(chans, ch)
             raise
@@ -732,7 +735,8 @@ class ShmTransport:
                 if chans.closed:   # ...or just now, between the check and the append
                     chans.release_all()
 
-    def _call_slow(self, chans: _Channels, ch: _Channel, got: int, name, payload, flags, codec, timeout):
+    def _call_slow(self, chans: _Channels, ch: _Channel, got: int, name, payload, flags, codec, timeout,
+                   deadline: float | None = None):
         seg = chans.seg
         if got == CALL_TOO_BIG:
             size = len(payload) if isinstance(payload, bytes) else memoryview(payload).nbytes
@@ -751,7 +755,7 @@ class ShmTransport:
             self._reattach(chans)
             raise _Retry
         if got == CALL_PENDING:
-            reply = self._wait_slow(chans, ch, timeout)
+            reply = self._wait_slow(chans, ch, timeout, deadline)
         else:   # CALL_READY: a large response, or one in a segment the worker grew
             reply = seg.region.wait_reply(ch.slot, 0.0)
         status, off, length, gen = reply
@@ -791,11 +795,12 @@ class ShmTransport:
             else:
                 return False
 
-    def _wait_slow(self, chans: _Channels, ch: _Channel, timeout: float | None):
+    def _wait_slow(self, chans: _Channels, ch: _Channel, timeout: float | None, deadline: float | None = None):
         """The call is taking a while: keep waiting, but notice a dead worker, a
-        stopped service and the deadline."""
+        stopped service and the deadline (by default: the first wait took one slice)."""
         seg = chans.seg
-        deadline = None if timeout is None else time.monotonic() + max(0.0, timeout - LIVENESS_SLICE)
+        if deadline is None and timeout is not None:
+            deadline = time.monotonic() + max(0.0, timeout - LIVENESS_SLICE)
         r, off = seg.region, seg.channel_offset(ch.slot) + core.C_STATE
         while True:
             st = r.load32(off)

@@ -9,6 +9,7 @@ calls in flight at the break raise ``ConnectionLost``.
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import select
 import socket
@@ -53,7 +54,7 @@ class ClientOptions:
             raise ValueError(f"compress_min must be a whole number of bytes >= 0, got {compress_min!r}")
         self.compress_min = compress_min
         self.connect_timeout = connect_timeout
-        self.address = f"tcp://{host}:{port}"
+        self.address = f"tcp://[{host}]:{port}" if ":" in host else f"tcp://{host}:{port}"
 
     def client_hello(self, hello: tuple) -> tuple[bytes, bytes]:
         """Answer the server's hello: (our hello, our nonce).  Raises if we cannot talk to it."""
@@ -161,6 +162,10 @@ class _Connection:
                 self.broken = ConnectionLost(f"connection to {self.opts.address} was closed")
             self.cond.notify_all()
         try:
+            self.sock.shutdown(socket.SHUT_RDWR)   # wakes a thread waiting in poll()
+        except OSError:
+            pass
+        try:
             self.sock.close()
         except OSError:
             pass
@@ -173,16 +178,23 @@ class _Connection:
         self.cond.notify_all()
 
     def stale(self) -> bool:
-        """With no call in flight the server sends nothing: anything to read means it closed.
+        """Before a call on an idle connection: is it still open?  Late replies (to calls
+        that timed out) are read and dropped; only an end, a go-away or an error count.
         Under ``cond``, so that no reader is polling the socket meanwhile."""
         with self.cond:
             if self.broken is not None:
                 return True
             if self.waiting or self.reading:
                 return False
-            if isinstance(self.sock, ssl.SSLSocket) and self.sock.pending():
+            try:
+                while self._readable(0):
+                    self._deliver(self._recv())
+                    if self.broken is not None:
+                        return True
+            except (OSError, ProtocolError) as e:
+                self._break(e)
                 return True
-            return bool(self.poller.poll(0))
+            return False
 
     def call(self, name: bytes, payload, flags: int, timeout: float | None):
         call_id = next_call_id()
@@ -238,16 +250,23 @@ class _Connection:
                     self._deliver(frames)
                 cond.notify_all()
 
+    def _readable(self, timeout: float | None) -> bool:
+        sock = self.sock
+        if isinstance(sock, ssl.SSLSocket) and sock.pending():
+            return True
+        return bool(self.poller.poll(None if timeout is None else max(0, math.ceil(timeout * 1000))))
+
     def _read(self, timeout: float | None) -> list:
         """Read what has arrived (waiting up to ``timeout``); the frames now complete."""
-        sock = self.sock
-        if not (isinstance(sock, ssl.SSLSocket) and sock.pending()):
-            if not self.poller.poll(None if timeout is None else max(0, int(timeout * 1000) + 1)):
-                return []
+        return self._recv() if self._readable(timeout) else []
+
+    def _recv(self) -> list:
         buf = self.parser.get_buffer()
-        n = sock.recv_into(buf, len(buf))
+        n = self.sock.recv_into(buf, len(buf))
+        del buf
         if not n:
-            raise ConnectionLost(f"{self.opts.address} closed the connection; the call may or may not have run")
+            raise ConnectionLost(f"{self.opts.address} closed the connection; a call in flight may or may "
+                                 f"not have run")
         return self.parser.buffer_updated(n)
 
     def _deliver(self, frames) -> None:

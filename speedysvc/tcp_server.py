@@ -497,6 +497,13 @@ async def serve(args, ready=None) -> None:
     await server.close(timeout=args.stop_timeout)
 
 
+def _exit_now(code: int) -> None:
+    # threads still waiting on calls the workers have not answered would delay the exit
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def main(argv=None) -> int:
     """``python -m speedysvc.tcp_server SERVICE --host H --port P``: serve a running
     service (started by LocalService or the manager) to TCP clients until SIGTERM.
@@ -525,8 +532,8 @@ def main(argv=None) -> int:
             asyncio.run(serve(args))
     except (ValueError, OSError) as e:
         print(f"speedysvc.tcp_server: {e}", file=sys.stderr)
-        return 2
-    return 0
+        _exit_now(2)
+    _exit_now(0)
 
 
 if __name__ == "__main__":

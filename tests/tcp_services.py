@@ -1,0 +1,116 @@
+"""Services the TCP tests run in real worker processes (imported by the workers by module name)."""
+import os
+import time
+
+from speedysvc import ServerMethodsBase, json_method, msgpack_method, pickle_method, raw_method
+
+
+class TcpError(Exception):
+    """A custom exception the caller can import (this module is imported by the tests)."""
+
+    def __init__(self, code, detail):
+        super().__init__(code, detail)
+        self.code = code
+        self.detail = detail
+
+
+class TcpKitchen(ServerMethodsBase):
+    port = 5701
+    name = 'tcpt_kitchen'
+
+    @json_method
+    def echo_json(self, data):
+        return data
+
+    @msgpack_method
+    def echo_msgpack(self, data):
+        return data
+
+    @pickle_method
+    def echo_pickle(self, data):
+        return data
+
+    @raw_method
+    def echo_raw(self, data):
+        return data
+
+    @raw_method
+    def raw_upper(self, data):
+        return bytes(data).upper()
+
+    @msgpack_method
+    def big(self, n):
+        return b'z' * n
+
+    @msgpack_method
+    def size_of(self, data):
+        return len(data)
+
+    @msgpack_method
+    def add(self, a, b=10, *, scale=1):
+        """Add two numbers."""
+        return (a + b) * scale
+
+    @msgpack_method
+    def whoami(self):
+        return os.getpid()
+
+    @msgpack_method
+    def sleep(self, seconds, tag=None):
+        time.sleep(seconds)
+        return tag
+
+    @msgpack_method
+    def fail_value(self, message):
+        raise ValueError(message)
+
+    @msgpack_method
+    def fail_custom(self, code):
+        raise TcpError(code, "custom detail")
+
+
+class TcpOther(ServerMethodsBase):
+    """A second service, to connect to the wrong port."""
+    port = 5702
+    name = 'tcpt_other'
+
+    @msgpack_method
+    def whoami(self):
+        return os.getpid()
+
+
+class TcpRestart(ServerMethodsBase):
+    """Started, stopped and started again on one port."""
+    port = 5703
+    name = 'tcpt_restart'
+
+    @msgpack_method
+    def whoami(self):
+        return os.getpid()
+
+    @msgpack_method
+    def echo(self, x):
+        return x
+
+    @msgpack_method
+    def sleep(self, seconds, tag=None):
+        time.sleep(seconds)
+        return tag
+
+
+class TcpSecure(ServerMethodsBase):
+    """Served with a secret (and pickle allowed) or with TLS."""
+    port = 5704
+    name = 'tcpt_secure'
+
+    @msgpack_method
+    def echo(self, x):
+        return x
+
+    @pickle_method
+    def echo_pickle(self, data):
+        return data
+
+    @raw_method
+    def echo_raw(self, data):
+        return data
