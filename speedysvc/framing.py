@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import mmap
 import os
 import struct
 
@@ -36,7 +37,6 @@ F_COMPRESSED = 0x1
 KNOWN_FRAME_FLAGS = F_COMPRESSED
 MAX_NAME = 64
 SCRATCH_SIZE = 256 << 10
-BIG_START = 1 << 20       # a large payload's buffer starts here and doubles as bytes arrive
 DEFAULT_MAX_PAYLOAD = 1 << 30
 COMPRESSION_OVERHEAD = 8        # the original length in front of a compressed payload
 
@@ -153,7 +153,7 @@ class FrameParser:
         self._big: Frame | None = None     # a frame whose payload arrives into its own buffer
         self._big_view: memoryview | None = None
         self._big_filled = 0
-        self._big_length = 0
+        self._big_length = 0      # (a large payload is an mmap: a bytes-like object, not bytes)
 
     @property
     def mid_frame(self) -> bool:
@@ -162,8 +162,6 @@ class FrameParser:
 
     def get_buffer(self, sizehint: int = -1) -> memoryview:
         if self._big is not None:
-            if self._big_filled == len(self._big_view):
-                self._grow()
             return self._big_view[self._big_filled:]
         if self._end == len(self._buf):
             self._compact()
@@ -180,19 +178,6 @@ class FrameParser:
             pos += n
             frames.extend(self.buffer_updated(n))
         return frames
-
-    def _grow(self) -> None:
-        """Memory follows the bytes that actually arrived, not the length a header claims."""
-        payload = self._big.payload
-        size = min(self._big_length, 2 * len(payload))
-        self._big_view.release()
-        try:
-            payload.extend(bytes(size - len(payload)))   # realloc: large blocks are remapped, not copied
-        except BufferError:   # a slice of the old view is still alive somewhere
-            payload = bytearray(size)
-            payload[:self._big_filled] = self._big.payload[:self._big_filled]
-            self._big.payload = payload
-        self._big_view = memoryview(payload)
 
     def _compact(self) -> None:
         rest = self._end - self._start
@@ -238,7 +223,9 @@ class FrameParser:
                 # too large for the scratch buffer: the rest goes straight into its own buffer
                 name = bytes(buf[body:body + name_len])
                 have = end - body - name_len
-                payload = bytearray(min(length, max(have, BIG_START)))
+                # an anonymous mapping: memory is committed page by page as bytes arrive, so a
+                # header claiming a gigabyte costs nothing until the gigabyte comes (no zero-fill either)
+                payload = mmap.mmap(-1, length)
                 payload[:have] = buf[body + name_len:end]
                 self._big = Frame(kind, flags, call_id, arg, timeout_ms, name, payload)
                 self._big_view = memoryview(payload)

@@ -112,7 +112,7 @@ class TcpServer:
         self._sweeper: asyncio.TimerHandle | None = None
         self._idle = asyncio.Event()
         self.counters = {"connections_total": 0, "calls": 0, "errors": 0, "refused": 0,
-                         "auth_failures": 0, "protocol_errors": 0, "bytes_in": 0, "bytes_out": 0}
+                         "auth_failures": 0, "protocol_errors": 0, "answered_inline": 0, "bytes_in": 0, "bytes_out": 0}
 
     def __repr__(self) -> str:
         return f"<TcpServer {self.service!r} on {self.host}:{self.port}>"
@@ -227,6 +227,7 @@ class TcpServer:
             return True
         self.counters["calls"] += 1
         if done:
+            self.counters["answered_inline"] += 1
             conn.reply(frame.call_id, *result)
             return True
         self.inflight += 1
@@ -443,7 +444,7 @@ class _Connection(asyncio.BufferedProtocol):
                 self.transport.write(b"".join(self.batch))
                 self.batch.clear()
             self.transport.write(header)
-            self.transport.write(data)
+            self.transport.write(memoryview(data))   # what is not sent at once is copied once, not twice
 
     def reply_error(self, call_id: int, exc: BaseException) -> None:
         with_tb = not isinstance(exc, SpeedysvcError)
@@ -525,11 +526,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        if os.environ.get("SPEEDYSVC_LOOP") == "uvloop":
-            import uvloop
-            uvloop.run(serve(args))
-        else:
-            asyncio.run(serve(args))
+        asyncio.run(serve(args))
     except (ValueError, OSError) as e:
         print(f"speedysvc.tcp_server: {e}", file=sys.stderr)
         _exit_now(2)
