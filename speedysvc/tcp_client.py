@@ -2,8 +2,8 @@
 
 One connection carries every call of a client, several at once when several
 threads call: each call has an id, replies may come back in any order, and
-whichever waiting thread is free reads the socket for all of them (no
-background thread).  A connection that broke is replaced on the next call;
+one of the waiting threads reads the socket for all of them (no background
+thread).  A connection that broke is replaced on the next call;
 calls in flight at the break raise ``ConnectionLost``.
 """
 from __future__ import annotations
@@ -139,16 +139,21 @@ def next_call_id() -> int:
 
 
 class _Connection:
-    """One established connection; replies are matched to calls by id."""
+    """One established connection; replies are matched to calls by id.
+
+    Whichever waiting thread finds nobody reading becomes the reader: it reads
+    until its own reply is in, hands each other reply to its caller (waking that
+    thread only), then passes the role on to one thread still waiting."""
 
     def __init__(self, sock: socket.socket, opts: ClientOptions, leftover: bytes):
         self.sock = sock
         self.opts = opts
         self.parser = fr.FrameParser(opts.max_payload or fr.DEFAULT_MAX_PAYLOAD, frozenset((fr.REPLY, fr.GOAWAY)))
         self.send_lock = threading.Lock()
-        self.cond = threading.Condition(threading.Lock())
+        self.lock = threading.Lock()
         self.replies: dict[int, tuple] = {}
-        self.waiting: set[int] = set()
+        # call id -> the condition its thread sleeps on (made only once it has to sleep)
+        self.waiting: dict[int, threading.Condition | None] = {}
         self.reading = False
         self.broken: BaseException | None = None
         self.poller = select.poll()
@@ -157,10 +162,10 @@ class _Connection:
             self._deliver(self.parser.feed(leftover))
 
     def close(self) -> None:
-        with self.cond:
+        with self.lock:
             if self.broken is None:
                 self.broken = ConnectionLost(f"connection to {self.opts.address} was closed")
-            self.cond.notify_all()
+            self._wake_all()
         try:
             self.sock.shutdown(socket.SHUT_RDWR)   # wakes a thread waiting in poll()
         except OSError:
@@ -170,18 +175,23 @@ class _Connection:
         except OSError:
             pass
 
+    def _wake_all(self) -> None:
+        for cond in self.waiting.values():
+            if cond is not None:
+                cond.notify()
+
     def _break(self, exc: BaseException) -> None:
-        """Under ``cond``: the connection is unusable; every waiting call fails."""
+        """Under ``lock``: the connection is unusable; every waiting call fails."""
         if self.broken is None:
             self.broken = exc if isinstance(exc, ConnectionLost) else ConnectionLost(
                 f"connection to {self.opts.address} was lost ({exc}); the call may or may not have run")
-        self.cond.notify_all()
+        self._wake_all()
 
     def stale(self) -> bool:
         """Before a call on an idle connection: is it still open?  Late replies (to calls
         that timed out) are read and dropped; only an end, a go-away or an error count.
-        Under ``cond``, so that no reader is polling the socket meanwhile."""
-        with self.cond:
+        Under ``lock``, so that no reader is polling the socket meanwhile."""
+        with self.lock:
             if self.broken is not None:
                 return True
             if self.waiting or self.reading:
@@ -200,28 +210,37 @@ class _Connection:
         call_id = next_call_id()
         buffers = self.opts.encode_call(call_id, name, payload, flags, timeout)
         deadline = None if timeout is None else time.monotonic() + timeout
-        with self.cond:
+        with self.lock:
             if self.broken is not None:
                 raise self.broken
-            self.waiting.add(call_id)
+            self.waiting[call_id] = None
         try:
             try:
                 with self.send_lock:
                     for buf in buffers:
                         self.sock.sendall(buf)
             except OSError as e:
-                with self.cond:
+                with self.lock:
                     self._break(e)
                 raise self.broken from None
             return self._wait(call_id, deadline, timeout)
         finally:
-            with self.cond:
-                self.waiting.discard(call_id)
+            with self.lock:
+                del self.waiting[call_id]
                 self.replies.pop(call_id, None)
+                if not self.reading:
+                    self._pass_reading_on()
+
+    def _pass_reading_on(self) -> None:
+        """Under ``lock``, with nobody reading: wake one sleeping caller still without a reply."""
+        for call_id, cond in self.waiting.items():
+            if cond is not None and call_id not in self.replies:
+                cond.notify()
+                return
 
     def _wait(self, call_id: int, deadline: float | None, timeout: float | None):
-        cond = self.cond
-        with cond:
+        lock = self.lock
+        with lock:
             while True:
                 reply = self.replies.pop(call_id, None)
                 if reply is not None:
@@ -232,23 +251,25 @@ class _Connection:
                 if remaining is not None and remaining <= 0:
                     raise CallTimeout(f"call to {self.opts.address} timed out after {timeout} s")
                 if self.reading:
+                    cond = self.waiting[call_id]
+                    if cond is None:
+                        cond = self.waiting[call_id] = threading.Condition(lock)
                     cond.wait(remaining)
                     continue
                 self.reading = True
-                cond.release()
+                lock.release()
                 try:
                     frames = self._read(remaining)
                     error = None
                 except (OSError, ProtocolError) as e:
                     frames, error = [], e
                 finally:
-                    cond.acquire()
+                    lock.acquire()
                     self.reading = False
                 if error is not None:
                     self._break(error)
                 else:
                     self._deliver(frames)
-                cond.notify_all()
 
     def _readable(self, timeout: float | None) -> bool:
         sock = self.sock
@@ -270,7 +291,7 @@ class _Connection:
         return self.parser.buffer_updated(n)
 
     def _deliver(self, frames) -> None:
-        """Under ``cond`` (or before anyone else can see us)."""
+        """Under ``lock`` (or before anyone else can see us)."""
         for frame in frames:
             if frame.kind == fr.GOAWAY:
                 self._break(self.opts.goaway_error(frame))
@@ -279,6 +300,9 @@ class _Connection:
                     self.replies[frame.call_id] = self.opts.decode_reply(frame)
                 except Exception as e:   # a reply that does not decompress fails its call only
                     self.replies[frame.call_id] = (1, encode_exception(e, False))
+                cond = self.waiting[frame.call_id]
+                if cond is not None:
+                    cond.notify()
 
 
 def open_connection(opts: ClientOptions) -> _Connection:
