@@ -32,7 +32,8 @@ def _url_of(args) -> str:
     if args.config:
         from . import config
         web = config.load(args.config).web
-        host = "127.0.0.1" if web.host in ("0.0.0.0", "") else ("[::1]" if web.host == "::" else web.host)
+        host = "127.0.0.1" if web.host in ("0.0.0.0", "") else ("::1" if web.host == "::" else web.host)
+        host = f"[{host}]" if ":" in host else host
         return f"http://{host}:{web.port}"
     return DEFAULT_URL
 
@@ -123,7 +124,7 @@ def main(argv=None) -> int:
         elif args.command == "logs":
             from urllib.parse import urlencode
             query = urlencode({k: v for k, v in (("lines", args.lines), ("level", args.level),
-                                                 ("q", args.grep)) if v})
+                                                 ("q", args.grep)) if v or v == 0})   # -n 0: all kept
             for rec in _request(args, "GET", f"/api/services/{args.service}/logs?{query}")["records"]:
                 _print_record(rec)
             if args.follow:

@@ -251,6 +251,9 @@ def load(path: str) -> ManagerConfig:
     for section in ini.sections():
         if section in (DEFAULTS_SECTION, WEB_SECTION):
             continue
+        if section == "manager":
+            raise ConfigError(path, section, None, "'manager' names the manager's own log: rename the section "
+                                                   "(it is named after the class)")
         if not section.isidentifier():
             raise ConfigError(path, section, None, "a service section is named after its class: "
                                                    "a Python identifier (or [defaults], [web monitor])")
@@ -268,6 +271,10 @@ def load(path: str) -> ManagerConfig:
                               f"{values['min_proc_num']} is more than max_proc_num {values['max_proc_num']}")
         if values["max_proc_num"] > 64:
             raise ConfigError(path, section, "max_proc_num", "at most 64 workers per service")
+        if values["scale_down_busy"] >= values["scale_up_busy"]:
+            raise ConfigError(path, section, "scale_down_busy",
+                              f"{values['scale_down_busy']} is not below scale_up_busy {values['scale_up_busy']}: "
+                              f"the service would scale up and down in turn")
         if values["max_channels"] > 4096:
             raise ConfigError(path, section, "max_channels", "at most 4096")
         _check_tcp(path, section, folder, values)

@@ -73,6 +73,8 @@ def test_sizes_aliases_and_relative_log_dir(tmp_path):
     ("[S]\nimport_from=s\ntcp_allow_pickle=maybe\n", "S", "tcp_allow_pickle", "true or false"),
     ("[S]\nimport_from=s\ntcp_tls_cert=nope.pem\n", "S", "tcp_tls_cert", "no such file"),
     ("[S]\nimport_from=s\ntcp_stall_timeout=0\n", "S", "tcp_stall_timeout", "number from 0.1"),
+    ("[S]\nimport_from=s\nscale_down_busy=0.9\n", "S", "scale_down_busy", "not below scale_up_busy"),
+    ("[manager]\nimport_from=s\n", "manager", None, "manager's own log"),
     ("[web monitor]\nport=99999\n[S]\nimport_from=s\n", "web monitor", "port", "65535"),
     ("[web monitor]\nhots=1\n[S]\nimport_from=s\n", "web monitor", "hots", "unknown key"),
     ("[not a class]\nimport_from=s\n", "not a class", None, "identifier"),
