@@ -12,6 +12,7 @@ default executor, so the loop is never blocked for longer than the spin.
 from __future__ import annotations
 
 import asyncio
+from concurrent.futures import ThreadPoolExecutor
 
 from . import framing as fr
 from .client import _DEFAULT, _check_timeout, make_transport, resolve_method
@@ -19,6 +20,18 @@ from .errors import CallTimeout, ConnectionLost, ProtocolError, ServiceUnavailab
 from .methods import MethodSpec, ServerMethodsBase
 from .shm import ShmTransport
 from .tcp_client import next_call_id
+
+
+_waiters: ThreadPoolExecutor | None = None
+
+
+def _waiter_pool() -> ThreadPoolExecutor:
+    """Threads that wait for slow shared-memory calls: our own, so that asyncio.run()
+    does not wait for them at exit the way it waits for its default executor."""
+    global _waiters
+    if _waiters is None:
+        _waiters = ThreadPoolExecutor(32, thread_name_prefix="speedysvc-wait")
+    return _waiters
 
 
 class AsyncShmTransport:
@@ -34,7 +47,13 @@ class AsyncShmTransport:
         done, result = self.shm.begin(name, payload, flags, codec, timeout)
         if done:
             return result
-        return await asyncio.get_running_loop().run_in_executor(None, result)
+        job = _waiter_pool().submit(result)
+        try:
+            return await asyncio.wrap_future(job)
+        except asyncio.CancelledError:
+            if job.cancel():        # never started: give its channel back (or to the worker holding it)
+                result.abandon()
+            raise
 
     async def aclose(self) -> None:
         self.shm.close()
@@ -45,7 +64,7 @@ class _Connection(asyncio.BufferedProtocol):
 
     def __init__(self, opts):
         self.opts = opts
-        loop = asyncio.get_running_loop()
+        self.loop = loop = asyncio.get_running_loop()
         self.ready = loop.create_future()
         self.hello = fr.HelloReader()
         self.hello_buf = bytearray(fr.HELLO.size + fr.MAX_HELLO_BODY)
@@ -177,6 +196,7 @@ class AsyncTcpTransport:
         self.opts = opts
         self._conn: _Connection | None = None
         self._lock: asyncio.Lock | None = None
+        self._loop = None
         self._closed = False
 
     def __repr__(self) -> str:
@@ -184,16 +204,21 @@ class AsyncTcpTransport:
 
     async def _connection(self) -> _Connection:
         conn = self._conn
-        if conn is not None and conn.broken is None:
+        loop = asyncio.get_running_loop()
+        if conn is not None and conn.broken is None and conn.loop is loop:
             return conn
-        if self._lock is None:
-            self._lock = asyncio.Lock()
+        if self._lock is None or self._loop is not loop:   # a client may outlive its event loop
+            self._lock, self._loop = asyncio.Lock(), loop
+            if conn is not None and conn.loop is not loop:
+                conn.broken = ConnectionLost("the connection belonged to another event loop")
+                if not conn.loop.is_closed():
+                    conn.loop.call_soon_threadsafe(conn.transport.close)
         async with self._lock:
             if self._closed:
                 raise SpeedysvcError("this connection is closed")
             conn = self._conn
             if conn is None or conn.broken is not None:
-                if conn is not None:
+                if conn is not None and conn.loop is loop:
                     conn.transport.close()
                 conn = self._conn = await self._open()
             return conn

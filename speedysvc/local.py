@@ -118,8 +118,13 @@ class LocalService:
         return proc.pid
 
     def _start_tcp(self) -> None:
-        host, _, port = self.tcp.rpartition(":") if self.tcp.count(":") == 1 or "]" in self.tcp else (self.tcp, "", "")
-        host = host.strip("[]")
+        if self.tcp.startswith("["):          # [v6] or [v6]:port
+            host, _, port = self.tcp[1:].partition("]")
+            port = port.lstrip(":")
+        elif self.tcp.count(":") == 1:       # host:port
+            host, _, port = self.tcp.partition(":")
+        else:                                # host, or a bare IPv6 address
+            host, port = self.tcp, ""
         port = int(port) if port else self.server_cls.port
         env = self._env()
         if self.tcp_secret is not None:
@@ -128,7 +133,7 @@ class LocalService:
         argv = [sys.executable, "-m", "speedysvc.tcp_server", self.service, "--host", host, "--port", str(port),
                 "--max-payload", str(self.max_payload),
                 "--max-inflight", str(max(1, self.max_channels // 2)), "--handshake-timeout", str(self.tcp_timeouts[0]),
-                "--stall-timeout", str(self.tcp_timeouts[1]), "--stop-timeout", str(self.stop_timeout)]
+                "--stall-timeout", str(self.tcp_timeouts[1]), "--stop-timeout", str(self.stop_timeout), "--exit-with-parent"]
         if self.tcp_tls:
             argv += ["--tls-cert", self.tcp_tls[0], "--tls-key", self.tcp_tls[1]]
         if self.tcp_allow_pickle:

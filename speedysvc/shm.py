@@ -602,6 +602,23 @@ def _after_fork_in_child():
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+class _Pending:
+    """A call ``ShmTransport.begin`` left in flight: call it (in a thread) to wait for
+    the result, or ``abandon()`` it if nobody ever will, so its channel is not lost."""
+
+    __slots__ = ("transport", "chans", "ch", "finish")
+
+    def __init__(self, transport, chans, ch, finish):
+        self.transport, self.chans, self.ch, self.finish = transport, chans, ch, finish
+
+    def __call__(self):
+        return self.finish()
+
+    def abandon(self) -> None:
+        self.transport._failed(self.chans, self.ch)
+        self.transport._give_back(self.chans, self.ch)
+
+
 class ShmTransport:
     """Calls a service on this host through shared memory.
 
@@ -699,8 +716,8 @@ class ShmTransport:
                     return True, _decode_slow(codec, name, got[1])
             later = True
             deadline = None if timeout is None else time.monotonic() + timeout
-            return False, functools.partial(self._finish, chans, ch, got, name, payload, flags, codec, timeout,
-                                            deadline)
+            return False, _Pending(self, chans, ch, functools.partial(
+                self._finish, chans, ch, got, name, payload, flags, codec, timeout, deadline))
         except BaseException:
             self._failed(chans, ch)
             raise

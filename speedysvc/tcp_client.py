@@ -82,6 +82,10 @@ class ClientOptions:
         self.server_nonce = server_nonce
         self.max_payload = int(body.get("max_payload", 0)) or None
         self.auth = bool(body.get("auth"))
+        if self.secret is not None and not self.auth:
+            # a server that does not know the secret must not pass for the service
+            raise AuthenticationFailed(f"{self.address} does not ask for the shared secret this client has: "
+                                       f"it cannot prove it is the service")
         return fr.pack_hello(fr.CLIENT_HELLO, {"service": self.service, "compression": self.compression or "",
                                                "compress_min": self.compress_min, "nonce": nonce,
                                                "proof": proof}), nonce
@@ -148,6 +152,7 @@ class _Connection:
     def __init__(self, sock: socket.socket, opts: ClientOptions, leftover: bytes):
         self.sock = sock
         self.opts = opts
+        self.pid = os.getpid()
         self.parser = fr.FrameParser(opts.max_payload or fr.DEFAULT_MAX_PAYLOAD, frozenset((fr.REPLY, fr.GOAWAY)))
         self.send_lock = threading.Lock()
         self.lock = threading.Lock()
@@ -219,10 +224,13 @@ class _Connection:
                 with self.send_lock:
                     for buf in buffers:
                         self.sock.sendall(buf)
-            except OSError as e:
+            except BaseException as e:
+                # half a frame may have gone out: nothing more can follow it on this connection
                 with self.lock:
                     self._break(e)
-                raise self.broken from None
+                if isinstance(e, OSError):
+                    raise self.broken from None
+                raise
             return self._wait(call_id, deadline, timeout)
         finally:
             with self.lock:
@@ -372,6 +380,12 @@ class TcpTransport:
 
     def _connection(self) -> _Connection:
         conn = self._conn
+        if conn is not None and conn.pid != os.getpid():
+            # forked: the socket is the parent's; close our copy only (no shutdown) and connect anew
+            self._lock = threading.Lock()
+            self._conn = None
+            conn.sock.close()
+            conn = None
         if conn is not None and not conn.stale():
             return conn
         with self._lock:

@@ -122,7 +122,9 @@ class TcpServer:
         raise_fd_limit()
         self.executor = ThreadPoolExecutor(self.max_waiting_threads, thread_name_prefix=f"speedysvc-tcp-wait")
         self._server = await loop.create_server(lambda: _Connection(self), self.host, self.port,
-                                                ssl=self.ssl_context, reuse_address=True, backlog=1024)
+                                                ssl=self.ssl_context, reuse_address=True, backlog=1024,
+                                                ssl_handshake_timeout=self.handshake_timeout
+                                                if self.ssl_context else None)
         self.port = self._server.sockets[0].getsockname()[1]
         self._sweeper = loop.call_later(1.0, self._sweep)
         self._idle.set()
@@ -234,13 +236,14 @@ class TcpServer:
         conn.inflight += 1
         self._idle.clear()
         fut = asyncio.get_running_loop().run_in_executor(self.executor, result)
-        fut.add_done_callback(functools.partial(self._finished, conn, frame.call_id))
+        fut.add_done_callback(functools.partial(self._finished, conn, frame.call_id, result))
         return True
 
-    def _finished(self, conn: "_Connection", call_id: int, fut: asyncio.Future) -> None:
+    def _finished(self, conn: "_Connection", call_id: int, pending, fut: asyncio.Future) -> None:
         self.inflight -= 1
         conn.inflight -= 1
         if fut.cancelled():
+            pending.abandon()   # never ran (the server is closing): the channel is not lost
             conn.reply_error(call_id, ServiceUnavailable(f"service {self.service!r} is stopping"))
         elif fut.exception() is not None:
             conn.reply_error(call_id, fut.exception())
@@ -494,6 +497,15 @@ async def serve(args, ready=None) -> None:
     import signal
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if args.exit_with_parent:
+        parent = os.getppid()
+
+        def watch():   # the owner was killed: do not keep its port and channels
+            if os.getppid() != parent:
+                stop.set()
+            else:
+                loop.call_later(0.5, watch)
+        watch()
     await stop.wait()
     await server.close(timeout=args.stop_timeout)
 
@@ -523,6 +535,7 @@ def main(argv=None) -> int:
     p.add_argument("--handshake-timeout", type=float, default=10.0)
     p.add_argument("--stall-timeout", type=float, default=30.0)
     p.add_argument("--stop-timeout", type=float, default=10.0)
+    p.add_argument("--exit-with-parent", action="store_true", help="stop when the process that started it dies")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:

@@ -539,11 +539,13 @@ def test_authentication(monkeypatch):
             assert c.echo("end") == "end"
 
 
-def test_authentication_off_accepts_clients_with_or_without_secret(kitchen):
+def test_authentication_off_accepts_clients_without_secret_and_a_client_with_one_refuses_it(kitchen):
     with connect(TcpKitchen, kitchen.tcp_address, timeout=10) as c:
         assert c.echo_msgpack(1) == 1
+    # a server that does not ask for the secret cannot prove it is the service
     with connect(TcpKitchen, kitchen.tcp_address, secret="anything", timeout=10) as c:
-        assert c.echo_msgpack(2) == 2
+        with pytest.raises(AuthenticationFailed, match="does not ask for the shared secret"):
+            c.echo_msgpack(2)
 
 
 def test_pickle_allowed_with_secret_and_allow_pickle():
