@@ -500,9 +500,9 @@ async def serve(args, ready=None) -> None:
     if args.exit_with_parent:
         parent = os.getppid()
 
-        def watch():   # the owner was killed: do not keep its port and channels
+        def watch():   # the owner was killed (its workers go too): free its port and channels now
             if os.getppid() != parent:
-                stop.set()
+                _exit_now(0)
             else:
                 loop.call_later(0.5, watch)
         watch()
