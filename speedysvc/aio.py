@@ -15,7 +15,7 @@ import asyncio
 from concurrent.futures import ThreadPoolExecutor
 
 from . import framing as fr
-from .client import _DEFAULT, _check_timeout, make_transport, resolve_method
+from .client import _DEFAULT, _check_timeout, dress, make_transport, proxy_class, resolve_method
 from .errors import CallTimeout, ConnectionLost, ProtocolError, ServiceUnavailable, SpeedysvcError
 from .methods import MethodSpec, ServerMethodsBase
 from .shm import ShmTransport
@@ -305,20 +305,11 @@ def _async_method(spec: MethodSpec):
         payload, flags = codec.encode_args(name, args, kwargs)
         return await self._transport.call(name_bytes, payload, flags, codec, self._timeout)
 
-    method.__name__ = method.__qualname__ = name
-    method.__doc__ = spec.func.__doc__
-    if spec.signature is not None:
-        method.__signature__ = spec.signature
-    return method
+    return dress(method, spec)
 
 
 def async_client_class(server_cls) -> type:
-    cls = _async_classes.get(server_cls)
-    if cls is None:
-        attrs = {attr: _async_method(spec) for attr, spec in server_cls._speedysvc_methods.items()}
-        attrs["__doc__"] = f"Async client of {server_cls.__qualname__}."
-        cls = _async_classes[server_cls] = type(f"{server_cls.__name__}AsyncClient", (AsyncClient,), attrs)
-    return cls
+    return proxy_class(server_cls, AsyncClient, _async_method, _async_classes, "Async Client")
 
 
 def connect_async(server_cls, address: str = "shm://", *, timeout: float | None = None, secret=None, tls=None,

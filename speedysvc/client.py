@@ -140,21 +140,31 @@ def _proxy_method(spec: MethodSpec):
                 payload, flags = encode(name, args, kwargs)  # raises a clear EncodeError
         return self._transport.call(name_bytes, payload, flags, codec, self._timeout)
 
-    method.__name__ = method.__qualname__ = name
+    return dress(method, spec)
+
+
+def dress(method, spec: MethodSpec):
+    """Give a generated client method the server method's name, docstring and signature."""
+    method.__name__ = method.__qualname__ = spec.name
     method.__doc__ = spec.func.__doc__
     if spec.signature is not None:
         method.__signature__ = spec.signature
     return method
 
 
+def proxy_class(server_cls, base: type, make_method, cache: dict, kind: str = "Client") -> type:
+    """The ``base`` subclass with one method per service method (cached per server class)."""
+    cls = cache.get(server_cls)
+    if cls is None:
+        attrs = {attr: make_method(spec) for attr, spec in server_cls._speedysvc_methods.items()}
+        attrs["__doc__"] = f"{kind} of {server_cls.__qualname__}."
+        cls = cache[server_cls] = type(f"{server_cls.__name__}{kind.replace(' ', '')}", (base,), attrs)
+    return cls
+
+
 def client_class(server_cls) -> type:
     """The Client subclass with one method per service method (cached per server class)."""
-    cls = _proxy_classes.get(server_cls)
-    if cls is None:
-        attrs = {attr: _proxy_method(spec) for attr, spec in server_cls._speedysvc_methods.items()}
-        attrs["__doc__"] = f"Client of {server_cls.__qualname__}."
-        cls = _proxy_classes[server_cls] = type(f"{server_cls.__name__}Client", (Client,), attrs)
-    return cls
+    return proxy_class(server_cls, Client, _proxy_method, _proxy_classes)
 
 
 def connect(server_cls, address: str = "shm://", *, timeout: float | None = None, secret=None, tls=None,

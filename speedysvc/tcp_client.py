@@ -313,6 +313,17 @@ class _Connection:
                     cond.notify()
 
 
+def _read_hello(sock, opts: ClientOptions) -> tuple:
+    reader = fr.HelloReader()
+    while True:
+        data = sock.recv(4096)
+        if not data:
+            raise ConnectionLost(f"{opts.address} closed the connection during the handshake")
+        hello = reader.feed(data)
+        if hello is not None:
+            return hello
+
+
 def open_connection(opts: ClientOptions) -> _Connection:
     """Connect, shake hands, and return the connection (raises with a clear message)."""
     try:
@@ -327,23 +338,9 @@ def open_connection(opts: ClientOptions) -> _Connection:
                 sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, opt), value)
         if opts.ssl_context is not None:
             sock = opts.ssl_context.wrap_socket(sock, server_hostname=opts.host)
-        reader = fr.HelloReader()
-        hello = None
-        while hello is None:
-            data = sock.recv(4096)
-            if not data:
-                raise ConnectionLost(f"{opts.address} closed the connection during the handshake")
-            hello = reader.feed(data)
-        message, nonce = opts.client_hello(hello)
+        message, nonce = opts.client_hello(_read_hello(sock, opts))
         sock.sendall(message)
-        reader = fr.HelloReader()
-        welcome = None
-        while welcome is None:
-            data = sock.recv(4096)
-            if not data:
-                raise ConnectionLost(f"{opts.address} closed the connection during the handshake")
-            welcome = reader.feed(data)
-        leftover = opts.check_welcome(welcome, nonce)
+        leftover = opts.check_welcome(_read_hello(sock, opts), nonce)
         sock.settimeout(None)
         return _Connection(sock, opts, leftover)
     except SpeedysvcError:

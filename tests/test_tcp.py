@@ -1185,3 +1185,35 @@ def test_non_loopback_bind_without_secret_is_refused_at_start(capfd):
         LocalService(TcpOther, workers=1, tcp="0.0.0.0:0").start()
     err = capfd.readouterr().err
     assert "secret" in err and "0.0.0.0" in err
+
+
+def test_worker_killed_mid_call_over_tcp_fails_that_call_and_the_connection_goes_on(kitchen, client):
+    """kill -9 of the worker running a TCP call: the caller gets WorkerDied well within its
+    timeout, and the same connection is served by the other worker afterwards."""
+    import signal as _signal
+    import threading as _threading
+    pids = set(kitchen.pids)
+    outcome = {}
+
+    def slow():
+        try:
+            outcome["value"] = client.sleep(30, "never")
+        except Exception as e:   # noqa: BLE001 - the test checks the type below
+            outcome["error"] = e
+
+    t = _threading.Thread(target=slow)
+    started = time.monotonic()
+    t.start()
+    from conftest import wait_until
+    from speedysvc import shm as _shm
+    seg = _shm.ServiceSegment.attach(TcpKitchen.name)
+    assert wait_until(lambda: any(w["busy"] for w in seg.workers()), 10)
+    busy = next(w["pid"] for w in seg.workers() if w["busy"])
+    os.kill(busy, _signal.SIGKILL)
+    t.join(15)
+    assert not t.is_alive()
+    from speedysvc import WorkerDied
+    assert isinstance(outcome.get("error"), WorkerDied), outcome
+    assert time.monotonic() - started < 10
+    assert client.echo_msgpack([1, "after"]) == [1, "after"]
+    assert client.whoami() in pids - {busy}
