@@ -148,8 +148,11 @@ static int futex_wake(uint32_t *addr, int n) {
  * runnable than there are CPUs, spinning would steal the CPU the peer needs,
  * so it is skipped altogether. */
 /* After this long, the spin yields the CPU on every round: if the peer shares
- * our CPU it runs at once; if not, sched_yield returns at once. */
-#define YIELD_AFTER_NS 2000
+ * our CPU it runs at once.  Not sooner: a call takes a few microseconds, and a
+ * sched_yield is a system call that, on a VM, costs about as much as the
+ * answer it delays (a 2 us threshold made the median 64-byte call ~20 % slower
+ * and its p99 several times worse). */
+#define YIELD_AFTER_NS 20000
 
 typedef struct { uint64_t budget_ns; } spinner;
 static spinner client_spin = {0}, worker_spin = {0};
@@ -450,23 +453,16 @@ static PyObject *R_wait_reply(Region *self, PyObject *const *args, Py_ssize_t na
 #define SMALL_RESPONSE 65536
 
 /* call(slot, data_region, name, payload, flags, timeout): post + wait in one go.
- * Returns (status, bytes) when a small response came back in the same data
- * segment, else an int: 1 request too big (nothing posted), 2 not serving,
- * 3 still in flight at the timeout, 4 ready (read it with wait_reply). */
-static PyObject *R_call(Region *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 6) { PyErr_SetString(PyExc_TypeError, "call takes 6 arguments"); return NULL; }
-    long slot = PyLong_AsLong(args[0]);
-    if ((slot == -1 && PyErr_Occurred()) || check_slot(self, slot)) return NULL;
-    Region *data;
-    if (get_data(args[1], Py_TYPE(self), &data)) return NULL;
-    unsigned long flags = PyLong_AsUnsignedLong(args[4]);
-    if (flags == (unsigned long)-1 && PyErr_Occurred()) return NULL;
-    double timeout = PyFloat_AsDouble(args[5]);
-    if ((timeout == -1.0 && PyErr_Occurred()) || check_timeout(timeout)) return NULL;
+ * Returns the bytes of a small successful response that came back in the same
+ * data segment, (status, bytes) for a small error response, else an int:
+ * 1 request too big (nothing posted), 2 not serving, 3 still in flight at the
+ * timeout, 4 ready (read it with wait_reply). */
+static PyObject *call_channel(Region *self, long slot, Region *data, PyObject *name_obj, PyObject *payload_obj,
+                              uint32_t flags, double timeout) {
     Py_buffer name, payload;
-    if (PyObject_GetBuffer(args[2], &name, PyBUF_SIMPLE) < 0) return NULL;
-    if (PyObject_GetBuffer(args[3], &payload, PyBUF_SIMPLE) < 0) { PyBuffer_Release(&name); return NULL; }
-    int rc = post_call(self->base, slot, data, &name, &payload, (uint32_t)flags);
+    if (PyObject_GetBuffer(name_obj, &name, PyBUF_SIMPLE) < 0) return NULL;
+    if (PyObject_GetBuffer(payload_obj, &payload, PyBUF_SIMPLE) < 0) { PyBuffer_Release(&name); return NULL; }
+    int rc = post_call(self->base, slot, data, &name, &payload, flags);
     PyBuffer_Release(&name);
     PyBuffer_Release(&payload);
     if (rc > 0) return PyLong_FromLong(rc);
@@ -484,11 +480,26 @@ static PyObject *R_call(Region *self, PyObject *const *args, Py_ssize_t nargs) {
         return PyLong_FromLong(4);
     PyObject *body = PyBytes_FromStringAndSize(data->base + off, (Py_ssize_t)len);
     if (!body) return NULL;
-    PyObject *status = PyLong_FromUnsignedLong(LOAD(U32(ch, C_STATUS)));
+    uint32_t st = LOAD(U32(ch, C_STATUS));
+    if (st == 0) return body;   /* the common case: no tuple to build and take apart */
+    PyObject *status = PyLong_FromUnsignedLong(st);
     if (!status) { Py_DECREF(body); return NULL; }
     PyObject *res = PyTuple_Pack(2, status, body);
     Py_DECREF(status); Py_DECREF(body);
     return res;
+}
+
+static PyObject *R_call(Region *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 6) { PyErr_SetString(PyExc_TypeError, "call takes 6 arguments"); return NULL; }
+    long slot = PyLong_AsLong(args[0]);
+    if ((slot == -1 && PyErr_Occurred()) || check_slot(self, slot)) return NULL;
+    Region *data;
+    if (get_data(args[1], Py_TYPE(self), &data)) return NULL;
+    unsigned long flags = PyLong_AsUnsignedLong(args[4]);
+    if (flags == (unsigned long)-1 && PyErr_Occurred()) return NULL;
+    double timeout = PyFloat_AsDouble(args[5]);
+    if ((timeout == -1.0 && PyErr_Occurred()) || check_timeout(timeout)) return NULL;
+    return call_channel(self, slot, data, args[2], args[3], (uint32_t)flags, timeout);
 }
 
 /* Claims one posted call: clears its bit, then moves its state from REQUEST
@@ -684,16 +695,89 @@ static PyObject *R_reply(Region *self, PyObject *const *args, Py_ssize_t nargs) 
 /* serve(worker_index, channels, handlers, stop, timeout)
  * The worker's loop for the common case, without returning to Python between
  * calls.  channels[slot] is None or (owner, gen, data_region, readonly_view);
- * handlers maps a method name (bytes) to (handler, wants_view, method_index), where
- * handler(flags, request) -> (status, payload) and request is a read-only
- * view into the channel, or bytes for a small request unless wants_view.  Returns None at the timeout (for housekeeping) or when
+ * handlers maps a method name (bytes) to (handler, wants_view, method_index, fast),
+ * where handler(flags, request) -> (status, payload), request is a read-only
+ * view into the channel, or bytes for a small request unless wants_view, and
+ * fast is None or a fast path (see run_method).  Returns None at the timeout
+ * (for housekeeping) or when
  * stop[0] is true, or hands back what it cannot do itself:
  * ("call", slot, owner, gen, name_len, req_len, flags): a claimed call on a
  *     channel not mapped yet, or for an unknown method;
  * ("reply", slot, status, payload, method_index): a response larger than the channel, or
  *     one that is not (int, contiguous bytes);
  * ("abandoned", slot): the caller gave up on the call just answered. */
+/* Runs one method: handler(flags, request) -> (status, payload), or, for a
+ * method with a fast path (dispatch.fast_path: fn, loads, dumps, flags,
+ * call_failed, encode_failed), the handler's common case without its Python
+ * frame.  What the fast path cannot decode goes to the handler, which reports
+ * it; what the method raises goes to call_failed, a result dumps refuses to
+ * encode_failed. */
+static PyObject *status_ok;   /* 0, made once */
+
+static PyObject *run_method(PyObject *handler, PyObject *fast, uint32_t flags, PyObject *request) {
+    if (PyTuple_Check(fast) && PyTuple_GET_SIZE(fast) == 6) {
+        unsigned long fast_flags = PyLong_AsUnsignedLong(PyTuple_GET_ITEM(fast, 3));
+        if (fast_flags == (unsigned long)-1 && PyErr_Occurred()) return NULL;
+        if (fast_flags == flags) {
+            PyObject *args = PyObject_CallOneArg(PyTuple_GET_ITEM(fast, 1), request);
+            if (args && PyList_CheckExact(args)) {
+                PyObject *tuple = PyList_AsTuple(args);
+                Py_DECREF(args);
+                if (!tuple) return NULL;
+                PyObject *value = PyObject_Call(PyTuple_GET_ITEM(fast, 0), tuple, NULL);
+                Py_DECREF(tuple);
+                if (!value) {
+                    PyObject *type, *exc, *tb;
+                    PyErr_Fetch(&type, &exc, &tb);
+                    PyErr_NormalizeException(&type, &exc, &tb);
+                    /* no traceback: the call itself raised (the arguments do not fit) */
+                    PyException_SetTraceback(exc, tb ? tb : Py_None);
+                    Py_XDECREF(type);
+                    Py_XDECREF(tb);
+                    PyObject *r = PyObject_CallOneArg(PyTuple_GET_ITEM(fast, 4), exc);
+                    Py_DECREF(exc);
+                    return r;
+                }
+                PyObject *payload = PyObject_CallOneArg(PyTuple_GET_ITEM(fast, 2), value);
+                if (payload) {
+                    Py_DECREF(value);
+                    PyObject *r = PyTuple_Pack(2, status_ok, payload);
+                    Py_DECREF(payload);
+                    return r;
+                }
+                if (!PyErr_ExceptionMatches(PyExc_Exception)) { Py_DECREF(value); return NULL; }
+                PyErr_Clear();
+                PyObject *r = PyObject_CallOneArg(PyTuple_GET_ITEM(fast, 5), value);
+                Py_DECREF(value);
+                return r;
+            }
+            if (args) Py_DECREF(args);
+            else if (!PyErr_ExceptionMatches(PyExc_Exception)) return NULL;
+            else PyErr_Clear();
+        }
+    }
+    PyObject *hargs[2] = {PyLong_FromUnsignedLong(flags), request};
+    if (!hargs[0]) return NULL;
+    PyObject *result = PyObject_Vectorcall(handler, hargs, 2, NULL);
+    Py_DECREF(hargs[0]);
+    return result;
+}
+
+/* The last method served, so a run of calls to one method skips building the
+ * name and looking it up.  Holds references for one serve() call only. */
+typedef struct { PyObject *name, *spec; } method_cache;
+
+static PyObject *serve_loop(Region *self, PyObject *const *args, Py_ssize_t nargs, method_cache *mc);
+
 static PyObject *R_serve(Region *self, PyObject *const *args, Py_ssize_t nargs) {
+    method_cache mc = {NULL, NULL};
+    PyObject *res = serve_loop(self, args, nargs, &mc);
+    Py_XDECREF(mc.name);
+    Py_XDECREF(mc.spec);
+    return res;
+}
+
+static PyObject *serve_loop(Region *self, PyObject *const *args, Py_ssize_t nargs, method_cache *mc) {
     if (nargs != 5) { PyErr_SetString(PyExc_TypeError, "serve takes 5 arguments"); return NULL; }
     long widx = PyLong_AsLong(args[0]);
     if ((widx == -1 && PyErr_Occurred()) || check_worker(widx)) return NULL;
@@ -727,31 +811,41 @@ static PyObject *R_serve(Region *self, PyObject *const *args, Py_ssize_t nargs) 
         }
         Region *data = (Region *)PyTuple_GET_ITEM(entry, 2);
         if (req_len > (uint64_t)data->size || name_len > req_len) return call_tuple(base, slot);
-        PyObject *name = PyBytes_FromStringAndSize(data->base, name_len);
-        if (!name) return NULL;
-        PyObject *spec = PyDict_GetItemWithError(handlers, name);
-        Py_DECREF(name);
-        if (!spec) { if (PyErr_Occurred()) return NULL; return call_tuple(base, slot); }
-        if (!PyTuple_Check(spec) || PyTuple_GET_SIZE(spec) != 3) {
-            PyErr_SetString(PyExc_TypeError, "handlers values must be (handler, wants_view, method_index)");
+        Py_INCREF(entry); /* keeps the data region mapped through the call, whatever Python code runs */
+        PyObject *spec;
+        if (mc->name && PyBytes_GET_SIZE(mc->name) == (Py_ssize_t)name_len
+            && memcmp(PyBytes_AS_STRING(mc->name), data->base, name_len) == 0) {
+            spec = mc->spec;
+        } else {
+            PyObject *name = PyBytes_FromStringAndSize(data->base, name_len);
+            if (!name) { Py_DECREF(entry); return NULL; }
+            spec = PyDict_GetItemWithError(handlers, name);
+            if (!spec) {
+                Py_DECREF(name);
+                Py_DECREF(entry);
+                return PyErr_Occurred() ? NULL : call_tuple(base, slot);
+            }
+            Py_XSETREF(mc->name, name);
+            Py_INCREF(spec);
+            Py_XSETREF(mc->spec, spec);
+        }
+        if (!PyTuple_Check(spec) || PyTuple_GET_SIZE(spec) != 4) {
+            PyErr_SetString(PyExc_TypeError, "handlers values must be (handler, wants_view, method_index, fast)");
+            Py_DECREF(entry);
             return NULL;
         }
         long method = PyLong_AsLong(PyTuple_GET_ITEM(spec, 2));
-        if (method == -1 && PyErr_Occurred()) return NULL;
+        if (method == -1 && PyErr_Occurred()) { Py_DECREF(entry); return NULL; }
+        Py_INCREF(spec);   /* the cache may drop it while the method runs */
         PyObject *handler = PyTuple_GET_ITEM(spec, 0);
-        Py_INCREF(handler);
-        Py_INCREF(entry); /* keeps the data region mapped through the call */
         /* A small request is cheaper to hand over as bytes than as a view; raw
          * methods always get a view, so their argument has one type. */
         PyObject *request = (!PyObject_IsTrue(PyTuple_GET_ITEM(spec, 1)) && req_len - name_len <= 4096)
             ? PyBytes_FromStringAndSize(data->base + name_len, (Py_ssize_t)(req_len - name_len))
             : PySequence_GetSlice(PyTuple_GET_ITEM(entry, 3), name_len, (Py_ssize_t)req_len);
-        PyObject *result = NULL, *hargs[2] = {NULL, request};
-        if (request && (hargs[0] = PyLong_FromUnsignedLong(flags)))
-            result = PyObject_Vectorcall(handler, hargs, 2, NULL);
-        Py_XDECREF(hargs[0]);
+        PyObject *result = request ? run_method(handler, PyTuple_GET_ITEM(spec, 3), flags, request) : NULL;
         Py_XDECREF(request);
-        Py_DECREF(handler);
+        Py_DECREF(spec);
         if (!result) { Py_DECREF(entry); return NULL; }  /* handlers catch everything: only a bug lands here */
         PyObject *status = PyTuple_Check(result) && PyTuple_GET_SIZE(result) == 2 ? PyTuple_GET_ITEM(result, 0) : NULL;
         unsigned long st = status ? PyLong_AsUnsignedLong(status) : (unsigned long)-1;
@@ -842,6 +936,186 @@ static PyTypeObject RegionType = {
     .tp_as_buffer = &Region_as_buffer,
 };
 
+/* ---- ShmMethod: a client's method, the common case in C -------------------
+ * A generated client method costs two Python frames and a dozen attribute
+ * lookups above the codec and the wait; for a small call that is a third of
+ * the round trip.  This does the common case (positional arguments, a free
+ * channel, a small successful response) in C and leaves everything else to
+ * Python: `fallback` (the method in Python) for keyword arguments or arguments
+ * the codec refuses, the transport's call() when it has no attachment or free
+ * channel yet, its _resume() for any outcome of the call but a small success,
+ * and its _abort() when the wait is interrupted. */
+typedef struct {
+    PyObject_HEAD
+    PyObject *dict, *weakrefs;
+    PyObject *transport, *name, *codec, *dumps, *loads, *timeout, *fallback, *flags_obj;
+    double slice;
+    uint32_t flags;
+    vectorcallfunc vectorcall;
+} ShmMethod;
+
+static PyTypeObject ShmMethodType;
+static PyObject *s_channels, *s_free, *s_region, *s_slot, *s_closed, *s_resume, *s_abort, *s_give_back, *s_call;
+
+static PyObject *SM_fallback(ShmMethod *self, PyObject *const *args, size_t nargsf, PyObject *kwnames) {
+    return PyObject_Vectorcall(self->fallback, args, nargsf, kwnames);
+}
+
+/* The wait raised (a signal handler's exception): settle the channel, re-raise. */
+static PyObject *SM_abort(ShmMethod *self, PyObject *chans, PyObject *ch) {
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    PyObject *r = PyObject_CallMethodObjArgs(self->transport, s_abort, chans, ch, NULL);
+    if (r) Py_DECREF(r);
+    else PyErr_WriteUnraisable(self->transport);   /* the interruption is what the caller must see */
+    PyErr_Restore(type, value, tb);
+    return NULL;
+}
+
+static PyObject *SM_call(ShmMethod *self, PyObject *const *args, size_t nargsf, PyObject *kwnames) {
+    Py_ssize_t n = PyVectorcall_NARGS(nargsf);
+    if (kwnames && PyTuple_GET_SIZE(kwnames)) return SM_fallback(self, args, nargsf, kwnames);
+    PyObject *payload;
+    if (self->dumps == Py_None) {   /* raw: the one bytes argument is the payload */
+        if (n != 1 || !PyBytes_CheckExact(args[0])) return SM_fallback(self, args, nargsf, kwnames);
+        payload = Py_NewRef(args[0]);
+    } else {
+        PyObject *tuple = PyTuple_New(n);
+        if (!tuple) return NULL;
+        for (Py_ssize_t i = 0; i < n; i++) PyTuple_SET_ITEM(tuple, i, Py_NewRef(args[i]));
+        payload = PyObject_CallOneArg(self->dumps, tuple);
+        Py_DECREF(tuple);
+        if (!payload) {
+            if (!PyErr_ExceptionMatches(PyExc_Exception)) return NULL;
+            PyErr_Clear();   /* the fallback encodes again and raises a clear error */
+            return SM_fallback(self, args, nargsf, kwnames);
+        }
+    }
+    PyObject *chans = NULL, *free = NULL, *ch = NULL, *svc = NULL, *data = NULL, *slot_obj = NULL, *got = NULL,
+             *result = NULL;
+    chans = PyObject_GetAttr(self->transport, s_channels);
+    if (!chans) goto done;
+    if (chans == Py_None) goto slow;   /* not attached yet */
+    svc = PyObject_GetAttr(chans, s_region);
+    if (!svc) goto done;
+    if (!PyObject_TypeCheck(svc, &RegionType)) goto slow;
+    free = PyObject_GetAttr(chans, s_free);
+    if (!free) goto done;
+    if (!PyList_CheckExact(free) || PyList_GET_SIZE(free) == 0) goto slow;
+    Py_ssize_t last = PyList_GET_SIZE(free) - 1;
+    ch = Py_NewRef(PyList_GET_ITEM(free, last));
+    if (PyList_SetSlice(free, last, last + 1, NULL) < 0) { Py_CLEAR(ch); goto done; }
+    /* from here on the channel is ours: every path gives it back */
+    data = PyObject_GetAttr(ch, s_region);
+    slot_obj = data ? PyObject_GetAttr(ch, s_slot) : NULL;
+    long slot = slot_obj ? PyLong_AsLong(slot_obj) : -1;
+    if (slot == -1 && PyErr_Occurred()) { result = SM_abort(self, chans, ch); goto done; }
+    if (!PyObject_TypeCheck(data, &RegionType) || check_slot((Region *)svc, slot)) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "bad channel");
+        result = SM_abort(self, chans, ch);
+        goto done;
+    }
+    got = call_channel((Region *)svc, slot, (Region *)data, self->name, payload, self->flags, self->slice);
+    /* A signal that came while spinning is handled here, while the channel is still
+     * ours to settle: the next Python code to run might not give it back. */
+    if (!got || PyErr_CheckSignals() < 0) { result = SM_abort(self, chans, ch); goto done; }
+    if (PyBytes_CheckExact(got)) {
+        result = PyObject_CallOneArg(self->loads, got);
+        if (result) {
+            PyObject *closed = PyObject_GetAttr(chans, s_closed);
+            if (closed == Py_False) {
+                if (PyList_Append(free, ch) < 0) Py_CLEAR(result);
+            } else {   /* closed while the call ran: Python frees the channel */
+                PyObject *r = closed ? PyObject_CallMethodObjArgs(self->transport, s_give_back, chans, ch, NULL) : NULL;
+                if (r) Py_DECREF(r); else Py_CLEAR(result);
+            }
+            Py_XDECREF(closed);
+            goto done;
+        }
+        if (!PyErr_ExceptionMatches(PyExc_Exception)) { result = SM_abort(self, chans, ch); goto done; }
+        PyErr_Clear();   /* _resume decodes it in Python and reports what is wrong */
+    }
+    result = PyObject_CallMethodObjArgs(self->transport, s_resume, chans, ch, got, self->name, payload,
+                                        self->flags_obj, self->codec, self->timeout, NULL);
+    goto done;
+slow:   /* the transport does the rest in Python, with the arguments already encoded */
+    result = PyObject_CallMethodObjArgs(self->transport, s_call, self->name, payload, self->flags_obj, self->codec,
+                                        self->timeout, NULL);
+done:
+    Py_XDECREF(payload); Py_XDECREF(chans); Py_XDECREF(free); Py_XDECREF(svc); Py_XDECREF(ch);
+    Py_XDECREF(data); Py_XDECREF(slot_obj); Py_XDECREF(got);
+    return result;
+}
+
+/* ShmMethod(transport, name, codec, dumps, loads, flags, timeout, slice, fallback):
+ * dumps None for a raw method; timeout as given by the user (for _resume),
+ * slice the wait before each liveness check. */
+static PyObject *SM_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
+    PyObject *transport, *name, *codec, *dumps, *loads, *flags, *timeout, *fallback;
+    double slice;
+    if (kw && PyDict_GET_SIZE(kw)) { PyErr_SetString(PyExc_TypeError, "ShmMethod takes no keyword arguments"); return NULL; }
+    if (!PyArg_ParseTuple(args, "OSOOOO!OdO:ShmMethod", &transport, &name, &codec, &dumps, &loads, &PyLong_Type,
+                          &flags, &timeout, &slice, &fallback))
+        return NULL;
+    if (check_timeout(slice)) return NULL;
+    unsigned long f = PyLong_AsUnsignedLong(flags);
+    if (f == (unsigned long)-1 && PyErr_Occurred()) return NULL;
+    if (f > UINT32_MAX) { PyErr_SetString(PyExc_ValueError, "flags out of range"); return NULL; }
+    if ((dumps != Py_None && !PyCallable_Check(dumps)) || !PyCallable_Check(loads) || !PyCallable_Check(fallback)) {
+        PyErr_SetString(PyExc_TypeError, "dumps, loads and fallback must be callable");
+        return NULL;
+    }
+    ShmMethod *self = (ShmMethod *)type->tp_alloc(type, 0);
+    if (!self) return NULL;
+    self->transport = Py_NewRef(transport); self->name = Py_NewRef(name); self->codec = Py_NewRef(codec);
+    self->dumps = Py_NewRef(dumps); self->loads = Py_NewRef(loads); self->flags_obj = Py_NewRef(flags);
+    self->timeout = Py_NewRef(timeout); self->fallback = Py_NewRef(fallback);
+    self->flags = (uint32_t)f;
+    self->slice = slice;
+    self->vectorcall = (vectorcallfunc)SM_call;
+    return (PyObject *)self;
+}
+
+static int SM_traverse(ShmMethod *self, visitproc visit, void *arg) {
+    Py_VISIT(self->dict); Py_VISIT(self->transport); Py_VISIT(self->name); Py_VISIT(self->codec);
+    Py_VISIT(self->dumps); Py_VISIT(self->loads); Py_VISIT(self->timeout); Py_VISIT(self->fallback);
+    Py_VISIT(self->flags_obj);
+    return 0;
+}
+
+static int SM_clear(ShmMethod *self) {
+    Py_CLEAR(self->dict); Py_CLEAR(self->transport); Py_CLEAR(self->name); Py_CLEAR(self->codec);
+    Py_CLEAR(self->dumps); Py_CLEAR(self->loads); Py_CLEAR(self->timeout); Py_CLEAR(self->fallback);
+    Py_CLEAR(self->flags_obj);
+    return 0;
+}
+
+static void SM_dealloc(ShmMethod *self) {
+    PyObject_GC_UnTrack(self);
+    if (self->weakrefs) PyObject_ClearWeakRefs((PyObject *)self);
+    SM_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyGetSetDef SM_getset[] = {{"__dict__", PyObject_GenericGetDict, PyObject_GenericSetDict, NULL, NULL}, {NULL}};
+
+static PyTypeObject ShmMethodType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "speedysvc._shmcore.ShmMethod",
+    .tp_basicsize = sizeof(ShmMethod),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_doc = "A client's method of a service over shared memory.",
+    .tp_new = SM_new,
+    .tp_dealloc = (destructor)SM_dealloc,
+    .tp_traverse = (traverseproc)SM_traverse,
+    .tp_clear = (inquiry)SM_clear,
+    .tp_call = PyVectorcall_Call,
+    .tp_vectorcall_offset = offsetof(ShmMethod, vectorcall),
+    .tp_dictoffset = offsetof(ShmMethod, dict),
+    .tp_weaklistoffset = offsetof(ShmMethod, weakrefs),
+    .tp_getset = SM_getset,
+};
+
 /* ---- module-level ------------------------------------------------------ */
 static PyObject *m_set_spin(PyObject *self, PyObject *arg) {
     double us = PyFloat_AsDouble(arg);
@@ -909,11 +1183,18 @@ PyMODINIT_FUNC PyInit__shmcore(void) {
     ncpu = sysconf(_SC_NPROCESSORS_ONLN);
     if (ncpu < 1) ncpu = 1;
     client_spin.budget_ns = worker_spin.budget_ns = spin_max_ns;
-    if (PyType_Ready(&RegionType) < 0) return NULL;
+    if (PyType_Ready(&RegionType) < 0 || PyType_Ready(&ShmMethodType) < 0) return NULL;
+#define INTERN(var, text) if (!(var = PyUnicode_InternFromString(text))) return NULL
+    INTERN(s_channels, "_channels"); INTERN(s_free, "free"); INTERN(s_region, "region"); INTERN(s_slot, "slot");
+    INTERN(s_closed, "closed"); INTERN(s_resume, "_resume"); INTERN(s_abort, "_abort");
+    INTERN(s_give_back, "_give_back"); INTERN(s_call, "call");
+    if (!(status_ok = PyLong_FromLong(0))) return NULL;
     PyObject *m = PyModule_Create(&moduledef);
     if (!m) return NULL;
     Py_INCREF(&RegionType);
     if (PyModule_AddObject(m, "Region", (PyObject *)&RegionType) < 0) return NULL;
+    Py_INCREF(&ShmMethodType);
+    if (PyModule_AddObject(m, "ShmMethod", (PyObject *)&ShmMethodType) < 0) return NULL;
     ADD(MAGIC); ADD(LAYOUT_VERSION);
     ADD(H_MAGIC); ADD(H_VERSION); ADD(H_MAX_CHANNELS); ADD(H_MAX_WORKERS); ADD(H_MAX_PAYLOAD);
     ADD(H_OWNER_PID); ADD(H_STATE); ADD(H_CREATED_NS); ADD(H_OWNER_START); ADD(H_SEQ);

@@ -12,6 +12,7 @@ from . import codecs
 from urllib.parse import urlsplit
 
 from .methods import MethodSpec, ServerMethodsBase, method_spec
+from ._shmcore import ShmMethod
 from .shm import ShmTransport
 
 _DEFAULT = ...
@@ -103,7 +104,8 @@ class Client:
     def with_timeout(self, timeout: float | None) -> "Client":
         """The same connection with another timeout for each call, in seconds (None: no limit)."""
         clone = object.__new__(type(self))
-        clone.__dict__.update(self.__dict__)
+        # not the methods made for this client: they carry its timeout
+        clone.__dict__.update({k: v for k, v in self.__dict__.items() if type(v) is not ShmMethod})
         clone._timeout = _check_timeout(timeout)
         return clone
 
@@ -124,11 +126,14 @@ class Client:
 _proxy_classes: dict[type, type] = {}
 
 
+def _plain_dumps(codec):
+    """How a call's positional arguments are encoded without keywords (None: raw, checked by encode_args)."""
+    return None if codec.id == codecs.RAW.id else codec.dumps
+
+
 def _proxy_method(spec: MethodSpec):
     codec, name, name_bytes = spec.codec, spec.name, spec.name_bytes
-    encode, dumps, plain_flags = codec.encode_args, codec.dumps, codec.flags
-    if codec.id == codecs.RAW.id:
-        dumps = None
+    encode, dumps, plain_flags = codec.encode_args, _plain_dumps(codec), codec.flags
 
     def method(self, *args, **kwargs):
         if kwargs or dumps is None:
@@ -140,7 +145,49 @@ def _proxy_method(spec: MethodSpec):
                 payload, flags = encode(name, args, kwargs)  # raises a clear EncodeError
         return self._transport.call(name_bytes, payload, flags, codec, self._timeout)
 
-    return dress(method, spec)
+    return _ClientMethod(dress(method, spec), spec)
+
+
+class _Detached:
+    """What a generated method reads from its client, without the client: a method the
+    client holds must not hold the client (the cycle would keep it from being freed)."""
+    __slots__ = ("_transport", "_timeout")
+
+    def __init__(self, transport, timeout):
+        self._transport, self._timeout = transport, timeout
+
+
+class _ClientMethod:
+    """A generated method as a client class holds it.  On the class, and on a client
+    whose transport cannot do better, it is the plain function above.  A shared-memory
+    client gets, on first use, a method whose common case runs in C (``bind_method``), kept
+    in its ``__dict__``, where later lookups find it first; it falls back to the function."""
+    __slots__ = ("func", "spec", "attr", "_looks")
+
+    def __init__(self, func, spec: MethodSpec):
+        self.func, self.spec, self.attr, self._looks = func, spec, spec.name, None
+
+    def __set_name__(self, owner, attr):
+        self.attr = attr
+
+    def __get__(self, client, owner=None):
+        if client is None:
+            return self.func
+        bind = getattr(client._transport, "bind_method", None)
+        if bind is None:
+            return self.func.__get__(client, owner)
+        spec, timeout = self.spec, client._timeout
+        method = bind(spec.name_bytes, spec.codec, _plain_dumps(spec.codec), timeout,
+                      self.func.__get__(_Detached(client._transport, timeout)))
+        if self._looks is None:   # name, docstring and signature, as a bound method shows them
+            looks = {"__name__": spec.name, "__qualname__": spec.name, "__doc__": spec.func.__doc__}
+            if spec.signature is not None:
+                looks["__signature__"] = spec.signature.replace(
+                    parameters=list(spec.signature.parameters.values())[1:])
+            self._looks = looks
+        method.__dict__.update(self._looks)
+        client.__dict__[self.attr] = method
+        return method
 
 
 def dress(method, spec: MethodSpec):

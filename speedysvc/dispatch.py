@@ -20,9 +20,12 @@ def _error(exc: BaseException, with_traceback: bool):
     return STATUS_ERROR, encode_exception(exc, with_traceback)
 
 
-def _call_error(method: str, e: BaseException):
-    if isinstance(e, TypeError) and e.__traceback__ is not None and e.__traceback__.tb_next is None:
-        # raised by the call itself, not inside the method: the arguments do not fit
+def _call_error(method: str, e: BaseException, from_c: bool = False):
+    # A TypeError raised by the call itself, not inside the method, means the arguments
+    # do not fit: from the handler's frame its traceback has that frame alone; called
+    # from C (the worker's fast path) it has none.
+    tb = e.__traceback__
+    if isinstance(e, TypeError) and (tb is None if from_c else tb is not None and tb.tb_next is None):
         return _error(BadArguments(f"{method}(): {e}"), False)
     return _error(e, True)
 
@@ -110,6 +113,32 @@ def make_handler(fn, codec: codecs.Codec, method: str, on_fatal=None):
     return handler
 
 
+def fast_path(fn, codec: codecs.Codec, method: str, on_fatal=None):
+    """What the worker's C loop needs to run ``handler`` (above) itself for a codec
+    whose arguments decode to a plain list, or None:
+    ``(fn, loads, dumps, flags, call_failed(exc), encode_failed(result))``, the last two
+    giving ``(status, payload)`` for what the method raised and for a result the codec
+    cannot encode.  Anything else the C loop leaves to the handler."""
+    if not isinstance(codec, (codecs.MsgpackCodec, codecs.JSONCodec)):
+        return None
+    encode_result = codec.encode_result
+
+    def call_failed(e):
+        if isinstance(e, Exception):
+            return _call_error(method, e, from_c=True)
+        if on_fatal is not None:   # SystemExit and the like: answered, then the worker stops
+            on_fatal(e)
+        return _error(e, True)
+
+    def encode_failed(result):
+        try:
+            return STATUS_OK, encode_result(method, result)
+        except EncodeError as e:
+            return _error(e, False)
+
+    return fn, codec.loads_fast, codec.dumps, codec.flags, call_failed, encode_failed
+
+
 class Dispatcher:
     def __init__(self, server, on_fatal=None):
         self.server = server
@@ -117,11 +146,12 @@ class Dispatcher:
         methods = type(server)._speedysvc_methods
         # the index of a method's statistics; methods past MAX_METHODS get none (-1)
         self.method_names = sorted(methods)
-        # name -> (handler, wants a view even for a small request, statistics index)
+        # name -> (handler, wants a view even for a small request, statistics index, fast path)
         self.handlers = {
             spec.name_bytes: (make_handler(getattr(server, attr), spec.codec, spec.name, on_fatal),
                               isinstance(spec.codec, codecs.RawCodec),
-                              i if i < MAX_METHODS else -1)
+                              i if i < MAX_METHODS else -1,
+                              fast_path(getattr(server, attr), spec.codec, spec.name, on_fatal))
             for i, (attr, spec) in enumerate(sorted(methods.items()))}
 
     def handle(self, name: bytes, flags: int, data):

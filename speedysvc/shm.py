@@ -544,6 +544,7 @@ class _Channels:
         self.pid = os.getpid()
         self.owned: dict[int, _Channel] = {}
         self.free: list[_Channel] = []
+        self.region = seg.region
         self.call = seg.region.call
         self.closed = False
 
@@ -674,17 +675,43 @@ class ShmTransport:
             ch = chans.free.pop()
         except IndexError:
             ch = chans.acquire(self.service)
-        try:
+        try:   # one try from the call to the give-back: a signal handler may raise anywhere in it
             got = chans.call(ch.slot, ch.region, name, payload, flags,
                              LIVENESS_SLICE if timeout is None or timeout > LIVENESS_SLICE else float(timeout))
-            if got.__class__ is not tuple:
-                return self._call_slow(chans, ch, got, name, payload, flags, codec, timeout)
-            if got[0]:
+            if got.__class__ is bytes:
+                try:
+                    return codec.loads_fast(got)
+                except Exception:
+                    return _decode_slow(codec, name, got)
+            if got.__class__ is tuple:
                 return codec.remote_error(got[1])
-            try:
-                return codec.loads_fast(got[1])
-            except Exception:
-                return _decode_slow(codec, name, got[1])
+            return self._call_slow(chans, ch, got, name, payload, flags, codec, timeout)
+        except _Retry:
+            chans.retire(ch)
+            return self.call(name, payload, flags, codec, timeout)
+        except BaseException:
+            self._failed(chans, ch)
+            raise
+        finally:
+            # _give_back, inlined: this is the path every call takes
+            if not ch.lost:
+                if chans.closed:
+                    chans.retire(ch)
+                else:
+                    chans.free.append(ch)
+                    if chans.closed:
+                        chans.release_all()
+
+    def _resume(self, chans: _Channels, ch: _Channel, got, name: bytes, payload, flags: int, codec, timeout):
+        """What ``ShmMethod`` (``call`` in C) leaves to Python once its first wait is over:
+        every outcome but a small success that decodes (``got`` is then the response
+        its fast decoder refused).  Gives the channel back."""
+        try:
+            if got.__class__ is bytes:
+                return _decode_slow(codec, name, got)
+            if got.__class__ is tuple:
+                return codec.remote_error(got[1])
+            return self._call_slow(chans, ch, got, name, payload, flags, codec, timeout)
         except _Retry:
             chans.retire(ch)
             return self.call(name, payload, flags, codec, timeout)
@@ -693,6 +720,22 @@ class ShmTransport:
             raise
         finally:
             self._give_back(chans, ch)
+
+    def _abort(self, chans: _Channels, ch: _Channel) -> None:
+        """``ShmMethod``'s wait raised (a signal handler's exception): settle the channel."""
+        try:
+            self._failed(chans, ch)
+        finally:
+            self._give_back(chans, ch)
+
+    def bind_method(self, name: bytes, codec, dumps, timeout: float | None, fallback):
+        """A client's method whose common case runs in C (see ``ShmMethod``): arguments
+        encoded with ``dumps(args)`` (None: the one bytes argument is the request), the
+        response decoded with ``codec.loads_fast``; ``fallback(*args, **kwargs)`` does the
+        same in Python and takes every other case."""
+        return core.ShmMethod(self, name, codec, dumps, codec.loads_fast, codec.flags, timeout,
+                              LIVENESS_SLICE if timeout is None or timeout > LIVENESS_SLICE else float(timeout),
+                              fallback)
 
     def begin(self, name: bytes, payload, flags: int, codec, timeout: float | None):
         """Post a call and spin briefly for its answer, for callers that must not block
@@ -707,13 +750,13 @@ class ShmTransport:
         later = False
         try:
             got = chans.call(ch.slot, ch.region, name, payload, flags, 0.0)
-            if got.__class__ is tuple:
-                if got[0]:
-                    return True, codec.remote_error(got[1])
+            if got.__class__ is bytes:
                 try:
-                    return True, codec.loads_fast(got[1])
+                    return True, codec.loads_fast(got)
                 except Exception:
-                    return True, _decode_slow(codec, name, got[1])
+                    return True, _decode_slow(codec, name, got)
+            if got.__class__ is tuple:
+                return True, codec.remote_error(got[1])
             later = True
             deadline = None if timeout is None else time.monotonic() + timeout
             return False, _Pending(self, chans, ch, functools.partial(
@@ -764,9 +807,9 @@ class ShmTransport:
             got = seg.region.call(ch.slot, ch.region, name, payload, flags,
                                   LIVENESS_SLICE if timeout is None or timeout > LIVENESS_SLICE
                                   else float(timeout))
+            if got.__class__ is bytes:
+                return _decode_slow(codec, name, got)
             if got.__class__ is tuple:
-                if got[0] == STATUS_OK:
-                    return _decode_slow(codec, name, got[1])
                 return codec.remote_error(got[1])
         if got == CALL_NOT_SERVING:
             self._reattach(chans)

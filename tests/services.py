@@ -307,3 +307,25 @@ class FdHog(ServerMethodsBase):
     @msgpack_method
     def echo(self, x):
         return x
+
+
+class Signaller(ServerMethodsBase):
+    """Signals its caller while the caller waits for the answer."""
+    port = 5558
+    name = 'signaller'
+
+    @msgpack_method
+    def echo(self, value):
+        return value
+
+    @msgpack_method
+    def signal_then_fail(self, pid, signum):
+        os.kill(pid, signum)
+        time.sleep(0.002)   # the caller is still spinning when the signal lands
+        raise ValueError("answered after the signal")
+
+    @json_method
+    def signal_then_echo(self, pid, signum, value):
+        os.kill(pid, signum)
+        time.sleep(0.002)
+        return value
