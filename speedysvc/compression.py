@@ -8,11 +8,11 @@ refused instead of exhausting memory.
 """
 from __future__ import annotations
 
-import mmap
 import struct
 import zlib
 
 from .errors import DecodeError, PayloadTooLarge
+from .framing import lazy_buffer
 
 try:
     import cramjam
@@ -77,7 +77,7 @@ def decompress(name: str, data, limit: int, lazy: bool = False):
     (size,) = _LENGTH.unpack_from(view)
     if size > limit:
         raise PayloadTooLarge(f"compressed payload states {size} bytes, above the limit of {limit} bytes")
-    out = mmap.mmap(-1, size) if lazy and size >= LAZY_SIZE else bytearray(size)
+    out = lazy_buffer(size) if lazy and size >= LAZY_SIZE else bytearray(size)
     try:
         n = ALGORITHMS[name][1](view[_LENGTH.size:], out)
     except Exception as e:

@@ -133,6 +133,20 @@ def goaway(payload: bytes) -> bytes:
     return FRAME.pack(GOAWAY, 0, 0, 0, 0, 0, len(payload)) + payload
 
 
+def lazy_buffer(length: int) -> mmap.mmap:
+    """A buffer for a large payload: an anonymous private mapping, whose memory is committed
+    as bytes arrive (a header claiming a gigabyte costs nothing until the gigabyte comes, and
+    there is no zero-fill up front), in huge pages where the kernel allows them.  Private, not
+    the shared mapping ``mmap(-1, n)`` makes: that one is shmem, and faulting its pages in
+    costs several times more (16 MiB: ~28 ms against ~4 ms in huge pages on a small VM)."""
+    buf = mmap.mmap(-1, length, flags=mmap.MAP_PRIVATE)
+    try:
+        buf.madvise(mmap.MADV_HUGEPAGE)
+    except (AttributeError, OSError):   # not Linux, or no transparent huge pages
+        pass
+    return buf
+
+
 def payload_size(payload) -> int:
     return len(payload) if isinstance(payload, (bytes, bytearray)) else memoryview(payload).nbytes
 
@@ -223,9 +237,7 @@ class FrameParser:
                 # too large for the scratch buffer: the rest goes straight into its own buffer
                 name = bytes(buf[body:body + name_len])
                 have = end - body - name_len
-                # an anonymous mapping: memory is committed page by page as bytes arrive, so a
-                # header claiming a gigabyte costs nothing until the gigabyte comes (no zero-fill either)
-                payload = mmap.mmap(-1, length)
+                payload = lazy_buffer(length)
                 payload[:have] = buf[body + name_len:end]
                 self._big = Frame(kind, flags, call_id, arg, timeout_ms, name, payload)
                 self._big_view = memoryview(payload)

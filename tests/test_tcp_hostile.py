@@ -1130,3 +1130,19 @@ def test_slow_calls_pipelined_by_one_client_do_not_exhaust_the_channels():
         raw.close()
         check(c)
         assert not problems, problems
+
+
+def test_a_large_payload_buffer_commits_memory_only_as_bytes_arrive():
+    # a header may claim up to the payload limit before sending anything: its buffer must not
+    # cost that much memory up front
+    import psutil
+    me = psutil.Process()
+    before = me.memory_info().rss
+    buf = fr.lazy_buffer(1 << 30)
+    try:
+        buf[:4096] = b"x" * 4096
+        buf[(1 << 30) - 1] = 7
+        assert me.memory_info().rss - before < 64 << 20
+        assert buf[0] == ord("x") and buf[(1 << 30) - 1] == 7 and buf[1 << 20] == 0
+    finally:
+        buf.close()
