@@ -8,6 +8,8 @@ method itself.
 """
 from __future__ import annotations
 
+import functools
+
 from . import codecs
 from ._shmcore import MAX_METHODS
 from .errors import BadArguments, DecodeError, EncodeError, MethodNotFound, encode_exception
@@ -30,15 +32,25 @@ def _call_error(method: str, e: BaseException, from_c: bool = False):
     return _error(e, True)
 
 
+def _fatal(on_fatal, e: BaseException):
+    """SystemExit and the like, raised by a method: answered, then reported so the worker stops."""
+    if on_fatal is not None:
+        on_fatal(e)
+    return _error(e, True)
+
+
+def _encoded(encode_result, method: str, result):
+    try:
+        return STATUS_OK, encode_result(method, result)
+    except EncodeError as e:
+        return _error(e, False)
+
+
 def make_handler(fn, codec: codecs.Codec, method: str, on_fatal=None):
     """``handler(flags, data) -> (status, payload)`` for one method.  An exception
     that is not an ``Exception`` (SystemExit, KeyboardInterrupt) is answered like
     any other, then reported to ``on_fatal`` so the worker can stop."""
-    def fatal(e):
-        if on_fatal is not None:
-            on_fatal(e)
-        return _error(e, True)
-
+    fatal = functools.partial(_fatal, on_fatal)
     fast_flags = codec.flags
     decode_args, encode_result = codec.decode_args, codec.encode_result
     # msgpack and json decode to a list of positional arguments; raw hands over the view
@@ -61,16 +73,9 @@ def make_handler(fn, codec: codecs.Codec, method: str, on_fatal=None):
             return _call_error(method, e)
         except BaseException as e:
             return fatal(e)
-        try:
-            return STATUS_OK, encode_result(method, result)
-        except EncodeError as e:
-            return _error(e, False)
+        return slow_encode(result)
 
-    def slow_encode(result):
-        try:
-            return STATUS_OK, encode_result(method, result)
-        except EncodeError as e:
-            return _error(e, False)
+    slow_encode = functools.partial(_encoded, encode_result, method)
 
     if isinstance(codec, codecs.RawCodec):
         def raw_handler(flags, data):
@@ -121,22 +126,11 @@ def fast_path(fn, codec: codecs.Codec, method: str, on_fatal=None):
     cannot encode.  Anything else the C loop leaves to the handler."""
     if not isinstance(codec, (codecs.MsgpackCodec, codecs.JSONCodec)):
         return None
-    encode_result = codec.encode_result
-
     def call_failed(e):
-        if isinstance(e, Exception):
-            return _call_error(method, e, from_c=True)
-        if on_fatal is not None:   # SystemExit and the like: answered, then the worker stops
-            on_fatal(e)
-        return _error(e, True)
+        return _call_error(method, e, from_c=True) if isinstance(e, Exception) else _fatal(on_fatal, e)
 
-    def encode_failed(result):
-        try:
-            return STATUS_OK, encode_result(method, result)
-        except EncodeError as e:
-            return _error(e, False)
-
-    return fn, codec.loads_fast, codec.dumps, codec.flags, call_failed, encode_failed
+    return (fn, codec.loads_fast, codec.dumps, codec.flags, call_failed,
+            functools.partial(_encoded, codec.encode_result, method))
 
 
 class Dispatcher:

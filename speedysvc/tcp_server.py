@@ -120,7 +120,7 @@ class TcpServer:
     async def start(self) -> "TcpServer":
         loop = asyncio.get_running_loop()
         raise_fd_limit()
-        self.executor = ThreadPoolExecutor(self.max_waiting_threads, thread_name_prefix=f"speedysvc-tcp-wait")
+        self.executor = ThreadPoolExecutor(self.max_waiting_threads, thread_name_prefix="speedysvc-tcp-wait")
         self._server = await loop.create_server(lambda: _Connection(self), self.host, self.port,
                                                 ssl=self.ssl_context, reuse_address=True, backlog=1024,
                                                 ssl_handshake_timeout=self.handshake_timeout

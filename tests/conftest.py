@@ -3,7 +3,8 @@ import time
 
 import pytest
 
-from speedysvc import shm
+from speedysvc import LocalService, connect, shm
+from services import Kitchen
 
 
 def our_segments():
@@ -37,3 +38,16 @@ def wait_until(predicate, timeout=5.0, interval=0.02):
             return True
         time.sleep(interval)
     return predicate()
+
+
+@pytest.fixture(scope="module")
+def kitchen():
+    """The Kitchen service with two workers, for a module's tests (some modules use their own)."""
+    with LocalService(Kitchen, workers=2) as svc:
+        yield svc
+
+
+@pytest.fixture
+def client(kitchen):
+    with connect(Kitchen) as c:
+        yield c

@@ -10,18 +10,6 @@ from speedysvc import ClientMethodsBase, LocalService, connect
 from services import EchoServer, Kitchen
 
 
-@pytest.fixture(scope="module")
-def kitchen():
-    with LocalService(Kitchen, workers=2) as svc:
-        yield svc
-
-
-@pytest.fixture
-def client(kitchen):
-    with connect(Kitchen) as c:
-        yield c
-
-
 VALUES = [None, True, 0, -1, 2**62, 1.5, "", "héllo ✓", [1, [2, [3]]], {"a": {"b": [1, 2]}}, [None, "x", 3.25]]
 
 

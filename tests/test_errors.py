@@ -1,22 +1,10 @@
 """Errors travel back to the caller with a clear type; the worker keeps serving."""
 import pytest
 
-from speedysvc import (BadArguments, CallTimeout, DecodeError, EncodeError, LocalService, MethodNotFound,
+from speedysvc import (BadArguments, CallTimeout, DecodeError, EncodeError, MethodNotFound,
                        RemoteError, ServiceUnavailable, connect)
 from speedysvc import codecs
 from services import Custom, Kitchen, KitchenNewer, NeedsTwoArgs
-
-
-@pytest.fixture(scope="module")
-def kitchen():
-    with LocalService(Kitchen, workers=2) as svc:
-        yield svc
-
-
-@pytest.fixture
-def client(kitchen):
-    with connect(Kitchen) as c:
-        yield c
 
 
 def test_builtin_exception_keeps_its_type_and_traceback(client):

@@ -16,18 +16,6 @@ from services import Kitchen, Signaller
 from test_failures import channel_states
 
 
-@pytest.fixture(scope="module")
-def kitchen():
-    with LocalService(Kitchen, workers=2) as svc:
-        yield svc
-
-
-@pytest.fixture
-def client(kitchen):
-    with connect(Kitchen) as c:
-        yield c
-
-
 def test_shared_memory_clients_get_methods_in_c(client):
     assert "echo_msgpack" not in client.__dict__   # made on first use: connecting stays cheap
     assert type(client.echo_msgpack) is core.ShmMethod
