@@ -226,18 +226,3 @@ def throughput(client, size, seconds, payload=None):
         samples.append(time.perf_counter() - t)
         calls += 1
     return size / statistics.median(samples) / 1e6
-
-
-def measure(make, placement, args):
-    """The row of one transport: 64 B round trip, 1 MiB and 16 MiB throughput."""
-    client = make()
-    try:
-        pin(client.pids, placement, "server")
-        pin([0], placement, "client")
-        med, p99 = round_trips(client, args.calls)
-        mb1 = throughput(client, MiB, args.seconds)
-        mb16 = throughput(client, 16 * MiB, args.seconds * 2)
-        return {"name": client.name, "median": med, "p99": p99, "1MiB": mb1, "16MiB": mb16}
-    finally:
-        pin([0], "default", "client")
-        client.close()

@@ -13,9 +13,11 @@ idle service uses with a connected client.  Prints Markdown tables.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import multiprocessing
 import os
+import statistics
 import sys
 import time
 
@@ -23,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import psutil  # noqa: E402
 
-from _common import UnixSocketClient, ZmqClient, measure  # noqa: E402
+from _common import MiB, UnixSocketClient, ZmqClient, pin, round_trips, throughput  # noqa: E402
 from echo_service import BenchEcho  # noqa: E402
 from speedysvc import LocalService, connect  # noqa: E402
 
@@ -77,6 +79,42 @@ class SpeedysvcClient:
 
 # ---- measurements (round trips and throughput: _common) ------------------------------------
 
+def measure_placement(makers, placement, args):
+    """The rows of one placement.  The 64 B round trips are measured in ``args.rounds`` rounds,
+    each going through every transport in turn, and each figure is the median over the rounds:
+    this VM's speed drifts over seconds, and interleaving keeps a slow spell from landing on
+    one row only.  Throughput: one measurement per transport."""
+    clients = []
+    try:
+        for make in makers:
+            clients.append(make())
+        trips = {id(c): [] for c in clients}
+        for _ in range(args.rounds):
+            for c in clients:
+                pin(c.pids, placement, "server")
+                pin([0], placement, "client")
+                try:
+                    trips[id(c)].append(round_trips(c, args.calls))
+                finally:
+                    pin([0], "default", "client")
+        rows = []
+        for c in clients:
+            pin(c.pids, placement, "server")
+            pin([0], placement, "client")
+            try:
+                rows.append({"name": c.name,
+                             "median": statistics.median(t[0] for t in trips[id(c)]),
+                             "p99": statistics.median(t[1] for t in trips[id(c)]),
+                             "1MiB": throughput(c, MiB, args.seconds),
+                             "16MiB": throughput(c, 16 * MiB, args.seconds * 2)})
+            finally:
+                pin([0], "default", "client")
+        return rows
+    finally:
+        for c in clients:
+            c.close()
+
+
 def idle_cpu(service, seconds=3.0):
     with connect(BenchEcho) as c:
         for i in range(1000):
@@ -98,6 +136,7 @@ def main():
     parser.add_argument("--codecs", default="msgpack,raw,json,pickle")
     args = parser.parse_args()
     args.calls = 3000 if args.quick else 20000
+    args.rounds = 1 if args.quick else 3
     args.seconds = 0.3 if args.quick else 1.0
     multiprocessing.set_start_method("fork")
 
@@ -110,11 +149,13 @@ def main():
     print(f"Python {sys.version.split()[0]}, {os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d')}\n")
     with LocalService(BenchEcho, workers=1) as service:
         for placement in args.placements.split(","):
-            rows = [measure(b, placement, args) for b in baselines]
-            for codec in args.codecs.split(","):
-                rows.append(measure(lambda: SpeedysvcClient(codec, service), placement, args))
+            makers = list(baselines) + [functools.partial(SpeedysvcClient, codec, service)
+                                        for codec in args.codecs.split(",")]
+            rows = measure_placement(makers, placement, args)
             uds = rows[0]
             print(f"### placement: {placement}\n")
+            if args.rounds > 1:
+                print(f"(64 B figures: the median of {args.rounds} interleaved rounds of {args.calls:,} calls)\n")
             print("| transport | 64 B median µs | p99 µs | × faster than Unix socket | "
                   "1 MiB MB/s | 16 MiB MB/s | 16 MiB × Unix socket |")
             print("|---|---:|---:|---:|---:|---:|---:|")
@@ -122,7 +163,7 @@ def main():
                 print(f"| {r['name']} | {r['median']:.1f} | {r['p99']:.1f} | {uds['median'] / r['median']:.1f} | "
                       f"{r['1MiB']:,.0f} | {r['16MiB']:,.0f} | {r['16MiB'] / uds['16MiB']:.2f} |")
             print(flush=True)
-        workers, client = idle_cpu(service)
+        workers, client = idle_cpu(service, 3.0 if args.quick else 10.0)   # CPU time comes in 10 ms ticks
         print(f"Idle service (1 worker) with a connected client: worker {workers:.2f} % of a core, "
               f"client {client:.2f} %")
 
