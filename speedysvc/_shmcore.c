@@ -377,32 +377,46 @@ static int post_call(char *base, long slot, Region *data, Py_buffer *name, Py_bu
     return kick_workers(base) ? -1 : 0;
 }
 
-/* Spin, then sleep, until the channel holds a response or the timeout passes.
- * Returns 1 when ready, 0 on timeout, -1 when interrupted by a signal.
- * Called without the GIL. */
-static int await_response(char *ch, double timeout, int woke_worker) {
+/* Waiting for a response: a spin, then a sleep, until the channel holds a
+ * response or the timeout passes.  The phases are apart so that a caller that
+ * is its process's only Python thread spins holding the GIL: nobody else wants
+ * it, and giving it up and taking it back costs ~70 ns, a few percent of a
+ * small call.  The sleep always gives it up. */
+
+/* Is this the only thread of the interpreter?  Then holding the GIL while
+ * spinning (a few tens of microseconds at most) keeps nobody waiting. */
+static int only_thread(void) {
+    PyThreadState *ts = PyThreadState_Get();
+    return PyInterpreterState_ThreadHead(PyThreadState_GetInterpreter(ts)) == ts && !PyThreadState_Next(ts);
+}
+
+/* 1 when the response came while spinning, 0 when it is time to sleep. */
+static int spin_for_response(char *ch, int woke_worker, uint64_t start) {
     uint32_t *st = U32(ch, C_STATE);
     if ((LOAD(st) & ST_CODE) == ST_RESPONSE) return 1;
-    uint64_t start = now_ns(), deadline = start + (uint64_t)(timeout * 1e9), t;
-    int spun_ok = 0, ready = 0, cpu = sched_getcpu();
+    if (!client_spin.budget_ns || system_overloaded(start)) return 0;
+    int cpu = sched_getcpu();
     /* a worker we just woke may have been put on our CPU: let it run at once */
-    uint64_t yield_after = woke_worker ? 0 : YIELD_AFTER_NS;
-    if (client_spin.budget_ns && !system_overloaded(start)) {
-        uint64_t stop = start + client_spin.budget_ns;
-        for (unsigned i = 1;; i++) {
-            uint32_t s = LOAD(st);
-            if ((s & ST_CODE) == ST_RESPONSE) { spun_ok = ready = 1; break; }
-            cpu_relax();
-            if ((i & 15) == 0) {
-                /* a worker on our CPU cannot answer while we spin: sleep at once */
-                if ((s & ST_CODE) == ST_CLAIMED && (int)LOAD(U32(ch, C_WORKER_CPU)) == cpu) break;
-                t = now_ns();
-                if (t >= stop) break;
-                if (t - start >= yield_after) sched_yield(); /* a peer on this CPU gets to run */
-            }
+    uint64_t yield_after = woke_worker ? 0 : YIELD_AFTER_NS, stop = start + client_spin.budget_ns, t;
+    for (unsigned i = 1;; i++) {
+        uint32_t s = LOAD(st);
+        if ((s & ST_CODE) == ST_RESPONSE) return 1;
+        cpu_relax();
+        if ((i & 15) == 0) {
+            /* a worker on our CPU cannot answer while we spin: sleep at once */
+            if ((s & ST_CODE) == ST_CLAIMED && (int)LOAD(U32(ch, C_WORKER_CPU)) == cpu) return 0;
+            t = now_ns();
+            if (t >= stop) return 0;
+            if (t - start >= yield_after) sched_yield(); /* a peer on this CPU gets to run */
         }
     }
-    while (!ready) {
+}
+
+/* 1 when ready, 0 on timeout, -1 when interrupted by a signal.  Without the GIL. */
+static int sleep_for_response(char *ch, uint64_t start, uint64_t deadline) {
+    uint32_t *st = U32(ch, C_STATE);
+    int ready = 0;
+    for (;;) {
         uint32_t s = LOAD(st);
         if ((s & ST_CODE) == ST_RESPONSE) { ready = 1; break; }
         if (!(s & ST_WAITING)) {
@@ -410,11 +424,24 @@ static int await_response(char *ch, double timeout, int woke_worker) {
             if (!CAS(st, &e, s | ST_WAITING)) continue;
             s |= ST_WAITING;
         }
-        t = now_ns();
+        uint64_t t = now_ns();
         if (t >= deadline) break;
         if (futex_wait(st, s, deadline - t) == EINTR) { ready = -1; break; }
     }
-    spin_adapt(&client_spin, spun_ok, now_ns() - start);
+    spin_adapt(&client_spin, 0, now_ns() - start);
+    return ready;
+}
+
+/* Both phases; as sleep_for_response.  Called with the GIL. */
+static int await_response(char *ch, double timeout, int woke_worker) {
+    uint64_t start = now_ns(), deadline = start + (uint64_t)(timeout * 1e9);
+    int alone = only_thread(), ready = alone && spin_for_response(ch, woke_worker, start);
+    if (!ready) {
+        Py_BEGIN_ALLOW_THREADS
+        if (!alone) ready = spin_for_response(ch, woke_worker, start);
+        if (!ready) ready = sleep_for_response(ch, start, deadline);
+        Py_END_ALLOW_THREADS
+    }
     return ready;
 }
 
@@ -441,10 +468,7 @@ static PyObject *R_wait_reply(Region *self, PyObject *const *args, Py_ssize_t na
     double timeout = PyFloat_AsDouble(args[1]);
     if ((timeout == -1.0 && PyErr_Occurred()) || check_timeout(timeout)) return NULL;
     char *ch = self->base + H_CHANNELS + slot * C_SIZE;
-    int ready;
-    Py_BEGIN_ALLOW_THREADS
-    ready = await_response(ch, timeout, 0);
-    Py_END_ALLOW_THREADS
+    int ready = await_response(ch, timeout, 0);
     if (ready < 0 && PyErr_CheckSignals() < 0) return NULL;
     if (ready <= 0) Py_RETURN_NONE;
     return response_fields(ch);
@@ -467,10 +491,7 @@ static PyObject *call_channel(Region *self, long slot, Region *data, PyObject *n
     PyBuffer_Release(&payload);
     if (rc > 0) return PyLong_FromLong(rc);
     char *ch = self->base + H_CHANNELS + slot * C_SIZE;
-    int ready;
-    Py_BEGIN_ALLOW_THREADS
-    ready = await_response(ch, timeout, rc < 0);
-    Py_END_ALLOW_THREADS
+    int ready = await_response(ch, timeout, rc < 0);
     if (ready < 0 && PyErr_CheckSignals() < 0) return NULL;
     if (ready <= 0) return PyLong_FromLong(3);
     uint64_t off = LOAD(U64(ch, C_RESP_OFF)), len = LOAD(U64(ch, C_RESP_LEN));
@@ -543,30 +564,35 @@ static int any_posted(char *base) {
     return 0;
 }
 
-/* Claims the next posted call, spinning then sleeping until the deadline.
- * Returns the slot, -1 on timeout (or when the service stops with nothing
- * posted), -2 when interrupted.  Called without the GIL. */
-static long claim_next(Region *self, char *w, uint64_t deadline) {
+/* Claiming the next posted call: a spin, then a sleep until the deadline; apart
+ * like the caller's wait, so a worker that is its process's only Python thread
+ * (the usual case) spins holding the GIL. */
+
+/* The slot claimed at once or while spinning, or -1 when it is time to sleep. */
+static long claim_spin(Region *self, uint32_t pid, uint64_t start, int *spun_ok) {
     char *base = self->base;
-    uint32_t pid = LOAD(U32(w, W_PID));
-    uint64_t start = now_ns(), t;
-    int spun_ok = 0;
     long slot = try_claim(self, pid);
     /* the caller we just answered will post its next call soon, unless it
      * needs this CPU to do so: then spinning would only delay it */
-    if (slot < 0 && worker_spin.budget_ns && self->last_caller_cpu != sched_getcpu()
-        && !system_overloaded(start)) {
-        uint64_t stop = start + worker_spin.budget_ns;
-        for (unsigned i = 1;; i++) {
-            if (any_posted(base) && (slot = try_claim(self, pid)) >= 0) { spun_ok = 1; break; }
-            cpu_relax();
-            if ((i & 15) == 0) {
-                t = now_ns();
-                if (t >= stop) break;
-                if (t - start > YIELD_AFTER_NS) sched_yield();
-            }
+    if (slot >= 0 || !worker_spin.budget_ns || self->last_caller_cpu == sched_getcpu() || system_overloaded(start))
+        return slot;
+    uint64_t stop = start + worker_spin.budget_ns, t;
+    for (unsigned i = 1;; i++) {
+        if (any_posted(base) && (slot = try_claim(self, pid)) >= 0) { *spun_ok = 1; return slot; }
+        cpu_relax();
+        if ((i & 15) == 0) {
+            t = now_ns();
+            if (t >= stop) return -1;
+            if (t - start > YIELD_AFTER_NS) sched_yield();
         }
     }
+}
+
+/* The slot, -1 on timeout (or when the service stops with nothing posted),
+ * -2 when interrupted.  Without the GIL. */
+static long claim_sleep(Region *self, uint32_t pid, uint64_t deadline) {
+    char *base = self->base;
+    long slot = -1;
     while (slot < 0) {
         if (LOAD(U32(base, H_STATE)) != SVC_SERVING && !any_posted(base)) break;
         uint32_t seq = LOAD(U32(base, H_SEQ));
@@ -576,13 +602,28 @@ static long claim_next(Region *self, char *w, uint64_t deadline) {
             __atomic_fetch_sub(U32(base, H_SLEEPERS), 1, __ATOMIC_SEQ_CST);
             continue;
         }
-        t = now_ns();
+        uint64_t t = now_ns();
         int rc = t < deadline ? futex_wait(U32(base, H_SEQ), seq, deadline - t) : ETIMEDOUT;
         __atomic_fetch_sub(U32(base, H_SLEEPERS), 1, __ATOMIC_SEQ_CST);
         if (rc == EINTR) { slot = -2; break; }
         if (rc == ETIMEDOUT) { slot = try_claim(self, pid); break; }
     }
-    t = now_ns();
+    return slot;
+}
+
+/* Both phases; returns as claim_sleep.  Called with the GIL. */
+static long claim_next(Region *self, char *w, uint64_t deadline) {
+    uint32_t pid = LOAD(U32(w, W_PID));
+    uint64_t start = now_ns();
+    int spun_ok = 0, alone = only_thread();
+    long slot = alone ? claim_spin(self, pid, start, &spun_ok) : -1;
+    if (slot < 0) {
+        Py_BEGIN_ALLOW_THREADS
+        if (!alone) slot = claim_spin(self, pid, start, &spun_ok);
+        if (slot < 0) slot = claim_sleep(self, pid, deadline);
+        Py_END_ALLOW_THREADS
+    }
+    uint64_t t = now_ns();
     spin_adapt(&worker_spin, spun_ok, t - start);
     if (slot >= 0) {
         STORE(U32(w, W_STATE), 2u);
@@ -791,10 +832,7 @@ static PyObject *serve_loop(Region *self, PyObject *const *args, Py_ssize_t narg
     uint64_t deadline = now_ns() + (uint64_t)(timeout * 1e9);
     for (;;) {
         if (PyObject_IsTrue(PyList_GET_ITEM(stop, 0))) Py_RETURN_NONE;
-        long slot;
-        Py_BEGIN_ALLOW_THREADS
-        slot = claim_next(self, w, deadline);
-        Py_END_ALLOW_THREADS
+        long slot = claim_next(self, w, deadline);
         if (slot == -2) { if (PyErr_CheckSignals() < 0) return NULL; continue; }
         if (slot < 0) Py_RETURN_NONE;
         char *ch = base + H_CHANNELS + slot * C_SIZE;
