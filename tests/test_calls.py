@@ -134,3 +134,21 @@ def test_raw_property(kitchen, value):
     with connect(Kitchen) as c:
         assert c.echo_raw(value) == value
         assert c.raw_tail(value) == value[1:]
+
+
+def test_json_codec_edges():
+    from speedysvc import codecs
+    from speedysvc.errors import EncodeError
+    J = codecs.JSON
+    assert J.loads(b' [1, 2] ') == [1, 2]            # what another sender might add around it
+    assert J.loads(memoryview(b'{"a":1}')) == {"a": 1}
+    assert J.dumps(["é", 1.5, None]) == '["é",1.5,null]'.encode()
+    for bad in (b"", b"[1,", b"[1] x", b"\xff"):
+        with pytest.raises(ValueError):
+            J.loads(bad)
+    cyclic = []
+    cyclic.append(cyclic)
+    with pytest.raises(EncodeError):
+        J.encode_result("m", cyclic)
+    with pytest.raises(EncodeError, match="not JSON serializable"):
+        J.encode_result("m", {1, 2})
