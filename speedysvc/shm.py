@@ -515,6 +515,11 @@ def _decode_slow(codec, name: bytes, data):
                           f"with {codec.name}: {e}") from None
 
 
+def _first_slice(timeout: float | None) -> float:
+    """How long a call's first wait lasts before the caller checks its worker is alive."""
+    return LIVENESS_SLICE if timeout is None or timeout > LIVENESS_SLICE else float(timeout)
+
+
 class _Retry(Exception):
     """The service was restarted under us: the call goes again on the new segment."""
 
@@ -616,8 +621,7 @@ class _Pending:
         return self.finish()
 
     def abandon(self) -> None:
-        self.transport._failed(self.chans, self.ch)
-        self.transport._give_back(self.chans, self.ch)
+        self.transport._abort(self.chans, self.ch)
 
 
 class ShmTransport:
@@ -675,38 +679,21 @@ class ShmTransport:
             ch = chans.free.pop()
         except IndexError:
             ch = chans.acquire(self.service)
-        try:   # one try from the call to the give-back: a signal handler may raise anywhere in it
-            got = chans.call(ch.slot, ch.region, name, payload, flags,
-                             LIVENESS_SLICE if timeout is None or timeout > LIVENESS_SLICE else float(timeout))
-            if got.__class__ is bytes:
-                try:
-                    return codec.loads_fast(got)
-                except Exception:
-                    return _decode_slow(codec, name, got)
-            if got.__class__ is tuple:
-                return codec.remote_error(got[1])
-            return self._call_slow(chans, ch, got, name, payload, flags, codec, timeout)
-        except _Retry:
-            chans.retire(ch)
-            return self.call(name, payload, flags, codec, timeout)
-        except BaseException:
-            self._failed(chans, ch)
-            raise
-        finally:
-            # _give_back, inlined: this is the path every call takes
-            if not ch.lost:
-                if chans.closed:
-                    chans.retire(ch)
-                else:
-                    chans.free.append(ch)
-                    if chans.closed:
-                        chans.release_all()
+        return self._resume(chans, ch, None, name, payload, flags, codec, timeout)
 
     def _resume(self, chans: _Channels, ch: _Channel, got, name: bytes, payload, flags: int, codec, timeout):
-        """What ``ShmMethod`` (``call`` in C) leaves to Python once its first wait is over:
-        every outcome but a small success that decodes (``got`` is then the response
-        its fast decoder refused).  Gives the channel back."""
-        try:
+        """The rest of a call on channel ``ch``, which this gives back: post it and wait when
+        ``got`` is None (``call``), else go on from what ``ShmMethod``'s first wait returned in C
+        (every outcome but a small success that decodes: bytes are a response its fast decoder
+        refused)."""
+        try:   # one try from the wait to the give-back: a signal handler may raise anywhere in it
+            if got is None:
+                got = chans.call(ch.slot, ch.region, name, payload, flags, _first_slice(timeout))
+                if got.__class__ is bytes:
+                    try:
+                        return codec.loads_fast(got)
+                    except Exception:
+                        pass
             if got.__class__ is bytes:
                 return _decode_slow(codec, name, got)
             if got.__class__ is tuple:
@@ -734,8 +721,7 @@ class ShmTransport:
         response decoded with ``codec.loads_fast``; ``fallback(*args, **kwargs)`` does the
         same in Python and takes every other case."""
         return core.ShmMethod(self, name, codec, dumps, codec.loads_fast, codec.flags, timeout,
-                              LIVENESS_SLICE if timeout is None or timeout > LIVENESS_SLICE else float(timeout),
-                              fallback)
+                              _first_slice(timeout), fallback)
 
     def begin(self, name: bytes, payload, flags: int, codec, timeout: float | None):
         """Post a call and spin briefly for its answer, for callers that must not block
@@ -804,9 +790,7 @@ class ShmTransport:
                 raise PayloadTooLarge(f"request of {size} bytes exceeds the service's "
                                       f"limit of {seg.max_payload} bytes")
             ch.set_data(replace_data_segment(seg, ch.slot, chans.pid, len(name) + size, ch.data.size))
-            got = seg.region.call(ch.slot, ch.region, name, payload, flags,
-                                  LIVENESS_SLICE if timeout is None or timeout > LIVENESS_SLICE
-                                  else float(timeout))
+            got = seg.region.call(ch.slot, ch.region, name, payload, flags, _first_slice(timeout))
             if got.__class__ is bytes:
                 return _decode_slow(codec, name, got)
             if got.__class__ is tuple:

@@ -125,6 +125,17 @@ def test_a_signal_while_spinning_neither_loses_the_channel_nor_the_exception():
         assert len(channel_states(svc)) == 1
 
 
+def test_a_method_kept_after_close_refuses_to_call(kitchen):
+    from speedysvc.errors import SpeedysvcError
+    c = connect(Kitchen)
+    echo = c.echo_msgpack
+    assert echo("open") == "open"
+    c.close()
+    with pytest.raises(SpeedysvcError, match="closed"):
+        echo("closed")
+    assert not any(owner == os.getpid() for owner, _ in channel_states(kitchen).values())
+
+
 def test_with_timeout_applies_to_the_clone_only(client):
     quick = client.with_timeout(0.2)
     assert type(quick.sleep) is core.ShmMethod and quick.sleep is not client.sleep
