@@ -135,6 +135,10 @@ class ClientOptions:
         return ConnectionLost(f"{self.address} closed the connection: {exc}")
 
 
+class _Stale(Exception):
+    """The connection was found closed before a call was sent on it."""
+
+
 _ids = itertools.count(1)
 
 
@@ -192,32 +196,36 @@ class _Connection:
                 f"connection to {self.opts.address} was lost ({exc}); the call may or may not have run")
         self._wake_all()
 
-    def stale(self) -> bool:
-        """Before a call on an idle connection: is it still open?  Late replies (to calls
-        that timed out) are read and dropped; only an end, a go-away or an error count.
-        Under ``lock``, so that no reader is polling the socket meanwhile."""
-        with self.lock:
-            if self.broken is not None:
-                return True
-            if self.waiting or self.reading:
-                return False
-            try:
-                while self._readable(0):
-                    self._deliver(self._recv())
-                    if self.broken is not None:
-                        return True
-            except (OSError, ProtocolError) as e:
-                self._break(e)
-                return True
-            return False
+    def _check_idle(self) -> None:
+        """Under ``lock``, with no call in flight: is the connection still open?  Late
+        replies (to calls that timed out) are read and dropped; only an end, a go-away or
+        an error count, and then ``_Stale`` says that nothing was sent on it."""
+        try:
+            while self._readable(0):
+                self._deliver(self._recv())
+                if self.broken is not None:
+                    break
+        except (OSError, ProtocolError) as e:
+            self._break(e)
+        if self.broken is not None:
+            raise _Stale
 
     def call(self, name: bytes, payload, flags: int, timeout: float | None):
+        """The reply ``(status, data)`` of one call.  Raises ``_Stale`` when the connection
+        was found closed before anything was sent (the caller connects anew)."""
         call_id = next_call_id()
         buffers = self.opts.encode_call(call_id, name, payload, flags, timeout)
         deadline = None if timeout is None else time.monotonic() + timeout
-        with self.lock:
+        lock = self.lock
+        with lock:
             if self.broken is not None:
-                raise self.broken
+                raise _Stale
+            # the usual case: no other call on this connection, so this thread reads its own
+            # reply at once, with no hand-over between threads
+            alone = not self.waiting and not self.reading
+            if alone:
+                self._check_idle()
+                self.reading = True
             self.waiting[call_id] = None
         try:
             try:
@@ -226,14 +234,34 @@ class _Connection:
                         self.sock.sendall(buf)
             except BaseException as e:
                 # half a frame may have gone out: nothing more can follow it on this connection
-                with self.lock:
+                with lock:
+                    if alone:
+                        self.reading = False
                     self._break(e)
                 if isinstance(e, OSError):
                     raise self.broken from None
                 raise
+            if alone:
+                try:
+                    frames, error = self._read(None if deadline is None else deadline - time.monotonic()), None
+                except (OSError, ProtocolError) as e:
+                    frames, error = [], e
+                except BaseException:
+                    with lock:
+                        self.reading = False
+                    raise
+                with lock:
+                    self.reading = False
+                    if error is not None:
+                        self._break(error)
+                    else:
+                        self._deliver(frames)
+                    reply = self.replies.pop(call_id, None)
+                    if reply is not None:
+                        return reply
             return self._wait(call_id, deadline, timeout)
         finally:
-            with self.lock:
+            with lock:
                 del self.waiting[call_id]
                 self.replies.pop(call_id, None)
                 if not self.reading:
@@ -287,6 +315,8 @@ class _Connection:
 
     def _read(self, timeout: float | None) -> list:
         """Read what has arrived (waiting up to ``timeout``); the frames now complete."""
+        if timeout is None:
+            return self._recv()   # a blocking read: one system call, not poll() and then recv()
         return self._recv() if self._readable(timeout) else []
 
     def _recv(self) -> list:
@@ -383,20 +413,29 @@ class TcpTransport:
             self._conn = None
             conn.sock.close()
             conn = None
-        if conn is not None and not conn.stale():
-            return conn
+        return conn if conn is not None else self._reconnect(None)
+
+    def _reconnect(self, stale: _Connection | None) -> _Connection:
         with self._lock:
             if self._closed:
                 raise SpeedysvcError("this connection is closed")
             conn = self._conn
-            if conn is None or conn.stale():
+            if conn is None or conn is stale:
                 if conn is not None:
                     conn.close()
                 conn = self._conn = open_connection(self.opts)
             return conn
 
     def call(self, name: bytes, payload, flags: int, codec, timeout: float | None):
-        status, data = self._connection().call(name, payload, flags, timeout)
+        conn = self._connection()
+        try:
+            status, data = conn.call(name, payload, flags, timeout)
+        except _Stale:   # it closed while idle (the service restarted?): nothing was sent yet
+            conn = self._reconnect(conn)
+            try:
+                status, data = conn.call(name, payload, flags, timeout)
+            except _Stale:   # ...and so did the new one, at once
+                raise conn.broken from None
         if status:
             return codec.remote_error(data)
         try:

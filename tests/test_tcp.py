@@ -1217,3 +1217,65 @@ def test_worker_killed_mid_call_over_tcp_fails_that_call_and_the_connection_goes
     assert time.monotonic() - started < 10
     assert client.echo_msgpack([1, "after"]) == [1, "after"]
     assert client.whoami() in pids - {busy}
+
+
+class _Interrupted(BaseException):
+    pass
+
+
+@pytest.mark.skipif(threading.current_thread() is not threading.main_thread(), reason="needs signals")
+def test_a_call_without_timeout_interrupted_while_waiting_leaves_the_connection_usable(kitchen):
+    """A call with no timeout waits in a blocking read; an exception from a signal handler
+    ends that call only: the connection stays, and the late reply is dropped, not taken
+    for the next call's."""
+    import signal as _signal
+    c = connect(TcpKitchen, kitchen.tcp_address)   # no timeout: the blocking read, not poll()
+    try:
+        assert c.echo_msgpack("warm") == "warm"
+        conn = c._transport._conn
+        old = _signal.signal(_signal.SIGALRM, lambda *a: (_ for _ in ()).throw(_Interrupted()))
+        try:
+            _signal.setitimer(_signal.ITIMER_REAL, 0.3)
+            t = time.monotonic()
+            with pytest.raises(_Interrupted):
+                c.sleep(1.0, "late")
+            assert time.monotonic() - t < 0.9
+        finally:
+            _signal.setitimer(_signal.ITIMER_REAL, 0)
+            _signal.signal(_signal.SIGALRM, old)
+        assert c.echo_msgpack("next") == "next"     # sent while the late reply is still coming
+        time.sleep(1.0)                              # ...which has come by now
+        assert c.echo_msgpack("after") == "after"
+        assert c._transport._conn is conn, "the interrupted call cost the connection"
+    finally:
+        c.close()
+
+
+def test_a_call_without_timeout_fails_when_the_gateway_is_killed(serve):
+    """No timeout and the gateway process dies (kill -9) mid-call: the blocking read ends
+    with ConnectionLost at once, not a hang; the next call finds nobody listening."""
+    svc = serve(TcpKitchen, workers=1)
+    c = connect(TcpKitchen, svc.tcp_address)
+    try:
+        assert c.echo_msgpack(1) == 1
+        outcome = {}
+
+        def slow():
+            try:
+                outcome["value"] = c.sleep(20, "never")
+            except Exception as e:   # noqa: BLE001 - the test checks the type below
+                outcome["error"] = e
+
+        th = threading.Thread(target=slow)
+        th.start()
+        time.sleep(0.3)
+        t = time.monotonic()
+        os.kill(svc.tcp_process.pid, 9)
+        th.join(10)
+        assert not th.is_alive(), "the call hangs after its gateway died"
+        assert isinstance(outcome.get("error"), ConnectionLost), outcome
+        assert time.monotonic() - t < 3
+        with pytest.raises(ServiceUnavailable):
+            c.echo_msgpack(2)
+    finally:
+        c.close()
