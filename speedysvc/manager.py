@@ -20,6 +20,7 @@ import sys
 import time
 
 from . import config as configmod
+from . import eventloop
 from .config import ConfigError, ManagerConfig
 from .errors import ServiceAlreadyRunning
 from .logs import ServiceLog
@@ -163,9 +164,14 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        eventloop.choice()
+    except ValueError as e:
+        print(f"speedysvc: {e}", file=sys.stderr)
+        return 2
+    try:
         cfg = configmod.load(args.config)
         describe_services(cfg)
-        asyncio.run(Manager(cfg).run())
+        eventloop.run(Manager(cfg).run())
     except ConfigError as e:
         print(f"speedysvc: configuration error: {e}", file=sys.stderr)
         return 2

@@ -26,7 +26,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from . import codecs, compression
+from . import codecs, compression, eventloop
 from . import framing as fr
 from .errors import (AuthenticationFailed, DecodeError, NoFreeChannel, NotAllowed, PayloadTooLarge, ProtocolError,
                      ServiceUnavailable, SpeedysvcError, encode_exception)
@@ -539,7 +539,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        asyncio.run(serve(args))
+        eventloop.run(serve(args))
     except (ValueError, OSError) as e:
         print(f"speedysvc.tcp_server: {e}", file=sys.stderr)
         _exit_now(2)
