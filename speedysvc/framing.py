@@ -193,6 +193,24 @@ class FrameParser:
             frames.extend(self.buffer_updated(n))
         return frames
 
+    def whole_frame(self, n: int):
+        """``buffer_updated(n)`` for the usual case, where the parser held nothing and the
+        ``n`` bytes that came are one whole, valid frame: ``(kind, flags, call_id, arg,
+        timeout_ms, name, payload)``, and the parser stays empty.  None, with nothing
+        consumed, in every other case (then call ``buffer_updated(n)``)."""
+        if self._end or self._big is not None or n < HEADER_SIZE:
+            return None
+        buf = self._buf
+        kind, flags, name_len, call_id, arg, timeout_ms, length = FRAME.unpack_from(buf, 0)
+        body = HEADER_SIZE + name_len
+        if body + length != n:
+            return None
+        try:
+            self._check(kind, flags, name_len, length)
+        except ProtocolError:
+            return None   # buffer_updated raises it
+        return kind, flags, call_id, arg, timeout_ms, bytes(buf[HEADER_SIZE:body]), bytes(buf[body:n])
+
     def _compact(self) -> None:
         rest = self._end - self._start
         if self._start:

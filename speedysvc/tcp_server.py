@@ -227,16 +227,40 @@ class TcpServer:
         except Exception as e:
             conn.reply_error(frame.call_id, e)
             return True
+        self._started(conn, frame.call_id, done, result)
+        return True
+
+    def _started(self, conn: "_Connection", call_id: int, done: bool, result) -> None:
+        """A call was posted: answer it now, or wait for its answer in a thread."""
         self.counters["calls"] += 1
         if done:
             self.counters["answered_inline"] += 1
-            conn.reply(frame.call_id, *result)
-            return True
+            conn.reply(call_id, *result)
+            return
         self.inflight += 1
         conn.inflight += 1
         self._idle.clear()
         fut = asyncio.get_running_loop().run_in_executor(self.executor, result)
-        fut.add_done_callback(functools.partial(self._finished, conn, frame.call_id, result))
+        fut.add_done_callback(functools.partial(self._finished, conn, call_id, result))
+
+    def call_at_once(self, conn: "_Connection", flags: int, call_id: int, arg: int, timeout_ms: int,
+                     name: bytes, payload: bytes) -> bool:
+        """``submit`` for the usual call, in one piece: uncompressed, allowed over TCP, with
+        room and a free channel.  False, with nothing done, for any other (``submit`` takes
+        it).  A small call crosses the gateway twice per round trip, and each layer of
+        Python costs there (on a small VM, most of the gateway's share of the call)."""
+        if (flags or self.closing or self.inflight >= self.max_inflight or conn in self._waiting
+                or arg >> codecs.CODEC_SHIFT & 0xFF == codecs.PICKLE.id):
+            return False
+        try:
+            done, result = self.shm.begin(name, payload, arg, PASSTHROUGH,
+                                          timeout_ms / 1000 if timeout_ms else None)
+        except NoFreeChannel:
+            return False
+        except Exception as e:
+            conn.reply_error(call_id, e)
+            return True
+        self._started(conn, call_id, done, result)
         return True
 
     def _finished(self, conn: "_Connection", call_id: int, pending, fut: asyncio.Future) -> None:
@@ -333,7 +357,10 @@ class _Connection(asyncio.BufferedProtocol):
                     log.debug("malformed client hello from %s: %r", self.peer, e)
                     self.refuse(ProtocolError("malformed client hello"))
             return
-        self._frames(self.parser.buffer_updated, nbytes)
+        # usually the bytes that came are one whole call, which goes the short way
+        whole = self.parser.whole_frame(nbytes)
+        if whole is None or not self.server.call_at_once(self, *whole[1:]):
+            self._frames(self.parser.buffer_updated, nbytes)
 
     def _frames(self, parse, data) -> None:
         """Parse what arrived and submit the calls now complete; a bad frame ends the connection."""
