@@ -109,7 +109,7 @@ class ClientOptions:
 
     def encode_call(self, call_id: int, name: bytes, payload, flags: int, timeout: float | None) -> list:
         """The frame of one call, as a list of buffers to send."""
-        size = fr.payload_size(payload)
+        size = len(payload) if payload.__class__ is bytes else fr.payload_size(payload)
         if self.max_payload is not None and size > self.max_payload:
             raise PayloadTooLarge(f"request of {size} bytes exceeds the service's limit of {self.max_payload} bytes")
         fflags = 0
@@ -118,9 +118,9 @@ class ClientOptions:
             if packed is not None:
                 payload, size, fflags = packed, len(packed), fr.F_COMPRESSED
         timeout_ms = 0 if timeout is None else max(1, min(int(timeout * 1000), 0xFFFFFFFF))
-        header = fr.call_header(call_id, name, flags, timeout_ms, size, fflags)
+        header = fr.FRAME.pack(fr.CALL, fflags, len(name), call_id, flags, timeout_ms, size) + name
         if size < 64 << 10:
-            return [header + payload if isinstance(payload, bytes) else header + bytes(payload)]
+            return [header + payload if payload.__class__ is bytes else header + bytes(payload)]
         return [header, payload]
 
     def decode_reply(self, frame: fr.Frame):
@@ -165,6 +165,7 @@ class _Connection:
         self.waiting: dict[int, threading.Condition | None] = {}
         self.reading = False
         self.broken: BaseException | None = None
+        self.tls = isinstance(sock, ssl.SSLSocket)
         self.poller = select.poll()
         self.poller.register(sock, select.POLLIN | select.POLLPRI)
         if leftover:
@@ -243,7 +244,25 @@ class _Connection:
                 raise
             if alone:
                 try:
-                    frames, error = self._read(None if deadline is None else deadline - time.monotonic()), None
+                    if deadline is None and not self.tls:
+                        # the usual case: one blocking read brings exactly our reply
+                        parser = self.parser
+                        buf = parser.get_buffer()
+                        n = self.sock.recv_into(buf, len(buf))
+                        del buf
+                        whole = parser.whole_frame(n) if n else None
+                        if whole is not None and whole[0] == fr.REPLY and whole[2] == call_id and not whole[1]:
+                            with lock:
+                                self.reading = False
+                                del self.waiting[call_id]
+                                if self.waiting:
+                                    self._pass_reading_on()
+                            call_id = None   # nothing left for the cleanup below
+                            return whole[3], whole[6]
+                        frames = parser.buffer_updated(n) if n else self._lost()
+                    else:
+                        frames = self._read(None if deadline is None else deadline - time.monotonic())
+                    error = None
                 except (OSError, ProtocolError) as e:
                     frames, error = [], e
                 except BaseException:
@@ -261,11 +280,12 @@ class _Connection:
                         return reply
             return self._wait(call_id, deadline, timeout)
         finally:
-            with lock:
-                del self.waiting[call_id]
-                self.replies.pop(call_id, None)
-                if not self.reading:
-                    self._pass_reading_on()
+            if call_id is not None:
+                with lock:
+                    del self.waiting[call_id]
+                    self.replies.pop(call_id, None)
+                    if not self.reading:
+                        self._pass_reading_on()
 
     def _pass_reading_on(self) -> None:
         """Under ``lock``, with nobody reading: wake one sleeping caller still without a reply."""
@@ -308,8 +328,7 @@ class _Connection:
                     self._deliver(frames)
 
     def _readable(self, timeout: float | None) -> bool:
-        sock = self.sock
-        if isinstance(sock, ssl.SSLSocket) and sock.pending():
+        if self.tls and self.sock.pending():
             return True
         return bool(self.poller.poll(None if timeout is None else max(0, math.ceil(timeout * 1000))))
 
@@ -323,10 +342,10 @@ class _Connection:
         buf = self.parser.get_buffer()
         n = self.sock.recv_into(buf, len(buf))
         del buf
-        if not n:
-            raise ConnectionLost(f"{self.opts.address} closed the connection; a call in flight may or may "
-                                 f"not have run")
-        return self.parser.buffer_updated(n)
+        return self.parser.buffer_updated(n) if n else self._lost()
+
+    def _lost(self):
+        raise ConnectionLost(f"{self.opts.address} closed the connection; a call in flight may or may not have run")
 
     def _deliver(self, frames) -> None:
         """Under ``lock`` (or before anyone else can see us)."""

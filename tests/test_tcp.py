@@ -1279,3 +1279,70 @@ def test_a_call_without_timeout_fails_when_the_gateway_is_killed(serve):
             c.echo_msgpack(2)
     finally:
         c.close()
+
+
+def _fake_tcp_service(replies):
+    """A listening socket that shakes hands like a TcpKitchen gateway and answers each
+    call with ``replies(call_id, payload)``: a list of byte strings sent apart (50 ms
+    between them).  Serves one connection, in a thread."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def run():
+        conn, _ = listener.accept()
+        with conn:
+            conn.sendall(fr.pack_hello(fr.SERVER_HELLO, {
+                "versions": [fr.VERSION], "service": TcpKitchen.name, "compression": [], "auth": False,
+                "nonce": fr.new_nonce(), "max_payload": 1 << 20}))
+            reader = fr.HelloReader()
+            while reader.feed(conn.recv(4096)) is None:
+                pass
+            conn.sendall(fr.pack_hello(fr.WELCOME, {"proof": None}))
+            parser = fr.FrameParser(1 << 20, frozenset((fr.CALL,)))
+            while True:
+                data = conn.recv(65536)
+                if not data:
+                    return
+                for frame in parser.feed(data):
+                    for i, piece in enumerate(replies(frame.call_id, frame.payload)):
+                        if i:
+                            time.sleep(0.05)
+                        conn.sendall(piece)
+
+    th = threading.Thread(target=run, daemon=True)
+    th.start()
+    return listener, th, f"tcp://127.0.0.1:{listener.getsockname()[1]}"
+
+
+@pytest.mark.parametrize("timeout", [None, 5.0])
+def test_replies_in_pieces_or_after_strangers_reach_the_right_call(timeout):
+    """A reply split across reads, or preceded in the same read by a reply to a call
+    nobody waits for (one that timed out), still reaches its call; with no timeout the
+    client reads with one blocking recv() and takes the short way only for exactly its
+    own reply."""
+    import msgpack
+
+    def replies(call_id, payload):
+        arg = msgpack.unpackb(payload)[0]
+        body = msgpack.packb(arg)
+        reply = fr.reply_header(call_id, 0, len(body)) + body
+        if arg == "split":
+            return [reply[:fr.HEADER_SIZE + 2], reply[fr.HEADER_SIZE + 2:]]
+        if arg == "stranger first":
+            stray = msgpack.packb("not yours")
+            return [fr.reply_header(call_id ^ 0x5A5A, 0, len(stray)) + stray + reply]
+        if arg == "stranger alone first":
+            stray = msgpack.packb("not yours")
+            return [fr.reply_header(call_id ^ 0x5A5A, 0, len(stray)) + stray, reply]
+        if arg == "two pieces of header":
+            return [reply[:5], reply[5:]]
+        return [reply]
+
+    listener, th, address = _fake_tcp_service(replies)
+    try:
+        with connect(TcpKitchen, address, timeout=timeout) as c:
+            for arg in ["plain", "split", "stranger first", "stranger alone first", "two pieces of header",
+                        "plain again"]:
+                assert c.echo_msgpack(arg) == arg
+    finally:
+        listener.close()
+        th.join(5)
