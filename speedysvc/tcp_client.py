@@ -148,6 +148,18 @@ IDLE_CHECK_AFTER = 0.001
 
 _ids = itertools.count(1)
 
+# bumped in a child process after fork(): a connection made before belongs to the parent
+# (cheaper than comparing os.getpid(), a system call, on every call)
+_fork_generation = 0
+
+
+def _after_fork_in_child() -> None:
+    global _fork_generation
+    _fork_generation += 1
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
 
 def next_call_id() -> int:
     return next(_ids) & 0xFFFFFFFF or next(_ids)
@@ -163,7 +175,7 @@ class _Connection:
     def __init__(self, sock: socket.socket, opts: ClientOptions, leftover: bytes):
         self.sock = sock
         self.opts = opts
-        self.pid = os.getpid()
+        self.fork_generation = _fork_generation
         self.parser = fr.FrameParser(opts.max_payload or fr.DEFAULT_MAX_PAYLOAD, frozenset((fr.REPLY, fr.GOAWAY)))
         self.send_lock = threading.Lock()
         self.lock = threading.Lock()
@@ -438,7 +450,7 @@ class TcpTransport:
 
     def _connection(self) -> _Connection:
         conn = self._conn
-        if conn is not None and conn.pid != os.getpid():
+        if conn is not None and conn.fork_generation != _fork_generation:
             # forked: the socket is the parent's; close our copy only (no shutdown) and connect anew
             self._lock = threading.Lock()
             self._conn = None
