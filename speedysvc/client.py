@@ -159,9 +159,10 @@ class _Detached:
 
 class _ClientMethod:
     """A generated method as a client class holds it.  On the class, and on a client
-    whose transport cannot do better, it is the plain function above.  A shared-memory
-    client gets, on first use, a method whose common case runs in C (``bind_method``), kept
-    in its ``__dict__``, where later lookups find it first; it falls back to the function."""
+    whose transport cannot do better, it is the plain function above.  A client gets, on
+    first use, its transport's own method (``bind_method``: over shared memory the common
+    case runs in C, over TCP it goes straight to the transport), kept in its ``__dict__``,
+    where later lookups find it first; it falls back to the function."""
     __slots__ = ("func", "spec", "attr", "_looks")
 
     def __init__(self, func, spec: MethodSpec):
@@ -185,7 +186,8 @@ class _ClientMethod:
                 looks["__signature__"] = spec.signature.replace(
                     parameters=list(spec.signature.parameters.values())[1:])
             self._looks = looks
-        method.__dict__.update(self._looks)
+        for key, value in self._looks.items():   # (a plain function's name and doc are not in its __dict__)
+            setattr(method, key, value)
         client.__dict__[self.attr] = method
         return method
 

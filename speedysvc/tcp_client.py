@@ -469,6 +469,28 @@ class TcpTransport:
                 conn = self._conn = open_connection(self.opts)
             return conn
 
+    def bind_method(self, name: bytes, codec, dumps, timeout: float | None, fallback):
+        """A client's method that goes straight to ``call`` (see ``client._ClientMethod``):
+        arguments encoded with ``dumps(args)`` (None: the one bytes argument is the
+        request); ``fallback(*args, **kwargs)`` takes every other case."""
+        call, flags = self.call, codec.flags
+
+        def method(*args, **kwargs):
+            if kwargs:
+                return fallback(*args, **kwargs)
+            if dumps is None:
+                if len(args) != 1 or args[0].__class__ is not bytes:
+                    return fallback(*args)
+                payload = args[0]
+            else:
+                try:
+                    payload = dumps(args)
+                except Exception:
+                    return fallback(*args)   # raises a clear EncodeError
+            return call(name, payload, flags, codec, timeout)
+
+        return method
+
     def call(self, name: bytes, payload, flags: int, codec, timeout: float | None):
         conn = self._connection()
         try:

@@ -1346,3 +1346,35 @@ def test_replies_in_pieces_or_after_strangers_reach_the_right_call(timeout):
     finally:
         listener.close()
         th.join(5)
+
+
+def test_tcp_methods_look_like_bound_methods_and_hand_odd_calls_on(client):
+    """A TCP client's methods are made on first use and kept on the client; they carry the
+    server method's name, docstring and signature, and whatever they do not encode
+    themselves (keywords, a raw argument that is not bytes, an unencodable argument) gets
+    the generic method's answer."""
+    import inspect
+    import weakref
+    from speedysvc import EncodeError
+    m = client.add
+    assert client.add is m and "add" in vars(client)
+    assert (m.__name__, m.__qualname__, m.__doc__) == ("add", "add", "Add two numbers.")
+    assert list(inspect.signature(m).parameters) == ["a", "b", "scale"]
+    assert weakref.ref(m)() is m
+    assert m(1) == 11 and m(1, b=2, scale=3) == 9
+    assert client.echo_raw(b"bytes") == b"bytes"
+    assert client.echo_raw(bytearray(b"a bytearray")) == b"a bytearray"   # the generic way
+    with pytest.raises(EncodeError, match="raw method echo_raw"):
+        client.echo_raw("text")
+    with pytest.raises(EncodeError, match="echo_msgpack"):
+        client.echo_msgpack(object())
+    assert client.echo_msgpack([1, "ok"]) == [1, "ok"]
+
+
+def test_a_tcp_method_kept_after_close_refuses(kitchen):
+    c = connect(TcpKitchen, kitchen.tcp_address, timeout=10)
+    m = c.echo_msgpack
+    assert m("before") == "before"
+    c.close()
+    with pytest.raises(Exception, match="closed"):
+        m("after")
