@@ -133,7 +133,8 @@ class LocalService:
         argv = [sys.executable, "-m", "speedysvc.tcp_server", self.service, "--host", host, "--port", str(port),
                 "--max-payload", str(self.max_payload),
                 "--max-inflight", str(max(1, self.max_channels // 2)), "--handshake-timeout", str(self.tcp_timeouts[0]),
-                "--stall-timeout", str(self.tcp_timeouts[1]), "--stop-timeout", str(self.stop_timeout), "--exit-with-parent"]
+                "--stall-timeout", str(self.tcp_timeouts[1]), "--stop-timeout", str(self.stop_timeout),
+                "--exit-with-parent", str(os.getpid())]
         if self.tcp_tls:
             argv += ["--tls-cert", self.tcp_tls[0], "--tls-key", self.tcp_tls[1]]
         if self.tcp_allow_pickle:

@@ -524,8 +524,10 @@ async def serve(args, ready=None) -> None:
     import signal
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    if args.exit_with_parent:
-        parent = os.getppid()
+    if args.exit_with_parent is not None:
+        # the owner's pid, passed in: reading getppid() here would miss an owner that died
+        # while we started (we would already be someone else's child)
+        parent = args.exit_with_parent or os.getppid()
 
         def watch():   # the owner was killed (its workers go too): free its port and channels now
             if os.getppid() != parent:
@@ -562,7 +564,8 @@ def main(argv=None) -> int:
     p.add_argument("--handshake-timeout", type=float, default=10.0)
     p.add_argument("--stall-timeout", type=float, default=30.0)
     p.add_argument("--stop-timeout", type=float, default=10.0)
-    p.add_argument("--exit-with-parent", action="store_true", help="stop when the process that started it dies")
+    p.add_argument("--exit-with-parent", nargs="?", type=int, const=0, default=None, metavar="PID",
+                   help="stop when the process that started it (PID; default: the parent at start) dies")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:

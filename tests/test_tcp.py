@@ -563,6 +563,18 @@ def test_pickle_allowed_with_secret_and_allow_pickle():
         run(main())
 
 
+def _read_client_hello(conn):
+    """A fake server's read of the client hello; None if the client hung up first."""
+    reader = fr.HelloReader()
+    while True:
+        data = conn.recv(4096)
+        if not data:
+            return None
+        msg = reader.feed(data)
+        if msg is not None:
+            return msg
+
+
 def test_client_refuses_a_server_that_cannot_prove_the_secret():
     """A fake server asks for authentication, then answers with a bogus proof."""
     listener = socket.create_server(("127.0.0.1", 0))
@@ -574,9 +586,8 @@ def test_client_refuses_a_server_that_cannot_prove_the_secret():
             conn.sendall(fr.pack_hello(fr.SERVER_HELLO, {
                 "versions": [fr.VERSION], "service": TcpSecure.name, "compression": [], "auth": True,
                 "nonce": fr.new_nonce(), "max_payload": 1 << 20}))
-            reader = fr.HelloReader()
-            while reader.feed(conn.recv(4096)) is None:
-                pass
+            if _read_client_hello(conn) is None:
+                return
             conn.sendall(fr.pack_hello(fr.WELCOME, {"proof": b"\0" * 32}))
             conn.recv(4096)
 
@@ -1293,9 +1304,8 @@ def _fake_tcp_service(replies):
             conn.sendall(fr.pack_hello(fr.SERVER_HELLO, {
                 "versions": [fr.VERSION], "service": TcpKitchen.name, "compression": [], "auth": False,
                 "nonce": fr.new_nonce(), "max_payload": 1 << 20}))
-            reader = fr.HelloReader()
-            while reader.feed(conn.recv(4096)) is None:
-                pass
+            if _read_client_hello(conn) is None:
+                return
             conn.sendall(fr.pack_hello(fr.WELCOME, {"proof": None}))
             parser = fr.FrameParser(1 << 20, frozenset((fr.CALL,)))
             while True:

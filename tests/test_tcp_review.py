@@ -36,7 +36,10 @@ def fake_server(script):
     def run():
         conn, _ = listener.accept()
         with conn:
-            script(conn)
+            try:
+                script(conn)
+            except (EOFError, OSError):   # the client hung up: the script is over
+                pass
 
     th = threading.Thread(target=run, daemon=True)
     th.start()
@@ -46,7 +49,10 @@ def fake_server(script):
 def read_hello(conn):
     reader = fr.HelloReader()
     while True:
-        msg = reader.feed(conn.recv(4096))
+        data = conn.recv(4096)
+        if not data:   # the client hung up (else this thread would spin on EOF for the rest of the run)
+            raise EOFError("the client closed the connection during the handshake")
+        msg = reader.feed(data)
         if msg is not None:
             return msg
 
@@ -124,7 +130,10 @@ def test_client_with_a_secret_refuses_a_server_that_does_not_authenticate():
         parser = fr.FrameParser(1 << 20, frozenset((fr.CALL,)))
         frames = []
         while not frames:
-            frames = parser.feed(conn.recv(65536))
+            data = conn.recv(65536)
+            if not data:
+                raise EOFError("the client closed the connection")
+            frames = parser.feed(data)
         body = pickle.dumps(Evil())
         conn.sendall(fr.reply_header(frames[0].call_id, 0, len(body)) + body)
         conn.recv(1)
@@ -388,6 +397,24 @@ def test_tcp_gateway_does_not_outlive_a_killed_owner(tmp_path):
         time.sleep(1)
         from speedysvc import shm
         shm.remove_service_segments(ReviewEcho.name)   # the killed owner could not
+
+
+def test_tcp_gateway_whose_owner_died_while_it_started_exits():
+    """The owner may die between starting the gateway and the gateway's first look at its
+    parent; by then the gateway is someone else's child, so it is told its owner's pid."""
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    gateway = subprocess.Popen([sys.executable, "-m", "speedysvc.tcp_server", ReviewEcho.name, "--port", "0",
+                                "--exit-with-parent", str(gone.pid)],
+                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert gateway.stdout.readline().startswith("listening on ")
+        assert gateway.wait(10) == 0
+    finally:
+        if gateway.poll() is None:
+            gateway.kill()
+            gateway.wait()
+        gateway.stdout.close()
 
 
 # ---- 9. replies a client never reads are buffered without limit ---------------------------------
