@@ -481,17 +481,32 @@ static PyObject *R_wait_reply(Region *self, PyObject *const *args, Py_ssize_t na
  * data segment, (status, bytes) for a small error response, else an int:
  * 1 request too big (nothing posted), 2 not serving, 3 still in flight at the
  * timeout, 4 ready (read it with wait_reply). */
-static PyObject *call_channel(Region *self, long slot, Region *data, PyObject *name_obj, PyObject *payload_obj,
-                              uint32_t flags, double timeout) {
+/* Posts; returns post_call's code, or -2 with an exception set. */
+static int post_channel(Region *self, long slot, Region *data, PyObject *name_obj, PyObject *payload_obj,
+                        uint32_t flags) {
     Py_buffer name, payload;
-    if (PyObject_GetBuffer(name_obj, &name, PyBUF_SIMPLE) < 0) return NULL;
-    if (PyObject_GetBuffer(payload_obj, &payload, PyBUF_SIMPLE) < 0) { PyBuffer_Release(&name); return NULL; }
+    if (PyObject_GetBuffer(name_obj, &name, PyBUF_SIMPLE) < 0) return -2;
+    if (PyObject_GetBuffer(payload_obj, &payload, PyBUF_SIMPLE) < 0) { PyBuffer_Release(&name); return -2; }
     int rc = post_call(self->base, slot, data, &name, &payload, flags);
     PyBuffer_Release(&name);
     PyBuffer_Release(&payload);
+    return rc;
+}
+
+static PyObject *collect_channel(Region *self, long slot, Region *data, double timeout, int woke_worker);
+
+static PyObject *call_channel(Region *self, long slot, Region *data, PyObject *name_obj, PyObject *payload_obj,
+                              uint32_t flags, double timeout) {
+    int rc = post_channel(self, slot, data, name_obj, payload_obj, flags);
+    if (rc == -2) return NULL;
     if (rc > 0) return PyLong_FromLong(rc);
+    return collect_channel(self, slot, data, timeout, rc < 0);
+}
+
+/* The response of a posted call, as call() returns it. */
+static PyObject *collect_channel(Region *self, long slot, Region *data, double timeout, int woke_worker) {
     char *ch = self->base + H_CHANNELS + slot * C_SIZE;
-    int ready = await_response(ch, timeout, rc < 0);
+    int ready = await_response(ch, timeout, woke_worker);
     if (ready < 0 && PyErr_CheckSignals() < 0) return NULL;
     if (ready <= 0) return PyLong_FromLong(3);
     uint64_t off = LOAD(U64(ch, C_RESP_OFF)), len = LOAD(U64(ch, C_RESP_LEN));
@@ -508,6 +523,36 @@ static PyObject *call_channel(Region *self, long slot, Region *data, PyObject *n
     PyObject *res = PyTuple_Pack(2, status, body);
     Py_DECREF(status); Py_DECREF(body);
     return res;
+}
+
+/* post(slot, data_region, name, payload, flags): the first half of call().
+ * 0 posted, -1 posted and a sleeping worker woken for it, 1 request too big
+ * (nothing posted), 2 not serving (nothing posted). */
+static PyObject *R_post(Region *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 5) { PyErr_SetString(PyExc_TypeError, "post takes 5 arguments"); return NULL; }
+    long slot = PyLong_AsLong(args[0]);
+    if ((slot == -1 && PyErr_Occurred()) || check_slot(self, slot)) return NULL;
+    Region *data;
+    if (get_data(args[1], Py_TYPE(self), &data)) return NULL;
+    unsigned long flags = PyLong_AsUnsignedLong(args[4]);
+    if (flags == (unsigned long)-1 && PyErr_Occurred()) return NULL;
+    int rc = post_channel(self, slot, data, args[2], args[3], (uint32_t)flags);
+    return rc == -2 ? NULL : PyLong_FromLong(rc);
+}
+
+/* collect(slot, data_region, timeout, woke): the second half of call(), for a
+ * call that post() posted (woke: what post() said about waking a worker). */
+static PyObject *R_collect(Region *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 4) { PyErr_SetString(PyExc_TypeError, "collect takes 4 arguments"); return NULL; }
+    long slot = PyLong_AsLong(args[0]);
+    if ((slot == -1 && PyErr_Occurred()) || check_slot(self, slot)) return NULL;
+    Region *data;
+    if (get_data(args[1], Py_TYPE(self), &data)) return NULL;
+    double timeout = PyFloat_AsDouble(args[2]);
+    if ((timeout == -1.0 && PyErr_Occurred()) || check_timeout(timeout)) return NULL;
+    int woke = PyObject_IsTrue(args[3]);
+    if (woke < 0) return NULL;
+    return collect_channel(self, slot, data, timeout, woke);
 }
 
 static PyObject *R_call(Region *self, PyObject *const *args, Py_ssize_t nargs) {
@@ -950,6 +995,9 @@ static PyMethodDef Region_methods[] = {
     {"addr", (PyCFunction)R_addr, METH_NOARGS, "base address (for tests)"},
     {"wait_reply", (PyCFunction)(void (*)(void))R_wait_reply, METH_FASTCALL, "wait for a channel's response"},
     {"call", (PyCFunction)(void (*)(void))R_call, METH_FASTCALL, "post a call and wait for its response"},
+    {"post", (PyCFunction)(void (*)(void))R_post, METH_FASTCALL, "post a call (the first half of call)"},
+    {"collect", (PyCFunction)(void (*)(void))R_collect, METH_FASTCALL,
+     "wait for a posted call's response (the second half of call)"},
     {"serve", (PyCFunction)(void (*)(void))R_serve, METH_FASTCALL, "a worker's serving loop for the common case"},
     {"reply", (PyCFunction)(void (*)(void))R_reply, METH_FASTCALL, "publish a response"},
     {"release", (PyCFunction)R_release, METH_NOARGS, "drop the buffer (the region is unusable after)"},

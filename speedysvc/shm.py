@@ -551,6 +551,7 @@ class _Channels:
         self.free: list[_Channel] = []
         self.region = seg.region
         self.call = seg.region.call
+        self.post, self.collect = seg.region.post, seg.region.collect
         self.closed = False
 
     def acquire(self, service: str) -> _Channel:
@@ -622,6 +623,16 @@ class _Pending:
 
     def abandon(self) -> None:
         self.transport._abort(self.chans, self.ch)
+
+
+class _Posted:
+    """A call ``ShmTransport.post`` posted, for ``ShmTransport.collect``."""
+
+    __slots__ = ("chans", "ch", "got", "name", "payload", "flags", "timeout", "deadline")
+
+    def __init__(self, chans, ch, got, name, payload, flags, timeout, deadline):
+        self.chans, self.ch, self.got, self.name, self.payload = chans, ch, got, name, payload
+        self.flags, self.timeout, self.deadline = flags, timeout, deadline
 
 
 class ShmTransport:
@@ -747,6 +758,49 @@ class ShmTransport:
             deadline = None if timeout is None else time.monotonic() + timeout
             return False, _Pending(self, chans, ch, functools.partial(
                 self._finish, chans, ch, got, name, payload, flags, codec, timeout, deadline))
+        except BaseException:
+            self._failed(chans, ch)
+            raise
+        finally:
+            if not later:
+                self._give_back(chans, ch)
+
+    def post(self, name: bytes, payload, flags: int, timeout: float | None) -> "_Posted":
+        """The first half of ``begin``: post a call and return at once, so that several
+        are in flight before the first is collected.  Every posted call must be given to
+        ``collect``.  Raises like ``call`` for what fails at once."""
+        chans = self._channels or self._attach()
+        try:
+            ch = chans.free.pop()
+        except IndexError:
+            ch = chans.acquire(self.service)
+        try:
+            got = chans.post(ch.slot, ch.region, name, payload, flags)
+        except BaseException:
+            self._failed(chans, ch)
+            self._give_back(chans, ch)
+            raise
+        return _Posted(chans, ch, got, name, payload, flags, timeout,
+                       None if timeout is None else time.monotonic() + timeout)
+
+    def collect(self, posted: "_Posted", codec):
+        """The second half of ``begin``, with the same result, for a call ``post`` posted."""
+        chans, ch, got = posted.chans, posted.ch, posted.got
+        later = False
+        try:
+            if got <= 0:   # posted (-1: a sleeping worker was woken for it)
+                got = chans.collect(ch.slot, ch.region, 0.0, got < 0)
+                if got.__class__ is bytes:
+                    try:
+                        return True, codec.loads_fast(got)
+                    except Exception:
+                        return True, _decode_slow(codec, posted.name, got)
+                if got.__class__ is tuple:
+                    return True, codec.remote_error(got[1])
+            later = True
+            return False, _Pending(self, chans, ch, functools.partial(
+                self._finish, chans, ch, got, posted.name, posted.payload, posted.flags, codec, posted.timeout,
+                posted.deadline))
         except BaseException:
             self._failed(chans, ch)
             raise

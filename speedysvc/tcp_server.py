@@ -230,6 +230,42 @@ class TcpServer:
         self._started(conn, frame.call_id, done, result)
         return True
 
+    def submit_all(self, conn: "_Connection", frames: list) -> None:
+        """The calls of one read: the usual ones are all posted first and their answers
+        collected after, so that workers run them while the rest are being posted (and a
+        worker that shares this process's CPU runs them one after another instead of
+        taking turns with it call by call).  A call that is not usual goes through
+        ``submit``, after the answers to those posted before it are in."""
+        posted = []
+        try:
+            for frame in frames:
+                if (frame.flags or self.closing or self.inflight + len(posted) >= self.max_inflight
+                        or conn in self._waiting or frame.arg >> codecs.CODEC_SHIFT & 0xFF == codecs.PICKLE.id):
+                    self._collect(conn, posted)
+                    self.submit(conn, frame)
+                    continue
+                try:
+                    posted.append((frame.call_id, self.shm.post(
+                        frame.name, frame.payload, frame.arg, frame.timeout_ms / 1000 if frame.timeout_ms else None)))
+                except NoFreeChannel:   # the posted ones hold channels: collect them, then the usual way
+                    self._collect(conn, posted)
+                    self.submit(conn, frame)
+                except Exception as e:
+                    conn.reply_error(frame.call_id, e)
+        finally:
+            self._collect(conn, posted)
+
+    def _collect(self, conn: "_Connection", posted: list) -> None:
+        """Answer (or wait in a thread for) the calls ``submit_all`` posted; empties ``posted``."""
+        while posted:
+            call_id, p = posted.pop(0)
+            try:
+                done, result = self.shm.collect(p, PASSTHROUGH)
+            except Exception as e:
+                conn.reply_error(call_id, e)
+                continue
+            self._started(conn, call_id, done, result)
+
     def _started(self, conn: "_Connection", call_id: int, done: bool, result) -> None:
         """A call was posted: answer it now, or wait for its answer in a thread."""
         self.counters["calls"] += 1
@@ -377,9 +413,10 @@ class _Connection(asyncio.BufferedProtocol):
         # replies to calls answered at once go out together, in one write
         self.batch = []
         try:
-            submit = self.server.submit
-            for frame in frames:
-                submit(self, frame)
+            if len(frames) == 1:
+                self.server.submit(self, frames[0])
+            elif frames:
+                self.server.submit_all(self, frames)
         finally:
             batch, self.batch = self.batch, None
             if batch and not self.closed:

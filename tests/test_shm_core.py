@@ -159,3 +159,35 @@ def test_forked_child_gets_its_own_channels():
         _, status = os.waitpid(pid, 0)
         assert os.waitstatus_to_exitcode(status) == 0
         assert c.echo_msgpack("parent again") == "parent again"
+
+
+def test_calls_posted_together_are_collected_in_any_order():
+    """ShmTransport.post / collect (the TCP gateway posts the calls of one read together):
+    each collected answer is its own call's; a request larger than the channel's data
+    segment, and a call left in flight, finish through the returned callable; nothing stays
+    busy afterwards."""
+    from speedysvc import codecs
+    from speedysvc.shm import ShmTransport
+    m = codecs.MSGPACK
+    with LocalService(Kitchen, workers=2) as svc:
+        t = ShmTransport(svc.service)
+        try:
+            small = [t.post(b"echo_msgpack", m.dumps([i]), m.flags, None) for i in range(6)]
+            big_arg = "y" * (8 << 20)   # larger than a new channel's data segment: posted later
+            big = t.post(b"echo_msgpack", m.dumps([big_arg]), m.flags, None)
+            slow = t.post(b"sleep", m.dumps([0.3, "slept"]), m.flags, None)
+            results = {}
+            for i in (5, 0, 3, 1, 4, 2):
+                done, value = t.collect(small[i], m)
+                results[i] = value if done else value()
+            assert results == {i: i for i in range(6)}
+            done, value = t.collect(big, m)
+            assert (value if done else value()) == big_arg
+            done, value = t.collect(slow, m)
+            assert not done and value() == "slept"
+            seg = t._channels.seg
+            assert all(seg.region.load32(seg.channel_offset(ch.slot) + core.C_STATE) & core.ST_CODE
+                       in (core.ST_IDLE, core.ST_RESPONSE) for ch in t._channels.free)
+            assert len(t._channels.free) == len(t._channels.owned)   # every channel given back
+        finally:
+            t.close()

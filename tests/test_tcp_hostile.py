@@ -1193,3 +1193,50 @@ def test_a_large_payload_buffer_commits_memory_only_as_bytes_arrive():
         assert buf[0] == ord("x") and buf[(1 << 30) - 1] == 7 and buf[1 << 20] == 0
     finally:
         buf.close()
+
+
+def test_many_calls_in_one_read_mixed_with_odd_ones_each_get_their_answer():
+    """One write carrying usual calls (posted together, collected after) mixed with calls
+    that are not usual (compressed, pickle, an unknown method, undecodable arguments, more
+    than there is room for in flight): every call gets its own answer, by id."""
+    good = b"abc" * 3000
+    with serve(max_channels=8) as svc:   # room for 4 calls in flight from the gateway
+        with RawClient(svc) as raw:
+            raw.welcome(compression="zlib", compress_min=1 << 20)
+            expected, wire = {}, []
+            for i in range(1, 61):
+                kind = i % 6
+                if kind == 1:
+                    body = compression.compress("zlib", good)
+                    wire.append(fr.call_header(i, b"echo_raw", RAW.flags, 0, len(body), fr.F_COMPRESSED) + body)
+                    expected[i] = (0, good)
+                elif kind == 2:
+                    body = msgpack_args("pickled?")
+                    wire.append(fr.call_header(i, b"echo", codecs.PICKLE.flags, 0, len(body)) + body)
+                    expected[i] = NotAllowed
+                elif kind == 3:
+                    body = msgpack_args(i)
+                    wire.append(fr.call_header(i, b"no_such_method", MSGPACK.flags, 0, len(body)) + body)
+                    expected[i] = MethodNotFound
+                elif kind == 4:
+                    wire.append(fr.call_header(i, b"echo", MSGPACK.flags, 0, 3) + b"\xc1\xc1\xc1")
+                    expected[i] = DecodeError
+                else:
+                    body = msgpack_args([i, "x" * i])
+                    wire.append(fr.call_header(i, b"echo", MSGPACK.flags, 0, len(body)) + body)
+                    expected[i] = (0, MSGPACK.dumps([i, "x" * i]))
+            raw.send(b"".join(wire))
+            got = {}
+            for frame in raw.read_frames(len(expected), timeout=20):
+                assert frame.kind == fr.REPLY and frame.call_id not in got
+                got[frame.call_id] = (frame.arg, bytes(frame.payload))
+            assert sorted(got) == sorted(expected)
+            for i, want in expected.items():
+                status, payload = got[i]
+                if isinstance(want, tuple):
+                    assert (status, payload) == want, i
+                else:
+                    assert status == 1 and isinstance(decode_exception(payload), want), (i, decode_exception(payload))
+        with client(svc) as after:
+            check(after)
+        assert not busy_channels(svc), "calls posted together left channels behind"
