@@ -744,26 +744,7 @@ class ShmTransport:
             ch = chans.free.pop()
         except IndexError:
             ch = chans.acquire(self.service)
-        later = False
-        try:
-            got = chans.call(ch.slot, ch.region, name, payload, flags, 0.0)
-            if got.__class__ is bytes:
-                try:
-                    return True, codec.loads_fast(got)
-                except Exception:
-                    return True, _decode_slow(codec, name, got)
-            if got.__class__ is tuple:
-                return True, codec.remote_error(got[1])
-            later = True
-            deadline = None if timeout is None else time.monotonic() + timeout
-            return False, _Pending(self, chans, ch, functools.partial(
-                self._finish, chans, ch, got, name, payload, flags, codec, timeout, deadline))
-        except BaseException:
-            self._failed(chans, ch)
-            raise
-        finally:
-            if not later:
-                self._give_back(chans, ch)
+        return self._early(chans, ch, None, name, payload, flags, codec, timeout, None)
 
     def post(self, name: bytes, payload, flags: int, timeout: float | None) -> "_Posted":
         """The first half of ``begin``: post a call and return at once, so that several
@@ -785,22 +766,32 @@ class ShmTransport:
 
     def collect(self, posted: "_Posted", codec):
         """The second half of ``begin``, with the same result, for a call ``post`` posted."""
-        chans, ch, got = posted.chans, posted.ch, posted.got
+        return self._early(posted.chans, posted.ch, posted.got, posted.name, posted.payload, posted.flags, codec,
+                           posted.timeout, posted.deadline)
+
+    def _early(self, chans: _Channels, ch: _Channel, got, name: bytes, payload, flags: int, codec, timeout,
+               deadline):
+        """``begin``'s outcome on channel ``ch``: post the call and spin briefly for its
+        answer when ``got`` is None, else (``collect``) go on from what ``Region.post``
+        returned.  Gives the channel back unless the call is left in flight."""
         later = False
         try:
-            if got <= 0:   # posted (-1: a sleeping worker was woken for it)
+            if got is None:
+                got = chans.call(ch.slot, ch.region, name, payload, flags, 0.0)
+            elif got <= 0:   # posted (-1: a sleeping worker was woken for it)
                 got = chans.collect(ch.slot, ch.region, 0.0, got < 0)
-                if got.__class__ is bytes:
-                    try:
-                        return True, codec.loads_fast(got)
-                    except Exception:
-                        return True, _decode_slow(codec, posted.name, got)
-                if got.__class__ is tuple:
-                    return True, codec.remote_error(got[1])
+            if got.__class__ is bytes:
+                try:
+                    return True, codec.loads_fast(got)
+                except Exception:
+                    return True, _decode_slow(codec, name, got)
+            if got.__class__ is tuple:
+                return True, codec.remote_error(got[1])
             later = True
+            if deadline is None and timeout is not None:
+                deadline = time.monotonic() + timeout
             return False, _Pending(self, chans, ch, functools.partial(
-                self._finish, chans, ch, got, posted.name, posted.payload, posted.flags, codec, posted.timeout,
-                posted.deadline))
+                self._finish, chans, ch, got, name, payload, flags, codec, timeout, deadline))
         except BaseException:
             self._failed(chans, ch)
             raise
