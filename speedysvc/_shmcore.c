@@ -481,6 +481,25 @@ static PyObject *R_wait_reply(Region *self, PyObject *const *args, Py_ssize_t na
  * data segment, (status, bytes) for a small error response, else an int:
  * 1 request too big (nothing posted), 2 not serving, 3 still in flight at the
  * timeout, 4 ready (read it with wait_reply). */
+/* The (slot, data_region) arguments a channel method starts with. */
+static int slot_and_data(Region *self, PyObject *const *args, long *slot, Region **data) {
+    *slot = PyLong_AsLong(args[0]);
+    if ((*slot == -1 && PyErr_Occurred()) || check_slot(self, *slot)) return -1;
+    return get_data(args[1], Py_TYPE(self), data);
+}
+
+static int flags_arg(PyObject *obj, uint32_t *flags) {
+    unsigned long v = PyLong_AsUnsignedLong(obj);
+    if (v == (unsigned long)-1 && PyErr_Occurred()) return -1;
+    *flags = (uint32_t)v;
+    return 0;
+}
+
+static int timeout_arg(PyObject *obj, double *timeout) {
+    *timeout = PyFloat_AsDouble(obj);
+    return (*timeout == -1.0 && PyErr_Occurred()) || check_timeout(*timeout) ? -1 : 0;
+}
+
 /* Posts; returns post_call's code, or -2 with an exception set. */
 static int post_channel(Region *self, long slot, Region *data, PyObject *name_obj, PyObject *payload_obj,
                         uint32_t flags) {
@@ -530,13 +549,9 @@ static PyObject *collect_channel(Region *self, long slot, Region *data, double t
  * (nothing posted), 2 not serving (nothing posted). */
 static PyObject *R_post(Region *self, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 5) { PyErr_SetString(PyExc_TypeError, "post takes 5 arguments"); return NULL; }
-    long slot = PyLong_AsLong(args[0]);
-    if ((slot == -1 && PyErr_Occurred()) || check_slot(self, slot)) return NULL;
-    Region *data;
-    if (get_data(args[1], Py_TYPE(self), &data)) return NULL;
-    unsigned long flags = PyLong_AsUnsignedLong(args[4]);
-    if (flags == (unsigned long)-1 && PyErr_Occurred()) return NULL;
-    int rc = post_channel(self, slot, data, args[2], args[3], (uint32_t)flags);
+    long slot; Region *data; uint32_t flags;
+    if (slot_and_data(self, args, &slot, &data) || flags_arg(args[4], &flags)) return NULL;
+    int rc = post_channel(self, slot, data, args[2], args[3], flags);
     return rc == -2 ? NULL : PyLong_FromLong(rc);
 }
 
@@ -544,12 +559,8 @@ static PyObject *R_post(Region *self, PyObject *const *args, Py_ssize_t nargs) {
  * call that post() posted (woke: what post() said about waking a worker). */
 static PyObject *R_collect(Region *self, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 4) { PyErr_SetString(PyExc_TypeError, "collect takes 4 arguments"); return NULL; }
-    long slot = PyLong_AsLong(args[0]);
-    if ((slot == -1 && PyErr_Occurred()) || check_slot(self, slot)) return NULL;
-    Region *data;
-    if (get_data(args[1], Py_TYPE(self), &data)) return NULL;
-    double timeout = PyFloat_AsDouble(args[2]);
-    if ((timeout == -1.0 && PyErr_Occurred()) || check_timeout(timeout)) return NULL;
+    long slot; Region *data; double timeout;
+    if (slot_and_data(self, args, &slot, &data) || timeout_arg(args[2], &timeout)) return NULL;
     int woke = PyObject_IsTrue(args[3]);
     if (woke < 0) return NULL;
     return collect_channel(self, slot, data, timeout, woke);
@@ -557,15 +568,10 @@ static PyObject *R_collect(Region *self, PyObject *const *args, Py_ssize_t nargs
 
 static PyObject *R_call(Region *self, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 6) { PyErr_SetString(PyExc_TypeError, "call takes 6 arguments"); return NULL; }
-    long slot = PyLong_AsLong(args[0]);
-    if ((slot == -1 && PyErr_Occurred()) || check_slot(self, slot)) return NULL;
-    Region *data;
-    if (get_data(args[1], Py_TYPE(self), &data)) return NULL;
-    unsigned long flags = PyLong_AsUnsignedLong(args[4]);
-    if (flags == (unsigned long)-1 && PyErr_Occurred()) return NULL;
-    double timeout = PyFloat_AsDouble(args[5]);
-    if ((timeout == -1.0 && PyErr_Occurred()) || check_timeout(timeout)) return NULL;
-    return call_channel(self, slot, data, args[2], args[3], (uint32_t)flags, timeout);
+    long slot; Region *data; uint32_t flags; double timeout;
+    if (slot_and_data(self, args, &slot, &data) || flags_arg(args[4], &flags) || timeout_arg(args[5], &timeout))
+        return NULL;
+    return call_channel(self, slot, data, args[2], args[3], flags, timeout);
 }
 
 /* Claims one posted call: clears its bit, then moves its state from REQUEST

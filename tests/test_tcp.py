@@ -563,16 +563,20 @@ def test_pickle_allowed_with_secret_and_allow_pickle():
         run(main())
 
 
-def _read_client_hello(conn):
-    """A fake server's read of the client hello; None if the client hung up first."""
+def _fake_handshake(conn, service: str, auth: bool, proof) -> bool:
+    """A fake server's side of the handshake; False if the client hung up first."""
+    conn.sendall(fr.pack_hello(fr.SERVER_HELLO, {
+        "versions": [fr.VERSION], "service": service, "compression": [], "auth": auth,
+        "nonce": fr.new_nonce(), "max_payload": 1 << 20}))
     reader = fr.HelloReader()
     while True:
         data = conn.recv(4096)
         if not data:
-            return None
-        msg = reader.feed(data)
-        if msg is not None:
-            return msg
+            return False
+        if reader.feed(data) is not None:
+            break
+    conn.sendall(fr.pack_hello(fr.WELCOME, {"proof": proof}))
+    return True
 
 
 def test_client_refuses_a_server_that_cannot_prove_the_secret():
@@ -583,13 +587,8 @@ def test_client_refuses_a_server_that_cannot_prove_the_secret():
     def fake():
         conn, _ = listener.accept()
         with conn:
-            conn.sendall(fr.pack_hello(fr.SERVER_HELLO, {
-                "versions": [fr.VERSION], "service": TcpSecure.name, "compression": [], "auth": True,
-                "nonce": fr.new_nonce(), "max_payload": 1 << 20}))
-            if _read_client_hello(conn) is None:
-                return
-            conn.sendall(fr.pack_hello(fr.WELCOME, {"proof": b"\0" * 32}))
-            conn.recv(4096)
+            if _fake_handshake(conn, TcpSecure.name, auth=True, proof=b"\0" * 32):
+                conn.recv(4096)
 
     th = threading.Thread(target=fake, daemon=True)
     th.start()
@@ -1198,23 +1197,28 @@ def test_non_loopback_bind_without_secret_is_refused_at_start(capfd):
     assert "secret" in err and "0.0.0.0" in err
 
 
+def _call_in_thread(method, *args):
+    """Start ``method(*args)`` in a thread: (the thread, a dict that gets its "value" or "error")."""
+    outcome = {}
+
+    def run():
+        try:
+            outcome["value"] = method(*args)
+        except Exception as e:   # noqa: BLE001 - the tests check the type
+            outcome["error"] = e
+
+    th = threading.Thread(target=run)
+    th.start()
+    return th, outcome
+
+
 def test_worker_killed_mid_call_over_tcp_fails_that_call_and_the_connection_goes_on(kitchen, client):
     """kill -9 of the worker running a TCP call: the caller gets WorkerDied well within its
     timeout, and the same connection is served by the other worker afterwards."""
     import signal as _signal
-    import threading as _threading
     pids = set(kitchen.pids)
-    outcome = {}
-
-    def slow():
-        try:
-            outcome["value"] = client.sleep(30, "never")
-        except Exception as e:   # noqa: BLE001 - the test checks the type below
-            outcome["error"] = e
-
-    t = _threading.Thread(target=slow)
     started = time.monotonic()
-    t.start()
+    t, outcome = _call_in_thread(client.sleep, 30, "never")
     from conftest import wait_until
     from speedysvc import shm as _shm
     seg = _shm.ServiceSegment.attach(TcpKitchen.name)
@@ -1269,16 +1273,7 @@ def test_a_call_without_timeout_fails_when_the_gateway_is_killed(serve):
     c = connect(TcpKitchen, svc.tcp_address)
     try:
         assert c.echo_msgpack(1) == 1
-        outcome = {}
-
-        def slow():
-            try:
-                outcome["value"] = c.sleep(20, "never")
-            except Exception as e:   # noqa: BLE001 - the test checks the type below
-                outcome["error"] = e
-
-        th = threading.Thread(target=slow)
-        th.start()
+        th, outcome = _call_in_thread(c.sleep, 20, "never")
         time.sleep(0.3)
         t = time.monotonic()
         os.kill(svc.tcp_process.pid, 9)
@@ -1301,12 +1296,8 @@ def _fake_tcp_service(replies):
     def run():
         conn, _ = listener.accept()
         with conn:
-            conn.sendall(fr.pack_hello(fr.SERVER_HELLO, {
-                "versions": [fr.VERSION], "service": TcpKitchen.name, "compression": [], "auth": False,
-                "nonce": fr.new_nonce(), "max_payload": 1 << 20}))
-            if _read_client_hello(conn) is None:
+            if not _fake_handshake(conn, TcpKitchen.name, auth=False, proof=None):
                 return
-            conn.sendall(fr.pack_hello(fr.WELCOME, {"proof": None}))
             parser = fr.FrameParser(1 << 20, frozenset((fr.CALL,)))
             while True:
                 data = conn.recv(65536)
