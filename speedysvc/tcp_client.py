@@ -184,6 +184,9 @@ class _Connection:
         self.waiting: dict[int, threading.Condition | None] = {}
         self.reading = False
         self.last_read = 0.0   # when bytes last came (time.monotonic()); 0: check before the first call
+        # bytes received and maybe not yet given to the parser: set in the statement that
+        # receives them, cleared once parsed, so an exception in between is noticed
+        self.unparsed = 0
         self.broken: BaseException | None = None
         self.tls = isinstance(sock, ssl.SSLSocket)
         self.poller = select.poll()
@@ -219,18 +222,31 @@ class _Connection:
 
     def _check_idle(self) -> None:
         """Under ``lock``, with no call in flight (and nothing read for ``IDLE_CHECK_AFTER``):
-        is the connection still open?  Late
-        replies (to calls that timed out) are read and dropped; only an end, a go-away or
-        an error count, and then ``_Stale`` says that nothing was sent on it."""
+        is the connection still open?  Late replies (to calls that timed out) are read and
+        dropped; only an end, a go-away or an error count, and then ``_Stale`` says that
+        nothing was sent on it."""
         try:
             while self._readable(0):
                 self._deliver(self._recv())
                 if self.broken is not None:
                     break
         except (OSError, ProtocolError) as e:
+            self.unparsed = 0
             self._break(e)
+        except BaseException:
+            self._interrupted()
+            raise
         if self.broken is not None:
             raise _Stale
+
+    def _interrupted(self) -> None:
+        """Under ``lock``: a read was cut short by an exception (a signal handler's).  Bytes
+        it received but did not parse are lost, and the stream with them: drop the
+        connection (calls waiting on it fail; the next call connects anew)."""
+        if self.unparsed:
+            self.unparsed = 0
+            self._break(ConnectionLost(f"a read from {self.opts.address} was interrupted halfway; the "
+                                       f"connection was dropped and calls in flight on it may or may not have run"))
 
     def call(self, name: bytes, payload, flags: int, timeout: float | None):
         """The reply ``(status, data)`` of one call.  Raises ``_Stale`` when the connection
@@ -270,11 +286,12 @@ class _Connection:
                         # the usual case: one blocking read brings exactly our reply
                         parser = self.parser
                         buf = parser.get_buffer()
-                        n = self.sock.recv_into(buf, len(buf))
+                        n = self.unparsed = self.sock.recv_into(buf, len(buf))
                         del buf
                         self.last_read = time.monotonic()
                         whole = parser.whole_frame(n) if n else None
                         if whole is not None and whole[0] == fr.REPLY and whole[2] == call_id and not whole[1]:
+                            self.unparsed = 0
                             with lock:
                                 self.reading = False
                                 del self.waiting[call_id]
@@ -283,14 +300,16 @@ class _Connection:
                             call_id = None   # nothing left for the cleanup below
                             return whole[3], whole[6]
                         frames = parser.buffer_updated(n) if n else self._lost()
+                        self.unparsed = 0
                     else:
                         frames = self._read(None if deadline is None else deadline - time.monotonic())
                     error = None
                 except (OSError, ProtocolError) as e:
-                    frames, error = [], e
+                    frames, error, self.unparsed = [], e, 0
                 except BaseException:
                     with lock:
                         self.reading = False
+                        self._interrupted()
                     raise
                 with lock:
                     self.reading = False
@@ -337,14 +356,19 @@ class _Connection:
                     continue
                 self.reading = True
                 lock.release()
+                interrupted = True
                 try:
-                    frames = self._read(remaining)
-                    error = None
-                except (OSError, ProtocolError) as e:
-                    frames, error = [], e
+                    try:
+                        frames = self._read(remaining)
+                        error = None
+                    except (OSError, ProtocolError) as e:
+                        frames, error, self.unparsed = [], e, 0
+                    interrupted = False
                 finally:
                     lock.acquire()
                     self.reading = False
+                    if interrupted:
+                        self._interrupted()
                 if error is not None:
                     self._break(error)
                 else:
@@ -363,10 +387,12 @@ class _Connection:
 
     def _recv(self) -> list:
         buf = self.parser.get_buffer()
-        n = self.sock.recv_into(buf, len(buf))
+        n = self.unparsed = self.sock.recv_into(buf, len(buf))
         del buf
         self.last_read = time.monotonic()
-        return self.parser.buffer_updated(n) if n else self._lost()
+        frames = self.parser.buffer_updated(n) if n else self._lost()
+        self.unparsed = 0
+        return frames
 
     def _lost(self):
         raise ConnectionLost(f"{self.opts.address} closed the connection; a call in flight may or may not have run")

@@ -1290,17 +1290,19 @@ def test_a_call_without_timeout_fails_when_the_gateway_is_killed(serve):
 def _fake_tcp_service(replies):
     """A listening socket that shakes hands like a TcpKitchen gateway and answers each
     call with ``replies(call_id, payload)``: a list of byte strings sent apart (50 ms
-    between them).  Serves one connection, in a thread."""
+    between them).  Serves each connection in a thread, until the listener is closed."""
     listener = socket.create_server(("127.0.0.1", 0))
 
-    def run():
-        conn, _ = listener.accept()
+    def serve(conn):
         with conn:
             if not _fake_handshake(conn, TcpKitchen.name, auth=False, proof=None):
                 return
             parser = fr.FrameParser(1 << 20, frozenset((fr.CALL,)))
             while True:
-                data = conn.recv(65536)
+                try:
+                    data = conn.recv(65536)
+                except OSError:
+                    return
                 if not data:
                     return
                 for frame in parser.feed(data):
@@ -1309,9 +1311,58 @@ def _fake_tcp_service(replies):
                             time.sleep(0.05)
                         conn.sendall(piece)
 
+    def run():
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:   # closed
+                return
+            threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
     th = threading.Thread(target=run, daemon=True)
     th.start()
     return listener, th, f"tcp://127.0.0.1:{listener.getsockname()[1]}"
+
+
+def _msgpack_echo_replies(call_id, payload):
+    """For ``_fake_tcp_service``: echo a msgpack call's one argument; "split" comes in two pieces."""
+    import msgpack
+    arg = msgpack.unpackb(payload)[0]
+    body = msgpack.packb(arg)
+    reply = fr.reply_header(call_id, 0, len(body)) + body
+    return [reply[:fr.HEADER_SIZE + 2], reply[fr.HEADER_SIZE + 2:]] if arg == "split" else [reply]
+
+
+@pytest.mark.parametrize("timeout, where", [(None, "whole_frame"), (None, "buffer_updated"),
+                                            (5.0, "buffer_updated")])   # (whole_frame: no timeout only)
+def test_a_read_interrupted_after_bytes_came_drops_the_connection(timeout, where):
+    """An exception (a signal handler's) between receiving bytes and parsing them would
+    lose those bytes and leave the stream out of step, so that later replies are misread or
+    never found.  The connection is dropped instead: the next call connects anew."""
+    listener, th, address = _fake_tcp_service(_msgpack_echo_replies)
+    try:
+        with connect(TcpKitchen, address, timeout=timeout) as c:
+            assert c.echo_msgpack("warm") == "warm"
+            conn = c._transport._conn
+            parser = conn.parser
+            real = getattr(parser, where)
+            calls = []
+
+            def interrupted(n):
+                calls.append(n)
+                if len(calls) == (2 if where == "buffer_updated" else 1):   # the second piece / the first read
+                    raise _Interrupted()
+                return real(n)
+
+            setattr(parser, where, interrupted)
+            with pytest.raises(_Interrupted):
+                c.echo_msgpack("split")
+            setattr(parser, where, real)
+            for arg in ["after", "split", "plain"]:
+                assert c.echo_msgpack(arg) == arg
+            assert c._transport._conn is not conn
+    finally:
+        listener.close()
 
 
 @pytest.mark.parametrize("timeout", [None, 5.0])
