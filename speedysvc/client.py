@@ -12,7 +12,6 @@ from . import codecs
 from urllib.parse import urlsplit
 
 from .methods import MethodSpec, ServerMethodsBase, method_spec
-from ._shmcore import ShmMethod
 from .shm import ShmTransport
 
 _DEFAULT = ...
@@ -103,9 +102,11 @@ class Client:
 
     def with_timeout(self, timeout: float | None) -> "Client":
         """The same connection with another timeout for each call, in seconds (None: no limit)."""
-        clone = object.__new__(type(self))
-        # not the methods made for this client: they carry its timeout
-        clone.__dict__.update({k: v for k, v in self.__dict__.items() if type(v) is not ShmMethod})
+        cls = type(self)
+        clone = object.__new__(cls)
+        # not the methods made for this client (by _ClientMethod.__get__): they carry its timeout
+        made = {k for c in cls.__mro__ for k, v in vars(c).items() if isinstance(v, _ClientMethod)}
+        clone.__dict__.update({k: v for k, v in self.__dict__.items() if k not in made})
         clone._timeout = _check_timeout(timeout)
         return clone
 

@@ -184,9 +184,6 @@ class _Connection:
         self.waiting: dict[int, threading.Condition | None] = {}
         self.reading = False
         self.last_read = 0.0   # when bytes last came (time.monotonic()); 0: check before the first call
-        # bytes received and maybe not yet given to the parser: set in the statement that
-        # receives them, cleared once parsed, so an exception in between is noticed
-        self.unparsed = 0
         self.broken: BaseException | None = None
         self.tls = isinstance(sock, ssl.SSLSocket)
         self.poller = select.poll()
@@ -214,11 +211,24 @@ class _Connection:
                 cond.notify()
 
     def _break(self, exc: BaseException) -> None:
-        """Under ``lock``: the connection is unusable; every waiting call fails."""
+        """Under ``lock``: the connection is unusable; every waiting call fails, and a thread
+        blocked reading it wakes up (the socket is shut down)."""
         if self.broken is None:
             self.broken = exc if isinstance(exc, ConnectionLost) else ConnectionLost(
                 f"connection to {self.opts.address} was lost ({exc}); the call may or may not have run")
+            try:
+                self.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
         self._wake_all()
+
+    def _cut_short(self) -> None:
+        """Under ``lock``: an exception (a signal handler's) ended a read before what it
+        received reached the parser, or a reply reached its caller: the stream cannot be
+        trusted any more.  Calls waiting on it fail; the next call connects anew."""
+        self.reading = False
+        self._break(ConnectionLost(f"a read from {self.opts.address} was interrupted; the connection was dropped "
+                                   f"and calls in flight on it may or may not have run"))
 
     def _check_idle(self) -> None:
         """Under ``lock``, with no call in flight (and nothing read for ``IDLE_CHECK_AFTER``):
@@ -231,22 +241,12 @@ class _Connection:
                 if self.broken is not None:
                     break
         except (OSError, ProtocolError) as e:
-            self.unparsed = 0
             self._break(e)
         except BaseException:
-            self._interrupted()
+            self._cut_short()
             raise
         if self.broken is not None:
             raise _Stale
-
-    def _interrupted(self) -> None:
-        """Under ``lock``: a read was cut short by an exception (a signal handler's).  Bytes
-        it received but did not parse are lost, and the stream with them: drop the
-        connection (calls waiting on it fail; the next call connects anew)."""
-        if self.unparsed:
-            self.unparsed = 0
-            self._break(ConnectionLost(f"a read from {self.opts.address} was interrupted halfway; the "
-                                       f"connection was dropped and calls in flight on it may or may not have run"))
 
     def call(self, name: bytes, payload, flags: int, timeout: float | None):
         """The reply ``(status, data)`` of one call.  Raises ``_Stale`` when the connection
@@ -255,18 +255,19 @@ class _Connection:
         buffers = self.opts.encode_call(call_id, name, payload, flags, timeout)
         deadline = None if timeout is None else time.monotonic() + timeout
         lock = self.lock
-        with lock:
-            if self.broken is not None:
-                raise _Stale
-            # the usual case: no other call on this connection, so this thread reads its own
-            # reply at once, with no hand-over between threads
-            alone = not self.waiting and not self.reading
-            if alone:
-                if time.monotonic() - self.last_read > IDLE_CHECK_AFTER:
-                    self._check_idle()
-                self.reading = True
-            self.waiting[call_id] = None
+        registered = reader = False   # in ``waiting``; holding the reader's turn
         try:
+            with lock:
+                if self.broken is not None:
+                    raise _Stale
+                # the usual case: no other call on this connection, so this thread reads its
+                # own reply at once, with no hand-over between threads
+                if not self.waiting and not self.reading:
+                    if time.monotonic() - self.last_read > IDLE_CHECK_AFTER:
+                        self._check_idle()
+                    self.reading = reader = True
+                self.waiting[call_id] = None
+                registered = True
             try:
                 with self.send_lock:
                     for buf in buffers:
@@ -274,57 +275,53 @@ class _Connection:
             except BaseException as e:
                 # half a frame may have gone out: nothing more can follow it on this connection
                 with lock:
-                    if alone:
-                        self.reading = False
+                    if reader:
+                        self.reading = reader = False
                     self._break(e)
                 if isinstance(e, OSError):
                     raise self.broken from None
                 raise
-            if alone:
+            if reader:
                 try:
-                    if deadline is None and not self.tls:
-                        # the usual case: one blocking read brings exactly our reply
+                    if deadline is None and not self.tls and self.broken is None:
+                        # one blocking read, which usually brings exactly our reply
                         parser = self.parser
                         buf = parser.get_buffer()
-                        n = self.unparsed = self.sock.recv_into(buf, len(buf))
+                        n = self.sock.recv_into(buf, len(buf))
                         del buf
                         self.last_read = time.monotonic()
                         whole = parser.whole_frame(n) if n else None
                         if whole is not None and whole[0] == fr.REPLY and whole[2] == call_id and not whole[1]:
-                            self.unparsed = 0
                             with lock:
-                                self.reading = False
+                                self.reading = reader = False
                                 del self.waiting[call_id]
+                                registered = False
                                 if self.waiting:
                                     self._pass_reading_on()
-                            call_id = None   # nothing left for the cleanup below
                             return whole[3], whole[6]
                         frames = parser.buffer_updated(n) if n else self._lost()
-                        self.unparsed = 0
                     else:
                         frames = self._read(None if deadline is None else deadline - time.monotonic())
                     error = None
                 except (OSError, ProtocolError) as e:
-                    frames, error, self.unparsed = [], e, 0
-                except BaseException:
-                    with lock:
-                        self.reading = False
-                        self._interrupted()
-                    raise
+                    frames, error = [], e
+                # (any other exception: the finally below drops the connection)
                 with lock:
-                    self.reading = False
                     if error is not None:
                         self._break(error)
                     else:
                         self._deliver(frames)
+                    self.reading = reader = False
                     reply = self.replies.pop(call_id, None)
                     if reply is not None:
                         return reply
             return self._wait(call_id, deadline, timeout)
         finally:
-            if call_id is not None:
+            if registered or reader:
                 with lock:
-                    del self.waiting[call_id]
+                    if reader:   # an exception ended our turn as the reader halfway
+                        self._cut_short()
+                    self.waiting.pop(call_id, None)
                     self.replies.pop(call_id, None)
                     if not self.reading:
                         self._pass_reading_on()
@@ -362,13 +359,13 @@ class _Connection:
                         frames = self._read(remaining)
                         error = None
                     except (OSError, ProtocolError) as e:
-                        frames, error, self.unparsed = [], e, 0
+                        frames, error = [], e
                     interrupted = False
                 finally:
                     lock.acquire()
                     self.reading = False
-                    if interrupted:
-                        self._interrupted()
+                    if interrupted:   # what the read received may be lost, and the stream with it
+                        self._cut_short()
                 if error is not None:
                     self._break(error)
                 else:
@@ -387,12 +384,10 @@ class _Connection:
 
     def _recv(self) -> list:
         buf = self.parser.get_buffer()
-        n = self.unparsed = self.sock.recv_into(buf, len(buf))
+        n = self.sock.recv_into(buf, len(buf))
         del buf
         self.last_read = time.monotonic()
-        frames = self.parser.buffer_updated(n) if n else self._lost()
-        self.unparsed = 0
-        return frames
+        return self.parser.buffer_updated(n) if n else self._lost()
 
     def _lost(self):
         raise ConnectionLost(f"{self.opts.address} closed the connection; a call in flight may or may not have run")

@@ -1239,10 +1239,10 @@ class _Interrupted(BaseException):
 
 
 @pytest.mark.skipif(threading.current_thread() is not threading.main_thread(), reason="needs signals")
-def test_a_call_without_timeout_interrupted_while_waiting_leaves_the_connection_usable(kitchen):
+def test_a_call_without_timeout_interrupted_while_waiting_ends_cleanly(kitchen):
     """A call with no timeout waits in a blocking read; an exception from a signal handler
-    ends that call only: the connection stays, and the late reply is dropped, not taken
-    for the next call's."""
+    ends that call at once.  Its turn as the reader ended halfway, so the connection is
+    dropped; later calls connect anew and get their own answers, not the late one."""
     import signal as _signal
     c = connect(TcpKitchen, kitchen.tcp_address)   # no timeout: the blocking read, not poll()
     try:
@@ -1258,12 +1258,48 @@ def test_a_call_without_timeout_interrupted_while_waiting_leaves_the_connection_
         finally:
             _signal.setitimer(_signal.ITIMER_REAL, 0)
             _signal.signal(_signal.SIGALRM, old)
-        assert c.echo_msgpack("next") == "next"     # sent while the late reply is still coming
-        time.sleep(1.0)                              # ...which has come by now
+        assert c.echo_msgpack("next") == "next"
+        time.sleep(1.0)                              # the late reply has come by now
         assert c.echo_msgpack("after") == "after"
-        assert c._transport._conn is conn, "the interrupted call cost the connection"
+        assert c._transport._conn is not conn
     finally:
         c.close()
+
+
+def test_breaking_a_connection_wakes_the_thread_reading_it():
+    """A thread blocked reading a connection that another thread finds broken (a send cut
+    short, a go-away) wakes up with ConnectionLost instead of waiting for bytes that will
+    never come."""
+    listener, th, address = _fake_tcp_service(lambda call_id, payload: [])   # never answers
+    try:
+        c = connect(TcpKitchen, address)   # no timeout
+        conn = c._transport._conn = c._transport._connection()
+        t, outcome = _call_in_thread(c.echo_msgpack, "never answered")
+        time.sleep(0.3)
+        with conn.lock:
+            assert conn.reading
+            conn._break(ConnectionLost("broken by another thread"))
+        t.join(5)
+        assert not t.is_alive(), "the reader still waits on a broken connection"
+        assert isinstance(outcome.get("error"), ConnectionLost), outcome
+        c.close()
+    finally:
+        listener.close()
+
+
+def test_with_timeout_applies_to_methods_already_used(kitchen):
+    """A client's methods are made on first use and carry its timeout: a copy made by
+    with_timeout() must make its own, over TCP as over shared memory."""
+    for address in (kitchen.tcp_address, "shm://"):
+        with connect(TcpKitchen, address) as c:
+            assert c.echo_msgpack(1) == 1 and c.sleep(0.01, "ok") == "ok"   # both methods made
+            quick = c.with_timeout(0.2)
+            t = time.monotonic()
+            with pytest.raises(CallTimeout):
+                quick.sleep(1.5, "late")
+            assert time.monotonic() - t < 1.0, address
+            assert quick.timeout == 0.2 and c.timeout is None
+            assert c.echo_msgpack(2) == 2   # (no timeout: the workers may still be sleeping)
 
 
 def test_a_call_without_timeout_fails_when_the_gateway_is_killed(serve):
