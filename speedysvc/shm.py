@@ -685,12 +685,16 @@ class ShmTransport:
     # -- calling --
     def call(self, name: bytes, payload, flags: int, codec, timeout: float | None):
         """Send one request; return the response decoded with ``codec`` or raise the server's error."""
+        chans, ch = self._take()
+        return self._resume(chans, ch, None, name, payload, flags, codec, timeout)
+
+    def _take(self) -> tuple[_Channels, _Channel]:
+        """The attachment and a free channel of it for one call (the caller gives it back)."""
         chans = self._channels or self._attach()
         try:
-            ch = chans.free.pop()
+            return chans, chans.free.pop()
         except IndexError:
-            ch = chans.acquire(self.service)
-        return self._resume(chans, ch, None, name, payload, flags, codec, timeout)
+            return chans, chans.acquire(self.service)
 
     def _resume(self, chans: _Channels, ch: _Channel, got, name: bytes, payload, flags: int, codec, timeout):
         """The rest of a call on channel ``ch``, which this gives back: post it and wait when
@@ -739,22 +743,14 @@ class ShmTransport:
         (an event loop).  Returns ``(True, result)`` when it was answered at once, else
         ``(False, finish)`` where ``finish()`` blocks until the result (or raises) and is
         meant to run in a thread.  Raises like ``call`` for what fails at once."""
-        chans = self._channels or self._attach()
-        try:
-            ch = chans.free.pop()
-        except IndexError:
-            ch = chans.acquire(self.service)
+        chans, ch = self._take()
         return self._early(chans, ch, None, name, payload, flags, codec, timeout, None)
 
     def post(self, name: bytes, payload, flags: int, timeout: float | None) -> "_Posted":
         """The first half of ``begin``: post a call and return at once, so that several
         are in flight before the first is collected.  Every posted call must be given to
         ``collect``.  Raises like ``call`` for what fails at once."""
-        chans = self._channels or self._attach()
-        try:
-            ch = chans.free.pop()
-        except IndexError:
-            ch = chans.acquire(self.service)
+        chans, ch = self._take()
         try:
             got = chans.post(ch.slot, ch.region, name, payload, flags)
         except BaseException:

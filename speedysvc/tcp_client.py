@@ -109,7 +109,7 @@ class ClientOptions:
 
     def encode_call(self, call_id: int, name: bytes, payload, flags: int, timeout: float | None) -> list:
         """The frame of one call, as a list of buffers to send."""
-        size = len(payload) if payload.__class__ is bytes else fr.payload_size(payload)
+        size = fr.payload_size(payload)
         if self.max_payload is not None and size > self.max_payload:
             raise PayloadTooLarge(f"request of {size} bytes exceeds the service's limit of {self.max_payload} bytes")
         fflags = 0
@@ -118,7 +118,7 @@ class ClientOptions:
             if packed is not None:
                 payload, size, fflags = packed, len(packed), fr.F_COMPRESSED
         timeout_ms = 0 if timeout is None else max(1, min(int(timeout * 1000), 0xFFFFFFFF))
-        header = fr.FRAME.pack(fr.CALL, fflags, len(name), call_id, flags, timeout_ms, size) + name
+        header = fr.call_header(call_id, name, flags, timeout_ms, size, fflags)
         if size < 64 << 10:
             return [header + payload if payload.__class__ is bytes else header + bytes(payload)]
         return [header, payload]
@@ -286,10 +286,7 @@ class _Connection:
                     if deadline is None and not self.tls and self.broken is None:
                         # one blocking read, which usually brings exactly our reply
                         parser = self.parser
-                        buf = parser.get_buffer()
-                        n = self.sock.recv_into(buf, len(buf))
-                        del buf
-                        self.last_read = time.monotonic()
+                        n = self._receive()
                         whole = parser.whole_frame(n) if n else None
                         if whole is not None and whole[0] == fr.REPLY and whole[2] == call_id and not whole[1]:
                             with lock:
@@ -382,11 +379,16 @@ class _Connection:
             return self._recv()   # a blocking read: one system call, not poll() and then recv()
         return self._recv() if self._readable(timeout) else []
 
-    def _recv(self) -> list:
+    def _receive(self) -> int:
+        """One blocking read into the parser's buffer; how many bytes came (0: the end)."""
         buf = self.parser.get_buffer()
         n = self.sock.recv_into(buf, len(buf))
         del buf
         self.last_read = time.monotonic()
+        return n
+
+    def _recv(self) -> list:
+        n = self._receive()
         return self.parser.buffer_updated(n) if n else self._lost()
 
     def _lost(self):

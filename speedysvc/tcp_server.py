@@ -57,6 +57,11 @@ class _Passthrough:
 PASSTHROUGH = _Passthrough()
 
 
+def _seconds(timeout_ms: int) -> float | None:
+    """A frame's timeout field (milliseconds, 0: none) in seconds."""
+    return timeout_ms / 1000 if timeout_ms else None
+
+
 def is_loopback(host: str) -> bool:
     if host in ("localhost", "ip6-localhost"):
         return True
@@ -213,7 +218,7 @@ class TcpServer:
                 f"{frame.name.decode(errors='replace')}() uses pickle, which this service does not accept over "
                 f"TCP" + ("" if self.secret else " (it would need a secret and tcp_allow_pickle)")))
             return True
-        timeout = frame.timeout_ms / 1000 if frame.timeout_ms else None
+        timeout = _seconds(frame.timeout_ms)
         try:
             done, result = self.shm.begin(frame.name, payload, frame.arg, PASSTHROUGH, timeout)
         except NoFreeChannel as e:
@@ -239,14 +244,13 @@ class TcpServer:
         posted = []
         try:
             for frame in frames:
-                if (frame.flags or self.closing or self.inflight + len(posted) >= self.max_inflight
-                        or conn in self._waiting or frame.arg >> codecs.CODEC_SHIFT & 0xFF == codecs.PICKLE.id):
+                if not self._usual(conn, frame.flags, frame.arg, len(posted)):
                     self._collect(conn, posted)
                     self.submit(conn, frame)
                     continue
                 try:
-                    posted.append((frame.call_id, self.shm.post(
-                        frame.name, frame.payload, frame.arg, frame.timeout_ms / 1000 if frame.timeout_ms else None)))
+                    posted.append((frame.call_id, self.shm.post(frame.name, frame.payload, frame.arg,
+                                                                _seconds(frame.timeout_ms))))
                 except NoFreeChannel:   # the posted ones hold channels: collect them, then the usual way
                     self._collect(conn, posted)
                     self.submit(conn, frame)
@@ -265,6 +269,13 @@ class TcpServer:
                 conn.reply_error(call_id, e)
                 continue
             self._started(conn, call_id, done, result)
+
+    def _usual(self, conn: "_Connection", flags: int, arg: int, posted: int = 0) -> bool:
+        """Whether a call can go the short way (``call_at_once``, ``submit_all``): not
+        compressed, not pickle, room for it beside ``posted`` others, and its connection
+        has no calls waiting for room (they go first).  ``submit`` takes every other."""
+        return not (flags or self.closing or self.inflight + posted >= self.max_inflight or conn in self._waiting
+                    or arg >> codecs.CODEC_SHIFT & 0xFF == codecs.PICKLE.id)
 
     def _started(self, conn: "_Connection", call_id: int, done: bool, result) -> None:
         """A call was posted: answer it now, or wait for its answer in a thread."""
@@ -285,12 +296,10 @@ class TcpServer:
         room and a free channel.  False, with nothing done, for any other (``submit`` takes
         it).  A small call crosses the gateway twice per round trip, and each layer of
         Python costs there (on a small VM, most of the gateway's share of the call)."""
-        if (flags or self.closing or self.inflight >= self.max_inflight or conn in self._waiting
-                or arg >> codecs.CODEC_SHIFT & 0xFF == codecs.PICKLE.id):
+        if not self._usual(conn, flags, arg):
             return False
         try:
-            done, result = self.shm.begin(name, payload, arg, PASSTHROUGH,
-                                          timeout_ms / 1000 if timeout_ms else None)
+            done, result = self.shm.begin(name, payload, arg, PASSTHROUGH, _seconds(timeout_ms))
         except NoFreeChannel:
             return False
         except Exception as e:

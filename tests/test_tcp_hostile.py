@@ -1240,3 +1240,31 @@ def test_many_calls_in_one_read_mixed_with_odd_ones_each_get_their_answer():
         with client(svc) as after:
             check(after)
         assert not busy_channels(svc), "calls posted together left channels behind"
+
+
+def test_worker_killed_while_calls_posted_together_are_in_flight():
+    """A read brings a slow call and several quick ones (posted together, collected after);
+    the worker running the slow one is killed -9: that call gets WorkerDied, every other
+    one its answer, the connection goes on and no channel stays busy."""
+    import signal
+    from speedysvc import WorkerDied
+    with serve() as svc, RawClient(svc) as raw:
+        raw.welcome()
+        body = msgpack_args(30, "never")
+        wire = [fr.call_header(1, b"sleep", MSGPACK.flags, 0, len(body)) + body]
+        for i in range(2, 12):
+            body = msgpack_args(i)
+            wire.append(fr.call_header(i, b"echo", MSGPACK.flags, 0, len(body)) + body)
+        raw.send(b"".join(wire))
+        seg = svc.segment
+        assert wait_until(lambda: any(w["busy"] for w in seg.workers()), 10)
+        busy = next(w["pid"] for w in seg.workers() if w["busy"])
+        os.kill(busy, signal.SIGKILL)
+        got = {f.call_id: (f.arg, bytes(f.payload)) for f in raw.read_frames(11, timeout=20)}
+        assert sorted(got) == list(range(1, 12))
+        status, payload = got.pop(1)
+        assert status == 1 and isinstance(decode_exception(payload), WorkerDied), decode_exception(payload)
+        assert got == {i: (0, MSGPACK.dumps(i)) for i in range(2, 12)}
+        raw.call(20, "echo", msgpack_args("after"))
+        assert raw.reply()[:2] == (0, MSGPACK.dumps("after"))
+        assert wait_until(lambda: not busy_channels(svc), 10), busy_channels(svc)
