@@ -26,6 +26,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+from . import _shmcore as core
 from . import codecs, compression, eventloop
 from . import framing as fr
 from .errors import (AuthenticationFailed, DecodeError, NoFreeChannel, NotAllowed, PayloadTooLarge, ProtocolError,
@@ -107,6 +108,10 @@ class TcpServer:
         self.stall_timeout = stall_timeout
         self.max_waiting_threads = max_waiting_threads
         self.shm = ShmTransport(service)
+        self.counters = {"connections_total": 0, "calls": 0, "errors": 0, "refused": 0,
+                         "auth_failures": 0, "protocol_errors": 0, "answered_inline": 0, "bytes_in": 0, "bytes_out": 0}
+        # the usual call, in C: see _Connection.buffer_updated
+        self.gateway = core.Gateway(self.shm, self, self.counters, codecs.CODEC_SHIFT, codecs.PICKLE.id)
         self.executor: ThreadPoolExecutor | None = None
         self.connections: set[_Connection] = set()
         self.closing = False
@@ -116,8 +121,6 @@ class TcpServer:
         self._server: asyncio.base_events.Server | None = None
         self._sweeper: asyncio.TimerHandle | None = None
         self._idle = asyncio.Event()
-        self.counters = {"connections_total": 0, "calls": 0, "errors": 0, "refused": 0,
-                         "auth_failures": 0, "protocol_errors": 0, "answered_inline": 0, "bytes_in": 0, "bytes_out": 0}
 
     def __repr__(self) -> str:
         return f"<TcpServer {self.service!r} on {self.host}:{self.port}>"
@@ -271,7 +274,7 @@ class TcpServer:
             self._started(conn, call_id, done, result)
 
     def _usual(self, conn: "_Connection", flags: int, arg: int, posted: int = 0) -> bool:
-        """Whether a call can go the short way (``call_at_once``, ``submit_all``): not
+        """Whether a call of several read together can be posted at once (``submit_all``): not
         compressed, not pickle, room for it beside ``posted`` others, and its connection
         has no calls waiting for room (they go first).  ``submit`` takes every other."""
         return not (flags or self.closing or self.inflight + posted >= self.max_inflight or conn in self._waiting
@@ -290,23 +293,17 @@ class TcpServer:
         fut = asyncio.get_running_loop().run_in_executor(self.executor, result)
         fut.add_done_callback(functools.partial(self._finished, conn, call_id, result))
 
-    def call_at_once(self, conn: "_Connection", flags: int, call_id: int, arg: int, timeout_ms: int,
-                     name: bytes, payload: bytes) -> bool:
-        """``submit`` for the usual call, in one piece: uncompressed, allowed over TCP, with
-        room and a free channel.  False, with nothing done, for any other (``submit`` takes
-        it).  A small call crosses the gateway twice per round trip, and each layer of
-        Python costs there (on a small VM, most of the gateway's share of the call)."""
-        if not self._usual(conn, flags, arg):
-            return False
+    def go_on(self, conn: "_Connection", nbytes: int, posted: tuple) -> None:
+        """The rest of a call that ``gateway`` (the short way, in C: see ``_Connection.buffer_updated``)
+        posted but did not see answered at once: ``posted`` is (channels, channel, outcome)."""
+        chans, ch, got = posted
+        _, _, call_id, arg, timeout_ms, name, payload = conn.parser.whole_frame(nbytes)
         try:
-            done, result = self.shm.begin(name, payload, arg, PASSTHROUGH, _seconds(timeout_ms))
-        except NoFreeChannel:
-            return False
+            done, result = self.shm._early(chans, ch, got, name, payload, arg, PASSTHROUGH, _seconds(timeout_ms), None)
         except Exception as e:
             conn.reply_error(call_id, e)
-            return True
+            return
         self._started(conn, call_id, done, result)
-        return True
 
     def _finished(self, conn: "_Connection", call_id: int, pending, fut: asyncio.Future) -> None:
         self.inflight -= 1
@@ -357,6 +354,7 @@ class _Connection(asyncio.BufferedProtocol):
         self.paused_by_server = False
         self.paused_by_writes = False
         self.batch: list | None = None
+        self.short_way = None   # the server's gateway, once the handshake chose no compression
 
     # -- asyncio callbacks -----------------------------------------------------------------
     def connection_made(self, transport) -> None:
@@ -385,6 +383,22 @@ class _Connection(asyncio.BufferedProtocol):
         return memoryview(self.hello_buf)
 
     def buffer_updated(self, nbytes: int) -> None:
+        # Usually the bytes that came are one whole call, uncompressed, not pickle, with room
+        # for it: the short way.  A small call crosses the gateway twice per round trip and
+        # each layer of Python costs there (on a small VM, most of the gateway's share of the
+        # call), so ``core.Gateway`` checks the frame, takes a channel, posts the call straight
+        # from the read buffer, spins briefly and builds the reply frame, all in C.  It
+        # returns None with nothing done for any other case (the parser takes it), or what a
+        # call posted but not answered at once needs to go on.
+        short_way = self.short_way
+        if short_way is not None and not self.closed:
+            posted = short_way(self.parser, nbytes)
+            if posted.__class__ is bytes:
+                self.transport.write(posted)
+                return
+            if posted is not None:
+                self.server.go_on(self, nbytes, posted)
+                return
         self.last_progress = time.monotonic()
         self.server.counters["bytes_in"] += nbytes
         if self.closed:
@@ -402,10 +416,7 @@ class _Connection(asyncio.BufferedProtocol):
                     log.debug("malformed client hello from %s: %r", self.peer, e)
                     self.refuse(ProtocolError("malformed client hello"))
             return
-        # usually the bytes that came are one whole call, which goes the short way
-        whole = self.parser.whole_frame(nbytes)
-        if whole is None or not self.server.call_at_once(self, *whole[1:]):
-            self._frames(self.parser.buffer_updated, nbytes)
+        self._frames(self.parser.buffer_updated, nbytes)
 
     def _frames(self, parse, data) -> None:
         """Parse what arrived and submit the calls now complete; a bad frame ends the connection."""
@@ -492,6 +503,8 @@ class _Connection(asyncio.BufferedProtocol):
             welcome["proof"] = fr.server_proof(server.secret, self.nonce, client_nonce, server.service)
         self.compression, self.compress_min = algo, compress_min
         self.parser = fr.FrameParser(server.max_payload, frozenset((fr.CALL,)))
+        if algo is None:   # (replies of a compressing connection may need compressing)
+            self.short_way = server.gateway
         self.transport.write(fr.pack_hello(fr.WELCOME, welcome))
         self.hello = self.hello_buf = None
         if leftover:
