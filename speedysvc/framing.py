@@ -36,6 +36,7 @@ CALL, REPLY, GOAWAY = 1, 2, 3
 F_COMPRESSED = 0x1
 KNOWN_FRAME_FLAGS = F_COMPRESSED
 MAX_NAME = 64
+SMALL_FRAME = 64 << 10   # a client sends a frame below this in one piece (header and payload joined)
 SCRATCH_SIZE = 256 << 10
 DEFAULT_MAX_PAYLOAD = 1 << 30
 COMPRESSION_OVERHEAD = 8        # the original length in front of a compressed payload

@@ -19,6 +19,7 @@ import time
 
 from . import compression
 from . import framing as fr
+from ._shmcore import call_alone
 from .errors import (AuthenticationFailed, CallTimeout, ConnectionLost, PayloadTooLarge, ProtocolError,
                      ServiceUnavailable, SpeedysvcError, decode_exception, encode_exception)
 
@@ -117,9 +118,8 @@ class ClientOptions:
             packed = compression.compress(self.compression, payload)
             if packed is not None:
                 payload, size, fflags = packed, len(packed), fr.F_COMPRESSED
-        timeout_ms = 0 if timeout is None else max(1, min(int(timeout * 1000), 0xFFFFFFFF))
-        header = fr.call_header(call_id, name, flags, timeout_ms, size, fflags)
-        if size < 64 << 10:
+        header = fr.call_header(call_id, name, flags, _timeout_ms(timeout), size, fflags)
+        if size < fr.SMALL_FRAME:
             return [header + payload if payload.__class__ is bytes else header + bytes(payload)]
         return [header, payload]
 
@@ -161,6 +161,11 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+def _timeout_ms(timeout: float | None) -> int:
+    """A call's timeout as its frame carries it (milliseconds, 0: none)."""
+    return 0 if timeout is None else max(1, min(int(timeout * 1000), 0xFFFFFFFF))
+
+
 def next_call_id() -> int:
     return next(_ids) & 0xFFFFFFFF or next(_ids)
 
@@ -170,7 +175,14 @@ class _Connection:
 
     Whichever waiting thread finds nobody reading becomes the reader: it reads
     until its own reply is in, hands each other reply to its caller (waking that
-    thread only), then passes the role on to one thread still waiting."""
+    thread only), then passes the role on to one thread still waiting.
+
+    The usual call, alone on its connection, runs in C (``core.call_alone``, from
+    ``TcpTransport.bind_method``) with the same states under the same lock; it hands
+    what is not usual back to ``call``, ``_failed_to_send``, ``_read_on`` or
+    ``_unregister``."""
+
+    idle_check_after = IDLE_CHECK_AFTER
 
     def __init__(self, sock: socket.socket, opts: ClientOptions, leftover: bytes):
         self.sock = sock
@@ -186,6 +198,10 @@ class _Connection:
         self.last_read = 0.0   # when bytes last came (time.monotonic()); 0: check before the first call
         self.broken: BaseException | None = None
         self.tls = isinstance(sock, ssl.SSLSocket)
+        self.alone = not self.tls   # core.call_alone may take its usual call (not over TLS)
+        # what core.call_alone may send: a frame that needs no compression, under the limit
+        self.alone_limit = min(fr.SMALL_FRAME, (opts.max_payload or fr.SMALL_FRAME) + 1,
+                               fr.SMALL_FRAME if opts.compression is None else opts.compress_min)
         self.poller = select.poll()
         self.poller.register(sock, select.POLLIN | select.POLLPRI)
         if leftover:
@@ -273,14 +289,7 @@ class _Connection:
                     for buf in buffers:
                         self.sock.sendall(buf)
             except BaseException as e:
-                # half a frame may have gone out: nothing more can follow it on this connection
-                with lock:
-                    if reader:
-                        self.reading = reader = False
-                    self._break(e)
-                if isinstance(e, OSError):
-                    raise self.broken from None
-                raise
+                self._send_failed(e, reader)
             if reader:
                 try:
                     if deadline is None and not self.tls and self.broken is None:
@@ -315,13 +324,62 @@ class _Connection:
             return self._wait(call_id, deadline, timeout)
         finally:
             if registered or reader:
-                with lock:
-                    if reader:   # an exception ended our turn as the reader halfway
-                        self._cut_short()
-                    self.waiting.pop(call_id, None)
-                    self.replies.pop(call_id, None)
-                    if not self.reading:
-                        self._pass_reading_on()
+                self._unregister(call_id, reader)
+
+    def _unregister(self, call_id: int, reader: bool) -> None:
+        """A call is over (answered, failed or interrupted): forget it.  ``reader``: it still
+        held the reader's turn, which an exception ended halfway."""
+        with self.lock:
+            if reader:
+                self._cut_short()
+            self.waiting.pop(call_id, None)
+            self.replies.pop(call_id, None)
+            if not self.reading:
+                self._pass_reading_on()
+
+    def _send_failed(self, e: BaseException, reader: bool):
+        """Sending a call's frame failed or was interrupted, maybe halfway: nothing more can
+        follow it on this connection.  Raises (``e``, or ``broken`` for an OSError)."""
+        with self.lock:
+            if reader:
+                self.reading = False
+            self._break(e)
+        if isinstance(e, OSError):
+            raise self.broken from None
+        raise e
+
+    def _failed_to_send(self, call_id: int, e: BaseException):
+        """``core.call_alone`` could not send its call: as ``call`` does."""
+        try:
+            self._send_failed(e, True)
+        finally:
+            self._unregister(call_id, True)   # (if the above was interrupted, this ends the turn)
+
+    def _read_on(self, call_id: int, n: int | None, error: BaseException | None, deadline: float | None,
+                 timeout: float | None):
+        """``call`` from where ``core.call_alone`` stopped: it holds the reader's turn for
+        ``call_id``, sent the frame and read once, and what came (``n`` bytes in the parser's
+        buffer; None: nothing within the timeout, or ``error``) is not exactly its reply."""
+        reader = True
+        try:
+            frames = []
+            if error is None and n is not None:
+                try:
+                    frames = self.parser.buffer_updated(n) if n else self._lost()
+                except (OSError, ProtocolError) as e:
+                    error = e
+            with self.lock:
+                if error is not None:
+                    self._break(error)
+                else:
+                    self._deliver(frames)
+                self.reading = reader = False
+                reply = self.replies.pop(call_id, None)
+                if reply is not None:
+                    return reply
+            return self._wait(call_id, deadline, timeout)
+        finally:
+            self._unregister(call_id, reader)
 
     def _pass_reading_on(self) -> None:
         """Under ``lock``, with nobody reading: wake one sleeping caller still without a reply."""
@@ -496,7 +554,8 @@ class TcpTransport:
         """A client's method that goes straight to ``call`` (see ``client._ClientMethod``):
         arguments encoded with ``dumps(args)`` (None: the one bytes argument is the
         request); ``fallback(*args, **kwargs)`` takes every other case."""
-        call, flags = self.call, codec.flags
+        call, answer, flags = self.call, self._answer, codec.flags
+        head, name_len, timeout_ms = fr.FRAME.pack, len(name), _timeout_ms(timeout)
 
         def method(*args, **kwargs):
             if kwargs:
@@ -510,6 +569,14 @@ class TcpTransport:
                     payload = dumps(args)
                 except Exception:
                     return fallback(*args)   # raises a clear EncodeError
+            conn = self._conn
+            if conn is not None and conn.alone and conn.fork_generation == _fork_generation \
+                    and payload.__class__ is bytes and len(payload) < conn.alone_limit:
+                call_id = next_call_id()
+                got = call_alone(conn, head(fr.CALL, 0, name_len, call_id, flags, timeout_ms, len(payload)) + name
+                                 + payload, call_id, timeout)
+                if got is not None:
+                    return answer(got, codec, name)
             return call(name, payload, flags, codec, timeout)
 
         return method
@@ -524,6 +591,11 @@ class TcpTransport:
                 status, data = conn.call(name, payload, flags, timeout)
             except _Stale:   # ...and so did the new one, at once
                 raise conn.broken from None
+        return self._answer((status, data), codec, name)
+
+    @staticmethod
+    def _answer(reply: tuple, codec, name: bytes):
+        status, data = reply
         if status:
             return codec.remote_error(data)
         try:

@@ -1369,36 +1369,70 @@ def _msgpack_echo_replies(call_id, payload):
     return [reply[:fr.HEADER_SIZE + 2], reply[fr.HEADER_SIZE + 2:]] if arg == "split" else [reply]
 
 
-@pytest.mark.parametrize("timeout, where", [(None, "whole_frame"), (None, "buffer_updated"),
-                                            (5.0, "buffer_updated")])   # (whole_frame: no timeout only)
-def test_a_read_interrupted_after_bytes_came_drops_the_connection(timeout, where):
+@pytest.mark.parametrize("timeout", [None, 5.0])
+@pytest.mark.parametrize("piece", [1, 2])
+def test_a_read_interrupted_after_bytes_came_drops_the_connection(timeout, piece):
     """An exception (a signal handler's) between receiving bytes and parsing them would
     lose those bytes and leave the stream out of step, so that later replies are misread or
-    never found.  The connection is dropped instead: the next call connects anew."""
+    never found.  The connection is dropped instead: the next call connects anew.  The
+    reply comes in two pieces: the first is read by the call's usual path (in C) and
+    parsed by ``_read_on``, the second is read and parsed in ``_wait``."""
     listener, th, address = _fake_tcp_service(_msgpack_echo_replies)
     try:
         with connect(TcpKitchen, address, timeout=timeout) as c:
             assert c.echo_msgpack("warm") == "warm"
             conn = c._transport._conn
             parser = conn.parser
-            real = getattr(parser, where)
+            real = parser.buffer_updated
             calls = []
 
             def interrupted(n):
                 calls.append(n)
-                if len(calls) == (2 if where == "buffer_updated" else 1):   # the second piece / the first read
+                if len(calls) == piece:
                     raise _Interrupted()
                 return real(n)
 
-            setattr(parser, where, interrupted)
+            parser.buffer_updated = interrupted
             with pytest.raises(_Interrupted):
                 c.echo_msgpack("split")
-            setattr(parser, where, real)
+            assert len(calls) == piece
+            parser.buffer_updated = real
             for arg in ["after", "split", "plain"]:
                 assert c.echo_msgpack(arg) == arg
             assert c._transport._conn is not conn
     finally:
         listener.close()
+
+
+@pytest.mark.parametrize("timeout", [None, 5.0])
+def test_the_usual_call_runs_in_c_and_the_rest_in_python(kitchen, timeout):
+    """A call alone on its connection goes all the way in ``core.call_alone`` (even after the
+    connection was idle: its idle check is done there too); a call that is not alone (another
+    thread's call is in flight) goes through ``_Connection.call``, and both get their answers."""
+    with connect(TcpKitchen, kitchen.tcp_address, timeout=timeout) as c:
+        assert c.echo_msgpack("warm") == "warm"
+        conn = c._transport._conn
+        real, python_calls = conn.call, []
+
+        def counted(*args):
+            python_calls.append(args[0])
+            return real(*args)
+
+        conn.call = counted
+        for i in range(20):
+            assert c.echo_msgpack(i) == i
+            assert c.echo_raw(b"r%d" % i) == b"r%d" % i
+        time.sleep(0.01)   # idle for longer than IDLE_CHECK_AFTER
+        assert c.echo_msgpack("after idle") == "after idle"
+        assert python_calls == []
+        slow = threading.Thread(target=lambda: c.sleep(0.5, "slow"))
+        slow.start()
+        from conftest import wait_until
+        assert wait_until(lambda: conn.reading, timeout=5)
+        assert c.echo_msgpack("beside") == "beside"
+        slow.join()
+        assert python_calls == [b"echo_msgpack"]
+        assert c._transport._conn is conn
 
 
 @pytest.mark.parametrize("timeout", [None, 5.0])
