@@ -1247,6 +1247,20 @@ static long long int_attr(PyObject *obj, PyObject *name) {
     return r;
 }
 
+/* A size limit attribute (a non-negative int of any size, clamped to 2**64-1); -1 on error. */
+static int size_attr(PyObject *obj, PyObject *name, uint64_t *out) {
+    PyObject *v = PyObject_GetAttr(obj, name);
+    if (!v) return -1;
+    unsigned long long r = PyLong_AsUnsignedLongLong(v);
+    Py_DECREF(v);
+    if (r == (unsigned long long)-1 && PyErr_Occurred()) {
+        if (!PyErr_ExceptionMatches(PyExc_OverflowError)) return -1;
+        PyErr_Clear();   /* above 2**64-1 (no limit, in effect); a negative one never comes from the parser */
+    }
+    *out = r;
+    return 0;
+}
+
 static int count(PyObject *counters, PyObject *key, long long add) {
     PyObject *old = PyDict_GetItemWithError(counters, key);   /* borrowed */
     if (!old) return PyErr_Occurred() ? -1 : 0;
@@ -1301,14 +1315,15 @@ static PyObject *GW_call(Gateway *self, PyObject *const *args, size_t nargsf, Py
     Py_DECREF(waiting);
     if (nwaiting) return nwaiting < 0 ? NULL : Py_NewRef(Py_None);
     /* the parser holds nothing: the frame starts at its buffer's start */
-    long long end = int_attr(parser, s_end), max_payload;
+    long long end = int_attr(parser, s_end);
+    uint64_t max_payload;
     if (end == -1 && PyErr_Occurred()) return NULL;
     if (end) Py_RETURN_NONE;
     PyObject *big = PyObject_GetAttr(parser, s_big);
     if (!big) return NULL;
     Py_DECREF(big);
     if (big != Py_None) Py_RETURN_NONE;
-    if ((max_payload = int_attr(parser, s_max_payload)) == -1 && PyErr_Occurred()) return NULL;
+    if (size_attr(parser, s_max_payload, &max_payload) < 0) return NULL;
     PyObject *buf_obj = PyObject_GetAttr(parser, s_buf);
     if (!buf_obj) return NULL;
     Py_buffer buf;
@@ -1322,7 +1337,7 @@ static PyObject *GW_call(Gateway *self, PyObject *const *args, size_t nargsf, Py
     uint16_t name_len; uint32_t call_id, arg; uint64_t length;
     memcpy(&name_len, p + 2, 2); memcpy(&call_id, p + 4, 4); memcpy(&arg, p + 8, 4); memcpy(&length, p + 16, 8);
     /* (a frame that is not right is left to the parser, which says what is wrong with it) */
-    if (p[0] != FRAME_CALL || p[1] || name_len < 1 || name_len > FRAME_MAX_NAME || length > (uint64_t)max_payload
+    if (p[0] != FRAME_CALL || p[1] || name_len < 1 || name_len > FRAME_MAX_NAME || length > max_payload
         || (uint64_t)n != FRAME_HEADER + name_len + length || ((arg >> self->codec_shift) & 0xFF) == self->refused_codec)
         goto none;
     /* a channel, as ShmMethod takes one */
@@ -1364,13 +1379,16 @@ static PyObject *GW_call(Gateway *self, PyObject *const *args, size_t nargsf, Py
     }
     if (!(result = reply_frame(call_id, status, body))) goto abort;
     PyObject *closed = PyObject_GetAttr(chans, s_closed);
-    if (closed == Py_False) {
-        if (PyList_Append(free, ch) < 0) Py_CLEAR(result);
-    } else {   /* closed while the call ran: Python frees the channel */
-        PyObject *r = closed ? PyObject_CallMethodObjArgs(self->transport, s_give_back, chans, ch, NULL) : NULL;
+    if (!closed || (closed == Py_False && PyList_Append(free, ch) < 0)) {   /* (out of memory) */
+        Py_XDECREF(closed);
+        Py_CLEAR(result);
+        goto abort;   /* which gives the channel back */
+    }
+    if (closed != Py_False) {   /* closed while the call ran: Python frees the channel */
+        PyObject *r = PyObject_CallMethodObjArgs(self->transport, s_give_back, chans, ch, NULL);
         if (r) Py_DECREF(r); else Py_CLEAR(result);
     }
-    Py_XDECREF(closed);
+    Py_DECREF(closed);
     if (result && (count(self->counters, k_calls, 1) < 0 || count(self->counters, k_answered, 1) < 0
                    || count(self->counters, k_bytes_out, PyBytes_GET_SIZE(result)) < 0
                    || (status && count(self->counters, k_errors, 1) < 0)))
@@ -1475,6 +1493,15 @@ static int lock_call(PyObject *lock, PyObject *method, PyObject *arg) {   /* 1 a
     return ok;
 }
 
+/* lock.release(), with an exception possibly pending (it stays the one raised). */
+static int release_lock(PyObject *lock) {
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    int rc = lock_call(lock, s_release, NULL);
+    if (type) { if (rc < 0) PyErr_Clear(); PyErr_Restore(type, value, tb); }
+    return rc;
+}
+
 static int socket_fd(PyObject *conn) {   /* -1 with an exception set */
     PyObject *sock = PyObject_GetAttr(conn, s_sock);
     if (!sock) return -1;
@@ -1521,7 +1548,12 @@ static int claim_alone(PyObject *conn, PyObject *call_id) {
     if (PyErr_Occurred()) { Py_DECREF(waiting); return -1; }
     if (monotonic_s() - last_read > idle_after) {
         int fd = socket_fd(conn);
-        if (fd < 0) { Py_DECREF(waiting); return -1; }
+        if (fd < 0) {   /* closed under us: call() finds out, and connects anew */
+            Py_DECREF(waiting);
+            if (!PyErr_ExceptionMatches(PyExc_OSError)) return -1;
+            PyErr_Clear();
+            return 0;
+        }
         struct pollfd p = {.fd = fd, .events = POLLIN | POLLPRI};
         int rc = poll(&p, 1, 0);
         if (rc != 0) { Py_DECREF(waiting); return 0; }   /* something came (or an error): call() looks */
@@ -1533,6 +1565,23 @@ static int claim_alone(PyObject *conn, PyObject *call_id) {
     }
     Py_DECREF(waiting);
     return rc < 0 ? -1 : 1;
+}
+
+/* A continuation raised: if that happened before its own clean-up could run (an exception
+ * from a signal handler at its very start), the call is still registered and the reader's
+ * turn still taken, and nobody else would ever end them: end them here, as call() would. */
+static void settle_if_registered(PyObject *conn, PyObject *call_id) {
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    PyObject *waiting = PyObject_GetAttr(conn, s_waiting_c);
+    int still = waiting ? PyDict_Contains(waiting, call_id) : -1;
+    Py_XDECREF(waiting);
+    if (still) {
+        PyErr_Clear();
+        PyObject *r = PyObject_CallMethodObjArgs(conn, s_unregister, call_id, Py_True, NULL);
+        if (r) Py_DECREF(r); else PyErr_WriteUnraisable(conn);
+    }
+    PyErr_Restore(type, value, tb);
 }
 
 /* Calls conn.<method>(call_id, exc) with the pending exception (which it must raise again or replace). */
@@ -1547,6 +1596,7 @@ static PyObject *hand_error(PyObject *conn, PyObject *method, PyObject *call_id)
         Py_DECREF(r);
         PyErr_SetString(PyExc_RuntimeError, "the connection's error handler returned");
     }
+    settle_if_registered(conn, call_id);
     return NULL;
 }
 
@@ -1585,7 +1635,7 @@ static PyObject *m_call_alone(PyObject *mod, PyObject *const *args, Py_ssize_t n
     int got = lock_call(lock, s_acquire, Py_False);
     if (got <= 0) { Py_DECREF(lock); return got < 0 ? NULL : Py_NewRef(Py_None); }   /* busy: not alone */
     int claimed = claim_alone(conn, call_id);
-    if (lock_call(lock, s_release, NULL) < 0) claimed = -1;   /* (cannot fail: we hold it) */
+    if (release_lock(lock) < 0) claimed = -1;   /* (cannot fail: we hold it) */
     if (claimed <= 0) { Py_DECREF(lock); return claimed < 0 ? NULL : Py_NewRef(Py_None); }
     /* the reader's turn is ours and the call is registered: every path below settles both */
     double deadline = timeout >= 0 ? monotonic_s() + timeout : -1;
@@ -1596,21 +1646,15 @@ static PyObject *m_call_alone(PyObject *mod, PyObject *const *args, Py_ssize_t n
         goto out;
     }
     int sent = send_all(conn, PyBytes_AS_STRING(frame), PyBytes_GET_SIZE(frame));
-    if (sent < 0) {
-        PyObject *type, *value, *tb;
-        PyErr_Fetch(&type, &value, &tb);
-        lock_call(send_lock, s_release, NULL);
-        PyErr_Restore(type, value, tb);
-    } else if (lock_call(send_lock, s_release, NULL) < 0) {
-        sent = -1;
-    }
+    if (release_lock(send_lock) < 0) sent = -1;
     Py_DECREF(send_lock);
     if (sent < 0) { hand_error(conn, s_failed_to_send, call_id); goto out; }
     /* one read, which usually brings exactly our reply */
     PyObject *parser = PyObject_GetAttr(conn, s_parser), *view = NULL;
     if (!parser) goto interrupted;
-    long long max_payload = int_attr(parser, s_max_payload);
-    if ((max_payload == -1 && PyErr_Occurred()) || !(view = PyObject_CallMethodNoArgs(parser, s_get_buffer))) {
+    uint64_t max_payload;
+    if (size_attr(parser, s_max_payload, &max_payload) < 0
+        || !(view = PyObject_CallMethodNoArgs(parser, s_get_buffer))) {
         Py_DECREF(parser);
         goto interrupted;
     }
@@ -1619,24 +1663,39 @@ static PyObject *m_call_alone(PyObject *mod, PyObject *const *args, Py_ssize_t n
     if (PyObject_GetBuffer(view, &buf, PyBUF_WRITABLE) < 0) { Py_DECREF(view); goto interrupted; }
     ssize_t n = -1;
     int timed_out = 0, os_error = 0;
-    for (;;) {
+    /* a signal that came while sending is handled before a read that may block */
+    int signalled = PyErr_CheckSignals() < 0;
+    while (!signalled) {
+        /* the descriptor is looked up (with the GIL) before each system call, as the socket
+         * module does: a socket closed meanwhile gives EBADF, never another socket's bytes */
         int fd = socket_fd(conn);
-        if (fd < 0) { if (PyErr_ExceptionMatches(PyExc_OSError)) os_error = 1; break; }
-        int ready = 1;
-        Py_BEGIN_ALLOW_THREADS
+        if (fd < 0) { os_error = PyErr_ExceptionMatches(PyExc_OSError); break; }
+        int flags = 0;
         if (deadline >= 0) {
-            double left = deadline - monotonic_s();
+            double ms = (deadline - monotonic_s()) * 1000;
             struct pollfd p = {.fd = fd, .events = POLLIN | POLLPRI};
-            ready = left > 0 ? poll(&p, 1, (int)(left * 1000 + 0.999)) : poll(&p, 1, 0);
+            int ready;
+            Py_BEGIN_ALLOW_THREADS
+            ready = poll(&p, 1, ms <= 0 ? 0 : ms >= INT_MAX ? INT_MAX : (int)ms + ((int)ms < ms));
+            Py_END_ALLOW_THREADS
+            if (ready == 0) { timed_out = 1; break; }
+            if (ready < 0) {
+                if (errno == EINTR) { signalled = PyErr_CheckSignals() < 0; continue; }
+                PyErr_SetFromErrno(PyExc_OSError);
+                os_error = 1;
+                break;
+            }
+            if ((fd = socket_fd(conn)) < 0) { os_error = PyErr_ExceptionMatches(PyExc_OSError); break; }
+            flags = MSG_DONTWAIT;   /* readable: it does not block (if it would, poll again) */
         }
-        if (ready > 0) n = recv(fd, buf.buf, (size_t)buf.len, 0);
+        Py_BEGIN_ALLOW_THREADS
+        n = recv(fd, buf.buf, (size_t)buf.len, flags);
         Py_END_ALLOW_THREADS
-        if (ready == 0) { timed_out = 1; break; }
-        if (ready < 0 || n < 0) {
-            if (errno == EINTR) { if (PyErr_CheckSignals() < 0) break; continue; }
+        if (n < 0) {
+            if (errno == EINTR) { signalled = PyErr_CheckSignals() < 0; continue; }
+            if (flags && (errno == EAGAIN || errno == EWOULDBLOCK)) continue;
             PyErr_SetFromErrno(PyExc_OSError);
             os_error = 1;
-            break;
         }
         break;
     }
@@ -1659,7 +1718,7 @@ static PyObject *m_call_alone(PyObject *mod, PyObject *const *args, Py_ssize_t n
             memcpy(&name_len, p + 2, 2); memcpy(&rid, p + 4, 4); memcpy(&status, p + 8, 4); memcpy(&length, p + 16, 8);
         }
         if (n >= FRAME_HEADER && p[0] == FRAME_REPLY && !p[1] && !name_len && rid == (uint32_t)id
-            && length <= (uint64_t)max_payload && (uint64_t)n == FRAME_HEADER + length) {
+            && length <= max_payload && (uint64_t)n == FRAME_HEADER + length) {
             PyObject *st = PyLong_FromUnsignedLong(status);
             PyObject *payload = st ? PyBytes_FromStringAndSize((const char *)p + FRAME_HEADER, (Py_ssize_t)length) : NULL;
             PyBuffer_Release(&buf); Py_DECREF(view);
@@ -1677,8 +1736,8 @@ static PyObject *m_call_alone(PyObject *mod, PyObject *const *args, Py_ssize_t n
                 Py_XDECREF(r);
             }
             Py_XDECREF(waiting);
-            lock_call(lock, s_release, NULL);
-            if (!ok) Py_CLEAR(result);   /* (cannot happen: the state is ours) */
+            release_lock(lock);
+            if (!ok) { Py_CLEAR(result); goto interrupted; }   /* (an exception at _pass_reading_on's start) */
             goto out;
         }
     }
@@ -1688,10 +1747,14 @@ static PyObject *m_call_alone(PyObject *mod, PyObject *const *args, Py_ssize_t n
     {
         PyObject *n_obj = timed_out || os_error ? Py_NewRef(Py_None) : PyLong_FromSsize_t(n);
         PyObject *dl = deadline >= 0 ? PyFloat_FromDouble(deadline) : Py_NewRef(Py_None);
-        if (n_obj && dl)
-            result = PyObject_CallMethodObjArgs(conn, s_read_on, call_id, n_obj, error ? error : Py_None, dl,
-                                                args[3], NULL);
-        Py_XDECREF(n_obj); Py_XDECREF(dl); Py_XDECREF(error);
+        if (!n_obj || !dl) {
+            Py_XDECREF(n_obj); Py_XDECREF(dl); Py_XDECREF(error);
+            goto interrupted;
+        }
+        result = PyObject_CallMethodObjArgs(conn, s_read_on, call_id, n_obj, error ? error : Py_None, dl,
+                                            args[3], NULL);
+        Py_DECREF(n_obj); Py_DECREF(dl); Py_XDECREF(error);
+        if (!result) settle_if_registered(conn, call_id);
     }
     goto out;
 interrupted:   /* an exception while the reader's turn is ours: the connection cannot be trusted */

@@ -460,3 +460,137 @@ def test_async_tcp_client_works_in_a_second_event_loop():
 
         assert asyncio.run(main()) == "hi"
         assert asyncio.run(main()) == "hi"
+
+
+# ---- 11. the C paths of the usual TCP call (core.call_alone, core.Gateway) ----------------------
+
+def _alone_connection(max_payload=None):
+    """A client connection over a socketpair, its far end standing in for the gateway."""
+    from speedysvc import tcp_client as tc
+    a, b = socket.socketpair()
+    opts = tc.ClientOptions(ReviewEcho.name, "127.0.0.1", 1)
+    opts.max_payload = max_payload
+    conn = tc._Connection(a, opts, b"")
+    conn.last_read = time.monotonic() + 1e6   # (no idle check: nothing stands behind a socketpair)
+    return conn, b
+
+
+def test_call_alone_never_reads_a_socket_opened_after_its_own_was_closed():
+    """A call waiting with a timeout while another thread closes its connection must not read
+    from whatever socket takes the closed one's descriptor number next: it looks the
+    descriptor up again before each system call, as the socket module does (EBADF)."""
+    from speedysvc._shmcore import call_alone
+    stolen = []
+    for _ in range(60):
+        conn, far = _alone_connection()
+        seen = {}
+
+        def read_on(call_id, n, error, deadline, timeout, conn=conn, seen=seen):
+            seen["bytes"] = bytes(conn.parser._buf[:n]) if n else b""
+            raise ConnectionError("stop")
+
+        conn._read_on = read_on
+        t = threading.Thread(target=lambda: pytest.raises(ConnectionError, call_alone, conn,
+                                                          fr.call_header(7, b"echo", 0, 0, 2) + b"hi", 7, 5.0))
+        t.start()
+        far.recv(100)          # sent: the call waits in poll()
+        time.sleep(0.001)
+        conn.close()           # shutdown (which wakes it), then close: the number is free
+        c, d = socket.socketpair()
+        d.sendall(b"NEW-CONNECTION")
+        t.join(10)
+        assert not t.is_alive()
+        stolen += [seen["bytes"]] if seen.get("bytes", b"").startswith(b"NEW") else []
+        for s in (far, c, d):
+            s.close()
+    assert stolen == []
+
+
+def test_an_exception_as_the_c_path_hands_over_still_drops_the_connection():
+    """An exception that becomes pending while the usual call waits in C (a signal handler's,
+    here an asynchronous one) is raised as the Python code it hands over to starts, before that
+    code's own clean-up is armed: the call's registration and the reader's turn must still
+    end (the connection is dropped), or every later call on it would wait forever."""
+    import ctypes
+    from speedysvc import tcp_client as tc
+    from speedysvc._shmcore import call_alone
+
+    class Injected(Exception):
+        pass
+
+    conn, far = _alone_connection()
+    out = {}
+
+    def caller():
+        try:
+            out["r"] = call_alone(conn, fr.call_header(7, b"echo", 0, 0, 2) + b"hi", 7, None)
+        except BaseException as e:
+            out["e"] = e
+
+    t = threading.Thread(target=caller)
+    t.start()
+    far.recv(1000)
+    time.sleep(0.2)          # in recv(), without the GIL
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(t.ident), ctypes.py_object(Injected))
+    far.sendall((fr.reply_header(7, 0, 2) + b"ok")[:10])   # half a reply: handed over to _read_on
+    t.join(10)
+    assert isinstance(out.get("e"), Injected)
+    assert conn.reading is False and conn.waiting == {} and conn.broken is not None
+    with pytest.raises(tc._Stale):   # the next call finds it broken at once (and reconnects)
+        conn.call(b"echo", b"hi", 0, None)
+    far.close()
+
+
+def test_call_alone_errors_stay_what_they_are():
+    """An error while the connection's lock is held comes out as itself (not as a SystemError
+    from releasing the lock with it pending), and the lock is released; a socket closed under
+    an idle connection is left to the Python path, which reconnects."""
+    from speedysvc._shmcore import call_alone
+
+    class NoParser:
+        def __init__(self):
+            self.lock, self.broken, self.reading, self.waiting = threading.Lock(), None, False, {}
+
+    odd = NoParser()
+    with pytest.raises(AttributeError):
+        call_alone(odd, b"x" * 30, 1, None)
+    assert not odd.lock.locked()
+    conn, far = _alone_connection()
+    conn.last_read = 0.0   # idle: checked with poll() first
+    conn.sock.close()
+    assert call_alone(conn, b"x" * 30, 1, None) is None
+    assert not conn.lock.locked() and conn.reading is False and conn.waiting == {}
+    far.close()
+
+
+def test_size_limits_beyond_64_bits_of_signed_int_work_in_both_c_paths():
+    """A max_payload of 2**63 or more ("no limit") is what the Python parser accepts; the C
+    paths read it as an unsigned 64-bit size, clamped, instead of failing every call."""
+    from speedysvc._shmcore import Gateway, call_alone
+    conn, far = _alone_connection(max_payload=2 ** 64)
+
+    def gateway():
+        far.recv(100)
+        far.sendall(fr.reply_header(7, 0, 2) + b"ok")
+
+    t = threading.Thread(target=gateway)
+    t.start()
+    assert call_alone(conn, fr.call_header(7, b"echo", 0, 0, 2) + b"hi", 7, 5.0) == (0, b"ok")
+    t.join()
+    far.close()
+    conn.close()
+
+    class Server:
+        closing, inflight, max_inflight, _waiting = False, 0, 10, {}
+
+    class NotAttached:
+        _channels = None
+
+    parser = fr.FrameParser(2 ** 64, frozenset({fr.CALL}))
+    frame = fr.call_header(1, b"echo", 0, 0, 2) + b"hi"
+    buf = parser.get_buffer()
+    buf[:len(frame)] = frame
+    del buf
+    # checked, then declined only because there is no attachment to post it on
+    assert Gateway(NotAttached(), Server(), {}, codecs.CODEC_SHIFT, codecs.PICKLE.id)(parser, len(frame)) is None
+    assert parser.whole_frame(len(frame)) is not None
