@@ -313,12 +313,8 @@ class _Connection:
                     frames, error = [], e
                 # (any other exception: the finally below drops the connection)
                 with lock:
-                    if error is not None:
-                        self._break(error)
-                    else:
-                        self._deliver(frames)
-                    self.reading = reader = False
-                    reply = self.replies.pop(call_id, None)
+                    reply = self._end_turn(call_id, frames, error)
+                    reader = False
                     if reply is not None:
                         return reply
             return self._wait(call_id, deadline, timeout)
@@ -369,17 +365,23 @@ class _Connection:
                 except (OSError, ProtocolError) as e:
                     error = e
             with self.lock:
-                if error is not None:
-                    self._break(error)
-                else:
-                    self._deliver(frames)
-                self.reading = reader = False
-                reply = self.replies.pop(call_id, None)
+                reply = self._end_turn(call_id, frames, error)
+                reader = False
                 if reply is not None:
                     return reply
             return self._wait(call_id, deadline, timeout)
         finally:
             self._unregister(call_id, reader)
+
+    def _end_turn(self, call_id: int, frames: list, error: BaseException | None):
+        """Under ``lock``: a call's turn as the reader ends with what its read brought
+        (``frames``, or ``error``, which breaks the connection); its reply, if that came."""
+        if error is not None:
+            self._break(error)
+        else:
+            self._deliver(frames)
+        self.reading = False
+        return self.replies.pop(call_id, None)
 
     def _pass_reading_on(self) -> None:
         """Under ``lock``, with nobody reading: wake one sleeping caller still without a reply."""
