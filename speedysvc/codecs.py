@@ -20,6 +20,7 @@ import pickle
 
 import msgpack
 
+from . import _shmcore
 from .errors import DecodeError, EncodeError, decode_exception
 
 FLAG_KWARGS = 0x1
@@ -119,22 +120,28 @@ class JSONCodec(Codec):
     loads = loads_fast = staticmethod(_json_loads)
 
 
-def _msgpack_loads(data, _unpackb=msgpack.unpackb):
+def _msgpack_loads(data, _unpackb=msgpack.unpackb, _loads=_shmcore.msgpack_loads):
     # Keyword arguments make unpackb twice as slow on small payloads, so maps with
     # non-string keys (rare) pay for a second attempt instead of every call paying.
     try:
-        return _unpackb(data)
+        return _loads(data)
     except ValueError:
         return _unpackb(data, raw=False, strict_map_key=False)
 
 
+# The usual values (None, bool, int, float, str, bytes, exact lists, tuples and dicts) are
+# encoded and decoded in C, byte for byte as msgpack does (its pack() and unpackb() cost a
+# tenth of a small shared-memory call each); msgpack takes every other value, and words
+# every error.  One shared Packer: building one costs several times more than packing a
+# small value, and pack() runs under the GIL without calling back into Python.
+_shmcore.set_msgpack(msgpack.Packer(use_bin_type=True).pack, msgpack.unpackb)
+
+
 class MsgpackCodec(Codec):
     name, id = "msgpack", 2
-    # One shared Packer: building one costs several times more than packing a small
-    # value, and pack() runs under the GIL without calling back into Python.
-    dumps = staticmethod(msgpack.Packer(use_bin_type=True).pack)
+    dumps = staticmethod(_shmcore.msgpack_dumps)
     loads = staticmethod(_msgpack_loads)
-    loads_fast = staticmethod(msgpack.unpackb)  # refuses non-string map keys: rare, and retried
+    loads_fast = staticmethod(_shmcore.msgpack_loads)  # refuses non-string map keys: rare, and retried
 
 
 class PickleCodec(Codec):

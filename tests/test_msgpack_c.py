@@ -1,0 +1,96 @@
+"""The msgpack codec's C encoder and decoder (``_shmcore.msgpack_dumps``/``msgpack_loads``)
+against msgpack itself: the same bytes for every value, the same value (or the same kind
+of error) for every input, garbage included."""
+import collections
+import math
+
+import msgpack
+import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+from speedysvc import _shmcore as core
+from speedysvc import codecs
+
+PACK = msgpack.Packer(use_bin_type=True).pack
+
+scalars = (st.none() | st.booleans() | st.integers() | st.integers(-2**64, 2**64) | st.floats()
+           | st.text() | st.binary() | st.sampled_from([2**63 - 1, 2**63, 2**64 - 1, 2**64, -2**63, -2**63 - 1,
+                                                        127, 128, 255, 256, -32, -33, -128, -129, 65535, 65536,
+                                                        -32768, -32769, 2**32 - 1, 2**32, -2**31, -2**31 - 1]))
+keys = st.text() | st.binary() | st.integers(-5, 5)
+values = st.recursive(scalars, lambda inner: st.lists(inner) | st.lists(inner).map(tuple)
+                      | st.dictionaries(keys, inner), max_leaves=40)
+odd_values = st.sampled_from([bytearray(b"ab"), memoryview(b"cd"), collections.OrderedDict(a=1),
+                              collections.namedtuple("P", "x y")(1, 2), object(), "\ud800", 2**70, -2**70,
+                              [[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[1]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]], 1j, {1, 2}])
+
+
+def outcome(fn, arg):
+    try:
+        return "ok", fn(arg)
+    except Exception as e:
+        return "error", type(e)
+
+
+def same(a, b):
+    """Equal values, NaN equal to NaN (msgpack's bytes compare them exactly)."""
+    return PACK(a) == PACK(b) if not isinstance(a, float) or not math.isnan(a) else math.isnan(b)
+
+
+@settings(max_examples=200, deadline=None)
+@given(value=values | odd_values)
+def test_encoding_is_msgpacks_byte_for_byte(value):
+    assert outcome(core.msgpack_dumps, value) == outcome(PACK, value)
+
+
+@settings(max_examples=200, deadline=None)
+@given(value=values)
+def test_decoding_what_msgpack_encodes_gives_msgpacks_value(value):
+    try:
+        data = PACK(value)
+    except (OverflowError, ValueError):   # an int beyond 64 bits
+        assume(False)
+    mine, theirs = outcome(core.msgpack_loads, data), outcome(msgpack.unpackb, data)
+    assert mine[0] == theirs[0]
+    if mine[0] == "ok":   # (an error: a map with keys other than str and bytes, as unpackb's default)
+        assert same(mine[1], theirs[1])
+        assert PACK(mine[1]) == PACK(theirs[1])   # same types all the way down (lists, not tuples)
+    else:
+        assert mine[1] is theirs[1]
+
+
+def packed(value):
+    try:
+        return PACK(value)
+    except (OverflowError, ValueError):
+        return b"\xcf"
+
+
+garbage = st.binary(max_size=60) | values.map(packed).flatmap(
+    lambda b: st.sampled_from([b[:-1], b + b"\x00", b[1:], b"\xc1" + b, b[: len(b) // 2]]) if b else st.just(b))
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=garbage)
+def test_decoding_garbage_agrees_with_msgpack(data):
+    mine, theirs = outcome(core.msgpack_loads, data), outcome(msgpack.unpackb, data)
+    assert mine[0] == theirs[0]
+    if mine[0] == "ok":
+        assert same(mine[1], theirs[1])
+    else:
+        assert mine[1] is theirs[1]
+
+
+def test_the_codec_uses_them_and_keeps_msgpacks_fallbacks():
+    assert codecs.MSGPACK.dumps is core.msgpack_dumps and codecs.MSGPACK.loads_fast is core.msgpack_loads
+    assert codecs.MSGPACK.loads(PACK({1: "a"})) == {1: "a"}        # non-string keys: the slow retry
+    with pytest.raises(ValueError):
+        codecs.MSGPACK.loads_fast(PACK({1: "a"}))                   # ...which loads_fast leaves to its caller
+    with pytest.raises(TypeError):
+        core.msgpack_dumps(object())                                # msgpack's own error
+    ext = msgpack.packb(msgpack.ExtType(5, b"x"))
+    assert core.msgpack_loads(ext) == msgpack.unpackb(ext)          # (ext types: msgpack's)
+    assert core.msgpack_loads(memoryview(PACK([1, b"x"]))) == [1, b"x"]
+    big = b"z" * (1 << 20)
+    assert core.msgpack_dumps([big]) == PACK([big]) and core.msgpack_loads(PACK([big])) == [big]
