@@ -1117,13 +1117,17 @@ static PyObject *SM_call(ShmMethod *self, PyObject *const *args, size_t nargsf, 
         result = PyObject_CallOneArg(self->loads, got);
         if (result) {
             PyObject *closed = PyObject_GetAttr(chans, s_closed);
-            if (closed == Py_False) {
-                if (PyList_Append(free, ch) < 0) Py_CLEAR(result);
-            } else {   /* closed while the call ran: Python frees the channel */
-                PyObject *r = closed ? PyObject_CallMethodObjArgs(self->transport, s_give_back, chans, ch, NULL) : NULL;
+            if (!closed || (closed == Py_False && PyList_Append(free, ch) < 0)) {   /* (out of memory) */
+                Py_XDECREF(closed);
+                Py_CLEAR(result);
+                result = SM_abort(self, chans, ch);   /* which gives the channel back */
+                goto done;
+            }
+            if (closed != Py_False) {   /* closed while the call ran: Python frees the channel */
+                PyObject *r = PyObject_CallMethodObjArgs(self->transport, s_give_back, chans, ch, NULL);
                 if (r) Py_DECREF(r); else Py_CLEAR(result);
             }
-            Py_XDECREF(closed);
+            Py_DECREF(closed);
             goto done;
         }
         if (!PyErr_ExceptionMatches(PyExc_Exception)) { result = SM_abort(self, chans, ch); goto done; }
