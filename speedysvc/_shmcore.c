@@ -1783,6 +1783,7 @@ out:
  * and msgpack.unpackb() with their defaults do, and hand everything else to
  * them (set_msgpack), so unusual values and every error come from msgpack. */
 #define MP_DEPTH 32
+#define MP_MAX_SIZE ((Py_ssize_t)1 << 40)   /* beyond this (shared references can make it so), msgpack's */
 static PyObject *mp_pack_fallback, *mp_unpack_fallback;
 
 /* The encoded size of `o`, or -1: not one of ours (or an error to leave to msgpack). */
@@ -1820,8 +1821,7 @@ static Py_ssize_t mp_size(PyObject *o, int depth) {
         if (n > 0xFFFFFFFFLL) return -1;
         for (Py_ssize_t i = 0; i < n; i++) {
             Py_ssize_t s = mp_size(PySequence_Fast_GET_ITEM(o, i), depth + 1);
-            if (s < 0) return -1;
-            total += s;
+            if (s < 0 || (total += s) > MP_MAX_SIZE) return -1;
         }
         return total;
     }
@@ -1831,8 +1831,7 @@ static Py_ssize_t mp_size(PyObject *o, int depth) {
         PyObject *k, *v;
         while (PyDict_Next(o, &pos, &k, &v)) {
             Py_ssize_t a = mp_size(k, depth + 1), b = a < 0 ? -1 : mp_size(v, depth + 1);
-            if (b < 0) return -1;
-            total += a + b;
+            if (b < 0 || (total += a + b) > MP_MAX_SIZE) return -1;
         }
         return total;
     }
@@ -1913,7 +1912,10 @@ static PyObject *m_msgpack_dumps(PyObject *mod, PyObject *o) {
     Py_ssize_t size = mp_size(o, 0);
     if (size < 0) {
         if (!mp_pack_fallback) { PyErr_SetString(PyExc_RuntimeError, "set_msgpack() first"); return NULL; }
-        return PyObject_CallOneArg(mp_pack_fallback, o);
+        PyObject *fallback = Py_NewRef(mp_pack_fallback);   /* set_msgpack may run meanwhile */
+        PyObject *r = PyObject_CallOneArg(fallback, o);
+        Py_DECREF(fallback);
+        return r;
     }
     PyObject *out = PyBytes_FromStringAndSize(NULL, size);
     if (!out) return NULL;
@@ -2051,7 +2053,10 @@ static PyObject *m_msgpack_loads(PyObject *mod, PyObject *data) {
         PyErr_Clear();
     }
     if (!mp_unpack_fallback) { PyErr_SetString(PyExc_RuntimeError, "set_msgpack() first"); return NULL; }
-    return PyObject_CallOneArg(mp_unpack_fallback, data);
+    PyObject *fallback = Py_NewRef(mp_unpack_fallback);
+    PyObject *r = PyObject_CallOneArg(fallback, data);
+    Py_DECREF(fallback);
+    return r;
 }
 
 static PyObject *m_set_msgpack(PyObject *mod, PyObject *args) {

@@ -132,9 +132,10 @@ def _msgpack_loads(data, _unpackb=msgpack.unpackb, _loads=_shmcore.msgpack_loads
 # The usual values (None, bool, int, float, str, bytes, exact lists, tuples and dicts) are
 # encoded and decoded in C, byte for byte as msgpack does (its pack() and unpackb() cost a
 # tenth of a small shared-memory call each); msgpack takes every other value, and words
-# every error.  One shared Packer: building one costs several times more than packing a
-# small value, and pack() runs under the GIL without calling back into Python.
-_shmcore.set_msgpack(msgpack.Packer(use_bin_type=True).pack, msgpack.unpackb)
+# every error.  A Packer per value there: those are the values whose packing can run Python
+# code (a dict subclass's items()), and with it another thread, so one shared Packer could
+# interleave two threads' bytes.
+_shmcore.set_msgpack(functools.partial(msgpack.packb, use_bin_type=True), msgpack.unpackb)
 
 
 class MsgpackCodec(Codec):

@@ -2,7 +2,10 @@
 against msgpack itself: the same bytes for every value, the same value (or the same kind
 of error) for every input, garbage included."""
 import collections
+import functools
 import math
+import threading
+import time
 
 import msgpack
 import pytest
@@ -94,3 +97,49 @@ def test_the_codec_uses_them_and_keeps_msgpacks_fallbacks():
     assert core.msgpack_loads(memoryview(PACK([1, b"x"]))) == [1, b"x"]
     big = b"z" * (1 << 20)
     assert core.msgpack_dumps([big]) == PACK([big]) and core.msgpack_loads(PACK([big])) == [big]
+
+
+class _SlowItems(dict):
+    """A dict subclass: msgpack packs it through items(), Python code that can switch threads."""
+
+    def items(self):
+        time.sleep(0.001)
+        return super().items()
+
+
+def test_values_left_to_msgpack_are_packed_apart_in_each_thread():
+    """What the C encoder leaves to msgpack can run Python code while it is packed (and so
+    let another thread in): each is packed on its own, never interleaved with another's."""
+    want = {"slow": PACK({"a": [1, 2, 3], "b": "x"}), "odd": PACK([bytearray(b"zz")] * 3)}
+    wrong = []
+
+    def pack(kind, value, n):
+        for _ in range(n):
+            got = core.msgpack_dumps(value)
+            if got != want[kind]:
+                wrong.append(kind)
+
+    threads = [threading.Thread(target=pack, args=("slow", _SlowItems(a=[1, 2, 3], b="x"), 60)),
+               threading.Thread(target=pack, args=("odd", [bytearray(b"zz")] * 3, 20000))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert wrong == []
+
+
+def test_replacing_the_fallback_while_it_runs_is_safe():
+    """set_msgpack while the fallback packs a value (here from inside it) leaves the running
+    call its own reference: the value still comes out whole."""
+    fallback = functools.partial(msgpack.packb, use_bin_type=True)
+
+    class Replacing(dict):
+        def items(self):
+            core.set_msgpack(functools.partial(msgpack.packb, use_bin_type=True), msgpack.unpackb)
+            return [("k", b"v" * 1000)]
+
+    try:
+        core.set_msgpack(functools.partial(msgpack.packb, use_bin_type=True), msgpack.unpackb)
+        assert core.msgpack_dumps(Replacing(a=1)) == PACK({"k": b"v" * 1000})
+    finally:
+        core.set_msgpack(fallback, msgpack.unpackb)
