@@ -1789,7 +1789,7 @@ static PyObject *mp_pack_fallback, *mp_unpack_fallback;
 /* The encoded size of `o`, or -1: not one of ours (or an error to leave to msgpack). */
 static Py_ssize_t mp_size(PyObject *o, int depth) {
     if (o == Py_None || o == Py_True || o == Py_False) return 1;
-    if (PyLong_Check(o)) {
+    if (PyLong_CheckExact(o)) {   /* (msgpack compares a subclass with 0, which may run its code) */
         int overflow;
         long long v = PyLong_AsLongLongAndOverflow(o, &overflow);
         if (v == -1 && PyErr_Occurred()) { PyErr_Clear(); return -1; }
@@ -1857,7 +1857,7 @@ static unsigned char *mp_write(PyObject *o, unsigned char *p) {
     if (o == Py_None) { *p++ = 0xc0; return p; }
     if (o == Py_True) { *p++ = 0xc3; return p; }
     if (o == Py_False) { *p++ = 0xc2; return p; }
-    if (PyLong_Check(o)) {
+    if (PyLong_CheckExact(o)) {
         int overflow;
         long long v = PyLong_AsLongLongAndOverflow(o, &overflow);
         if (overflow) { *p++ = 0xcf; return mp_be(p, PyLong_AsUnsignedLongLong(o), 8); }
@@ -2030,7 +2030,8 @@ map:
         if (!dict) { PyErr_Clear(); return NULL; }
         for (Py_ssize_t i = 0; i < n; i++) {
             PyObject *k = mp_read(r, depth + 1), *v = k ? mp_read(r, depth + 1) : NULL;
-            /* unpackb's default (strict_map_key) takes str and bytes keys only */
+            /* unpackb's default (strict_map_key) takes str and bytes keys only, and interns str keys */
+            if (v && PyUnicode_CheckExact(k)) PyUnicode_InternInPlace(&k);
             int ok = v && (PyUnicode_CheckExact(k) || PyBytes_CheckExact(k)) && PyDict_SetItem(dict, k, v) == 0;
             Py_XDECREF(k); Py_XDECREF(v);
             if (!ok) { PyErr_Clear(); Py_DECREF(dict); return NULL; }
@@ -2041,7 +2042,11 @@ map:
 
 static PyObject *m_msgpack_loads(PyObject *mod, PyObject *data) {
     Py_buffer buf;
-    if (PyObject_GetBuffer(data, &buf, PyBUF_SIMPLE) == 0) {
+    if (PyObject_GetBuffer(data, &buf, PyBUF_SIMPLE) < 0) {
+        PyErr_Clear();   /* not a buffer: msgpack's error */
+    } else if (buf.itemsize != 1) {
+        PyBuffer_Release(&buf);   /* msgpack refuses multi-byte items: its error */
+    } else {
         mp_reader r = {buf.buf, (const unsigned char *)buf.buf + buf.len};
         PyObject *v = mp_read(&r, 0);
         int whole = v && r.p == r.end;
@@ -2049,8 +2054,6 @@ static PyObject *m_msgpack_loads(PyObject *mod, PyObject *data) {
         if (whole) return v;
         Py_XDECREF(v);
         if (PyErr_Occurred()) return NULL;   /* (only what cannot be left to msgpack, e.g. memory) */
-    } else {
-        PyErr_Clear();
     }
     if (!mp_unpack_fallback) { PyErr_SetString(PyExc_RuntimeError, "set_msgpack() first"); return NULL; }
     PyObject *fallback = Py_NewRef(mp_unpack_fallback);

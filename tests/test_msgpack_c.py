@@ -143,3 +143,19 @@ def test_replacing_the_fallback_while_it_runs_is_safe():
         assert core.msgpack_dumps(Replacing(a=1)) == PACK({"k": b"v" * 1000})
     finally:
         core.set_msgpack(fallback, msgpack.unpackb)
+
+
+def test_what_only_msgpack_decides_is_left_to_it():
+    """Int subclasses (msgpack compares them with 0, running their code), buffers of
+    multi-byte items (which msgpack refuses), and str map keys (which msgpack interns)."""
+    import array
+
+    class Gt(int):
+        def __gt__(self, other):
+            raise RuntimeError("compared")
+
+    assert outcome(core.msgpack_dumps, Gt(2**63)) == outcome(PACK, Gt(2**63)) == ("error", RuntimeError)
+    multi = array.array("i", [0x01020304])
+    assert outcome(core.msgpack_loads, multi) == outcome(msgpack.unpackb, multi) == ("error", BufferError)
+    a, b = core.msgpack_loads(PACK({"some key": 1})), core.msgpack_loads(PACK({"some key": 2}))
+    assert next(iter(a)) is next(iter(b))
