@@ -178,7 +178,7 @@ class _Connection:
     thread only), then passes the role on to one thread still waiting.
 
     The usual call, alone on its connection, runs in C (``core.call_alone``, from
-    ``TcpTransport.bind_method``) with the same states under the same lock; it hands
+    ``TcpTransport.call``) with the same states under the same lock; it hands
     what is not usual back to ``call``, ``_failed_to_send``, ``_read_on`` or
     ``_unregister``."""
 
@@ -556,8 +556,7 @@ class TcpTransport:
         """A client's method that goes straight to ``call`` (see ``client._ClientMethod``):
         arguments encoded with ``dumps(args)`` (None: the one bytes argument is the
         request); ``fallback(*args, **kwargs)`` takes every other case."""
-        call, answer, flags = self.call, self._answer, codec.flags
-        head, name_len, timeout_ms = fr.FRAME.pack, len(name), _timeout_ms(timeout)
+        call, flags = self.call, codec.flags
 
         def method(*args, **kwargs):
             if kwargs:
@@ -571,19 +570,20 @@ class TcpTransport:
                     payload = dumps(args)
                 except Exception:
                     return fallback(*args)   # raises a clear EncodeError
-            conn = self._conn
-            if conn is not None and conn.alone and conn.fork_generation == _fork_generation \
-                    and payload.__class__ is bytes and len(payload) < conn.alone_limit:
-                call_id = next_call_id()
-                got = call_alone(conn, head(fr.CALL, 0, name_len, call_id, flags, timeout_ms, len(payload)) + name
-                                 + payload, call_id, timeout)
-                if got is not None:
-                    return answer(got, codec, name)
             return call(name, payload, flags, codec, timeout)
 
         return method
 
     def call(self, name: bytes, payload, flags: int, codec, timeout: float | None):
+        # the usual call, alone on its connection, goes all the way in C (see _Connection)
+        conn = self._conn
+        if conn is not None and conn.alone and conn.fork_generation == _fork_generation \
+                and payload.__class__ is bytes and len(payload) < conn.alone_limit:
+            call_id = next_call_id()
+            got = call_alone(conn, fr.call_header(call_id, name, flags, _timeout_ms(timeout), len(payload)) + payload,
+                             call_id, timeout)
+            if got is not None:
+                return self._answer(got, codec, name)
         conn = self._connection()
         try:
             status, data = conn.call(name, payload, flags, timeout)
