@@ -22,15 +22,23 @@ except ImportError:  # pragma: no cover - cramjam is a dependency; zlib still wo
 _LENGTH = struct.Struct("<Q")
 DEFAULT_MIN_SIZE = 4096     # payloads below this are sent as they are
 LAZY_SIZE = 1 << 20
+ZLIB_SLICE = 16 << 10       # compressed bytes inflated at a time: at most ~16 MiB out
 
 
 def _zlib_decompress_into(data, out: bytearray) -> int:
+    # fed a slice at a time: zlib inflates without the GIL, but gathers and copies its output
+    # with it, and one large output would keep every other thread (an event loop) waiting
     d = zlib.decompressobj()
-    chunk = d.decompress(data, len(out) + 1)
-    if len(chunk) > len(out) or d.unconsumed_tail:
-        raise ValueError("inflates beyond its stated length")
-    out[:len(chunk)] = chunk
-    return len(chunk)
+    data, filled = memoryview(data), 0
+    for start in range(0, len(data), ZLIB_SLICE):
+        chunk = d.decompress(data[start:start + ZLIB_SLICE], len(out) - filled + 1)
+        if filled + len(chunk) > len(out) or d.unconsumed_tail:
+            raise ValueError("inflates beyond its stated length")
+        out[filled:filled + len(chunk)] = chunk
+        filled += len(chunk)
+        if d.eof:
+            break
+    return filled
 
 
 def _algorithms() -> dict:
@@ -67,16 +75,23 @@ def compress(name: str, payload) -> bytes | None:
     return _LENGTH.pack(size) + packed
 
 
-def decompress(name: str, data, limit: int, lazy: bool = False):
-    """Undo ``compress``; the stated length must be at most ``limit`` and must be exact.
-    With ``lazy``, a large result goes to an anonymous mapping, whose pages cost memory
-    only once written: a payload that states a large size and inflates to little costs little."""
+def stated_size(data, limit: int) -> int:
+    """The original length a compressed payload states (checked against ``limit``)."""
     view = memoryview(data)
     if view.nbytes < _LENGTH.size:
         raise DecodeError("compressed payload is shorter than its length prefix")
     (size,) = _LENGTH.unpack_from(view)
     if size > limit:
         raise PayloadTooLarge(f"compressed payload states {size} bytes, above the limit of {limit} bytes")
+    return size
+
+
+def decompress(name: str, data, limit: int, lazy: bool = False):
+    """Undo ``compress``; the stated length must be at most ``limit`` and must be exact.
+    With ``lazy``, a large result goes to an anonymous mapping, whose pages cost memory
+    only once written: a payload that states a large size and inflates to little costs little."""
+    view = memoryview(data)
+    size = stated_size(view, limit)
     out = lazy_buffer(size) if lazy and size >= LAZY_SIZE else bytearray(size)
     try:
         n = ALGORITHMS[name][1](view[_LENGTH.size:], out)

@@ -107,7 +107,8 @@ SERVICE_KEYS = {
     "tcp_allow_pickle": (_bool, False, "accept calls to pickle methods from authenticated TCP clients"),
     "tcp_max_connections": (_int(1), 10000, "most TCP clients at once"),
     "tcp_handshake_timeout": (_float(0.1), 10.0, "seconds a TCP client has to complete the handshake"),
-    "tcp_stall_timeout": (_float(0.1), 30.0, "seconds a TCP client may stall in the middle of a frame"),
+    "tcp_stall_timeout": (_float(0.1), 30.0, "seconds a TCP client may stall in the middle of a frame, "
+                                             "or leave its replies unread"),
     "max_channels": (_int(1), 1024, "most shared-memory channels (connections and concurrent calls) at once"),
     "max_payload": (_size, 1 << 30, "largest request or response"),
     "call_timeout": (_float(0), 0.0, "seconds a call may run before its worker is killed and restarted (0: no limit)"),

@@ -14,7 +14,6 @@ Linux only: it relies on /dev/shm, futex(2) and /proc.
 """
 from __future__ import annotations
 
-import functools
 import glob
 import mmap
 import os
@@ -610,19 +609,51 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class _Pending:
-    """A call ``ShmTransport.begin`` left in flight: call it (in a thread) to wait for
-    the result, or ``abandon()`` it if nobody ever will, so its channel is not lost."""
+    """A call ``ShmTransport.begin`` left in flight.  Either call it (in a thread) for the
+    result, or ``wait()`` for the answer in a thread and ``take()`` it out later on any
+    thread (an event loop can then leave a large answer in shared memory until it has
+    room for it); ``abandon()`` it if nobody ever will, so its channel is not lost."""
 
-    __slots__ = ("transport", "chans", "ch", "finish")
+    __slots__ = ("transport", "chans", "ch", "args", "name", "codec", "reply", "result", "settled")
 
-    def __init__(self, transport, chans, ch, finish):
-        self.transport, self.chans, self.ch, self.finish = transport, chans, ch, finish
+    def __init__(self, transport, chans, ch, args):
+        self.transport, self.chans, self.ch, self.args = transport, chans, ch, args
+        self.name, self.codec = args[1], args[4]
+        self.reply = self.result = None
+        self.settled = False
 
     def __call__(self):
-        return self.finish()
+        self.settled = True
+        return self.transport._finish(self.chans, self.ch, *self.args)
+
+    def wait(self) -> None:
+        """Block until the answer is in the channel, without taking it out (or raise like a call)."""
+        self.reply, self.result = self.transport._finish_wait(self, *self.args)
+        self.args = None   # (the request is no longer needed: an answer left unread holds no more memory)
+
+    @property
+    def size(self) -> int:
+        """After ``wait()``: the bytes ``take()`` will copy out of shared memory (0: none)."""
+        return 0 if self.reply is None else self.reply[2]
+
+    def take(self):
+        """After ``wait()``: the call's result (or its error raised); frees the channel."""
+        reply, self.reply = self.reply, None
+        if reply is None:
+            return self.result
+        self.settled = True
+        try:
+            return self.transport._take_reply(self.chans, self.ch, reply, self.name, self.codec)
+        except BaseException:
+            self.transport._failed(self.chans, self.ch)
+            raise
+        finally:
+            self.transport._give_back(self.chans, self.ch)
 
     def abandon(self) -> None:
-        self.transport._abort(self.chans, self.ch)
+        if not self.settled:
+            self.settled = True
+            self.transport._abort(self.chans, self.ch)
 
 
 class _Posted:
@@ -738,13 +769,22 @@ class ShmTransport:
         return core.ShmMethod(self, name, codec, dumps, codec.loads_fast, codec.flags, timeout,
                               _first_slice(timeout), fallback)
 
-    def begin(self, name: bytes, payload, flags: int, codec, timeout: float | None):
+    def begin(self, name: bytes, payload, flags: int, codec, timeout: float | None, channel=None):
         """Post a call and spin briefly for its answer, for callers that must not block
         (an event loop).  Returns ``(True, result)`` when it was answered at once, else
-        ``(False, finish)`` where ``finish()`` blocks until the result (or raises) and is
-        meant to run in a thread.  Raises like ``call`` for what fails at once."""
-        chans, ch = self._take()
+        ``(False, pending)``, a ``_Pending`` to finish in a thread.  Raises like ``call``
+        for what fails at once.  ``channel``: one ``reserve()`` returned, to use."""
+        chans, ch = channel or self._take()
         return self._early(chans, ch, None, name, payload, flags, codec, timeout, None)
+
+    def reserve(self):
+        """A channel for one later ``begin`` (which gives it back), taken now so that the
+        caller knows there is one before it prepares the call; ``unreserve`` it if the
+        call is not made.  Raises ``NoFreeChannel`` (or ``ServiceUnavailable``) as a call would."""
+        return self._take()
+
+    def unreserve(self, channel) -> None:
+        self._give_back(*channel)
 
     def post(self, name: bytes, payload, flags: int, timeout: float | None) -> "_Posted":
         """The first half of ``begin``: post a call and return at once, so that several
@@ -786,8 +826,7 @@ class ShmTransport:
             later = True
             if deadline is None and timeout is not None:
                 deadline = time.monotonic() + timeout
-            return False, _Pending(self, chans, ch, functools.partial(
-                self._finish, chans, ch, got, name, payload, flags, codec, timeout, deadline))
+            return False, _Pending(self, chans, ch, (got, name, payload, flags, codec, timeout, deadline))
         except BaseException:
             self._failed(chans, ch)
             raise
@@ -808,6 +847,27 @@ class ShmTransport:
         finally:
             self._give_back(chans, ch)
 
+    def _finish_wait(self, pending: _Pending, got: int, name, payload, flags, codec, timeout, deadline):
+        """``_Pending.wait``: (reply, None) when the answer waits in the channel, which stays
+        the call's, else (None, result) with the channel given back."""
+        chans, ch = pending.chans, pending.ch
+        keep = False
+        try:
+            ready, value = self._slow_wait(chans, ch, got, name, payload, flags, codec, timeout, deadline)
+            keep = ready
+            return (value, None) if ready else (None, value)
+        except _Retry:
+            chans.retire(ch)
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            return None, self.call(name, payload, flags, codec, remaining)
+        except BaseException:
+            self._failed(chans, ch)
+            raise
+        finally:
+            if not keep:
+                pending.settled = True
+                self._give_back(chans, ch)
+
     def _failed(self, chans: _Channels, ch: _Channel) -> None:
         if not ch.lost and not self._settle(chans, ch):
             ch.lost = True
@@ -824,6 +884,13 @@ class ShmTransport:
 
     def _call_slow(self, chans: _Channels, ch: _Channel, got: int, name, payload, flags, codec, timeout,
                    deadline: float | None = None):
+        ready, value = self._slow_wait(chans, ch, got, name, payload, flags, codec, timeout, deadline)
+        return self._take_reply(chans, ch, value, name, codec) if ready else value
+
+    def _slow_wait(self, chans: _Channels, ch: _Channel, got: int, name, payload, flags, codec, timeout,
+                   deadline: float | None = None):
+        """Go on with a call that was not answered at once until its answer is in the channel:
+        (True, reply) for ``_take_reply``, or (False, result) when it is already decoded."""
         seg = chans.seg
         if got == CALL_TOO_BIG:
             size = len(payload) if isinstance(payload, bytes) else memoryview(payload).nbytes
@@ -833,19 +900,20 @@ class ShmTransport:
             ch.set_data(replace_data_segment(seg, ch.slot, chans.pid, len(name) + size, ch.data.size))
             got = seg.region.call(ch.slot, ch.region, name, payload, flags, _first_slice(timeout))
             if got.__class__ is bytes:
-                return _decode_slow(codec, name, got)
+                return False, _decode_slow(codec, name, got)
             if got.__class__ is tuple:
-                return codec.remote_error(got[1])
+                return False, codec.remote_error(got[1])
         if got == CALL_NOT_SERVING:
             self._reattach(chans)
             raise _Retry
         if got == CALL_PENDING:
-            reply = self._wait_slow(chans, ch, timeout, deadline)
-        else:   # CALL_READY: a large response, or one in a segment the worker grew
-            reply = seg.region.wait_reply(ch.slot, 0.0)
+            return True, self._wait_slow(chans, ch, timeout, deadline)
+        return True, seg.region.wait_reply(ch.slot, 0.0)   # CALL_READY: a large response, or one in a segment the worker grew
+
+    def _take_reply(self, chans: _Channels, ch: _Channel, reply, name, codec):
+        """Decode (copy out) the answer ``_slow_wait`` found in the channel."""
         status, off, length, gen = reply
-        if gen != ch.data.gen:  # the worker moved the channel to a larger segment
-            ch.set_data(DataSegment.open(self.service, chans.pid, ch.slot, gen))
+        self._follow(chans, ch, gen)
         view = ch.data.view[off:off + length]
         try:
             if status == STATUS_OK:
@@ -854,6 +922,10 @@ class ShmTransport:
         finally:
             view.release()
 
+    def _follow(self, chans: _Channels, ch: _Channel, gen: int) -> None:
+        if gen != ch.data.gen:  # the worker moved the channel to a larger segment
+            ch.set_data(DataSegment.open(self.service, chans.pid, ch.slot, gen))
+
     def _settle(self, chans: _Channels, ch: _Channel) -> bool:
         """After a failed or interrupted call: take back a call no worker claimed, or
         leave the channel to the worker that holds it.  True if the channel is reusable."""
@@ -861,7 +933,14 @@ class ShmTransport:
         while True:
             st = r.load32(off)
             code = st & core.ST_CODE
-            if code in (core.ST_IDLE, core.ST_RESPONSE):
+            if code == core.ST_IDLE:
+                return True
+            if code == core.ST_RESPONSE:   # answered, perhaps in a segment the worker grew for it
+                try:
+                    self._follow(chans, ch, r.load32(off - core.C_STATE + core.C_DATA_GEN))
+                except Exception:   # (cannot map it: out of descriptors or memory) not reusable
+                    chans.retire(ch)
+                    return False
                 return True
             if code == core.ST_REQUEST:
                 if r.cas32(off, st, core.ST_IDLE):

@@ -37,6 +37,8 @@ log = logging.getLogger("speedysvc.tcp")
 
 SECRET_ENV = "SPEEDYSVC_TCP_SECRET"
 SMALL_WRITE = 64 << 10        # below this, header and payload go out in one write
+LARGE_PAYLOAD = 1 << 20       # (de)compressing this much or more is done in a thread, not on the loop
+POST_AHEAD = 32               # calls of one read posted before their answers are collected
 CLOSE_GRACE = 5.0             # seconds a closed connection gets to flush its last bytes
 
 
@@ -90,7 +92,7 @@ class TcpServer:
     def __init__(self, service: str, host: str, port: int, *, secret=None, ssl_context: ssl.SSLContext | None = None,
                  allow_pickle: bool = False, max_payload: int = DEFAULT_MAX_PAYLOAD, max_connections: int = 10000,
                  max_inflight: int = 256, handshake_timeout: float = 10.0, stall_timeout: float = 30.0,
-                 max_waiting_threads: int = 64):
+                 max_waiting_threads: int = 64, inflate_budget: int = 256 << 20):
         self.service = service
         self.host, self.port = host, port
         self.secret = fr.as_secret(secret)
@@ -107,9 +109,15 @@ class TcpServer:
         self.handshake_timeout = handshake_timeout
         self.stall_timeout = stall_timeout
         self.max_waiting_threads = max_waiting_threads
+        # large compressed calls are inflated in threads, while the sizes they state sum to at
+        # most this (one is always allowed): the rest wait, their connections not read
+        self.inflate_budget = inflate_budget
+        self.inflating = 0
+        self.parked = 0   # calls in flight whose answers wait for their clients to read (Connection.parked)
         self.shm = ShmTransport(service)
         self.counters = {"connections_total": 0, "calls": 0, "errors": 0, "refused": 0,
-                         "auth_failures": 0, "protocol_errors": 0, "answered_inline": 0, "bytes_in": 0, "bytes_out": 0}
+                         "auth_failures": 0, "protocol_errors": 0, "answered_inline": 0, "bytes_in": 0, "bytes_out": 0,
+                         "replies_parked": 0}
         # the usual call, in C: see _Connection.buffer_updated
         self.gateway = core.Gateway(self.shm, self, self.counters, codecs.CODEC_SHIFT, codecs.PICKLE.id)
         self.executor: ThreadPoolExecutor | None = None
@@ -203,7 +211,16 @@ class TcpServer:
                 break   # no channel free after all: wait for a call to finish
 
     def _run(self, conn: "_Connection", frame: fr.Frame) -> bool:
-        """Start one call (answer it if it is quick); False if it went back to wait for a channel."""
+        """Start one call (answer it if it is quick); False if it went back to wait for room."""
+        if conn.backlogged:   # the client leaves its replies unread: start nothing more of it
+            conn.hold(frame)
+            return True
+        codec_id = frame.arg >> codecs.CODEC_SHIFT & 0xFF
+        if codec_id == codecs.PICKLE.id and not (self.allow_pickle and conn.authenticated):
+            conn.reply_error(frame.call_id, NotAllowed(
+                f"{frame.name.decode(errors='replace')}() uses pickle, which this service does not accept over "
+                f"TCP" + ("" if self.secret else " (it would need a secret and tcp_allow_pickle)")))
+            return True
         payload = frame.payload
         if frame.flags & fr.F_COMPRESSED:
             if conn.compression is None:
@@ -211,16 +228,13 @@ class TcpServer:
                                                             "no compression"))
                 return True
             try:
-                payload = compression.decompress(conn.compression, payload, self.max_payload, lazy=True)
+                size = compression.stated_size(payload, self.max_payload)
+                if size >= LARGE_PAYLOAD:
+                    return self._inflate(conn, frame, size)
+                payload = compression.decompress(conn.compression, payload, self.max_payload)
             except (DecodeError, PayloadTooLarge) as e:
                 conn.reply_error(frame.call_id, e)
                 return True
-        codec_id = frame.arg >> codecs.CODEC_SHIFT & 0xFF
-        if codec_id == codecs.PICKLE.id and not (self.allow_pickle and conn.authenticated):
-            conn.reply_error(frame.call_id, NotAllowed(
-                f"{frame.name.decode(errors='replace')}() uses pickle, which this service does not accept over "
-                f"TCP" + ("" if self.secret else " (it would need a secret and tcp_allow_pickle)")))
-            return True
         timeout = _seconds(frame.timeout_ms)
         try:
             done, result = self.shm.begin(frame.name, payload, frame.arg, PASSTHROUGH, timeout)
@@ -238,6 +252,60 @@ class TcpServer:
         self._started(conn, frame.call_id, done, result)
         return True
 
+    def _inflate(self, conn: "_Connection", frame: fr.Frame, size: int) -> bool:
+        """A large compressed call: inflated and posted in a thread, so that the loop (every
+        other client) does not wait for it, within ``inflate_budget`` bytes at once."""
+        if self.inflating and self.inflating + size > self.inflate_budget:
+            self._wait(conn, frame, first=True)
+            return False
+        try:
+            channel = self.shm.reserve()   # (so that nothing is inflated for a call that cannot be posted)
+        except NoFreeChannel as e:
+            if self.inflight:
+                self._wait(conn, frame, first=True)
+                return False
+            conn.reply_error(frame.call_id, e)
+            return True
+        except Exception as e:
+            conn.reply_error(frame.call_id, e)
+            return True
+        self.inflating += size
+        self._began(conn)
+        algo, limit, timeout = conn.compression, self.max_payload, _seconds(frame.timeout_ms)
+
+        def inflate_post_and_wait():
+            try:
+                payload = compression.decompress(algo, frame.payload, limit, lazy=True)
+            except BaseException:
+                self.shm.unreserve(channel)
+                raise
+            done, result = self.shm.begin(frame.name, payload, frame.arg, PASSTHROUGH, timeout, channel)
+            del payload   # (the budget counts it until here)
+            if not done:
+                result.wait()
+            return done, result
+
+        def posted(fut: asyncio.Future) -> None:
+            self.inflating -= size
+            if fut.cancelled():   # never ran (the server is closing)
+                self.shm.unreserve(channel)
+                conn.reply_error(frame.call_id, ServiceUnavailable(f"service {self.service!r} is stopping"))
+            elif fut.exception() is not None:
+                conn.reply_error(frame.call_id, fut.exception())
+            else:
+                self.counters["calls"] += 1
+                done, result = fut.result()
+                if not done:
+                    self._answered(conn, frame.call_id, result)
+                    return
+                conn.reply(frame.call_id, *result)
+            self.inflight -= 1
+            conn.inflight -= 1
+            self._settled()
+
+        asyncio.get_running_loop().run_in_executor(self.executor, inflate_post_and_wait).add_done_callback(posted)
+        return True
+
     def submit_all(self, conn: "_Connection", frames: list) -> None:
         """The calls of one read: the usual ones are all posted first and their answers
         collected after, so that workers run them while the rest are being posted (and a
@@ -247,6 +315,8 @@ class TcpServer:
         posted = []
         try:
             for frame in frames:
+                if len(posted) >= POST_AHEAD:   # (then a client that reads nothing gets no more started)
+                    self._collect(conn, posted)
                 if not self._usual(conn, frame.flags, frame.arg, len(posted)):
                     self._collect(conn, posted)
                     self.submit(conn, frame)
@@ -276,9 +346,9 @@ class TcpServer:
     def _usual(self, conn: "_Connection", flags: int, arg: int, posted: int = 0) -> bool:
         """Whether a call of several read together can be posted at once (``submit_all``): not
         compressed, not pickle, room for it beside ``posted`` others, and its connection
-        has no calls waiting for room (they go first).  ``submit`` takes every other."""
+        has no calls waiting for room (they go first) and reads its replies.  ``submit`` takes every other."""
         return not (flags or self.closing or self.inflight + posted >= self.max_inflight or conn in self._waiting
-                    or arg >> codecs.CODEC_SHIFT & 0xFF == codecs.PICKLE.id)
+                    or conn.backlogged or arg >> codecs.CODEC_SHIFT & 0xFF == codecs.PICKLE.id)
 
     def _started(self, conn: "_Connection", call_id: int, done: bool, result) -> None:
         """A call was posted: answer it now, or wait for its answer in a thread."""
@@ -287,11 +357,20 @@ class TcpServer:
             self.counters["answered_inline"] += 1
             conn.reply(call_id, *result)
             return
+        self._began(conn)
+        fut = asyncio.get_running_loop().run_in_executor(self.executor, result.wait)
+        fut.add_done_callback(functools.partial(self._finished, conn, call_id, result))
+
+    def _began(self, conn: "_Connection") -> None:
         self.inflight += 1
         conn.inflight += 1
         self._idle.clear()
-        fut = asyncio.get_running_loop().run_in_executor(self.executor, result)
-        fut.add_done_callback(functools.partial(self._finished, conn, call_id, result))
+
+    def _settled(self) -> None:
+        """A call in flight ended: room for a waiting one."""
+        self._drain()
+        if self.inflight == self.parked:   # (``close`` does not wait for clients to read)
+            self._idle.set()
 
     def go_on(self, conn: "_Connection", nbytes: int, posted: tuple) -> None:
         """The rest of a call that ``gateway`` (the short way, in C: see ``_Connection.buffer_updated``)
@@ -306,31 +385,96 @@ class TcpServer:
         self._started(conn, call_id, done, result)
 
     def _finished(self, conn: "_Connection", call_id: int, pending, fut: asyncio.Future) -> None:
-        self.inflight -= 1
-        conn.inflight -= 1
+        """The answer to a call waited for in a thread is in its channel (or the call failed)."""
         if fut.cancelled():
             pending.abandon()   # never ran (the server is closing): the channel is not lost
             conn.reply_error(call_id, ServiceUnavailable(f"service {self.service!r} is stopping"))
         elif fut.exception() is not None:
             conn.reply_error(call_id, fut.exception())
         else:
-            conn.reply(call_id, *fut.result())
-        self._drain()
-        if self.inflight == 0:
-            self._idle.set()
+            self._answered(conn, call_id, pending)
+            return
+        self.inflight -= 1
+        conn.inflight -= 1
+        self._settled()
+
+    def _answered(self, conn: "_Connection", call_id: int, pending) -> None:
+        """A call in flight was answered (``pending`` waited for): send the answer, or park it."""
+        if conn.closed:
+            pending.abandon()   # (nobody to send it to: not even copied out)
+        elif pending.size and conn.backlogged:
+            # the client has not read the replies before it: this one stays in shared memory,
+            # holding its channel, until it does (``unblock``), so that a client that reads
+            # nothing pins no more of the gateway's memory than one reply
+            conn.parked.append((call_id, pending))
+            self.parked += 1
+            self.counters["replies_parked"] += 1
+            if self.inflight == self.parked:
+                self._idle.set()
+            return
+        else:
+            self._deliver(conn, call_id, pending)
+            return
+        self.inflight -= 1
+        conn.inflight -= 1
+        self._settled()
+
+    def _deliver(self, conn: "_Connection", call_id: int, pending) -> None:
+        """Copy a waited-for answer out of shared memory and send it."""
+        self.inflight -= 1
+        conn.inflight -= 1
+        try:
+            result = pending.take()
+        except Exception as e:
+            conn.reply_error(call_id, e)
+        else:
+            conn.reply(call_id, *result)
+        self._settled()
+
+    def unblock(self, conn: "_Connection") -> None:
+        """The client reads its replies again: send the parked ones and start the calls held
+        back, as long as it keeps up; then read it again."""
+        while conn.parked and not conn.backlogged and not conn.closed:
+            self.parked -= 1
+            self._deliver(conn, *conn.parked.popleft())
+        while conn.held and not conn.backlogged and not conn.closed:
+            self.submit(conn, conn.held.popleft())
+        conn.resume()
+
+    def release(self, conn: "_Connection") -> None:
+        """A connection ended: its parked answers will never be sent, its held calls never run."""
+        conn.held.clear()
+        while conn.parked:
+            _, pending = conn.parked.popleft()
+            self.parked -= 1
+            pending.abandon()
+            self.inflight -= 1
+            conn.inflight -= 1
+        self._settled()
 
     # -- housekeeping ----------------------------------------------------------------------
     def _sweep(self) -> None:
-        """Once a second: drop clients that stall a handshake or a frame (slow-loris)."""
+        """Once a second: drop clients that stall a handshake or a frame (slow-loris), or that
+        read none of their replies."""
         now = time.monotonic()
         for conn in list(self.connections):
             if conn.parser is None and now - conn.opened > self.handshake_timeout:
                 conn.refuse(ProtocolError(f"handshake not completed within {self.handshake_timeout} s"))
-            elif (conn.parser is not None and conn.parser.mid_frame and not conn.paused_by_server
+            elif (conn.parser is not None and conn.parser.mid_frame and not conn.paused
                   and now - conn.last_progress > self.stall_timeout):
-                # (calls waiting for room are not a stall; a client that reads none of its replies is)
+                # (a connection we do not read is not stalling)
                 conn.go_away(ProtocolError(f"no progress within a frame for {self.stall_timeout} s"))
                 self.counters["protocol_errors"] += 1
+            elif conn.paused_by_writes and not conn.closed:
+                before, conn.unsent = conn.unsent, conn.transport.get_write_buffer_size()
+                if conn.unsent < before:   # (compared sweep to sweep: replies may be added meanwhile)
+                    conn.write_progress = now
+                elif now - conn.write_progress > self.stall_timeout:
+                    # it reads none of its replies: they hold channels and memory
+                    log.warning("%s: TCP client %s read none of its replies for %s s; disconnected",
+                                self.service, conn.peer, self.stall_timeout)
+                    conn.go_away(ProtocolError(f"replies left unread for {self.stall_timeout} s"))
+                    self.counters["protocol_errors"] += 1
         self._sweeper = asyncio.get_running_loop().call_later(1.0, self._sweep)
 
 
@@ -353,7 +497,12 @@ class _Connection(asyncio.BufferedProtocol):
         self.closed = False
         self.paused_by_server = False
         self.paused_by_writes = False
+        self.unsent, self.write_progress = 0, 0.0   # the write buffer when last seen draining
+        self.compressing = 0                        # replies being compressed in a thread
+        self.parked: collections.deque = collections.deque()   # (call id, waited-for answer) not yet sent
+        self.held: collections.deque = collections.deque()     # calls not started: replies unread
         self.batch: list | None = None
+        self.batch_bytes = 0
         self.short_way = None   # the server's gateway, once the handshake chose no compression
 
     # -- asyncio callbacks -----------------------------------------------------------------
@@ -376,6 +525,7 @@ class _Connection(asyncio.BufferedProtocol):
     def connection_lost(self, exc) -> None:
         self.closed = True
         self.server.connections.discard(self)
+        self.server.release(self)
 
     def get_buffer(self, sizehint: int) -> memoryview:
         if self.parser is not None:
@@ -431,16 +581,16 @@ class _Connection(asyncio.BufferedProtocol):
             self.go_away(e)
             return
         # replies to calls answered at once go out together, in one write
-        self.batch = []
+        self.batch, self.batch_bytes = [], 0
         try:
             if len(frames) == 1:
                 self.server.submit(self, frames[0])
             elif frames:
                 self.server.submit_all(self, frames)
         finally:
-            batch, self.batch = self.batch, None
-            if batch and not self.closed:
-                self.transport.write(b"".join(batch) if len(batch) > 1 else batch[0])
+            if not self.closed:
+                self._flush()
+            self.batch = None
 
     def eof_received(self):
         return False   # close our side too; replies still in flight are dropped
@@ -448,16 +598,27 @@ class _Connection(asyncio.BufferedProtocol):
     def pause_writing(self) -> None:
         # the client does not read its replies: stop reading its calls until it does
         self.paused_by_writes = True
+        self.unsent, self.write_progress = self.transport.get_write_buffer_size(), time.monotonic()
         self.transport.pause_reading()
 
     def resume_writing(self) -> None:
         self.paused_by_writes = False
-        self.resume()
+        self.server.unblock(self)
+
+    @property
+    def backlogged(self) -> bool:
+        """Replies wait to be sent: start no more calls, and leave large answers in shared memory."""
+        return self.paused_by_writes or self.compressing > 0
 
     @property
     def paused(self) -> bool:
         """Not read because of us (its calls wait for room, or it does not read its replies)."""
-        return self.paused_by_server or self.paused_by_writes
+        return self.paused_by_server or self.paused_by_writes or bool(self.held)
+
+    def hold(self, frame: fr.Frame) -> None:
+        """A call not to start until the client reads its replies (``TcpServer.unblock``)."""
+        self.held.append(frame)
+        self.transport.pause_reading()
 
     def resume(self) -> None:
         self.last_progress = time.monotonic()   # a pause is not a stall
@@ -516,9 +677,34 @@ class _Connection(asyncio.BufferedProtocol):
             return
         flags = 0
         if self.compression is not None and len(data) >= self.compress_min:
+            if len(data) >= LARGE_PAYLOAD:
+                self._compress_then_send(call_id, status, data)
+                return
             packed = compression.compress(self.compression, data)
             if packed is not None:
                 data, flags = packed, fr.F_COMPRESSED
+        self._send(call_id, status, data, flags)
+
+    def _compress_then_send(self, call_id: int, status: int, data) -> None:
+        """A large reply is compressed in a thread; the connection is backlogged meanwhile."""
+        self.compressing += 1
+
+        def send(fut: asyncio.Future) -> None:
+            self.compressing -= 1
+            if fut.cancelled() or self.closed:
+                return
+            packed = None if fut.exception() is not None else fut.result()
+            if packed is None:
+                self._send(call_id, status, data, 0)
+            else:
+                self._send(call_id, status, packed, fr.F_COMPRESSED)
+            if not self.backlogged:
+                self.server.unblock(self)
+
+        asyncio.get_running_loop().run_in_executor(self.server.executor, compression.compress, self.compression,
+                                                   data).add_done_callback(send)
+
+    def _send(self, call_id: int, status: int, data, flags: int) -> None:
         if status:
             self.server.counters["errors"] += 1
         header = fr.reply_header(call_id, status, len(data), flags)
@@ -526,14 +712,21 @@ class _Connection(asyncio.BufferedProtocol):
         if len(data) < SMALL_WRITE:
             if self.batch is not None:
                 self.batch.append(header + data)
+                self.batch_bytes += len(header) + len(data)
+                if self.batch_bytes >= SMALL_WRITE:   # (so that a client that reads nothing is noticed)
+                    self._flush()
             else:
                 self.transport.write(header + data)
         else:
-            if self.batch:
-                self.transport.write(b"".join(self.batch))
-                self.batch.clear()
+            self._flush()
             self.transport.write(header)
             self.transport.write(memoryview(data))   # what is not sent at once is copied once, not twice
+
+    def _flush(self) -> None:
+        if self.batch:
+            self.transport.write(b"".join(self.batch) if len(self.batch) > 1 else self.batch[0])
+            self.batch.clear()
+            self.batch_bytes = 0
 
     def reply_error(self, call_id: int, exc: BaseException) -> None:
         with_tb = not isinstance(exc, SpeedysvcError)
@@ -559,6 +752,7 @@ class _Connection(asyncio.BufferedProtocol):
             else:
                 asyncio.get_running_loop().call_later(CLOSE_GRACE, self.transport.abort)
         self.server.connections.discard(self)
+        self.server.release(self)
 
 
 # ---- running one on its own ------------------------------------------------------------------

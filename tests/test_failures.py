@@ -403,3 +403,55 @@ def test_all_channels_in_use_is_a_clear_error_and_passes():
         for t in threads:
             t.join()
         assert c.whoami() > 0   # the channels came back to the pool
+
+
+def test_an_answer_waited_for_can_stay_in_shared_memory_until_taken():
+    """``ShmTransport.begin``'s pending call: ``wait()`` (in a thread) leaves a large answer
+    in the channel, ``size`` says how large, ``take()`` copies it out once; ``abandon()``
+    after ``wait()`` gives the channel back unread.  Neither ever gives a channel back twice."""
+    from speedysvc import codecs
+    import msgpack
+    with LocalService(Kitchen, workers=1) as svc:
+        t = shm.ShmTransport(Kitchen.name)
+        try:
+            args = msgpack.packb([3 << 20])
+            done, pending = t.begin(b"big", args, codecs.MSGPACK.flags, codecs.MSGPACK, 10)
+            assert not done                        # (answers above 64 KiB are never taken at once)
+            th = threading.Thread(target=pending.wait)
+            th.start()
+            th.join(10)
+            assert pending.size >= 3 << 20
+            states = channel_states(svc)
+            assert sum(1 for _, st in states.values() if st == core.ST_RESPONSE) >= 1
+            free_before = len(t._channels.free)
+            assert pending.take() == b"z" * (3 << 20)
+            assert len(t._channels.free) == free_before + 1
+            pending.abandon()                      # already settled: a no-op
+            assert len(t._channels.free) == free_before + 1
+
+            # never taken: the channel is still reusable, even though the worker moved it to a
+            # larger segment for the answer
+            t2 = shm.ShmTransport(Kitchen.name)
+            try:
+                done, pending = t2.begin(b"big", args, codecs.MSGPACK.flags, codecs.MSGPACK, 10)
+                assert not done
+                pending.wait()
+                pending.abandon()
+                pending.abandon()
+                assert len(t2._channels.free) == 1
+                for n in (5, 100_000, 5):
+                    assert t2.call(b"big", msgpack.packb([n]), codecs.MSGPACK.flags, codecs.MSGPACK, 10) == b"z" * n
+            finally:
+                t2.close()
+
+            # a small answer that came late waits in the channel too; an error is raised by wait()
+            done, pending = t.begin(b"sleep", msgpack.packb([0.3, "tag"]), codecs.MSGPACK.flags, codecs.MSGPACK, 10)
+            assert not done
+            pending.wait()
+            assert pending.size == len(msgpack.packb("tag")) and pending.take() == "tag"
+            assert len(t._channels.free) == free_before + 1
+            done, pending = t.begin(b"sleep", msgpack.packb([1.5]), codecs.MSGPACK.flags, codecs.MSGPACK, 0.5)
+            with pytest.raises(CallTimeout):
+                pending.wait()
+        finally:
+            t.close()

@@ -14,6 +14,7 @@ import socket
 import struct
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -68,6 +69,15 @@ def rss_mib(pid) -> float:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
     raise AssertionError("no VmRSS")
+
+
+def anon_mib(pid) -> float:
+    """The process's private memory (RSS less the shared-memory segments it touched)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) / 1024
+    raise AssertionError("no RssAnon")
 
 
 def open_sockets(pid) -> int:
@@ -1415,3 +1425,123 @@ def test_worker_killed_while_calls_posted_together_are_in_flight():
         raw.call(20, "echo", msgpack_args("after"))
         assert raw.reply()[:2] == (0, MSGPACK.dumps("after"))
         assert wait_until(lambda: not busy_channels(svc), 10), busy_channels(svc)
+
+
+# ---- clients that leave their replies unread -------------------------------------------------
+
+def test_a_client_that_pauses_reading_gets_every_reply_when_it_reads_again():
+    """Replies a client leaves unread stay in shared memory (large ones) or are not started
+    (calls it sends meanwhile): the gateway holds about one reply for it, not all of them;
+    when it reads again, every call gets its right answer."""
+    big = 4 * MiB
+    with serve(max_payload=16 * MiB, tcp_stall_timeout=30.0) as svc, client(svc) as c:
+        check(c)
+        pid = svc.tcp_process.pid
+        rss0 = rss_mib(pid)
+        raw = RawClient(svc, rcvbuf=4096).welcome()
+        calls, expected = [], {}
+        for i in range(1, 61):
+            if i % 2:
+                args, expected[i] = msgpack_args(big + i), MSGPACK.dumps(b"b" * (big + i))
+                calls.append(fr.call_header(i, b"blob", MSGPACK.flags, 0, len(args)) + args)
+            else:
+                args, expected[i] = msgpack_args(f"small {i}"), MSGPACK.dumps(f"small {i}")
+                calls.append(fr.call_header(i, b"echo", MSGPACK.flags, 0, len(args)) + args)
+        raw.send(b"".join(calls))
+        latencies = []
+        for _ in range(10):
+            time.sleep(0.1)
+            latencies.append(timed_check(c, "meanwhile"))
+        grown = rss_mib(pid) - rss0
+        got = {}
+        for frame in raw.read_frames(len(calls), timeout=60):
+            assert frame.kind == fr.REPLY and frame.arg == 0, frame
+            got[frame.call_id] = bytes(frame.payload)
+        raw.close()
+        check(c)
+        assert got.keys() == expected.keys()
+        assert all(got[i] == expected[i] for i in expected), "a reply does not match its call"
+        assert grown < 48, f"the gateway grew by {grown:.0f} MiB for {30 * big >> 20} MiB of unread replies"
+        assert max(latencies) < 1.0, latencies
+        assert wait_until(lambda: not busy_channels(svc), timeout=5)
+
+
+def test_a_client_that_reads_nothing_is_disconnected_after_the_stall_timeout():
+    """A client that reads none of its replies for tcp_stall_timeout seconds is dropped, and
+    the channels its unread answers held serve other clients again."""
+    with serve(max_payload=16 * MiB, tcp_stall_timeout=1.0) as svc, client(svc) as c:
+        check(c)
+        raw = RawClient(svc, rcvbuf=4096).welcome()
+        args = msgpack_args(4 * MiB)
+        raw.send(b"".join(fr.call_header(i, b"blob", MSGPACK.flags, 0, len(args)) + args for i in range(1, 11)))
+        time.sleep(4)                              # reads nothing: dropped after ~1-2 s
+        replies, ended = 0, None
+        try:
+            while True:
+                frame, = raw.read_frames(1, timeout=10)
+                replies += frame.kind == fr.REPLY
+        except (EOFError, ConnectionResetError) as e:
+            ended = e
+        raw.close()
+        assert ended is not None and replies < 10, f"not dropped: {replies} replies read after 4 s"
+        check(c)
+        # a client that reads its replies gets them all, the parked channels being free again
+        with client(svc) as other:
+            with ThreadPoolExecutor(8) as pool:
+                assert list(pool.map(other.blob, [MiB + i for i in range(16)])) == \
+                    [b"b" * (MiB + i) for i in range(16)]
+        assert wait_until(lambda: not busy_channels(svc), timeout=5)
+
+
+def test_large_compressed_calls_at_once_are_inflated_within_the_budget_and_all_answered():
+    """Large compressed calls are inflated in threads within a memory budget (256 MiB by
+    default): the ones beyond it wait their turn, none is lost, and other clients go on."""
+    size = 64 * MiB
+    with serve(max_payload=128 * MiB) as svc, client(svc) as c:
+        check(c)
+        payload = bytes(size // 2) + b"x" * (size // 2)
+        clients = [client(svc, compression=algo, timeout=60) for algo in ("zstd", "lz4", "zlib", "snappy")]
+        latencies, done = [], threading.Event()
+
+        def ping():
+            while not done.is_set():
+                latencies.append(timed_check(c, "ping"))
+                time.sleep(0.05)
+
+        th = threading.Thread(target=ping)
+        th.start()
+        try:
+            with ThreadPoolExecutor(8) as pool:
+                sizes = list(pool.map(lambda i: clients[i % 4].size_of(payload), range(8)))
+        finally:
+            done.set()
+            th.join(30)
+            for cl in clients:
+                cl.close()
+        assert sizes == [size] * 8
+        check(c)
+        assert max(latencies) < 1.0, latencies
+
+
+def test_unread_replies_to_large_requests_pin_neither_requests_nor_replies():
+    """A client that sends large calls and reads none of the replies: once a call's answer is
+    in, neither its request nor its answer stays in the gateway's own memory (beyond the one
+    reply that filled the connection's write buffer): the answers wait in shared memory."""
+    size, n = 4 * MiB, 16
+    with serve(max_payload=16 * MiB, tcp_stall_timeout=30.0) as svc, client(svc) as c:
+        check(c)
+        pid = svc.tcp_process.pid
+        anon0 = anon_mib(pid)
+        raw = RawClient(svc, rcvbuf=4096).welcome()
+        value = bytes(range(256)) * (size // 256)
+        args = msgpack_args(0.2, value)            # sleep(0.2, value) returns value: all are read first
+        raw.send(b"".join(fr.call_header(i, b"sleep", MSGPACK.flags, 0, len(args)) + args for i in range(1, n + 1)))
+        assert wait_until(lambda: not busy_channels(svc), timeout=30)   # every answer is in
+        time.sleep(0.5)
+        grown = anon_mib(pid) - anon0
+        check(c)
+        frames = raw.read_frames(n, timeout=60)
+        raw.close()
+        assert sorted(f.call_id for f in frames) == list(range(1, n + 1))
+        assert all(f.arg == 0 and bytes(f.payload) == MSGPACK.dumps(value) for f in frames)
+        assert grown < 32, f"the gateway holds {grown:.0f} MiB for {n} answered calls of a client that does not read"

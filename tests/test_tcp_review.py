@@ -291,8 +291,6 @@ def _raw_welcome(address, service, algo):
     return sock
 
 
-@pytest.mark.xfail(strict=True, reason="known gap: decompression runs on the gateway's event loop with no "
-                                      "memory budget (see docs/tcp-protocol.md, Limits)")
 def test_compression_bombs_do_not_stall_other_clients():
     """A 8 KiB zstd payload that really inflates to 256 MiB is inflated on the event loop (which,
     under the manager, also supervises every service).  Six of them, sent in one 50 KiB write,
@@ -426,8 +424,6 @@ def _rss_mib(pid):
                 return int(line.split()[1]) // 1024
 
 
-@pytest.mark.xfail(strict=True, reason="known gap: replies already started for a client that reads nothing "
-                                      "are buffered without a byte limit (see docs/tcp-protocol.md, Limits)")
 def test_replies_a_client_never_reads_are_bounded():
     """docs/tcp-protocol.md: "replies a client does not read: the transport's write buffer; the
     server stops reading that client's calls".  But every call already read still runs and its
