@@ -239,17 +239,21 @@ class TcpServer:
         try:
             done, result = self.shm.begin(frame.name, payload, frame.arg, PASSTHROUGH, timeout)
         except NoFreeChannel as e:
-            if self.inflight:   # our own calls hold channels: this one waits for one of them
-                if frame.flags & fr.F_COMPRESSED:
-                    frame.payload, frame.flags = payload, frame.flags & ~fr.F_COMPRESSED
-                self._wait(conn, frame, first=True)
-                return False
-            conn.reply_error(frame.call_id, e)
-            return True
+            if frame.flags & fr.F_COMPRESSED:   # (if it waits, it is not inflated twice)
+                frame.payload, frame.flags = payload, frame.flags & ~fr.F_COMPRESSED
+            return self._no_channel(conn, frame, e)
         except Exception as e:
             conn.reply_error(frame.call_id, e)
             return True
         self._started(conn, frame.call_id, done, result)
+        return True
+
+    def _no_channel(self, conn: "_Connection", frame: fr.Frame, exc: NoFreeChannel) -> bool:
+        """No channel is free for a call: it waits for one of ours, if we hold any, else fails."""
+        if self.inflight:
+            self._wait(conn, frame, first=True)
+            return False
+        conn.reply_error(frame.call_id, exc)
         return True
 
     def _inflate(self, conn: "_Connection", frame: fr.Frame, size: int) -> bool:
@@ -261,11 +265,7 @@ class TcpServer:
         try:
             channel = self.shm.reserve()   # (so that nothing is inflated for a call that cannot be posted)
         except NoFreeChannel as e:
-            if self.inflight:
-                self._wait(conn, frame, first=True)
-                return False
-            conn.reply_error(frame.call_id, e)
-            return True
+            return self._no_channel(conn, frame, e)
         except Exception as e:
             conn.reply_error(frame.call_id, e)
             return True
@@ -299,9 +299,7 @@ class TcpServer:
                     self._answered(conn, frame.call_id, result)
                     return
                 conn.reply(frame.call_id, *result)
-            self.inflight -= 1
-            conn.inflight -= 1
-            self._settled()
+            self._ended(conn)
 
         asyncio.get_running_loop().run_in_executor(self.executor, inflate_post_and_wait).add_done_callback(posted)
         return True
@@ -366,6 +364,11 @@ class TcpServer:
         conn.inflight += 1
         self._idle.clear()
 
+    def _ended(self, conn: "_Connection") -> None:
+        self.inflight -= 1
+        conn.inflight -= 1
+        self._settled()
+
     def _settled(self) -> None:
         """A call in flight ended: room for a waiting one."""
         self._drain()
@@ -394,9 +397,7 @@ class TcpServer:
         else:
             self._answered(conn, call_id, pending)
             return
-        self.inflight -= 1
-        conn.inflight -= 1
-        self._settled()
+        self._ended(conn)
 
     def _answered(self, conn: "_Connection", call_id: int, pending) -> None:
         """A call in flight was answered (``pending`` waited for): send the answer, or park it."""
@@ -415,21 +416,17 @@ class TcpServer:
         else:
             self._deliver(conn, call_id, pending)
             return
-        self.inflight -= 1
-        conn.inflight -= 1
-        self._settled()
+        self._ended(conn)
 
     def _deliver(self, conn: "_Connection", call_id: int, pending) -> None:
         """Copy a waited-for answer out of shared memory and send it."""
-        self.inflight -= 1
-        conn.inflight -= 1
         try:
             result = pending.take()
         except Exception as e:
             conn.reply_error(call_id, e)
         else:
             conn.reply(call_id, *result)
-        self._settled()
+        self._ended(conn)
 
     def unblock(self, conn: "_Connection") -> None:
         """The client reads its replies again: send the parked ones and start the calls held

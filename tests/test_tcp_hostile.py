@@ -63,21 +63,22 @@ def timed_check(c, tag="ok") -> float:
     return time.monotonic() - t
 
 
-def rss_mib(pid) -> float:
+def memory_mib(pid, field="VmRSS") -> float:
+    """A /proc/PID/status memory line: VmRSS, or RssAnon (the process's private memory,
+    without the shared-memory segments it touched)."""
     with open(f"/proc/{pid}/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
-    raise AssertionError("no VmRSS")
+    raise AssertionError(f"no {field}")
+
+
+def rss_mib(pid) -> float:
+    return memory_mib(pid)
 
 
 def anon_mib(pid) -> float:
-    """The process's private memory (RSS less the shared-memory segments it touched)."""
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) / 1024
-    raise AssertionError("no RssAnon")
+    return memory_mib(pid, "RssAnon")
 
 
 def open_sockets(pid) -> int:
