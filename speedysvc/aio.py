@@ -19,7 +19,7 @@ from .client import _DEFAULT, _check_timeout, dress, make_transport, proxy_class
 from .errors import CallTimeout, ConnectionLost, ProtocolError, ServiceUnavailable, SpeedysvcError
 from .methods import MethodSpec, ServerMethodsBase
 from .shm import ShmTransport
-from .tcp_client import next_call_id
+from .tcp_client import answer, next_call_id
 
 
 _waiters: ThreadPoolExecutor | None = None
@@ -251,14 +251,7 @@ class AsyncTcpTransport:
 
     async def call(self, name: bytes, payload, flags: int, codec, timeout):
         conn = await self._connection()
-        status, data = await conn.call(name, payload, flags, timeout)
-        if status:
-            return codec.remote_error(data)
-        try:
-            return codec.loads_fast(data)
-        except Exception:
-            from .shm import _decode_slow
-            return _decode_slow(codec, name, data)
+        return answer(await conn.call(name, payload, flags, timeout), codec, name)
 
     async def aclose(self) -> None:
         self._closed = True

@@ -166,6 +166,18 @@ def _timeout_ms(timeout: float | None) -> int:
     return 0 if timeout is None else max(1, min(int(timeout * 1000), 0xFFFFFFFF))
 
 
+def answer(reply: tuple, codec, name: bytes):
+    """A reply's (status, data) as the call's result: decoded with ``codec``, or its error raised."""
+    status, data = reply
+    if status:
+        return codec.remote_error(data)
+    try:
+        return codec.loads_fast(data)
+    except Exception:
+        from .shm import _decode_slow
+        return _decode_slow(codec, name, data)
+
+
 def next_call_id() -> int:
     return next(_ids) & 0xFFFFFFFF or next(_ids)
 
@@ -583,7 +595,7 @@ class TcpTransport:
             got = call_alone(conn, fr.call_header(call_id, name, flags, _timeout_ms(timeout), len(payload)) + payload,
                              call_id, timeout)
             if got is not None:
-                return self._answer(got, codec, name)
+                return answer(got, codec, name)
         conn = self._connection()
         try:
             status, data = conn.call(name, payload, flags, timeout)
@@ -593,18 +605,7 @@ class TcpTransport:
                 status, data = conn.call(name, payload, flags, timeout)
             except _Stale:   # ...and so did the new one, at once
                 raise conn.broken from None
-        return self._answer((status, data), codec, name)
-
-    @staticmethod
-    def _answer(reply: tuple, codec, name: bytes):
-        status, data = reply
-        if status:
-            return codec.remote_error(data)
-        try:
-            return codec.loads_fast(data)
-        except Exception:
-            from .shm import _decode_slow
-            return _decode_slow(codec, name, data)
+        return answer((status, data), codec, name)
 
     def close(self) -> None:
         with self._lock:
