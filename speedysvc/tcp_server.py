@@ -21,7 +21,9 @@ import ipaddress
 import logging
 import os
 import resource
+import socket
 import ssl
+import struct
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -38,8 +40,12 @@ log = logging.getLogger("speedysvc.tcp")
 SECRET_ENV = "SPEEDYSVC_TCP_SECRET"
 SMALL_WRITE = 64 << 10        # below this, header and payload go out in one write
 LARGE_PAYLOAD = 1 << 20       # (de)compressing this much or more is done in a thread, not on the loop
+# ...and inflating a call that states more than INFLATE_RATIO times the bytes it came in (above
+# SMALL_WRITE): the loop never spends on a call much more than on the bytes a client sent
+INFLATE_RATIO = 32
 POST_AHEAD = 32               # calls of one read posted before their answers are collected
 CLOSE_GRACE = 5.0             # seconds a closed connection gets to flush its last bytes
+TCP_INFO_SIZE, TCPI_BYTES_ACKED = 136, 120   # Linux's struct tcp_info: its size, tcpi_bytes_acked (u64)
 
 
 class _Passthrough:
@@ -92,7 +98,7 @@ class TcpServer:
     def __init__(self, service: str, host: str, port: int, *, secret=None, ssl_context: ssl.SSLContext | None = None,
                  allow_pickle: bool = False, max_payload: int = DEFAULT_MAX_PAYLOAD, max_connections: int = 10000,
                  max_inflight: int = 256, handshake_timeout: float = 10.0, stall_timeout: float = 30.0,
-                 max_waiting_threads: int = 64, inflate_budget: int = 256 << 20):
+                 max_waiting_threads: int = 64, inflate_budget: int = 256 << 20, max_inflight_per_connection=None):
         self.service = service
         self.host, self.port = host, port
         self.secret = fr.as_secret(secret)
@@ -106,6 +112,9 @@ class TcpServer:
         self.max_payload = max_payload
         self.max_connections = max_connections
         self.max_inflight = max_inflight
+        # one connection's share: answers its client leaves unread keep their channels, and
+        # one client that sends slow calls or reads nothing must leave room for the others
+        self.max_inflight_per_connection = max_inflight_per_connection or max(1, max_inflight // 4)
         self.handshake_timeout = handshake_timeout
         self.stall_timeout = stall_timeout
         self.max_waiting_threads = max_waiting_threads
@@ -114,6 +123,7 @@ class TcpServer:
         self.inflate_budget = inflate_budget
         self.inflating = 0
         self.parked = 0   # calls in flight whose answers wait for their clients to read (Connection.parked)
+        self.compressing = 0   # replies being compressed in threads (``close`` waits for them too)
         self.shm = ShmTransport(service)
         self.counters = {"connections_total": 0, "calls": 0, "errors": 0, "refused": 0,
                          "auth_failures": 0, "protocol_errors": 0, "answered_inline": 0, "bytes_in": 0, "bytes_out": 0,
@@ -181,7 +191,8 @@ class TcpServer:
         if self.closing:
             conn.reply_error(frame.call_id, ServiceUnavailable(f"service {self.service!r} is stopping"))
             return
-        if self.inflight >= self.max_inflight or conn in self._waiting:
+        if self.inflight >= self.max_inflight or conn in self._waiting \
+                or conn.inflight >= self.max_inflight_per_connection:
             self._wait(conn, frame)
             return
         self._run(conn, frame)
@@ -198,8 +209,13 @@ class TcpServer:
 
     def _drain(self) -> None:
         """Run waiting calls while there is room, one connection after another."""
+        share = self.max_inflight_per_connection
         while self._waiting and self.inflight < self.max_inflight:
-            conn, frames = next(iter(self._waiting.items()))
+            for conn, frames in self._waiting.items():
+                if conn.inflight < share:
+                    break
+            else:
+                return   # every connection waiting has its share in flight
             frame = frames.popleft()
             if frames:
                 self._waiting.move_to_end(conn)
@@ -229,7 +245,7 @@ class TcpServer:
                 return True
             try:
                 size = compression.stated_size(payload, self.max_payload)
-                if size >= LARGE_PAYLOAD:
+                if size >= LARGE_PAYLOAD or size > SMALL_WRITE and size > INFLATE_RATIO * len(payload):
                     return self._inflate(conn, frame, size)
                 payload = compression.decompress(conn.compression, payload, self.max_payload)
             except (DecodeError, PayloadTooLarge) as e:
@@ -272,22 +288,33 @@ class TcpServer:
         self.inflating += size
         self._began(conn)
         algo, limit, timeout = conn.compression, self.max_payload, _seconds(frame.timeout_ms)
+        loop = asyncio.get_running_loop()
+
+        def budget_freed() -> None:   # the inflated call is in shared memory (or gone)
+            self.inflating -= size
+            self._drain()
 
         def inflate_post_and_wait():
             try:
-                payload = compression.decompress(algo, frame.payload, limit, lazy=True)
-            except BaseException:
-                self.shm.unreserve(channel)
-                raise
-            done, result = self.shm.begin(frame.name, payload, frame.arg, PASSTHROUGH, timeout, channel)
-            del payload   # (the budget counts it until here)
+                try:
+                    payload = compression.decompress(algo, frame.payload, limit, lazy=True)
+                except BaseException:
+                    self.shm.unreserve(channel)
+                    raise
+                done, result = self.shm.begin(frame.name, payload, frame.arg, PASSTHROUGH, timeout, channel)
+                del payload
+            finally:
+                try:
+                    loop.call_soon_threadsafe(budget_freed)
+                except RuntimeError:   # (the loop is closed: the server is gone)
+                    pass
             if not done:
                 result.wait()
             return done, result
 
         def posted(fut: asyncio.Future) -> None:
-            self.inflating -= size
             if fut.cancelled():   # never ran (the server is closing)
+                self.inflating -= size
                 self.shm.unreserve(channel)
                 conn.reply_error(frame.call_id, ServiceUnavailable(f"service {self.service!r} is stopping"))
             elif fut.exception() is not None:
@@ -301,7 +328,7 @@ class TcpServer:
                 conn.reply(frame.call_id, *result)
             self._ended(conn)
 
-        asyncio.get_running_loop().run_in_executor(self.executor, inflate_post_and_wait).add_done_callback(posted)
+        loop.run_in_executor(self.executor, inflate_post_and_wait).add_done_callback(posted)
         return True
 
     def submit_all(self, conn: "_Connection", frames: list) -> None:
@@ -346,6 +373,7 @@ class TcpServer:
         compressed, not pickle, room for it beside ``posted`` others, and its connection
         has no calls waiting for room (they go first) and reads its replies.  ``submit`` takes every other."""
         return not (flags or self.closing or self.inflight + posted >= self.max_inflight or conn in self._waiting
+                    or conn.inflight + posted >= self.max_inflight_per_connection
                     or conn.backlogged or arg >> codecs.CODEC_SHIFT & 0xFF == codecs.PICKLE.id)
 
     def _started(self, conn: "_Connection", call_id: int, done: bool, result) -> None:
@@ -372,7 +400,7 @@ class TcpServer:
     def _settled(self) -> None:
         """A call in flight ended: room for a waiting one."""
         self._drain()
-        if self.inflight == self.parked:   # (``close`` does not wait for clients to read)
+        if self.inflight == self.parked and not self.compressing:   # (``close`` does not wait for clients to read)
             self._idle.set()
 
     def go_on(self, conn: "_Connection", nbytes: int, posted: tuple) -> None:
@@ -410,8 +438,7 @@ class TcpServer:
             conn.parked.append((call_id, pending))
             self.parked += 1
             self.counters["replies_parked"] += 1
-            if self.inflight == self.parked:
-                self._idle.set()
+            self._settled()
             return
         else:
             self._deliver(conn, call_id, pending)
@@ -463,8 +490,7 @@ class TcpServer:
                 conn.go_away(ProtocolError(f"no progress within a frame for {self.stall_timeout} s"))
                 self.counters["protocol_errors"] += 1
             elif conn.paused_by_writes and not conn.closed:
-                before, conn.unsent = conn.unsent, conn.transport.get_write_buffer_size()
-                if conn.unsent < before:   # (compared sweep to sweep: replies may be added meanwhile)
+                if conn.reads_replies():
                     conn.write_progress = now
                 elif now - conn.write_progress > self.stall_timeout:
                     # it reads none of its replies: they hold channels and memory
@@ -494,13 +520,14 @@ class _Connection(asyncio.BufferedProtocol):
         self.closed = False
         self.paused_by_server = False
         self.paused_by_writes = False
-        self.unsent, self.write_progress = 0, 0.0   # the write buffer when last seen draining
+        self.unsent, self.acked, self.write_progress = 0, 0, 0.0   # see reads_replies
         self.compressing = 0                        # replies being compressed in a thread
         self.parked: collections.deque = collections.deque()   # (call id, waited-for answer) not yet sent
         self.held: collections.deque = collections.deque()     # calls not started: replies unread
         self.batch: list | None = None
         self.batch_bytes = 0
         self.short_way = None   # the server's gateway, once the handshake chose no compression
+        self.share = server.max_inflight_per_connection
 
     # -- asyncio callbacks -----------------------------------------------------------------
     def connection_made(self, transport) -> None:
@@ -538,7 +565,7 @@ class _Connection(asyncio.BufferedProtocol):
         # returns None with nothing done for any other case (the parser takes it), or what a
         # call posted but not answered at once needs to go on.
         short_way = self.short_way
-        if short_way is not None and not self.closed:
+        if short_way is not None and not self.closed and self.inflight < self.share:
             posted = short_way(self.parser, nbytes)
             if posted.__class__ is bytes:
                 self.transport.write(posted)
@@ -595,8 +622,24 @@ class _Connection(asyncio.BufferedProtocol):
     def pause_writing(self) -> None:
         # the client does not read its replies: stop reading its calls until it does
         self.paused_by_writes = True
-        self.unsent, self.write_progress = self.transport.get_write_buffer_size(), time.monotonic()
+        self.reads_replies()
+        self.write_progress = time.monotonic()
         self.transport.pause_reading()
+
+    def reads_replies(self) -> bool:
+        """Whether the client took some of our bytes since this was last asked: the bytes the
+        kernel says it acknowledged grew (a client that reads slowly empties the kernel's
+        send buffer, megabytes, long before ours shrinks), or our write buffer shrank."""
+        sock = self.transport.get_extra_info("socket")
+        try:
+            acked = struct.unpack_from("<Q", sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, TCP_INFO_SIZE),
+                                       TCPI_BYTES_ACKED)[0]
+        except (OSError, AttributeError, struct.error):   # (not TCP, or an older kernel)
+            acked = 0
+        unsent = self.transport.get_write_buffer_size()
+        progress = acked > self.acked or unsent < self.unsent
+        self.acked, self.unsent = acked, unsent
+        return progress
 
     def resume_writing(self) -> None:
         self.paused_by_writes = False
@@ -684,21 +727,25 @@ class _Connection(asyncio.BufferedProtocol):
 
     def _compress_then_send(self, call_id: int, status: int, data) -> None:
         """A large reply is compressed in a thread; the connection is backlogged meanwhile."""
+        server = self.server
         self.compressing += 1
+        server.compressing += 1
+        server._idle.clear()
 
         def send(fut: asyncio.Future) -> None:
             self.compressing -= 1
-            if fut.cancelled() or self.closed:
-                return
-            packed = None if fut.exception() is not None else fut.result()
-            if packed is None:
-                self._send(call_id, status, data, 0)
-            else:
-                self._send(call_id, status, packed, fr.F_COMPRESSED)
-            if not self.backlogged:
-                self.server.unblock(self)
+            server.compressing -= 1
+            if not (fut.cancelled() or self.closed):
+                packed = None if fut.exception() is not None else fut.result()
+                if packed is None:
+                    self._send(call_id, status, data, 0)
+                else:
+                    self._send(call_id, status, packed, fr.F_COMPRESSED)
+                if not self.backlogged:
+                    server.unblock(self)
+            server._settled()
 
-        asyncio.get_running_loop().run_in_executor(self.server.executor, compression.compress, self.compression,
+        asyncio.get_running_loop().run_in_executor(server.executor, compression.compress, self.compression,
                                                    data).add_done_callback(send)
 
     def _send(self, call_id: int, status: int, data, flags: int) -> None:

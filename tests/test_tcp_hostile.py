@@ -1546,3 +1546,152 @@ def test_unread_replies_to_large_requests_pin_neither_requests_nor_replies():
         assert sorted(f.call_id for f in frames) == list(range(1, n + 1))
         assert all(f.arg == 0 and bytes(f.payload) == MSGPACK.dumps(value) for f in frames)
         assert grown < 32, f"the gateway holds {grown:.0f} MiB for {n} answered calls of a client that does not read"
+
+
+class InProcessGateway:
+    """A TcpServer with options LocalService does not pass, on an event loop in a thread, in
+    front of a LocalService's workers."""
+
+    def __init__(self, service: str, **kw):
+        from speedysvc.tcp_server import TcpServer
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.server = TcpServer(service, "127.0.0.1", 0, **kw)
+        self.run(self.server.start())
+        self.tcp_address = f"tcp://127.0.0.1:{self.server.port}"
+
+    def run(self, coro, timeout=60):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def read(self, fn):
+        """``fn(server)`` called on the server's loop."""
+        async def call():
+            return fn(self.server)
+        return self.run(call())
+
+    def close(self, timeout=10.0):
+        try:
+            self.run(self.server.close(timeout), timeout + 30)
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(10)
+            self.loop.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def compressed_call(raw, call_id, name, payload, algo):
+    packed = compression.compress(algo, payload)
+    raw.send(fr.call_header(call_id, name.encode(), MSGPACK.flags, 0, len(packed), fr.F_COMPRESSED) + packed)
+
+
+def test_the_inflate_budget_is_held_while_inflating_not_while_the_call_runs():
+    """A large compressed call holds the inflate budget until it is posted to a worker, not
+    until it is answered: a slow one does not hold up the next large compressed call."""
+    with serve(max_payload=64 * MiB, tcp=None) as svc, \
+            InProcessGateway(HostileEcho.name, max_payload=64 * MiB, inflate_budget=8 * MiB) as gw:
+        slow = RawClient(gw.tcp_address).welcome(compression="zlib")
+        compressed_call(slow, 1, "sleep", msgpack_args(3.0, bytes(6 * MiB)), "zlib")
+        assert wait_until(lambda: gw.read(lambda s: s.inflight), timeout=5)
+        other = RawClient(gw.tcp_address).welcome(compression="zlib")
+        t0 = time.monotonic()
+        compressed_call(other, 7, "size_of", msgpack_args(bytes(6 * MiB)), "zlib")
+        status, payload, _ = other.reply(timeout=10)
+        elapsed = time.monotonic() - t0
+        assert status == 0 and MSGPACK.loads(payload) == 6 * MiB
+        assert elapsed < 1.5, f"the second call waited {elapsed:.1f} s for the first, slow one"
+        status, payload, _ = slow.reply(timeout=10)
+        assert status == 0 and len(payload) > 6 * MiB
+        other.close()
+        slow.close()
+
+
+def test_stopping_the_server_sends_a_reply_that_is_being_compressed():
+    """close() lets calls in flight finish, including the compression of their replies."""
+    with serve(max_payload=128 * MiB, tcp=None) as svc, \
+            InProcessGateway(HostileEcho.name, max_payload=128 * MiB) as gw:
+        raw = RawClient(gw.tcp_address).welcome(compression="zstd")
+        raw.call(1, "blob", msgpack_args(64 * MiB))
+        assert wait_until(lambda: gw.read(lambda s: s.inflight + s.compressing), timeout=5)
+        gw.run(gw.server.close(20), 60)
+        frames = raw.read_frames(2, timeout=20)
+        assert [f.kind for f in frames] == [fr.REPLY, fr.GOAWAY]
+        assert frames[0].arg == 0 and frames[0].flags & fr.F_COMPRESSED
+        payload = compression.decompress("zstd", frames[0].payload, 1 << 30)
+        assert bytes(payload) == MSGPACK.dumps(b"b" * (64 * MiB))
+        raw.close()
+
+
+def test_a_client_that_reads_its_replies_slowly_is_not_taken_for_one_that_reads_nothing():
+    """The kernel's send buffer (megabytes) drains long before the gateway's own buffer
+    shrinks (here ~3 s at 512 KiB/s): a client reading steadily, if slowly, must not be
+    dropped as a non-reader."""
+    with serve(max_payload=32 * MiB, tcp=None) as svc, \
+            InProcessGateway(HostileEcho.name, max_payload=32 * MiB, stall_timeout=1.0) as gw:
+        raw = RawClient(gw.tcp_address).welcome()
+        raw.call(1, "blob", msgpack_args(24 * MiB))
+        raw.sock.settimeout(5)
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 5:           # five times the stall timeout
+            raw.sock.recv(25 << 10)                # (what the kernel holds for us outlasts a drop)
+            time.sleep(0.05)
+        assert gw.read(lambda s: (len(s.connections), s.counters["protocol_errors"])) == (1, 0), \
+            "a client reading at 512 KiB/s was dropped as one that reads nothing"
+        raw.close()
+
+
+def test_one_client_gets_a_share_of_the_calls_in_flight_not_all():
+    """A client that sends many calls and reads none of the answers holds at most its share
+    (a quarter) of the gateway's calls in flight; the others' calls go on in parallel."""
+    with serve(max_payload=16 * MiB, max_channels=8, workers=4, tcp_stall_timeout=30.0) as svc:   # 4 in flight
+        hog = RawClient(svc, rcvbuf=4096).welcome()
+        args = msgpack_args(4 * MiB)
+        hog.send(b"".join(fr.call_header(i, b"blob", MSGPACK.flags, 0, len(args)) + args for i in range(1, 9)))
+        time.sleep(1)
+
+        def one(i):
+            with client(svc) as c:
+                return c.sleep(1.0, i)
+
+        t0 = time.monotonic()
+        with ThreadPoolExecutor(3) as pool:
+            assert list(pool.map(one, range(3))) == [0, 1, 2]
+        elapsed = time.monotonic() - t0
+        hog.close()
+        assert elapsed < 2.5, f"3 one-second calls took {elapsed:.1f} s beside a client that reads nothing"
+
+
+def test_many_small_compression_bombs_do_not_stall_other_clients():
+    """Calls that state under 1 MiB but came in as a few dozen bytes each (a ratio no real
+    payload has) are inflated in threads too: thousands of them in a few reads must not keep
+    the event loop from other clients."""
+    with serve(max_payload=4 * MiB) as svc, client(svc) as c:
+        check(c)
+        body = compression.compress("zstd", msgpack_args(bytes(512 * 1024 - 64)))
+        assert len(body) < 100
+        n = 2000
+        frames = b"".join(fr.call_header(i, b"size_of", MSGPACK.flags, 0, len(body), fr.F_COMPRESSED) + body
+                          for i in range(1, n + 1))
+        bomb = RawClient(svc).welcome(compression="zstd")
+        latencies, done = [], threading.Event()
+
+        def ping():
+            while not done.is_set():
+                latencies.append(timed_check(c, "ping"))
+                time.sleep(0.01)
+
+        th = threading.Thread(target=ping)
+        th.start()
+        time.sleep(0.2)
+        bomb.send(frames)
+        replies = bomb.read_frames(n, timeout=120)
+        done.set()
+        th.join(30)
+        bomb.close()
+        assert all(f.arg == 0 and MSGPACK.loads(f.payload) == 512 * 1024 - 64 for f in replies)
+        assert max(latencies) < 0.25, f"{len(frames)} bytes of calls held up another client for {max(latencies):.2f} s"
