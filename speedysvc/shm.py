@@ -628,8 +628,14 @@ class _Pending:
 
     def wait(self) -> None:
         """Block until the answer is in the channel, without taking it out (or raise like a call)."""
-        self.reply, self.result = self.transport._finish_wait(self, *self.args)
-        self.args = None   # (the request is no longer needed: an answer left unread holds no more memory)
+        # the request goes in a list that ``_slow_wait`` empties once it is in shared memory for
+        # good: the caller's copy (perhaps inflated from a few bytes) is not kept while the call runs
+        got, name, payload, flags, codec, timeout, deadline = self.args
+        self.args = None
+        request = [payload]
+        del payload
+        self.reply, self.result = self.transport._finish_wait(self, got, name, request, flags, codec, timeout,
+                                                              deadline)
 
     @property
     def size(self) -> int:
@@ -847,19 +853,19 @@ class ShmTransport:
         finally:
             self._give_back(chans, ch)
 
-    def _finish_wait(self, pending: _Pending, got: int, name, payload, flags, codec, timeout, deadline):
+    def _finish_wait(self, pending: _Pending, got: int, name, request: list, flags, codec, timeout, deadline):
         """``_Pending.wait``: (reply, None) when the answer waits in the channel, which stays
         the call's, else (None, result) with the channel given back."""
         chans, ch = pending.chans, pending.ch
         keep = False
         try:
-            ready, value = self._slow_wait(chans, ch, got, name, payload, flags, codec, timeout, deadline)
+            ready, value = self._slow_wait(chans, ch, got, name, request, flags, codec, timeout, deadline)
             keep = ready
             return (value, None) if ready else (None, value)
-        except _Retry:
+        except _Retry:   # (raised before the request was posted for good: ``request`` still holds it)
             chans.retire(ch)
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-            return None, self.call(name, payload, flags, codec, remaining)
+            return None, self.call(name, request[0], flags, codec, remaining)
         except BaseException:
             self._failed(chans, ch)
             raise
@@ -884,21 +890,27 @@ class ShmTransport:
 
     def _call_slow(self, chans: _Channels, ch: _Channel, got: int, name, payload, flags, codec, timeout,
                    deadline: float | None = None):
-        ready, value = self._slow_wait(chans, ch, got, name, payload, flags, codec, timeout, deadline)
+        ready, value = self._slow_wait(chans, ch, got, name, [payload], flags, codec, timeout, deadline)
         return self._take_reply(chans, ch, value, name, codec) if ready else value
 
-    def _slow_wait(self, chans: _Channels, ch: _Channel, got: int, name, payload, flags, codec, timeout,
+    def _slow_wait(self, chans: _Channels, ch: _Channel, got: int, name, request: list, flags, codec, timeout,
                    deadline: float | None = None):
         """Go on with a call that was not answered at once until its answer is in the channel:
-        (True, reply) for ``_take_reply``, or (False, result) when it is already decoded."""
+        (True, reply) for ``_take_reply``, or (False, result) when it is already decoded.
+        ``request`` is [the request], emptied once it is posted for good."""
         seg = chans.seg
         if got == CALL_TOO_BIG:
+            payload = request[0]
             size = len(payload) if isinstance(payload, bytes) else memoryview(payload).nbytes
             if size > seg.max_payload:
                 raise PayloadTooLarge(f"request of {size} bytes exceeds the service's "
                                       f"limit of {seg.max_payload} bytes")
             ch.set_data(replace_data_segment(seg, ch.slot, chans.pid, len(name) + size, ch.data.size))
-            got = seg.region.call(ch.slot, ch.region, name, payload, flags, _first_slice(timeout))
+            got = seg.region.post(ch.slot, ch.region, name, payload, flags)
+            del payload
+            if got <= 0:   # posted (-1: a sleeping worker was woken for it)
+                request[0] = None
+                got = seg.region.collect(ch.slot, ch.region, _first_slice(timeout), got < 0)
             if got.__class__ is bytes:
                 return False, _decode_slow(codec, name, got)
             if got.__class__ is tuple:
@@ -906,6 +918,7 @@ class ShmTransport:
         if got == CALL_NOT_SERVING:
             self._reattach(chans)
             raise _Retry
+        request[0] = None
         if got == CALL_PENDING:
             return True, self._wait_slow(chans, ch, timeout, deadline)
         return True, seg.region.wait_reply(ch.slot, 0.0)   # CALL_READY: a large response, or one in a segment the worker grew

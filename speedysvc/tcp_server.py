@@ -115,6 +115,10 @@ class TcpServer:
         # one connection's share: answers its client leaves unread keep their channels, and
         # one client that sends slow calls or reads nothing must leave room for the others
         self.max_inflight_per_connection = max_inflight_per_connection or max(1, max_inflight // 4)
+        # answers left in their channels for clients that do not read them (Connection.parked):
+        # not calls running, so they leave room for other clients' calls, but they hold channels:
+        # past this many, the connection holding the most of them is dropped
+        self.max_parked = max(1, max_inflight // 2)
         self.handshake_timeout = handshake_timeout
         self.stall_timeout = stall_timeout
         self.max_waiting_threads = max_waiting_threads
@@ -122,12 +126,12 @@ class TcpServer:
         # most this (one is always allowed): the rest wait, their connections not read
         self.inflate_budget = inflate_budget
         self.inflating = 0
-        self.parked = 0   # calls in flight whose answers wait for their clients to read (Connection.parked)
+        self.parked = 0   # answers waiting for their clients to read (not counted in ``inflight``)
         self.compressing = 0   # replies being compressed in threads (``close`` waits for them too)
         self.shm = ShmTransport(service)
         self.counters = {"connections_total": 0, "calls": 0, "errors": 0, "refused": 0,
                          "auth_failures": 0, "protocol_errors": 0, "answered_inline": 0, "bytes_in": 0, "bytes_out": 0,
-                         "replies_parked": 0}
+                         "replies_parked": 0, "inflate_waits": 0}
         # the usual call, in C: see _Connection.buffer_updated
         self.gateway = core.Gateway(self.shm, self, self.counters, codecs.CODEC_SHIFT, codecs.PICKLE.id)
         self.executor: ThreadPoolExecutor | None = None
@@ -184,7 +188,7 @@ class TcpServer:
     def status(self) -> dict:
         return {"host": self.host, "port": self.port, "tls": self.ssl_context is not None,
                 "secret": self.secret is not None, "connections": len(self.connections),
-                "inflight": self.inflight, **self.counters}
+                "inflight": self.inflight, "parked": self.parked, **self.counters}
 
     # -- calls -----------------------------------------------------------------------------
     def submit(self, conn: "_Connection", frame: fr.Frame) -> None:
@@ -276,6 +280,7 @@ class TcpServer:
         """A large compressed call: inflated and posted in a thread, so that the loop (every
         other client) does not wait for it, within ``inflate_budget`` bytes at once."""
         if self.inflating and self.inflating + size > self.inflate_budget:
+            self.counters["inflate_waits"] += 1
             self._wait(conn, frame, first=True)
             return False
         try:
@@ -400,7 +405,7 @@ class TcpServer:
     def _settled(self) -> None:
         """A call in flight ended: room for a waiting one."""
         self._drain()
-        if self.inflight == self.parked and not self.compressing:   # (``close`` does not wait for clients to read)
+        if self.inflight == 0 and not self.compressing:   # (``close`` does not wait for clients to read)
             self._idle.set()
 
     def go_on(self, conn: "_Connection", nbytes: int, posted: tuple) -> None:
@@ -432,20 +437,38 @@ class TcpServer:
         if conn.closed:
             pending.abandon()   # (nobody to send it to: not even copied out)
         elif pending.size and conn.backlogged:
-            # the client has not read the replies before it: this one stays in shared memory,
-            # holding its channel, until it does (``unblock``), so that a client that reads
-            # nothing pins no more of the gateway's memory than one reply
-            conn.parked.append((call_id, pending))
-            self.parked += 1
-            self.counters["replies_parked"] += 1
-            self._settled()
+            self._park(conn, call_id, pending)
             return
         else:
             self._deliver(conn, call_id, pending)
             return
         self._ended(conn)
 
-    def _deliver(self, conn: "_Connection", call_id: int, pending) -> None:
+    def _park(self, conn: "_Connection", call_id: int, pending) -> None:
+        """The client has not read the replies before this one: the answer stays in shared
+        memory, holding its channel, until it does (``unblock``), so that a client that reads
+        nothing pins no more of the gateway's memory than one reply.  It no longer counts as a
+        call running (room for others' calls); it still counts in its connection's share."""
+        if self.parked >= self.max_parked:
+            victim = max((c for c in self.connections if c.parked), key=lambda c: len(c.parked), default=None)
+            if victim is None or len(victim.parked) <= len(conn.parked):
+                victim = conn
+            log.warning("%s: TCP client %s left %d answers unread while the channels were needed; disconnected",
+                        self.service, victim.peer, len(victim.parked) + (victim is conn))
+            self.counters["protocol_errors"] += 1
+            victim.go_away(ProtocolError(f"{len(victim.parked) + (victim is conn)} answers left unread while "
+                                         f"the service needed their channels"))
+            if victim is conn:
+                pending.abandon()
+                self._ended(conn)
+                return
+        conn.parked.append((call_id, pending))
+        self.parked += 1
+        self.inflight -= 1
+        self.counters["replies_parked"] += 1
+        self._settled()
+
+    def _deliver(self, conn: "_Connection", call_id: int, pending, parked: bool = False) -> None:
         """Copy a waited-for answer out of shared memory and send it."""
         try:
             result = pending.take()
@@ -453,14 +476,18 @@ class TcpServer:
             conn.reply_error(call_id, e)
         else:
             conn.reply(call_id, *result)
-        self._ended(conn)
+        if parked:
+            self.parked -= 1
+            conn.inflight -= 1
+            self._settled()
+        else:
+            self._ended(conn)
 
     def unblock(self, conn: "_Connection") -> None:
         """The client reads its replies again: send the parked ones and start the calls held
         back, as long as it keeps up; then read it again."""
         while conn.parked and not conn.backlogged and not conn.closed:
-            self.parked -= 1
-            self._deliver(conn, *conn.parked.popleft())
+            self._deliver(conn, *conn.parked.popleft(), parked=True)
         while conn.held and not conn.backlogged and not conn.closed:
             self.submit(conn, conn.held.popleft())
         conn.resume()
@@ -471,9 +498,8 @@ class TcpServer:
         while conn.parked:
             _, pending = conn.parked.popleft()
             self.parked -= 1
-            pending.abandon()
-            self.inflight -= 1
             conn.inflight -= 1
+            pending.abandon()
         self._settled()
 
     # -- housekeeping ----------------------------------------------------------------------

@@ -46,7 +46,7 @@ def serve(cls=HostileEcho, **kw) -> LocalService:
 
 def client(svc, cls=HostileEcho, **kw):
     kw.setdefault("timeout", 10)
-    return connect(cls, svc.tcp_address, **kw)
+    return connect(cls, svc.tcp_address, **kw)   # (svc: a LocalService or an InProcessGateway)
 
 
 def check(c, tag="ok"):
@@ -1495,13 +1495,15 @@ def test_a_client_that_reads_nothing_is_disconnected_after_the_stall_timeout():
 
 
 def test_large_compressed_calls_at_once_are_inflated_within_the_budget_and_all_answered():
-    """Large compressed calls are inflated in threads within a memory budget (256 MiB by
-    default): the ones beyond it wait their turn, none is lost, and other clients go on."""
+    """Large compressed calls are inflated in threads within a memory budget: the ones beyond
+    it wait their turn, none is lost, and other clients go on."""
     size = 64 * MiB
-    with serve(max_payload=128 * MiB) as svc, client(svc) as c:
+    with serve(max_payload=128 * MiB, tcp=None) as svc, \
+            InProcessGateway(HostileEcho.name, max_payload=128 * MiB, inflate_budget=size + 64) as gw, \
+            client(gw) as c:
         check(c)
         payload = bytes(size // 2) + b"x" * (size // 2)
-        clients = [client(svc, compression=algo, timeout=60) for algo in ("zstd", "lz4", "zlib", "snappy")]
+        clients = [client(gw, compression=algo, timeout=60) for algo in ("zstd", "lz4", "zlib", "snappy")]
         latencies, done = [], threading.Event()
 
         def ping():
@@ -1521,6 +1523,8 @@ def test_large_compressed_calls_at_once_are_inflated_within_the_budget_and_all_a
                 cl.close()
         assert sizes == [size] * 8
         check(c)
+        assert gw.read(lambda s: s.counters["inflate_waits"]) > 0, "no call ever waited for the budget"
+        assert gw.read(lambda s: s.inflating) == 0
         assert max(latencies) < 1.0, latencies
 
 
@@ -1695,3 +1699,58 @@ def test_many_small_compression_bombs_do_not_stall_other_clients():
         bomb.close()
         assert all(f.arg == 0 and MSGPACK.loads(f.payload) == 512 * 1024 - 64 for f in replies)
         assert max(latencies) < 0.25, f"{len(frames)} bytes of calls held up another client for {max(latencies):.2f} s"
+
+
+def test_clients_that_read_nothing_cannot_take_the_calls_in_flight_from_the_others():
+    """Answers left unread do not count as calls running: however many connections leave
+    theirs unread, other clients' calls run in parallel; past the parking room (half of the
+    calls in flight), the connection holding the most unread answers is dropped."""
+    with serve(max_payload=16 * MiB, max_channels=16, workers=4, tcp_stall_timeout=30.0) as svc:   # 8 in flight
+        hogs = []
+        args = msgpack_args(1 * MiB)
+        for _ in range(6):
+            hog = RawClient(svc, rcvbuf=4096).welcome()
+            hog.send(b"".join(fr.call_header(i, b"blob", MSGPACK.flags, 0, len(args)) + args for i in range(1, 5)))
+            hogs.append(hog)
+        time.sleep(1)
+
+        def one(i):
+            with client(svc) as c:
+                return c.sleep(1.0, i)
+
+        t0 = time.monotonic()
+        with ThreadPoolExecutor(4) as pool:          # as many as the workers
+            assert list(pool.map(one, range(4))) == list(range(4))
+        elapsed = time.monotonic() - t0
+        dropped = 0
+        for hog in hogs:   # read: a hog still connected gets its 4 answers, a dropped one a go-away or a reset
+            try:
+                frames = hog.read_frames(4, timeout=10)
+                dropped += any(f.kind == fr.GOAWAY for f in frames)
+            except (EOFError, ConnectionResetError):
+                dropped += 1
+            hog.close()
+        assert elapsed < 1.8, f"4 one-second calls took {elapsed:.1f} s beside 6 clients that read nothing"
+        assert dropped >= 1, "the parking room overflowed, yet no client was dropped"
+        assert wait_until(lambda: not busy_channels(svc), timeout=5)
+
+
+def test_an_inflated_call_is_not_kept_in_memory_while_it_runs():
+    """Once a large compressed call is inflated into its channel, the gateway keeps no copy
+    of it while the worker runs it (each below states 48 MiB and came in as ~50 KB)."""
+    with serve(max_payload=64 * MiB, tcp=None, workers=4) as svc, \
+            InProcessGateway(HostileEcho.name, max_payload=64 * MiB) as gw:
+        before = anon_mib(os.getpid())
+        raws = []
+        for i in range(4):
+            raw = RawClient(gw.tcp_address).welcome(compression="zstd")
+            compressed_call(raw, 1, "sleep", msgpack_args(3.0, bytes(48 * MiB)), "zstd")
+            raws.append(raw)
+        assert wait_until(lambda: gw.read(lambda s: s.inflight == 4 and s.inflating == 0), timeout=10)
+        time.sleep(0.3)
+        held = anon_mib(os.getpid()) - before
+        for raw in raws:
+            status, payload, _ = raw.reply(timeout=20)
+            assert status == 0 and len(payload) > 48 * MiB
+            raw.close()
+        assert held < 96, f"{held:.0f} MiB held for 4 calls running, each inflated to 48 MiB"
