@@ -1498,7 +1498,7 @@ def test_large_compressed_calls_at_once_are_inflated_within_the_budget_and_all_a
     """Large compressed calls are inflated in threads within a memory budget: the ones beyond
     it wait their turn, none is lost, and other clients go on."""
     size = 64 * MiB
-    with serve(max_payload=128 * MiB, tcp=None) as svc, \
+    with serve(max_payload=128 * MiB, tcp=None), \
             InProcessGateway(HostileEcho.name, max_payload=128 * MiB, inflate_budget=size + 64) as gw, \
             client(gw) as c:
         check(c)
@@ -1597,7 +1597,7 @@ def compressed_call(raw, call_id, name, payload, algo):
 def test_the_inflate_budget_is_held_while_inflating_not_while_the_call_runs():
     """A large compressed call holds the inflate budget until it is posted to a worker, not
     until it is answered: a slow one does not hold up the next large compressed call."""
-    with serve(max_payload=64 * MiB, tcp=None) as svc, \
+    with serve(max_payload=64 * MiB, tcp=None), \
             InProcessGateway(HostileEcho.name, max_payload=64 * MiB, inflate_budget=8 * MiB) as gw:
         slow = RawClient(gw.tcp_address).welcome(compression="zlib")
         compressed_call(slow, 1, "sleep", msgpack_args(3.0, bytes(6 * MiB)), "zlib")
@@ -1617,7 +1617,7 @@ def test_the_inflate_budget_is_held_while_inflating_not_while_the_call_runs():
 
 def test_stopping_the_server_sends_a_reply_that_is_being_compressed():
     """close() lets calls in flight finish, including the compression of their replies."""
-    with serve(max_payload=128 * MiB, tcp=None) as svc, \
+    with serve(max_payload=128 * MiB, tcp=None), \
             InProcessGateway(HostileEcho.name, max_payload=128 * MiB) as gw:
         raw = RawClient(gw.tcp_address).welcome(compression="zstd")
         raw.call(1, "blob", msgpack_args(64 * MiB))
@@ -1635,7 +1635,7 @@ def test_a_client_that_reads_its_replies_slowly_is_not_taken_for_one_that_reads_
     """The kernel's send buffer (megabytes) drains long before the gateway's own buffer
     shrinks (here ~3 s at 512 KiB/s): a client reading steadily, if slowly, must not be
     dropped as a non-reader."""
-    with serve(max_payload=32 * MiB, tcp=None) as svc, \
+    with serve(max_payload=32 * MiB, tcp=None), \
             InProcessGateway(HostileEcho.name, max_payload=32 * MiB, stall_timeout=1.0) as gw:
         raw = RawClient(gw.tcp_address).welcome()
         raw.call(1, "blob", msgpack_args(24 * MiB))
@@ -1738,7 +1738,7 @@ def test_clients_that_read_nothing_cannot_take_the_calls_in_flight_from_the_othe
 def test_an_inflated_call_is_not_kept_in_memory_while_it_runs():
     """Once a large compressed call is inflated into its channel, the gateway keeps no copy
     of it while the worker runs it (each below states 48 MiB and came in as ~50 KB)."""
-    with serve(max_payload=64 * MiB, tcp=None, workers=4) as svc, \
+    with serve(max_payload=64 * MiB, tcp=None, workers=4), \
             InProcessGateway(HostileEcho.name, max_payload=64 * MiB) as gw:
         before = anon_mib(os.getpid())
         raws = []

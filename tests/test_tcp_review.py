@@ -231,7 +231,7 @@ def test_cancelled_async_shm_call_gives_its_channel_back():
     """``AsyncShmTransport.call`` hands ``finish`` to the default executor; when the task is
     cancelled before a thread picks it up, ``finish`` never runs and the channel is neither
     given back nor settled."""
-    with serve(max_channels=8) as svc:
+    with serve(max_channels=8):
         async def main():
             asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(1))
             client = connect_async(ReviewEcho)
@@ -257,7 +257,7 @@ def test_cancelled_async_shm_call_gives_its_channel_back():
 def test_cancelled_async_shm_call_does_not_block_loop_shutdown(tmp_path):
     """``asyncio.wait_for(client.sleep(8), 0.3)`` times out, but the default executor's thread
     still waits for the worker (no call timeout), and asyncio.run() joins it at exit."""
-    with serve() as svc:
+    with serve():
         script = tmp_path / "main.py"
         script.write_text(
             "import asyncio, sys, time\n"
