@@ -115,10 +115,6 @@ class TcpServer:
         # one connection's share: answers its client leaves unread keep their channels, and
         # one client that sends slow calls or reads nothing must leave room for the others
         self.max_inflight_per_connection = max_inflight_per_connection or max(1, max_inflight // 4)
-        # answers left in their channels for clients that do not read them (Connection.parked):
-        # not calls running, so they leave room for other clients' calls, but they hold channels:
-        # past this many, the connection holding the most of them is dropped
-        self.max_parked = max(1, max_inflight // 2)
         self.handshake_timeout = handshake_timeout
         self.stall_timeout = stall_timeout
         self.max_waiting_threads = max_waiting_threads
@@ -126,7 +122,7 @@ class TcpServer:
         # most this (one is always allowed): the rest wait, their connections not read
         self.inflate_budget = inflate_budget
         self.inflating = 0
-        self.parked = 0   # answers waiting for their clients to read (not counted in ``inflight``)
+        self.parked = 0   # calls in flight whose answers wait for their clients to read (Connection.parked)
         self.compressing = 0   # replies being compressed in threads (``close`` waits for them too)
         self.shm = ShmTransport(service)
         self.counters = {"connections_total": 0, "calls": 0, "errors": 0, "refused": 0,
@@ -405,7 +401,7 @@ class TcpServer:
     def _settled(self) -> None:
         """A call in flight ended: room for a waiting one."""
         self._drain()
-        if self.inflight == 0 and not self.compressing:   # (``close`` does not wait for clients to read)
+        if self.inflight == self.parked and not self.compressing:   # (``close`` does not wait for clients to read)
             self._idle.set()
 
     def go_on(self, conn: "_Connection", nbytes: int, posted: tuple) -> None:
@@ -447,41 +443,25 @@ class TcpServer:
     def _park(self, conn: "_Connection", call_id: int, pending) -> None:
         """The client has not read the replies before this one: the answer stays in shared
         memory, holding its channel, until it does (``unblock``), so that a client that reads
-        nothing pins no more of the gateway's memory than one reply.  It no longer counts as a
-        call running (room for others' calls); it still counts in its connection's share."""
-        if self.parked >= self.max_parked:
-            victim = max((c for c in self.connections if c.parked), key=lambda c: len(c.parked), default=None)
-            if victim is None or len(victim.parked) <= len(conn.parked):
-                victim = conn
-            log.warning("%s: TCP client %s left %d answers unread while the channels were needed; disconnected",
-                        self.service, victim.peer, len(victim.parked) + (victim is conn))
-            self.counters["protocol_errors"] += 1
-            victim.go_away(ProtocolError(f"{len(victim.parked) + (victim is conn)} answers left unread while "
-                                         f"the service needed their channels"))
-            if victim is conn:
-                pending.abandon()
-                self._ended(conn)
-                return
+        nothing pins no more of the gateway's memory than one reply.  It still counts as a call
+        in flight (its channel is taken): see ``_sweep`` for clients that read nothing while
+        others' calls wait for room."""
         conn.parked.append((call_id, pending))
         self.parked += 1
-        self.inflight -= 1
         self.counters["replies_parked"] += 1
         self._settled()
 
     def _deliver(self, conn: "_Connection", call_id: int, pending, parked: bool = False) -> None:
         """Copy a waited-for answer out of shared memory and send it."""
+        if parked:
+            self.parked -= 1
         try:
             result = pending.take()
         except Exception as e:
             conn.reply_error(call_id, e)
         else:
             conn.reply(call_id, *result)
-        if parked:
-            self.parked -= 1
-            conn.inflight -= 1
-            self._settled()
-        else:
-            self._ended(conn)
+        self._ended(conn)
 
     def unblock(self, conn: "_Connection") -> None:
         """The client reads its replies again: send the parked ones and start the calls held
@@ -498,6 +478,7 @@ class TcpServer:
         while conn.parked:
             _, pending = conn.parked.popleft()
             self.parked -= 1
+            self.inflight -= 1
             conn.inflight -= 1
             pending.abandon()
         self._settled()
@@ -505,8 +486,10 @@ class TcpServer:
     # -- housekeeping ----------------------------------------------------------------------
     def _sweep(self) -> None:
         """Once a second: drop clients that stall a handshake or a frame (slow-loris), or that
-        read none of their replies."""
+        read none of their replies: for ``stall_timeout``, or for a second while their unread
+        answers hold room that other clients' calls wait for."""
         now = time.monotonic()
+        others_wait = bool(self._waiting)
         for conn in list(self.connections):
             if conn.parser is None and now - conn.opened > self.handshake_timeout:
                 conn.refuse(ProtocolError(f"handshake not completed within {self.handshake_timeout} s"))
@@ -523,6 +506,13 @@ class TcpServer:
                     log.warning("%s: TCP client %s read none of its replies for %s s; disconnected",
                                 self.service, conn.peer, self.stall_timeout)
                     conn.go_away(ProtocolError(f"replies left unread for {self.stall_timeout} s"))
+                    self.counters["protocol_errors"] += 1
+                elif (conn.parked and now - conn.write_progress >= min(1.0, self.stall_timeout)
+                      and others_wait and any(c is not conn for c in self._waiting)):
+                    log.warning("%s: TCP client %s left %d answers unread while other clients' calls waited; "
+                                "disconnected", self.service, conn.peer, len(conn.parked))
+                    conn.go_away(ProtocolError(f"{len(conn.parked)} answers left unread while other clients' "
+                                               f"calls waited for room"))
                     self.counters["protocol_errors"] += 1
         self._sweeper = asyncio.get_running_loop().call_later(1.0, self._sweep)
 

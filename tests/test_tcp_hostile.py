@@ -1650,13 +1650,13 @@ def test_a_client_that_reads_its_replies_slowly_is_not_taken_for_one_that_reads_
 
 
 def test_one_client_gets_a_share_of_the_calls_in_flight_not_all():
-    """A client that sends many calls and reads none of the answers holds at most its share
-    (a quarter) of the gateway's calls in flight; the others' calls go on in parallel."""
-    with serve(max_payload=16 * MiB, max_channels=8, workers=4, tcp_stall_timeout=30.0) as svc:   # 4 in flight
-        hog = RawClient(svc, rcvbuf=4096).welcome()
-        args = msgpack_args(4 * MiB)
-        hog.send(b"".join(fr.call_header(i, b"blob", MSGPACK.flags, 0, len(args)) + args for i in range(1, 9)))
-        time.sleep(1)
+    """A client that pipelines many slow calls holds at most its share (a quarter) of the
+    gateway's calls in flight; the others' calls go on in parallel."""
+    with serve(max_channels=8, workers=4) as svc:   # 4 calls in flight, a share of 1
+        hog = RawClient(svc).welcome()
+        args = msgpack_args(3.0, "slow")
+        hog.send(b"".join(fr.call_header(i, b"sleep", MSGPACK.flags, 0, len(args)) + args for i in range(1, 9)))
+        time.sleep(0.3)
 
         def one(i):
             with client(svc) as c:
@@ -1666,8 +1666,8 @@ def test_one_client_gets_a_share_of_the_calls_in_flight_not_all():
         with ThreadPoolExecutor(3) as pool:
             assert list(pool.map(one, range(3))) == [0, 1, 2]
         elapsed = time.monotonic() - t0
-        hog.close()
-        assert elapsed < 2.5, f"3 one-second calls took {elapsed:.1f} s beside a client that reads nothing"
+        hog.close(reset=True)
+        assert elapsed < 2.5, f"3 one-second calls took {elapsed:.1f} s beside one client's 8 slow calls"
 
 
 def test_many_small_compression_bombs_do_not_stall_other_clients():
@@ -1702,17 +1702,17 @@ def test_many_small_compression_bombs_do_not_stall_other_clients():
 
 
 def test_clients_that_read_nothing_cannot_take_the_calls_in_flight_from_the_others():
-    """Answers left unread do not count as calls running: however many connections leave
-    theirs unread, other clients' calls run in parallel; past the parking room (half of the
-    calls in flight), the connection holding the most unread answers is dropped."""
+    """Answers left unread hold their calls' room.  When other clients' calls wait for it,
+    a connection that has taken none of the server's bytes for a second is dropped (not
+    after tcp_stall_timeout) and the others' calls run."""
     with serve(max_payload=16 * MiB, max_channels=16, workers=4, tcp_stall_timeout=30.0) as svc:   # 8 in flight
         hogs = []
-        args = msgpack_args(1 * MiB)
-        for _ in range(6):
+        args = msgpack_args(8 * MiB)
+        for _ in range(12):                        # an unread answer each: together, every call in flight
             hog = RawClient(svc, rcvbuf=4096).welcome()
             hog.send(b"".join(fr.call_header(i, b"blob", MSGPACK.flags, 0, len(args)) + args for i in range(1, 5)))
             hogs.append(hog)
-        time.sleep(1)
+        time.sleep(0.5)
 
         def one(i):
             with client(svc) as c:
@@ -1730,9 +1730,41 @@ def test_clients_that_read_nothing_cannot_take_the_calls_in_flight_from_the_othe
             except (EOFError, ConnectionResetError):
                 dropped += 1
             hog.close()
-        assert elapsed < 1.8, f"4 one-second calls took {elapsed:.1f} s beside 6 clients that read nothing"
-        assert dropped >= 1, "the parking room overflowed, yet no client was dropped"
+        assert elapsed < 4.5, f"4 one-second calls took {elapsed:.1f} s beside 12 clients that read nothing"
+        assert dropped >= 1, "calls waited, yet no client that reads nothing was dropped"
         assert wait_until(lambda: not busy_channels(svc), timeout=5)
+
+
+def test_clients_that_read_their_answers_are_not_dropped_when_calls_wait_for_room():
+    """Clients pipelining large compressed replies (each compressed in a thread: their answers
+    park meanwhile) and reading them as fast as they can are never taken for clients that
+    read nothing, even while calls wait for room."""
+    with serve(max_payload=16 * MiB, tcp=None, workers=4, max_channels=32), \
+            InProcessGateway(HostileEcho.name, max_payload=16 * MiB, max_inflight=8, stall_timeout=30.0) as gw:
+        n_clients, n_calls = 8, 8
+        args = msgpack_args(os.urandom(3 * MiB // 2))   # incompressible: zlib takes a while on it
+        results = {}
+
+        def run(k):
+            raw = RawClient(gw.tcp_address, timeout=30).welcome(compression="zlib")
+            data = b"".join(fr.call_header(i, b"echo", MSGPACK.flags, 0, len(args)) + args
+                            for i in range(1, n_calls + 1))
+            sender = threading.Thread(target=raw.sock.sendall, args=(data,), daemon=True)
+            sender.start()
+            try:
+                results[k] = [(f.kind, f.arg) for f in raw.read_frames(n_calls, timeout=60)]
+            except Exception as e:
+                results[k] = repr(e)
+            sender.join(10)
+            raw.close()
+
+        threads = [threading.Thread(target=run, args=(k,)) for k in range(n_clients)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(90)
+        assert results == {k: [(fr.REPLY, 0)] * n_calls for k in range(n_clients)}
+        assert gw.read(lambda s: s.counters["protocol_errors"]) == 0
 
 
 def test_an_inflated_call_is_not_kept_in_memory_while_it_runs():
