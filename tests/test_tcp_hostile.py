@@ -9,6 +9,7 @@ The pure parsers (``FrameParser``, ``HelloReader``) are fuzzed with hypothesis.
 Run with ``SPEEDYSVC_NAMESPACE=tcph`` so these services never meet another test run's.
 """
 import asyncio
+import contextlib
 import os
 import socket
 import struct
@@ -71,6 +72,25 @@ def memory_mib(pid, field="VmRSS") -> float:
             if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     raise AssertionError(f"no {field}")
+
+
+@contextlib.contextmanager
+def pinging(c, every=0.05):
+    """Times calls of client ``c`` in a thread while the block runs: yields their latencies."""
+    latencies, done = [], threading.Event()
+
+    def ping():
+        while not done.is_set():
+            latencies.append(timed_check(c, "ping"))
+            time.sleep(every)
+
+    th = threading.Thread(target=ping)
+    th.start()
+    try:
+        yield latencies
+    finally:
+        done.set()
+        th.join(30)
 
 
 def rss_mib(pid) -> float:
@@ -1504,21 +1524,10 @@ def test_large_compressed_calls_at_once_are_inflated_within_the_budget_and_all_a
         check(c)
         payload = bytes(size // 2) + b"x" * (size // 2)
         clients = [client(gw, compression=algo, timeout=60) for algo in ("zstd", "lz4", "zlib", "snappy")]
-        latencies, done = [], threading.Event()
-
-        def ping():
-            while not done.is_set():
-                latencies.append(timed_check(c, "ping"))
-                time.sleep(0.05)
-
-        th = threading.Thread(target=ping)
-        th.start()
         try:
-            with ThreadPoolExecutor(8) as pool:
+            with pinging(c) as latencies, ThreadPoolExecutor(8) as pool:
                 sizes = list(pool.map(lambda i: clients[i % 4].size_of(payload), range(8)))
         finally:
-            done.set()
-            th.join(30)
             for cl in clients:
                 cl.close()
         assert sizes == [size] * 8
@@ -1682,20 +1691,10 @@ def test_many_small_compression_bombs_do_not_stall_other_clients():
         frames = b"".join(fr.call_header(i, b"size_of", MSGPACK.flags, 0, len(body), fr.F_COMPRESSED) + body
                           for i in range(1, n + 1))
         bomb = RawClient(svc).welcome(compression="zstd")
-        latencies, done = [], threading.Event()
-
-        def ping():
-            while not done.is_set():
-                latencies.append(timed_check(c, "ping"))
-                time.sleep(0.01)
-
-        th = threading.Thread(target=ping)
-        th.start()
-        time.sleep(0.2)
-        bomb.send(frames)
-        replies = bomb.read_frames(n, timeout=120)
-        done.set()
-        th.join(30)
+        with pinging(c, every=0.01) as latencies:
+            time.sleep(0.2)
+            bomb.send(frames)
+            replies = bomb.read_frames(n, timeout=120)
         bomb.close()
         assert all(f.arg == 0 and MSGPACK.loads(f.payload) == 512 * 1024 - 64 for f in replies)
         assert max(latencies) < 0.25, f"{len(frames)} bytes of calls held up another client for {max(latencies):.2f} s"
