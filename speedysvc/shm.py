@@ -623,8 +623,9 @@ class _Pending:
         self.settled = False
 
     def __call__(self):
-        self.settled = True
-        return self.transport._finish(self.chans, self.ch, *self.args)
+        """In a thread: the call's result (or its error raised)."""
+        self.wait()
+        return self.take()
 
     def wait(self) -> None:
         """Block until the answer is in the channel, without taking it out (or raise like a call)."""
@@ -839,19 +840,6 @@ class ShmTransport:
         finally:
             if not later:
                 self._give_back(chans, ch)
-
-    def _finish(self, chans: _Channels, ch: _Channel, got: int, name, payload, flags, codec, timeout, deadline):
-        try:
-            return self._call_slow(chans, ch, got, name, payload, flags, codec, timeout, deadline)
-        except _Retry:
-            chans.retire(ch)
-            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-            return self.call(name, payload, flags, codec, remaining)
-        except BaseException:
-            self._failed(chans, ch)
-            raise
-        finally:
-            self._give_back(chans, ch)
 
     def _finish_wait(self, pending: _Pending, got: int, name, request: list, flags, codec, timeout, deadline):
         """``_Pending.wait``: (reply, None) when the answer waits in the channel, which stays

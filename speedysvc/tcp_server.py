@@ -317,16 +317,14 @@ class TcpServer:
             if fut.cancelled():   # never ran (the server is closing)
                 self.inflating -= size
                 self.shm.unreserve(channel)
-                conn.reply_error(frame.call_id, ServiceUnavailable(f"service {self.service!r} is stopping"))
-            elif fut.exception() is not None:
-                conn.reply_error(frame.call_id, fut.exception())
-            else:
-                self.counters["calls"] += 1
-                done, result = fut.result()
-                if not done:
-                    self._answered(conn, frame.call_id, result)
-                    return
-                conn.reply(frame.call_id, *result)
+            if self._call_failed(conn, frame.call_id, fut):
+                return
+            self.counters["calls"] += 1
+            done, result = fut.result()
+            if not done:
+                self._answered(conn, frame.call_id, result)
+                return
+            conn.reply(frame.call_id, *result)
             self._ended(conn)
 
         loop.run_in_executor(self.executor, inflate_post_and_wait).add_done_callback(posted)
@@ -420,13 +418,21 @@ class TcpServer:
         """The answer to a call waited for in a thread is in its channel (or the call failed)."""
         if fut.cancelled():
             pending.abandon()   # never ran (the server is closing): the channel is not lost
-            conn.reply_error(call_id, ServiceUnavailable(f"service {self.service!r} is stopping"))
-        elif fut.exception() is not None:
-            conn.reply_error(call_id, fut.exception())
-        else:
+        if not self._call_failed(conn, call_id, fut):
             self._answered(conn, call_id, pending)
-            return
+
+    def _call_failed(self, conn: "_Connection", call_id: int, fut: asyncio.Future) -> bool:
+        """Whether the thread that ran for a call in flight failed (or never ran): if so the
+        call ends with an error reply."""
+        if fut.cancelled():
+            error = ServiceUnavailable(f"service {self.service!r} is stopping")
+        elif fut.exception() is not None:
+            error = fut.exception()
+        else:
+            return False
+        conn.reply_error(call_id, error)
         self._ended(conn)
+        return True
 
     def _answered(self, conn: "_Connection", call_id: int, pending) -> None:
         """A call in flight was answered (``pending`` waited for): send the answer, or park it."""
@@ -489,7 +495,6 @@ class TcpServer:
         read none of their replies: for ``stall_timeout``, or for a second while their unread
         answers hold room that other clients' calls wait for."""
         now = time.monotonic()
-        others_wait = bool(self._waiting)
         for conn in list(self.connections):
             if conn.parser is None and now - conn.opened > self.handshake_timeout:
                 conn.refuse(ProtocolError(f"handshake not completed within {self.handshake_timeout} s"))
@@ -508,7 +513,7 @@ class TcpServer:
                     conn.go_away(ProtocolError(f"replies left unread for {self.stall_timeout} s"))
                     self.counters["protocol_errors"] += 1
                 elif (conn.parked and now - conn.write_progress >= min(1.0, self.stall_timeout)
-                      and others_wait and any(c is not conn for c in self._waiting)):
+                      and any(c is not conn for c in self._waiting)):
                     log.warning("%s: TCP client %s left %d answers unread while other clients' calls waited; "
                                 "disconnected", self.service, conn.peer, len(conn.parked))
                     conn.go_away(ProtocolError(f"{len(conn.parked)} answers left unread while other clients' "

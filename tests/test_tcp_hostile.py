@@ -1785,3 +1785,46 @@ def test_an_inflated_call_is_not_kept_in_memory_while_it_runs():
             assert status == 0 and len(payload) > 48 * MiB
             raw.close()
         assert held < 96, f"{held:.0f} MiB held for 4 calls running, each inflated to 48 MiB"
+
+
+def test_worker_killed_during_a_call_inflated_in_a_thread():
+    """A large compressed call (inflated and waited for in a thread) whose worker is killed -9:
+    that call gets WorkerDied, the connection goes on, the budget and the calls in flight are
+    back to nothing."""
+    import signal
+    from speedysvc import WorkerDied
+    with serve(max_payload=64 * MiB, tcp=None, workers=2) as svc, \
+            InProcessGateway(HostileEcho.name, max_payload=64 * MiB) as gw:
+        raw = RawClient(gw.tcp_address).welcome(compression="zstd")
+        compressed_call(raw, 1, "sleep", msgpack_args(30, bytes(8 * MiB)), "zstd")
+        seg = svc.segment
+        assert wait_until(lambda: any(w["busy"] for w in seg.workers()), 10)
+        os.kill(next(w["pid"] for w in seg.workers() if w["busy"]), signal.SIGKILL)
+        status, payload, _ = raw.reply(timeout=20)
+        assert status == 1 and isinstance(decode_exception(payload), WorkerDied), decode_exception(payload)
+        raw.call(2, "echo", msgpack_args("after"))
+        assert raw.reply()[:2] == (0, MSGPACK.dumps("after"))
+        assert gw.read(lambda s: (s.inflight, s.inflating, s.parked)) == (0, 0, 0)
+        raw.close()
+
+
+def test_a_client_killed_with_answers_left_unread_gives_their_channels_back():
+    """A client whose answers wait in shared memory (it read none) vanishes with a reset: the
+    gateway abandons them, its counts of calls in flight go back to nothing, and the channels
+    serve the next calls."""
+    with serve(max_payload=16 * MiB, tcp=None, workers=2) as svc, \
+            InProcessGateway(HostileEcho.name, max_payload=16 * MiB) as gw:
+        raw = RawClient(gw.tcp_address, rcvbuf=4096).welcome()
+        args = msgpack_args(2 * MiB)
+        raw.send(b"".join(fr.call_header(i, b"blob", MSGPACK.flags, 0, len(args)) + args for i in range(1, 7)))
+        assert wait_until(lambda: gw.read(lambda s: s.parked) >= 2, timeout=10)
+        owned = gw.read(lambda s: len(s.shm._channels.owned))
+        raw.close(reset=True)
+        assert wait_until(lambda: gw.read(lambda s: (s.inflight, s.parked, len(s.connections))) == (0, 0, 0),
+                          timeout=10)
+        assert gw.read(lambda s: len(s.shm._channels.free)) == owned   # every channel back, none lost
+        with client(gw) as c:
+            with ThreadPoolExecutor(6) as pool:
+                assert list(pool.map(c.blob, [MiB] * 6)) == [b"b" * MiB] * 6
+        assert gw.read(lambda s: len(s.shm._channels.owned)) == owned
+        assert wait_until(lambda: not busy_channels(svc), timeout=5)
