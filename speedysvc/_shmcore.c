@@ -1934,7 +1934,8 @@ static uint64_t mp_read_be(mp_reader *r, int n) {
     return v;
 }
 
-/* The next value, or NULL without an exception: not one of ours (or not valid). */
+/* The next value; NULL without an exception: not one of ours (or not valid); NULL with one set:
+ * out of memory (a list or map being built falls back to msgpack even then). */
 static PyObject *mp_read(mp_reader *r, int depth) {
     if (!mp_need(r, 1)) return NULL;
     unsigned c = *r->p++;

@@ -159,3 +159,28 @@ def test_what_only_msgpack_decides_is_left_to_it():
     assert outcome(core.msgpack_loads, multi) == outcome(msgpack.unpackb, multi) == ("error", BufferError)
     a, b = core.msgpack_loads(PACK({"some key": 1})), core.msgpack_loads(PACK({"some key": 2}))
     assert next(iter(a)) is next(iter(b))
+
+
+def test_the_limits_agree_with_msgpack_or_are_left_to_it():
+    """Deep nesting (the decoder's depth limit), a value whose encoding would pass the size
+    cap (left to the fallback, unencoded by C), input that is no buffer, invalid UTF-8."""
+    deep = [[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[1]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]
+    assert core.msgpack_loads(PACK(deep)) == msgpack.unpackb(PACK(deep))
+    deep_map = {"a": None}
+    for _ in range(40):
+        deep_map = {"a": deep_map}
+    assert core.msgpack_loads(PACK(deep_map)) == msgpack.unpackb(PACK(deep_map))
+    for bad in ("abc", None, 12):
+        assert outcome(core.msgpack_loads, bad) == outcome(msgpack.unpackb, bad)
+    assert outcome(core.msgpack_loads, b"\xa1\xff") == outcome(msgpack.unpackb, b"\xa1\xff")
+
+    fallback = functools.partial(msgpack.packb, use_bin_type=True)
+    chunk = b"x" * (1 << 20)
+    huge = [chunk] * ((1 << 20) + 1)   # states just over 2**40 bytes; shares one chunk, so costs ~8 MB
+    try:
+        core.set_msgpack(lambda value: b"FALLBACK", msgpack.unpackb)
+        assert core.msgpack_dumps(huge) == b"FALLBACK"
+        assert core.msgpack_dumps({"k": huge}) == b"FALLBACK"
+        assert core.msgpack_dumps([chunk] * 3) == PACK([chunk] * 3)   # (small: still C's)
+    finally:
+        core.set_msgpack(fallback, msgpack.unpackb)
