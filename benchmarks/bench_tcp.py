@@ -44,7 +44,8 @@ import psutil  # noqa: E402
 from _common import MiB, RawTcpClient, ZmqClient, round_trips, throughput  # noqa: E402
 from bench_shm import SpeedysvcClient as ShmClient  # noqa: E402
 from echo_service import BenchEcho  # noqa: E402
-from speedysvc import LocalService, compression, connect, connect_async  # noqa: E402
+from speedysvc import LocalService, connect, connect_async  # noqa: E402
+from speedysvc.tcp import compression  # noqa: E402
 
 TARGET_RT = 2.0          # 64 B call within 2x of the raw TCP echo's round trip
 TARGET_16MIB = 0.8       # 16 MiB echo at least 0.8x the raw TCP echo's throughput

@@ -1,7 +1,10 @@
 """speedysvc: split a Python application into services called over shared memory.
 
-Linux only.  A client process imports this package, which loads the codecs and
-the transports only (never the service manager or the web interface).
+Linux only.  A client process imports this package, which loads the public API,
+the codecs and, when it first calls, the transport its address names (never the
+service manager or the web interface).  The layout is in docs/architecture.md:
+``shm`` is the shared-memory side, ``tcp`` the TCP side, ``manager`` the service
+manager.
 """
 from .client import Client, connect
 from .codecs import Codec

@@ -1235,7 +1235,8 @@ static PyTypeObject ShmMethodType = {
 typedef struct {
     PyObject_HEAD
     PyObject *transport, *server, *counters;
-    unsigned codec_shift, refused_codec;
+    unsigned codec_shift;
+    uint64_t refused_codecs;   /* bit n: codec id n goes the long way (Python checks the client may use it) */
     vectorcallfunc vectorcall;
 } Gateway;
 
@@ -1293,6 +1294,11 @@ static PyObject *reply_frame(uint32_t call_id, uint32_t status, PyObject *body) 
     return frame;
 }
 
+static int refused_codec(Gateway *self, uint32_t flags) {
+    unsigned codec = (flags >> self->codec_shift) & 0xFF;
+    return codec < 64 && (self->refused_codecs >> codec & 1);
+}
+
 /* gateway(parser, n) */
 static PyObject *GW_call(Gateway *self, PyObject *const *args, size_t nargsf, PyObject *kwnames) {
     if (PyVectorcall_NARGS(nargsf) != 2 || (kwnames && PyTuple_GET_SIZE(kwnames))) {
@@ -1342,7 +1348,7 @@ static PyObject *GW_call(Gateway *self, PyObject *const *args, size_t nargsf, Py
     memcpy(&name_len, p + 2, 2); memcpy(&call_id, p + 4, 4); memcpy(&arg, p + 8, 4); memcpy(&length, p + 16, 8);
     /* (a frame that is not right is left to the parser, which says what is wrong with it) */
     if (p[0] != FRAME_CALL || p[1] || name_len < 1 || name_len > FRAME_MAX_NAME || length > max_payload
-        || (uint64_t)n != FRAME_HEADER + name_len + length || ((arg >> self->codec_shift) & 0xFF) == self->refused_codec)
+        || (uint64_t)n != FRAME_HEADER + name_len + length || refused_codec(self, arg))
         goto none;
     /* a channel, as ShmMethod takes one */
     if (!(chans = PyObject_GetAttr(self->transport, s_channels))) goto done;
@@ -1417,19 +1423,21 @@ done:
     return result;
 }
 
-/* Gateway(transport, server, counters, codec_shift, refused_codec) */
+/* Gateway(transport, server, counters, codec_shift, refused_codecs): refused_codecs is a
+ * mask, bit n for codec id n (codecs.mask()). */
 static PyObject *GW_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
     PyObject *transport, *server, *counters;
-    unsigned int shift, refused;
+    unsigned int shift;
+    unsigned long long refused;
     if (kw && PyDict_GET_SIZE(kw)) { PyErr_SetString(PyExc_TypeError, "Gateway takes no keyword arguments"); return NULL; }
-    if (!PyArg_ParseTuple(args, "OOO!II:Gateway", &transport, &server, &PyDict_Type, &counters, &shift, &refused))
+    if (!PyArg_ParseTuple(args, "OOO!IK:Gateway", &transport, &server, &PyDict_Type, &counters, &shift, &refused))
         return NULL;
     if (shift > 24) { PyErr_SetString(PyExc_ValueError, "codec_shift out of range"); return NULL; }
     Gateway *self = (Gateway *)type->tp_alloc(type, 0);
     if (!self) return NULL;
     self->transport = Py_NewRef(transport); self->server = Py_NewRef(server); self->counters = Py_NewRef(counters);
     self->codec_shift = shift;
-    self->refused_codec = refused;
+    self->refused_codecs = (uint64_t)refused;
     self->vectorcall = (vectorcallfunc)GW_call;
     return (PyObject *)self;
 }

@@ -6,258 +6,15 @@
 
 Over TCP, calls from many tasks share one connection and are in flight
 together.  Over shared memory, a call that is answered within the short spin
-never leaves the loop's thread; a slower one is waited for in the loop's
-default executor, so the loop is never blocked for longer than the spin.
+never leaves the loop's thread; a slower one is waited for in a thread, so the
+loop is never blocked for longer than the spin.  The transports are in
+``speedysvc.shm.aio`` and ``speedysvc.tcp.aio`` (see ``speedysvc.transport``).
 """
 from __future__ import annotations
 
-import asyncio
-from concurrent.futures import ThreadPoolExecutor
-
-from . import framing as fr
-from .client import _DEFAULT, _check_timeout, dress, make_transport, proxy_class, resolve_method
-from .errors import CallTimeout, ConnectionLost, ProtocolError, ServiceUnavailable, SpeedysvcError
-from .methods import MethodSpec, ServerMethodsBase
-from .shm import ShmTransport
-from .tcp_client import answer, next_call_id
-
-
-_waiters: ThreadPoolExecutor | None = None
-
-
-def _waiter_pool() -> ThreadPoolExecutor:
-    """Threads that wait for slow shared-memory calls: our own, so that asyncio.run()
-    does not wait for them at exit the way it waits for its default executor."""
-    global _waiters
-    if _waiters is None:
-        _waiters = ThreadPoolExecutor(32, thread_name_prefix="speedysvc-wait")
-    return _waiters
-
-
-class AsyncShmTransport:
-    scheme = "shm"
-
-    def __init__(self, service: str):
-        self.shm = ShmTransport(service)
-
-    def __repr__(self) -> str:
-        return f"<AsyncShmTransport {self.shm.service!r}>"
-
-    async def call(self, name: bytes, payload, flags: int, codec, timeout):
-        done, result = self.shm.begin(name, payload, flags, codec, timeout)
-        if done:
-            return result
-        job = _waiter_pool().submit(result)
-        try:
-            return await asyncio.wrap_future(job)
-        except asyncio.CancelledError:
-            if job.cancel():        # never started: give its channel back (or to the worker holding it)
-                result.abandon()
-            raise
-
-    async def aclose(self) -> None:
-        self.shm.close()
-
-
-class _Connection(asyncio.BufferedProtocol):
-    """One TCP connection: the handshake, then replies matched to calls by id."""
-
-    def __init__(self, opts):
-        self.opts = opts
-        self.loop = loop = asyncio.get_running_loop()
-        self.ready = loop.create_future()
-        self.hello = fr.HelloReader()
-        self.hello_buf = bytearray(fr.HELLO.size + fr.MAX_HELLO_BODY)
-        self.nonce: bytes | None = None
-        self.parser: fr.FrameParser | None = None
-        self.transport = None
-        self.pending: dict[int, asyncio.Future] = {}
-        self.broken: BaseException | None = None
-        self.writable = asyncio.Event()
-        self.writable.set()
-        self.outgoing: list[bytes] = []
-
-    def connection_made(self, transport) -> None:
-        self.transport = transport
-
-    def get_buffer(self, sizehint: int):
-        return self.parser.get_buffer() if self.parser is not None else memoryview(self.hello_buf)
-
-    def buffer_updated(self, nbytes: int) -> None:
-        if self.parser is None:
-            try:
-                self._handshake(nbytes)
-            except BaseException as e:
-                if not self.ready.done():
-                    self.ready.set_exception(e)
-                self.transport.close()
-            return
-        try:
-            frames = self.parser.buffer_updated(nbytes)
-        except ProtocolError as e:
-            self._break(ConnectionLost(f"{self.opts.address} sent a bad frame ({e})"))
-            self.transport.close()
-            return
-        self._deliver(frames)
-
-    def _handshake(self, nbytes: int) -> None:
-        msg = self.hello.feed(self.hello_buf[:nbytes])
-        if msg is None:
-            return
-        if self.nonce is None:
-            message, self.nonce = self.opts.client_hello(msg)
-            self.transport.write(message)
-            self.hello = fr.HelloReader()
-            return
-        leftover = self.opts.check_welcome(msg, self.nonce)
-        self.parser = fr.FrameParser(self.opts.max_payload or fr.DEFAULT_MAX_PAYLOAD,
-                                     frozenset((fr.REPLY, fr.GOAWAY)))
-        self.hello = self.hello_buf = None
-        self.ready.set_result(True)
-        if leftover:
-            self._deliver(self.parser.feed(leftover))
-
-    def _deliver(self, frames) -> None:
-        for frame in frames:
-            if frame.kind == fr.GOAWAY:
-                self._break(self.opts.goaway_error(frame))
-                continue
-            fut = self.pending.pop(frame.call_id, None)
-            if fut is None or fut.done():
-                continue
-            try:
-                fut.set_result(self.opts.decode_reply(frame))
-            except Exception as e:
-                fut.set_exception(e)
-
-    def _break(self, exc: BaseException) -> None:
-        if self.broken is None:
-            self.broken = exc
-        pending, self.pending = self.pending, {}
-        for fut in pending.values():
-            if not fut.done():
-                fut.set_exception(exc)
-
-    def _flush(self) -> None:
-        out, self.outgoing = self.outgoing, []
-        if out and not self.transport.is_closing():
-            self.transport.write(b"".join(out) if len(out) > 1 else out[0])
-
-    def connection_lost(self, exc) -> None:
-        lost = ConnectionLost(f"connection to {self.opts.address} was lost"
-                              + (f" ({exc})" if exc else "") + "; a call in flight may or may not have run")
-        if not self.ready.done():
-            self.ready.set_exception(ConnectionLost(f"{self.opts.address} closed the connection "
-                                                    f"during the handshake"))
-        self._break(lost)
-        self.writable.set()
-
-    def pause_writing(self) -> None:
-        self.writable.clear()
-
-    def resume_writing(self) -> None:
-        self.writable.set()
-
-    async def call(self, name: bytes, payload, flags: int, timeout):
-        if self.broken is not None:
-            raise self.broken
-        call_id = next_call_id()
-        buffers = self.opts.encode_call(call_id, name, payload, flags, timeout)
-        if not self.writable.is_set():
-            await self.writable.wait()
-            if self.broken is not None:
-                raise self.broken
-        loop = asyncio.get_running_loop()
-        fut = loop.create_future()
-        self.pending[call_id] = fut
-        if len(buffers) == 1:
-            # calls made in the same turn of the loop go out in one write
-            if not self.outgoing:
-                loop.call_soon(self._flush)
-            self.outgoing.append(buffers[0])
-        else:
-            self._flush()
-            for buf in buffers:
-                self.transport.write(buf)
-        try:
-            if timeout is None:
-                return await fut
-            return await asyncio.wait_for(fut, timeout)
-        except asyncio.TimeoutError:
-            raise CallTimeout(f"call to {self.opts.address} timed out after {timeout} s") from None
-        finally:
-            self.pending.pop(call_id, None)
-
-
-class AsyncTcpTransport:
-    scheme = "tcp"
-
-    def __init__(self, opts):
-        self.opts = opts
-        self._conn: _Connection | None = None
-        self._lock: asyncio.Lock | None = None
-        self._loop = None
-        self._closed = False
-
-    def __repr__(self) -> str:
-        return f"<AsyncTcpTransport {self.opts.address} {self.opts.service!r}>"
-
-    async def _connection(self) -> _Connection:
-        conn = self._conn
-        loop = asyncio.get_running_loop()
-        if conn is not None and conn.broken is None and conn.loop is loop:
-            return conn
-        if self._lock is None or self._loop is not loop:   # a client may outlive its event loop
-            self._lock, self._loop = asyncio.Lock(), loop
-            if conn is not None and conn.loop is not loop:
-                conn.broken = ConnectionLost("the connection belonged to another event loop")
-                if not conn.loop.is_closed():
-                    conn.loop.call_soon_threadsafe(conn.transport.close)
-        async with self._lock:
-            if self._closed:
-                raise SpeedysvcError("this connection is closed")
-            conn = self._conn
-            if conn is None or conn.broken is not None:
-                if conn is not None and conn.loop is loop:
-                    conn.transport.close()
-                conn = self._conn = await self._open()
-            return conn
-
-    async def _open(self) -> _Connection:
-        opts = self.opts
-        loop = asyncio.get_running_loop()
-        try:
-            _, conn = await asyncio.wait_for(loop.create_connection(
-                lambda: _Connection(opts), opts.host, opts.port, ssl=opts.ssl_context,
-                server_hostname=opts.host if opts.ssl_context else None), opts.connect_timeout)
-        except asyncio.TimeoutError:
-            raise ServiceUnavailable(f"cannot connect to {opts.address} within {opts.connect_timeout} s") from None
-        except SpeedysvcError:
-            raise
-        except OSError as e:
-            raise ServiceUnavailable(f"cannot connect to {opts.address}: {e.strerror or e}") from None
-        try:
-            await asyncio.wait_for(asyncio.shield(conn.ready), opts.connect_timeout)
-        except asyncio.TimeoutError:
-            # closing fails ``ready`` too: that outcome is ours to drop, not asyncio's to report
-            conn.ready.add_done_callback(lambda f: f.cancelled() or f.exception())
-            conn.transport.close()
-            raise ServiceUnavailable(f"{opts.address} did not complete the handshake within "
-                                     f"{opts.connect_timeout} s") from None
-        except BaseException:
-            conn.transport.close()
-            raise
-        return conn
-
-    async def call(self, name: bytes, payload, flags: int, codec, timeout):
-        conn = await self._connection()
-        return answer(await conn.call(name, payload, flags, timeout), codec, name)
-
-    async def aclose(self) -> None:
-        self._closed = True
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            conn.transport.close()
+from .client import CLIENT_TIMEOUT, check_server_class, check_timeout, dress, proxy_class, resolve_method
+from .methods import MethodSpec
+from .transport import open_transport
 
 
 class AsyncClient:
@@ -266,15 +23,15 @@ class AsyncClient:
     def __init__(self, server_cls, transport, timeout: float | None = None):
         self._server_cls = server_cls
         self._transport = transport
-        self._timeout = _check_timeout(timeout)
+        self._timeout = check_timeout(timeout)
 
     def __repr__(self) -> str:
         return f"<speedysvc async client of {self._server_cls.__qualname__} via {self._transport!r}>"
 
-    async def send(self, method, args=(), kwargs=None, *, timeout=_DEFAULT):
+    async def send(self, method, args=(), kwargs=None, *, timeout=CLIENT_TIMEOUT):
         """Call ``method`` (a server method, e.g. ``EchoServer.echo_json``, or its name)."""
         spec = resolve_method(self._server_cls, method)
-        timeout = self._timeout if timeout is _DEFAULT else _check_timeout(timeout)
+        timeout = self._timeout if timeout is CLIENT_TIMEOUT else check_timeout(timeout)
         payload, flags = spec.codec.encode_args(spec.name, tuple(args), kwargs)
         return await self._transport.call(spec.name_bytes, payload, flags, spec.codec, timeout)
 
@@ -310,11 +67,10 @@ def connect_async(server_cls, address: str = "shm://", *, timeout: float | None 
                   connect_timeout: float | None = None) -> AsyncClient:
     """Like ``connect()``, for asyncio code: the client's methods are coroutines.
     Nothing is contacted until the first call."""
-    if not (isinstance(server_cls, type) and issubclass(server_cls, ServerMethodsBase)):
-        raise TypeError(f"connect_async() takes a ServerMethodsBase subclass, not {server_cls!r}")
-    transport = make_transport(server_cls, address, dict(
+    check_server_class(server_cls, "connect_async")
+    transport = open_transport(server_cls, address, dict(
         secret=secret, tls=tls, compression=compression, compress_min=compress_min, connect_timeout=connect_timeout),
-        shm_cls=AsyncShmTransport, tcp_cls=AsyncTcpTransport)
+        asyncio=True)
     return async_client_class(server_cls)(server_cls, transport, timeout)
 
 

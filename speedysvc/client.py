@@ -2,70 +2,26 @@
 
 ``connect(EchoServer)`` gives a client whose methods have the server methods'
 names and signatures; ``client.send(EchoServer.echo_json, [data])`` is the
-lower-level form that ``ClientMethodsBase`` subclasses use.
+lower-level form that ``ClientMethodsBase`` subclasses use.  The transport
+behind a client is chosen by the address's scheme (``speedysvc.transport``).
 """
 from __future__ import annotations
 
 import math
 
-from . import codecs
-from urllib.parse import urlsplit
-
 from .methods import MethodSpec, ServerMethodsBase, method_spec
-from .shm import ShmTransport
+from .transport import open_transport
 
-_DEFAULT = ...
+CLIENT_TIMEOUT = ...   # send()'s default: the client's own timeout
 
 
-def _check_timeout(timeout):
+def check_timeout(timeout):
+    """A call's timeout as the transports take it: None (no limit) or seconds, 0 to a day."""
     if timeout is None or timeout == math.inf:
         return None
     if not isinstance(timeout, (int, float)) or not math.isfinite(timeout) or not 0 <= timeout <= 86400:
         raise ValueError(f"timeout must be None or a number of seconds from 0 to 86400, got {timeout!r}")
     return float(timeout)
-
-
-def parse_address(server_cls, address: str):
-    """``('shm', service, None)`` or ``('tcp', host, port)``."""
-    if not isinstance(address, str):
-        raise TypeError(f"address must be a string such as 'shm://', not {address!r}")
-    parts = urlsplit(address)
-    scheme = parts.scheme.lower()
-    if scheme == "shm":
-        return "shm", parts.netloc or server_cls.service_name(), None
-    if scheme == "tcp":
-        try:
-            port = parts.port or server_cls.port
-        except ValueError:
-            raise ValueError(f"bad port in {address!r}") from None
-        if not parts.hostname:
-            raise ValueError(f"tcp address needs a host: {address!r}")
-        if not isinstance(port, int) or not 0 < port < 65536:
-            raise ValueError(f"no port in {address!r} and {server_cls.__qualname__}.port is {port!r}")
-        return "tcp", parts.hostname, port
-    raise ValueError(f"unsupported address {address!r}: use 'shm://' or 'tcp://host[:port]'")
-
-
-def tcp_options(server_cls, host: str, port: int, tcp_kwargs: dict):
-    from .tcp_client import ClientOptions
-    kw = dict(tcp_kwargs)
-    if "compression" in kw:
-        kw["compression_name"] = kw.pop("compression")
-    return ClientOptions(server_cls.service_name(), host, port, **kw)
-
-
-def make_transport(server_cls, address: str, tcp_kwargs: dict | None = None, *, shm_cls=ShmTransport,
-                   tcp_cls=None):
-    """A transport for ``shm://`` (this host) or ``tcp://host[:port]``."""
-    scheme, where, port = parse_address(server_cls, address)
-    tcp_kwargs = {k: v for k, v in (tcp_kwargs or {}).items() if v is not None}
-    if scheme == "shm":
-        if tcp_kwargs:
-            raise ValueError(f"{', '.join(sorted(tcp_kwargs))} only apply to tcp:// addresses")
-        return shm_cls(where)
-    if tcp_cls is None:
-        from .tcp_client import TcpTransport as tcp_cls   # loaded only by clients that use TCP
-    return tcp_cls(tcp_options(server_cls, where, port, tcp_kwargs))
 
 
 def resolve_method(server_cls, method) -> MethodSpec:
@@ -86,15 +42,15 @@ class Client:
     def __init__(self, server_cls, transport, timeout: float | None = None):
         self._server_cls = server_cls
         self._transport = transport
-        self._timeout = _check_timeout(timeout)
+        self._timeout = check_timeout(timeout)
 
     def __repr__(self) -> str:
         return f"<speedysvc client of {self._server_cls.__qualname__} via {self._transport!r}>"
 
-    def send(self, method, args=(), kwargs=None, *, timeout=_DEFAULT):
+    def send(self, method, args=(), kwargs=None, *, timeout=CLIENT_TIMEOUT):
         """Call ``method`` (a server method, e.g. ``EchoServer.echo_json``, or its name)."""
         spec = resolve_method(self._server_cls, method)
-        return self._call(spec, tuple(args), kwargs, self._timeout if timeout is _DEFAULT else _check_timeout(timeout))
+        return self._call(spec, tuple(args), kwargs, self._timeout if timeout is CLIENT_TIMEOUT else check_timeout(timeout))
 
     def _call(self, spec: MethodSpec, args, kwargs, timeout):
         payload, flags = spec.codec.encode_args(spec.name, args, kwargs)
@@ -107,7 +63,7 @@ class Client:
         # not the methods made for this client (by _ClientMethod.__get__): they carry its timeout
         made = {k for c in cls.__mro__ for k, v in vars(c).items() if isinstance(v, _ClientMethod)}
         clone.__dict__.update({k: v for k, v in self.__dict__.items() if k not in made})
-        clone._timeout = _check_timeout(timeout)
+        clone._timeout = check_timeout(timeout)
         return clone
 
     @property
@@ -129,7 +85,7 @@ _proxy_classes: dict[type, type] = {}
 
 def _plain_dumps(codec):
     """How a call's positional arguments are encoded without keywords (None: raw, checked by encode_args)."""
-    return None if codec.id == codecs.RAW.id else codec.dumps
+    return None if codec.raw else codec.dumps
 
 
 def _proxy_method(spec: MethodSpec):
@@ -161,9 +117,9 @@ class _Detached:
 class _ClientMethod:
     """A generated method as a client class holds it.  On the class, and on a client
     whose transport cannot do better, it is the plain function above.  A client gets, on
-    first use, its transport's own method (``bind_method``: over shared memory the common
-    case runs in C, over TCP it goes straight to the transport), kept in its ``__dict__``,
-    where later lookups find it first; it falls back to the function."""
+    first use, its transport's own method (the optional fast path, ``bind_method``: see
+    ``speedysvc.transport``), kept in its ``__dict__``, where later lookups find it first;
+    it falls back to the function."""
     __slots__ = ("func", "spec", "attr", "_looks")
 
     def __init__(self, func, spec: MethodSpec):
@@ -228,14 +184,18 @@ def connect(server_cls, address: str = "shm://", *, timeout: float | None = None
     Over TCP only: ``secret`` (str or bytes; default: the SPEEDYSVC_SECRET
     environment variable) proves the client to a service that requires one;
     ``tls`` is True, a CA file to trust, or an ``ssl.SSLContext``;
-    ``compression`` is one of ``speedysvc.compression.available()`` and applies
+    ``compression`` is one of ``speedysvc.tcp.compression.available()`` and applies
     to payloads of at least ``compress_min`` bytes (default 4096) both ways.
     """
-    if not (isinstance(server_cls, type) and issubclass(server_cls, ServerMethodsBase)):
-        raise TypeError(f"connect() takes a ServerMethodsBase subclass, not {server_cls!r}")
-    transport = make_transport(server_cls, address, dict(
+    check_server_class(server_cls, "connect")
+    transport = open_transport(server_cls, address, dict(
         secret=secret, tls=tls, compression=compression, compress_min=compress_min, connect_timeout=connect_timeout))
     return client_class(server_cls)(server_cls, transport, timeout)
+
+
+def check_server_class(server_cls, caller: str) -> None:
+    if not (isinstance(server_cls, type) and issubclass(server_cls, ServerMethodsBase)):
+        raise TypeError(f"{caller}() takes a ServerMethodsBase subclass, not {server_cls!r}")
 
 
 __all__ = ["Client", "connect", "client_class"]

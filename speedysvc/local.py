@@ -4,7 +4,7 @@
         client = connect(EchoServer)
         client.echo_json("hi")
 
-The workers are separate processes (``python -m speedysvc.worker``) that import
+The workers are separate processes (``python -m speedysvc.shm.worker``) that import
 the service class by module name, or by file for a class defined in a script.
 This owner process creates the service segment and removes it on exit.  It does
 not restart crashed workers; the service manager does.
@@ -19,6 +19,7 @@ import time
 
 from . import _shmcore as core
 from . import shm
+from .shm.worker import worker_argv, worker_env
 
 
 def target_of(server_cls) -> str:
@@ -67,16 +68,10 @@ class LocalService:
         return [p.pid for p in self.processes if p.poll() is None]
 
     def _env(self) -> dict:
-        env = dict(os.environ if self.env is None else self.env)
-        paths = [p for p in sys.path if p] + [os.getcwd()]
-        if env.get("PYTHONPATH"):
-            paths.append(env["PYTHONPATH"])
-        env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
-        return env
+        return worker_env([p for p in sys.path if p] + [os.getcwd()], self.env)
 
     def _spawn(self) -> subprocess.Popen:
-        proc = subprocess.Popen([sys.executable, "-m", "speedysvc.worker", self.target, self.service],
-                                env=self._env(), stdin=subprocess.DEVNULL)
+        proc = subprocess.Popen(worker_argv(self.target, self.service), env=self._env(), stdin=subprocess.DEVNULL)
         self.processes.append(proc)
         return proc
 
@@ -130,7 +125,7 @@ class LocalService:
         if self.tcp_secret is not None:
             env["SPEEDYSVC_TCP_SECRET"] = self.tcp_secret if isinstance(self.tcp_secret, str) else \
                 self.tcp_secret.decode()
-        argv = [sys.executable, "-m", "speedysvc.tcp_server", self.service, "--host", host, "--port", str(port),
+        argv = [sys.executable, "-m", "speedysvc.tcp.serve", self.service, "--host", host, "--port", str(port),
                 "--max-payload", str(self.max_payload),
                 "--max-inflight", str(max(1, self.max_channels // 2)), "--handshake-timeout", str(self.tcp_timeouts[0]),
                 "--stall-timeout", str(self.tcp_timeouts[1]), "--stop-timeout", str(self.stop_timeout),
@@ -191,7 +186,7 @@ def main(argv=None) -> int:
     """``python -m speedysvc.local module:Class [--workers N]``: serve until Ctrl-C or SIGTERM."""
     import argparse
 
-    from .worker import load_target
+    from .shm.worker import load_target
 
     parser = argparse.ArgumentParser(prog="python -m speedysvc.local",
                                      description="Run one service's workers until Ctrl-C (no manager).")

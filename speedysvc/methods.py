@@ -28,7 +28,12 @@ class MethodSpec:
         return f"<method {self.name} ({self.codec.name})>"
 
 
-def _decorator(codec: codecs.Codec):
+def codec_method(codec: codecs.Codec):
+    """The decorator that exposes a server method using ``codec`` (``json_method`` is
+    ``codec_method(codecs.JSON)``); for a codec of your own, after ``codecs.register``."""
+    if codecs.by_id(getattr(codec, "id", None)) is not codec:
+        raise ValueError(f"{codec!r} is not a registered codec: codecs.register() it first")
+
     def decorate(func):
         if not callable(func):
             raise TypeError(f"@{codec.name}_method decorates a function, not {func!r}")
@@ -40,10 +45,10 @@ def _decorator(codec: codecs.Codec):
     return decorate
 
 
-json_method = _decorator(codecs.JSON)
-msgpack_method = _decorator(codecs.MSGPACK)
-pickle_method = _decorator(codecs.PICKLE)
-raw_method = _decorator(codecs.RAW)
+json_method = codec_method(codecs.JSON)
+msgpack_method = codec_method(codecs.MSGPACK)
+pickle_method = codec_method(codecs.PICKLE)
+raw_method = codec_method(codecs.RAW)
 
 
 def method_spec(method) -> MethodSpec:

@@ -3,8 +3,13 @@ import time
 
 import pytest
 
-from speedysvc import LocalService, connect, shm
-from services import Kitchen
+# Each run of the suite has segments of its own, apart from any other speedysvc of this user
+# (the README's example under a manager, another run): set before speedysvc is imported, and
+# inherited by every process the tests start.
+os.environ.setdefault("SPEEDYSVC_NAMESPACE", f"test-{os.getpid()}")
+
+from speedysvc import LocalService, connect, shm  # noqa: E402
+from services import Kitchen  # noqa: E402
 
 
 def our_segments():

@@ -262,7 +262,7 @@ class DiesWhileGrowing(ServerMethodsBase):
     name = 'dies_growing'
 
     def __init__(self):
-        from speedysvc import shm
+        from speedysvc.shm import segment as shm
         mode = os.environ.get("SPEEDYSVC_TEST_DIE")
         if mode == "after_grow":          # new generation published, response not yet written
             orig = shm.replace_data_segment

@@ -7,8 +7,8 @@ import textwrap
 
 import pytest
 
-from speedysvc import config
-from speedysvc.config import ConfigError
+from speedysvc.manager import config
+from speedysvc.manager.config import ConfigError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

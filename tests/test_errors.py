@@ -155,7 +155,7 @@ def test_bad_connect_arguments():
         connect(Kitchen, "tcp://:5000")
     with pytest.raises(ValueError, match="bad port"):
         connect(Kitchen, "tcp://localhost:99999")
-    with pytest.raises(ValueError, match="only apply to tcp"):
+    with pytest.raises(ValueError, match="do not apply to shm"):
         connect(Kitchen, "shm://", secret="x")
     with pytest.raises(ValueError, match="unknown compression"):
         connect(Kitchen, "tcp://localhost", compression="bogus")

@@ -3,7 +3,8 @@ import asyncio
 
 import pytest
 
-from speedysvc import LocalService, connect, eventloop
+from speedysvc import LocalService, connect
+from speedysvc.tcp import eventloop
 from tcp_services import TcpKitchen
 
 

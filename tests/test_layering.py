@@ -10,7 +10,9 @@ def test_client_imports_stay_light():
     loaded = set(out.stdout.split())
     ours = {m for m in loaded if m.startswith("speedysvc")}
     assert ours == {"speedysvc", "speedysvc._shmcore", "speedysvc.client", "speedysvc.codecs",
-                    "speedysvc.errors", "speedysvc.methods", "speedysvc.shm"}
+                    "speedysvc.codecs.base", "speedysvc.codecs.json", "speedysvc.codecs.msgpack",
+                    "speedysvc.codecs.pickle", "speedysvc.codecs.raw", "speedysvc.errors", "speedysvc.methods",
+                    "speedysvc.transport"}
     assert "subprocess" not in loaded
 
 

@@ -357,7 +357,7 @@ def test_starting_a_failing_service_again_reports_the_failure(running):
 
 
 def test_log_pipe_lines_that_are_not_records_are_kept_as_text(tmp_path):
-    from speedysvc.logs import ServiceLog
+    from speedysvc.manager.logs import ServiceLog
     log = ServiceLog(str(tmp_path / "s.log"), 1 << 20, 1)
     for line in ("null", "[1, 2]", '{"t": 1e300, "l": "INFO", "m": "x"}', '{"no": "t"}', "not json"):
         log.write_json_line(123, line)

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from speedysvc import LocalService, connect, shm
+from speedysvc import LocalService, SpeedysvcError, connect, shm
 from speedysvc import _shmcore as core
 from conftest import our_segments
 from services import Kitchen
@@ -126,7 +126,7 @@ def test_not_a_speedysvc_segment_is_refused():
     name = f"{shm.PREFIX}.{shm.USER}.impostor"
     r, _ = shm.create_segment(name, core.H_CHANNELS + 64)
     try:
-        with pytest.raises(shm.SpeedysvcError, match="not a speedysvc segment"):
+        with pytest.raises(SpeedysvcError, match="not a speedysvc segment"):
             shm.ServiceSegment.attach("impostor")
     finally:
         r.release()

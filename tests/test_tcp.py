@@ -17,8 +17,8 @@ import pytest
 
 from speedysvc import (AuthenticationFailed, BadArguments, CallTimeout, ConnectionLost, LocalService, NotAllowed,
                        PayloadTooLarge, ProtocolError, ServiceUnavailable, connect, connect_async)
-from speedysvc import compression
-from speedysvc import framing as fr
+from speedysvc.tcp import compression
+from speedysvc.tcp import framing as fr
 from speedysvc.errors import decode_exception
 from tcp_services import TcpError, TcpKitchen, TcpOther, TcpRestart, TcpSecure
 

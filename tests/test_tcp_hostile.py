@@ -23,9 +23,10 @@ from hypothesis import strategies as st
 
 from speedysvc import (AuthenticationFailed, BadArguments, DecodeError, LocalService,
                        MethodNotFound, NotAllowed, PayloadTooLarge, ProtocolError, ServiceUnavailable, codecs,
-                       compression, connect, connect_async)
+                       connect, connect_async)
+from speedysvc.tcp import compression
 from speedysvc import _shmcore as core
-from speedysvc import framing as fr
+from speedysvc.tcp import framing as fr
 from speedysvc.errors import decode_exception
 
 from conftest import wait_until
@@ -388,7 +389,7 @@ def test_whole_frame_only_takes_exactly_one_frame():
 def short_way():
     """A real service (its workers), and a gateway for it that is not listening: the
     short way is driven by hand, one parser buffer at a time."""
-    from speedysvc.tcp_server import TcpServer
+    from speedysvc.tcp.server import TcpServer
     with serve(tcp=None, workers=1) as svc:
         server = TcpServer(svc.service, "127.0.0.1", 0, max_payload=LIMIT)
         server.shm.call(b"echo", msgpack_args(1), MSGPACK.flags, MSGPACK, 10)   # attached, one channel free
@@ -410,8 +411,8 @@ def offer(server, data: bytes, parser=None):
     if got.__class__ is tuple:   # (counted by the gateway's Python, which this leaves out)   # posted, not answered within the spin: finish it as the gateway would
         chans, ch, outcome = got
         whole = parser.whole_frame(len(data))
-        done, result = server.shm._early(chans, ch, outcome, whole[5], whole[6], whole[3], server_passthrough(),
-                                         None, None)
+        done, result = server.shm.resume_begin(chans, ch, outcome, whole[5], whole[6], whole[3], server_passthrough(),
+                                             None)
         status, body = result if done else result()
         got = fr.reply_header(whole[2], status, len(body)) + body
     untouched = parser._end == 0 and not parser.mid_frame and len(server.shm._channels.free) == free
@@ -419,7 +420,7 @@ def offer(server, data: bytes, parser=None):
 
 
 def server_passthrough():
-    from speedysvc.tcp_server import PASSTHROUGH
+    from speedysvc.tcp.server import PASSTHROUGH
     return PASSTHROUGH
 
 
@@ -1566,7 +1567,7 @@ class InProcessGateway:
     front of a LocalService's workers."""
 
     def __init__(self, service: str, **kw):
-        from speedysvc.tcp_server import TcpServer
+        from speedysvc.tcp.server import TcpServer
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()

@@ -15,8 +15,8 @@ import msgpack
 import pytest
 
 from speedysvc import AuthenticationFailed, LocalService, codecs, connect, connect_async
-from speedysvc import compression
-from speedysvc import framing as fr
+from speedysvc.tcp import compression
+from speedysvc.tcp import framing as fr
 from review_services import ReviewEcho
 
 SECRET = "review-secret"
@@ -353,7 +353,7 @@ def test_tls_connections_that_never_handshake_are_dropped_in_time(tmp_path):
 # ---- 8. LocalService: the TCP gateway outlives its owner ----------------------------------------
 
 def test_tcp_gateway_does_not_outlive_a_killed_owner(tmp_path):
-    """The workers notice their owner died; ``python -m speedysvc.tcp_server`` does not: it keeps
+    """The workers notice their owner died; ``python -m speedysvc.tcp.serve`` does not: it keeps
     the port and its shared-memory channels (and the service segment stays in /dev/shm)."""
     script = tmp_path / "owner.py"
     script.write_text(
@@ -402,7 +402,7 @@ def test_tcp_gateway_whose_owner_died_while_it_started_exits():
     parent; by then the gateway is someone else's child, so it is told its owner's pid."""
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
-    gateway = subprocess.Popen([sys.executable, "-m", "speedysvc.tcp_server", ReviewEcho.name, "--port", "0",
+    gateway = subprocess.Popen([sys.executable, "-m", "speedysvc.tcp.serve", ReviewEcho.name, "--port", "0",
                                 "--exit-with-parent", str(gone.pid)],
                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
@@ -462,11 +462,11 @@ def test_async_tcp_client_works_in_a_second_event_loop():
 
 def _alone_connection(max_payload=None):
     """A client connection over a socketpair, its far end standing in for the gateway."""
-    from speedysvc import tcp_client as tc
+    from speedysvc.tcp import client as tc
     a, b = socket.socketpair()
     opts = tc.ClientOptions(ReviewEcho.name, "127.0.0.1", 1)
     opts.max_payload = max_payload
-    conn = tc._Connection(a, opts, b"")
+    conn = tc.BlockingConnection(a, opts, b"")
     conn.last_read = time.monotonic() + 1e6   # (no idle check: nothing stands behind a socketpair)
     return conn, b
 
@@ -508,7 +508,7 @@ def test_an_exception_as_the_c_path_hands_over_still_drops_the_connection():
     code's own clean-up is armed: the call's registration and the reader's turn must still
     end (the connection is dropped), or every later call on it would wait forever."""
     import ctypes
-    from speedysvc import tcp_client as tc
+    from speedysvc.tcp import client as tc
     from speedysvc._shmcore import call_alone
 
     class Injected(Exception):

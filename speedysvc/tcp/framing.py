@@ -16,7 +16,7 @@ import struct
 
 import msgpack
 
-from .errors import ProtocolError
+from ..errors import ProtocolError
 
 MAGIC = b"SSVC"
 VERSION = 1
@@ -96,6 +96,11 @@ def client_proof(secret: bytes, server_nonce: bytes, client_nonce: bytes, servic
 
 def server_proof(secret: bytes, server_nonce: bytes, client_nonce: bytes, service: str) -> bytes:
     return proof(secret, b"speedysvc server", client_nonce, server_nonce, service)
+
+
+def same_proof(sent, expected: bytes) -> bool:
+    """Whether a proof a peer sent is the expected one (in constant time)."""
+    return isinstance(sent, bytes) and hmac.compare_digest(sent, expected)
 
 
 def as_secret(secret) -> bytes | None:

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import functools
 
-from . import codecs
-from ._shmcore import MAX_METHODS
-from .errors import BadArguments, DecodeError, EncodeError, MethodNotFound, encode_exception
+from .. import codecs
+from .._shmcore import MAX_METHODS
+from ..errors import BadArguments, DecodeError, EncodeError, MethodNotFound, encode_exception
 
 STATUS_OK = 0
 STATUS_ERROR = 1
@@ -54,12 +54,12 @@ def make_handler(fn, codec: codecs.Codec, method: str, on_fatal=None):
     fast_flags = codec.flags
     decode_args, encode_result = codec.decode_args, codec.encode_result
     # msgpack and json decode to a list of positional arguments; raw hands over the view
-    plain_loads = codec.loads_fast if isinstance(codec, (codecs.MsgpackCodec, codecs.JSONCodec)) else None
+    plain_loads = codec.loads_fast if codec.positional else None
 
     def slow(flags, data):
         sent_codec = flags >> codecs.CODEC_SHIFT & 0xFF
         if sent_codec != codec.id:
-            sent = codecs.BY_ID.get(sent_codec)
+            sent = codecs.by_id(sent_codec)
             return _error(DecodeError(
                 f"{method}() expects {codec.name} but the caller sent {sent.name if sent else sent_codec}; "
                 f"are both sides using the same version of the service class?"), False)
@@ -77,7 +77,7 @@ def make_handler(fn, codec: codecs.Codec, method: str, on_fatal=None):
 
     slow_encode = functools.partial(_encoded, encode_result, method)
 
-    if isinstance(codec, codecs.RawCodec):
+    if codec.raw:
         def raw_handler(flags, data):
             if flags != fast_flags:
                 return slow(flags, data)
@@ -124,7 +124,7 @@ def fast_path(fn, codec: codecs.Codec, method: str, on_fatal=None):
     ``(fn, loads, dumps, flags, call_failed(exc), encode_failed(result))``, the last two
     giving ``(status, payload)`` for what the method raised and for a result the codec
     cannot encode.  Anything else the C loop leaves to the handler."""
-    if not isinstance(codec, (codecs.MsgpackCodec, codecs.JSONCodec)):
+    if not codec.positional:
         return None
     def call_failed(e):
         return _call_error(method, e, from_c=True) if isinstance(e, Exception) else _fatal(on_fatal, e)
@@ -143,7 +143,7 @@ class Dispatcher:
         # name -> (handler, wants a view even for a small request, statistics index, fast path)
         self.handlers = {
             spec.name_bytes: (make_handler(getattr(server, attr), spec.codec, spec.name, on_fatal),
-                              isinstance(spec.codec, codecs.RawCodec),
+                              spec.codec.raw,
                               i if i < MAX_METHODS else -1,
                               fast_path(getattr(server, attr), spec.codec, spec.name, on_fatal))
             for i, (attr, spec) in enumerate(sorted(methods.items()))}

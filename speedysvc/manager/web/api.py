@@ -11,26 +11,17 @@ access token (``Authorization: Bearer <token>``).
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import json
 import secrets
 
 from aiohttp import web
 
-from .logs import matches
+from ...transport import is_loopback
+from ..logs import matches
 
 CSRF_HEADER = "X-Speedysvc-Request"
 OPEN_PATHS = {"/healthz", "/readyz"}
 TOKEN_COOKIE = "speedysvc_token"
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _json(data, status: int = 200) -> web.Response:
@@ -181,7 +172,7 @@ def make_app(manager, token: str | None = None, host: str = "127.0.0.1") -> web.
         return resp
 
     app.add_routes(routes)
-    from .web import add_web_routes
+    from .pages import add_web_routes
     add_web_routes(app, manager)
     return app
 

@@ -9,7 +9,7 @@ caller's short spin; a slower call is waited for in a small thread pool
 ``framing`` and docs/tcp-protocol.md.
 
 The service manager runs one ``TcpServer`` per service with ``bind_tcp`` in its
-own loop; ``python -m speedysvc.tcp_server`` runs one on its own (LocalService
+own loop; ``python -m speedysvc.tcp.serve`` runs one on its own (LocalService
 uses that).
 """
 from __future__ import annotations
@@ -17,23 +17,22 @@ from __future__ import annotations
 import asyncio
 import collections
 import functools
-import ipaddress
 import logging
-import os
 import resource
 import socket
 import ssl
 import struct
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from . import _shmcore as core
-from . import codecs, compression, eventloop
+from .. import _shmcore as core
+from .. import codecs
+from ..errors import (AuthenticationFailed, DecodeError, NoFreeChannel, NotAllowed, PayloadTooLarge, ProtocolError,
+                      ServiceUnavailable, SpeedysvcError, encode_exception)
+from ..shm import DEFAULT_MAX_PAYLOAD, ShmTransport
+from ..transport import is_loopback
+from . import compression
 from . import framing as fr
-from .errors import (AuthenticationFailed, DecodeError, NoFreeChannel, NotAllowed, PayloadTooLarge, ProtocolError,
-                     ServiceUnavailable, SpeedysvcError, encode_exception)
-from .shm import DEFAULT_MAX_PAYLOAD, ShmTransport
 
 log = logging.getLogger("speedysvc.tcp")
 
@@ -48,8 +47,8 @@ CLOSE_GRACE = 5.0             # seconds a closed connection gets to flush its la
 TCP_INFO_SIZE, TCPI_BYTES_ACKED = 136, 120   # Linux's struct tcp_info: its size, tcpi_bytes_acked (u64)
 
 
-class _Passthrough:
-    """A 'codec' that leaves the worker's answer as it is: (status, bytes)."""
+class Passthrough(codecs.Codec):
+    """A codec (never registered) that leaves the worker's answer as it is: (status, bytes)."""
     name = "passthrough"
 
     @staticmethod
@@ -63,21 +62,12 @@ class _Passthrough:
         return 1, bytes(data)
 
 
-PASSTHROUGH = _Passthrough()
+PASSTHROUGH = Passthrough()
 
 
 def _seconds(timeout_ms: int) -> float | None:
     """A frame's timeout field (milliseconds, 0: none) in seconds."""
     return timeout_ms / 1000 if timeout_ms else None
-
-
-def is_loopback(host: str) -> bool:
-    if host in ("localhost", "ip6-localhost"):
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def raise_fd_limit() -> int:
@@ -128,14 +118,16 @@ class TcpServer:
         self.counters = {"connections_total": 0, "calls": 0, "errors": 0, "refused": 0,
                          "auth_failures": 0, "protocol_errors": 0, "answered_inline": 0, "bytes_in": 0, "bytes_out": 0,
                          "replies_parked": 0, "inflate_waits": 0}
-        # the usual call, in C: see _Connection.buffer_updated
-        self.gateway = core.Gateway(self.shm, self, self.counters, codecs.CODEC_SHIFT, codecs.PICKLE.id)
+        # the usual call, in C: see ServerConnection.buffer_updated
+        # (codecs that are not network-safe go the long way, which checks the client may use them)
+        self.gateway = core.Gateway(self.shm, self, self.counters, codecs.CODEC_SHIFT,
+                                    codecs.mask(lambda codec: not codec.network_safe))
         self.executor: ThreadPoolExecutor | None = None
-        self.connections: set[_Connection] = set()
+        self.connections: set[ServerConnection] = set()
         self.closing = False
         self.inflight = 0
         # calls waiting for room (max_inflight), per connection, served round-robin
-        self._waiting: collections.OrderedDict[_Connection, collections.deque] = collections.OrderedDict()
+        self._waiting: collections.OrderedDict[ServerConnection, collections.deque] = collections.OrderedDict()
         self._server: asyncio.base_events.Server | None = None
         self._sweeper: asyncio.TimerHandle | None = None
         self._idle = asyncio.Event()
@@ -147,7 +139,7 @@ class TcpServer:
         loop = asyncio.get_running_loop()
         raise_fd_limit()
         self.executor = ThreadPoolExecutor(self.max_waiting_threads, thread_name_prefix="speedysvc-tcp-wait")
-        self._server = await loop.create_server(lambda: _Connection(self), self.host, self.port,
+        self._server = await loop.create_server(lambda: ServerConnection(self), self.host, self.port,
                                                 ssl=self.ssl_context, reuse_address=True, backlog=1024,
                                                 ssl_handshake_timeout=self.handshake_timeout
                                                 if self.ssl_context else None)
@@ -187,7 +179,7 @@ class TcpServer:
                 "inflight": self.inflight, "parked": self.parked, **self.counters}
 
     # -- calls -----------------------------------------------------------------------------
-    def submit(self, conn: "_Connection", frame: fr.Frame) -> None:
+    def submit(self, conn: "ServerConnection", frame: fr.Frame) -> None:
         if self.closing:
             conn.reply_error(frame.call_id, ServiceUnavailable(f"service {self.service!r} is stopping"))
             return
@@ -197,7 +189,7 @@ class TcpServer:
             return
         self._run(conn, frame)
 
-    def _wait(self, conn: "_Connection", frame: fr.Frame, first: bool = False) -> None:
+    def _wait(self, conn: "ServerConnection", frame: fr.Frame, first: bool = False) -> None:
         """No room for the call now: it waits, and its connection is not read meanwhile."""
         frames = self._waiting.get(conn)
         if frames is None:
@@ -226,16 +218,16 @@ class TcpServer:
             if not conn.closed and not self._run(conn, frame):
                 break   # no channel free after all: wait for a call to finish
 
-    def _run(self, conn: "_Connection", frame: fr.Frame) -> bool:
+    def _run(self, conn: "ServerConnection", frame: fr.Frame) -> bool:
         """Start one call (answer it if it is quick); False if it went back to wait for room."""
         if conn.backlogged:   # the client leaves its replies unread: start nothing more of it
             conn.hold(frame)
             return True
-        codec_id = frame.arg >> codecs.CODEC_SHIFT & 0xFF
-        if codec_id == codecs.PICKLE.id and not (self.allow_pickle and conn.authenticated):
+        if not conn.may_decode(frame.arg):
             conn.reply_error(frame.call_id, NotAllowed(
-                f"{frame.name.decode(errors='replace')}() uses pickle, which this service does not accept over "
-                f"TCP" + ("" if self.secret else " (it would need a secret and tcp_allow_pickle)")))
+                f"{frame.name.decode(errors='replace')}() uses {codecs.codec_of(frame.arg).name}, which this "
+                f"service does not accept over TCP"
+                + ("" if self.secret else " (it would need a secret and tcp_allow_pickle)")))
             return True
         payload = frame.payload
         if frame.flags & fr.F_COMPRESSED:
@@ -264,7 +256,7 @@ class TcpServer:
         self._started(conn, frame.call_id, done, result)
         return True
 
-    def _no_channel(self, conn: "_Connection", frame: fr.Frame, exc: NoFreeChannel) -> bool:
+    def _no_channel(self, conn: "ServerConnection", frame: fr.Frame, exc: NoFreeChannel) -> bool:
         """No channel is free for a call: it waits for one of ours, if we hold any, else fails."""
         if self.inflight:
             self._wait(conn, frame, first=True)
@@ -272,7 +264,7 @@ class TcpServer:
         conn.reply_error(frame.call_id, exc)
         return True
 
-    def _inflate(self, conn: "_Connection", frame: fr.Frame, size: int) -> bool:
+    def _inflate(self, conn: "ServerConnection", frame: fr.Frame, size: int) -> bool:
         """A large compressed call: inflated and posted in a thread, so that the loop (every
         other client) does not wait for it, within ``inflate_budget`` bytes at once."""
         if self.inflating and self.inflating + size > self.inflate_budget:
@@ -330,7 +322,7 @@ class TcpServer:
         loop.run_in_executor(self.executor, inflate_post_and_wait).add_done_callback(posted)
         return True
 
-    def submit_all(self, conn: "_Connection", frames: list) -> None:
+    def submit_all(self, conn: "ServerConnection", frames: list) -> None:
         """The calls of one read: the usual ones are all posted first and their answers
         collected after, so that workers run them while the rest are being posted (and a
         worker that shares this process's CPU runs them one after another instead of
@@ -356,7 +348,7 @@ class TcpServer:
         finally:
             self._collect(conn, posted)
 
-    def _collect(self, conn: "_Connection", posted: list) -> None:
+    def _collect(self, conn: "ServerConnection", posted: list) -> None:
         """Answer (or wait in a thread for) the calls ``submit_all`` posted; empties ``posted``."""
         while posted:
             call_id, p = posted.pop(0)
@@ -367,15 +359,15 @@ class TcpServer:
                 continue
             self._started(conn, call_id, done, result)
 
-    def _usual(self, conn: "_Connection", flags: int, arg: int, posted: int = 0) -> bool:
+    def _usual(self, conn: "ServerConnection", flags: int, arg: int, posted: int = 0) -> bool:
         """Whether a call of several read together can be posted at once (``submit_all``): not
         compressed, not pickle, room for it beside ``posted`` others, and its connection
         has no calls waiting for room (they go first) and reads its replies.  ``submit`` takes every other."""
         return not (flags or self.closing or self.inflight + posted >= self.max_inflight or conn in self._waiting
                     or conn.inflight + posted >= self.max_inflight_per_connection
-                    or conn.backlogged or arg >> codecs.CODEC_SHIFT & 0xFF == codecs.PICKLE.id)
+                    or conn.backlogged or not conn.may_decode(arg))
 
-    def _started(self, conn: "_Connection", call_id: int, done: bool, result) -> None:
+    def _started(self, conn: "ServerConnection", call_id: int, done: bool, result) -> None:
         """A call was posted: answer it now, or wait for its answer in a thread."""
         self.counters["calls"] += 1
         if done:
@@ -386,12 +378,12 @@ class TcpServer:
         fut = asyncio.get_running_loop().run_in_executor(self.executor, result.wait)
         fut.add_done_callback(functools.partial(self._finished, conn, call_id, result))
 
-    def _began(self, conn: "_Connection") -> None:
+    def _began(self, conn: "ServerConnection") -> None:
         self.inflight += 1
         conn.inflight += 1
         self._idle.clear()
 
-    def _ended(self, conn: "_Connection") -> None:
+    def _ended(self, conn: "ServerConnection") -> None:
         self.inflight -= 1
         conn.inflight -= 1
         self._settled()
@@ -402,26 +394,26 @@ class TcpServer:
         if self.inflight == self.parked and not self.compressing:   # (``close`` does not wait for clients to read)
             self._idle.set()
 
-    def go_on(self, conn: "_Connection", nbytes: int, posted: tuple) -> None:
-        """The rest of a call that ``gateway`` (the short way, in C: see ``_Connection.buffer_updated``)
+    def go_on(self, conn: "ServerConnection", nbytes: int, posted: tuple) -> None:
+        """The rest of a call that ``gateway`` (the short way, in C: see ``ServerConnection.buffer_updated``)
         posted but did not see answered at once: ``posted`` is (channels, channel, outcome)."""
         chans, ch, got = posted
         _, _, call_id, arg, timeout_ms, name, payload = conn.parser.whole_frame(nbytes)
         try:
-            done, result = self.shm._early(chans, ch, got, name, payload, arg, PASSTHROUGH, _seconds(timeout_ms), None)
+            done, result = self.shm.resume_begin(chans, ch, got, name, payload, arg, PASSTHROUGH, _seconds(timeout_ms))
         except Exception as e:
             conn.reply_error(call_id, e)
             return
         self._started(conn, call_id, done, result)
 
-    def _finished(self, conn: "_Connection", call_id: int, pending, fut: asyncio.Future) -> None:
+    def _finished(self, conn: "ServerConnection", call_id: int, pending, fut: asyncio.Future) -> None:
         """The answer to a call waited for in a thread is in its channel (or the call failed)."""
         if fut.cancelled():
             pending.abandon()   # never ran (the server is closing): the channel is not lost
         if not self._call_failed(conn, call_id, fut):
             self._answered(conn, call_id, pending)
 
-    def _call_failed(self, conn: "_Connection", call_id: int, fut: asyncio.Future) -> bool:
+    def _call_failed(self, conn: "ServerConnection", call_id: int, fut: asyncio.Future) -> bool:
         """Whether the thread that ran for a call in flight failed (or never ran): if so the
         call ends with an error reply."""
         if fut.cancelled():
@@ -434,7 +426,7 @@ class TcpServer:
         self._ended(conn)
         return True
 
-    def _answered(self, conn: "_Connection", call_id: int, pending) -> None:
+    def _answered(self, conn: "ServerConnection", call_id: int, pending) -> None:
         """A call in flight was answered (``pending`` waited for): send the answer, or park it."""
         if conn.closed:
             pending.abandon()   # (nobody to send it to: not even copied out)
@@ -446,7 +438,7 @@ class TcpServer:
             return
         self._ended(conn)
 
-    def _park(self, conn: "_Connection", call_id: int, pending) -> None:
+    def _park(self, conn: "ServerConnection", call_id: int, pending) -> None:
         """The client has not read the replies before this one: the answer stays in shared
         memory, holding its channel, until it does (``unblock``), so that a client that reads
         nothing pins no more of the gateway's memory than one reply.  It still counts as a call
@@ -457,7 +449,7 @@ class TcpServer:
         self.counters["replies_parked"] += 1
         self._settled()
 
-    def _deliver(self, conn: "_Connection", call_id: int, pending, parked: bool = False) -> None:
+    def _deliver(self, conn: "ServerConnection", call_id: int, pending, parked: bool = False) -> None:
         """Copy a waited-for answer out of shared memory and send it."""
         if parked:
             self.parked -= 1
@@ -469,7 +461,7 @@ class TcpServer:
             conn.reply(call_id, *result)
         self._ended(conn)
 
-    def unblock(self, conn: "_Connection") -> None:
+    def unblock(self, conn: "ServerConnection") -> None:
         """The client reads its replies again: send the parked ones and start the calls held
         back, as long as it keeps up; then read it again."""
         while conn.parked and not conn.backlogged and not conn.closed:
@@ -478,7 +470,7 @@ class TcpServer:
             self.submit(conn, conn.held.popleft())
         conn.resume()
 
-    def release(self, conn: "_Connection") -> None:
+    def release(self, conn: "ServerConnection") -> None:
         """A connection ended: its parked answers will never be sent, its held calls never run."""
         conn.held.clear()
         while conn.parked:
@@ -522,7 +514,7 @@ class TcpServer:
         self._sweeper = asyncio.get_running_loop().call_later(1.0, self._sweep)
 
 
-class _Connection(asyncio.BufferedProtocol):
+class ServerConnection(asyncio.BufferedProtocol):
     """One TCP client: the handshake, then its frames."""
 
     def __init__(self, server: TcpServer):
@@ -549,6 +541,13 @@ class _Connection(asyncio.BufferedProtocol):
         self.batch_bytes = 0
         self.short_way = None   # the server's gateway, once the handshake chose no compression
         self.share = server.max_inflight_per_connection
+
+    def may_decode(self, flags: int) -> bool:
+        """Whether a call whose request ``flags`` name its codec may go to a worker: one that is
+        not network-safe (pickle) only from an authenticated client of a service that allows
+        it.  (A codec unknown here may: the worker answers it with a clear error.)"""
+        codec = codecs.codec_of(flags)
+        return codec is None or codec.network_safe or (self.server.allow_pickle and self.authenticated)
 
     # -- asyncio callbacks -----------------------------------------------------------------
     def connection_made(self, transport) -> None:
@@ -714,7 +713,7 @@ class _Connection(asyncio.BufferedProtocol):
         if server.secret is not None:
             sent = body.get("proof")
             expected = fr.client_proof(server.secret, self.nonce, client_nonce, server.service)
-            if not isinstance(sent, bytes) or not fr.hmac.compare_digest(sent, expected):
+            if not fr.same_proof(sent, expected):
                 server.counters["auth_failures"] += 1
                 log.warning("%s: TCP client %s failed authentication", server.service, self.peer)
                 self.refuse(AuthenticationFailed(
@@ -820,79 +819,9 @@ class _Connection(asyncio.BufferedProtocol):
         self.server.release(self)
 
 
-# ---- running one on its own ------------------------------------------------------------------
-
 def make_ssl_context(cert: str | None, key: str | None) -> ssl.SSLContext | None:
     if not cert:
         return None
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.load_cert_chain(cert, key or None)
     return ctx
-
-
-async def serve(args, ready=None) -> None:
-    server = TcpServer(args.service, args.host, args.port, secret=os.environ.get(SECRET_ENV),
-                       ssl_context=make_ssl_context(args.tls_cert, args.tls_key), allow_pickle=args.allow_pickle,
-                       max_payload=args.max_payload, max_inflight=args.max_inflight, handshake_timeout=args.handshake_timeout,
-                       stall_timeout=args.stall_timeout)
-    await server.start()
-    print(f"listening on {server.host}:{server.port}", flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    import signal
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    if args.exit_with_parent is not None:
-        # the owner's pid, passed in: reading getppid() here would miss an owner that died
-        # while we started (we would already be someone else's child)
-        parent = args.exit_with_parent or os.getppid()
-
-        def watch():   # the owner was killed (its workers go too): free its port and channels now
-            if os.getppid() != parent:
-                _exit_now(0)
-            else:
-                loop.call_later(0.5, watch)
-        watch()
-    await stop.wait()
-    await server.close(timeout=args.stop_timeout)
-
-
-def _exit_now(code: int) -> None:
-    # threads still waiting on calls the workers have not answered would delay the exit
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-
-
-def main(argv=None) -> int:
-    """``python -m speedysvc.tcp_server SERVICE --host H --port P``: serve a running
-    service (started by LocalService or the manager) to TCP clients until SIGTERM.
-    The secret, if any, comes from the SPEEDYSVC_TCP_SECRET environment variable."""
-    import argparse
-    p = argparse.ArgumentParser(prog="python -m speedysvc.tcp_server", description=main.__doc__)
-    p.add_argument("service")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, required=True)
-    p.add_argument("--tls-cert")
-    p.add_argument("--tls-key")
-    p.add_argument("--allow-pickle", action="store_true")
-    p.add_argument("--max-payload", type=int, default=DEFAULT_MAX_PAYLOAD)
-    p.add_argument("--max-inflight", type=int, default=256, help="calls in flight to the workers at once "
-                                                                  "(at most half the service's channels)")
-    p.add_argument("--handshake-timeout", type=float, default=10.0)
-    p.add_argument("--stall-timeout", type=float, default=30.0)
-    p.add_argument("--stop-timeout", type=float, default=10.0)
-    p.add_argument("--exit-with-parent", nargs="?", type=int, const=0, default=None, metavar="PID",
-                   help="stop when the process that started it (PID; default: the parent at start) dies")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        eventloop.run(serve(args))
-    except (ValueError, OSError) as e:
-        print(f"speedysvc.tcp_server: {e}", file=sys.stderr)
-        _exit_now(2)
-    _exit_now(0)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,9 +1,9 @@
-"""Service logs: how workers hand their records to the manager, and how the manager keeps them.
+"""Service logs as the manager keeps them.
 
-A worker's ``logging`` records travel as JSON lines on a pipe of their own
-(``SPEEDYSVC_LOG_FD``); its stdout and stderr are captured line by line too.
-The manager is the only writer of each service's log file, so rotation by size
-is safe, and it keeps the latest records in memory for the web interface.
+A worker's ``logging`` records reach the manager as JSON lines on a pipe of their
+own (``speedysvc.shm.logpipe``); its stdout and stderr are captured line by line
+too.  The manager is the only writer of each service's log file, so rotation by
+size is safe, and it keeps the latest records in memory for the web interface.
 Every line of a log file reads ``time [pid N] LEVEL logger: message``.
 """
 from __future__ import annotations
@@ -15,44 +15,9 @@ import logging.handlers
 import os
 import time
 
-LOG_FD_ENV = "SPEEDYSVC_LOG_FD"
-LOG_LEVEL_ENV = "SPEEDYSVC_LOG_LEVEL"
 RECENT = 2000
 LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
-
-# ---- in the worker ---------------------------------------------------------------------------
-
-class _JSONLineHandler(logging.Handler):
-    def __init__(self, fd: int):
-        super().__init__()
-        self.stream = os.fdopen(fd, "w", buffering=1, encoding="utf-8", errors="replace")
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            message = record.getMessage()
-            if record.exc_info:
-                message += "\n" + logging.Formatter().formatException(record.exc_info)
-            self.stream.write(json.dumps({"t": record.created, "l": record.levelname, "n": record.name,
-                                          "m": message}) + "\n")
-        except Exception:  # the manager is gone: nothing left to tell
-            pass
-
-
-def setup_worker_logging() -> None:
-    """Send this worker's logging records to the manager, if one listens."""
-    fd = os.environ.get(LOG_FD_ENV)
-    if not fd:
-        return
-    root = logging.getLogger()
-    for h in list(root.handlers):
-        root.removeHandler(h)
-    root.addHandler(_JSONLineHandler(int(fd)))
-    root.setLevel(os.environ.get(LOG_LEVEL_ENV, "INFO"))
-    logging.captureWarnings(True)
-
-
-# ---- in the manager --------------------------------------------------------------------------
 
 class LogRecord(dict):
     """One line of a service's log: t (epoch seconds), pid, level, logger, message."""

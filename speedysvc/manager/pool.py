@@ -16,16 +16,17 @@ import logging
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import psutil
 
-from . import _shmcore as core
-from . import shm
+from .. import _shmcore as core
+from .. import shm
+from ..shm.logpipe import LOG_FD_ENV, LOG_LEVEL_ENV
+from ..shm.worker import PARENT_DEATH_ENV, worker_argv, worker_env
+from ..tcp.server import TcpServer, make_ssl_context
 from .config import ServiceConfig
-from .tcp_server import TcpServer, make_ssl_context
-from .logs import LOG_FD_ENV, LOG_LEVEL_ENV, LineSplitter, ServiceLog
+from .logs import LineSplitter, ServiceLog
 
 log = logging.getLogger("speedysvc.manager")
 
@@ -60,7 +61,7 @@ def decide_scale(cfg: ServiceConfig, workers: int, pending: float, busy: float, 
     return 0, None
 
 
-class Worker:
+class WorkerProcess:
     """A worker process as its pool sees it."""
 
     def __init__(self, proc: subprocess.Popen, log_fd: int):
@@ -89,7 +90,7 @@ class ServicePool:
         self.state = STOPPED
         self.failure: str | None = None
         self.segment: shm.ServiceSegment | None = None
-        self.workers: dict[int, Worker] = {}
+        self.workers: dict[int, WorkerProcess] = {}
         self.target = cfg.min_proc_num
         self.quick_crashes = 0
         self.restarts = 0
@@ -221,22 +222,21 @@ class ServicePool:
         log.log(getattr(logging, level), "%s: %s", self.cfg.section, message)
 
     # -- workers ---------------------------------------------------------------------------
-    def _live(self) -> list[Worker]:
+    def _live(self) -> list[WorkerProcess]:
         return [w for w in self.workers.values() if not w.leaving]
 
     def _registered(self) -> list[dict]:
         return self.segment.workers() if self.segment is not None else []
 
-    def _spawn(self) -> Worker:
+    def _spawn(self) -> WorkerProcess:
         cfg = self.cfg
         read_log, write_log = os.pipe()
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join([self.folder] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+        env = worker_env([self.folder])
         env[LOG_FD_ENV] = str(write_log)
         env[LOG_LEVEL_ENV] = cfg.log_level
-        env["SPEEDYSVC_PARENT_DEATH_SIGNAL"] = "1"   # the manager spawns from its only thread
+        env[PARENT_DEATH_ENV] = "1"   # the manager spawns from its only thread
         try:
-            proc = subprocess.Popen([sys.executable, "-m", "speedysvc.worker", cfg.target, cfg.name],
+            proc = subprocess.Popen(worker_argv(cfg.target, cfg.name),
                                     cwd=self.folder, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                     stderr=subprocess.PIPE, pass_fds=(write_log,), start_new_session=True)
         except BaseException:
@@ -244,7 +244,7 @@ class ServicePool:
             raise
         finally:
             os.close(write_log)
-        w = Worker(proc, read_log)
+        w = WorkerProcess(proc, read_log)
         self.workers[w.pid] = w
         self._all_exited.clear()
         pidfd = os.pidfd_open(w.pid)
@@ -256,7 +256,7 @@ class ServicePool:
         self._event("INFO", f"started worker {w.pid}")
         return w
 
-    def _on_output(self, w: Worker, fd: int) -> None:
+    def _on_output(self, w: WorkerProcess, fd: int) -> None:
         kind, lines = w.fds[fd]
         try:
             data = os.read(fd, 1 << 16)
@@ -272,7 +272,7 @@ class ServicePool:
             if fd == w.log_fd:
                 os.close(fd)
 
-    def _on_exit(self, w: Worker, pidfd: int) -> None:
+    def _on_exit(self, w: WorkerProcess, pidfd: int) -> None:
         self.loop.remove_reader(pidfd)
         os.close(pidfd)
         code = w.proc.wait()
@@ -282,7 +282,7 @@ class ServicePool:
             log.exception("reading the last output of worker %d failed", w.pid)
         self._forget(w, code)
 
-    def _drain(self, w: Worker) -> None:
+    def _drain(self, w: WorkerProcess) -> None:
         for fd in list(w.fds):   # what it wrote last, up to what the pipe holds
             for _ in range(64):
                 if fd not in w.fds:
@@ -293,14 +293,14 @@ class ServicePool:
             for line in lines.rest():
                 self._write_line(w, kind, line)
 
-    def _write_line(self, w: Worker, kind: str, line: str) -> None:
+    def _write_line(self, w: WorkerProcess, kind: str, line: str) -> None:
         """A line a worker wrote: a logging record, or stdout (INFO) / stderr (WARNING) text."""
         if kind == "log":
             self.log.write_json_line(w.pid, line)
         elif line.strip():
             self.log.write(w.pid, "INFO" if kind == "stdout" else "WARNING", kind, line)
 
-    def _forget(self, w: Worker, code: int) -> None:
+    def _forget(self, w: WorkerProcess, code: int) -> None:
         for fd in list(w.fds):
             self.loop.remove_reader(fd)
         for f in (w.proc.stdout, w.proc.stderr):
@@ -318,7 +318,7 @@ class ServicePool:
         if not self.workers:
             self._all_exited.set()
 
-    def _crashed(self, w: Worker, how: str) -> None:
+    def _crashed(self, w: WorkerProcess, how: str) -> None:
         cfg = self.cfg
         uptime = time.monotonic() - w.started
         self.quick_crashes = self.quick_crashes + 1 if uptime < cfg.crash_window else 1
@@ -349,7 +349,7 @@ class ServicePool:
         await self.stop(timeout=2.0)
         self.state = FAILED
 
-    def _signal(self, w: Worker, sig: int) -> None:
+    def _signal(self, w: WorkerProcess, sig: int) -> None:
         try:
             os.kill(w.pid, sig)
         except ProcessLookupError:

@@ -2,7 +2,7 @@
 
     python3 -m speedysvc.service service.ini      (or: speedysvc run service.ini)
 
-One asyncio loop and no other thread: the pools (speedysvc/supervisor.py), a
+One asyncio loop and no other thread: the pools (``manager.pool``), a
 100 ms tick for sampling and autoscaling, the HTTP API and web interface, and
 SIGTERM/SIGINT, which stop every service gracefully.  If the manager itself is
 killed, its workers notice their parent is gone and exit, and the next start
@@ -19,12 +19,13 @@ import subprocess
 import sys
 import time
 
+from ..errors import ServiceAlreadyRunning
+from ..shm.worker import worker_argv, worker_env
+from ..tcp import eventloop
 from . import config as configmod
-from . import eventloop
 from .config import ConfigError, ManagerConfig
-from .errors import ServiceAlreadyRunning
 from .logs import ServiceLog
-from .supervisor import FAILED, RUNNING, ServicePool
+from .pool import FAILED, RUNNING, ServicePool
 
 log = logging.getLogger("speedysvc.manager")
 TICK = 0.1
@@ -45,9 +46,8 @@ class _ToServiceLog(logging.Handler):
 def describe_services(cfg: ManagerConfig) -> None:
     """Import each service class in a throwaway process (so the manager stays light and a
     broken module cannot hurt it) to learn its name, port and methods."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([cfg.folder] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-    procs = [(s, subprocess.Popen([sys.executable, "-m", "speedysvc.worker", "--describe", s.target],
+    env = worker_env([cfg.folder])
+    procs = [(s, subprocess.Popen(worker_argv(s.target, None, "--describe"),
                                   cwd=cfg.folder, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, text=True))
              for s in cfg.services]
@@ -92,7 +92,7 @@ class Manager:
             for s in cfg.services:
                 self.pools[s.section] = ServicePool(s, cfg.folder, loop)
             if cfg.web.port:
-                from .api import start_web
+                from .web.api import start_web
                 runner, self.web_url = await start_web(self, cfg.web)
                 log.info("web interface on %s", self.web_url)
             results = await asyncio.gather(*(p.start() for p in self.pools.values()), return_exceptions=True)

@@ -294,7 +294,8 @@ def load(path: str) -> ManagerConfig:
 
 
 def _check_tcp(path: str, section: str, folder: str, values: dict) -> None:
-    from .tcp_server import SECRET_ENV, is_loopback
+    from ..tcp.server import SECRET_ENV
+    from ..transport import is_loopback
     host = values["bind_tcp"]
     values["tcp_secret"] = values["tcp_secret"] or os.environ.get(SECRET_ENV) or None
     for key in ("tcp_tls_cert", "tcp_tls_key"):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import struct
 import zlib
 
-from .errors import DecodeError, PayloadTooLarge
+from ..errors import DecodeError, PayloadTooLarge
 from .framing import lazy_buffer
 
 try:

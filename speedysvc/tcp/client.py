@@ -8,7 +8,6 @@ calls in flight at the break raise ``ConnectionLost``.
 """
 from __future__ import annotations
 
-import itertools
 import math
 import os
 import select
@@ -17,122 +16,11 @@ import ssl
 import threading
 import time
 
-from . import compression
+from .._shmcore import call_alone
+from ..errors import CallTimeout, ConnectionLost, ProtocolError, ServiceUnavailable, SpeedysvcError, encode_exception
+from ..transport import Address
 from . import framing as fr
-from ._shmcore import call_alone
-from .errors import (AuthenticationFailed, CallTimeout, ConnectionLost, PayloadTooLarge, ProtocolError,
-                     ServiceUnavailable, SpeedysvcError, decode_exception, encode_exception)
-
-SECRET_ENV = "SPEEDYSVC_SECRET"
-DEFAULT_CONNECT_TIMEOUT = 10.0
-
-
-def client_ssl_context(tls) -> ssl.SSLContext | None:
-    """``tls``: None/False (plain TCP), True (verify against the system's CAs), a
-    path to a CA bundle or certificate to trust, or a ready SSLContext."""
-    if tls is None or tls is False:
-        return None
-    if isinstance(tls, ssl.SSLContext):
-        return tls
-    if tls is True:
-        return ssl.create_default_context()
-    if isinstance(tls, (str, os.PathLike)):
-        return ssl.create_default_context(cafile=os.fspath(tls))
-    raise TypeError(f"tls must be True, a CA file path or an ssl.SSLContext, not {tls!r}")
-
-
-class ClientOptions:
-    """What a client asks of a TCP service; shared by the blocking and the asyncio client."""
-
-    def __init__(self, service: str, host: str, port: int, *, secret=None, tls=None, compression_name=None,
-                 compress_min: int = compression.DEFAULT_MIN_SIZE,
-                 connect_timeout: float = DEFAULT_CONNECT_TIMEOUT):
-        self.service, self.host, self.port = service, host, port
-        self.secret = fr.as_secret(secret if secret is not None else os.environ.get(SECRET_ENV))
-        self.ssl_context = client_ssl_context(tls)
-        self.compression = compression.check(compression_name)
-        if not isinstance(compress_min, int) or compress_min < 0:
-            raise ValueError(f"compress_min must be a whole number of bytes >= 0, got {compress_min!r}")
-        self.compress_min = compress_min
-        self.connect_timeout = connect_timeout
-        self.address = f"tcp://[{host}]:{port}" if ":" in host else f"tcp://{host}:{port}"
-
-    def client_hello(self, hello: tuple) -> tuple[bytes, bytes]:
-        """Answer the server's hello: (our hello, our nonce).  Raises if we cannot talk to it."""
-        msg_type, version, body, leftover = hello
-        if msg_type == fr.REFUSED:
-            raise self.refused(body)
-        if msg_type != fr.SERVER_HELLO or leftover:
-            raise ProtocolError(f"{self.address} sent an unexpected handshake message")
-        if fr.VERSION not in body.get("versions", ()):
-            raise ProtocolError(f"{self.address} speaks protocol versions {body.get('versions')}, "
-                                f"this client {fr.VERSION}: upgrade the older side")
-        if body.get("service") != self.service:
-            raise ServiceUnavailable(f"{self.address} serves {body.get('service')!r}, not {self.service!r}")
-        if self.compression and self.compression not in body.get("compression", ()):
-            raise ValueError(f"{self.address} does not support {self.compression} compression; "
-                             f"it supports: {', '.join(body.get('compression', ())) or 'none'}")
-        server_nonce = body.get("nonce", b"")
-        nonce = fr.new_nonce()
-        proof = None
-        if body.get("auth"):
-            if self.secret is None:
-                raise AuthenticationFailed(f"{self.address} requires a shared secret: pass secret= to connect() "
-                                           f"or set {SECRET_ENV}")
-            proof = fr.client_proof(self.secret, server_nonce, nonce, self.service)
-        self.server_nonce = server_nonce
-        self.max_payload = int(body.get("max_payload", 0)) or None
-        self.auth = bool(body.get("auth"))
-        if self.secret is not None and not self.auth:
-            # a server that does not know the secret must not pass for the service
-            raise AuthenticationFailed(f"{self.address} does not ask for the shared secret this client has: "
-                                       f"it cannot prove it is the service")
-        return fr.pack_hello(fr.CLIENT_HELLO, {"service": self.service, "compression": self.compression or "",
-                                               "compress_min": self.compress_min, "nonce": nonce,
-                                               "proof": proof}), nonce
-
-    def check_welcome(self, welcome: tuple, nonce: bytes) -> bytes:
-        """Check the server's answer to our hello; returns bytes that came after it."""
-        msg_type, version, body, leftover = welcome
-        if msg_type == fr.REFUSED:
-            raise self.refused(body)
-        if msg_type != fr.WELCOME:
-            raise ProtocolError(f"{self.address} sent an unexpected handshake message")
-        if self.auth:
-            expected = fr.server_proof(self.secret, self.server_nonce, nonce, self.service)
-            if not isinstance(body.get("proof"), bytes) or not fr.hmac.compare_digest(body["proof"], expected):
-                raise AuthenticationFailed(f"{self.address} could not prove it knows the shared secret")
-        return leftover
-
-    def refused(self, body: dict) -> BaseException:
-        exc = decode_exception(body.get("error", b""))
-        return exc
-
-    def encode_call(self, call_id: int, name: bytes, payload, flags: int, timeout: float | None) -> list:
-        """The frame of one call, as a list of buffers to send."""
-        size = fr.payload_size(payload)
-        if self.max_payload is not None and size > self.max_payload:
-            raise PayloadTooLarge(f"request of {size} bytes exceeds the service's limit of {self.max_payload} bytes")
-        fflags = 0
-        if self.compression is not None and size >= self.compress_min:
-            packed = compression.compress(self.compression, payload)
-            if packed is not None:
-                payload, size, fflags = packed, len(packed), fr.F_COMPRESSED
-        header = fr.call_header(call_id, name, flags, _timeout_ms(timeout), size, fflags)
-        if size < fr.SMALL_FRAME:
-            return [header + payload if payload.__class__ is bytes else header + bytes(payload)]
-        return [header, payload]
-
-    def decode_reply(self, frame: fr.Frame):
-        """(status, payload) of a reply frame."""
-        if frame.flags & fr.F_COMPRESSED:
-            return frame.arg, compression.decompress(self.compression or "", frame.payload,
-                                                     self.max_payload or (1 << 62))
-        return frame.arg, frame.payload
-
-    def goaway_error(self, frame: fr.Frame) -> BaseException:
-        exc = decode_exception(frame.payload)
-        return ConnectionLost(f"{self.address} closed the connection: {exc}")
+from .protocol import ClientOptions, answer, next_call_id, options_of, timeout_ms
 
 
 class _Stale(Exception):
@@ -145,8 +33,6 @@ class _Stale(Exception):
 # small call's round trip, and a service that goes away within a millisecond of its last
 # reply finds the next call as good as in flight (it fails, like any call in flight then).
 IDLE_CHECK_AFTER = 0.001
-
-_ids = itertools.count(1)
 
 # bumped in a child process after fork(): a connection made before belongs to the parent
 # (cheaper than comparing os.getpid(), a system call, on every call)
@@ -161,28 +47,7 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def _timeout_ms(timeout: float | None) -> int:
-    """A call's timeout as its frame carries it (milliseconds, 0: none)."""
-    return 0 if timeout is None else max(1, min(int(timeout * 1000), 0xFFFFFFFF))
-
-
-def answer(reply: tuple, codec, name: bytes):
-    """A reply's (status, data) as the call's result: decoded with ``codec``, or its error raised."""
-    status, data = reply
-    if status:
-        return codec.remote_error(data)
-    try:
-        return codec.loads_fast(data)
-    except Exception:
-        from .shm import _decode_slow
-        return _decode_slow(codec, name, data)
-
-
-def next_call_id() -> int:
-    return next(_ids) & 0xFFFFFFFF or next(_ids)
-
-
-class _Connection:
+class BlockingConnection:
     """One established connection; replies are matched to calls by id.
 
     Whichever waiting thread finds nobody reading becomes the reader: it reads
@@ -492,7 +357,7 @@ def _read_hello(sock, opts: ClientOptions) -> tuple:
             return hello
 
 
-def open_connection(opts: ClientOptions) -> _Connection:
+def open_connection(opts: ClientOptions) -> BlockingConnection:
     """Connect, shake hands, and return the connection (raises with a clear message)."""
     try:
         sock = socket.create_connection((opts.host, opts.port), timeout=opts.connect_timeout)
@@ -510,7 +375,7 @@ def open_connection(opts: ClientOptions) -> _Connection:
         sock.sendall(message)
         leftover = opts.check_welcome(_read_hello(sock, opts), nonce)
         sock.settimeout(None)
-        return _Connection(sock, opts, leftover)
+        return BlockingConnection(sock, opts, leftover)
     except SpeedysvcError:
         sock.close()
         raise
@@ -537,13 +402,13 @@ class TcpTransport:
     def __init__(self, opts: ClientOptions):
         self.opts = opts
         self._lock = threading.Lock()
-        self._conn: _Connection | None = None
+        self._conn: BlockingConnection | None = None
         self._closed = False
 
     def __repr__(self) -> str:
         return f"<TcpTransport {self.opts.address} {self.opts.service!r}>"
 
-    def _connection(self) -> _Connection:
+    def _connection(self) -> BlockingConnection:
         conn = self._conn
         if conn is not None and conn.fork_generation != _fork_generation:
             # forked: the socket is the parent's; close our copy only (no shutdown) and connect anew
@@ -553,7 +418,7 @@ class TcpTransport:
             conn = None
         return conn if conn is not None else self._reconnect(None)
 
-    def _reconnect(self, stale: _Connection | None) -> _Connection:
+    def _reconnect(self, stale: BlockingConnection | None) -> BlockingConnection:
         with self._lock:
             if self._closed:
                 raise SpeedysvcError("this connection is closed")
@@ -587,12 +452,12 @@ class TcpTransport:
         return method
 
     def call(self, name: bytes, payload, flags: int, codec, timeout: float | None):
-        # the usual call, alone on its connection, goes all the way in C (see _Connection)
+        # the usual call, alone on its connection, goes all the way in C (see BlockingConnection)
         conn = self._conn
         if conn is not None and conn.alone and conn.fork_generation == _fork_generation \
                 and payload.__class__ is bytes and len(payload) < conn.alone_limit:
             call_id = next_call_id()
-            got = call_alone(conn, fr.call_header(call_id, name, flags, _timeout_ms(timeout), len(payload)) + payload,
+            got = call_alone(conn, fr.call_header(call_id, name, flags, timeout_ms(timeout), len(payload)) + payload,
                              call_id, timeout)
             if got is not None:
                 return answer(got, codec, name)
@@ -613,3 +478,8 @@ class TcpTransport:
             conn, self._conn = self._conn, None
         if conn is not None:
             conn.close()
+
+
+def open_tcp(address: Address, options: dict) -> TcpTransport:
+    """The ``tcp://`` scheme's factory (see ``speedysvc.transport``)."""
+    return TcpTransport(options_of(address, options))

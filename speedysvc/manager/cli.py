@@ -1,0 +1,146 @@
+"""The ``speedysvc`` command.
+
+    speedysvc run service.ini             run the manager (same as python3 -m speedysvc.service)
+    speedysvc status                      services of a running manager
+    speedysvc start|stop|restart SERVICE
+    speedysvc scale SERVICE N
+    speedysvc logs SERVICE [-f] [-n 50] [--level WARNING] [--grep TEXT]   (SERVICE may be "manager")
+
+The commands that talk to a running manager use its HTTP API at --url
+(default: the [web monitor] of -c/--config, else http://127.0.0.1:5155);
+the access token comes from --token or SPEEDYSVC_WEB_TOKEN.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import urllib.error
+import urllib.request
+
+DEFAULT_URL = "http://127.0.0.1:5155"
+
+
+class CommandError(Exception):
+    pass
+
+
+def _url_of(args) -> str:
+    if args.url:
+        return args.url.rstrip("/")
+    if args.config:
+        from . import config
+        web = config.load(args.config).web
+        host = "127.0.0.1" if web.host in ("0.0.0.0", "") else ("::1" if web.host == "::" else web.host)
+        host = f"[{host}]" if ":" in host else host
+        return f"http://{host}:{web.port}"
+    return DEFAULT_URL
+
+
+def _request(args, method: str, path: str, body=None, stream: bool = False):
+    headers = {"Accept": "application/json"}
+    token = args.token or os.environ.get("SPEEDYSVC_WEB_TOKEN")
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    data = None
+    if method == "POST":
+        headers["X-Speedysvc-Request"] = "1"
+        headers["Content-Type"] = "application/json"
+        data = json.dumps(body or {}).encode()
+    req = urllib.request.Request(_url_of(args) + path, data=data, headers=headers, method=method)
+    try:
+        resp = urllib.request.urlopen(req, timeout=None if stream else args.timeout)
+    except urllib.error.HTTPError as e:
+        try:
+            message = json.loads(e.read()).get("error", e.reason)
+        except ValueError:
+            message = e.reason
+        raise CommandError(f"{message} (HTTP {e.code})") from None
+    except (urllib.error.URLError, ConnectionError, TimeoutError) as e:
+        raise CommandError(f"no manager answers at {_url_of(args)} ({getattr(e, 'reason', e)}); "
+                           f"is it running? (speedysvc run service.ini)") from None
+    return resp if stream else json.loads(resp.read())
+
+
+def _fmt_ms(v):
+    return "-" if v is None else (f"{v:.2f}" if v < 10 else f"{v:.0f}")
+
+
+def print_status(status: dict, out=sys.stdout) -> None:
+    m = status["manager"]
+    print(f"manager pid {m['pid']}, up {m['uptime']:.0f} s, {m['config']}", file=out)
+    rows = [("SERVICE", "STATE", "WORKERS", "CALLS/S", "P50 MS", "P99 MS", "ERRORS", "CPU", "RSS MB")]
+    for s in status["services"]:
+        rows.append((s["name"], s["state"] + (f" ({s['failure']})" if s["failure"] else ""),
+                     f"{s['workers']}/{s['min_workers']}-{s['max_workers']}", f"{s['calls_per_s']:.1f}",
+                     _fmt_ms(s["p50_ms"]), _fmt_ms(s["p99_ms"]), str(s["errors"]), f"{s['cpu'] * 100:.0f}%",
+                     f"{s['rss'] / 2**20:.0f}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip(), file=out)
+
+
+def _print_record(rec: dict) -> None:
+    from .logs import LogRecord
+    print(LogRecord(rec).format(), flush=True)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="speedysvc", description="Run and control speedysvc services.")
+    parser.add_argument("--url", help=f"address of a running manager (default {DEFAULT_URL})")
+    parser.add_argument("-c", "--config", help="read the manager's address from this ini file")
+    parser.add_argument("--token", help="access token (default: SPEEDYSVC_WEB_TOKEN)")
+    parser.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the manager")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("run", help="run the manager on an ini file")
+    p.add_argument("ini")
+    sub.add_parser("status", help="show the services of a running manager")
+    for name in ("start", "stop", "restart"):
+        sub.add_parser(name, help=f"{name} one service").add_argument("service")
+    p = sub.add_parser("scale", help="set the number of workers of a service")
+    p.add_argument("service")
+    p.add_argument("workers", type=int)
+    p = sub.add_parser("logs", help="show a service's log (or the manager's: SERVICE = manager)")
+    p.add_argument("service")
+    p.add_argument("-f", "--follow", action="store_true", help="keep printing new records")
+    p.add_argument("-n", "--lines", type=int, default=50)
+    p.add_argument("--level", help="only records at least this severe")
+    p.add_argument("--grep", help="only records containing this text")
+    args = parser.parse_args(argv)
+
+    if args.command == "run":
+        from .main import main as run_manager
+        return run_manager([args.ini])
+    try:
+        if args.command == "status":
+            print_status(_request(args, "GET", "/api/status"))
+        elif args.command in ("start", "stop", "restart"):
+            s = _request(args, "POST", f"/api/services/{args.service}/{args.command}")
+            print(f"{s['name']}: {s['state']}, {s['workers']} worker(s)")
+        elif args.command == "scale":
+            s = _request(args, "POST", f"/api/services/{args.service}/scale", {"workers": args.workers})
+            print(f"{s['name']}: scaling to {s['target_workers']} worker(s)")
+        elif args.command == "logs":
+            from urllib.parse import urlencode
+            query = urlencode({k: v for k, v in (("lines", args.lines), ("level", args.level),
+                                                 ("q", args.grep)) if v or v == 0})   # -n 0: all kept
+            for rec in _request(args, "GET", f"/api/services/{args.service}/logs?{query}")["records"]:
+                _print_record(rec)
+            if args.follow:
+                query = urlencode({k: v for k, v in (("level", args.level), ("q", args.grep)) if v})
+                resp = _request(args, "GET", f"/api/services/{args.service}/logs/stream?{query}", stream=True)
+                for raw in resp:
+                    line = raw.decode("utf-8", errors="replace").rstrip("\n")
+                    if line.startswith("data: "):
+                        _print_record(json.loads(line[6:]))
+    except CommandError as e:
+        print(f"speedysvc: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,502 @@
+"""The shared-memory protocol's segments: names, the service segment, channels' data segments.
+
+One *service segment* per service (``/dev/shm/speedysvc.<user>.<service>``)
+holds a header, a bitmap of channels with a posted call, a table of workers
+and a table of channels.  Each client connection owns one or more *channels*;
+a channel's request and response bytes live in its own *data segment*
+(``speedysvc.<user>.<service>.<owner pid>-<channel>-<generation>``), which is
+replaced by a larger one when a payload does not fit.  Any idle worker claims
+any posted call.  The byte layout and the state machine are in
+``docs/shm-protocol.md``; its offsets and codes are defined once, in the C
+extension's ``layout.h``, and read from ``_shmcore`` here.  The caller's side of
+a call is in ``shm.transport``, the worker's in ``shm.worker``.
+
+Linux only: it relies on /dev/shm, futex(2) and /proc.
+"""
+from __future__ import annotations
+
+import glob
+import mmap
+import os
+import pwd
+import re
+import time
+
+from .. import _shmcore as core
+from ..errors import ServiceAlreadyRunning, ServiceUnavailable, SpeedysvcError
+
+SHM_DIR = "/dev/shm"
+NAMESPACE_ENV = "SPEEDYSVC_NAMESPACE"
+
+
+def _prefix() -> str:
+    """Service names are per user; SPEEDYSVC_NAMESPACE keeps sets of services apart
+    (two test runs at once, say).  Processes must share it to see each other."""
+    ns = os.environ.get(NAMESPACE_ENV, "")
+    if ns and not re.fullmatch(r"[A-Za-z0-9_\-]{1,32}", ns):
+        raise ValueError(f"{NAMESPACE_ENV} must be 1 to 32 letters, digits, '_' or '-', got {ns!r}")
+    return f"speedysvc-{ns}" if ns else "speedysvc"
+
+
+PREFIX = _prefix()
+DEFAULT_MAX_CHANNELS = 1024
+DEFAULT_MAX_PAYLOAD = 1 << 30          # 1 GiB
+INITIAL_CHANNEL_SIZE = 1 << 20         # pages are only allocated when touched
+
+STATE_NAMES = {core.SVC_STARTING: "starting", core.SVC_SERVING: "serving",
+               core.SVC_STOPPING: "stopping", core.SVC_STOPPED: "stopped"}
+_RECLAIMING = 0xFFFFFFFF
+
+
+# ---- names, segments, processes -----------------------------------------------------------
+
+def _user() -> str:
+    try:
+        name = pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:
+        name = str(os.getuid())
+    return re.sub(r"[^A-Za-z0-9_\-]", "_", name)
+
+
+USER = _user()
+
+
+def _page_align(n: int) -> int:
+    return (n + 4095) // 4096 * 4096
+
+
+def service_segment_name(service: str) -> str:
+    return f"{PREFIX}.{USER}.{service}"
+
+
+def data_segment_name(service: str, owner_pid: int, slot: int, gen: int) -> str:
+    return f"{PREFIX}.{USER}.{service}.{owner_pid}-{slot}-{gen}"
+
+
+def create_segment(name: str, size: int) -> tuple[core.Region, int]:
+    """A new segment readable and writable by this user only: (mapping, inode).
+    The mapping keeps no file descriptor open, so a worker can map many channels."""
+    path = os.path.join(SHM_DIR, name)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        os.ftruncate(fd, size)
+        return core.map_fd(fd, size), os.fstat(fd).st_ino
+    except BaseException:
+        unlink_segment(name)
+        raise
+    finally:
+        os.close(fd)
+
+
+def open_segment(name: str) -> tuple[core.Region, int]:
+    fd = os.open(os.path.join(SHM_DIR, name), os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if st.st_uid != os.getuid():
+            raise PermissionError(f"/dev/shm/{name} belongs to uid {st.st_uid}, not to this user")
+        return core.map_fd(fd, st.st_size), st.st_ino
+    finally:
+        os.close(fd)
+
+
+def unlink_segment(name: str) -> None:
+    try:
+        os.unlink(os.path.join(SHM_DIR, name))
+    except FileNotFoundError:
+        pass
+
+
+def process_start_time(pid: int) -> int | None:
+    """The process's start time in clock ticks, or None if it is gone or a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    fields = stat[stat.rfind(b")") + 2:].split()
+    if fields[0] in (b"Z", b"X"):
+        return None
+    return int(fields[19])
+
+
+def process_alive(pid: int, start_time: int = 0) -> bool:
+    """True if ``pid`` runs and (when given) started at ``start_time``, so a reused pid is not mistaken."""
+    if pid <= 0:
+        return False
+    try:
+        started = process_start_time(pid)
+    except OSError:
+        return True   # cannot tell (out of file descriptors, say): never take a live process for dead
+    return started is not None and (not start_time or started == start_time)
+
+
+MY_START_TIME = process_start_time(os.getpid()) or 0
+
+
+def my_start_time() -> int:
+    """This process's start time (clock ticks), which the segments record beside its pid."""
+    return MY_START_TIME
+
+
+def _refresh_identity():
+    global MY_START_TIME
+    MY_START_TIME = process_start_time(os.getpid()) or 0
+
+
+os.register_at_fork(after_in_child=_refresh_identity)
+
+
+# ---- the service segment --------------------------------------------------------------------
+
+class ServiceSegment:
+    """The mapped service segment; shared by the caller's and the worker's side."""
+
+    def __init__(self, service: str, mapped: tuple[core.Region, int]):
+        self.service = service
+        self.name = service_segment_name(service)
+        self.region, self.ino = mapped
+        r = self.region
+        if r.size < core.H_CHANNELS or r.load32(core.H_MAGIC) != core.MAGIC:
+            raise ServiceUnavailable(f"/dev/shm/{self.name} is not a speedysvc segment (or not a complete one)")
+        if r.load32(core.H_VERSION) != core.LAYOUT_VERSION:
+            raise SpeedysvcError(f"/dev/shm/{self.name} uses layout version {r.load32(core.H_VERSION)}, "
+                                 f"this speedysvc speaks {core.LAYOUT_VERSION}: restart the service")
+        self.max_channels = r.load32(core.H_MAX_CHANNELS)
+        self.max_payload = r.load64(core.H_MAX_PAYLOAD)
+
+    # -- lifetime --
+    @classmethod
+    def create(cls, service: str, *, max_channels: int = DEFAULT_MAX_CHANNELS,
+               max_payload: int = DEFAULT_MAX_PAYLOAD, supervised: bool = False) -> "ServiceSegment":
+        """Create the segment for a service this process will own, after removing what a dead owner left.
+        ``supervised``: the owner restarts workers that die, so a call waits for one rather than
+        failing when none is alive."""
+        if not 1 <= max_channels <= core.MAX_CHANNELS_LIMIT:
+            raise ValueError(f"max_channels must be 1..{core.MAX_CHANNELS_LIMIT}, got {max_channels}")
+        if max_payload < 1:
+            raise ValueError("max_payload must be positive")
+        name = service_segment_name(service)
+        try:
+            stale = cls.attach(service)
+        except ServiceUnavailable:
+            stale = None
+        except SpeedysvcError:
+            stale = None  # unreadable leftovers: remove them below
+        if stale is not None:
+            owner, start = stale.owner
+            if stale.state != core.SVC_STOPPED and process_alive(owner, start):
+                raise ServiceAlreadyRunning(f"service {service!r} is already served by pid {owner}")
+        remove_service_segments(service, keep_starting=True)
+        names_off = _page_align(core.H_CHANNELS + max_channels * core.C_SIZE)
+        stats_off = names_off + _page_align(core.MAX_METHODS * core.NAME_SIZE)
+        size = stats_off + core.MAX_WORKERS * core.MAX_METHODS * core.M_SIZE
+        # filled in under a temporary name, then linked to the real one: the name only
+        # ever points to a complete segment, and of two owners starting at once one wins
+        temp = f"{name}.starting-{os.getpid()}"
+        mapped = create_segment(temp, size)
+        r = mapped[0]
+        r.store32(core.H_NAMES_OFF, names_off)
+        r.store32(core.H_STATS_OFF, stats_off)
+        r.store32(core.H_MAX_METHODS, core.MAX_METHODS)
+        r.store32(core.H_VERSION, core.LAYOUT_VERSION)
+        r.store32(core.H_MAX_CHANNELS, max_channels)
+        r.store32(core.H_MAX_WORKERS, core.MAX_WORKERS)
+        r.store64(core.H_MAX_PAYLOAD, max_payload)
+        r.store32(core.H_OWNER_PID, os.getpid())
+        r.store64(core.H_OWNER_START, MY_START_TIME)
+        r.store64(core.H_CREATED_NS, time.time_ns())
+        r.store32(core.H_STATE, core.SVC_STARTING)
+        r.store32(core.H_OWNER_FLAGS, core.OWNER_RESTARTS_WORKERS if supervised else 0)
+        r.store32(core.H_MAGIC, core.MAGIC)
+        try:
+            os.link(os.path.join(SHM_DIR, temp), os.path.join(SHM_DIR, name))
+        except FileExistsError:
+            raise ServiceAlreadyRunning(f"service {service!r} was started by another process meanwhile") from None
+        finally:
+            unlink_segment(temp)
+        return cls(service, mapped)
+
+    @classmethod
+    def attach(cls, service: str) -> "ServiceSegment":
+        try:
+            mapped = open_segment(service_segment_name(service))
+        except ValueError:   # an empty file: not ours, or not complete
+            raise ServiceUnavailable(f"/dev/shm/{service_segment_name(service)} is not a speedysvc segment") from None
+        except FileNotFoundError:
+            raise ServiceUnavailable(f"service {service!r} is not running "
+                                     f"(no /dev/shm/{service_segment_name(service)})") from None
+        return cls(service, mapped)
+
+    def destroy(self) -> None:
+        """Remove this service's segments from /dev/shm (mappings stay valid until dropped)."""
+        self.set_state(core.SVC_STOPPED)
+        self.kick_workers()
+        remove_service_segments(self.service)
+
+    def is_current(self) -> bool:
+        """False once the name points to another segment (service restarted) or to none."""
+        try:
+            return os.stat(os.path.join(SHM_DIR, self.name)).st_ino == self.ino
+        except FileNotFoundError:
+            return False
+
+    # -- header --
+    @property
+    def state(self) -> int:
+        return self.region.load32(core.H_STATE)
+
+    def set_state(self, state: int) -> None:
+        self.region.store32(core.H_STATE, state)
+
+    @property
+    def owner(self) -> tuple[int, int]:
+        return self.region.load32(core.H_OWNER_PID), self.region.load64(core.H_OWNER_START)
+
+    def owner_alive(self) -> bool:
+        return process_alive(*self.owner)
+
+    @property
+    def supervised(self) -> bool:
+        return bool(self.region.load32(core.H_OWNER_FLAGS) & core.OWNER_RESTARTS_WORKERS)
+
+    def mark_workers_started(self) -> None:
+        """The owner's first workers serve: from now on an unsupervised service without a
+        live worker fails calls instead of queueing them."""
+        while True:
+            flags = self.region.load32(core.H_OWNER_FLAGS)
+            if self.region.cas32(core.H_OWNER_FLAGS, flags, flags | core.OWNER_WORKERS_STARTED):
+                return
+
+    def abandoned_by_workers(self) -> bool:
+        """No worker will ever come: unsupervised, its workers started once and all are dead."""
+        flags = self.region.load32(core.H_OWNER_FLAGS)
+        return (not flags & core.OWNER_RESTARTS_WORKERS and bool(flags & core.OWNER_WORKERS_STARTED)
+                and not any(w["alive"] for w in self.workers()))
+
+    def worker_alive(self, pid: int) -> bool:
+        """Is the worker with this pid alive?  Its start time in the worker table guards
+        against a reused pid."""
+        for w in self.workers():
+            if w["pid"] == pid:
+                return w["alive"]
+        return process_alive(pid)
+
+    def kick_workers(self) -> None:
+        """Wake every sleeping worker, e.g. so they notice a state change."""
+        self.region.add32(core.H_SEQ, 1)
+        self.region.wake32(core.H_SEQ)
+
+    def pending_calls(self) -> int:
+        """Calls posted and not yet claimed by a worker."""
+        words = (self.max_channels + 63) // 64
+        return sum(bin(self.region.load64(core.H_BITMAP + 8 * w)).count("1") for w in range(words))
+
+    # -- workers --
+    def worker_offset(self, index: int) -> int:
+        return core.H_WORKERS + index * core.W_SIZE
+
+    def register_worker(self, pid: int) -> int:
+        r = self.region
+        for i in range(core.MAX_WORKERS):
+            off = self.worker_offset(i)
+            if r.cas32(off + core.W_PID, 0, pid):
+                for field in (core.W_CALLS, core.W_BUSY_NS, core.W_ERRORS, core.W_CLAIM_NS):
+                    r.store64(off + field, 0)
+                r.store64(off + core.W_STARTED_NS, time.time_ns())
+                r.store64(off + core.W_START_TICKS, process_start_time(pid) or 0)
+                r.store32(off + core.W_STATE, 1)
+                return i
+        raise SpeedysvcError(f"service {self.service!r} already has {core.MAX_WORKERS} workers")
+
+    def unregister_worker(self, index: int, pid: int) -> None:
+        off = self.worker_offset(index)
+        self.region.store32(off + core.W_STATE, 0)
+        self.region.cas32(off + core.W_PID, pid, 0)
+
+    def workers(self) -> list[dict]:
+        """The registered workers and their counters (for supervisors and tests)."""
+        r, out = self.region, []
+        for i in range(core.MAX_WORKERS):
+            off = self.worker_offset(i)
+            pid = r.load32(off + core.W_PID)
+            if pid:
+                out.append({"index": i, "pid": pid, "busy": r.load32(off + core.W_STATE) == 2,
+                            "calls": r.load64(off + core.W_CALLS), "errors": r.load64(off + core.W_ERRORS),
+                            "busy_ns": r.load64(off + core.W_BUSY_NS),
+                            "claim_ns": r.load64(off + core.W_CLAIM_NS),
+                            "alive": process_alive(pid, r.load64(off + core.W_START_TICKS)),
+                            "started_ns": r.load64(off + core.W_STARTED_NS)})
+        return out
+
+    # -- methods and their statistics --
+    def write_method_names(self, names: list[str]) -> None:
+        """Workers publish the service's method names (in method-index order) so a
+        supervisor can label the statistics without importing the service.  Every
+        worker writes the same bytes, so concurrent writers do not matter."""
+        off = self.region.load32(core.H_NAMES_OFF)
+        with memoryview(self.region) as view:
+            for i, name in enumerate(names[:core.MAX_METHODS]):
+                start = off + i * core.NAME_SIZE
+                view[start:start + core.NAME_SIZE] = name.encode()[:core.NAME_SIZE - 1].ljust(core.NAME_SIZE, b"\0")
+
+    def method_names(self) -> list[str]:
+        off, out = self.region.load32(core.H_NAMES_OFF), []
+        with memoryview(self.region) as view:
+            for i in range(core.MAX_METHODS):
+                start = off + i * core.NAME_SIZE
+                name = bytes(view[start:start + core.NAME_SIZE]).split(b"\0", 1)[0]
+                if not name:
+                    break
+                out.append(name.decode(errors="replace"))
+        return out
+
+    def method_stats(self, worker_index: int | None = None) -> dict[str, dict]:
+        """Per method: calls, errors, total_ns, max_ns and the latency histogram
+        (``buckets[b]`` counts calls under 2**b µs), summed over worker-table entries unless
+        one is named.  Records are never cleared, so the sums only grow (a worker reusing an
+        entry adds to what its predecessor counted)."""
+        r = self.region
+        stats_off, nmethods = r.load32(core.H_STATS_OFF), r.load32(core.H_MAX_METHODS)
+        workers = range(core.MAX_WORKERS) if worker_index is None else [worker_index]
+        out = {}
+        for m, name in enumerate(self.method_names()):
+            rec = {"calls": 0, "errors": 0, "total_ns": 0, "max_ns": 0, "buckets": [0] * core.M_NBUCKETS}
+            for w in workers:
+                base = stats_off + (w * nmethods + m) * core.M_SIZE
+                calls = r.load64(base + core.M_CALLS)
+                if not calls:
+                    continue
+                rec["calls"] += calls
+                rec["errors"] += r.load64(base + core.M_ERRORS)
+                rec["total_ns"] += r.load64(base + core.M_TOTAL_NS)
+                rec["max_ns"] = max(rec["max_ns"], r.load64(base + core.M_MAX_NS))
+                for b in range(core.M_NBUCKETS):
+                    rec["buckets"][b] += r.load64(base + core.M_BUCKETS + 8 * b)
+            out[name] = rec
+        return out
+
+    # -- channels --
+    def channel_offset(self, slot: int) -> int:
+        return core.H_CHANNELS + slot * core.C_SIZE
+
+    def free_channel(self, slot: int, owner_pid: int) -> None:
+        """Remove a channel's data segments and give the slot back.  The owner field is
+        released last, so nobody can acquire the slot while it is being cleaned."""
+        off = self.channel_offset(slot)
+        r = self.region
+        for path in glob.glob(os.path.join(SHM_DIR, glob.escape(data_segment_name(self.service, owner_pid, slot, 0))[:-1] + "*")):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+        r.store64(off + core.C_DATA_CAP, 0)
+        r.store32(off + core.C_STATE, core.ST_IDLE)
+        r.store32(off + core.C_OWNER_PID, 0)
+
+    def reap(self) -> int:
+        """Reclaim channels whose owner died, or whose caller gave up on a worker that
+        then died too, and the table entries of dead workers.  Safe to run from any
+        number of processes at once.  Returns how many channels were reclaimed."""
+        r, reclaimed, alive = self.region, 0, {}
+
+        def is_alive(pid, start=0):
+            key = (pid, start)
+            if key not in alive:
+                alive[key] = process_alive(pid, start)
+            return alive[key]
+
+        for slot in range(self.max_channels):
+            off = self.channel_offset(slot)
+            owner = r.load32(off + core.C_OWNER_PID)
+            if owner == 0 or owner == _RECLAIMING:
+                continue
+            dead_owner = not is_alive(owner, r.load64(off + core.C_OWNER_START))
+            while True:
+                st = r.load32(off + core.C_STATE)
+                code, worker = st & core.ST_CODE, st >> core.ST_PID_SHIFT
+                if code == core.ST_REQUEST and dead_owner:
+                    if not r.cas32(off + core.C_STATE, st, core.ST_IDLE):   # withdraw it before a worker claims it
+                        continue
+                    reclaimable = True
+                elif code in (core.ST_CLAIMED, core.ST_ABANDONED) and is_alive(worker):
+                    # a live worker still holds the call: it frees the channel when it finishes
+                    if (code == core.ST_CLAIMED and dead_owner
+                            and not r.cas32(off + core.C_STATE, st, core.ST_ABANDONED | (worker << core.ST_PID_SHIFT))):
+                        continue
+                    reclaimable = False
+                else:
+                    # a dead worker's call: the owner, if alive, takes the channel back itself
+                    reclaimable = dead_owner or code == core.ST_ABANDONED
+                break
+            if reclaimable and r.cas32(off + core.C_OWNER_PID, owner, _RECLAIMING):
+                self.free_channel(slot, owner)
+                reclaimed += 1
+        for i in range(core.MAX_WORKERS):
+            off = self.worker_offset(i)
+            pid = r.load32(off + core.W_PID)
+            if pid and not is_alive(pid):
+                r.store32(off + core.W_STATE, 0)
+                r.cas32(off + core.W_PID, pid, 0)
+        return reclaimed
+
+
+def remove_service_segments(service: str, keep_starting: bool = False) -> None:
+    """Unlink a service's segment and every data segment of its channels (but, with
+    ``keep_starting``, not a segment another live owner is still filling in)."""
+    base = os.path.join(SHM_DIR, glob.escape(service_segment_name(service)))
+    for path in [base] + glob.glob(base + ".*"):
+        if keep_starting and ".starting-" in path:
+            pid = path.rsplit("-", 1)[-1]
+            if pid.isdigit() and process_alive(int(pid)):
+                continue
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+
+# ---- a channel's data segment ---------------------------------------------------------------
+
+class DataSegment:
+    """One mapping of a channel's data segment, on either side."""
+
+    __slots__ = ("gen", "size", "region", "view")
+
+    def __init__(self, gen: int, mapped: tuple[core.Region, int]):
+        self.gen = gen
+        self.region = mapped[0]
+        self.size = self.region.size
+        self.view = memoryview(self.region)
+
+    @classmethod
+    def create(cls, service, owner_pid, slot, gen, size):
+        return cls(gen, create_segment(data_segment_name(service, owner_pid, slot, gen), size))
+
+    @classmethod
+    def open(cls, service, owner_pid, slot, gen):
+        return cls(gen, open_segment(data_segment_name(service, owner_pid, slot, gen)))
+
+
+def grown_size(needed: int, current: int) -> int:
+    size = max(needed, 2 * current, INITIAL_CHANNEL_SIZE)
+    return (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE * mmap.PAGESIZE
+
+
+def replace_data_segment(seg: ServiceSegment, slot: int, owner_pid: int, needed: int,
+                         current_size: int = 0) -> DataSegment:
+    """Move a channel to a larger data segment (the next generation) and drop the old name.
+    Called by whichever side holds the channel at the time.  Generations only grow, so
+    a name is never reused within the life of the service segment."""
+    off = seg.channel_offset(slot)
+    old_gen = seg.region.load32(off + core.C_DATA_GEN)
+    size = grown_size(needed, current_size)
+    try:
+        new = DataSegment.create(seg.service, owner_pid, slot, old_gen + 1, size)
+    except FileExistsError:   # left by a growth that was interrupted before it was published
+        unlink_segment(data_segment_name(seg.service, owner_pid, slot, old_gen + 1))
+        new = DataSegment.create(seg.service, owner_pid, slot, old_gen + 1, size)
+    seg.region.store64(off + core.C_DATA_CAP, new.size)
+    seg.region.store32(off + core.C_DATA_GEN, old_gen + 1)
+    unlink_segment(data_segment_name(seg.service, owner_pid, slot, old_gen))
+    return new

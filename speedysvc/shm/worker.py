@@ -1,0 +1,282 @@
+"""A worker process: instantiate the service class once, then serve calls from shared memory.
+
+Run as ``python -m speedysvc.shm.worker TARGET SERVICE`` (or ``python -m
+speedysvc.worker``) where TARGET is ``module:Class`` or ``/path/to/file.py:Class``.
+Supervisors (LocalService, the service manager) start workers this way, with
+``worker_argv`` and ``worker_env``.  A worker exits when the service stops, on
+SIGTERM (after finishing the call in hand), or when its parent dies.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import importlib.util
+import os
+import signal
+import sys
+
+from .. import _shmcore as core
+from ..errors import EncodeError, PayloadTooLarge, encode_exception
+from . import segment
+from .dispatch import STATUS_ERROR, Dispatcher
+from .logpipe import setup_worker_logging
+
+HOUSEKEEPING_INTERVAL = 1.0
+PARENT_DEATH_ENV = "SPEEDYSVC_PARENT_DEATH_SIGNAL"
+
+log = logging.getLogger("speedysvc.worker")
+
+
+def worker_argv(target: str, service: str | None = None, *extra: str) -> list[str]:
+    """The command line that starts a worker of ``target`` (``module:Class`` or ``file.py:Class``)."""
+    return [sys.executable, "-m", "speedysvc.shm.worker", target] + ([service] if service else []) + list(extra)
+
+
+def worker_env(paths: list[str], base: dict | None = None) -> dict:
+    """The environment for a worker (or a process that imports service classes): ``base``
+    (default: ours) with ``paths`` in front of its PYTHONPATH, each once."""
+    env = dict(os.environ if base is None else base)
+    if env.get("PYTHONPATH"):
+        paths = list(paths) + [env["PYTHONPATH"]]
+    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(p for p in paths if p))
+    return env
+
+
+def load_target(target: str):
+    """Import ``module:Class`` or ``path/file.py:Class`` and return the class."""
+    module_name, sep, qualname = target.rpartition(":")
+    if not sep or not module_name or not qualname:
+        raise ValueError(f"target must be 'module:Class' or 'file.py:Class', got {target!r}")
+    if module_name.endswith(".py"):
+        path = os.path.abspath(module_name)
+        spec = importlib.util.spec_from_file_location("__speedysvc_main__", path)
+        if spec is None or spec.loader is None:
+            raise ImportError(f"cannot load {path}")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+    else:
+        module = importlib.import_module(module_name)
+    obj = module
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+class Worker:
+    def __init__(self, server_cls, service: str | None = None):
+        self.service = service or server_cls.service_name()
+        self.segment = segment.ServiceSegment.attach(self.service)
+        self.fatal: BaseException | None = None
+        self.dispatcher = Dispatcher(server_cls(), on_fatal=self.on_fatal)
+        self.pid = os.getpid()
+        self.segment.write_method_names(self.dispatcher.method_names)
+        self.index = self.segment.register_worker(self.pid)
+        # slot -> (owner pid, generation, data region, read-only view) of mapped channels
+        self.channels: list = [None] * self.segment.max_channels
+        self.stop = [False]
+
+    def on_fatal(self, exc: BaseException) -> None:
+        """A method raised SystemExit or the like: it was answered; now stop."""
+        self.fatal = exc
+        self.stop[0] = True
+
+    def serve_forever(self) -> None:
+        seg, region, dispatcher = self.segment, self.segment.region, self.dispatcher
+        parent = os.getppid()
+        try:
+            while not self.stop[0]:
+                # the common case runs in C until the housekeeping interval; it hands back
+                # what it cannot do itself
+                got = region.serve(self.index, self.channels, dispatcher.handlers, self.stop,
+                                   HOUSEKEEPING_INTERVAL)
+                if got is None:
+                    if seg.state != core.SVC_SERVING and not seg.pending_calls():
+                        break
+                    if os.getppid() != parent:
+                        break  # orphaned: the supervisor is gone
+                    try:
+                        self.housekeeping()
+                    except Exception:
+                        log.exception("housekeeping failed")
+                else:
+                    try:
+                        if got[0] == "call":
+                            self.serve_one(*got[1:])
+                        elif got[0] == "reply":
+                            self.reply_large(got[1], self.channels[got[1]], got[2], got[3], got[4])
+                        else:
+                            self.abandoned(got[1])
+                    except Exception as e:  # a fault of ours: fail that call, keep serving
+                        log.exception("internal error while serving a call")
+                        self.fail_call(got[1], e)
+        finally:
+            seg.unregister_worker(self.index, self.pid)
+
+    def serve_one(self, slot, owner, gen, name_len, req_len, flags) -> None:
+        """A call the C loop handed back: a channel not mapped yet, or an unknown method."""
+        seg = self.segment
+        entry = self.channels[slot]
+        if entry is None or entry[0] != owner or entry[1] != gen:
+            try:
+                data = segment.DataSegment.open(seg.service, owner, slot, gen)
+            except OSError as e:
+                off = seg.channel_offset(slot)
+                if segment.process_alive(owner, seg.region.load64(off + core.C_OWNER_START)):
+                    # a live caller's channel we cannot map (out of descriptors or memory): give the
+                    # call back undone, and the caller reports it
+                    log.error("cannot map the channel of caller %d: %s", owner, e)
+                    self.give_back(slot)
+                else:   # the caller vanished, and its segment with it
+                    self.abandoned(slot)
+                return
+            entry = self.channels[slot] = (owner, gen, data.region, data.view.toreadonly())
+        view = entry[3]
+        name = bytes(view[:name_len])
+        status, out = self.dispatcher.handle(name, flags, view[name_len:req_len])
+        self.reply_large(slot, entry, status, out, self.dispatcher.method_index(name))
+
+    def reply_large(self, slot, entry, status, out, method: int = -1) -> None:
+        """Reply with a response larger than the channel, or one the C loop could not send."""
+        seg = self.segment
+        try:
+            size = len(out) if isinstance(out, bytes) else memoryview(out).nbytes
+            if not isinstance(out, bytes) and not memoryview(out).c_contiguous:
+                raise TypeError("not contiguous")
+            if not isinstance(status, int) or status < 0:
+                raise TypeError(f"bad status {status!r}")
+        except TypeError as e:
+            status, out = STATUS_ERROR, encode_exception(EncodeError(f"bad response from the handler: {e}"), False)
+            size = len(out)
+        if size > entry[2].size:
+            if size > seg.max_payload:
+                status, out = STATUS_ERROR, encode_exception(PayloadTooLarge(
+                    f"the response of {size} bytes exceeds the service's limit of {seg.max_payload} bytes"), False)
+            else:
+                owner = entry[0]
+                data = segment.replace_data_segment(seg, slot, owner, size, entry[2].size)
+                entry = self.channels[slot] = (owner, data.gen, data.region, data.view.toreadonly())
+        self.finish(slot, entry, status, out, method)
+
+    def finish(self, slot, entry, status, out, method: int = -1) -> None:
+        if not self.segment.region.reply(self.index, slot, entry[2], status, out, method):
+            self.abandoned(slot)
+
+    def give_back(self, slot) -> None:
+        """Hand a claimed call back undone (state IDLE), waking its caller if it sleeps."""
+        r, off = self.segment.region, self.segment.channel_offset(slot) + core.C_STATE
+        mine = core.ST_CLAIMED | (self.pid << core.ST_PID_SHIFT)
+        while True:
+            st = r.load32(off)
+            if st & ~core.ST_WAITING != mine:
+                return
+            if r.cas32(off, st, core.ST_IDLE):
+                if st & core.ST_WAITING:
+                    r.wake32(off)
+                return
+
+    def fail_call(self, slot, exc) -> None:
+        entry = self.channels[slot]
+        try:
+            if entry is None:
+                raise LookupError("channel not mapped")
+            self.finish(slot, entry, STATUS_ERROR, encode_exception(exc))
+        except Exception:
+            self.abandoned(slot)
+
+    def abandoned(self, slot) -> None:
+        """The caller gave up on the call (timeout, interrupt) or is gone: free its channel."""
+        seg = self.segment
+        off = seg.channel_offset(slot)
+        st = seg.region.load32(off + core.C_STATE)
+        owner = seg.region.load32(off + core.C_OWNER_PID)
+        if (st & core.ST_CODE) in (core.ST_ABANDONED, core.ST_CLAIMED) and st >> core.ST_PID_SHIFT == self.pid:
+            if owner in (0, 0xFFFFFFFF):
+                seg.region.cas32(off + core.C_STATE, st, core.ST_IDLE)  # already freed: do not leave it claimed
+            elif seg.region.cas32(off + core.C_OWNER_PID, owner, 0xFFFFFFFF):
+                seg.free_channel(slot, owner)
+        self.channels[slot] = None
+
+    def housekeeping(self) -> None:
+        seg = self.segment
+        seg.reap()
+        # drop mappings of channels that were freed or moved, so their memory can go
+        for slot, entry in enumerate(self.channels):
+            if entry is not None:
+                off = seg.channel_offset(slot)
+                if (seg.region.load32(off + core.C_OWNER_PID) != entry[0]
+                        or seg.region.load32(off + core.C_DATA_GEN) != entry[1]):
+                    self.channels[slot] = None
+
+
+def run(server_cls, service: str | None = None) -> None:
+    """Serve until stopped; SIGTERM finishes the call in hand first."""
+    setup_worker_logging()
+    worker = None
+
+    def on_term(_signum, _frame):
+        if worker is not None:
+            worker.stop[0] = True
+        else:
+            raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when to stop
+    if os.environ.get(PARENT_DEATH_ENV):
+        # only for a single-threaded supervisor (the manager): the signal comes when the *thread*
+        # that started us ends; others rely on the check of the parent each second
+        core.set_parent_death_signal(signal.SIGTERM)
+    # payloads of up to 32 MiB are decoded without page faults on every call
+    core.keep_large_allocations(32 << 20, 64 << 20)
+    worker = Worker(server_cls, service)
+    worker.serve_forever()
+    if worker.fatal is not None:
+        raise worker.fatal
+
+
+def describe(target: str) -> dict:
+    """What a supervisor needs to know of a service class, without starting it.
+    Raises ValueError with a message that says what is wrong."""
+    from ..methods import ServerMethodsBase
+
+    module_name, _, qualname = target.rpartition(":")
+    try:
+        cls = load_target(target)
+    except ModuleNotFoundError as e:
+        raise ValueError(f"cannot import module {module_name!r}: {e}") from None
+    except AttributeError:
+        raise ValueError(f"module {module_name!r} has no class {qualname!r}") from None
+    except Exception as e:
+        raise ValueError(f"importing {module_name!r} failed: {type(e).__name__}: {e}") from None
+    if not (isinstance(cls, type) and issubclass(cls, ServerMethodsBase)):
+        raise ValueError(f"{qualname} in {module_name!r} is not a ServerMethodsBase subclass")
+    name = cls.service_name()
+    port = cls.port
+    if port is not None and (not isinstance(port, int) or not 0 < port < 65536):
+        raise ValueError(f"{qualname}.port must be a TCP port number, got {port!r}")
+    return {"name": name, "port": port, "methods": sorted(cls._speedysvc_methods)}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m speedysvc.shm.worker", description=__doc__.splitlines()[0])
+    parser.add_argument("target", help="module:Class or path/file.py:Class")
+    parser.add_argument("service", nargs="?", help="service name (default: the class's name attribute)")
+    parser.add_argument("--describe", action="store_true",
+                        help="print the class's service name, port and methods as JSON, then exit")
+    args = parser.parse_args(argv)
+    if args.describe:
+        import json
+        sys.path.insert(0, os.getcwd())
+        try:
+            print(json.dumps(describe(args.target)))
+        except ValueError as e:
+            print(str(e), file=sys.stderr)
+            return 2
+        return 0
+    run(load_target(args.target), args.service)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

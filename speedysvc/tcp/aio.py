@@ -1,0 +1,216 @@
+"""The asyncio transport over TCP: ``AsyncTcpTransport``.  Calls from many tasks share
+one connection and are in flight together; the protocol is ``protocol.ClientOptions``'s,
+as for the blocking client."""
+from __future__ import annotations
+
+import asyncio
+
+from ..errors import CallTimeout, ConnectionLost, ProtocolError, ServiceUnavailable, SpeedysvcError
+from . import framing as fr
+from .protocol import answer, next_call_id, options_of
+
+
+class AsyncConnection(asyncio.BufferedProtocol):
+    """One TCP connection: the handshake, then replies matched to calls by id."""
+
+    def __init__(self, opts):
+        self.opts = opts
+        self.loop = loop = asyncio.get_running_loop()
+        self.ready = loop.create_future()
+        self.hello = fr.HelloReader()
+        self.hello_buf = bytearray(fr.HELLO.size + fr.MAX_HELLO_BODY)
+        self.nonce: bytes | None = None
+        self.parser: fr.FrameParser | None = None
+        self.transport = None
+        self.pending: dict[int, asyncio.Future] = {}
+        self.broken: BaseException | None = None
+        self.writable = asyncio.Event()
+        self.writable.set()
+        self.outgoing: list[bytes] = []
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def get_buffer(self, sizehint: int):
+        return self.parser.get_buffer() if self.parser is not None else memoryview(self.hello_buf)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self.parser is None:
+            try:
+                self._handshake(nbytes)
+            except BaseException as e:
+                if not self.ready.done():
+                    self.ready.set_exception(e)
+                self.transport.close()
+            return
+        try:
+            frames = self.parser.buffer_updated(nbytes)
+        except ProtocolError as e:
+            self._break(ConnectionLost(f"{self.opts.address} sent a bad frame ({e})"))
+            self.transport.close()
+            return
+        self._deliver(frames)
+
+    def _handshake(self, nbytes: int) -> None:
+        msg = self.hello.feed(self.hello_buf[:nbytes])
+        if msg is None:
+            return
+        if self.nonce is None:
+            message, self.nonce = self.opts.client_hello(msg)
+            self.transport.write(message)
+            self.hello = fr.HelloReader()
+            return
+        leftover = self.opts.check_welcome(msg, self.nonce)
+        self.parser = fr.FrameParser(self.opts.max_payload or fr.DEFAULT_MAX_PAYLOAD,
+                                     frozenset((fr.REPLY, fr.GOAWAY)))
+        self.hello = self.hello_buf = None
+        self.ready.set_result(True)
+        if leftover:
+            self._deliver(self.parser.feed(leftover))
+
+    def _deliver(self, frames) -> None:
+        for frame in frames:
+            if frame.kind == fr.GOAWAY:
+                self._break(self.opts.goaway_error(frame))
+                continue
+            fut = self.pending.pop(frame.call_id, None)
+            if fut is None or fut.done():
+                continue
+            try:
+                fut.set_result(self.opts.decode_reply(frame))
+            except Exception as e:
+                fut.set_exception(e)
+
+    def _break(self, exc: BaseException) -> None:
+        if self.broken is None:
+            self.broken = exc
+        pending, self.pending = self.pending, {}
+        for fut in pending.values():
+            if not fut.done():
+                fut.set_exception(exc)
+
+    def _flush(self) -> None:
+        out, self.outgoing = self.outgoing, []
+        if out and not self.transport.is_closing():
+            self.transport.write(b"".join(out) if len(out) > 1 else out[0])
+
+    def connection_lost(self, exc) -> None:
+        lost = ConnectionLost(f"connection to {self.opts.address} was lost"
+                              + (f" ({exc})" if exc else "") + "; a call in flight may or may not have run")
+        if not self.ready.done():
+            self.ready.set_exception(ConnectionLost(f"{self.opts.address} closed the connection "
+                                                    f"during the handshake"))
+        self._break(lost)
+        self.writable.set()
+
+    def pause_writing(self) -> None:
+        self.writable.clear()
+
+    def resume_writing(self) -> None:
+        self.writable.set()
+
+    async def call(self, name: bytes, payload, flags: int, timeout):
+        if self.broken is not None:
+            raise self.broken
+        call_id = next_call_id()
+        buffers = self.opts.encode_call(call_id, name, payload, flags, timeout)
+        if not self.writable.is_set():
+            await self.writable.wait()
+            if self.broken is not None:
+                raise self.broken
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        self.pending[call_id] = fut
+        if len(buffers) == 1:
+            # calls made in the same turn of the loop go out in one write
+            if not self.outgoing:
+                loop.call_soon(self._flush)
+            self.outgoing.append(buffers[0])
+        else:
+            self._flush()
+            for buf in buffers:
+                self.transport.write(buf)
+        try:
+            if timeout is None:
+                return await fut
+            return await asyncio.wait_for(fut, timeout)
+        except asyncio.TimeoutError:
+            raise CallTimeout(f"call to {self.opts.address} timed out after {timeout} s") from None
+        finally:
+            self.pending.pop(call_id, None)
+
+
+class AsyncTcpTransport:
+    scheme = "tcp"
+
+    def __init__(self, opts):
+        self.opts = opts
+        self._conn: AsyncConnection | None = None
+        self._lock: asyncio.Lock | None = None
+        self._loop = None
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"<AsyncTcpTransport {self.opts.address} {self.opts.service!r}>"
+
+    async def _connection(self) -> AsyncConnection:
+        conn = self._conn
+        loop = asyncio.get_running_loop()
+        if conn is not None and conn.broken is None and conn.loop is loop:
+            return conn
+        if self._lock is None or self._loop is not loop:   # a client may outlive its event loop
+            self._lock, self._loop = asyncio.Lock(), loop
+            if conn is not None and conn.loop is not loop:
+                conn.broken = ConnectionLost("the connection belonged to another event loop")
+                if not conn.loop.is_closed():
+                    conn.loop.call_soon_threadsafe(conn.transport.close)
+        async with self._lock:
+            if self._closed:
+                raise SpeedysvcError("this connection is closed")
+            conn = self._conn
+            if conn is None or conn.broken is not None:
+                if conn is not None and conn.loop is loop:
+                    conn.transport.close()
+                conn = self._conn = await self._open()
+            return conn
+
+    async def _open(self) -> AsyncConnection:
+        opts = self.opts
+        loop = asyncio.get_running_loop()
+        try:
+            _, conn = await asyncio.wait_for(loop.create_connection(
+                lambda: AsyncConnection(opts), opts.host, opts.port, ssl=opts.ssl_context,
+                server_hostname=opts.host if opts.ssl_context else None), opts.connect_timeout)
+        except asyncio.TimeoutError:
+            raise ServiceUnavailable(f"cannot connect to {opts.address} within {opts.connect_timeout} s") from None
+        except SpeedysvcError:
+            raise
+        except OSError as e:
+            raise ServiceUnavailable(f"cannot connect to {opts.address}: {e.strerror or e}") from None
+        try:
+            await asyncio.wait_for(asyncio.shield(conn.ready), opts.connect_timeout)
+        except asyncio.TimeoutError:
+            # closing fails ``ready`` too: that outcome is ours to drop, not asyncio's to report
+            conn.ready.add_done_callback(lambda f: f.cancelled() or f.exception())
+            conn.transport.close()
+            raise ServiceUnavailable(f"{opts.address} did not complete the handshake within "
+                                     f"{opts.connect_timeout} s") from None
+        except BaseException:
+            conn.transport.close()
+            raise
+        return conn
+
+    async def call(self, name: bytes, payload, flags: int, codec, timeout):
+        conn = await self._connection()
+        return answer(await conn.call(name, payload, flags, timeout), codec, name)
+
+    async def aclose(self) -> None:
+        self._closed = True
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.transport.close()
+
+
+def open_tcp(address, options: dict) -> AsyncTcpTransport:
+    """The ``tcp://`` scheme's asyncio factory (see ``speedysvc.transport``)."""
+    return AsyncTcpTransport(options_of(address, options))

@@ -1,0 +1,151 @@
+"""The client's half of the TCP protocol, shared by the blocking and the asyncio client:
+the handshake (``ClientOptions.client_hello``, ``check_welcome``), call frames out and
+replies in, and a reply's value.  The wire format itself is in ``framing``.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import ssl
+
+from ..errors import (AuthenticationFailed, ConnectionLost, PayloadTooLarge, ProtocolError, ServiceUnavailable,
+                      decode_exception)
+from . import compression
+from . import framing as fr
+
+SECRET_ENV = "SPEEDYSVC_SECRET"
+DEFAULT_CONNECT_TIMEOUT = 10.0
+
+_ids = itertools.count(1)
+
+
+def client_ssl_context(tls) -> ssl.SSLContext | None:
+    """``tls``: None/False (plain TCP), True (verify against the system's CAs), a
+    path to a CA bundle or certificate to trust, or a ready SSLContext."""
+    if tls is None or tls is False:
+        return None
+    if isinstance(tls, ssl.SSLContext):
+        return tls
+    if tls is True:
+        return ssl.create_default_context()
+    if isinstance(tls, (str, os.PathLike)):
+        return ssl.create_default_context(cafile=os.fspath(tls))
+    raise TypeError(f"tls must be True, a CA file path or an ssl.SSLContext, not {tls!r}")
+
+
+class ClientOptions:
+    """What a client asks of a TCP service; shared by the blocking and the asyncio client."""
+
+    def __init__(self, service: str, host: str, port: int, *, secret=None, tls=None, compression_name=None,
+                 compress_min: int = compression.DEFAULT_MIN_SIZE,
+                 connect_timeout: float = DEFAULT_CONNECT_TIMEOUT):
+        self.service, self.host, self.port = service, host, port
+        self.secret = fr.as_secret(secret if secret is not None else os.environ.get(SECRET_ENV))
+        self.ssl_context = client_ssl_context(tls)
+        self.compression = compression.check(compression_name)
+        if not isinstance(compress_min, int) or compress_min < 0:
+            raise ValueError(f"compress_min must be a whole number of bytes >= 0, got {compress_min!r}")
+        self.compress_min = compress_min
+        self.connect_timeout = connect_timeout
+        self.address = f"tcp://[{host}]:{port}" if ":" in host else f"tcp://{host}:{port}"
+
+    def client_hello(self, hello: tuple) -> tuple[bytes, bytes]:
+        """Answer the server's hello: (our hello, our nonce).  Raises if we cannot talk to it."""
+        msg_type, version, body, leftover = hello
+        if msg_type == fr.REFUSED:
+            raise self.refused(body)
+        if msg_type != fr.SERVER_HELLO or leftover:
+            raise ProtocolError(f"{self.address} sent an unexpected handshake message")
+        if fr.VERSION not in body.get("versions", ()):
+            raise ProtocolError(f"{self.address} speaks protocol versions {body.get('versions')}, "
+                                f"this client {fr.VERSION}: upgrade the older side")
+        if body.get("service") != self.service:
+            raise ServiceUnavailable(f"{self.address} serves {body.get('service')!r}, not {self.service!r}")
+        if self.compression and self.compression not in body.get("compression", ()):
+            raise ValueError(f"{self.address} does not support {self.compression} compression; "
+                             f"it supports: {', '.join(body.get('compression', ())) or 'none'}")
+        server_nonce = body.get("nonce", b"")
+        nonce = fr.new_nonce()
+        proof = None
+        if body.get("auth"):
+            if self.secret is None:
+                raise AuthenticationFailed(f"{self.address} requires a shared secret: pass secret= to connect() "
+                                           f"or set {SECRET_ENV}")
+            proof = fr.client_proof(self.secret, server_nonce, nonce, self.service)
+        self.server_nonce = server_nonce
+        self.max_payload = int(body.get("max_payload", 0)) or None
+        self.auth = bool(body.get("auth"))
+        if self.secret is not None and not self.auth:
+            # a server that does not know the secret must not pass for the service
+            raise AuthenticationFailed(f"{self.address} does not ask for the shared secret this client has: "
+                                       f"it cannot prove it is the service")
+        return fr.pack_hello(fr.CLIENT_HELLO, {"service": self.service, "compression": self.compression or "",
+                                               "compress_min": self.compress_min, "nonce": nonce,
+                                               "proof": proof}), nonce
+
+    def check_welcome(self, welcome: tuple, nonce: bytes) -> bytes:
+        """Check the server's answer to our hello; returns bytes that came after it."""
+        msg_type, version, body, leftover = welcome
+        if msg_type == fr.REFUSED:
+            raise self.refused(body)
+        if msg_type != fr.WELCOME:
+            raise ProtocolError(f"{self.address} sent an unexpected handshake message")
+        if self.auth:
+            expected = fr.server_proof(self.secret, self.server_nonce, nonce, self.service)
+            if not fr.same_proof(body.get("proof"), expected):
+                raise AuthenticationFailed(f"{self.address} could not prove it knows the shared secret")
+        return leftover
+
+    def refused(self, body: dict) -> BaseException:
+        return decode_exception(body.get("error", b""))
+
+    def encode_call(self, call_id: int, name: bytes, payload, flags: int, timeout: float | None) -> list:
+        """The frame of one call, as a list of buffers to send."""
+        size = fr.payload_size(payload)
+        if self.max_payload is not None and size > self.max_payload:
+            raise PayloadTooLarge(f"request of {size} bytes exceeds the service's limit of {self.max_payload} bytes")
+        fflags = 0
+        if self.compression is not None and size >= self.compress_min:
+            packed = compression.compress(self.compression, payload)
+            if packed is not None:
+                payload, size, fflags = packed, len(packed), fr.F_COMPRESSED
+        header = fr.call_header(call_id, name, flags, timeout_ms(timeout), size, fflags)
+        if size < fr.SMALL_FRAME:
+            return [header + payload if payload.__class__ is bytes else header + bytes(payload)]
+        return [header, payload]
+
+    def decode_reply(self, frame: fr.Frame):
+        """(status, payload) of a reply frame."""
+        if frame.flags & fr.F_COMPRESSED:
+            return frame.arg, compression.decompress(self.compression or "", frame.payload,
+                                                     self.max_payload or (1 << 62))
+        return frame.arg, frame.payload
+
+    def goaway_error(self, frame: fr.Frame) -> BaseException:
+        exc = decode_exception(frame.payload)
+        return ConnectionLost(f"{self.address} closed the connection: {exc}")
+
+
+def timeout_ms(timeout: float | None) -> int:
+    """A call's timeout as its frame carries it (milliseconds, 0: none)."""
+    return 0 if timeout is None else max(1, min(int(timeout * 1000), 0xFFFFFFFF))
+
+
+def answer(reply: tuple, codec, name: bytes):
+    """A reply's (status, data) as the call's result: decoded with ``codec``, or its error raised."""
+    status, data = reply
+    if status:
+        return codec.remote_error(data)
+    return codec.decode_result(name, data)
+
+
+def next_call_id() -> int:
+    return next(_ids) & 0xFFFFFFFF or next(_ids)
+
+
+def options_of(address, options: dict) -> ClientOptions:
+    """connect()'s transport arguments for ``address`` as ``ClientOptions``."""
+    kw = dict(options)
+    if "compression" in kw:
+        kw["compression_name"] = kw.pop("compression")
+    return ClientOptions(address.service, address.host, address.port, **kw)
