@@ -20,6 +20,7 @@ import time
 from . import _shmcore as core
 from . import shm
 from .shm.worker import worker_argv, worker_env
+from .tcp.options import SECRET_ENV, ServeOptions, inflight_for
 
 
 def target_of(server_cls) -> str:
@@ -120,20 +121,22 @@ class LocalService:
             host, _, port = self.tcp.partition(":")
         else:                                # host, or a bare IPv6 address
             host, port = self.tcp, ""
-        port = int(port) if port else self.server_cls.port
+        secret = self.tcp_secret.decode() if isinstance(self.tcp_secret, bytes) else self.tcp_secret
+        try:
+            options = ServeOptions(host=host, port=int(port) if port else self.server_cls.port, secret=secret,
+                                   tls_cert=self.tcp_tls[0] if self.tcp_tls else None,
+                                   tls_key=self.tcp_tls[1] if self.tcp_tls else None,
+                                   allow_pickle=self.tcp_allow_pickle, max_payload=self.max_payload,
+                                   max_inflight=inflight_for(self.max_channels),
+                                   handshake_timeout=self.tcp_timeouts[0], stall_timeout=self.tcp_timeouts[1],
+                                   stop_timeout=self.stop_timeout)
+        except ValueError as e:
+            raise RuntimeError(f"the TCP server of {self.service!r} cannot start: {e}") from None
         env = self._env()
-        if self.tcp_secret is not None:
-            env["SPEEDYSVC_TCP_SECRET"] = self.tcp_secret if isinstance(self.tcp_secret, str) else \
-                self.tcp_secret.decode()
-        argv = [sys.executable, "-m", "speedysvc.tcp.serve", self.service, "--host", host, "--port", str(port),
-                "--max-payload", str(self.max_payload),
-                "--max-inflight", str(max(1, self.max_channels // 2)), "--handshake-timeout", str(self.tcp_timeouts[0]),
-                "--stall-timeout", str(self.tcp_timeouts[1]), "--stop-timeout", str(self.stop_timeout),
-                "--exit-with-parent", str(os.getpid())]
-        if self.tcp_tls:
-            argv += ["--tls-cert", self.tcp_tls[0], "--tls-key", self.tcp_tls[1]]
-        if self.tcp_allow_pickle:
-            argv.append("--allow-pickle")
+        if secret is not None:
+            env[SECRET_ENV] = secret
+        argv = ([sys.executable, "-m", "speedysvc.tcp.serve", self.service] + options.to_argv()
+                + ["--exit-with-parent", str(os.getpid())])
         proc = self.tcp_process = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL,
                                                    stdout=subprocess.PIPE, text=True)
         line = proc.stdout.readline()
@@ -198,8 +201,7 @@ def main(argv=None) -> int:
     server_cls = load_target(args.target)
     stop = []
     signal.signal(signal.SIGTERM, lambda *a: stop.append(1))
-    with LocalService(server_cls, workers=args.workers, tcp=args.tcp,
-                      tcp_secret=os.environ.get("SPEEDYSVC_TCP_SECRET")) as svc:
+    with LocalService(server_cls, workers=args.workers, tcp=args.tcp, tcp_secret=os.environ.get(SECRET_ENV)) as svc:
         print(f"serving {svc.service!r} with {len(svc.pids)} workers (pids {svc.pids})"
               + (f" and on {svc.tcp_address}" if svc.tcp_address else "") + "; Ctrl-C stops", flush=True)
         try:

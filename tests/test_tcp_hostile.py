@@ -391,7 +391,7 @@ def short_way():
     short way is driven by hand, one parser buffer at a time."""
     from speedysvc.tcp.server import TcpServer
     with serve(tcp=None, workers=1) as svc:
-        server = TcpServer(svc.service, "127.0.0.1", 0, max_payload=LIMIT)
+        server = TcpServer(svc.service, max_payload=LIMIT)
         server.shm.call(b"echo", msgpack_args(1), MSGPACK.flags, MSGPACK, 10)   # attached, one channel free
         try:
             yield server
@@ -1571,7 +1571,7 @@ class InProcessGateway:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
-        self.server = TcpServer(service, "127.0.0.1", 0, **kw)
+        self.server = TcpServer(service, **kw)
         self.run(self.server.start())
         self.tcp_address = f"tcp://127.0.0.1:{self.server.port}"
 

@@ -20,8 +20,12 @@ from __future__ import annotations
 
 import configparser
 import os
+import dataclasses
 import re
 from dataclasses import dataclass, field
+
+
+from .autoscale import policy_class
 
 
 class ConfigError(Exception):
@@ -124,6 +128,8 @@ SERVICE_KEYS = {
     "scale_up_cooldown": (_float(0), 1.0, "seconds between two additions"),
     "scale_down_busy": (_float(0, 1), 0.25, "busy fraction under which a worker may be removed"),
     "scale_down_after": (_float(0), 30.0, "seconds of low load before one worker is removed"),
+    "autoscale": (_text, "default", "autoscaling policy: default, fixed (no autoscaling), or module:Class "
+                                    "of your own (see speedysvc.manager.autoscale)"),
 }
 SERVICE_ALIASES = {"tcp_bind": "bind_tcp"}
 
@@ -138,47 +144,37 @@ DEFAULTS_SECTION = "defaults"
 WEB_SECTION = "web monitor"
 
 
-@dataclass
-class ServiceConfig:
-    section: str              # the class name
-    import_from: str
-    min_proc_num: int
-    max_proc_num: int
-    log_dir: str              # absolute
-    log_level: str
-    log_max_bytes: int
-    log_backups: int
-    bind_tcp: str | None
-    tcp_secret: str | None
-    tcp_tls_cert: str | None
-    tcp_tls_key: str | None
-    tcp_allow_pickle: bool
-    tcp_max_connections: int
-    tcp_handshake_timeout: float
-    tcp_stall_timeout: float
-    max_channels: int
-    max_payload: int
-    call_timeout: float
-    stop_timeout: float
-    start_timeout: float
-    restart_backoff: float
-    restart_backoff_max: float
-    crash_window: float
-    crash_limit: int
-    scale_interval: float
-    scale_up_queue: float
-    scale_up_busy: float
-    scale_up_cooldown: float
-    scale_down_busy: float
-    scale_down_after: float
-    # filled in after the class is imported (in a separate process)
-    name: str = ""            # the class's ``name``: the shared-memory service name
-    port: int | None = None
-    methods: list[str] = field(default_factory=list)
+def _field_type(parser, default) -> str:
+    kind = getattr(parser, "__annotations__", {}).get("return", "str")
+    return kind if default is not None else f"{kind} | None"
 
-    @property
-    def target(self) -> str:
-        return f"{self.import_from}:{self.section}"
+
+def _target(self) -> str:
+    return f"{self.import_from}:{self.section}"
+
+
+def _tcp_options(self):
+    """How to serve this service over TCP (``bind_tcp`` set): the ``tcp_*`` keys, and the
+    service-wide ones that the TCP side shares (``max_payload``, ``stop_timeout``)."""
+    from ..tcp.options import ServeOptions, inflight_for
+    keys = {f.name: f"tcp_{f.name}" if f"tcp_{f.name}" in SERVICE_KEYS else f.name
+            for f in dataclasses.fields(ServeOptions)}
+    values = {field: getattr(self, key) for field, key in keys.items() if key in SERVICE_KEYS}
+    return ServeOptions(**values, host=self.bind_tcp, port=self.port, max_inflight=inflight_for(self.max_channels))
+
+
+# One field per key of SERVICE_KEYS (the table is the one place a key is declared), then what
+# is learnt by importing the class (in a separate process): its ``name`` (the shared-memory
+# service name), ``port`` and methods.
+ServiceConfig = dataclasses.make_dataclass(
+    "ServiceConfig",
+    [("section", "str")] + [(key, _field_type(parser, default)) for key, (parser, default, _) in SERVICE_KEYS.items()]
+    + [("name", "str", field(default="")), ("port", "int | None", field(default=None)),
+       ("methods", "list[str]", field(default_factory=list))],
+    namespace={"__doc__": "One service's section of service.ini, checked (see SERVICE_KEYS).",
+               "target": property(_target, doc="``module:Class``, as a worker imports it"),
+               "tcp_options": _tcp_options})
+ServiceConfig.__module__ = __name__
 
 
 @dataclass
@@ -279,6 +275,10 @@ def load(path: str) -> ManagerConfig:
         if values["max_channels"] > 4096:
             raise ConfigError(path, section, "max_channels", "at most 4096")
         _check_tcp(path, section, folder, values)
+        try:
+            policy_class(values["autoscale"], folder)
+        except ValueError as e:
+            raise ConfigError(path, section, "autoscale", f"{e}, got {values['autoscale']!r}") from None
         values["log_dir"] = os.path.join(folder, os.path.expanduser(values["log_dir"]))
         services.append(ServiceConfig(section=section, **values))
     if not services:
@@ -294,7 +294,7 @@ def load(path: str) -> ManagerConfig:
 
 
 def _check_tcp(path: str, section: str, folder: str, values: dict) -> None:
-    from ..tcp.server import SECRET_ENV
+    from ..tcp.options import SECRET_ENV
     from ..transport import is_loopback
     host = values["bind_tcp"]
     values["tcp_secret"] = values["tcp_secret"] or os.environ.get(SECRET_ENV) or None

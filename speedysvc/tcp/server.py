@@ -20,7 +20,6 @@ import functools
 import logging
 import resource
 import socket
-import ssl
 import struct
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -29,14 +28,13 @@ from .. import _shmcore as core
 from .. import codecs
 from ..errors import (AuthenticationFailed, DecodeError, NoFreeChannel, NotAllowed, PayloadTooLarge, ProtocolError,
                       ServiceUnavailable, SpeedysvcError, encode_exception)
-from ..shm import DEFAULT_MAX_PAYLOAD, ShmTransport
-from ..transport import is_loopback
+from ..shm import ShmTransport
 from . import compression
 from . import framing as fr
+from .options import ServeOptions
 
 log = logging.getLogger("speedysvc.tcp")
 
-SECRET_ENV = "SPEEDYSVC_TCP_SECRET"
 SMALL_WRITE = 64 << 10        # below this, header and payload go out in one write
 LARGE_PAYLOAD = 1 << 20       # (de)compressing this much or more is done in a thread, not on the loop
 # ...and inflating a call that states more than INFLATE_RATIO times the bytes it came in (above
@@ -85,32 +83,16 @@ def raise_fd_limit() -> int:
 class TcpServer:
     """Accepts TCP clients of one service (``service``: its shared-memory name)."""
 
-    def __init__(self, service: str, host: str, port: int, *, secret=None, ssl_context: ssl.SSLContext | None = None,
-                 allow_pickle: bool = False, max_payload: int = DEFAULT_MAX_PAYLOAD, max_connections: int = 10000,
-                 max_inflight: int = 256, handshake_timeout: float = 10.0, stall_timeout: float = 30.0,
-                 max_waiting_threads: int = 64, inflate_budget: int = 256 << 20, max_inflight_per_connection=None):
+    def __init__(self, service: str, options: ServeOptions | None = None, **changes):
+        """``options`` (default: ``ServeOptions()``), with ``changes`` to its fields."""
+        options = options or ServeOptions()
+        self.options = opts = options.replace(**changes) if changes else options
         self.service = service
-        self.host, self.port = host, port
-        self.secret = fr.as_secret(secret)
-        if self.secret is None and not is_loopback(host):
-            raise ValueError(f"a TCP service bound to {host} (not loopback) needs a shared secret "
-                             f"(tcp_secret in service.ini, or the {SECRET_ENV} environment variable)")
-        if allow_pickle and self.secret is None:
-            raise ValueError("pickle over TCP is only allowed to authenticated clients: set a secret too")
-        self.ssl_context = ssl_context
-        self.allow_pickle = allow_pickle
-        self.max_payload = max_payload
-        self.max_connections = max_connections
-        self.max_inflight = max_inflight
-        # one connection's share: answers its client leaves unread keep their channels, and
-        # one client that sends slow calls or reads nothing must leave room for the others
-        self.max_inflight_per_connection = max_inflight_per_connection or max(1, max_inflight // 4)
-        self.handshake_timeout = handshake_timeout
-        self.stall_timeout = stall_timeout
-        self.max_waiting_threads = max_waiting_threads
-        # large compressed calls are inflated in threads, while the sizes they state sum to at
-        # most this (one is always allowed): the rest wait, their connections not read
-        self.inflate_budget = inflate_budget
+        self.host, self.port = opts.host, opts.port
+        self.secret = fr.as_secret(opts.secret)
+        self.ssl_context = opts.ssl_context()
+        self.max_inflight = opts.max_inflight
+        self.max_inflight_per_connection = opts.per_connection
         self.inflating = 0
         self.parked = 0   # calls in flight whose answers wait for their clients to read (Connection.parked)
         self.compressing = 0   # replies being compressed in threads (``close`` waits for them too)
@@ -138,10 +120,10 @@ class TcpServer:
     async def start(self) -> "TcpServer":
         loop = asyncio.get_running_loop()
         raise_fd_limit()
-        self.executor = ThreadPoolExecutor(self.max_waiting_threads, thread_name_prefix="speedysvc-tcp-wait")
+        self.executor = ThreadPoolExecutor(self.options.max_waiting_threads, thread_name_prefix="speedysvc-tcp-wait")
         self._server = await loop.create_server(lambda: ServerConnection(self), self.host, self.port,
                                                 ssl=self.ssl_context, reuse_address=True, backlog=1024,
-                                                ssl_handshake_timeout=self.handshake_timeout
+                                                ssl_handshake_timeout=self.options.handshake_timeout
                                                 if self.ssl_context else None)
         self.port = self._server.sockets[0].getsockname()[1]
         self._sweeper = loop.call_later(1.0, self._sweep)
@@ -236,10 +218,10 @@ class TcpServer:
                                                             "no compression"))
                 return True
             try:
-                size = compression.stated_size(payload, self.max_payload)
+                size = compression.stated_size(payload, self.options.max_payload)
                 if size >= LARGE_PAYLOAD or size > SMALL_WRITE and size > INFLATE_RATIO * len(payload):
                     return self._inflate(conn, frame, size)
-                payload = compression.decompress(conn.compression, payload, self.max_payload)
+                payload = compression.decompress(conn.compression, payload, self.options.max_payload)
             except (DecodeError, PayloadTooLarge) as e:
                 conn.reply_error(frame.call_id, e)
                 return True
@@ -267,7 +249,7 @@ class TcpServer:
     def _inflate(self, conn: "ServerConnection", frame: fr.Frame, size: int) -> bool:
         """A large compressed call: inflated and posted in a thread, so that the loop (every
         other client) does not wait for it, within ``inflate_budget`` bytes at once."""
-        if self.inflating and self.inflating + size > self.inflate_budget:
+        if self.inflating and self.inflating + size > self.options.inflate_budget:
             self.counters["inflate_waits"] += 1
             self._wait(conn, frame, first=True)
             return False
@@ -280,7 +262,7 @@ class TcpServer:
             return True
         self.inflating += size
         self._began(conn)
-        algo, limit, timeout = conn.compression, self.max_payload, _seconds(frame.timeout_ms)
+        algo, limit, timeout = conn.compression, self.options.max_payload, _seconds(frame.timeout_ms)
         loop = asyncio.get_running_loop()
 
         def budget_freed() -> None:   # the inflated call is in shared memory (or gone)
@@ -488,23 +470,23 @@ class TcpServer:
         answers hold room that other clients' calls wait for."""
         now = time.monotonic()
         for conn in list(self.connections):
-            if conn.parser is None and now - conn.opened > self.handshake_timeout:
-                conn.refuse(ProtocolError(f"handshake not completed within {self.handshake_timeout} s"))
+            if conn.parser is None and now - conn.opened > self.options.handshake_timeout:
+                conn.refuse(ProtocolError(f"handshake not completed within {self.options.handshake_timeout} s"))
             elif (conn.parser is not None and conn.parser.mid_frame and not conn.paused
-                  and now - conn.last_progress > self.stall_timeout):
+                  and now - conn.last_progress > self.options.stall_timeout):
                 # (a connection we do not read is not stalling)
-                conn.go_away(ProtocolError(f"no progress within a frame for {self.stall_timeout} s"))
+                conn.go_away(ProtocolError(f"no progress within a frame for {self.options.stall_timeout} s"))
                 self.counters["protocol_errors"] += 1
             elif conn.paused_by_writes and not conn.closed:
                 if conn.reads_replies():
                     conn.write_progress = now
-                elif now - conn.write_progress > self.stall_timeout:
+                elif now - conn.write_progress > self.options.stall_timeout:
                     # it reads none of its replies: they hold channels and memory
                     log.warning("%s: TCP client %s read none of its replies for %s s; disconnected",
-                                self.service, conn.peer, self.stall_timeout)
-                    conn.go_away(ProtocolError(f"replies left unread for {self.stall_timeout} s"))
+                                self.service, conn.peer, self.options.stall_timeout)
+                    conn.go_away(ProtocolError(f"replies left unread for {self.options.stall_timeout} s"))
                     self.counters["protocol_errors"] += 1
-                elif (conn.parked and now - conn.write_progress >= min(1.0, self.stall_timeout)
+                elif (conn.parked and now - conn.write_progress >= min(1.0, self.options.stall_timeout)
                       and any(c is not conn for c in self._waiting)):
                     log.warning("%s: TCP client %s left %d answers unread while other clients' calls waited; "
                                 "disconnected", self.service, conn.peer, len(conn.parked))
@@ -547,7 +529,7 @@ class ServerConnection(asyncio.BufferedProtocol):
         not network-safe (pickle) only from an authenticated client of a service that allows
         it.  (A codec unknown here may: the worker answers it with a clear error.)"""
         codec = codecs.codec_of(flags)
-        return codec is None or codec.network_safe or (self.server.allow_pickle and self.authenticated)
+        return codec is None or codec.network_safe or (self.server.options.allow_pickle and self.authenticated)
 
     # -- asyncio callbacks -----------------------------------------------------------------
     def connection_made(self, transport) -> None:
@@ -556,15 +538,15 @@ class ServerConnection(asyncio.BufferedProtocol):
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
         server.counters["connections_total"] += 1
-        if len(server.connections) >= server.max_connections:
+        if len(server.connections) >= server.options.max_connections:
             self.refuse(ServiceUnavailable(f"service {server.service!r} has too many TCP clients "
-                                           f"({server.max_connections}); try again later"))
+                                           f"({server.options.max_connections}); try again later"))
             return
         server.connections.add(self)
         transport.write(fr.pack_hello(fr.SERVER_HELLO, {
             "versions": list(fr.SUPPORTED_VERSIONS), "service": server.service,
             "compression": compression.available(), "auth": server.secret is not None,
-            "nonce": self.nonce, "max_payload": server.max_payload}))
+            "nonce": self.nonce, "max_payload": server.options.max_payload}))
 
     def connection_lost(self, exc) -> None:
         self.closed = True
@@ -723,7 +705,7 @@ class ServerConnection(asyncio.BufferedProtocol):
             self.authenticated = True
             welcome["proof"] = fr.server_proof(server.secret, self.nonce, client_nonce, server.service)
         self.compression, self.compress_min = algo, compress_min
-        self.parser = fr.FrameParser(server.max_payload, frozenset((fr.CALL,)))
+        self.parser = fr.FrameParser(server.options.max_payload, frozenset((fr.CALL,)))
         if algo is None:   # (replies of a compressing connection may need compressing)
             self.short_way = server.gateway
         self.transport.write(fr.pack_hello(fr.WELCOME, welcome))
@@ -817,11 +799,3 @@ class ServerConnection(asyncio.BufferedProtocol):
                 asyncio.get_running_loop().call_later(CLOSE_GRACE, self.transport.abort)
         self.server.connections.discard(self)
         self.server.release(self)
-
-
-def make_ssl_context(cert: str | None, key: str | None) -> ssl.SSLContext | None:
-    if not cert:
-        return None
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.load_cert_chain(cert, key or None)
-    return ctx

@@ -1,0 +1,191 @@
+"""The worker processes of one service, as its pool sees them: started, watched, heard.
+
+Everything runs on the manager's asyncio loop, with no thread of its own: each
+worker's death is noticed at once through a pidfd (Linux 5.3+), and its stdout,
+stderr and logging pipe (``speedysvc.shm.logpipe``) are read as they come, line
+by line, into the service's log.  CPU and memory come from psutil.
+"""
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import logging
+import os
+import signal
+import subprocess
+import time
+from typing import Callable
+
+import psutil
+
+from ..shm.logpipe import LOG_FD_ENV, LOG_LEVEL_ENV
+from ..shm.worker import PARENT_DEATH_ENV, worker_argv, worker_env
+from .logs import LineSplitter, ServiceLog
+
+log = logging.getLogger("speedysvc.manager")
+
+
+class WorkerProcess:
+    """One worker process."""
+
+    def __init__(self, proc: subprocess.Popen, log_fd: int):
+        self.proc = proc
+        self.pid = proc.pid
+        self.started = time.monotonic()
+        self.started_wall = time.time()
+        self.log_fd = log_fd
+        self.leaving = False          # asked to stop: its exit is not a crash
+        self.fds: dict[int, tuple[str, LineSplitter]] = {}   # pipes watched by the loop
+        self.ps = psutil.Process(proc.pid)
+        self.cpu = 0.0                # fraction of a core, last sample
+        self.rss = 0
+        try:
+            self.ps.cpu_percent(None)
+        except psutil.Error:
+            pass
+
+    def signal(self, sig: int) -> None:
+        try:
+            os.kill(self.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def sample(self) -> None:
+        """Read its CPU (since the last sample) and resident memory."""
+        try:
+            with self.ps.oneshot():
+                self.cpu = self.ps.cpu_percent(None) / 100
+                self.rss = self.ps.memory_info().rss
+        except psutil.Error:
+            pass
+
+
+def describe_exit(code: int) -> str:
+    """A process's exit status as Popen gives it, in words ("code 1", "signal SIGKILL")."""
+    return f"code {code}" if code >= 0 else f"signal {signal.Signals(-code).name}"
+
+
+class WorkerSet:
+    """The worker processes of one service, on the manager's loop.  ``on_exit(worker, code)``
+    is called once each has exited and its last output is in the log."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, log_: ServiceLog, on_exit: Callable[[WorkerProcess, int], None]):
+        self.loop = loop
+        self.log = log_
+        self.on_exit = on_exit
+        self.workers: dict[int, WorkerProcess] = {}
+        self.all_exited = asyncio.Event()
+        self.all_exited.set()
+
+    def __len__(self) -> int:
+        return len(self.workers)
+
+    def __iter__(self):
+        return iter(self.workers.values())
+
+    def get(self, pid: int) -> WorkerProcess | None:
+        return self.workers.get(pid)
+
+    def live(self) -> list[WorkerProcess]:
+        """The workers not asked to leave."""
+        return [w for w in self.workers.values() if not w.leaving]
+
+    def spawn(self, target: str, service: str, folder: str, log_level: str) -> WorkerProcess:
+        """Start a worker of ``target`` for ``service``, importing from ``folder``."""
+        read_log, write_log = os.pipe()
+        env = worker_env([folder])
+        env[LOG_FD_ENV] = str(write_log)
+        env[LOG_LEVEL_ENV] = log_level
+        env[PARENT_DEATH_ENV] = "1"   # the manager spawns from its only thread
+        try:
+            proc = subprocess.Popen(worker_argv(target, service),
+                                    cwd=folder, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, pass_fds=(write_log,), start_new_session=True)
+        except BaseException:
+            os.close(read_log)
+            raise
+        finally:
+            os.close(write_log)
+        w = WorkerProcess(proc, read_log)
+        self.workers[w.pid] = w
+        self.all_exited.clear()
+        pidfd = os.pidfd_open(w.pid)
+        self.loop.add_reader(pidfd, self._exited, w, pidfd)
+        for fd, kind in ((proc.stdout.fileno(), "stdout"), (proc.stderr.fileno(), "stderr"), (read_log, "log")):
+            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_NONBLOCK)
+            w.fds[fd] = (kind, LineSplitter())
+            self.loop.add_reader(fd, self._output, w, fd)
+        return w
+
+    def signal_all(self, sig: int) -> None:
+        for w in list(self.workers.values()):
+            w.signal(sig)
+
+    def sample(self) -> None:
+        for w in self.workers.values():
+            w.sample()
+
+    def cpu(self) -> float:
+        return sum(w.cpu for w in self.workers.values())
+
+    def rss(self) -> int:
+        return sum(w.rss for w in self.workers.values())
+
+    # -- the loop's callbacks ------------------------------------------------------------------
+    def _output(self, w: WorkerProcess, fd: int) -> None:
+        kind, lines = w.fds[fd]
+        try:
+            data = os.read(fd, 1 << 16)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        for line in (lines.feed(data) if data else lines.rest()):
+            self._write_line(w, kind, line)
+        if not data:
+            self.loop.remove_reader(fd)
+            del w.fds[fd]
+            if fd == w.log_fd:
+                os.close(fd)
+
+    def _exited(self, w: WorkerProcess, pidfd: int) -> None:
+        self.loop.remove_reader(pidfd)
+        os.close(pidfd)
+        code = w.proc.wait()
+        try:
+            self._drain(w)
+        except Exception:
+            log.exception("reading the last output of worker %d failed", w.pid)
+        self._forget(w)
+        try:
+            self.on_exit(w, code)
+        finally:
+            if not self.workers:
+                self.all_exited.set()
+
+    def _drain(self, w: WorkerProcess) -> None:
+        for fd in list(w.fds):   # what it wrote last, up to what the pipe holds
+            for _ in range(64):
+                if fd not in w.fds:
+                    break
+                self._output(w, fd)
+        for fd, (kind, lines) in list(w.fds.items()):
+            self.loop.remove_reader(fd)
+            for line in lines.rest():
+                self._write_line(w, kind, line)
+
+    def _write_line(self, w: WorkerProcess, kind: str, line: str) -> None:
+        """A line a worker wrote: a logging record, or stdout (INFO) / stderr (WARNING) text."""
+        if kind == "log":
+            self.log.write_json_line(w.pid, line)
+        elif line.strip():
+            self.log.write(w.pid, "INFO" if kind == "stdout" else "WARNING", kind, line)
+
+    def _forget(self, w: WorkerProcess) -> None:
+        for fd in list(w.fds):
+            self.loop.remove_reader(fd)
+        for f in (w.proc.stdout, w.proc.stderr):
+            f.close()
+        if w.log_fd in w.fds:
+            os.close(w.log_fd)
+        del self.workers[w.pid]
