@@ -1299,7 +1299,7 @@ static int refused_codec(Gateway *self, uint32_t flags) {
     return codec < 64 && (self->refused_codecs >> codec & 1);
 }
 
-/* gateway(parser, n) */
+/* gateway(parser, n); the "server" it was made with is the TCP side's Admission */
 static PyObject *GW_call(Gateway *self, PyObject *const *args, size_t nargsf, PyObject *kwnames) {
     if (PyVectorcall_NARGS(nargsf) != 2 || (kwnames && PyTuple_GET_SIZE(kwnames))) {
         PyErr_SetString(PyExc_TypeError, "a Gateway takes (parser, n)");
@@ -2157,7 +2157,7 @@ PyMODINIT_FUNC PyInit__shmcore(void) {
     INTERN(s_closed, "closed"); INTERN(s_resume, "_resume"); INTERN(s_abort, "_abort");
     INTERN(s_give_back, "_give_back"); INTERN(s_call, "call");
     INTERN(s_closing, "closing"); INTERN(s_inflight, "inflight"); INTERN(s_max_inflight, "max_inflight");
-    INTERN(s_waiting, "_waiting"); INTERN(s_end, "_end"); INTERN(s_big, "_big"); INTERN(s_buf, "_buf");
+    INTERN(s_waiting, "waiting"); INTERN(s_end, "_end"); INTERN(s_big, "_big"); INTERN(s_buf, "_buf");
     INTERN(s_max_payload, "max_payload"); INTERN(k_calls, "calls"); INTERN(k_answered, "answered_inline");
     INTERN(s_lock, "lock"); INTERN(s_send_lock, "send_lock"); INTERN(s_broken, "broken");
     INTERN(s_waiting_c, "waiting"); INTERN(s_reading, "reading"); INTERN(s_last_read, "last_read");

@@ -483,13 +483,14 @@ def test_short_way_declines_what_is_not_usual(short_way):
         got, untouched, before = offer(short_way, data)
         assert got is None and untouched and short_way.counters == before, what
     # ...and the gateway's own state: stopping, full, or calls already waiting for room
-    for attr, value in [("closing", True), ("inflight", short_way.max_inflight), ("_waiting", {"c": 1})]:
-        saved = getattr(short_way, attr)
-        setattr(short_way, attr, value)
+    admission = short_way.admission
+    for attr, value in [("closing", True), ("inflight", admission.max_inflight), ("waiting", {"c": 1})]:
+        saved = getattr(admission, attr)
+        setattr(admission, attr, value)
         try:
             got, untouched, _ = offer(short_way, call)
         finally:
-            setattr(short_way, attr, saved)
+            setattr(admission, attr, saved)
         assert got is None and untouched, attr
     # a parser already holding part of an earlier frame
     parser = fr.FrameParser(LIMIT, frozenset({fr.CALL}))
@@ -1534,7 +1535,7 @@ def test_large_compressed_calls_at_once_are_inflated_within_the_budget_and_all_a
         assert sizes == [size] * 8
         check(c)
         assert gw.read(lambda s: s.counters["inflate_waits"]) > 0, "no call ever waited for the budget"
-        assert gw.read(lambda s: s.inflating) == 0
+        assert gw.read(lambda s: s.inflate.inflating) == 0
         assert max(latencies) < 1.0, latencies
 
 
@@ -1778,7 +1779,7 @@ def test_an_inflated_call_is_not_kept_in_memory_while_it_runs():
             raw = RawClient(gw.tcp_address).welcome(compression="zstd")
             compressed_call(raw, 1, "sleep", msgpack_args(3.0, bytes(48 * MiB)), "zstd")
             raws.append(raw)
-        assert wait_until(lambda: gw.read(lambda s: s.inflight == 4 and s.inflating == 0), timeout=10)
+        assert wait_until(lambda: gw.read(lambda s: s.inflight == 4 and s.inflate.inflating == 0), timeout=10)
         time.sleep(0.3)
         held = anon_mib(os.getpid()) - before
         for raw in raws:
@@ -1805,7 +1806,7 @@ def test_worker_killed_during_a_call_inflated_in_a_thread():
         assert status == 1 and isinstance(decode_exception(payload), WorkerDied), decode_exception(payload)
         raw.call(2, "echo", msgpack_args("after"))
         assert raw.reply()[:2] == (0, MSGPACK.dumps("after"))
-        assert gw.read(lambda s: (s.inflight, s.inflating, s.parked)) == (0, 0, 0)
+        assert gw.read(lambda s: (s.inflight, s.inflate.inflating, s.parking.count)) == (0, 0, 0)
         raw.close()
 
 
@@ -1818,10 +1819,10 @@ def test_a_client_killed_with_answers_left_unread_gives_their_channels_back():
         raw = RawClient(gw.tcp_address, rcvbuf=4096).welcome()
         args = msgpack_args(2 * MiB)
         raw.send(b"".join(fr.call_header(i, b"blob", MSGPACK.flags, 0, len(args)) + args for i in range(1, 7)))
-        assert wait_until(lambda: gw.read(lambda s: s.parked) >= 2, timeout=10)
+        assert wait_until(lambda: gw.read(lambda s: s.parking.count) >= 2, timeout=10)
         owned = gw.read(lambda s: len(s.shm._channels.owned))
         raw.close(reset=True)
-        assert wait_until(lambda: gw.read(lambda s: (s.inflight, s.parked, len(s.connections))) == (0, 0, 0),
+        assert wait_until(lambda: gw.read(lambda s: (s.inflight, s.parking.count, len(s.connections))) == (0, 0, 0),
                           timeout=10)
         assert gw.read(lambda s: len(s.shm._channels.free)) == owned   # every channel back, none lost
         with client(gw) as c:

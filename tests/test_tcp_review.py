@@ -577,7 +577,7 @@ def test_size_limits_beyond_64_bits_of_signed_int_work_in_both_c_paths():
     conn.close()
 
     class Server:
-        closing, inflight, max_inflight, _waiting = False, 0, 10, {}
+        closing, inflight, max_inflight, waiting = False, 0, 10, {}
 
     class NotAttached:
         _channels = None
