@@ -11,19 +11,8 @@ import pytest
 
 from speedysvc import CallTimeout, LocalService, ServiceUnavailable, WorkerDied, connect, shm
 from speedysvc import _shmcore as core
-from conftest import our_segments, wait_until
+from conftest import channel_states, our_segments, wait_until
 from services import Kitchen, Other
-
-
-def channel_states(svc):
-    seg = svc.segment
-    out = {}
-    for slot in range(seg.max_channels):
-        off = seg.channel_offset(slot)
-        owner = seg.region.load32(off + core.C_OWNER_PID)
-        if owner:
-            out[slot] = (owner, seg.region.load32(off + core.C_STATE) & core.ST_CODE)
-    return out
 
 
 def test_worker_killed_mid_call_fails_fast_and_others_serve():

@@ -16,25 +16,6 @@ from manager_fixture import RunningManager
 from services import Chatty, EchoServer
 
 
-@pytest.fixture
-def running(tmp_path):
-    managers = []
-
-    def start(ini, **kw):
-        m = RunningManager(tmp_path, ini, **kw)
-        managers.append(m)
-        return m
-
-    yield start
-    for m in managers:
-        try:
-            m.stop(timeout=30)
-        except subprocess.TimeoutExpired:
-            m.proc.kill()
-            m.proc.wait()
-            raise
-
-
 CHATTY = """
     [defaults]
     log_dir=logs
