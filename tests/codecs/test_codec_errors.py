@@ -2,7 +2,7 @@
 says which method and why, before sending when it can, and the worker carries on."""
 import pytest
 
-from speedysvc import DecodeError, EncodeError, connect
+from speedysvc import DecodeError, EncodeError, LocalService, connect
 from speedysvc import codecs
 from services import KitchenNewer
 
@@ -67,3 +67,17 @@ def test_json_codec_edges():
         J.encode_result("m", cyclic)
     with pytest.raises(EncodeError, match="not JSON serializable"):
         J.encode_result("m", {1, 2})
+
+
+def test_raw_method_returning_something_else():
+    from services import RawOdd
+    from speedysvc import EncodeError
+    with LocalService(RawOdd, workers=1) as svc, connect(RawOdd, timeout=10) as c:
+        pid = svc.pids[0]
+        for _ in range(2):   # first through the Python path, then through the C loop
+            assert c.to_bytearray(b"abc") == b"abc"
+            with pytest.raises(EncodeError, match="bytes-like"):
+                c.to_str(b"x")
+            with pytest.raises(EncodeError):
+                c.to_none(b"x")
+        assert c.ok(b"fine") == b"fine" and svc.pids == [pid]

@@ -1,8 +1,11 @@
-"""Calls over shared memory: the generated client and ClientMethodsBase."""
+"""Calls over shared memory: arguments, the generated client, ClientMethodsBase, and clients and
+services side by side."""
 import inspect
+import threading
+import time
 
 from speedysvc import ClientMethodsBase, LocalService, connect
-from services import EchoServer, Kitchen
+from services import EchoServer, Kitchen, Other
 
 
 def test_keyword_and_default_arguments(client):
@@ -54,3 +57,14 @@ def test_two_services_side_by_side():
         with connect(EchoServer) as echo, connect(Other) as o:
             assert echo.echo_json("a") == "a"
             assert o.whoami() in other.pids
+
+
+def test_a_slow_call_does_not_hold_up_another_client():
+    with LocalService(Other, workers=2), connect(Other) as a, connect(Other) as b:
+        th = threading.Thread(target=a.sleep, args=(2,))
+        th.start()
+        time.sleep(0.2)
+        t = time.monotonic()
+        assert b.whoami() > 0
+        assert time.monotonic() - t < 1.0
+        th.join()

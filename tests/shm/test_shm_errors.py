@@ -1,4 +1,4 @@
-"""Errors travel back to the caller with a clear type; the worker keeps serving."""
+"""Errors over shared memory travel back to the caller with a clear type; the worker keeps serving."""
 import pytest
 
 from speedysvc import BadArguments, CallTimeout, MethodNotFound, RemoteError, ServiceUnavailable, connect
