@@ -41,6 +41,26 @@ def run_manager(folder, ini_text: str, timeout=120) -> subprocess.CompletedProce
                           capture_output=True, text=True, timeout=timeout, env=manager_env())
 
 
+# The Chatty service alone, with the web interface on the manager's free port.
+CHATTY = """
+    [defaults]
+    log_dir=logs
+
+    [Chatty]
+    import_from=services
+    min_proc_num={min}
+    max_proc_num={max}
+    {extra}
+
+    [web monitor]
+    port={{port}}
+"""
+
+
+def chatty_ini(min=1, max=1, extra=""):
+    return CHATTY.format(min=min, max=max, extra=textwrap.dedent(extra).replace("\n", "\n    "))
+
+
 class RunningManager:
     def __init__(self, folder, ini_text, port=None, wait_ready=True, env=None):
         self.folder = str(folder)

@@ -1,5 +1,6 @@
 """The seed README's Quick Example client, verbatim (examples/echo holds the seed's files), against
-workers started with LocalService rather than the manager (test_manager.py runs it with the manager)."""
+workers started with LocalService rather than the manager (manager/test_manager_serving.py runs it with
+the manager)."""
 import os
 import shutil
 import subprocess
