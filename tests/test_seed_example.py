@@ -7,6 +7,8 @@ import subprocess
 import sys
 import textwrap
 
+from manager_fixture import manager_env
+
 RUNNER = textwrap.dedent('''\
     import subprocess, sys
     from speedysvc import LocalService
@@ -26,7 +28,7 @@ def test_quick_example_client_prints_hello_world(tmp_path):
     for name in ("echoserver.py", "echoclient.py"):
         shutil.copy(os.path.join(EXAMPLE, name), tmp_path)
     (tmp_path / "run.py").write_text(RUNNER)
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env = manager_env()
     out = subprocess.run([sys.executable, "run.py"], cwd=tmp_path, capture_output=True, text=True, timeout=120,
                          env=env)
     assert out.returncode == 0, out.stderr

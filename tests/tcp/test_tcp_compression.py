@@ -14,11 +14,11 @@ import pytest
 from speedysvc import DecodeError, PayloadTooLarge, ProtocolError, codecs, connect, connect_async
 from speedysvc.tcp import compression
 from speedysvc.tcp import framing as fr
+from conftest import wait_until
 import tcp_helpers
 from tcp_helpers import (LIMIT, MSGPACK, RAW, CountingProxy, InProcessGateway, MiB, RawClient, anon_mib, check,
                          compressed_call, compressed_raw, connect_to, guarded, logs_clean, msgpack_args, pinging,
                          read_hello, run, server_alive, tcp_service, timed_check)
-from conftest import wait_until
 from tcp_services import TcpEcho, TcpKitchen
 
 serve, kitchen = tcp_helpers.serve, tcp_helpers.kitchen

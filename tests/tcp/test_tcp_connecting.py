@@ -9,8 +9,8 @@ import time
 import pytest
 
 from speedysvc import ConnectionLost, LocalService, ProtocolError, ServiceUnavailable, connect, connect_async
-import tcp_helpers
 from conftest import free_port
+import tcp_helpers
 from tcp_helpers import fake_server, run
 from tcp_services import TcpKitchen, TcpOther
 

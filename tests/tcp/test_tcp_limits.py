@@ -7,16 +7,16 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from speedysvc import (LocalService, MethodNotFound, NotAllowed, DecodeError, PayloadTooLarge, ServiceUnavailable,
+from speedysvc import (DecodeError, LocalService, MethodNotFound, NotAllowed, PayloadTooLarge, ServiceUnavailable,
                        codecs, connect, connect_async)
 from speedysvc.errors import decode_exception
 from speedysvc.tcp import compression
 from speedysvc.tcp import framing as fr
+from conftest import wait_until
+import tcp_helpers
 from tcp_helpers import (LIMIT, MSGPACK, RAW, MiB, RawClient, busy_channels, check, connect_to, guarded, logs_clean,
                          msgpack_args, open_sockets, rss_mib, run, server_alive, timed_check)
-from conftest import wait_until
 from tcp_services import TcpEcho, TcpRestart
-import tcp_helpers
 
 server_logs_clean = tcp_helpers.server_logs_clean
 
