@@ -8,7 +8,11 @@ from hypothesis import strategies as st
 
 from speedysvc import ProtocolError
 from speedysvc.tcp import framing as fr
-from tcp_helpers import FUZZ, FUZZ_LIMIT, garbage, rss_mib
+import tcp_helpers
+from tcp_helpers import FUZZ, FUZZ_LIMIT, garbage, logs_clean, rss_mib
+
+server_logs_clean = tcp_helpers.server_logs_clean
+pytestmark = logs_clean   # no server here, and nothing else may print a traceback either
 
 
 def pump(parser: fr.FrameParser, data: bytes, chunks: list[int], max_steps=4000) -> list:
