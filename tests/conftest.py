@@ -1,4 +1,5 @@
 import os
+import socket
 import time
 
 import pytest
@@ -9,7 +10,11 @@ import pytest
 os.environ.setdefault("SPEEDYSVC_NAMESPACE", f"test-{os.getpid()}")
 
 from speedysvc import LocalService, connect, shm  # noqa: E402
+from speedysvc import _shmcore as core  # noqa: E402
 from services import Kitchen  # noqa: E402
+
+# The service manager runner's fixtures (``running``), for the manager's and the web interface's tests.
+pytest_plugins = ["manager_fixture"]
 
 
 def our_segments():
@@ -34,6 +39,24 @@ def pytest_sessionfinish(session, exitstatus):
     if leftovers:
         print(f"\nERROR: segments left in /dev/shm after the run: {leftovers}")
         session.exitstatus = 1
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def channel_states(svc):
+    """{slot: (owner pid, state code)} of a LocalService's channels that have an owner."""
+    seg = svc.segment
+    out = {}
+    for slot in range(seg.max_channels):
+        off = seg.channel_offset(slot)
+        owner = seg.region.load32(off + core.C_OWNER_PID)
+        if owner:
+            out[slot] = (owner, seg.region.load32(off + core.C_STATE) & core.ST_CODE)
+    return out
 
 
 def wait_until(predicate, timeout=5.0, interval=0.02):

@@ -1,9 +1,10 @@
-"""Running a real service manager (python3 -m speedysvc.service) from a temporary folder."""
+"""Running a real service manager (python3 -m speedysvc.service) from a temporary folder, with
+tests/services.py beside its ini file.  A pytest plugin (see conftest.py): its ``running``
+fixture is there for every test."""
 import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -11,26 +12,63 @@ import time
 import urllib.error
 import urllib.request
 
+import pytest
+
+from conftest import free_port
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def manager_env() -> dict:
+    """The environment a manager (or a CLI) runs in: the tests' PYTHONPATH is not inherited, so
+    the services are imported from the ini file's folder, as a user's would be."""
+    return {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+
+
+def prepare_folder(folder, ini_text: str) -> str:
+    """Copy services.py into ``folder`` and write its service.ini; returns the ini's path."""
+    shutil.copy(os.path.join(HERE, "services.py"), str(folder))
+    ini = os.path.join(str(folder), "service.ini")
+    with open(ini, "w") as f:
+        f.write(textwrap.dedent(ini_text))
+    return ini
+
+
+def run_manager(folder, ini_text: str, timeout=120) -> subprocess.CompletedProcess:
+    """Run a manager in ``folder`` to its end (one that refuses to start): its exit code and output."""
+    prepare_folder(folder, ini_text)
+    return subprocess.run([sys.executable, "-m", "speedysvc.service", "service.ini"], cwd=str(folder),
+                          capture_output=True, text=True, timeout=timeout, env=manager_env())
+
+
+# The Chatty service alone, with the web interface on the manager's free port.
+CHATTY = """
+    [defaults]
+    log_dir=logs
+
+    [Chatty]
+    import_from=services
+    min_proc_num={min}
+    max_proc_num={max}
+    {extra}
+
+    [web monitor]
+    port={{port}}
+"""
+
+
+def chatty_ini(min=1, max=1, extra=""):
+    return CHATTY.format(min=min, max=max, extra=textwrap.dedent(extra).replace("\n", "\n    "))
 
 
 class RunningManager:
     def __init__(self, folder, ini_text, port=None, wait_ready=True, env=None):
         self.folder = str(folder)
         self.port = port or free_port()
-        shutil.copy(os.path.join(HERE, "services.py"), self.folder)
-        self.ini = os.path.join(self.folder, "service.ini")
-        with open(self.ini, "w") as f:
-            f.write(textwrap.dedent(ini_text).replace("{port}", str(self.port)))
+        self.ini = prepare_folder(self.folder, textwrap.dedent(ini_text).replace("{port}", str(self.port)))
         self.url = f"http://127.0.0.1:{self.port}"
         self.out = open(os.path.join(self.folder, "manager.out"), "w+")
-        clean_env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        clean_env = manager_env()
         clean_env.update(env or {})
         self.proc = subprocess.Popen([sys.executable, "-m", "speedysvc.service", "service.ini"], cwd=self.folder,
                                      stdout=self.out, stderr=subprocess.STDOUT, env=clean_env)
@@ -78,9 +116,8 @@ class RunningManager:
         return self.get(f"/api/services/{name}")
 
     def cli(self, *args, timeout=60):
-        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
         return subprocess.run([sys.executable, "-m", "speedysvc.cli", "--url", self.url, *args],
-                              capture_output=True, text=True, timeout=timeout, env=env)
+                              capture_output=True, text=True, timeout=timeout, env=manager_env())
 
     def stop(self, sig=signal.SIGTERM, timeout=30):
         if self.proc.poll() is None:
@@ -88,3 +125,23 @@ class RunningManager:
             self.proc.wait(timeout)
         self.out.close()
         return self.proc.returncode
+
+
+@pytest.fixture
+def running(tmp_path):
+    """running(ini_text, **RunningManager options) starts a manager in tmp_path; all are stopped after the test."""
+    managers = []
+
+    def start(ini, **kw):
+        m = RunningManager(tmp_path, ini, **kw)
+        managers.append(m)
+        return m
+
+    yield start
+    for m in managers:
+        try:
+            m.stop(timeout=30)
+        except subprocess.TimeoutExpired:
+            m.proc.kill()
+            m.proc.wait()
+            raise

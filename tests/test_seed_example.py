@@ -1,10 +1,13 @@
 """The seed README's Quick Example client, verbatim (examples/echo holds the seed's files), against
-workers started with LocalService rather than the manager (test_manager.py runs it with the manager)."""
+workers started with LocalService rather than the manager (manager/test_manager_serving.py runs it with
+the manager)."""
 import os
 import shutil
 import subprocess
 import sys
 import textwrap
+
+from manager_fixture import manager_env
 
 RUNNER = textwrap.dedent('''\
     import subprocess, sys
@@ -25,7 +28,7 @@ def test_quick_example_client_prints_hello_world(tmp_path):
     for name in ("echoserver.py", "echoclient.py"):
         shutil.copy(os.path.join(EXAMPLE, name), tmp_path)
     (tmp_path / "run.py").write_text(RUNNER)
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env = manager_env()
     out = subprocess.run([sys.executable, "run.py"], cwd=tmp_path, capture_output=True, text=True, timeout=120,
                          env=env)
     assert out.returncode == 0, out.stderr

@@ -11,9 +11,8 @@ import pytest
 from speedysvc import LocalService, connect
 from speedysvc import _shmcore as core
 from speedysvc.errors import EncodeError, RemoteError
-from conftest import wait_until
+from conftest import channel_states, wait_until
 from services import Kitchen, Signaller
-from test_failures import channel_states
 
 
 def test_shared_memory_clients_get_methods_in_c(client):

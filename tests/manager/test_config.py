@@ -1,16 +1,11 @@
 """service.ini: defaults, inheritance, and every class of bad configuration fails at start, clearly."""
-import os
-import shutil
-import subprocess
-import sys
 import textwrap
 
 import pytest
 
 from speedysvc.manager import config
 from speedysvc.manager.config import ConfigError
-
-HERE = os.path.dirname(os.path.abspath(__file__))
+from manager_fixture import run_manager
 
 
 def write(tmp_path, text):
@@ -106,14 +101,6 @@ def test_tcp_keys(tmp_path, monkeypatch):
 def test_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="no such file"):
         config.load(str(tmp_path / "nope.ini"))
-
-
-def run_manager(tmp_path, ini):
-    shutil.copy(os.path.join(HERE, "services.py"), tmp_path)
-    write(tmp_path, ini)
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    return subprocess.run([sys.executable, "-m", "speedysvc.service", "service.ini"], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=120, env=env)
 
 
 @pytest.mark.parametrize("ini, words", [

@@ -1,4 +1,4 @@
-"""The loop the manager and the TCP gateway run on (speedysvc.eventloop)."""
+"""The loop the manager and the TCP gateway run on (speedysvc.tcp.eventloop)."""
 import asyncio
 
 import pytest

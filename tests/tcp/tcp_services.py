@@ -114,3 +114,65 @@ class TcpSecure(ServerMethodsBase):
     @raw_method
     def echo_raw(self, data):
         return data
+
+
+class TcpEcho(ServerMethodsBase):
+    """The service the tests that speak the protocol by hand (tcp_helpers.RawClient) talk to."""
+    port = 5871
+    name = "tcpt_echo"
+
+    @msgpack_method
+    def echo(self, data):
+        return data
+
+    @raw_method
+    def echo_raw(self, data):
+        return bytes(data)
+
+    @json_method
+    def echo_json(self, data):
+        return data
+
+    @pickle_method
+    def echo_pickle(self, data):
+        return data
+
+    @msgpack_method
+    def size_of(self, data):
+        return len(data)
+
+    @msgpack_method
+    def sleep(self, seconds, value=None):
+        time.sleep(seconds)
+        return value
+
+    @msgpack_method
+    def blob(self, n):
+        return b"b" * n
+
+    @msgpack_method
+    def mark(self, path):
+        """Leave a trace on disk: proves a call ran (whichever worker ran it)."""
+        with open(path, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        return True
+
+    @msgpack_method
+    def pid(self):
+        return os.getpid()
+
+
+class TcpSecretEcho(ServerMethodsBase):
+    """Served with a shared secret."""
+    port = 5872
+    name = "tcpt_secret_echo"
+
+    @msgpack_method
+    def echo(self, data):
+        return data
+
+    @msgpack_method
+    def mark(self, path):
+        with open(path, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        return True

@@ -1,0 +1,79 @@
+"""A service's log in the manager: lines from the workers' pipes (``LineSplitter``) and records
+written and kept (``ServiceLog``)."""
+import pytest
+
+from speedysvc.manager.logs import LineSplitter
+
+
+def feed_all(splitter, chunks):
+    """The lines each chunk completes, in order, then what ``rest()`` gives at the end."""
+    return [splitter.feed(chunk) for chunk in chunks], splitter.rest()
+
+
+@pytest.mark.parametrize("chunks, lines, rest", [
+    # nothing, or nothing complete
+    ([], [], []),
+    ([b""], [[]], []),
+    ([b"no end"], [[]], ["no end"]),
+    # whole lines, several at once, empty ones
+    ([b"one\n"], [["one"]], []),
+    ([b"one\ntwo\nthr"], [["one", "two"]], ["thr"]),
+    ([b"\n\n"], [["", ""]], []),
+    # a line across reads
+    ([b"ab", b"cd", b"ef\ngh"], [[], [], ["abcdef"]], ["gh"]),
+    ([b"ab", b"\n"], [[], ["ab"]], []),
+    # \r\n: the \r goes with the \n (and any other \r before it); one inside a line stays
+    ([b"a\r\nb\r\n"], [["a", "b"]], []),
+    ([b"a\r", b"\nb\n"], [[], ["a", "b"]], []),
+    ([b"x\r\r\n"], [["x"]], []),
+    ([b"a\rb\n"], [["a\rb"]], []),
+    # invalid UTF-8 is replaced, never raised; a character split across reads is whole
+    ([b"\xff\xfeok\n"], [["\ufffd\ufffdok"]], []),
+    ([b"caf\xc3", b"\xa9\n"], [[], ["caf\u00e9"]], []),
+    ([b"\xc3"], [[]], ["\ufffd"]),
+    ([b"\xe2\x82\xac \xe2\x82\n"], [["\u20ac \ufffd"]], []),
+])
+def test_lines_come_out_whole(chunks, lines, rest):
+    assert feed_all(LineSplitter(), chunks) == (lines, rest)
+
+
+@pytest.mark.parametrize("chunks, lines, rest", [
+    # at the limit a line waits for its end; beyond it, what came is cut off as a line
+    ([b"x" * 10], [[]], ["x" * 10]),
+    ([b"x" * 11], [["x" * 11]], []),
+    ([b"x" * 10, b"y"], [[], ["x" * 10 + "y"]], []),
+    ([b"x" * 11, b"tail\n"], [["x" * 11], ["tail"]], []),          # the rest of a cut line is a line of its own
+    ([b"ok\n" + b"z" * 11], [["ok", "z" * 11]], []),
+    ([b"x" * 30 + b"\n"], [["x" * 30]], []),                        # a long line that ends in the same read is whole
+    ([b"abcdefghij\xc3", b"\xa9\n"], [["abcdefghij\ufffd"], ["\ufffd"]], []),   # a character cut by the limit
+])
+def test_a_line_without_an_end_is_cut_at_the_limit(chunks, lines, rest):
+    assert feed_all(LineSplitter(limit=10), chunks) == (lines, rest)
+
+
+def test_the_default_limit_is_a_mebibyte():
+    splitter = LineSplitter()
+    assert splitter.feed(b"x" * (1 << 20)) == [] and splitter.feed(b"x") == ["x" * ((1 << 20) + 1)]
+    assert splitter.rest() == []
+
+
+def test_rest_empties_the_splitter():
+    splitter = LineSplitter()
+    assert splitter.feed(b"a\nb") == ["a"]
+    assert splitter.rest() == ["b"]
+    assert splitter.rest() == []
+    assert splitter.feed(b"c\n") == ["c"]
+
+
+def test_log_pipe_lines_that_are_not_records_are_kept_as_text(tmp_path):
+    from speedysvc.manager.logs import ServiceLog
+    log = ServiceLog(str(tmp_path / "s.log"), 1 << 20, 1)
+    for line in ("null", "[1, 2]", '{"t": 1e300, "l": "INFO", "m": "x"}', '{"no": "t"}', "not json"):
+        log.write_json_line(123, line)
+    log.write_json_line(123, '{"t": 1700000000.5, "l": "ERROR", "n": "svc", "m": "real"}')
+    recs = log.tail(0)
+    assert [r["message"] for r in recs[:5]] == ["null", "[1, 2]", '{"t": 1e300, "l": "INFO", "m": "x"}',
+                                                '{"no": "t"}', "not json"]
+    assert (recs[-1]["level"], recs[-1]["logger"], recs[-1]["message"]) == ("ERROR", "svc", "real")
+    log.close()
+    assert "ERROR svc: real" in (tmp_path / "s.log").read_text()

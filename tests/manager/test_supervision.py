@@ -1,0 +1,177 @@
+"""The manager supervises its services' workers: crashes are noticed and restarted (or the
+service marked failed), load scales the workers, stops let calls finish (within stop_timeout),
+a call running too long is killed, and a killed manager leaves no orphan behind."""
+import os
+import signal
+import threading
+import time
+
+import psutil
+import pytest
+
+from speedysvc import ServiceUnavailable, connect
+from conftest import our_segments, wait_until
+from manager_fixture import RunningManager, chatty_ini
+from services import Chatty, EchoServer
+
+
+CRASH_LOOP_INI = """
+    [EchoServer]
+    import_from=services
+
+    [CrashOnStart]
+    import_from=services
+    restart_backoff=0.05
+    crash_limit={crash_limit}
+
+    [web monitor]
+    port={{port}}
+"""
+
+
+def test_worker_crash_is_noticed_and_restarted(running):
+    m = running(chatty_ini(2, 2, "restart_backoff=0.1"))
+    before = {w["pid"] for w in m.service("Chatty")["worker_list"]}
+    victim = sorted(before)[0]
+    t = time.monotonic()
+    os.kill(victim, signal.SIGKILL)
+    m.wait(lambda: {w["pid"] for w in m.service("Chatty")["worker_list"] if w["serving"]} - before
+           and len(m.service("Chatty")["worker_list"]) == 2, 20, "a replacement worker")
+    assert time.monotonic() - t < 10
+    s = m.service("Chatty")
+    assert victim not in {w["pid"] for w in s["worker_list"]} and s["restarts"] == 1 and s["state"] == "running"
+    assert any("died (signal SIGKILL)" in r["message"] for r in m.get("/api/services/Chatty/logs")["records"])
+    with connect(Chatty) as c:
+        assert c.whoami() in {w["pid"] for w in s["worker_list"]}
+
+
+def test_crash_looping_service_is_marked_failed_and_others_run(running):
+    m = running(CRASH_LOOP_INI.format(crash_limit=3), wait_ready=False)
+    m.wait(lambda: m.service("CrashOnStart")["state"] == "failed", 60, "the service to be marked failed")
+    s = m.service("CrashOnStart")
+    assert "3 workers in a row" in s["failure"] and s["workers"] == 0
+    assert m.get("/readyz", ok_only=False) == 503
+    logs = m.get("/api/services/CrashOnStart/logs")["records"]
+    assert any("cannot load the model" in r["message"] for r in logs)
+    assert m.service("EchoServer")["state"] == "running"
+    with connect(EchoServer) as c:
+        assert c.echo_json("still") == "still"
+    status = m.cli("status")
+    assert "failed" in status.stdout and "CrashOnStart" in status.stdout
+
+
+def test_starting_a_failing_service_again_reports_the_failure(running):
+    m = running(CRASH_LOOP_INI.format(crash_limit=2), wait_ready=False)
+    m.wait(lambda: m.service("CrashOnStart")["state"] == "failed", 60, "failed")
+    code, body = m.post("/api/services/CrashOnStart/start")
+    assert code == 409 and "died within crash_window" in body["error"]
+    out = m.cli("start", "CrashOnStart")
+    assert out.returncode == 1
+
+
+def test_autoscaling_up_under_load_and_down_when_idle(running):
+    m = running(chatty_ini(1, 3, """
+        scale_interval=0.2
+        scale_up_cooldown=0.2
+        scale_down_after=1.0
+    """))
+    assert m.service("Chatty")["workers"] == 1
+    stop = threading.Event()
+
+    def load():
+        with connect(Chatty) as c:
+            while not stop.is_set():
+                c.burn(0.05)
+
+    threads = [threading.Thread(target=load) for _ in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        m.wait(lambda: m.service("Chatty")["workers"] == 3, 30, "scaling up to 3 workers")
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    m.wait(lambda: m.service("Chatty")["workers"] == 1, 30, "scaling back down to 1 worker")
+    records = [r["message"] for r in m.get("/api/services/Chatty/logs?q=autoscale")["records"]]
+    assert any("autoscale up" in r for r in records) and any("autoscale down" in r for r in records)
+
+
+def test_sigterm_lets_calls_in_flight_finish(running):
+    m = running(chatty_ini(2, 2))
+    results, errors = [], []
+
+    def call(i):
+        try:
+            with connect(Chatty) as c:
+                results.append(c.sleep(1.0, i))
+        except Exception as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    m.wait(lambda: m.service("Chatty")["in_flight"] == 2, 10, "two calls in flight")
+    assert m.stop(signal.SIGTERM) == 0
+    for t in threads:
+        t.join()
+    assert sorted(results) == [0, 1] and not errors
+    with pytest.raises(ServiceUnavailable):
+        connect(Chatty).whoami()
+
+
+def test_stop_timeout_kills_calls_that_run_too_long(running):
+    m = running(chatty_ini(1, 1, "stop_timeout=0.5"))
+    errors = []
+
+    def call():
+        try:
+            with connect(Chatty) as c:
+                c.sleep(20)
+        except Exception as e:
+            errors.append(e)
+
+    t = threading.Thread(target=call)
+    t.start()
+    m.wait(lambda: m.service("Chatty")["in_flight"] == 1, 10, "a call in flight")
+    t0 = time.monotonic()
+    assert m.stop(signal.SIGTERM) == 0
+    assert time.monotonic() - t0 < 10
+    t.join(10)
+    assert errors and isinstance(errors[0], ConnectionError)
+
+
+def test_call_timeout_kills_a_stuck_worker(running):
+    m = running(chatty_ini(1, 1, "call_timeout=0.5\nrestart_backoff=0.1"))
+    from speedysvc import WorkerDied
+    with connect(Chatty) as c:
+        t = time.monotonic()
+        with pytest.raises(WorkerDied):
+            c.sleep(30)
+        assert time.monotonic() - t < 10
+        m.wait(lambda: m.service("Chatty")["workers"] == 1 and m.service("Chatty")["worker_list"][0]["serving"])
+        assert c.sleep(0, "ok") == "ok"
+
+
+def test_manager_killed_leaves_no_orphans_and_next_start_is_clean(running, tmp_path):
+    m = running(chatty_ini(2, 2))
+    pids = [w["pid"] for w in m.service("Chatty")["worker_list"]]
+    with connect(Chatty) as c:
+        c.whoami()
+    m.stop(signal.SIGKILL)
+    assert wait_until(lambda: not any(psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"
+                                      for p in pids), timeout=10)
+    assert any(n.endswith(".chatty") for n in our_segments())  # left behind by the killed manager
+    m2 = running(chatty_ini(2, 2))
+    with connect(Chatty) as c:
+        assert c.whoami() in {w["pid"] for w in m2.service("Chatty")["worker_list"]}
+
+
+def test_second_manager_for_the_same_services_is_refused(running, tmp_path):
+    running(chatty_ini(1, 1))
+    other = tmp_path / "second"
+    other.mkdir()
+    m2 = RunningManager(other, chatty_ini(1, 1), wait_ready=False)
+    assert m2.proc.wait(60) == 1
+    assert "already served" in m2.output()
+    m2.out.close()

@@ -1,0 +1,112 @@
+"""A service's life under its clients: started (from a thread, while clients already call),
+stopped with calls running, restarted, owned twice, or its owner killed."""
+import subprocess
+import threading
+import time
+
+import pytest
+
+from speedysvc import LocalService, ServiceUnavailable, connect, shm
+from conftest import our_segments, wait_until
+from services import Other
+from shm_helpers import python_child
+
+
+def test_stop_lets_running_calls_finish_and_refuses_new_ones():
+    svc = LocalService(Other, workers=1).start()
+    c = connect(Other)
+    result = {}
+    th = threading.Thread(target=lambda: result.setdefault("v", c.sleep(0.5, "done")))
+    th.start()
+    time.sleep(0.2)
+    svc.stop()
+    th.join(5)
+    assert result.get("v") == "done"
+    with pytest.raises(ServiceUnavailable):
+        c.whoami()
+    c.close()
+
+
+def test_restarted_service_is_picked_up_by_a_connected_client():
+    with connect(Other) as c:
+        with LocalService(Other, workers=1) as first:
+            assert c.whoami() in first.pids
+        with pytest.raises(ServiceUnavailable):
+            c.whoami()
+        with LocalService(Other, workers=1) as second:
+            assert c.whoami() in second.pids
+
+
+def test_service_owner_killed_clients_get_unavailable_and_next_start_cleans_up():
+    code = """
+        import time
+        from speedysvc import LocalService
+        from services import Other
+        svc = LocalService(Other, workers=1).start()
+        print("up", flush=True)
+        time.sleep(60)
+    """
+    owner = python_child(code, stdout=subprocess.PIPE)
+    try:
+        assert owner.stdout.readline().strip() == b"up"
+        seg = shm.ServiceSegment.attach("other")
+        worker_pids = [w["pid"] for w in seg.workers()]
+        with connect(Other, timeout=10) as c:
+            assert c.whoami() in worker_pids
+            owner.kill()
+            owner.wait()
+            # workers notice their parent died and exit
+            assert wait_until(lambda: not any(shm.process_alive(p) for p in worker_pids), timeout=5)
+            t = time.monotonic()
+            with pytest.raises(ServiceUnavailable):
+                c.whoami()
+            assert time.monotonic() - t < 3
+        # stale segments are there now; a new owner removes them and serves
+        assert any(n.endswith(".other") for n in our_segments())
+        with LocalService(Other, workers=1) as svc, connect(Other) as c:
+            assert c.whoami() in svc.pids
+    finally:
+        owner.kill()
+
+
+def test_second_owner_of_a_running_service_is_refused():
+    from speedysvc import ServiceAlreadyRunning
+    with LocalService(Other, workers=1):
+        with pytest.raises(ServiceAlreadyRunning):
+            LocalService(Other, workers=1).start()
+
+
+def test_calls_made_while_local_service_starts_wait_for_the_workers():
+    svc = LocalService(Other, workers=1)
+    starter = threading.Thread(target=svc.start)
+    starter.start()
+    errors = []
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                with connect(Other) as c:
+                    assert c.sleep(0, "ok") == "ok"
+                break
+            except ServiceUnavailable as e:
+                errors.append(str(e))
+                time.sleep(0.005)
+        assert not [e for e in errors if "not running" not in e and "not a speedysvc" not in e], errors
+    finally:
+        starter.join()
+        svc.stop()
+
+
+def test_local_service_started_from_a_thread_that_ends_keeps_its_workers():
+    holder = []
+    th = threading.Thread(target=lambda: holder.append(LocalService(Other, workers=1).start()))
+    th.start()
+    th.join()
+    svc = holder[0]
+    try:
+        time.sleep(1.5)
+        assert all(p.poll() is None for p in svc.processes)
+        with connect(Other) as c:
+            assert c.whoami() in svc.pids
+    finally:
+        svc.stop()

@@ -1,0 +1,56 @@
+"""The manager's HTTP API: health and readiness, and what it refuses (forged requests, foreign
+host names, a missing access token)."""
+import subprocess
+import sys
+
+import pytest
+
+import web_helpers
+from manager_fixture import chatty_ini
+from web_helpers import fetch
+
+manager = web_helpers.manager
+
+
+def test_health_and_readiness(manager):
+    assert fetch(manager.url + "/healthz")[0] == 200
+    assert fetch(manager.url + "/readyz")[0] == 200
+    manager.post("/api/services/Chatty/stop")
+    assert manager.get("/readyz", ok_only=False) == 503
+
+
+def test_api_refuses_forged_requests(running):
+    m = running(chatty_ini())
+    code, body = m.post("/api/services/Chatty/stop", headers={"X-Speedysvc-Request": ""})
+    assert code == 403 and "X-Speedysvc-Request" in body["error"]
+    code, body = m.post("/api/services/Chatty/stop", headers={"Origin": "http://evil.example"})
+    assert code == 403
+    assert m.service("Chatty")["state"] == "running"
+    code, body = m.post("/api/services/Chatty/scale", {"workers": "x"})
+    assert code == 400
+    assert m.get("/healthz") == {"ok": True}
+
+
+def test_access_token(running):
+    m = running(chatty_ini(), env={"SPEEDYSVC_WEB_TOKEN": "s3cret"})
+    assert m.get("/api/status", ok_only=False) == 401
+    assert m.get("/healthz") == {"ok": True}
+    out = m.cli("status")
+    assert out.returncode == 1 and "token" in out.stderr
+    env_out = subprocess.run([sys.executable, "-m", "speedysvc.cli", "--url", m.url, "--token", "s3cret", "status"],
+                             capture_output=True, text=True, timeout=60)
+    assert env_out.returncode == 0 and "Chatty" in env_out.stdout
+
+
+def test_refuses_foreign_host_names_without_a_token(running):
+    """A page whose domain re-resolves to 127.0.0.1 (DNS rebinding) sends its own Host."""
+    import urllib.request
+    m = running(chatty_ini())
+    req = urllib.request.Request(m.url + "/api/services/Chatty/stop", data=b"{}", method="POST",
+                                 headers={"Host": f"evil.example:{m.port}", "Origin": f"http://evil.example:{m.port}",
+                                          "X-Speedysvc-Request": "1"})
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(req, timeout=10)
+    assert info.value.code == 421
+    assert m.service("Chatty")["state"] == "running"
+    assert m.get("/healthz") == {"ok": True}   # 127.0.0.1 still answers

@@ -1,0 +1,41 @@
+"""The web interface's pages over HTTP: every service rendered, nothing from elsewhere, and the
+access token given once then carried by a cookie."""
+import urllib.error
+
+import pytest
+
+import web_helpers
+from manager_fixture import RunningManager
+from web_helpers import INI, fetch
+
+manager = web_helpers.manager
+
+
+def test_pages_render_every_service(manager):
+    status, headers, html = fetch(manager.url + "/")
+    assert status == 200 and 'data-service="Chatty"' in html and 'data-service="EchoServer"' in html
+    assert "default-src 'self'" in headers["Content-Security-Policy"]
+    assert "https://" not in html   # nothing from a CDN: works offline
+    status, _, html = fetch(manager.url + "/services/Chatty")
+    assert status == 200 and "services:Chatty" in html and 'class="chart"' in html
+    for name in ("app.js", "style.css"):
+        assert fetch(f"{manager.url}/static/{name}")[0] == 200
+    with pytest.raises(urllib.error.HTTPError) as info:
+        fetch(manager.url + "/services/Nope")
+    assert info.value.code == 404
+
+
+def test_token_opens_the_pages_once_then_a_cookie_carries_it(tmp_path):
+    m = RunningManager(tmp_path, INI, env={"SPEEDYSVC_WEB_TOKEN": "t0ken"})
+    try:
+        with pytest.raises(urllib.error.HTTPError) as info:
+            fetch(m.url + "/")
+        assert info.value.code == 401
+        status, headers, _ = fetch(m.url + "/?token=t0ken")
+        cookie = headers["Set-Cookie"]
+        assert status == 200 and "HttpOnly" in cookie and "SameSite=Strict" in cookie
+        assert fetch(m.url + "/api/status", {"Cookie": cookie.split(";")[0]})[0] == 200
+        with pytest.raises(urllib.error.HTTPError):
+            fetch(m.url + "/api/status", {"Cookie": "speedysvc_token=wrong"})
+    finally:
+        m.stop()
