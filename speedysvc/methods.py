@@ -31,7 +31,7 @@ class MethodSpec:
 def codec_method(codec: codecs.Codec):
     """The decorator that exposes a server method using ``codec`` (``json_method`` is
     ``codec_method(codecs.JSON)``); for a codec of your own, after ``codecs.register``."""
-    if codecs.by_id(getattr(codec, "id", None)) is not codec:
+    if not isinstance(codec, codecs.Codec) or codecs.by_id(codec.id) is not codec:
         raise ValueError(f"{codec!r} is not a registered codec: codecs.register() it first")
 
     def decorate(func):

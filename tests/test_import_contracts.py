@@ -176,3 +176,19 @@ def test_a_client_process_loads_one_transport_and_nothing_of_the_serving_side(ad
     assert not any(matches(m, SERVING) for m in ours), sorted(ours)
     assert all(is_one_of(m, CLIENT) or m == "speedysvc._shmcore" for m in ours), sorted(ours)
     assert not any(matches(m, SERVER_STACK) for m in loaded), sorted(m for m in loaded if matches(m, SERVER_STACK))
+
+
+def test_importing_the_package_loads_the_public_api_and_the_codecs_only():
+    loaded = loaded_by("from speedysvc import connect, ClientMethodsBase, msgpack_method")
+    ours = {m for m in loaded if m.startswith("speedysvc")}
+    assert ours == {"speedysvc", "speedysvc._shmcore", "speedysvc.client", "speedysvc.codecs",
+                    "speedysvc.codecs.base", "speedysvc.codecs.json", "speedysvc.codecs.msgpack",
+                    "speedysvc.codecs.pickle", "speedysvc.codecs.raw", "speedysvc.errors", "speedysvc.methods",
+                    "speedysvc.transport"}
+    assert not any(matches(m, SERVER_STACK) for m in loaded)
+
+
+def test_local_service_is_still_importable_from_the_package():
+    from speedysvc import LocalService
+    from speedysvc.local import LocalService as direct
+    assert LocalService is direct

@@ -95,4 +95,4 @@ class LineSplitter:
 
     def rest(self) -> list[str]:
         rest, self.buf = self.buf, b""
-        return [rest.decode("utf-8", errors="replace")] if rest else []
+        return [rest.decode("utf-8", errors="replace").rstrip("\r")] if rest else []

@@ -71,7 +71,7 @@ def test_codec_method_refuses_a_codec_that_is_not_registered(registry_unchanged)
     impostor = make_codec(name="json", id=codecs.JSON.id)   # json's name and id, another instance
     with pytest.raises(ValueError, match="not a registered codec"):
         codec_method(impostor)
-    for not_a_codec in ("json", codecs.JSONCodec):
+    for not_a_codec in ("json", codecs.JSONCodec, None):
         with pytest.raises(ValueError, match="not a registered codec"):
             codec_method(not_a_codec)
 

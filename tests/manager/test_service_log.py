@@ -27,6 +27,7 @@ def feed_all(splitter, chunks):
     ([b"a\r", b"\nb\n"], [[], ["a", "b"]], []),
     ([b"x\r\r\n"], [["x"]], []),
     ([b"a\rb\n"], [["a\rb"]], []),
+    ([b"last\r"], [[]], ["last"]),                     # ...and at the end of what a process wrote
     # invalid UTF-8 is replaced, never raised; a character split across reads is whole
     ([b"\xff\xfeok\n"], [["\ufffd\ufffdok"]], []),
     ([b"caf\xc3", b"\xa9\n"], [[], ["caf\u00e9"]], []),
