@@ -121,9 +121,17 @@ class LocalService:
             host, _, port = self.tcp.partition(":")
         else:                                # host, or a bare IPv6 address
             host, port = self.tcp, ""
-        secret = self.tcp_secret.decode() if isinstance(self.tcp_secret, bytes) else self.tcp_secret
         try:
-            options = ServeOptions(host=host, port=int(port) if port else self.server_cls.port, secret=secret,
+            port = int(port) if port else self.server_cls.port
+        except ValueError:
+            raise ValueError(f"tcp={self.tcp!r}: the port must be a number") from None
+        if not isinstance(port, int):
+            raise ValueError(f"tcp={self.tcp!r} names no port and {self.server_cls.__qualname__}.port is {port!r}")
+        # the secret given, else the one the gateway's environment holds (as it would read it itself)
+        secret = self.tcp_secret or self._env().get(SECRET_ENV) or None
+        secret = secret.decode() if isinstance(secret, bytes) else secret
+        try:
+            options = ServeOptions(host=host, port=port, secret=secret,
                                    tls_cert=self.tcp_tls[0] if self.tcp_tls else None,
                                    tls_key=self.tcp_tls[1] if self.tcp_tls else None,
                                    allow_pickle=self.tcp_allow_pickle, max_payload=self.max_payload,

@@ -106,22 +106,35 @@ class FixedPolicy:
 POLICIES: dict[str, type] = {"default": DefaultPolicy, "fixed": FixedPolicy}
 
 
+def check_policy_name(name: str) -> None:
+    """ValueError unless ``name`` can name a policy (without importing anything)."""
+    module, sep, attr = name.partition(":")
+    if name not in POLICIES and not (sep and module and attr):
+        raise ValueError(f"must be one of {', '.join(POLICIES)}, or module:Class for a policy of your own")
+
+
 def policy_class(name: str, folder: str | None = None) -> type:
     """The policy ``autoscale = name`` selects: a name of ``POLICIES``, or ``module:Class``
-    (imported with ``folder``, the ini file's, on the path).  ValueError says what is wrong."""
+    (imported with ``folder``, the ini file's, on the path while it is imported).  ValueError
+    says what is wrong."""
+    check_policy_name(name)
     if name in POLICIES:
         return POLICIES[name]
-    module, sep, attr = name.partition(":")
-    if not sep or not module or not attr:
-        raise ValueError(f"must be one of {', '.join(POLICIES)}, or module:Class for a policy of your own")
-    if folder and folder not in sys.path:
+    module, _, attr = name.partition(":")
+    added = bool(folder) and folder not in sys.path
+    if added:
         sys.path.insert(0, folder)
     try:
         cls = getattr(importlib.import_module(module), attr)
     except Exception as e:
         raise ValueError(f"cannot import {name}: {type(e).__name__}: {e}") from None
-    if not callable(getattr(cls, "decide", None)):
-        raise ValueError(f"{name} has no decide(signals) method")
+    finally:
+        if added:
+            sys.path.remove(folder)
+    missing = [m for m in ("decide", "started", "scaled") if not callable(getattr(cls, m, None))]
+    if missing:
+        raise ValueError(f"{name} has no {', '.join(missing)} method: a policy has decide(signals), "
+                         f"started(now) and scaled(now)")
     return cls
 
 

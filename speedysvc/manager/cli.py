@@ -5,10 +5,12 @@
     speedysvc start|stop|restart SERVICE
     speedysvc scale SERVICE N
     speedysvc logs SERVICE [-f] [-n 50] [--level WARNING] [--grep TEXT]   (SERVICE may be "manager")
+    speedysvc web                         the web interface's address, with the token that logs a browser in
 
 The commands that talk to a running manager use its HTTP API at --url
-(default: the [web monitor] of -c/--config, else http://127.0.0.1:5155);
-the access token comes from --token or SPEEDYSVC_WEB_TOKEN.
+(default: the [web monitor] of -c/--config, else http://127.0.0.1:5155).
+The manager's own user needs no token on this host; the token comes from
+--token, SPEEDYSVC_WEB_TOKEN, or the file where a manager of this user keeps it.
 """
 from __future__ import annotations
 
@@ -17,7 +19,11 @@ import json
 import os
 import sys
 import urllib.error
+import urllib.parse
 import urllib.request
+
+from ..transport import is_loopback
+from .web import access
 
 DEFAULT_URL = "http://127.0.0.1:5155"
 
@@ -38,9 +44,20 @@ def _url_of(args) -> str:
     return DEFAULT_URL
 
 
+def _token(args) -> str | None:
+    """--token, SPEEDYSVC_WEB_TOKEN, or the token file of this user's manager at that address."""
+    token = args.token or os.environ.get("SPEEDYSVC_WEB_TOKEN")
+    if token:
+        return token
+    parts = urllib.parse.urlsplit(_url_of(args))
+    if parts.hostname and is_loopback(parts.hostname) and parts.port:
+        return access.read_token(parts.port)
+    return None
+
+
 def _request(args, method: str, path: str, body=None, stream: bool = False):
     headers = {"Accept": "application/json"}
-    token = args.token or os.environ.get("SPEEDYSVC_WEB_TOKEN")
+    token = _token(args)
     if token:
         headers["Authorization"] = f"Bearer {token}"
     data = None
@@ -107,13 +124,20 @@ def main(argv=None) -> int:
     p.add_argument("-n", "--lines", type=int, default=50)
     p.add_argument("--level", help="only records at least this severe")
     p.add_argument("--grep", help="only records containing this text")
+    sub.add_parser("web", help="print the web interface's address, with the token that logs a browser in")
     args = parser.parse_args(argv)
 
     if args.command == "run":
-        from .main import main as run_manager
+        from .manager import main as run_manager
         return run_manager([args.ini])
     try:
-        if args.command == "status":
+        if args.command == "web":
+            token = _token(args)
+            if token is None:
+                raise CommandError(f"no access token for {_url_of(args)}: is a manager of this user running there? "
+                                   f"(or pass --token)")
+            print(f"{_url_of(args)}/?token={token}")
+        elif args.command == "status":
             print_status(_request(args, "GET", "/api/status"))
         elif args.command in ("start", "stop", "restart"):
             s = _request(args, "POST", f"/api/services/{args.service}/{args.command}")

@@ -25,7 +25,8 @@ import re
 from dataclasses import dataclass, field
 
 
-from .autoscale import policy_class
+from ..transport import is_loopback
+from .autoscale import check_policy_name, policy_class
 
 
 class ConfigError(Exception):
@@ -136,7 +137,8 @@ SERVICE_ALIASES = {"tcp_bind": "bind_tcp"}
 WEB_KEYS = {
     "host": (_text, "127.0.0.1", "address of the web management interface"),
     "port": (_int(0), 5155, "port of the web management interface (0: do not start it)"),
-    "token": (_text, None, "access token; required when host is not a loopback address "
+    "token": (_text, None, "access token for users other than the manager's, and other hosts (default: one "
+                           "made at start; see speedysvc web); required when host is not a loopback address "
                            "(or set SPEEDYSVC_WEB_TOKEN)"),
 }
 
@@ -242,6 +244,9 @@ def load(path: str) -> ManagerConfig:
     if web_values["port"] > 65535:
         raise ConfigError(path, WEB_SECTION, "port", f"must be at most 65535, got {web_values['port']}")
     web_values["token"] = web_values["token"] or os.environ.get("SPEEDYSVC_WEB_TOKEN") or None
+    if web_values["port"] and not web_values["token"] and not is_loopback(web_values["host"]):
+        raise ConfigError(path, WEB_SECTION, "host", f"{web_values['host']} is not a loopback address: set token "
+                                                     f"(or the SPEEDYSVC_WEB_TOKEN environment variable)")
     web = WebConfig(**web_values)
 
     services = []
@@ -276,7 +281,7 @@ def load(path: str) -> ManagerConfig:
             raise ConfigError(path, section, "max_channels", "at most 4096")
         _check_tcp(path, section, folder, values)
         try:
-            policy_class(values["autoscale"], folder)
+            check_policy_name(values["autoscale"])   # (a policy of the user's is imported by the manager alone)
         except ValueError as e:
             raise ConfigError(path, section, "autoscale", f"{e}, got {values['autoscale']!r}") from None
         values["log_dir"] = os.path.join(folder, os.path.expanduser(values["log_dir"]))
@@ -295,7 +300,6 @@ def load(path: str) -> ManagerConfig:
 
 def _check_tcp(path: str, section: str, folder: str, values: dict) -> None:
     from ..tcp.options import SECRET_ENV
-    from ..transport import is_loopback
     host = values["bind_tcp"]
     values["tcp_secret"] = values["tcp_secret"] or os.environ.get(SECRET_ENV) or None
     for key in ("tcp_tls_cert", "tcp_tls_key"):
@@ -315,6 +319,16 @@ def _check_tcp(path: str, section: str, folder: str, values: dict) -> None:
                                                              "set tcp_secret too")
     if values["tcp_tls_key"] and not values["tcp_tls_cert"]:
         raise ConfigError(path, section, "tcp_tls_key", "needs tcp_tls_cert")
+
+
+def check_policies(config: ManagerConfig) -> None:
+    """Import the autoscaling policies of the user's own that the services name (the manager does
+    this at start; a command that only reads the file does not)."""
+    for s in config.services:
+        try:
+            policy_class(s.autoscale, config.folder)
+        except ValueError as e:
+            raise ConfigError(config.path, s.section, "autoscale", f"{e}, got {s.autoscale!r}") from None
 
 
 def check_unique(config: ManagerConfig) -> None:

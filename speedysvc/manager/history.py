@@ -39,9 +39,6 @@ class History:
     def __iter__(self):
         return iter(self.points)
 
-    def __len__(self) -> int:
-        return len(self.points)
-
     def latest(self) -> dict:
         return self.points[-1] if self.points else {}
 

@@ -265,7 +265,11 @@ class ServicePool:
             return   # workers are being replaced or still starting (importing costs CPU): not load
         cpu = sum(w.cpu for w in live) / len(live) if live else 0.0
         self.signals = {"pending": pending, "busy": busy, "cpu": cpu}
-        change = self.policy.decide(Signals(len(live), pending, busy, cpu, now))
+        try:
+            change = self.policy.decide(Signals(len(live), pending, busy, cpu, now))
+        except Exception:
+            log.exception("%s: the autoscaling policy failed; the workers stay as they are", self.cfg.section)
+            return
         n = max(self.cfg.min_proc_num, min(self.cfg.max_proc_num, len(live) + change))
         if n > len(live):
             self._set_target(n, f"autoscale up (waiting {pending:.1f}, busy {busy:.0%}, cpu {cpu:.0%})")

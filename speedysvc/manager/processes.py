@@ -117,10 +117,6 @@ class WorkerSet:
             self.loop.add_reader(fd, self._output, w, fd)
         return w
 
-    def signal_all(self, sig: int) -> None:
-        for w in list(self.workers.values()):
-            w.signal(sig)
-
     def sample(self) -> None:
         for w in self.workers.values():
             w.sample()

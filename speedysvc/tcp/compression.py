@@ -21,6 +21,7 @@ except ImportError:  # pragma: no cover - cramjam is a dependency; zlib still wo
 
 _LENGTH = struct.Struct("<Q")
 DEFAULT_MIN_SIZE = 4096     # payloads below this are sent as they are
+LARGE_PAYLOAD = 1 << 20     # the gateway (de)compresses this much or more in a thread, not on its loop
 LAZY_SIZE = 1 << 20
 ZLIB_SLICE = 16 << 10       # compressed bytes inflated at a time: at most ~16 MiB out
 

@@ -17,14 +17,14 @@ from ..errors import AuthenticationFailed, PayloadTooLarge, ProtocolError, Servi
     encode_exception
 from . import compression
 from . import framing as fr
-from .inflate import LARGE_PAYLOAD
+from .compression import LARGE_PAYLOAD
 
 if TYPE_CHECKING:
     from .server import TcpServer
 
 log = logging.getLogger("speedysvc.tcp")
 
-SMALL_WRITE = 64 << 10        # below this, header and payload go out in one write
+SMALL_WRITE = fr.SMALL_FRAME  # below this, header and payload go out in one write
 CLOSE_GRACE = 5.0             # seconds a closed connection gets to flush its last bytes
 TCP_INFO_SIZE, TCPI_BYTES_ACKED = 136, 120   # Linux's struct tcp_info: its size, tcpi_bytes_acked (u64)
 

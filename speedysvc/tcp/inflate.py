@@ -11,10 +11,10 @@ read.  The budget is freed as soon as each call is posted.
 from __future__ import annotations
 
 from . import compression
+from .compression import LARGE_PAYLOAD
+from .framing import SMALL_FRAME
 
-SMALL = 64 << 10          # at most this is always inflated on the loop
-LARGE_PAYLOAD = 1 << 20   # (de)compressing this much or more is done in a thread, not on the loop
-INFLATE_RATIO = 32        # ...and so is inflating a call above SMALL that grows more than this
+INFLATE_RATIO = 32        # a call above SMALL_FRAME that grows more than this is inflated in a thread too
 
 
 class InflateBudget:
@@ -25,7 +25,7 @@ class InflateBudget:
     @staticmethod
     def needs_thread(size: int, arrived: int) -> bool:
         """Whether a call stating ``size`` bytes, which came in ``arrived``, is inflated in a thread."""
-        return size >= LARGE_PAYLOAD or size > SMALL and size > INFLATE_RATIO * arrived
+        return size >= LARGE_PAYLOAD or size > SMALL_FRAME and size > INFLATE_RATIO * arrived
 
     def fits(self, size: int) -> bool:
         return not self.inflating or self.inflating + size <= self.budget

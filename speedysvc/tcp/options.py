@@ -11,12 +11,14 @@ import argparse
 import dataclasses
 import os
 import ssl
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 from ..shm import DEFAULT_MAX_PAYLOAD
 from ..transport import is_loopback
+from .framing import as_secret
 
 SECRET_ENV = "SPEEDYSVC_TCP_SECRET"
+NOT_ON_THE_COMMAND_LINE = ("secret", "tls_context")   # the secret comes in the environment
 
 
 def inflight_for(max_channels: int) -> int:
@@ -29,9 +31,11 @@ def inflight_for(max_channels: int) -> int:
 class ServeOptions:
     host: str = "127.0.0.1"
     port: int = 0                       # 0: any free port (see TcpServer.port once started)
-    secret: str | None = None           # clients must prove it; required unless host is loopback
+    secret: str | bytes | None = None   # clients must prove it; required unless host is loopback ("": none)
     tls_cert: str | None = None         # PEM certificate (chain): serve over TLS
     tls_key: str | None = None          # its private key, if not in the same file
+    # ...or an SSLContext made by the caller (client certificates, ciphers); in this process only
+    tls_context: ssl.SSLContext | None = field(default=None, compare=False, repr=False)
     allow_pickle: bool = False          # codecs that are not network-safe, for authenticated clients
     max_payload: int = DEFAULT_MAX_PAYLOAD
     max_connections: int = 10000
@@ -44,6 +48,7 @@ class ServeOptions:
     inflate_budget: int = 256 << 20     # bytes of large compressed calls inflated at once
 
     def __post_init__(self):
+        object.__setattr__(self, "secret", as_secret(self.secret))   # (frozen) "" and b"" are no secret
         if self.secret is None and not is_loopback(self.host):
             raise ValueError(f"a TCP service bound to {self.host} (not loopback) needs a shared secret "
                              f"(tcp_secret in service.ini, or the {SECRET_ENV} environment variable)")
@@ -51,6 +56,8 @@ class ServeOptions:
             raise ValueError("pickle over TCP is only allowed to authenticated clients: set a secret too")
         if self.tls_key and not self.tls_cert:
             raise ValueError("tls_key needs tls_cert")
+        if self.tls_context is not None and self.tls_cert:
+            raise ValueError("give tls_cert (and tls_key) or tls_context, not both")
 
     @property
     def per_connection(self) -> int:
@@ -60,6 +67,8 @@ class ServeOptions:
         return self.max_inflight_per_connection or max(1, self.max_inflight // 4)
 
     def ssl_context(self) -> ssl.SSLContext | None:
+        if self.tls_context is not None:
+            return self.tls_context
         if not self.tls_cert:
             return None
         ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -72,10 +81,12 @@ class ServeOptions:
     # -- a command line for ``python -m speedysvc.tcp.serve`` ----------------------------------
     def to_argv(self) -> list[str]:
         """These options as ``speedysvc.tcp.serve`` flags (every one but the secret)."""
+        if self.tls_context is not None:
+            raise ValueError("an SSLContext cannot be passed to another process: give tls_cert and tls_key")
         argv = []
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name == "secret" or value is None or value == f.default:
+            if f.name in NOT_ON_THE_COMMAND_LINE or value is None or value == f.default:
                 continue
             flag = "--" + f.name.replace("_", "-")
             if f.type == "bool":
@@ -87,7 +98,7 @@ class ServeOptions:
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
         for f in fields(cls):
-            if f.name == "secret":
+            if f.name in NOT_ON_THE_COMMAND_LINE:
                 continue
             flag = "--" + f.name.replace("_", "-")
             if f.type == "bool":
@@ -98,5 +109,5 @@ class ServeOptions:
 
     @classmethod
     def from_arguments(cls, args: argparse.Namespace, environ=os.environ) -> "ServeOptions":
-        values = {f.name: getattr(args, f.name) for f in fields(cls) if f.name != "secret"}
-        return cls(secret=environ.get(SECRET_ENV) or None, **values)
+        values = {f.name: getattr(args, f.name) for f in fields(cls) if f.name not in NOT_ON_THE_COMMAND_LINE}
+        return cls(secret=environ.get(SECRET_ENV), **values)

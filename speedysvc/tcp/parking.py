@@ -28,9 +28,10 @@ class Parking:
         self.count -= 1
         return conn.parked.popleft()
 
-    def drop(self, conn) -> list:
-        """The answers parked for ``conn`` (which ended): they will never be sent."""
-        dropped = [pending for _, pending in conn.parked]
-        conn.parked.clear()
-        self.count -= len(dropped)
-        return dropped
+    def drop(self, conn):
+        """The answers parked for ``conn`` (which ended), one at a time, each taken out as it is
+        given: they will never be sent."""
+        while conn.parked:
+            _, pending = conn.parked.popleft()
+            self.count -= 1
+            yield pending

@@ -1,5 +1,6 @@
 """The autoscaling policies' decisions, as tables; how service.ini selects a policy; the load
 signals a pool measures; the call watchdog."""
+import sys
 import textwrap
 import types
 
@@ -7,7 +8,7 @@ import pytest
 
 from speedysvc.manager import autoscale, watchdog
 from speedysvc.manager.autoscale import DefaultPolicy, FixedPolicy, LoadMeter, Signals, busy_ns, policy_class
-from speedysvc.manager.config import SERVICE_KEYS, ConfigError, load
+from speedysvc.manager.config import SERVICE_KEYS, ConfigError, check_policies, load
 
 
 def config(**changes):
@@ -103,10 +104,22 @@ def test_policies_are_chosen_by_name_or_as_module_and_class(tmp_path):
     """))
     cls = policy_class("mypolicies:Burst", str(tmp_path))
     assert cls.__name__ == "Burst" and cls(config()).decide(Signals(1, 1.0, 0, 0, 0)) == 2
+    (tmp_path / "halfpolicies.py").write_text("class OnlyDecides:\n    def decide(self, signals): return 0\n")
     for bad, says in [("fastest", "must be one of default, fixed"), ("nosuchmodule:X", "cannot import"),
-                      ("mypolicies:Nope", "cannot import"), ("os:path", "no decide")]:
+                      ("mypolicies:Nope", "cannot import"), ("os:path", "no decide"),
+                      ("halfpolicies:OnlyDecides", "has no started, scaled method")]:
         with pytest.raises(ValueError, match=says):
             policy_class(bad, str(tmp_path))
+    assert str(tmp_path) not in sys.path   # (on the path only while the policy was imported)
+
+
+def test_a_policy_of_the_users_is_imported_when_the_manager_starts_not_when_the_file_is_read(tmp_path):
+    ini = tmp_path / "service.ini"
+    ini.write_text("[Echo]\nimport_from=echo\nautoscale=nosuchpolicies:Policy\n")
+    cfg = load(str(ini))   # (what `speedysvc status -c service.ini` does)
+    with pytest.raises(ConfigError) as e:
+        check_policies(cfg)
+    assert str(e.value).startswith("service.ini, section [Echo], key autoscale: cannot import nosuchpolicies:Policy")
 
 
 def test_service_ini_selects_the_policy_and_a_bad_one_names_file_section_and_key(tmp_path):

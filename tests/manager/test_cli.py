@@ -64,3 +64,13 @@ def test_cli_logs_and_follow(running):
     finally:
         follow.kill()
         follow.wait()
+
+
+def test_the_manager_is_what_speedysvc_manager_names():
+    """The package keeps the names the single module had (loaded when asked for)."""
+    import speedysvc.manager as manager_package
+    from speedysvc.manager.manager import Manager, describe_services, main
+    assert (manager_package.Manager, manager_package.main, manager_package.describe_services) == \
+        (Manager, main, describe_services)
+    with pytest.raises(AttributeError):
+        manager_package.nothing_of_that_name

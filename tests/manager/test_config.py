@@ -124,4 +124,5 @@ def test_manager_refuses_to_start_on_bad_configuration(tmp_path, ini, words):
 
 def test_manager_refuses_a_web_interface_beyond_loopback_without_token(tmp_path):
     out = run_manager(tmp_path, "[web monitor]\nhost=0.0.0.0\nport=5191\n[EchoServer]\nimport_from=services\n")
-    assert out.returncode == 1 and "without an access token" in out.stderr
+    assert out.returncode == 2, out.stderr
+    assert "service.ini, section [web monitor], key host: 0.0.0.0 is not a loopback address: set token" in out.stderr

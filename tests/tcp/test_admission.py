@@ -91,7 +91,7 @@ def test_parked_answers_are_counted_until_sent_or_dropped():
     assert parking.next(a) is None                     # its client still does not read
     a.backlogged = False
     assert parking.next(a) == (1, "p1") and parking.count == 1
-    assert parking.drop(a) == ["p2"] and parking.count == 0 and not a.parked
+    assert list(parking.drop(a)) == ["p2"] and parking.count == 0 and not a.parked
     assert counters["replies_parked"] == 2
 
 

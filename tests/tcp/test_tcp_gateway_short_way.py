@@ -137,7 +137,9 @@ short_way_frames = st.builds(
                                                                     len(payload)) + name + payload,
     st.sampled_from([b"echo", b"size_of", b"no_such", b"\xff\xfe"]) | st.binary(min_size=1, max_size=fr.MAX_NAME),
     st.sampled_from([c.flags for c in (MSGPACK, RAW, JSON, codecs.PICKLE)]) | st.integers(0, 2**32 - 1),
-    st.integers(0, 2**32 - 1), st.sampled_from([0, 1, 10000]), st.binary(max_size=200),
+    # (no timeout short enough to fire: whether a call outlives 1 ms depends on the machine's load,
+    # and one that times out leaves its channel to the worker, so the next finds none free)
+    st.integers(0, 2**32 - 1), st.sampled_from([0, 10000]), st.binary(max_size=200),
     st.sampled_from([0, 0, 0, fr.F_COMPRESSED]))
 
 

@@ -6,7 +6,7 @@ import pytest
 
 import web_helpers
 from manager_fixture import RunningManager
-from web_helpers import INI, fetch
+from web_helpers import INI, NOBODY, fetch, fetch_as
 
 manager = web_helpers.manager
 
@@ -26,16 +26,14 @@ def test_pages_render_every_service(manager):
 
 
 def test_token_opens_the_pages_once_then_a_cookie_carries_it(tmp_path):
+    """For a user other than the manager's (its own needs no token)."""
     m = RunningManager(tmp_path, INI, env={"SPEEDYSVC_WEB_TOKEN": "t0ken"})
     try:
-        with pytest.raises(urllib.error.HTTPError) as info:
-            fetch(m.url + "/")
-        assert info.value.code == 401
-        status, headers, _ = fetch(m.url + "/?token=t0ken")
+        assert fetch_as(NOBODY, m.url + "/")[0] == 403
+        status, headers, _ = fetch_as(NOBODY, m.url + "/?token=t0ken")
         cookie = headers["Set-Cookie"]
         assert status == 200 and "HttpOnly" in cookie and "SameSite=Strict" in cookie
-        assert fetch(m.url + "/api/status", {"Cookie": cookie.split(";")[0]})[0] == 200
-        with pytest.raises(urllib.error.HTTPError):
-            fetch(m.url + "/api/status", {"Cookie": "speedysvc_token=wrong"})
+        assert fetch_as(NOBODY, m.url + "/api/status", {"Cookie": cookie.split(";")[0]})[0] == 200
+        assert fetch_as(NOBODY, m.url + "/api/status", {"Cookie": "speedysvc_token=wrong"})[0] == 403
     finally:
         m.stop()

@@ -1,7 +1,9 @@
 """What the web interface's tests share: a manager running two services with the web interface
 on a free port, HTTP requests, and a headless Chromium."""
+import json
 import os
 import shutil
+import urllib.error
 import urllib.request
 
 import pytest
@@ -67,3 +69,40 @@ def browser():
 def shot(page, name):
     os.makedirs(ARTIFACTS, exist_ok=True)
     page.screenshot(path=os.path.join(ARTIFACTS, name), full_page=True)
+
+
+NOBODY = 65534
+
+
+def fetch_as(uid, url, headers=None, method="GET", data=None):
+    """``(status, headers, body)`` of a request made from a process of another user (``uid``): a
+    fork of this one that drops to that uid before connecting (every module it needs is loaded
+    beforehand: the other user may not read this Python's files).  Needs root."""
+    if os.getuid() != 0:
+        pytest.skip("making a request as another user needs root")
+    req = urllib.request.Request(url, data=data, headers=headers or {}, method=method)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:   # the child: another user from here on
+        code = 1
+        try:
+            os.close(read)
+            os.setgroups([])
+            os.setgid(uid)
+            os.setuid(uid)
+            try:
+                with urllib.request.urlopen(req, timeout=10) as r:
+                    status, head, body = r.status, dict(r.headers), r.read()
+            except urllib.error.HTTPError as e:
+                status, head, body = e.code, dict(e.headers), e.read()
+            os.write(write, json.dumps([status, head, body.decode(errors="replace")]).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write)
+    with os.fdopen(read, "rb") as f:
+        out = f.read()
+    _, code = os.waitpid(pid, 0)
+    assert code == 0, "the request as another user failed in its process"
+    status, head, body = json.loads(out)
+    return status, head, body

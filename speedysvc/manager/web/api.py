@@ -1,23 +1,26 @@
 """The manager's HTTP API (JSON), used by the ``speedysvc`` command and the web interface.
 
 Reads the manager's state only (never the transports).  Documented in
-docs/http-api.md.  State-changing requests are POSTs that must carry the header
+docs/http-api.md.  Who may use it is ``access``'s business: the manager's own
+user over loopback, anyone with the access token (``Authorization: Bearer
+<token>``, or a browser that opened ``/?token=...`` once); /healthz and /readyz
+are open.  State-changing requests are POSTs that must carry the header
 ``X-Speedysvc-Request: 1`` (a browser cannot add it to a cross-site request
 without a CORS preflight, which is never granted) and, when an Origin header
-is present, come from this server's own origin.  When the manager is bound to
-anything but loopback, every request except /healthz and /readyz needs the
-access token (``Authorization: Bearer <token>``).
+is present, come from this server's own origin.
 """
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import secrets
 
 from aiohttp import web
 
 from ...transport import is_loopback
 from ..logs import matches
+from . import access
 
 CSRF_HEADER = "X-Speedysvc-Request"
 OPEN_PATHS = {"/healthz", "/readyz"}
@@ -38,23 +41,38 @@ def _host_name(host: str) -> str:
     return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
 
 
+def _supplied_token(request: web.Request) -> tuple[str, bool]:
+    """(the token a request carries, whether it came in the query string)."""
+    supplied = request.headers.get("Authorization", "").removeprefix("Bearer ").strip() \
+        or request.cookies.get(TOKEN_COOKIE, "")
+    if not supplied and request.query.get("token"):
+        return request.query["token"], True
+    return supplied, False
+
+
 @web.middleware
 async def _guard(request: web.Request, handler):
     token = request.app["token"]
-    # Without a token, only names of this host are served: a page elsewhere whose domain
-    # re-resolves to 127.0.0.1 (DNS rebinding) sends its own name as Host and is refused.
-    if not token and _host_name(request.host or "").lower() not in request.app["hosts"]:
-        return _error(421, f"this server answers to {', '.join(sorted(request.app['hosts']))}, "
-                           f"not {request.host!r}")
     from_query = False
-    if token and request.path not in OPEN_PATHS and not request.path.startswith("/static/"):
-        supplied = request.headers.get("Authorization", "").removeprefix("Bearer ").strip() \
-            or request.cookies.get(TOKEN_COOKIE, "")
-        if not supplied and request.query.get("token"):
-            supplied, from_query = request.query["token"], True
-        if not secrets.compare_digest(supplied.encode(), token.encode()):
-            return _error(401, "an access token is required (Authorization: Bearer <token>, "
-                               "or open the page once as /?token=<token>)")
+    if request.path not in OPEN_PATHS and not request.path.startswith("/static/"):
+        supplied, from_query = _supplied_token(request)
+        if not (token and secrets.compare_digest(supplied.encode(), token.encode())):
+            from_query = False
+            transport = request.transport
+            uid = access.peer_uid(transport.get_extra_info("peername"), transport.get_extra_info("sockname")) \
+                if transport is not None else None
+            if not access.trusted_uid(uid):
+                who = "another host" if uid is None else f"uid {uid}"
+                return _error(401 if uid is None else 403,
+                              f"this manager serves its own user (uid {os.getuid()}); a request from {who} needs "
+                              f"the access token (Authorization: Bearer <token>, or open the page once as "
+                              f"/?token=<token>; `speedysvc web` prints that URL for the manager's user)")
+            # Trusted for its uid, without a token: only names of this host are served, so that a
+            # page elsewhere whose domain re-resolves to 127.0.0.1 (DNS rebinding) and that sends
+            # its own name as Host is refused.
+            if _host_name(request.host or "").lower() not in request.app["hosts"]:
+                return _error(421, f"this server answers to {', '.join(sorted(request.app['hosts']))}, "
+                                   f"not {request.host!r}")
     if request.method not in ("GET", "HEAD", "OPTIONS"):
         if request.headers.get(CSRF_HEADER) != "1":
             return _error(403, f"state-changing requests need the header {CSRF_HEADER}: 1")
@@ -177,15 +195,38 @@ def make_app(manager, token: str | None = None, host: str = "127.0.0.1") -> web.
     return app
 
 
-async def start_web(manager, web_cfg) -> tuple[web.AppRunner, str]:
-    """Start the API (and web interface) on the configured address; returns (runner, url)."""
-    if not is_loopback(web_cfg.host) and not web_cfg.token:
+class WebServer:
+    """The manager's HTTP side, running: its ``url``, and the token that lets others in, kept in
+    a file only the manager's user can read (``access.token_path``) while it runs."""
+
+    def __init__(self, runner: web.AppRunner, url: str, token: str, token_file: str):
+        self.runner, self.url, self.token, self.token_file = runner, url, token, token_file
+
+    @property
+    def login_url(self) -> str:
+        return f"{self.url}/?token={self.token}"
+
+    async def close(self) -> None:
+        access.remove_token(self.token_file, self.token)
+        await self.runner.cleanup()
+
+
+async def start_web(manager, web_cfg) -> WebServer:
+    """Start the API (and web interface) on the configured address, with the configured token or
+    one made now."""
+    if not is_loopback(web_cfg.host) and not web_cfg.token:   # (config.load says so first)
         raise OSError(f"the web interface would listen on {web_cfg.host}, beyond this host, without an access "
                       f"token: set token in [web monitor] or SPEEDYSVC_WEB_TOKEN")
-    app = make_app(manager, web_cfg.token, web_cfg.host)
+    token, token_file = access.write_token(web_cfg.port, web_cfg.token)
+    app = make_app(manager, token, web_cfg.host)
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
-    await runner.setup()
-    site = web.TCPSite(runner, web_cfg.host, web_cfg.port, shutdown_timeout=1.0)
-    await site.start()
+    try:
+        await runner.setup()
+        site = web.TCPSite(runner, web_cfg.host, web_cfg.port, shutdown_timeout=1.0)
+        await site.start()
+    except BaseException:
+        access.remove_token(token_file, token)
+        await runner.cleanup()
+        raise
     host = f"[{web_cfg.host}]" if ":" in web_cfg.host else web_cfg.host
-    return runner, f"http://{host}:{web_cfg.port}"
+    return WebServer(runner, f"http://{host}:{web_cfg.port}", token, token_file)

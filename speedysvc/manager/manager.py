@@ -11,6 +11,7 @@ removes what it left in /dev/shm.
 from __future__ import annotations
 
 import asyncio
+import getpass
 import json
 import logging
 import os
@@ -64,6 +65,7 @@ def describe_services(cfg: ManagerConfig) -> None:
     if error is not None:
         raise error
     configmod.check_unique(cfg)
+    configmod.check_policies(cfg)
 
 
 class Manager:
@@ -85,7 +87,7 @@ class Manager:
         root.setLevel(logging.INFO)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
-        runner = None
+        web = None
         try:
             cfg = self.config
             log.info("manager %d starting %d service(s) from %s", os.getpid(), len(cfg.services), cfg.path)
@@ -93,8 +95,10 @@ class Manager:
                 self.pools[s.section] = ServicePool(s, cfg.folder, loop)
             if cfg.web.port:
                 from .web.api import start_web
-                runner, self.web_url = await start_web(self, cfg.web)
-                log.info("web interface on %s", self.web_url)
+                web = await start_web(self, cfg.web)
+                self.web_url = web.url
+                log.info("web interface on %s (for user %s; others need the token: speedysvc web)",
+                         web.url, getpass.getuser())
             results = await asyncio.gather(*(p.start() for p in self.pools.values()), return_exceptions=True)
             for pool, result in zip(self.pools.values(), results):
                 if isinstance(result, ServiceAlreadyRunning):
@@ -110,8 +114,8 @@ class Manager:
             log.info("stopping")
         finally:
             await asyncio.gather(*(p.stop() for p in self.pools.values()), return_exceptions=True)
-            if runner is not None:
-                await runner.cleanup()
+            if web is not None:
+                await web.close()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
             log.info("manager stopped")
