@@ -19,14 +19,14 @@ import time
 
 from . import _shmcore as core
 from . import shm
-from .shm.worker import worker_argv, worker_env
+from .shm.worker import FILE_MODULE, worker_argv, worker_env
 from .tcp.options import SECRET_ENV, ServeOptions, inflight_for
 
 
 def target_of(server_cls) -> str:
     """How a worker process finds the class: ``module:Qualname`` or ``file.py:Qualname``."""
     module = sys.modules.get(server_cls.__module__)
-    if server_cls.__module__ in ("__main__", "__mp_main__") or module is None:
+    if server_cls.__module__ in ("__main__", "__mp_main__", FILE_MODULE) or module is None:
         path = getattr(module, "__file__", None)
         if not path:
             raise ValueError(f"{server_cls.__qualname__} is defined where a worker cannot import it "

@@ -21,6 +21,15 @@ CODEC_SHIFT = 8
 MAX_CODEC_ID = 63   # the TCP gateway's mask of refused codecs is one 64-bit word
 
 
+def reason(e: BaseException) -> str:
+    """What went wrong, in words: the exception's message, or when it has none (msgpack's
+    StackError, for one) its type and what that type's docstring says."""
+    if str(e):
+        return str(e)
+    doc = (type(e).__doc__ or "").strip().splitlines() if type(e).__module__ != "builtins" else []
+    return f"{type(e).__name__}: {doc[0]}" if doc else type(e).__name__
+
+
 class Codec:
     """Base class.  Subclasses set ``name``, ``id`` and two plain callables,
     ``dumps(obj) -> bytes`` and ``loads(bytes-like) -> obj``, which the hot
@@ -63,13 +72,13 @@ class Codec:
                 return self.dumps([args, kwargs]), self.flags | FLAG_KWARGS
             return self.dumps(args), self.flags
         except Exception as e:
-            raise EncodeError(f"cannot encode the arguments of {method}() with {self.name}: {e}") from e
+            raise EncodeError(f"cannot encode the arguments of {method}() with {self.name}: {reason(e)}") from e
 
     def decode_args(self, method: str, data, flags: int):
         try:
             value = self.loads(data)
         except Exception as e:
-            raise DecodeError(f"cannot decode the arguments of {method}() with {self.name}: {e}") from None
+            raise DecodeError(f"cannot decode the arguments of {method}() with {self.name}: {reason(e)}") from None
         if flags & FLAG_KWARGS:
             if (not isinstance(value, (list, tuple)) or len(value) != 2
                     or not isinstance(value[0], (list, tuple)) or not isinstance(value[1], dict)):
@@ -83,7 +92,7 @@ class Codec:
         try:
             return self.dumps(value)
         except Exception as e:
-            raise EncodeError(f"cannot encode the return value of {method}() with {self.name}: {e}") from e
+            raise EncodeError(f"cannot encode the return value of {method}() with {self.name}: {reason(e)}") from e
 
     def decode_result(self, method: bytes, data):
         """A successful response's value: ``loads_fast``, else ``loads_checked``
@@ -99,7 +108,7 @@ class Codec:
             return self.loads(data)
         except Exception as e:
             raise DecodeError(f"cannot decode the response of {method.decode(errors='replace')}() "
-                              f"with {self.name}: {e}") from None
+                              f"with {self.name}: {reason(e)}") from None
 
     @staticmethod
     def remote_error(data):

@@ -23,6 +23,7 @@ from .dispatch import STATUS_ERROR, Dispatcher
 from .logpipe import setup_worker_logging
 
 HOUSEKEEPING_INTERVAL = 1.0
+FILE_MODULE = "__speedysvc_main__"   # the name a class's module loaded from a file path gets
 PARENT_DEATH_ENV = "SPEEDYSVC_PARENT_DEATH_SIGNAL"
 
 log = logging.getLogger("speedysvc.worker")
@@ -50,7 +51,7 @@ def load_target(target: str):
         raise ValueError(f"target must be 'module:Class' or 'file.py:Class', got {target!r}")
     if module_name.endswith(".py"):
         path = os.path.abspath(module_name)
-        spec = importlib.util.spec_from_file_location("__speedysvc_main__", path)
+        spec = importlib.util.spec_from_file_location(FILE_MODULE, path)
         if spec is None or spec.loader is None:
             raise ImportError(f"cannot load {path}")
         module = importlib.util.module_from_spec(spec)

@@ -24,6 +24,9 @@ def test_undecodable_payload(client):
                                codecs.MSGPACK, 5)
     with pytest.raises(DecodeError):
         client._transport.call(b"echo_json", b"{not json", codecs.JSON.flags, codecs.JSON, 5)
+    # nested deeper than msgpack decodes: its error says nothing of itself, ours says what it is
+    with pytest.raises(DecodeError, match=r"with msgpack: StackError: Too nested$"):
+        client._transport.call(b"echo_msgpack", b"\x91" * 3000 + b"\xc0", flags, codecs.MSGPACK, 5)
     assert client.echo_msgpack("still fine") == "still fine"
 
 

@@ -74,3 +74,16 @@ def test_the_manager_is_what_speedysvc_manager_names():
         (Manager, main, describe_services)
     with pytest.raises(AttributeError):
         manager_package.nothing_of_that_name
+
+
+def test_logs_into_a_pipe_closed_early_end_quietly(running):
+    """``speedysvc logs X | head -1``: the reader goes, the command ends with no traceback."""
+    m = running(chatty_ini())
+    with connect(Chatty) as c:
+        for i in range(200):
+            c.log("INFO", f"record {i} " + "x" * 200)
+    m.wait(lambda: len(m.get("/api/services/Chatty/logs?lines=0")["records"]) > 150)
+    cmd = f"{sys.executable} -m speedysvc.cli --url {m.url} logs Chatty -n 0 | head -1"
+    out = subprocess.run(["bash", "-o", "pipefail", "-c", cmd], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count("\n") == 1 and "Traceback" not in out.stderr and "BrokenPipe" not in out.stderr

@@ -110,3 +110,44 @@ def test_local_service_started_from_a_thread_that_ends_keeps_its_workers():
             assert c.whoami() in svc.pids
     finally:
         svc.stop()
+
+
+def test_python_m_speedysvc_local_serves_a_class_from_a_file(tmp_path):
+    """``python -m speedysvc.local path/file.py:Class``, as the README has it."""
+    import os
+    import signal
+    import sys
+    import textwrap
+    from speedysvc import ServerMethodsBase, msgpack_method
+    (tmp_path / "fileservice.py").write_text(textwrap.dedent("""\
+        import os
+        from speedysvc import ServerMethodsBase, msgpack_method
+
+        class FromFile(ServerMethodsBase):
+            port, name = 5791, "from_file"
+
+            @msgpack_method
+            def pid(self):
+                return os.getpid()
+    """))
+
+    class FromFile(ServerMethodsBase):   # the client's side of it
+        port, name = 5791, "from_file"
+
+        @msgpack_method
+        def pid(self):
+            pass
+
+    proc = subprocess.Popen([sys.executable, "-m", "speedysvc.local", f"{tmp_path}/fileservice.py:FromFile",
+                             "--workers", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=tmp_path, env=dict(os.environ))
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("serving 'from_file' with 2 workers"), (line, proc.stderr.read() if not line else "")
+        with connect(FromFile, timeout=10) as c:
+            assert c.pid() != os.getpid()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        proc.stdout.close()
+        proc.stderr.close()

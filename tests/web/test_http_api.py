@@ -26,8 +26,12 @@ def test_api_refuses_forged_requests(running):
     code, body = m.post("/api/services/Chatty/stop", headers={"Origin": "http://evil.example"})
     assert code == 403
     assert m.service("Chatty")["state"] == "running"
-    code, body = m.post("/api/services/Chatty/scale", {"workers": "x"})
-    assert code == 400
+    for workers in ("x", "2", 2.9, True, None, [2]):
+        code, body = m.post("/api/services/Chatty/scale", {"workers": workers})
+        assert code == 400 and "whole number" in body["error"], workers
+    assert m.service("Chatty")["target_workers"] == 1
+    for lines in ("-5", "x", "1.5"):
+        assert m.get(f"/api/services/Chatty/logs?lines={lines}", ok_only=False) == 400, lines
     assert m.get("/healthz") == {"ok": True}
 
 

@@ -136,10 +136,11 @@ def make_app(manager, token: str | None = None, host: str = "127.0.0.1") -> web.
     async def scale(request):
         pool = pool_or_404(request.match_info["name"])
         try:
-            body = await request.json()
-            workers = int(body["workers"])
+            workers = (await request.json())["workers"]
         except (ValueError, KeyError, TypeError):
-            return _error(400, 'send {"workers": N}')
+            workers = None
+        if workers.__class__ is not int:   # (not 2.9, not true, not "2")
+            return _error(400, 'the number of workers must be a whole number: {"workers": N}')
         try:
             pool.scale(workers)
         except (ValueError, RuntimeError) as e:
@@ -155,7 +156,9 @@ def make_app(manager, token: str | None = None, host: str = "127.0.0.1") -> web.
         try:
             lines = int(q.get("lines", "200"))
         except ValueError:
-            return _error(400, "lines must be a number")
+            lines = -1
+        if lines < 0:
+            return _error(400, "lines must be a whole number >= 0 (0: all that are kept)")
         records = log_of(request.match_info["name"]).tail(lines, q.get("level"), q.get("q"))
         return _json({"records": records})
 
