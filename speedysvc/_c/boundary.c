@@ -1,6 +1,7 @@
 /*
- * The Python side as C sees it: the interned names of names.h, and reading
- * attributes of Python objects.
+ * The Python side as C sees it: the interned names of names.h, reading
+ * attributes of Python objects, and calling a Python hook with an exception
+ * pending.
  */
 #include "core.h"
 
@@ -36,4 +37,16 @@ int size_attr(PyObject *obj, PyObject *name, uint64_t *out) {
     }
     *out = r;
     return 0;
+}
+
+/* obj.<name>(a, b) with an exception pending (a signal handler's, most likely),
+ * which stays the one raised: what the call itself raises is written as
+ * unraisable, since the first exception is what the caller must see. */
+void call_keeping_error(PyObject *obj, PyObject *name, PyObject *a, PyObject *b) {
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    PyObject *r = PyObject_CallMethodObjArgs(obj, name, a, b, NULL);
+    if (r) Py_DECREF(r);
+    else PyErr_WriteUnraisable(obj);
+    PyErr_Restore(type, value, tb);
 }

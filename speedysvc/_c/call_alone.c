@@ -109,6 +109,13 @@ static int claim_alone(PyObject *conn, PyObject *call_id) {
     return rc < 0 ? -1 : 1;
 }
 
+/* An exception (a signal handler's, most likely) while the reader's turn is ours: the
+ * connection cannot be trusted.  conn._unregister(call_id, True) ends the turn, forgets the
+ * call and drops the connection, as call() would; the exception stays the one raised. */
+static void end_turn_on_error(PyObject *conn, PyObject *call_id) {
+    call_keeping_error(conn, s_unregister, call_id, Py_True);
+}
+
 /* A continuation raised: if that happened before its own clean-up could run (an exception
  * from a signal handler at its very start), the call is still registered and the reader's
  * turn still taken, and nobody else would ever end them: end them here, as call() would. */
@@ -116,14 +123,10 @@ static void settle_if_registered(PyObject *conn, PyObject *call_id) {
     PyObject *type, *value, *tb;
     PyErr_Fetch(&type, &value, &tb);
     PyObject *waiting = PyObject_GetAttr(conn, s_waiting_c);
-    int still = waiting ? PyDict_Contains(waiting, call_id) : -1;
+    int still = waiting ? PyDict_Contains(waiting, call_id) : -1;   /* (-1: cannot tell, so end them) */
     Py_XDECREF(waiting);
-    if (still) {
-        PyErr_Clear();
-        PyObject *r = PyObject_CallMethodObjArgs(conn, s_unregister, call_id, Py_True, NULL);
-        if (r) Py_DECREF(r); else PyErr_WriteUnraisable(conn);
-    }
-    PyErr_Restore(type, value, tb);
+    PyErr_Restore(type, value, tb);   /* (what the check raised, if anything, is dropped) */
+    if (still) end_turn_on_error(conn, call_id);
 }
 
 /* Calls conn.<method>(call_id, exc) with the pending exception (which it must raise again or replace). */
@@ -300,13 +303,7 @@ PyObject *m_call_alone(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
     }
     goto out;
 interrupted:   /* an exception while the reader's turn is ours: the connection cannot be trusted */
-    {
-        PyObject *type, *value, *tb;
-        PyErr_Fetch(&type, &value, &tb);
-        PyObject *r = PyObject_CallMethodObjArgs(conn, s_unregister, call_id, Py_True, NULL);
-        if (r) Py_DECREF(r); else PyErr_WriteUnraisable(conn);
-        PyErr_Restore(type, value, tb);
-    }
+    end_turn_on_error(conn, call_id);
 out:
     Py_DECREF(lock);
     return result;

@@ -21,6 +21,30 @@
  *
  * Linux only: futex(2) on a word of a MAP_SHARED mapping (no FUTEX_PRIVATE,
  * since the waiters are different processes).
+ *
+ * What the GIL protects.  These units take no lock of their own: what they
+ * share with Python's threads stays consistent because the GIL is held from
+ * one Python call to the next.  A build for free-threaded Python must give
+ * each of these a lock (or a critical section) first:
+ *   - an attachment's free-channel list (Channels.free): channel.c looks at it
+ *     and pops from it, and reads `closed` and appends to it, with no Python
+ *     code in between, where ShmTransport._give_back needs a second look;
+ *   - the transport's attachment (ShmTransport._channels, and Channels.region
+ *     and .free read from it): read once per call and held (a reference) for
+ *     the call, while another thread may drop or replace it;
+ *   - the gateway's counters dict: count() reads, adds and stores;
+ *   - the connection's fields that call_alone reads and writes under its
+ *     `lock` (broken, reading, waiting, the parser's state), as
+ *     BlockingConnection does; last_read it stores without the lock, as
+ *     Python does, an attribute store the GIL makes whole;
+ *   - borrowed references (PyList_GET_ITEM, PyDict_GetItemWithError) to items
+ *     of containers other threads may change: used before any Python code
+ *     runs, or a reference is taken first (serve's channels and handlers);
+ *   - the module-level state: the msgpack fallbacks (set_msgpack swaps them;
+ *     a call takes a reference first), and the names and objects made once at
+ *     import.  The spin budgets and the load sample (region.c) are hints,
+ *     read and written with or without the GIL: a stale value costs a spin or
+ *     a sleep, never a wrong answer.
  */
 #ifndef SPEEDYSVC_CORE_H
 #define SPEEDYSVC_CORE_H
@@ -157,6 +181,21 @@ PyObject *R_reply(Region *self, PyObject *const *args, Py_ssize_t nargs);
 PyObject *R_serve(Region *self, PyObject *const *args, Py_ssize_t nargs);
 int serve_init(void);
 
+/* channel.c: a transport's channel for one call made in C */
+typedef struct {
+    PyObject *chans;   /* transport._channels, the attachment */
+    PyObject *free;    /* chans.free */
+    PyObject *ch;      /* the channel, ours from channel_take until given back or aborted */
+    PyObject *svc;     /* chans.region: the service segment (a Region) */
+    PyObject *data;    /* ch.region: the channel's data segment (a Region) */
+    long slot;         /* ch.slot */
+} taken_channel;
+#define TAKEN_CHANNEL_INIT {NULL, NULL, NULL, NULL, NULL, -1}
+int channel_take(PyObject *transport, taken_channel *c);
+int channel_give_back(PyObject *transport, taken_channel *c);
+void channel_abort(PyObject *transport, taken_channel *c);
+void channel_release(taken_channel *c);
+
 /* shm_method.c, gateway.c */
 extern PyTypeObject ShmMethodType, GatewayType;
 
@@ -173,6 +212,7 @@ PYTHON_NAMES(DECLARE_NAME)
 int names_init(void);
 long long int_attr(PyObject *obj, PyObject *name);
 int size_attr(PyObject *obj, PyObject *name, uint64_t *out);
+void call_keeping_error(PyObject *obj, PyObject *name, PyObject *a, PyObject *b);
 
 #pragma GCC visibility pop
 

@@ -100,8 +100,8 @@ static PyObject *GW_call(Gateway *self, PyObject *const *args, size_t nargsf, Py
     int rc = PyObject_GetBuffer(buf_obj, &buf, PyBUF_SIMPLE);
     Py_DECREF(buf_obj);
     if (rc < 0) return NULL;
-    PyObject *chans = NULL, *svc = NULL, *free = NULL, *ch = NULL, *data = NULL, *slot_obj = NULL, *got = NULL,
-             *result = NULL;
+    taken_channel c = TAKEN_CHANNEL_INIT;
+    PyObject *got = NULL, *result = NULL;
     if (n > buf.len) goto none;
     const unsigned char *p = buf.buf;
     uint16_t name_len; uint32_t call_id, arg; uint64_t length;
@@ -111,29 +111,16 @@ static PyObject *GW_call(Gateway *self, PyObject *const *args, size_t nargsf, Py
         || (uint64_t)n != FRAME_HEADER + name_len + length || refused_codec(self, arg))
         goto none;
     /* a channel, as ShmMethod takes one */
-    if (!(chans = PyObject_GetAttr(self->transport, s_channels))) goto done;
-    if (chans == Py_None) goto none;
-    if (!(svc = PyObject_GetAttr(chans, s_chans_region))) goto done;
-    if (!PyObject_TypeCheck(svc, &RegionType)) goto none;
-    if (!(free = PyObject_GetAttr(chans, s_free))) goto done;
-    if (!PyList_CheckExact(free) || PyList_GET_SIZE(free) == 0) goto none;
-    Py_ssize_t last = PyList_GET_SIZE(free) - 1;
-    ch = Py_NewRef(PyList_GET_ITEM(free, last));
-    if (PyList_SetSlice(free, last, last + 1, NULL) < 0) { Py_CLEAR(ch); goto done; }
+    int taken = channel_take(self->transport, &c);
+    if (taken < 0) goto done;
+    if (taken == 0) goto none;
     /* from here on the channel is ours: every path gives it back or hands it to Python */
     if (count(self->counters, k_bytes_in, n) < 0) goto abort;
-    data = PyObject_GetAttr(ch, s_ch_region);
-    slot_obj = data ? PyObject_GetAttr(ch, s_slot) : NULL;
-    long slot = slot_obj ? PyLong_AsLong(slot_obj) : -1;
-    if (slot == -1 && PyErr_Occurred()) goto abort;
-    if (!PyObject_TypeCheck(data, &RegionType) || check_slot((Region *)svc, slot)) {
-        if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "bad channel");
-        goto abort;
-    }
+    Region *svc = (Region *)c.svc, *data = (Region *)c.data;
     Py_buffer name = {.buf = (void *)(p + FRAME_HEADER), .len = name_len};
     Py_buffer payload = {.buf = (void *)(p + FRAME_HEADER + name_len), .len = (Py_ssize_t)length};
-    rc = post_call(((Region *)svc)->base, slot, (Region *)data, &name, &payload, arg);
-    got = rc > 0 ? PyLong_FromLong(rc) : collect_channel((Region *)svc, slot, (Region *)data, 0.0, rc < 0);
+    rc = post_call(svc->base, c.slot, data, &name, &payload, arg);
+    got = rc > 0 ? PyLong_FromLong(rc) : collect_channel(svc, c.slot, data, 0.0, rc < 0);
     if (!got || PyErr_CheckSignals() < 0) goto abort;
     uint32_t status = 0;
     PyObject *body = got;
@@ -144,42 +131,25 @@ static PyObject *GW_call(Gateway *self, PyObject *const *args, size_t nargsf, Py
         body = PyTuple_GET_ITEM(got, 1);
     }
     if (!PyBytes_CheckExact(body)) {   /* in flight still, or an answer to read the long way */
-        result = PyTuple_Pack(3, chans, ch, got);
+        result = PyTuple_Pack(3, c.chans, c.ch, got);
         goto done;
     }
     if (!(result = reply_frame(call_id, status, body))) goto abort;
-    PyObject *closed = PyObject_GetAttr(chans, s_closed);
-    if (!closed || (closed == Py_False && PyList_Append(free, ch) < 0)) {   /* (out of memory) */
-        Py_XDECREF(closed);
-        Py_CLEAR(result);
-        goto abort;   /* which gives the channel back */
-    }
-    if (closed != Py_False) {   /* closed while the call ran: Python frees the channel */
-        PyObject *r = PyObject_CallMethodObjArgs(self->transport, s_give_back, chans, ch, NULL);
-        if (r) Py_DECREF(r); else Py_CLEAR(result);
-    }
-    Py_DECREF(closed);
+    if (channel_give_back(self->transport, &c) < 0) Py_CLEAR(result);
     if (result && (count(self->counters, k_calls, 1) < 0 || count(self->counters, k_answered, 1) < 0
                    || count(self->counters, k_bytes_out, PyBytes_GET_SIZE(result)) < 0
                    || (status && count(self->counters, k_errors, 1) < 0)))
         Py_CLEAR(result);
     goto done;
 abort:   /* an error (a signal handler's exception, most likely) with the channel ours: settle it */
-    {
-        PyObject *type, *value, *tb;
-        PyErr_Fetch(&type, &value, &tb);
-        PyObject *r = PyObject_CallMethodObjArgs(self->transport, s_abort, chans, ch, NULL);
-        if (r) Py_DECREF(r);
-        else PyErr_WriteUnraisable(self->transport);
-        PyErr_Restore(type, value, tb);
-    }
+    channel_abort(self->transport, &c);
     goto done;
 none:
     result = Py_NewRef(Py_None);
 done:
     PyBuffer_Release(&buf);
-    Py_XDECREF(chans); Py_XDECREF(svc); Py_XDECREF(free); Py_XDECREF(ch); Py_XDECREF(data); Py_XDECREF(slot_obj);
     Py_XDECREF(got);
+    channel_release(&c);
     return result;
 }
 

@@ -25,17 +25,6 @@ static PyObject *SM_fallback(ShmMethod *self, PyObject *const *args, size_t narg
     return PyObject_Vectorcall(self->fallback, args, nargsf, kwnames);
 }
 
-/* The wait raised (a signal handler's exception): settle the channel, re-raise. */
-static PyObject *SM_abort(ShmMethod *self, PyObject *chans, PyObject *ch) {
-    PyObject *type, *value, *tb;
-    PyErr_Fetch(&type, &value, &tb);
-    PyObject *r = PyObject_CallMethodObjArgs(self->transport, s_abort, chans, ch, NULL);
-    if (r) Py_DECREF(r);
-    else PyErr_WriteUnraisable(self->transport);   /* the interruption is what the caller must see */
-    PyErr_Restore(type, value, tb);
-    return NULL;
-}
-
 static PyObject *SM_call(ShmMethod *self, PyObject *const *args, size_t nargsf, PyObject *kwnames) {
     Py_ssize_t n = PyVectorcall_NARGS(nargsf);
     if (kwnames && PyTuple_GET_SIZE(kwnames)) return SM_fallback(self, args, nargsf, kwnames);
@@ -55,63 +44,35 @@ static PyObject *SM_call(ShmMethod *self, PyObject *const *args, size_t nargsf, 
             return SM_fallback(self, args, nargsf, kwnames);
         }
     }
-    PyObject *chans = NULL, *free = NULL, *ch = NULL, *svc = NULL, *data = NULL, *slot_obj = NULL, *got = NULL,
-             *result = NULL;
-    chans = PyObject_GetAttr(self->transport, s_channels);
-    if (!chans) goto done;
-    if (chans == Py_None) goto slow;   /* not attached yet */
-    svc = PyObject_GetAttr(chans, s_chans_region);
-    if (!svc) goto done;
-    if (!PyObject_TypeCheck(svc, &RegionType)) goto slow;
-    free = PyObject_GetAttr(chans, s_free);
-    if (!free) goto done;
-    if (!PyList_CheckExact(free) || PyList_GET_SIZE(free) == 0) goto slow;
-    Py_ssize_t last = PyList_GET_SIZE(free) - 1;
-    ch = Py_NewRef(PyList_GET_ITEM(free, last));
-    if (PyList_SetSlice(free, last, last + 1, NULL) < 0) { Py_CLEAR(ch); goto done; }
-    /* from here on the channel is ours: every path gives it back */
-    data = PyObject_GetAttr(ch, s_ch_region);
-    slot_obj = data ? PyObject_GetAttr(ch, s_slot) : NULL;
-    long slot = slot_obj ? PyLong_AsLong(slot_obj) : -1;
-    if (slot == -1 && PyErr_Occurred()) { result = SM_abort(self, chans, ch); goto done; }
-    if (!PyObject_TypeCheck(data, &RegionType) || check_slot((Region *)svc, slot)) {
-        if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "bad channel");
-        result = SM_abort(self, chans, ch);
+    taken_channel c = TAKEN_CHANNEL_INIT;
+    PyObject *got = NULL, *result = NULL;
+    int taken = channel_take(self->transport, &c);
+    if (taken < 0) goto done;
+    if (taken == 0) {   /* the transport does the rest in Python, with the arguments already encoded */
+        result = PyObject_CallMethodObjArgs(self->transport, s_call, self->name, payload, self->flags_obj,
+                                            self->codec, self->timeout, NULL);
         goto done;
     }
-    got = call_channel((Region *)svc, slot, (Region *)data, self->name, payload, self->flags, self->slice);
+    /* the channel is ours: every path below gives it back */
+    got = call_channel((Region *)c.svc, c.slot, (Region *)c.data, self->name, payload, self->flags, self->slice);
     /* A signal that came while spinning is handled here, while the channel is still
      * ours to settle: the next Python code to run might not give it back. */
-    if (!got || PyErr_CheckSignals() < 0) { result = SM_abort(self, chans, ch); goto done; }
+    if (!got || PyErr_CheckSignals() < 0) { channel_abort(self->transport, &c); goto done; }
     if (PyBytes_CheckExact(got)) {
         result = PyObject_CallOneArg(self->loads, got);
         if (result) {
-            PyObject *closed = PyObject_GetAttr(chans, s_closed);
-            if (!closed || (closed == Py_False && PyList_Append(free, ch) < 0)) {   /* (out of memory) */
-                Py_XDECREF(closed);
-                Py_CLEAR(result);
-                result = SM_abort(self, chans, ch);   /* which gives the channel back */
-                goto done;
-            }
-            if (closed != Py_False) {   /* closed while the call ran: Python frees the channel */
-                PyObject *r = PyObject_CallMethodObjArgs(self->transport, s_give_back, chans, ch, NULL);
-                if (r) Py_DECREF(r); else Py_CLEAR(result);
-            }
-            Py_DECREF(closed);
+            if (channel_give_back(self->transport, &c) < 0) Py_CLEAR(result);
             goto done;
         }
-        if (!PyErr_ExceptionMatches(PyExc_Exception)) { result = SM_abort(self, chans, ch); goto done; }
+        if (!PyErr_ExceptionMatches(PyExc_Exception)) { channel_abort(self->transport, &c); goto done; }
         PyErr_Clear();   /* _resume decodes it in Python and reports what is wrong */
     }
-    result = PyObject_CallMethodObjArgs(self->transport, s_resume, chans, ch, got, self->name, payload,
+    result = PyObject_CallMethodObjArgs(self->transport, s_resume, c.chans, c.ch, got, self->name, payload,
                                         self->flags_obj, self->codec, self->timeout, NULL);
-    goto done;
-slow:   /* the transport does the rest in Python, with the arguments already encoded */
-    result = PyObject_CallMethodObjArgs(self->transport, s_call, self->name, payload, self->flags_obj, self->codec,
-                                        self->timeout, NULL);
 done:
-    Py_XDECREF(payload); Py_XDECREF(chans); Py_XDECREF(free); Py_XDECREF(svc); Py_XDECREF(ch);
-    Py_XDECREF(data); Py_XDECREF(slot_obj); Py_XDECREF(got);
+    Py_DECREF(payload);
+    Py_XDECREF(got);
+    channel_release(&c);
     return result;
 }
 
