@@ -260,9 +260,10 @@ PyObject *m_call_alone(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
         const unsigned char *p = buf.buf;
         uint16_t name_len; uint32_t rid, status; uint64_t length;
         if (n >= FRAME_HEADER) {
-            memcpy(&name_len, p + 2, 2); memcpy(&rid, p + 4, 4); memcpy(&status, p + 8, 4); memcpy(&length, p + 16, 8);
+            memcpy(&name_len, p + FRAME_NAME_LEN, 2); memcpy(&rid, p + FRAME_CALL_ID, 4);
+            memcpy(&status, p + FRAME_ARG, 4); memcpy(&length, p + FRAME_LENGTH, 8);
         }
-        if (n >= FRAME_HEADER && p[0] == FRAME_REPLY && !p[1] && !name_len && rid == (uint32_t)id
+        if (n >= FRAME_HEADER && p[FRAME_KIND] == FRAME_REPLY && !p[FRAME_FLAGS] && !name_len && rid == (uint32_t)id
             && length <= max_payload && (uint64_t)n == FRAME_HEADER + length) {
             PyObject *st = PyLong_FromUnsignedLong(status);
             PyObject *payload = st ? PyBytes_FromStringAndSize((const char *)p + FRAME_HEADER, (Py_ssize_t)length) : NULL;

@@ -45,11 +45,11 @@ static PyObject *reply_frame(uint32_t call_id, uint32_t status, PyObject *body) 
     if (!frame) return NULL;
     unsigned char *p = (unsigned char *)PyBytes_AS_STRING(frame);
     memset(p, 0, FRAME_HEADER);
-    p[0] = FRAME_REPLY;
+    p[FRAME_KIND] = FRAME_REPLY;
     uint64_t length = (uint64_t)len;
-    memcpy(p + 4, &call_id, 4);        /* little-endian: the project's target is x86-64 / arm64 Linux */
-    memcpy(p + 8, &status, 4);
-    memcpy(p + 16, &length, 8);
+    memcpy(p + FRAME_CALL_ID, &call_id, 4);        /* little-endian: the project's target is x86-64 / arm64 Linux */
+    memcpy(p + FRAME_ARG, &status, 4);
+    memcpy(p + FRAME_LENGTH, &length, 8);
     memcpy(p + FRAME_HEADER, PyBytes_AS_STRING(body), len);
     return frame;
 }
@@ -105,9 +105,10 @@ static PyObject *GW_call(Gateway *self, PyObject *const *args, size_t nargsf, Py
     if (n > buf.len) goto none;
     const unsigned char *p = buf.buf;
     uint16_t name_len; uint32_t call_id, arg; uint64_t length;
-    memcpy(&name_len, p + 2, 2); memcpy(&call_id, p + 4, 4); memcpy(&arg, p + 8, 4); memcpy(&length, p + 16, 8);
+    memcpy(&name_len, p + FRAME_NAME_LEN, 2); memcpy(&call_id, p + FRAME_CALL_ID, 4);
+    memcpy(&arg, p + FRAME_ARG, 4); memcpy(&length, p + FRAME_LENGTH, 8);
     /* (a frame that is not right is left to the parser, which says what is wrong with it) */
-    if (p[0] != FRAME_CALL || p[1] || name_len < 1 || name_len > FRAME_MAX_NAME || length > max_payload
+    if (p[FRAME_KIND] != FRAME_CALL || p[FRAME_FLAGS] || name_len < 1 || name_len > FRAME_MAX_NAME || length > max_payload
         || (uint64_t)n != FRAME_HEADER + name_len + length || refused_codec(self, arg))
         goto none;
     /* a channel, as ShmMethod takes one */
@@ -120,9 +121,10 @@ static PyObject *GW_call(Gateway *self, PyObject *const *args, size_t nargsf, Py
     Py_buffer name = {.buf = (void *)(p + FRAME_HEADER), .len = name_len};
     Py_buffer payload = {.buf = (void *)(p + FRAME_HEADER + name_len), .len = (Py_ssize_t)length};
     rc = post_call(svc->base, c.slot, data, &name, &payload, arg);
-    got = rc > 0 ? PyLong_FromLong(rc) : collect_channel(svc, c.slot, data, 0.0, rc < 0);
+    got = rc == CALL_TOO_BIG || rc == CALL_NOT_SERVING ? PyLong_FromLong(rc)
+        : collect_channel(svc, c.slot, data, 0.0, rc == POSTED_WOKE);
     if (!got || PyErr_CheckSignals() < 0) goto abort;
-    uint32_t status = 0;
+    uint32_t status = STATUS_OK;
     PyObject *body = got;
     if (PyTuple_CheckExact(got) && PyTuple_GET_SIZE(got) == 2) {   /* (status, bytes): a small error response */
         unsigned long st = PyLong_AsUnsignedLong(PyTuple_GET_ITEM(got, 0));
@@ -138,7 +140,7 @@ static PyObject *GW_call(Gateway *self, PyObject *const *args, size_t nargsf, Py
     if (channel_give_back(self->transport, &c) < 0) Py_CLEAR(result);
     if (result && (count(self->counters, k_calls, 1) < 0 || count(self->counters, k_answered, 1) < 0
                    || count(self->counters, k_bytes_out, PyBytes_GET_SIZE(result)) < 0
-                   || (status && count(self->counters, k_errors, 1) < 0)))
+                   || (status != STATUS_OK && count(self->counters, k_errors, 1) < 0)))
         Py_CLEAR(result);
     goto done;
 abort:   /* an error (a signal handler's exception, most likely) with the channel ours: settle it */

@@ -38,13 +38,17 @@
 #define H_WORKERS        4096
 #define W_SIZE           64
 #define W_PID            0
-#define W_STATE          4     /* 0 free, 1 idle, 2 busy */
+#define W_STATE          4     /* WORKER_FREE, WORKER_IDLE or WORKER_BUSY */
 #define W_CALLS          8
 #define W_BUSY_NS        16
 #define W_STARTED_NS     24
 #define W_ERRORS         32
 #define W_CLAIM_NS       40
 #define W_START_TICKS    48    /* u64, the worker's start time (clock ticks), against pid reuse */
+/* worker states (W_STATE) */
+#define WORKER_FREE      0     /* the entry is unused */
+#define WORKER_IDLE      1
+#define WORKER_BUSY      2     /* running a call it claimed */
 
 /* ---- the channel table -------------------------------------------------- */
 #define H_CHANNELS       8192
@@ -66,6 +70,9 @@
 #define C_RESP_OFF       72
 #define C_RESP_LEN       80
 #define C_WORKER_CPU     88    /* where the worker ran when it claimed */
+/* the owner field (C_OWNER_PID) of a channel being reclaimed: whoever CASes a
+ * dead owner's pid to this frees the channel, and nobody else touches it */
+#define CHANNEL_RECLAIMING 0xFFFFFFFFu
 
 #define MAX_CHANNELS_LIMIT 4096
 #define MAX_WORKERS      64
@@ -98,18 +105,48 @@
 #define ST_WAITING   0x10u
 #define ST_PID_SHIFT 8
 
+/* a response's status (C_STATUS), which a TCP reply frame carries as it is */
+#define STATUS_OK    0
+#define STATUS_ERROR 1
+
+/* What Region.post returns: posted, or posted and a sleeping worker had to be
+ * woken for it (Region.collect wants to know)... */
+#define POSTED       0
+#define POSTED_WOKE  (-1)
+/* ...and what Region.post and Region.call return when they have no response
+ * in hand (call returns a small response itself, as bytes or (status, bytes)) */
+#define CALL_TOO_BIG     1   /* the request does not fit the channel's data segment: nothing posted */
+#define CALL_NOT_SERVING 2   /* the service is not serving: nothing posted */
+#define CALL_PENDING     3   /* still in flight at the timeout */
+#define CALL_READY       4   /* answered: read it with wait_reply (a large response, or one
+                                in a data segment the worker grew) */
+
 /* A response of at most this many bytes comes back from Region.call as bytes;
  * a larger one is read with wait_reply. */
 #define SMALL_RESPONSE 65536
+/* A request of at most this many bytes is handed to a method as bytes (cheaper
+ * to make than a view); a larger one, or any to a raw method, as a read-only
+ * view into the channel. */
+#define SMALL_REQUEST  4096
 
 /* ---- the TCP frame (docs/tcp-protocol.md) --------------------------------
  * framing.FRAME ("<BBHIIIQ"): kind, flags, name length, call id, codec flags /
  * status, timeout (ms), payload length; little-endian, as the project's
  * targets (x86-64 / arm64 Linux) are. */
-#define FRAME_HEADER 24
-#define FRAME_CALL 1
-#define FRAME_REPLY 2
-#define FRAME_MAX_NAME 64
+#define FRAME_HEADER     24
+#define FRAME_KIND       0     /* u8: FRAME_CALL, FRAME_REPLY or FRAME_GOAWAY */
+#define FRAME_FLAGS      1     /* u8: FRAME_F_* bits */
+#define FRAME_NAME_LEN   2     /* u16: the method name's length (a call's only) */
+#define FRAME_CALL_ID    4     /* u32 */
+#define FRAME_ARG        8     /* u32: a call's codec flags, a reply's status */
+#define FRAME_TIMEOUT    12    /* u32: a call's timeout in ms, 0 for none */
+#define FRAME_LENGTH     16    /* u64: the payload's length (after the name) */
+#define FRAME_CALL       1
+#define FRAME_REPLY      2
+#define FRAME_GOAWAY     3
+#define FRAME_MAX_NAME   64    /* a method name's most bytes */
+#define FRAME_F_COMPRESSED 0x1 /* the payload is compressed (the original length in front) */
+#define FRAME_KNOWN_FLAGS  FRAME_F_COMPRESSED
 
 /* Every constant above, for module.c to export: X(NAME) each. */
 #define LAYOUT_CONSTANTS(X) \
@@ -118,13 +155,20 @@
     X(H_CREATED_NS) X(H_OWNER_START) X(H_STATS_OFF) X(H_MAX_METHODS) X(H_NAMES_OFF) X(H_OWNER_FLAGS) \
     X(OWNER_RESTARTS_WORKERS) X(OWNER_WORKERS_STARTED) X(NAME_SIZE) X(H_SEQ) X(H_SLEEPERS) X(H_BITMAP) \
     X(H_WORKERS) X(W_SIZE) X(W_PID) X(W_STATE) X(W_CALLS) X(W_BUSY_NS) X(W_STARTED_NS) X(W_ERRORS) \
-    X(W_CLAIM_NS) X(W_START_TICKS) \
+    X(W_CLAIM_NS) X(W_START_TICKS) X(WORKER_FREE) X(WORKER_IDLE) X(WORKER_BUSY) \
     X(H_CHANNELS) X(C_SIZE) X(C_STATE) X(C_OWNER_PID) X(C_DATA_GEN) X(C_FLAGS) X(C_DATA_CAP) X(C_REQ_LEN) \
     X(C_NAME_LEN) X(C_OWNER_START) X(C_CALLER_CPU) X(C_STATUS) X(C_RESP_OFF) X(C_RESP_LEN) X(C_WORKER_CPU) \
+    X(CHANNEL_RECLAIMING) \
     X(MAX_CHANNELS_LIMIT) X(MAX_WORKERS) X(MAX_METHODS) \
     X(M_SIZE) X(M_CALLS) X(M_ERRORS) X(M_TOTAL_NS) X(M_MAX_NS) X(M_BUCKETS) X(M_NBUCKETS) \
     X(SVC_STARTING) X(SVC_SERVING) X(SVC_STOPPING) X(SVC_STOPPED) \
     X(ST_IDLE) X(ST_REQUEST) X(ST_CLAIMED) X(ST_RESPONSE) X(ST_ABANDONED) X(ST_CODE) X(ST_WAITING) \
-    X(ST_PID_SHIFT)
+    X(ST_PID_SHIFT) \
+    X(STATUS_OK) X(STATUS_ERROR) \
+    X(POSTED) X(POSTED_WOKE) X(CALL_TOO_BIG) X(CALL_NOT_SERVING) X(CALL_PENDING) X(CALL_READY) \
+    X(SMALL_RESPONSE) X(SMALL_REQUEST) \
+    X(FRAME_HEADER) X(FRAME_KIND) X(FRAME_FLAGS) X(FRAME_NAME_LEN) X(FRAME_CALL_ID) X(FRAME_ARG) \
+    X(FRAME_TIMEOUT) X(FRAME_LENGTH) X(FRAME_CALL) X(FRAME_REPLY) X(FRAME_GOAWAY) X(FRAME_MAX_NAME) \
+    X(FRAME_F_COMPRESSED) X(FRAME_KNOWN_FLAGS)
 
 #endif

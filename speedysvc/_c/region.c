@@ -179,12 +179,13 @@ static inline int kick_workers(char *base) {
 }
 
 /* Copies name+payload into the data segment and publishes the call.
- * Returns 0 when posted, 1 when it does not fit, 2 when the service is not
- * serving, -1 when posted and a sleeping worker had to be woken for it. */
+ * Returns POSTED, CALL_TOO_BIG when it does not fit, CALL_NOT_SERVING when the
+ * service is not serving, or POSTED_WOKE when a sleeping worker had to be woken
+ * for it. */
 int post_call(char *base, long slot, Region *data, Py_buffer *name, Py_buffer *payload, uint32_t flags) {
     Py_ssize_t total = name->len + payload->len;
-    if (total > data->size) return 1;
-    if (LOAD(U32(base, H_STATE)) != SVC_SERVING) return 2;
+    if (total > data->size) return CALL_TOO_BIG;
+    if (LOAD(U32(base, H_STATE)) != SVC_SERVING) return CALL_NOT_SERVING;
     char *ch = base + H_CHANNELS + slot * C_SIZE;
     memcpy(data->base, name->buf, name->len);
     if (payload->len > (1 << 20)) {
@@ -201,7 +202,7 @@ int post_call(char *base, long slot, Region *data, Py_buffer *name, Py_buffer *p
     STORE(U32(ch, C_STATE), ST_REQUEST);
     uint64_t bit = 1ull << (slot & 63);
     __atomic_fetch_or(U64(base, H_BITMAP + (slot >> 6) * 8), bit, __ATOMIC_SEQ_CST);
-    return kick_workers(base) ? -1 : 0;
+    return kick_workers(base) ? POSTED_WOKE : POSTED;
 }
 
 /* Waiting for a response: a spin, then a sleep, until the channel holds a
@@ -308,12 +309,13 @@ static int timeout_arg(PyObject *obj, double *timeout) {
     return (*timeout == -1.0 && PyErr_Occurred()) || check_timeout(*timeout) ? -1 : 0;
 }
 
-/* Posts; returns post_call's code, or -2 with an exception set. */
+/* Posts; returns post_call's code, or POST_FAILED with an exception set. */
+#define POST_FAILED (-2)
 static int post_channel(Region *self, long slot, Region *data, PyObject *name_obj, PyObject *payload_obj,
                         uint32_t flags) {
     Py_buffer name, payload;
-    if (PyObject_GetBuffer(name_obj, &name, PyBUF_SIMPLE) < 0) return -2;
-    if (PyObject_GetBuffer(payload_obj, &payload, PyBUF_SIMPLE) < 0) { PyBuffer_Release(&name); return -2; }
+    if (PyObject_GetBuffer(name_obj, &name, PyBUF_SIMPLE) < 0) return POST_FAILED;
+    if (PyObject_GetBuffer(payload_obj, &payload, PyBUF_SIMPLE) < 0) { PyBuffer_Release(&name); return POST_FAILED; }
     int rc = post_call(self->base, slot, data, &name, &payload, flags);
     PyBuffer_Release(&name);
     PyBuffer_Release(&payload);
@@ -323,9 +325,9 @@ static int post_channel(Region *self, long slot, Region *data, PyObject *name_ob
 PyObject *call_channel(Region *self, long slot, Region *data, PyObject *name_obj, PyObject *payload_obj,
                        uint32_t flags, double timeout) {
     int rc = post_channel(self, slot, data, name_obj, payload_obj, flags);
-    if (rc == -2) return NULL;
-    if (rc > 0) return PyLong_FromLong(rc);
-    return collect_channel(self, slot, data, timeout, rc < 0);
+    if (rc == POST_FAILED) return NULL;
+    if (rc == CALL_TOO_BIG || rc == CALL_NOT_SERVING) return PyLong_FromLong(rc);
+    return collect_channel(self, slot, data, timeout, rc == POSTED_WOKE);
 }
 
 /* The response of a posted call, as call() returns it. */
@@ -333,16 +335,16 @@ PyObject *collect_channel(Region *self, long slot, Region *data, double timeout,
     char *ch = self->base + H_CHANNELS + slot * C_SIZE;
     int ready = await_response(ch, timeout, woke_worker);
     if (ready < 0 && PyErr_CheckSignals() < 0) return NULL;
-    if (ready <= 0) return PyLong_FromLong(3);
+    if (ready <= 0) return PyLong_FromLong(CALL_PENDING);
     uint64_t off = LOAD(U64(ch, C_RESP_OFF)), len = LOAD(U64(ch, C_RESP_LEN));
     uint32_t gen = LOAD(U32(ch, C_DATA_GEN));
     if (len > SMALL_RESPONSE || gen != LOAD(U32(ch, C_DATA_GEN)) || off + len > (uint64_t)data->size
         || LOAD(U64(ch, C_DATA_CAP)) != (uint64_t)data->size)
-        return PyLong_FromLong(4);
+        return PyLong_FromLong(CALL_READY);
     PyObject *body = PyBytes_FromStringAndSize(data->base + off, (Py_ssize_t)len);
     if (!body) return NULL;
     uint32_t st = LOAD(U32(ch, C_STATUS));
-    if (st == 0) return body;   /* the common case: no tuple to build and take apart */
+    if (st == STATUS_OK) return body;   /* the common case: no tuple to build and take apart */
     PyObject *status = PyLong_FromUnsignedLong(st);
     if (!status) { Py_DECREF(body); return NULL; }
     PyObject *res = PyTuple_Pack(2, status, body);
@@ -351,14 +353,14 @@ PyObject *collect_channel(Region *self, long slot, Region *data, double timeout,
 }
 
 /* post(slot, data_region, name, payload, flags): the first half of call().
- * 0 posted, -1 posted and a sleeping worker woken for it, 1 request too big
- * (nothing posted), 2 not serving (nothing posted). */
+ * POSTED, POSTED_WOKE (a sleeping worker was woken for it), CALL_TOO_BIG or
+ * CALL_NOT_SERVING (nothing posted): see layout.h. */
 static PyObject *R_post(Region *self, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 5) { PyErr_SetString(PyExc_TypeError, "post takes 5 arguments"); return NULL; }
     long slot; Region *data; uint32_t flags;
     if (slot_and_data(self, args, &slot, &data) || flags_arg(args[4], &flags)) return NULL;
     int rc = post_channel(self, slot, data, args[2], args[3], flags);
-    return rc == -2 ? NULL : PyLong_FromLong(rc);
+    return rc == POST_FAILED ? NULL : PyLong_FromLong(rc);
 }
 
 /* collect(slot, data_region, timeout, woke): the second half of call(), for a
@@ -375,8 +377,8 @@ static PyObject *R_collect(Region *self, PyObject *const *args, Py_ssize_t nargs
 /* call(slot, data_region, name, payload, flags, timeout): post + wait in one go.
  * Returns the bytes of a small successful response that came back in the same
  * data segment, (status, bytes) for a small error response, else an int:
- * 1 request too big (nothing posted), 2 not serving, 3 still in flight at the
- * timeout, 4 ready (read it with wait_reply). */
+ * CALL_TOO_BIG (nothing posted), CALL_NOT_SERVING, CALL_PENDING (still in
+ * flight at the timeout), CALL_READY (read it with wait_reply). */
 static PyObject *R_call(Region *self, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 6) { PyErr_SetString(PyExc_TypeError, "call takes 6 arguments"); return NULL; }
     long slot; Region *data; uint32_t flags; double timeout;

@@ -109,7 +109,7 @@ static long claim_next(Region *self, char *w, uint64_t deadline) {
     uint64_t t = now_ns();
     spin_adapt(&worker_spin, spun_ok, t - start);
     if (slot >= 0) {
-        STORE(U32(w, W_STATE), 2u);
+        STORE(U32(w, W_STATE), WORKER_BUSY);
         STORE(U64(w, W_CLAIM_NS), t);
     }
     return slot;
@@ -186,7 +186,7 @@ static int publish_reply(Region *self, char *w, long slot, Region *data, uint32_
     __atomic_fetch_add(U64(w, W_BUSY_NS), took, __ATOMIC_SEQ_CST);
     __atomic_fetch_add(U64(w, W_CALLS), 1, __ATOMIC_SEQ_CST);
     if (status != 0) __atomic_fetch_add(U64(w, W_ERRORS), 1, __ATOMIC_SEQ_CST);
-    STORE(U32(w, W_STATE), 1u);
+    STORE(U32(w, W_STATE), WORKER_IDLE);
     record_call(base, w, method, took, status);
     return delivered;
 }
@@ -223,7 +223,7 @@ PyObject *R_reply(Region *self, PyObject *const *args, Py_ssize_t nargs) {
  * frame.  What the fast path cannot decode goes to the handler, which reports
  * it; what the method raises goes to call_failed, a result dumps refuses to
  * encode_failed. */
-static PyObject *status_ok;   /* 0, made once (serve_init) */
+static PyObject *status_ok;   /* STATUS_OK, made once (serve_init) */
 
 static PyObject *run_method(PyObject *handler, PyObject *fast, uint32_t flags, PyObject *request) {
     if (PyTuple_Check(fast) && PyTuple_GET_SIZE(fast) == 6) {
@@ -362,7 +362,7 @@ static PyObject *serve_loop(Region *self, PyObject *const *args, Py_ssize_t narg
         PyObject *handler = PyTuple_GET_ITEM(spec, 0);
         /* A small request is cheaper to hand over as bytes than as a view; raw
          * methods always get a view, so their argument has one type. */
-        PyObject *request = (!PyObject_IsTrue(PyTuple_GET_ITEM(spec, 1)) && req_len - name_len <= 4096)
+        PyObject *request = (!PyObject_IsTrue(PyTuple_GET_ITEM(spec, 1)) && req_len - name_len <= SMALL_REQUEST)
             ? PyBytes_FromStringAndSize(data->base + name_len, (Py_ssize_t)(req_len - name_len))
             : PySequence_GetSlice(PyTuple_GET_ITEM(entry, 3), name_len, (Py_ssize_t)req_len);
         PyObject *result = request ? run_method(handler, PyTuple_GET_ITEM(spec, 3), flags, request) : NULL;
@@ -377,7 +377,7 @@ static PyObject *serve_loop(Region *self, PyObject *const *args, Py_ssize_t narg
             PyErr_Clear();
             Py_DECREF(entry);
             PyObject *odd = status ? Py_BuildValue("(slOOl)", "reply", slot, status, PyTuple_GET_ITEM(result, 1), method)
-                                   : Py_BuildValue("(slkOl)", "reply", slot, 1ul, result, method);
+                                   : Py_BuildValue("(slkOl)", "reply", slot, (unsigned long)STATUS_ERROR, result, method);
             Py_DECREF(result);
             return odd;
         }
@@ -397,5 +397,5 @@ static PyObject *serve_loop(Region *self, PyObject *const *args, Py_ssize_t narg
 }
 
 int serve_init(void) {
-    return (status_ok = PyLong_FromLong(0)) ? 0 : -1;
+    return (status_ok = PyLong_FromLong(STATUS_OK)) ? 0 : -1;
 }

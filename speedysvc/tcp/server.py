@@ -53,13 +53,13 @@ class Passthrough(codecs.Codec):
 
     @staticmethod
     def loads_fast(data):
-        return 0, bytes(data)
+        return core.STATUS_OK, bytes(data)
 
     loads = loads_fast
 
     @staticmethod
     def remote_error(data):
-        return 1, bytes(data)
+        return core.STATUS_ERROR, bytes(data)
 
 
 PASSTHROUGH = Passthrough()
@@ -794,7 +794,7 @@ class ServerConnection(asyncio.BufferedProtocol):
 
     def reply_error(self, call_id: int, exc: BaseException) -> None:
         with_tb = not isinstance(exc, SpeedysvcError)
-        self.reply(call_id, 1, encode_exception(exc, with_tb))
+        self.reply(call_id, core.STATUS_ERROR, encode_exception(exc, with_tb))
 
     def refuse(self, exc: BaseException) -> None:
         """End a connection during the handshake, telling the client why."""
