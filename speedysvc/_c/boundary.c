@@ -16,6 +16,38 @@ int names_init(void) {
     return 0;
 }
 
+static int add_name(PyObject *table, const char *owner, PyObject *name) {
+    PyObject *names = PyDict_GetItemString(table, owner);   /* borrowed */
+    if (!names) {
+        if (!(names = PyList_New(0))) return -1;
+        int rc = PyDict_SetItemString(table, owner, names);
+        Py_DECREF(names);   /* (the table holds it) */
+        if (rc < 0) return -1;
+    }
+    return PyList_Append(names, name);
+}
+
+/* The table of names.h for Python: a read-only {owner: (name, ...)} (after names_init). */
+PyObject *names_table(void) {
+    PyObject *table = PyDict_New(), *owner, *names;
+    if (!table) return NULL;
+#define ADD_NAME(owner, var, text) if (add_name(table, owner, var) < 0) goto fail;
+    PYTHON_NAMES(ADD_NAME)
+#undef ADD_NAME
+    Py_ssize_t pos = 0;
+    while (PyDict_Next(table, &pos, &owner, &names)) {   /* (replacing values keeps the iteration valid) */
+        PyObject *tuple = PyList_AsTuple(names);
+        if (!tuple || PyDict_SetItem(table, owner, tuple) < 0) { Py_XDECREF(tuple); goto fail; }
+        Py_DECREF(tuple);
+    }
+    PyObject *proxy = PyDictProxy_New(table);
+    Py_DECREF(table);
+    return proxy;
+fail:
+    Py_DECREF(table);
+    return NULL;
+}
+
 /* An int attribute; -1 with an exception set when it is missing or not an int. */
 long long int_attr(PyObject *obj, PyObject *name) {
     PyObject *v = PyObject_GetAttr(obj, name);

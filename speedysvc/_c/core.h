@@ -210,6 +210,7 @@ PyObject *m_set_msgpack(PyObject *mod, PyObject *args);
 PYTHON_NAMES(DECLARE_NAME)
 #undef DECLARE_NAME
 int names_init(void);
+PyObject *names_table(void);
 long long int_attr(PyObject *obj, PyObject *name);
 int size_attr(PyObject *obj, PyObject *name, uint64_t *out);
 void call_keeping_error(PyObject *obj, PyObject *name, PyObject *a, PyObject *b);

@@ -93,5 +93,7 @@ PyMODINIT_FUNC PyInit__shmcore(void) {
 #define ADD(name) if (PyModule_AddIntConstant(m, #name, name) < 0) return NULL;
     LAYOUT_CONSTANTS(ADD)
 #undef ADD
+    PyObject *names = names_table();
+    if (!names || PyModule_AddObject(m, "PYTHON_NAMES", names) < 0) { Py_XDECREF(names); return NULL; }
     return m;
 }
