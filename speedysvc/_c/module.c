@@ -52,6 +52,11 @@ static PyObject *m_map_fd(PyObject *self, PyObject *args) {
 static PyObject *m_keep_large_allocations(PyObject *self, PyObject *args) {
     int mmap_threshold, trim_threshold;
     if (!PyArg_ParseTuple(args, "ii", &mmap_threshold, &trim_threshold)) return NULL;
+#ifdef __SANITIZE_ADDRESS__
+    /* built for AddressSanitizer (scripts/asan.sh): its allocator refuses mallopt and has a
+     * policy of its own */
+    Py_RETURN_NONE;
+#endif
     if (!mallopt(M_MMAP_THRESHOLD, mmap_threshold) || !mallopt(M_TRIM_THRESHOLD, trim_threshold)) {
         PyErr_SetString(PyExc_ValueError, "mallopt refused the thresholds");
         return NULL;
