@@ -41,10 +41,10 @@ int channel_take(PyObject *transport, taken_channel *c) {
     return 1;
 }
 
-/* After a call that went well: the channel goes back on the free list, or to
- * transport._give_back when the attachment was closed while the call ran
- * (Python frees the channel then).  0, or -1 with an exception set (the channel
- * was settled all the same). */
+/* After a call that went well: the channel goes back on the free list or, when
+ * the attachment was closed while the call ran, is freed (chans.retire(ch), as
+ * ShmTransport._give_back does then).  0, or -1 with an exception set (the
+ * channel was settled all the same). */
 int channel_give_back(PyObject *transport, taken_channel *c) {
     PyObject *closed = PyObject_GetAttr(c->chans, s_closed);
     if (!closed || (closed == Py_False && PyList_Append(c->free, c->ch) < 0)) {   /* (out of memory) */
@@ -54,7 +54,7 @@ int channel_give_back(PyObject *transport, taken_channel *c) {
     }
     int rc = 0;
     if (closed != Py_False) {
-        PyObject *r = PyObject_CallMethodObjArgs(transport, s_give_back, c->chans, c->ch, NULL);
+        PyObject *r = PyObject_CallMethodOneArg(c->chans, s_retire, c->ch);
         if (r) Py_DECREF(r); else rc = -1;
     }
     Py_DECREF(closed);

@@ -33,10 +33,11 @@
  *     and .free read from it): read once per call and held (a reference) for
  *     the call, while another thread may drop or replace it;
  *   - the gateway's counters dict: count() reads, adds and stores;
- *   - the connection's fields that call_alone reads and writes under its
- *     `lock` (broken, reading, waiting, the parser's state), as
- *     BlockingConnection does; last_read it stores without the lock, as
- *     Python does, an attribute store the GIL makes whole;
+ *   - the connection's fields that call_alone uses: broken, reading, waiting
+ *     and the parser's state under the connection's `lock`, as
+ *     BlockingConnection does (that lock goes on protecting them), but
+ *     last_read stored and sock read without it, as Python does, each a
+ *     whole value only because of the GIL;
  *   - borrowed references (PyList_GET_ITEM, PyDict_GetItemWithError) to items
  *     of containers other threads may change: used before any Python code
  *     runs, or a reference is taken first (serve's channels and handlers);

@@ -19,11 +19,11 @@
     X("ShmTransport", s_call, "call") \
     X("ShmTransport", s_resume, "_resume") \
     X("ShmTransport", s_abort, "_abort") \
-    X("ShmTransport", s_give_back, "_give_back") \
     /* shm/channels.py */ \
     X("Channels", s_chans_region, "region") \
     X("Channels", s_free, "free") \
     X("Channels", s_closed, "closed") \
+    X("Channels", s_retire, "retire") \
     X("Channel", s_ch_region, "region") \
     X("Channel", s_slot, "slot") \
     /* tcp/server.py: whether the gateway has room for a call */ \
