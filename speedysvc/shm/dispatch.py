@@ -11,11 +11,8 @@ from __future__ import annotations
 import functools
 
 from .. import codecs
-from .._shmcore import MAX_METHODS
+from .._shmcore import MAX_METHODS, STATUS_ERROR, STATUS_OK
 from ..errors import BadArguments, DecodeError, EncodeError, MethodNotFound, encode_exception
-
-STATUS_OK = 0
-STATUS_ERROR = 1
 
 
 def _error(exc: BaseException, with_traceback: bool):

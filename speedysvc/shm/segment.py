@@ -45,7 +45,6 @@ INITIAL_CHANNEL_SIZE = 1 << 20         # pages are only allocated when touched
 
 STATE_NAMES = {core.SVC_STARTING: "starting", core.SVC_SERVING: "serving",
                core.SVC_STOPPING: "stopping", core.SVC_STOPPED: "stopped"}
-_RECLAIMING = 0xFFFFFFFF
 
 
 # ---- names, segments, processes -----------------------------------------------------------
@@ -305,13 +304,13 @@ class ServiceSegment:
                     r.store64(off + field, 0)
                 r.store64(off + core.W_STARTED_NS, time.time_ns())
                 r.store64(off + core.W_START_TICKS, process_start_time(pid) or 0)
-                r.store32(off + core.W_STATE, 1)
+                r.store32(off + core.W_STATE, core.WORKER_IDLE)
                 return i
         raise SpeedysvcError(f"service {self.service!r} already has {core.MAX_WORKERS} workers")
 
     def unregister_worker(self, index: int, pid: int) -> None:
         off = self.worker_offset(index)
-        self.region.store32(off + core.W_STATE, 0)
+        self.region.store32(off + core.W_STATE, core.WORKER_FREE)
         self.region.cas32(off + core.W_PID, pid, 0)
 
     def workers(self) -> list[dict]:
@@ -321,7 +320,7 @@ class ServiceSegment:
             off = self.worker_offset(i)
             pid = r.load32(off + core.W_PID)
             if pid:
-                out.append({"index": i, "pid": pid, "busy": r.load32(off + core.W_STATE) == 2,
+                out.append({"index": i, "pid": pid, "busy": r.load32(off + core.W_STATE) == core.WORKER_BUSY,
                             "calls": r.load64(off + core.W_CALLS), "errors": r.load64(off + core.W_ERRORS),
                             "busy_ns": r.load64(off + core.W_BUSY_NS),
                             "claim_ns": r.load64(off + core.W_CLAIM_NS),
@@ -409,7 +408,7 @@ class ServiceSegment:
         for slot in range(self.max_channels):
             off = self.channel_offset(slot)
             owner = r.load32(off + core.C_OWNER_PID)
-            if owner == 0 or owner == _RECLAIMING:
+            if owner == 0 or owner == core.CHANNEL_RECLAIMING:
                 continue
             dead_owner = not is_alive(owner, r.load64(off + core.C_OWNER_START))
             while True:
@@ -429,14 +428,14 @@ class ServiceSegment:
                     # a dead worker's call: the owner, if alive, takes the channel back itself
                     reclaimable = dead_owner or code == core.ST_ABANDONED
                 break
-            if reclaimable and r.cas32(off + core.C_OWNER_PID, owner, _RECLAIMING):
+            if reclaimable and r.cas32(off + core.C_OWNER_PID, owner, core.CHANNEL_RECLAIMING):
                 self.free_channel(slot, owner)
                 reclaimed += 1
         for i in range(core.MAX_WORKERS):
             off = self.worker_offset(i)
             pid = r.load32(off + core.W_PID)
             if pid and not is_alive(pid):
-                r.store32(off + core.W_STATE, 0)
+                r.store32(off + core.W_STATE, core.WORKER_FREE)
                 r.cas32(off + core.W_PID, pid, 0)
         return reclaimed
 

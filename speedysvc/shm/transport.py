@@ -16,16 +16,14 @@ import time
 import weakref
 
 from .. import _shmcore as core
+# what post() and call() return when they have no response in hand, and a response's status
+from .._shmcore import CALL_NOT_SERVING, CALL_PENDING, CALL_TOO_BIG, POSTED, POSTED_WOKE, STATUS_OK
 from ..errors import CallTimeout, PayloadTooLarge, ServiceUnavailable, SpeedysvcError, WorkerDied
 from ..transport import no_options
 from .channels import Channel, Channels
 from .segment import STATE_NAMES, DataSegment, ServiceSegment, replace_data_segment
 
 LIVENESS_SLICE = 0.1                   # how often a waiting caller checks its worker is alive
-STATUS_OK = 0
-
-# what _shmcore's call() returns when it has no response in hand
-CALL_TOO_BIG, CALL_NOT_SERVING, CALL_PENDING, CALL_READY = 1, 2, 3, 4
 
 
 def _first_slice(timeout: float | None) -> float:
@@ -269,8 +267,8 @@ class ShmTransport:
         try:
             if got is None:
                 got = chans.call(ch.slot, ch.region, name, payload, flags, 0.0)
-            elif got <= 0:   # posted (-1: a sleeping worker was woken for it)
-                got = chans.collect(ch.slot, ch.region, 0.0, got < 0)
+            elif got == POSTED or got == POSTED_WOKE:
+                got = chans.collect(ch.slot, ch.region, 0.0, got == POSTED_WOKE)
             if got.__class__ is bytes:
                 try:
                     return True, codec.loads_fast(got)
@@ -344,9 +342,9 @@ class ShmTransport:
             ch.set_data(replace_data_segment(seg, ch.slot, chans.pid, len(name) + size, ch.data.size))
             got = seg.region.post(ch.slot, ch.region, name, payload, flags)
             del payload
-            if got <= 0:   # posted (-1: a sleeping worker was woken for it)
+            if got == POSTED or got == POSTED_WOKE:
                 request[0] = None
-                got = seg.region.collect(ch.slot, ch.region, _first_slice(timeout), got < 0)
+                got = seg.region.collect(ch.slot, ch.region, _first_slice(timeout), got == POSTED_WOKE)
             if got.__class__ is bytes:
                 return False, codec.loads_checked(name, got)
             if got.__class__ is tuple:

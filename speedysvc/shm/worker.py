@@ -193,9 +193,9 @@ class Worker:
         st = seg.region.load32(off + core.C_STATE)
         owner = seg.region.load32(off + core.C_OWNER_PID)
         if (st & core.ST_CODE) in (core.ST_ABANDONED, core.ST_CLAIMED) and st >> core.ST_PID_SHIFT == self.pid:
-            if owner in (0, 0xFFFFFFFF):
+            if owner in (0, core.CHANNEL_RECLAIMING):
                 seg.region.cas32(off + core.C_STATE, st, core.ST_IDLE)  # already freed: do not leave it claimed
-            elif seg.region.cas32(off + core.C_OWNER_PID, owner, 0xFFFFFFFF):
+            elif seg.region.cas32(off + core.C_OWNER_PID, owner, core.CHANNEL_RECLAIMING):
                 seg.free_channel(slot, owner)
         self.channels[slot] = None
 

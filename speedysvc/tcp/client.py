@@ -16,7 +16,7 @@ import ssl
 import threading
 import time
 
-from .._shmcore import call_alone
+from .._shmcore import STATUS_ERROR, call_alone
 from ..errors import CallTimeout, ConnectionLost, ProtocolError, ServiceUnavailable, SpeedysvcError, encode_exception
 from ..transport import Address
 from . import framing as fr
@@ -340,7 +340,7 @@ class BlockingConnection:
                 try:
                     self.replies[frame.call_id] = self.opts.decode_reply(frame)
                 except Exception as e:   # a reply that does not decompress fails its call only
-                    self.replies[frame.call_id] = (1, encode_exception(e, False))
+                    self.replies[frame.call_id] = (STATUS_ERROR, encode_exception(e, False))
                 cond = self.waiting[frame.call_id]
                 if cond is not None:
                     cond.notify()

@@ -12,6 +12,7 @@ import struct
 import time
 from typing import TYPE_CHECKING
 
+from .. import _shmcore as core
 from .. import codecs
 from ..errors import AuthenticationFailed, PayloadTooLarge, ProtocolError, ServiceUnavailable, SpeedysvcError, \
     encode_exception
@@ -58,11 +59,12 @@ class ServerConnection(asyncio.BufferedProtocol):
         self.share = server.options.per_connection
 
     def may_decode(self, flags: int) -> bool:
-        """Whether a call whose request ``flags`` name its codec may go to a worker: one that is
-        not network-safe (pickle) only from an authenticated client of a service that allows
-        it.  (A codec unknown here may: the worker answers it with a clear error.)"""
+        """Whether a call whose request ``flags`` name its codec may go to a worker: a codec that
+        is not network-safe (pickle), or that this process does not know (it cannot tell whether
+        it is), only from an authenticated client of a service that allows it."""
         codec = codecs.codec_of(flags)
-        return codec is None or codec.network_safe or (self.server.options.allow_pickle and self.authenticated)
+        return (codec is not None and codec.network_safe) or (self.server.options.allow_pickle
+                                                             and self.authenticated)
 
     # -- asyncio callbacks -----------------------------------------------------------------
     def connection_made(self, transport) -> None:
@@ -308,7 +310,7 @@ class ServerConnection(asyncio.BufferedProtocol):
 
     def reply_error(self, call_id: int, exc: BaseException) -> None:
         with_tb = not isinstance(exc, SpeedysvcError)
-        self.reply(call_id, 1, encode_exception(exc, with_tb))
+        self.reply(call_id, core.STATUS_ERROR, encode_exception(exc, with_tb))
 
     def refuse(self, exc: BaseException) -> None:
         """End a connection during the handshake, telling the client why."""

@@ -16,6 +16,7 @@ import struct
 
 import msgpack
 
+from .. import _shmcore as core
 from ..errors import ProtocolError
 
 MAGIC = b"SSVC"
@@ -29,13 +30,19 @@ MAX_HELLO_BODY = 4096
 NONCE_SIZE = 32
 
 # frames: kind, frame flags, method-name length, call id, codec flags or status,
-# timeout in ms (0: none), payload length
+# timeout in ms (0: none), payload length.  The C side (_shmcore.Gateway and
+# call_alone) reads and writes them too: the constants are defined once, in the
+# C extension's layout.h, and this format must put each field where it says.
 FRAME = struct.Struct("<BBHIIIQ")
 HEADER_SIZE = FRAME.size
-CALL, REPLY, GOAWAY = 1, 2, 3
-F_COMPRESSED = 0x1
-KNOWN_FRAME_FLAGS = F_COMPRESSED
-MAX_NAME = 64
+if FRAME.size != core.FRAME_HEADER or [
+        core.FRAME_KIND, core.FRAME_FLAGS, core.FRAME_NAME_LEN, core.FRAME_CALL_ID, core.FRAME_ARG, core.FRAME_TIMEOUT,
+        core.FRAME_LENGTH] != [struct.calcsize(FRAME.format[:i]) for i in range(1, 8)]:
+    raise ImportError("framing.FRAME and the C extension's layout.h disagree on the frame header: rebuild it")
+CALL, REPLY, GOAWAY = core.FRAME_CALL, core.FRAME_REPLY, core.FRAME_GOAWAY
+F_COMPRESSED = core.FRAME_F_COMPRESSED
+KNOWN_FRAME_FLAGS = core.FRAME_KNOWN_FLAGS
+MAX_NAME = core.FRAME_MAX_NAME
 SMALL_FRAME = 64 << 10   # a frame below this goes out in one piece (header and payload joined), either way
 SCRATCH_SIZE = 256 << 10
 DEFAULT_MAX_PAYLOAD = 1 << 30

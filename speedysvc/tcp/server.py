@@ -47,13 +47,13 @@ class Passthrough(codecs.Codec):
 
     @staticmethod
     def loads_fast(data):
-        return 0, bytes(data)
+        return core.STATUS_OK, bytes(data)
 
     loads = loads_fast
 
     @staticmethod
     def remote_error(data):
-        return 1, bytes(data)
+        return core.STATUS_ERROR, bytes(data)
 
 
 PASSTHROUGH = Passthrough()
@@ -95,10 +95,10 @@ class TcpServer:
         self.parking = Parking(self.counters)
         self.inflate = InflateBudget(opts.inflate_budget)
         self.compressing = 0   # replies being compressed in threads (``close`` waits for them too)
-        # the usual call, in C: see ServerConnection.buffer_updated
-        # (codecs that are not network-safe go the long way, which checks the client may use them)
+        # the usual call, in C: see ServerConnection.buffer_updated.  Codecs that are not known
+        # here to be network-safe go the long way, which checks the client may use them.
         self.gateway = core.Gateway(self.shm, self.admission, self.counters, codecs.CODEC_SHIFT,
-                                    codecs.mask(lambda codec: not codec.network_safe))
+                                    ~codecs.mask(lambda codec: codec.network_safe) & (2 ** 64 - 1))
         self.executor: ThreadPoolExecutor | None = None
         self.connections: set[ServerConnection] = set()
         self._server: asyncio.base_events.Server | None = None
@@ -176,10 +176,12 @@ class TcpServer:
             conn.hold(frame)
             return True
         if not conn.may_decode(frame.arg):
+            codec = codecs.codec_of(frame.arg)
+            what = codec.name if codec is not None else \
+                f"codec {frame.arg >> codecs.CODEC_SHIFT & 0xFF}, which this gateway does not know,"
             conn.reply_error(frame.call_id, NotAllowed(
-                f"{frame.name.decode(errors='replace')}() uses {codecs.codec_of(frame.arg).name}, which this "
-                f"service does not accept over TCP"
-                + ("" if self.secret else " (it would need a secret and tcp_allow_pickle)")))
+                f"{frame.name.decode(errors='replace')}() uses {what} which this service does not accept over "
+                f"TCP" + ("" if self.secret else " (it would need a secret and tcp_allow_pickle)")))
             return True
         payload = frame.payload
         if frame.flags & fr.F_COMPRESSED:

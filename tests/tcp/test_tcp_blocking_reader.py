@@ -324,11 +324,11 @@ def test_size_limits_beyond_64_bits_of_signed_int_work_in_both_c_paths():
         _channels = None
 
     parser = fr.FrameParser(2 ** 64, frozenset({fr.CALL}))
-    frame = fr.call_header(1, b"echo", 0, 0, 2) + b"hi"
+    frame = fr.call_header(1, b"echo", codecs.MSGPACK.flags, 0, 2) + b"hi"
     buf = parser.get_buffer()
     buf[:len(frame)] = frame
     del buf
     # checked, then declined only because there is no attachment to post it on
     assert Gateway(NotAttached(), Server(), {}, codecs.CODEC_SHIFT,
-                   codecs.mask(lambda c: not c.network_safe))(parser, len(frame)) is None
+                   ~codecs.mask(lambda c: c.network_safe) & (2 ** 64 - 1))(parser, len(frame)) is None
     assert parser.whole_frame(len(frame)) is not None

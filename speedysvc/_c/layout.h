@@ -1,0 +1,174 @@
+/*
+ * The shared-memory layout and the TCP frame: every offset, state, code and
+ * frame constant that C and Python both use, defined here once.  module.c
+ * exports each name listed in LAYOUT_CONSTANTS (at the end) to Python as an int
+ * (speedysvc._shmcore.C_STATE, ...), so Python keeps no copy of its own: adding
+ * a constant is its #define and one entry in the list.  docs/shm-protocol.md
+ * and docs/tcp-protocol.md describe the layouts.
+ */
+#ifndef SPEEDYSVC_LAYOUT_H
+#define SPEEDYSVC_LAYOUT_H
+
+/* ---- the service segment's header ------------------------------------- */
+#define MAGIC            0x43565353u   /* "SSVC" */
+#define LAYOUT_VERSION   2u
+
+#define H_MAGIC          0
+#define H_VERSION        4
+#define H_MAX_CHANNELS   8
+#define H_MAX_WORKERS    12
+#define H_MAX_PAYLOAD    16    /* u64 */
+#define H_OWNER_PID      24
+#define H_STATE          28
+#define H_CREATED_NS     32    /* u64, CLOCK_REALTIME */
+#define H_OWNER_START    40    /* u64, owner's start time in clock ticks */
+#define H_STATS_OFF      48    /* u32, where the per-method statistics start */
+#define H_MAX_METHODS    52    /* u32, methods with statistics of their own */
+#define H_NAMES_OFF      56    /* u32, where the method names start (MAX_METHODS x 64 bytes) */
+#define H_OWNER_FLAGS    60    /* u32: bit 0, the owner restarts workers that die;
+                                  bit 1, the first workers have started */
+#define OWNER_RESTARTS_WORKERS 1u
+#define OWNER_WORKERS_STARTED  2u
+#define NAME_SIZE        64
+#define H_SEQ            64    /* own cache line: futex word workers sleep on */
+#define H_SLEEPERS       68
+#define H_BITMAP         256   /* one bit per channel with a posted call */
+
+/* ---- the worker table --------------------------------------------------- */
+#define H_WORKERS        4096
+#define W_SIZE           64
+#define W_PID            0
+#define W_STATE          4     /* WORKER_FREE, WORKER_IDLE or WORKER_BUSY */
+#define W_CALLS          8
+#define W_BUSY_NS        16
+#define W_STARTED_NS     24
+#define W_ERRORS         32
+#define W_CLAIM_NS       40
+#define W_START_TICKS    48    /* u64, the worker's start time (clock ticks), against pid reuse */
+/* worker states (W_STATE) */
+#define WORKER_FREE      0     /* the entry is unused */
+#define WORKER_IDLE      1
+#define WORKER_BUSY      2     /* running a call it claimed */
+
+/* ---- the channel table -------------------------------------------------- */
+#define H_CHANNELS       8192
+/* A channel takes two cache lines: the first is written by the caller (and
+ * holds the state word both sides watch), the second by the worker, so the
+ * worker writing its response fields does not fight a caller spinning on the
+ * state word. */
+#define C_SIZE           128
+#define C_STATE          0     /* futex word the caller sleeps on */
+#define C_OWNER_PID      4
+#define C_DATA_GEN       8
+#define C_FLAGS          12
+#define C_DATA_CAP       16
+#define C_REQ_LEN        24
+#define C_NAME_LEN       32
+#define C_OWNER_START    40
+#define C_CALLER_CPU     48    /* where the caller ran when it posted */
+#define C_STATUS         64
+#define C_RESP_OFF       72
+#define C_RESP_LEN       80
+#define C_WORKER_CPU     88    /* where the worker ran when it claimed */
+/* the owner field (C_OWNER_PID) of a channel being reclaimed: whoever CASes a
+ * dead owner's pid to this frees the channel, and nobody else touches it */
+#define CHANNEL_RECLAIMING 0xFFFFFFFFu
+
+#define MAX_CHANNELS_LIMIT 4096
+#define MAX_WORKERS      64
+#define MAX_METHODS      64
+/* per-method statistics: one record per (worker, method), written by that
+ * worker only; a supervisor sums them */
+#define M_SIZE           256
+#define M_CALLS          0
+#define M_ERRORS         8
+#define M_TOTAL_NS       16
+#define M_MAX_NS         24
+#define M_BUCKETS        32    /* u64[28]: bucket b counts calls under 2^b µs; the last, all slower */
+#define M_NBUCKETS       28
+
+/* ---- states and codes --------------------------------------------------- */
+/* service states */
+#define SVC_STARTING 0
+#define SVC_SERVING  1
+#define SVC_STOPPING 2
+#define SVC_STOPPED  3
+
+/* channel state word: low 4 bits a code, bit 4 "caller sleeps on futex",
+ * bits 8..31 the pid of the worker that claimed the call (pid_max <= 2^22). */
+#define ST_IDLE      0u
+#define ST_REQUEST   1u
+#define ST_CLAIMED   2u
+#define ST_RESPONSE  3u
+#define ST_ABANDONED 4u
+#define ST_CODE      0x0fu
+#define ST_WAITING   0x10u
+#define ST_PID_SHIFT 8
+
+/* a response's status (C_STATUS), which a TCP reply frame carries as it is */
+#define STATUS_OK    0
+#define STATUS_ERROR 1
+
+/* What Region.post returns: posted, or posted and a sleeping worker had to be
+ * woken for it (Region.collect wants to know)... */
+#define POSTED       0
+#define POSTED_WOKE  (-1)
+/* ...and what Region.post and Region.call return when they have no response
+ * in hand (call returns a small response itself, as bytes or (status, bytes)) */
+#define CALL_TOO_BIG     1   /* the request does not fit the channel's data segment: nothing posted */
+#define CALL_NOT_SERVING 2   /* the service is not serving: nothing posted */
+#define CALL_PENDING     3   /* still in flight at the timeout */
+#define CALL_READY       4   /* answered: read it with wait_reply (a large response, or one
+                                in a data segment the worker grew) */
+
+/* A response of at most this many bytes comes back from Region.call as bytes;
+ * a larger one is read with wait_reply. */
+#define SMALL_RESPONSE 65536
+/* A request of at most this many bytes is handed to a method as bytes (cheaper
+ * to make than a view); a larger one, or any to a raw method, as a read-only
+ * view into the channel. */
+#define SMALL_REQUEST  4096
+
+/* ---- the TCP frame (docs/tcp-protocol.md) --------------------------------
+ * framing.FRAME ("<BBHIIIQ"): kind, flags, name length, call id, codec flags /
+ * status, timeout (ms), payload length; little-endian, as the project's
+ * targets (x86-64 / arm64 Linux) are. */
+#define FRAME_HEADER     24
+#define FRAME_KIND       0     /* u8: FRAME_CALL, FRAME_REPLY or FRAME_GOAWAY */
+#define FRAME_FLAGS      1     /* u8: FRAME_F_* bits */
+#define FRAME_NAME_LEN   2     /* u16: the method name's length (a call's only) */
+#define FRAME_CALL_ID    4     /* u32 */
+#define FRAME_ARG        8     /* u32: a call's codec flags, a reply's status */
+#define FRAME_TIMEOUT    12    /* u32: a call's timeout in ms, 0 for none */
+#define FRAME_LENGTH     16    /* u64: the payload's length (after the name) */
+#define FRAME_CALL       1
+#define FRAME_REPLY      2
+#define FRAME_GOAWAY     3
+#define FRAME_MAX_NAME   64    /* a method name's most bytes */
+#define FRAME_F_COMPRESSED 0x1 /* the payload is compressed (the original length in front) */
+#define FRAME_KNOWN_FLAGS  FRAME_F_COMPRESSED
+
+/* Every constant above, for module.c to export: X(NAME) each. */
+#define LAYOUT_CONSTANTS(X) \
+    X(MAGIC) X(LAYOUT_VERSION) \
+    X(H_MAGIC) X(H_VERSION) X(H_MAX_CHANNELS) X(H_MAX_WORKERS) X(H_MAX_PAYLOAD) X(H_OWNER_PID) X(H_STATE) \
+    X(H_CREATED_NS) X(H_OWNER_START) X(H_STATS_OFF) X(H_MAX_METHODS) X(H_NAMES_OFF) X(H_OWNER_FLAGS) \
+    X(OWNER_RESTARTS_WORKERS) X(OWNER_WORKERS_STARTED) X(NAME_SIZE) X(H_SEQ) X(H_SLEEPERS) X(H_BITMAP) \
+    X(H_WORKERS) X(W_SIZE) X(W_PID) X(W_STATE) X(W_CALLS) X(W_BUSY_NS) X(W_STARTED_NS) X(W_ERRORS) \
+    X(W_CLAIM_NS) X(W_START_TICKS) X(WORKER_FREE) X(WORKER_IDLE) X(WORKER_BUSY) \
+    X(H_CHANNELS) X(C_SIZE) X(C_STATE) X(C_OWNER_PID) X(C_DATA_GEN) X(C_FLAGS) X(C_DATA_CAP) X(C_REQ_LEN) \
+    X(C_NAME_LEN) X(C_OWNER_START) X(C_CALLER_CPU) X(C_STATUS) X(C_RESP_OFF) X(C_RESP_LEN) X(C_WORKER_CPU) \
+    X(CHANNEL_RECLAIMING) \
+    X(MAX_CHANNELS_LIMIT) X(MAX_WORKERS) X(MAX_METHODS) \
+    X(M_SIZE) X(M_CALLS) X(M_ERRORS) X(M_TOTAL_NS) X(M_MAX_NS) X(M_BUCKETS) X(M_NBUCKETS) \
+    X(SVC_STARTING) X(SVC_SERVING) X(SVC_STOPPING) X(SVC_STOPPED) \
+    X(ST_IDLE) X(ST_REQUEST) X(ST_CLAIMED) X(ST_RESPONSE) X(ST_ABANDONED) X(ST_CODE) X(ST_WAITING) \
+    X(ST_PID_SHIFT) \
+    X(STATUS_OK) X(STATUS_ERROR) \
+    X(POSTED) X(POSTED_WOKE) X(CALL_TOO_BIG) X(CALL_NOT_SERVING) X(CALL_PENDING) X(CALL_READY) \
+    X(SMALL_RESPONSE) X(SMALL_REQUEST) \
+    X(FRAME_HEADER) X(FRAME_KIND) X(FRAME_FLAGS) X(FRAME_NAME_LEN) X(FRAME_CALL_ID) X(FRAME_ARG) \
+    X(FRAME_TIMEOUT) X(FRAME_LENGTH) X(FRAME_CALL) X(FRAME_REPLY) X(FRAME_GOAWAY) X(FRAME_MAX_NAME) \
+    X(FRAME_F_COMPRESSED) X(FRAME_KNOWN_FLAGS)
+
+#endif
