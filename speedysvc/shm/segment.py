@@ -119,6 +119,16 @@ def process_start_time(pid: int) -> int | None:
     return int(fields[19])
 
 
+def process_is_zombie(pid: int) -> bool:
+    """True if ``pid`` has exited and its parent has not waited for it yet."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    return stat[stat.rfind(b")") + 2:][:1] == b"Z"
+
+
 def process_alive(pid: int, start_time: int = 0) -> bool:
     """True if ``pid`` runs and (when given) started at ``start_time``, so a reused pid is not mistaken."""
     if pid <= 0:
@@ -304,6 +314,7 @@ class ServiceSegment:
                     r.store64(off + field, 0)
                 r.store64(off + core.W_STARTED_NS, time.time_ns())
                 r.store64(off + core.W_START_TICKS, process_start_time(pid) or 0)
+                r.store32(off + core.W_METHOD, 0)
                 r.store32(off + core.W_STATE, core.WORKER_IDLE)
                 return i
         raise SpeedysvcError(f"service {self.service!r} already has {core.MAX_WORKERS} workers")
@@ -313,20 +324,46 @@ class ServiceSegment:
         self.region.store32(off + core.W_STATE, core.WORKER_FREE)
         self.region.cas32(off + core.W_PID, pid, 0)
 
+    def set_worker_method(self, index: int, method: int) -> None:
+        """The worker of entry ``index`` starts a call to method ``method`` (-1: unknown)."""
+        self.region.store32(self.worker_offset(index) + core.W_METHOD, method + 1 if method >= 0 else 0)
+
+    def _worker_row(self, i: int, pid: int) -> dict:
+        r, off = self.region, self.worker_offset(i)
+        busy = r.load32(off + core.W_STATE) == core.WORKER_BUSY
+        method = r.load32(off + core.W_METHOD)
+        return {"index": i, "pid": pid, "busy": busy,
+                "calls": r.load64(off + core.W_CALLS), "errors": r.load64(off + core.W_ERRORS),
+                "busy_ns": r.load64(off + core.W_BUSY_NS),
+                "claim_ns": r.load64(off + core.W_CLAIM_NS),
+                # the method (its index) of the call in hand, and of the last call begun
+                "method": method - 1 if method and busy else None,
+                "last_method": method - 1 if method else None,
+                "alive": process_alive(pid, r.load64(off + core.W_START_TICKS)),
+                "started_ns": r.load64(off + core.W_STARTED_NS)}
+
     def workers(self) -> list[dict]:
         """The registered workers and their counters (for supervisors and tests)."""
         r, out = self.region, []
         for i in range(core.MAX_WORKERS):
-            off = self.worker_offset(i)
-            pid = r.load32(off + core.W_PID)
+            pid = r.load32(self.worker_offset(i) + core.W_PID)
             if pid:
-                out.append({"index": i, "pid": pid, "busy": r.load32(off + core.W_STATE) == core.WORKER_BUSY,
-                            "calls": r.load64(off + core.W_CALLS), "errors": r.load64(off + core.W_ERRORS),
-                            "busy_ns": r.load64(off + core.W_BUSY_NS),
-                            "claim_ns": r.load64(off + core.W_CLAIM_NS),
-                            "alive": process_alive(pid, r.load64(off + core.W_START_TICKS)),
-                            "started_ns": r.load64(off + core.W_STARTED_NS)})
+                out.append(self._worker_row(i, pid))
         return out
+
+    def worker_entry(self, pid: int) -> dict | None:
+        """The worker-table entry of ``pid`` as ``workers()`` has it, or None if it has none
+        (it never registered, or left).  A supervisor reads a dead worker's entry with this
+        before ``reap()`` frees it: ``busy`` says it died in a call, ``method`` in which."""
+        for i in range(core.MAX_WORKERS):
+            if self.region.load32(self.worker_offset(i) + core.W_PID) == pid:
+                return self._worker_row(i, pid)
+        return None
+
+    def method_name(self, index: int | None) -> str | None:
+        """The name of the method with statistics index ``index``, if the workers published it."""
+        names = self.method_names()
+        return names[index] if index is not None and 0 <= index < len(names) else None
 
     # -- methods and their statistics --
     def write_method_names(self, names: list[str]) -> None:
@@ -431,10 +468,13 @@ class ServiceSegment:
             if reclaimable and r.cas32(off + core.C_OWNER_PID, owner, core.CHANNEL_RECLAIMING):
                 self.free_channel(slot, owner)
                 reclaimed += 1
+        # a supervised worker's entry outlives it until its supervisor has read it (the
+        # supervisor waits for the process, so until then it is a zombie)
+        supervised = self.supervised
         for i in range(core.MAX_WORKERS):
             off = self.worker_offset(i)
             pid = r.load32(off + core.W_PID)
-            if pid and not is_alive(pid):
+            if pid and not is_alive(pid) and not (supervised and process_is_zombie(pid)):
                 r.store32(off + core.W_STATE, core.WORKER_FREE)
                 r.cas32(off + core.W_PID, pid, 0)
         return reclaimed
