@@ -70,7 +70,8 @@ class ServicePool:
             self.segment = shm.ServiceSegment.create(cfg.name, max_channels=cfg.max_channels,
                                                      max_payload=cfg.max_payload, supervised=True)
         except BaseException as e:
-            self.state = STOPPED
+            # (a name squatted in /dev/shm, say: SegmentNotOurs says which and what to do)
+            self.state, self.failure = (FAILED, str(e)) if isinstance(e, Exception) else (STOPPED, None)
             self._event("ERROR", f"cannot start: {e}")
             raise
         self.segment.set_state(core.SVC_SERVING)  # calls queue while the workers start

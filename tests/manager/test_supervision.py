@@ -245,3 +245,37 @@ def test_second_manager_for_the_same_services_is_refused(running, tmp_path):
     assert m2.proc.wait(60) == 1
     assert "already served" in m2.output()
     m2.out.close()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a file of another user (uid 65534) is made as root")
+def test_a_service_whose_segment_name_is_squatted_fails_and_the_others_run(running):
+    """Another user's file under the service's segment name: that service fails with a reason
+    that names the file and its owner and says what to do; the manager runs the others."""
+    from speedysvc.shm import SHM_DIR, segment
+    path = os.path.join(SHM_DIR, segment.service_segment_name(Chatty.name))
+    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    os.fchown(fd, 65534, 65534)
+    os.close(fd)
+    try:
+        m = running("""
+            [EchoServer]
+            import_from=services
+
+            [Chatty]
+            import_from=services
+
+            [web monitor]
+            port={port}
+        """, wait_ready=False)
+        m.wait(lambda: m.service("Chatty")["state"] == "failed" and m.service("EchoServer")["state"] == "running",
+               60, "Chatty failed and EchoServer running")
+        failure = m.service("Chatty")["failure"]
+        assert path in failure and "uid 65534" in failure and "as root" in failure
+        assert "SPEEDYSVC_NAMESPACE" in failure
+        with connect(EchoServer) as c:
+            assert c.echo_json("still") == "still"
+        code, body = m.post("/api/services/Chatty/start")
+        assert code == 409 and path in body["error"]
+        assert os.lstat(path).st_uid == 65534
+    finally:
+        os.unlink(path)
