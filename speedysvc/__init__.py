@@ -9,8 +9,8 @@ manager.
 from .client import Client, connect
 from .codecs import Codec
 from .errors import (AuthenticationFailed, BadArguments, CallTimeout, ConnectionLost, DecodeError, EncodeError,
-                     MethodNotFound, NotAllowed, PayloadTooLarge, ProtocolError, RemoteError, ServiceAlreadyRunning,
-                     ServiceUnavailable, SpeedysvcError, WorkerDied)
+                     MethodNotFound, NotAllowed, PayloadTooLarge, ProtocolError, RemoteError, SegmentNotOurs,
+                     ServiceAlreadyRunning, ServiceUnavailable, SpeedysvcError, WorkerDied)
 from .methods import (ClientMethodsBase, ServerMethodsBase, json_method, msgpack_method, pickle_method,
                       raw_method)
 
@@ -33,5 +33,5 @@ __all__ = [
     "connect", "Client", "connect_async", "AsyncClient", "LocalService", "Codec",
     "SpeedysvcError", "RemoteError", "MethodNotFound", "BadArguments", "EncodeError", "DecodeError",
     "PayloadTooLarge", "ServiceUnavailable", "WorkerDied", "CallTimeout", "ServiceAlreadyRunning",
-    "ConnectionLost", "ProtocolError", "AuthenticationFailed", "NotAllowed",
+    "ConnectionLost", "ProtocolError", "AuthenticationFailed", "NotAllowed", "SegmentNotOurs",
 ]

@@ -10,6 +10,8 @@ so a response can never make the caller run code it did not already load.
 from __future__ import annotations
 
 import builtins
+import os
+import pwd
 import sys
 import traceback
 
@@ -66,6 +68,30 @@ class CallTimeout(SpeedysvcError, TimeoutError):
 
 class ServiceAlreadyRunning(SpeedysvcError, RuntimeError):
     """Another live process already serves a service of that name."""
+
+
+class SegmentNotOurs(SpeedysvcError, PermissionError):
+    """A name speedysvc needs in /dev/shm is taken by a file of another user, or by a symbolic
+    link: speedysvc neither follows the link nor touches the file.  ``path`` is the name,
+    ``uid`` its owner."""
+
+    def __init__(self, path: str, uid: int, symlink: bool = False):
+        self.path, self.uid, self.symlink = path, uid, symlink
+        if symlink:
+            what = f"is a symbolic link (owned by {_user_name(uid)}), which speedysvc does not follow"
+        else:
+            what = f"belongs to {_user_name(uid)}, not to this user ({_user_name(os.getuid())})"
+        remedy = "Remove it" if uid == os.getuid() else "Remove it as root"
+        super().__init__(f"{path} {what}: it is not a shared-memory segment of this service, and speedysvc "
+                         f"needs the name. {remedy} (rm {path}), or run the service and its clients with "
+                         f"another SPEEDYSVC_NAMESPACE")
+
+
+def _user_name(uid: int) -> str:
+    try:
+        return f"uid {uid} ({pwd.getpwuid(uid).pw_name})"
+    except KeyError:
+        return f"uid {uid}"
 
 
 class NoFreeChannel(ServiceUnavailable):

@@ -332,3 +332,44 @@ class Signaller(ServerMethodsBase):
         os.kill(pid, signum)
         time.sleep(0.002)
         return value
+
+
+class Fragile(ServerMethodsBase):
+    """Calls that end the worker running them, in each way a process ends: for the manager's
+    tests of workers killed by calls."""
+    port = 5563
+    name = 'fragile'
+
+    @msgpack_method
+    def whoami(self):
+        return os.getpid()
+
+    @msgpack_method
+    def die(self):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    @msgpack_method
+    def exit_now(self, code):
+        os._exit(code)
+
+    @msgpack_method
+    def exit(self, code):
+        raise SystemExit(code)   # answered, then the worker exits
+
+    @msgpack_method
+    def sleep(self, seconds):
+        time.sleep(seconds)
+
+
+class DiesIdle(ServerMethodsBase):
+    """Its worker exits by itself right after it starts serving, before any call."""
+    port = 5564
+    name = 'dies_idle'
+
+    def __init__(self):
+        import threading
+        threading.Timer(0.3, os._exit, (5,)).start()
+
+    @msgpack_method
+    def never(self):
+        return None

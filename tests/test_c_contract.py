@@ -128,3 +128,12 @@ def test_worker_states_as_the_segment_reports_them(kitchen):
     states = {r.load32(seg.worker_offset(w["index"]) + core.W_STATE) for w in workers}
     assert states <= {core.WORKER_IDLE, core.WORKER_BUSY}
 
+
+
+def test_the_worker_entry_fields_fit_one_entry_without_overlapping():
+    fields = sorted([(core.W_PID, 4), (core.W_STATE, 4), (core.W_CALLS, 8), (core.W_BUSY_NS, 8),
+                     (core.W_STARTED_NS, 8), (core.W_ERRORS, 8), (core.W_CLAIM_NS, 8), (core.W_START_TICKS, 8),
+                     (core.W_METHOD, 4)])
+    for (off, size), (following, _) in zip(fields, fields[1:]):
+        assert off % size == 0 and off + size <= following, (off, following)
+    assert fields[-1][0] + fields[-1][1] <= core.W_SIZE == 64

@@ -11,7 +11,7 @@
 
 /* ---- the service segment's header ------------------------------------- */
 #define MAGIC            0x43565353u   /* "SSVC" */
-#define LAYOUT_VERSION   2u
+#define LAYOUT_VERSION   3u
 
 #define H_MAGIC          0
 #define H_VERSION        4
@@ -45,6 +45,9 @@
 #define W_ERRORS         32
 #define W_CLAIM_NS       40
 #define W_START_TICKS    48    /* u64, the worker's start time (clock ticks), against pid reuse */
+#define W_METHOD         56    /* u32, the method of the call in hand: its index + 1 (0: none or
+                                  unknown); written as the call starts, meaningful while the
+                                  state is WORKER_BUSY (the reply ends it by going idle) */
 /* worker states (W_STATE) */
 #define WORKER_FREE      0     /* the entry is unused */
 #define WORKER_IDLE      1
@@ -155,7 +158,7 @@
     X(H_CREATED_NS) X(H_OWNER_START) X(H_STATS_OFF) X(H_MAX_METHODS) X(H_NAMES_OFF) X(H_OWNER_FLAGS) \
     X(OWNER_RESTARTS_WORKERS) X(OWNER_WORKERS_STARTED) X(NAME_SIZE) X(H_SEQ) X(H_SLEEPERS) X(H_BITMAP) \
     X(H_WORKERS) X(W_SIZE) X(W_PID) X(W_STATE) X(W_CALLS) X(W_BUSY_NS) X(W_STARTED_NS) X(W_ERRORS) \
-    X(W_CLAIM_NS) X(W_START_TICKS) X(WORKER_FREE) X(WORKER_IDLE) X(WORKER_BUSY) \
+    X(W_CLAIM_NS) X(W_START_TICKS) X(W_METHOD) X(WORKER_FREE) X(WORKER_IDLE) X(WORKER_BUSY) \
     X(H_CHANNELS) X(C_SIZE) X(C_STATE) X(C_OWNER_PID) X(C_DATA_GEN) X(C_FLAGS) X(C_DATA_CAP) X(C_REQ_LEN) \
     X(C_NAME_LEN) X(C_OWNER_START) X(C_CALLER_CPU) X(C_STATUS) X(C_RESP_OFF) X(C_RESP_LEN) X(C_WORKER_CPU) \
     X(CHANNEL_RECLAIMING) \

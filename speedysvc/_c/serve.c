@@ -358,6 +358,8 @@ static PyObject *serve_loop(Region *self, PyObject *const *args, Py_ssize_t narg
         }
         long method = PyLong_AsLong(PyTuple_GET_ITEM(spec, 2));
         if (method == -1 && PyErr_Occurred()) { Py_DECREF(entry); return NULL; }
+        /* the call in hand, for a supervisor to name if the call kills us (one plain store) */
+        __atomic_store_n(U32(w, W_METHOD), method >= 0 ? (uint32_t)method + 1 : 0u, __ATOMIC_RELAXED);
         Py_INCREF(spec);   /* the cache may drop it while the method runs */
         PyObject *handler = PyTuple_GET_ITEM(spec, 0);
         /* A small request is cheaper to hand over as bytes than as a view; raw

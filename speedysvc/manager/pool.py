@@ -41,9 +41,11 @@ class ServicePool:
         self.state = STOPPED
         self.failure: str | None = None
         self.segment: shm.ServiceSegment | None = None
-        self.workers = WorkerSet(loop, self.log, self._exited)
+        self.workers = WorkerSet(loop, self.log, self._exited, self._last_look)
         self.target = cfg.min_proc_num
-        self.quick_crashes = 0
+        self.quick_deaths = 0         # workers in a row that died within crash_window: the backoff
+        self.start_crashes = 0        # workers in a row that died before serving: crash_limit
+        self.serving_deaths = 0       # workers in a row that died soon after they began serving
         self.restarts = 0
         self.started_at: float | None = None
         self._restart_handle: asyncio.TimerHandle | None = None
@@ -61,13 +63,15 @@ class ServicePool:
         if self.state == STOPPING:
             raise RuntimeError(f"service {self.cfg.section} is stopping")
         cfg = self.cfg
-        self.state, self.failure, self.quick_crashes = STARTING, None, 0
+        self.state, self.failure = STARTING, None
+        self.quick_deaths = self.start_crashes = self.serving_deaths = 0
         self._event("INFO", f"starting {cfg.min_proc_num} worker(s) of {cfg.target}")
         try:
             self.segment = shm.ServiceSegment.create(cfg.name, max_channels=cfg.max_channels,
                                                      max_payload=cfg.max_payload, supervised=True)
         except BaseException as e:
-            self.state = STOPPED
+            # (a name squatted in /dev/shm, say: SegmentNotOurs says which and what to do)
+            self.state, self.failure = (FAILED, str(e)) if isinstance(e, Exception) else (STOPPED, None)
             self._event("ERROR", f"cannot start: {e}")
             raise
         self.segment.set_state(core.SVC_SERVING)  # calls queue while the workers start
@@ -77,7 +81,7 @@ class ServicePool:
         for _ in range(self.target):
             self._spawn()
         deadline = time.monotonic() + cfg.start_timeout
-        while self.state == STARTING and len(self.registered()) < self.target:
+        while self.state == STARTING and len(self._note_serving(self.registered())) < self.target:
             if time.monotonic() > deadline:
                 await self._fail(f"workers did not start within start_timeout ({cfg.start_timeout} s)")
                 break
@@ -173,13 +177,29 @@ class ServicePool:
     # -- workers ---------------------------------------------------------------------------
     def registered(self) -> list[dict]:
         """The workers serving, as the service segment's worker table has them."""
-        return self.segment.workers() if self.segment is not None else []
+        return [r for r in self.segment.workers() if r["alive"]] if self.segment is not None else []
+
+    def _note_serving(self, registered: list[dict]) -> list[dict]:
+        """Mark the workers seen serving (should one die without its entry, it had served)."""
+        for r in registered:
+            w = self.workers.get(r["pid"])
+            if w is not None:
+                w.serving = True
+        return registered
 
     def _spawn(self) -> WorkerProcess:
         cfg = self.cfg
         w = self.workers.spawn(cfg.target, cfg.name, self.folder, cfg.log_level)
         self._event("INFO", f"started worker {w.pid}")
         return w
+
+    def _last_look(self, w: WorkerProcess) -> None:
+        """A worker died: read its worker-table entry (did it serve, was it in a call, which)
+        before ``reap()`` frees it.  Other processes leave a zombie's entry alone."""
+        if self.segment is not None:
+            w.last_entry = self.segment.worker_entry(w.pid)
+            if w.last_entry is not None:
+                w.serving = True
 
     def _exited(self, w: WorkerProcess, code: int) -> None:
         if self.segment is not None:
@@ -190,16 +210,51 @@ class ServicePool:
         else:
             self._crashed(w, how)
 
+    def _death_circumstances(self, w: WorkerProcess) -> tuple[bool, str]:
+        """(in a call, where it was) for a worker that died: in a call to which method, between
+        calls, before its first call, or while starting (it never served)."""
+        entry = w.last_entry
+        if entry is None:
+            return False, "outside a call" if w.serving else "while starting"
+        name = self.segment.method_name if self.segment is not None else (lambda i: None)
+        if entry["busy"]:
+            method = name(entry["method"])
+            return True, f"in a call to {method}()" if method else "in a call"
+        last = name(entry["last_method"])
+        if last:
+            return False, f"between calls (its last call: {last}())"
+        return False, "between calls" if entry["calls"] else "before its first call"
+
     def _crashed(self, w: WorkerProcess, how: str) -> None:
+        """A worker died while it was meant to run.  One that died before it served (while
+        starting, or idle before its first call within crash_window) is a start crash:
+        ``crash_limit`` of them in a row mark the service failed.  One that died while serving
+        (a call that kills its worker, the call watchdog, the OOM killer) never does: the
+        caller got WorkerDied, and the worker is restarted like any other."""
         cfg = self.cfg
         uptime = time.monotonic() - w.started
-        self.quick_crashes = self.quick_crashes + 1 if uptime < cfg.crash_window else 1
-        self._event("ERROR", f"worker {w.pid} died ({how}) after {uptime:.1f} s")
-        if self.quick_crashes >= cfg.crash_limit:
-            self.loop.create_task(self._fail(f"{self.quick_crashes} workers in a row died within "
-                                             f"crash_window ({cfg.crash_window} s) of starting"))
-            return
-        delay = min(cfg.restart_backoff * 2 ** (self.quick_crashes - 1), cfg.restart_backoff_max)
+        quick = uptime < cfg.crash_window
+        self.quick_deaths = self.quick_deaths + 1 if quick else 1
+        in_call, where = self._death_circumstances(w)
+        why = f", killed by the call watchdog: over call_timeout ({cfg.call_timeout} s)" if w.watchdog_killed else ""
+        said = f"worker {w.pid} died ({how}{why}) {where}, {uptime:.1f} s after it was started"
+        if not w.serving or (where == "before its first call" and quick):
+            self.start_crashes += 1
+            self._event("ERROR", f"{said}: start crash {self.start_crashes} in a row (crash_limit {cfg.crash_limit})")
+            if self.start_crashes >= cfg.crash_limit:
+                self.loop.create_task(self._fail(f"{self.start_crashes} workers in a row died while starting, "
+                                                 f"before they served (crash_limit {cfg.crash_limit})"))
+                return
+        else:
+            self.start_crashes = 0
+            self.serving_deaths = self.serving_deaths + 1 if quick else 1
+            self._event("ERROR", said + ("; its caller got WorkerDied" if in_call else ""))
+            if quick and self.serving_deaths % cfg.crash_limit == 0:
+                self._event("ERROR", f"{self.serving_deaths} workers in a row died while serving, within "
+                                     f"crash_window ({cfg.crash_window} s) of starting; the last one {where}: "
+                                     f"calls may be killing them. The service stays up; restarts wait up to "
+                                     f"restart_backoff_max ({cfg.restart_backoff_max} s)")
+        delay = min(cfg.restart_backoff * 2 ** (self.quick_deaths - 1), cfg.restart_backoff_max)
         self._event("INFO", f"restarting a worker in {delay:.2f} s")
         if self._restart_handle is None:
             self._restart_handle = self.loop.call_later(delay, self._replenish)
@@ -238,7 +293,7 @@ class ServicePool:
         """Called every 100 ms: watchdog, autoscaling and history when they are due."""
         if self.segment is None or self.state != RUNNING:
             return
-        registered = self.registered()
+        registered = self._note_serving(self.registered())
         self._watchdog(registered)
         if now - self._last_decision >= self.cfg.scale_interval:
             self._last_decision = now
@@ -252,8 +307,12 @@ class ServicePool:
         limit = self.cfg.call_timeout
         for pid in watchdog.overdue(registered, limit, time.monotonic_ns()):
             w = self.workers.get(pid)
-            if w is not None and not w.leaving:
-                self._event("ERROR", f"worker {w.pid} spent more than call_timeout ({limit} s) on one call: killing it")
+            if w is not None and not w.leaving and not w.watchdog_killed:
+                r = next(r for r in registered if r["pid"] == pid)
+                method = self.segment.method_name(r["method"])
+                self._event("ERROR", f"worker {w.pid} spent more than call_timeout ({limit} s) on one call"
+                                     + (f" to {method}()" if method else "") + ": killing it")
+                w.watchdog_killed = True
                 w.signal(signal.SIGKILL)
 
     def _autoscale(self, registered: list[dict], now: float) -> None:

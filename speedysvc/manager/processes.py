@@ -35,6 +35,9 @@ class WorkerProcess:
         self.started_wall = time.time()
         self.log_fd = log_fd
         self.leaving = False          # asked to stop: its exit is not a crash
+        self.serving = False          # seen in the service segment's worker table
+        self.watchdog_killed = False  # killed by the call watchdog (call_timeout)
+        self.last_entry: dict | None = None   # its worker-table entry, read as it died
         self.fds: dict[int, tuple[str, LineSplitter]] = {}   # pipes watched by the loop
         self.ps = psutil.Process(proc.pid)
         self.cpu = 0.0                # fraction of a core, last sample
@@ -62,17 +65,26 @@ class WorkerProcess:
 
 def describe_exit(code: int) -> str:
     """A process's exit status as Popen gives it, in words ("code 1", "signal SIGKILL")."""
-    return f"code {code}" if code >= 0 else f"signal {signal.Signals(-code).name}"
+    if code >= 0:
+        return f"code {code}"
+    try:
+        return f"signal {signal.Signals(-code).name}"
+    except ValueError:   # a real-time signal has no name
+        return f"signal {-code}"
 
 
 class WorkerSet:
     """The worker processes of one service, on the manager's loop.  ``on_exit(worker, code)``
-    is called once each has exited and its last output is in the log."""
+    is called once each has exited and its last output is in the log; ``last_look(worker)``,
+    if given, just before the manager waits for the dead process (while it is a zombie, so
+    its pid and what it left in shared memory are still its own)."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, log_: ServiceLog, on_exit: Callable[[WorkerProcess, int], None]):
+    def __init__(self, loop: asyncio.AbstractEventLoop, log_: ServiceLog, on_exit: Callable[[WorkerProcess, int], None],
+                 last_look: Callable[[WorkerProcess], None] | None = None):
         self.loop = loop
         self.log = log_
         self.on_exit = on_exit
+        self.last_look = last_look
         self.workers: dict[int, WorkerProcess] = {}
         self.all_exited = asyncio.Event()
         self.all_exited.set()
@@ -147,6 +159,11 @@ class WorkerSet:
     def _exited(self, w: WorkerProcess, pidfd: int) -> None:
         self.loop.remove_reader(pidfd)
         os.close(pidfd)
+        if self.last_look is not None:
+            try:
+                self.last_look(w)
+            except Exception:
+                log.exception("reading what worker %d left failed", w.pid)
         code = w.proc.wait()
         try:
             self._drain(w)

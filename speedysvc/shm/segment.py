@@ -20,10 +20,11 @@ import mmap
 import os
 import pwd
 import re
+import stat
 import time
 
 from .. import _shmcore as core
-from ..errors import ServiceAlreadyRunning, ServiceUnavailable, SpeedysvcError
+from ..errors import SegmentNotOurs, ServiceAlreadyRunning, ServiceUnavailable, SpeedysvcError
 
 SHM_DIR = "/dev/shm"
 NAMESPACE_ENV = "SPEEDYSVC_NAMESPACE"
@@ -72,11 +73,48 @@ def data_segment_name(service: str, owner_pid: int, slot: int, gen: int) -> str:
     return f"{PREFIX}.{USER}.{service}.{owner_pid}-{slot}-{gen}"
 
 
+# Every name of ours in /dev/shm is opened without following a symbolic link, and a file there
+# that another uid owns (a user whose name sanitises to ours, or one squatting the name) is
+# refused with SegmentNotOurs and never removed: /dev/shm is sticky, so nobody else can replace
+# a file of ours, and unlinking is the only thing root could otherwise do to a file not its own.
+
+def not_ours(path: str) -> SegmentNotOurs | None:
+    """Why ``path`` is not a segment of ours (a symbolic link, or another uid's file), or None
+    (it is ours, or there is nothing there)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    if stat.S_ISLNK(st.st_mode) or st.st_uid != os.getuid():
+        return SegmentNotOurs(path, st.st_uid, symlink=stat.S_ISLNK(st.st_mode))
+    return None
+
+
+def unlink_path(path: str) -> bool:
+    """Remove a segment of ours by path; a symbolic link or another uid's file is left alone.
+    True if it was removed."""
+    if not_ours(path) is not None:
+        return False
+    try:
+        os.unlink(path)
+        return True
+    except FileNotFoundError:
+        return False
+
+
 def create_segment(name: str, size: int) -> tuple[core.Region, int]:
     """A new segment readable and writable by this user only: (mapping, inode).
-    The mapping keeps no file descriptor open, so a worker can map many channels."""
+    The mapping keeps no file descriptor open, so a worker can map many channels.
+    Raises FileExistsError if the name is taken by a segment of ours, SegmentNotOurs if
+    by anything else."""
     path = os.path.join(SHM_DIR, name)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except FileExistsError:
+        squatter = not_ours(path)
+        if squatter is not None:
+            raise squatter from None
+        raise
     try:
         os.fchmod(fd, 0o600)
         os.ftruncate(fd, size)
@@ -89,21 +127,28 @@ def create_segment(name: str, size: int) -> tuple[core.Region, int]:
 
 
 def open_segment(name: str) -> tuple[core.Region, int]:
-    fd = os.open(os.path.join(SHM_DIR, name), os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+    """Map an existing segment of ours: (mapping, inode).  Raises FileNotFoundError if there is
+    none, SegmentNotOurs if the name is a symbolic link or another uid's file."""
+    path = os.path.join(SHM_DIR, name)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as e:   # ELOOP: a symbolic link; EACCES: another user's file
+        squatter = None if isinstance(e, FileNotFoundError) else not_ours(path)
+        if squatter is not None:
+            raise squatter from None
+        raise
     try:
         st = os.fstat(fd)
         if st.st_uid != os.getuid():
-            raise PermissionError(f"/dev/shm/{name} belongs to uid {st.st_uid}, not to this user")
+            raise SegmentNotOurs(path, st.st_uid)
         return core.map_fd(fd, st.st_size), st.st_ino
     finally:
         os.close(fd)
 
 
 def unlink_segment(name: str) -> None:
-    try:
-        os.unlink(os.path.join(SHM_DIR, name))
-    except FileNotFoundError:
-        pass
+    """Remove a segment of ours (never a symbolic link, nor another uid's file)."""
+    unlink_path(os.path.join(SHM_DIR, name))
 
 
 def process_start_time(pid: int) -> int | None:
@@ -117,6 +162,16 @@ def process_start_time(pid: int) -> int | None:
     if fields[0] in (b"Z", b"X"):
         return None
     return int(fields[19])
+
+
+def process_is_zombie(pid: int) -> bool:
+    """True if ``pid`` has exited and its parent has not waited for it yet."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    return stat[stat.rfind(b")") + 2:][:1] == b"Z"
 
 
 def process_alive(pid: int, start_time: int = 0) -> bool:
@@ -178,6 +233,8 @@ class ServiceSegment:
         name = service_segment_name(service)
         try:
             stale = cls.attach(service)
+        except SegmentNotOurs:
+            raise
         except ServiceUnavailable:
             stale = None
         except SpeedysvcError:
@@ -211,6 +268,9 @@ class ServiceSegment:
         try:
             os.link(os.path.join(SHM_DIR, temp), os.path.join(SHM_DIR, name))
         except FileExistsError:
+            squatter = not_ours(os.path.join(SHM_DIR, name))
+            if squatter is not None:
+                raise squatter from None
             raise ServiceAlreadyRunning(f"service {service!r} was started by another process meanwhile") from None
         finally:
             unlink_segment(temp)
@@ -236,7 +296,7 @@ class ServiceSegment:
     def is_current(self) -> bool:
         """False once the name points to another segment (service restarted) or to none."""
         try:
-            return os.stat(os.path.join(SHM_DIR, self.name)).st_ino == self.ino
+            return os.lstat(os.path.join(SHM_DIR, self.name)).st_ino == self.ino
         except FileNotFoundError:
             return False
 
@@ -304,6 +364,7 @@ class ServiceSegment:
                     r.store64(off + field, 0)
                 r.store64(off + core.W_STARTED_NS, time.time_ns())
                 r.store64(off + core.W_START_TICKS, process_start_time(pid) or 0)
+                r.store32(off + core.W_METHOD, 0)
                 r.store32(off + core.W_STATE, core.WORKER_IDLE)
                 return i
         raise SpeedysvcError(f"service {self.service!r} already has {core.MAX_WORKERS} workers")
@@ -313,20 +374,46 @@ class ServiceSegment:
         self.region.store32(off + core.W_STATE, core.WORKER_FREE)
         self.region.cas32(off + core.W_PID, pid, 0)
 
+    def set_worker_method(self, index: int, method: int) -> None:
+        """The worker of entry ``index`` starts a call to method ``method`` (-1: unknown)."""
+        self.region.store32(self.worker_offset(index) + core.W_METHOD, method + 1 if method >= 0 else 0)
+
+    def _worker_row(self, i: int, pid: int) -> dict:
+        r, off = self.region, self.worker_offset(i)
+        busy = r.load32(off + core.W_STATE) == core.WORKER_BUSY
+        method = r.load32(off + core.W_METHOD)
+        return {"index": i, "pid": pid, "busy": busy,
+                "calls": r.load64(off + core.W_CALLS), "errors": r.load64(off + core.W_ERRORS),
+                "busy_ns": r.load64(off + core.W_BUSY_NS),
+                "claim_ns": r.load64(off + core.W_CLAIM_NS),
+                # the method (its index) of the call in hand, and of the last call begun
+                "method": method - 1 if method and busy else None,
+                "last_method": method - 1 if method else None,
+                "alive": process_alive(pid, r.load64(off + core.W_START_TICKS)),
+                "started_ns": r.load64(off + core.W_STARTED_NS)}
+
     def workers(self) -> list[dict]:
         """The registered workers and their counters (for supervisors and tests)."""
         r, out = self.region, []
         for i in range(core.MAX_WORKERS):
-            off = self.worker_offset(i)
-            pid = r.load32(off + core.W_PID)
+            pid = r.load32(self.worker_offset(i) + core.W_PID)
             if pid:
-                out.append({"index": i, "pid": pid, "busy": r.load32(off + core.W_STATE) == core.WORKER_BUSY,
-                            "calls": r.load64(off + core.W_CALLS), "errors": r.load64(off + core.W_ERRORS),
-                            "busy_ns": r.load64(off + core.W_BUSY_NS),
-                            "claim_ns": r.load64(off + core.W_CLAIM_NS),
-                            "alive": process_alive(pid, r.load64(off + core.W_START_TICKS)),
-                            "started_ns": r.load64(off + core.W_STARTED_NS)})
+                out.append(self._worker_row(i, pid))
         return out
+
+    def worker_entry(self, pid: int) -> dict | None:
+        """The worker-table entry of ``pid`` as ``workers()`` has it, or None if it has none
+        (it never registered, or left).  A supervisor reads a dead worker's entry with this
+        before ``reap()`` frees it: ``busy`` says it died in a call, ``method`` in which."""
+        for i in range(core.MAX_WORKERS):
+            if self.region.load32(self.worker_offset(i) + core.W_PID) == pid:
+                return self._worker_row(i, pid)
+        return None
+
+    def method_name(self, index: int | None) -> str | None:
+        """The name of the method with statistics index ``index``, if the workers published it."""
+        names = self.method_names()
+        return names[index] if index is not None and 0 <= index < len(names) else None
 
     # -- methods and their statistics --
     def write_method_names(self, names: list[str]) -> None:
@@ -385,10 +472,7 @@ class ServiceSegment:
         off = self.channel_offset(slot)
         r = self.region
         for path in glob.glob(os.path.join(SHM_DIR, glob.escape(data_segment_name(self.service, owner_pid, slot, 0))[:-1] + "*")):
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
+            unlink_path(path)
         r.store64(off + core.C_DATA_CAP, 0)
         r.store32(off + core.C_STATE, core.ST_IDLE)
         r.store32(off + core.C_OWNER_PID, 0)
@@ -431,10 +515,13 @@ class ServiceSegment:
             if reclaimable and r.cas32(off + core.C_OWNER_PID, owner, core.CHANNEL_RECLAIMING):
                 self.free_channel(slot, owner)
                 reclaimed += 1
+        # a supervised worker's entry outlives it until its supervisor has read it (the
+        # supervisor waits for the process, so until then it is a zombie)
+        supervised = self.supervised
         for i in range(core.MAX_WORKERS):
             off = self.worker_offset(i)
             pid = r.load32(off + core.W_PID)
-            if pid and not is_alive(pid):
+            if pid and not is_alive(pid) and not (supervised and process_is_zombie(pid)):
                 r.store32(off + core.W_STATE, core.WORKER_FREE)
                 r.cas32(off + core.W_PID, pid, 0)
         return reclaimed
@@ -442,17 +529,15 @@ class ServiceSegment:
 
 def remove_service_segments(service: str, keep_starting: bool = False) -> None:
     """Unlink a service's segment and every data segment of its channels (but, with
-    ``keep_starting``, not a segment another live owner is still filling in)."""
-    base = os.path.join(SHM_DIR, glob.escape(service_segment_name(service)))
-    for path in [base] + glob.glob(base + ".*"):
+    ``keep_starting``, not a segment another live owner is still filling in; and never a
+    symbolic link or another uid's file)."""
+    base = os.path.join(SHM_DIR, service_segment_name(service))
+    for path in [base] + glob.glob(glob.escape(base) + ".*"):
         if keep_starting and ".starting-" in path:
             pid = path.rsplit("-", 1)[-1]
             if pid.isdigit() and process_alive(int(pid)):
                 continue
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
+        unlink_path(path)
 
 
 # ---- a channel's data segment ---------------------------------------------------------------
@@ -492,7 +577,7 @@ def replace_data_segment(seg: ServiceSegment, slot: int, owner_pid: int, needed:
     size = grown_size(needed, current_size)
     try:
         new = DataSegment.create(seg.service, owner_pid, slot, old_gen + 1, size)
-    except FileExistsError:   # left by a growth that was interrupted before it was published
+    except FileExistsError:   # ours, left by a growth that was interrupted before it was published
         unlink_segment(data_segment_name(seg.service, owner_pid, slot, old_gen + 1))
         new = DataSegment.create(seg.service, owner_pid, slot, old_gen + 1, size)
     seg.region.store64(off + core.C_DATA_CAP, new.size)

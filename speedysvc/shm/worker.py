@@ -86,6 +86,7 @@ class Worker:
     def serve_forever(self) -> None:
         seg, region, dispatcher = self.segment, self.segment.region, self.dispatcher
         parent = os.getppid()
+        orderly = False
         try:
             while not self.stop[0]:
                 # the common case runs in C until the housekeeping interval; it hands back
@@ -112,8 +113,12 @@ class Worker:
                     except Exception as e:  # a fault of ours: fail that call, keep serving
                         log.exception("internal error while serving a call")
                         self.fail_call(got[1], e)
+            orderly = self.fatal is None
         finally:
-            seg.unregister_worker(self.index, self.pid)
+            # a worker that a call made exit (SystemExit), or that fails, leaves its entry
+            # (and the method of its last call) for its supervisor to read; reaping frees it
+            if orderly:
+                seg.unregister_worker(self.index, self.pid)
 
     def serve_one(self, slot, owner, gen, name_len, req_len, flags) -> None:
         """A call the C loop handed back: a channel not mapped yet, or an unknown method."""
@@ -135,8 +140,10 @@ class Worker:
             entry = self.channels[slot] = (owner, gen, data.region, data.view.toreadonly())
         view = entry[3]
         name = bytes(view[:name_len])
+        method = self.dispatcher.method_index(name)
+        seg.set_worker_method(self.index, method)
         status, out = self.dispatcher.handle(name, flags, view[name_len:req_len])
-        self.reply_large(slot, entry, status, out, self.dispatcher.method_index(name))
+        self.reply_large(slot, entry, status, out, method)
 
     def reply_large(self, slot, entry, status, out, method: int = -1) -> None:
         """Reply with a response larger than the channel, or one the C loop could not send."""

@@ -9,10 +9,10 @@ import time
 import psutil
 import pytest
 
-from speedysvc import ServiceUnavailable, connect
+from speedysvc import RemoteError, ServiceUnavailable, WorkerDied, connect
 from conftest import our_segments, wait_until
 from manager_fixture import RunningManager, chatty_ini
-from services import Chatty, EchoServer
+from services import Chatty, EchoServer, Fragile
 
 
 CRASH_LOOP_INI = """
@@ -64,9 +64,79 @@ def test_starting_a_failing_service_again_reports_the_failure(running):
     m = running(CRASH_LOOP_INI.format(crash_limit=2), wait_ready=False)
     m.wait(lambda: m.service("CrashOnStart")["state"] == "failed", 60, "failed")
     code, body = m.post("/api/services/CrashOnStart/start")
-    assert code == 409 and "died within crash_window" in body["error"]
+    assert code == 409 and "died while starting, before they served" in body["error"]
     out = m.cli("start", "CrashOnStart")
     assert out.returncode == 1
+
+
+FRAGILE_INI = """
+    [Fragile]
+    import_from=services
+    restart_backoff=0.05
+    restart_backoff_max=0.2
+    crash_limit=3
+    call_timeout=1
+
+    [web monitor]
+    port={port}
+"""
+
+
+def test_calls_that_kill_their_worker_are_not_a_crash_loop(running):
+    """Workers killed by calls, each one by the first call it took right after starting (the
+    call waited for it), do not count as start crashes: the service stays up, each caller gets
+    WorkerDied, and the log names the method and how the worker ended."""
+    m = running(FRAGILE_INI)
+    with connect(Fragile) as c:
+        for kill in (c.die, lambda: c.exit_now(7), c.die, lambda: c.exit_now(9)):
+            with pytest.raises(WorkerDied):
+                kill()
+        with pytest.raises(RemoteError, match="SystemExit"):
+            c.exit(3)                       # answered, then its worker exits
+        with pytest.raises(WorkerDied):
+            c.sleep(30)                     # killed by the call watchdog
+        m.wait(lambda: any(w["serving"] for w in m.service("Fragile")["worker_list"]), 30, "a worker serving again")
+        s = m.service("Fragile")
+        assert s["state"] == "running" and s["failure"] is None and s["restarts"] >= 6
+        assert c.whoami() == s["worker_list"][0]["pid"]
+    logs = [r["message"] for r in m.get("/api/services/Fragile/logs?lines=1000")["records"]]
+
+    def logged(*parts):
+        return sum(all(p in r for p in parts) for r in logs)
+
+    assert logged("died (signal SIGKILL) in a call to die()", "its caller got WorkerDied") == 2
+    assert logged("died (code 7) in a call to exit_now()") == 1
+    assert logged("died (code 9) in a call to exit_now()") == 1
+    assert logged("died (code 3) between calls (its last call: exit())") == 1
+    assert logged("killed by the call watchdog", "in a call to sleep()") == 1
+    assert logged("more than call_timeout (1.0 s) on one call to sleep(): killing it") == 1
+    # said loudly, every crash_limit of them in a row
+    assert logged("workers in a row died while serving, within crash_window", "calls may be killing them") == 2
+    assert not logged("marked failed") and not logged("start crash")
+
+
+@pytest.mark.parametrize("service, code, where", [
+    ("CrashOnStart", 1, ("while starting",)),
+    ("DiesIdle", 5, ("before its first call", "while starting")),   # the latter if it was held up 0.3 s
+])
+def test_workers_that_die_before_they_serve_are_start_crashes(running, service, code, where):
+    """Workers that die before they serve (while starting, or idle before their first call)
+    count towards crash_limit."""
+    m = running(f"""
+        [{service}]
+        import_from=services
+        restart_backoff=0.05
+        crash_limit=2
+
+        [web monitor]
+        port={{port}}
+    """, wait_ready=False)
+    m.wait(lambda: m.service(service)["state"] == "failed", 60, "the service to be marked failed")
+    logs = [r["message"] for r in m.get(f"/api/services/{service}/logs")["records"]]
+    died = [r for r in logs if f"died (code {code}) " in r]
+    assert len(died) == 2 and [r for r in logs if "start crash" in r] == died
+    assert all(any(f"died (code {code}) {w}," in r for w in where) for r in died), died
+    assert "2 workers in a row died while starting, before they served" in m.service(service)["failure"]
 
 
 def test_autoscaling_up_under_load_and_down_when_idle(running):
@@ -175,3 +245,37 @@ def test_second_manager_for_the_same_services_is_refused(running, tmp_path):
     assert m2.proc.wait(60) == 1
     assert "already served" in m2.output()
     m2.out.close()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a file of another user (uid 65534) is made as root")
+def test_a_service_whose_segment_name_is_squatted_fails_and_the_others_run(running):
+    """Another user's file under the service's segment name: that service fails with a reason
+    that names the file and its owner and says what to do; the manager runs the others."""
+    from speedysvc.shm import SHM_DIR, segment
+    path = os.path.join(SHM_DIR, segment.service_segment_name(Chatty.name))
+    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    os.fchown(fd, 65534, 65534)
+    os.close(fd)
+    try:
+        m = running("""
+            [EchoServer]
+            import_from=services
+
+            [Chatty]
+            import_from=services
+
+            [web monitor]
+            port={port}
+        """, wait_ready=False)
+        m.wait(lambda: m.service("Chatty")["state"] == "failed" and m.service("EchoServer")["state"] == "running",
+               60, "Chatty failed and EchoServer running")
+        failure = m.service("Chatty")["failure"]
+        assert path in failure and "uid 65534" in failure and "as root" in failure
+        assert "SPEEDYSVC_NAMESPACE" in failure
+        with connect(EchoServer) as c:
+            assert c.echo_json("still") == "still"
+        code, body = m.post("/api/services/Chatty/start")
+        assert code == 409 and path in body["error"]
+        assert os.lstat(path).st_uid == 65534
+    finally:
+        os.unlink(path)

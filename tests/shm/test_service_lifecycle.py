@@ -151,3 +151,48 @@ def test_python_m_speedysvc_local_serves_a_class_from_a_file(tmp_path):
         assert proc.wait(30) == 0
         proc.stdout.close()
         proc.stderr.close()
+
+
+def test_the_worker_table_names_the_method_of_the_call_in_hand():
+    """A worker writes the method it starts into its entry (W_METHOD, index + 1), on its Python
+    path (a channel's first call) and in its C loop; the entry names it while the call runs, and
+    the last one once idle."""
+    from speedysvc import _shmcore as core
+    with LocalService(Other, workers=1) as svc, connect(Other) as c:
+        seg = svc.segment
+        assert seg.workers()[0]["method"] is None and seg.workers()[0]["last_method"] is None
+        for _ in range(2):
+            th = threading.Thread(target=c.sleep, args=(0.3,))
+            th.start()
+            assert wait_until(lambda: any(w["busy"] for w in seg.workers()))
+            (w,) = seg.workers()
+            assert seg.method_name(w["method"]) == "sleep"
+            assert seg.region.load32(seg.worker_offset(w["index"]) + core.W_METHOD) == \
+                seg.method_names().index("sleep") + 1
+            th.join()
+            (w,) = seg.workers()
+            assert not w["busy"] and w["method"] is None and seg.method_name(w["last_method"]) == "sleep"
+        c.whoami()
+        assert seg.method_name(seg.workers()[0]["last_method"]) == "whoami"
+        assert seg.worker_entry(svc.pids[0])["index"] == w["index"] and seg.worker_entry(1 << 30) is None
+
+
+@pytest.mark.parametrize("supervised", [True, False])
+def test_a_supervised_workers_entry_waits_for_its_parent_to_read_it(supervised):
+    """Reaping leaves the entry of a supervised worker that is a zombie (dead, not yet waited
+    for): its supervisor reads it first, to tell a start crash from a call that killed it."""
+    import os
+    seg = shm.ServiceSegment.create("zombie_entry", supervised=supervised)
+    try:
+        pid = os.fork()
+        if pid == 0:
+            seg.register_worker(os.getpid())
+            os._exit(0)
+        assert wait_until(lambda: shm.process_is_zombie(pid))
+        seg.reap()
+        assert (seg.worker_entry(pid) is not None) == supervised
+        os.waitpid(pid, 0)
+        seg.reap()
+        assert seg.worker_entry(pid) is None
+    finally:
+        seg.destroy()
