@@ -90,7 +90,7 @@ class TcpServer:
         self.shm = ShmTransport(service)
         self.counters = {"connections_total": 0, "calls": 0, "errors": 0, "refused": 0,
                          "auth_failures": 0, "protocol_errors": 0, "answered_inline": 0, "bytes_in": 0, "bytes_out": 0,
-                         "replies_parked": 0, "inflate_waits": 0}
+                         "replies_parked": 0, "inflated_in_threads": 0, "inflate_waits": 0}
         self.admission = Admission(opts.max_inflight, opts.per_connection)
         self.parking = Parking(self.counters)
         self.inflate = InflateBudget(opts.inflate_budget)
@@ -233,6 +233,7 @@ class TcpServer:
             conn.reply_error(frame.call_id, e)
             return True
         self.inflate.take(size)
+        self.counters["inflated_in_threads"] += 1
         self._began(conn)
         loop = asyncio.get_running_loop()
 
