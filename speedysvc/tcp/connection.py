@@ -73,18 +73,39 @@ class ServerConnection(asyncio.BufferedProtocol):
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
         server.counters["connections_total"] += 1
-        if len(server.connections) >= server.options.max_connections:
-            self.refuse(ServiceUnavailable(f"service {server.service!r} has too many TCP clients "
-                                           f"({server.options.max_connections}); try again later"))
+        if not self._room_for_client():
             return
+        # A connection in the handshake (not authenticated yet, when a secret is required) does
+        # not count as a client: they have a small limit of their own, beyond which each new one
+        # closes the oldest, so that connections that never complete the handshake cannot keep
+        # clients that can out.
+        handshaking = server.handshaking
+        if len(handshaking) >= server.options.max_handshakes:
+            oldest = next(iter(handshaking))
+            server.counters["handshakes_evicted"] += 1
+            oldest.refuse(ServiceUnavailable(
+                f"service {server.service!r} has too many TCP connections in the handshake "
+                f"({server.options.max_handshakes}); this one was the oldest"))
+        handshaking[self] = None
         server.connections.add(self)
         transport.write(fr.pack_hello(fr.SERVER_HELLO, {
             "versions": list(fr.SUPPORTED_VERSIONS), "service": server.service,
             "compression": compression.available(), "auth": server.secret is not None,
             "nonce": self.nonce, "max_payload": server.options.max_payload}))
 
+    def _room_for_client(self) -> bool:
+        """Whether one more client fits under ``max_connections`` (clients past the handshake);
+        refuses this connection if not."""
+        server = self.server
+        if len(server.connections) - len(server.handshaking) < server.options.max_connections:
+            return True
+        self.refuse(ServiceUnavailable(f"service {server.service!r} has too many TCP clients "
+                                       f"({server.options.max_connections}); try again later"))
+        return False
+
     def connection_lost(self, exc) -> None:
         self.closed = True
+        self.server.handshaking.pop(self, None)
         self.server.connections.discard(self)
         self.server.release(self)
 
@@ -239,6 +260,9 @@ class ServerConnection(asyncio.BufferedProtocol):
                 return
             self.authenticated = True
             welcome["proof"] = fr.server_proof(server.secret, self.nonce, client_nonce, server.service)
+        if not self._room_for_client():
+            return
+        server.handshaking.pop(self, None)   # a client now
         self.compression, self.compress_min = algo, compress_min
         self.parser = fr.FrameParser(server.options.max_payload, frozenset((fr.CALL,)))
         if algo is None:   # (replies of a compressing connection may need compressing)
@@ -331,5 +355,6 @@ class ServerConnection(asyncio.BufferedProtocol):
                 self.transport.abort()
             else:
                 asyncio.get_running_loop().call_later(CLOSE_GRACE, self.transport.abort)
+        self.server.handshaking.pop(self, None)
         self.server.connections.discard(self)
         self.server.release(self)

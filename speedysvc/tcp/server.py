@@ -88,7 +88,7 @@ class TcpServer:
         self.secret = fr.as_secret(opts.secret)
         self.ssl_context = opts.ssl_context()
         self.shm = ShmTransport(service)
-        self.counters = {"connections_total": 0, "calls": 0, "errors": 0, "refused": 0,
+        self.counters = {"connections_total": 0, "calls": 0, "errors": 0, "refused": 0, "handshakes_evicted": 0,
                          "auth_failures": 0, "protocol_errors": 0, "answered_inline": 0, "bytes_in": 0, "bytes_out": 0,
                          "replies_parked": 0, "inflated_in_threads": 0, "inflate_waits": 0}
         self.admission = Admission(opts.max_inflight, opts.per_connection)
@@ -101,6 +101,8 @@ class TcpServer:
                                     ~codecs.mask(lambda codec: codec.network_safe) & (2 ** 64 - 1))
         self.executor: ThreadPoolExecutor | None = None
         self.connections: set[ServerConnection] = set()
+        # those of them still in the handshake, oldest first (dict: ordered), not counted in max_connections
+        self.handshaking: dict[ServerConnection, None] = {}
         self._server: asyncio.base_events.Server | None = None
         self._sweeper: asyncio.TimerHandle | None = None
         self._idle = asyncio.Event()
@@ -151,6 +153,7 @@ class TcpServer:
     def status(self) -> dict:
         return {"host": self.host, "port": self.port, "tls": self.ssl_context is not None,
                 "secret": self.secret is not None, "connections": len(self.connections),
+                "handshaking": len(self.handshaking),
                 "inflight": self.inflight, "parked": self.parking.count, **self.counters}
 
     # -- calls -----------------------------------------------------------------------------
