@@ -54,13 +54,14 @@ class PendingCall:
     thread (an event loop can then leave a large answer in shared memory until it has
     room for it); ``abandon()`` it if nobody ever will, so its channel is not lost."""
 
-    __slots__ = ("transport", "chans", "ch", "args", "name", "codec", "reply", "result", "settled")
+    __slots__ = ("transport", "chans", "ch", "args", "name", "codec", "reply", "result", "settled", "withdrawn")
 
     def __init__(self, transport, chans, ch, args):
         self.transport, self.chans, self.ch, self.args = transport, chans, ch, args
         self.name, self.codec = args[1], args[4]
         self.reply = self.result = None
         self.settled = False
+        self.withdrawn: BaseException | None = None
 
     def __call__(self):
         """In a thread: the call's result (or its error raised)."""
@@ -96,6 +97,13 @@ class PendingCall:
             raise
         finally:
             self.transport._give_back(self.chans, self.ch)
+
+    def withdraw(self, error: BaseException) -> None:
+        """From any thread, while another waits for the call (``wait``): nobody wants its answer
+        any more.  If no worker has claimed it yet, the waiting thread takes it back within
+        ``LIVENESS_SLICE`` and raises ``error``; a call a worker has claimed runs on, and is
+        waited for as usual."""
+        self.withdrawn = error
 
     def abandon(self) -> None:
         if not self.settled:
@@ -293,7 +301,8 @@ class ShmTransport:
         chans, ch = pending.chans, pending.ch
         keep = False
         try:
-            ready, value = self._until_answered(chans, ch, got, name, request, flags, codec, timeout, deadline)
+            ready, value = self._until_answered(chans, ch, got, name, request, flags, codec, timeout, deadline,
+                                                pending)
             keep = ready
             return (value, None) if ready else (None, value)
         except _Retry:   # (raised before the request was posted for good: ``request`` still holds it)
@@ -328,10 +337,11 @@ class ShmTransport:
         return self._take_reply(chans, ch, value, name, codec) if ready else value
 
     def _until_answered(self, chans: Channels, ch: Channel, got: int, name, request: list, flags, codec, timeout,
-                   deadline: float | None = None):
+                   deadline: float | None = None, pending: PendingCall | None = None):
         """Go on with a call that was not answered at once until its answer is in the channel:
         (True, reply) for ``_take_reply``, or (False, result) when it is already decoded.
-        ``request`` is [the request], emptied once it is posted for good."""
+        ``request`` is [the request], emptied once it is posted for good; ``pending``: the
+        ``PendingCall`` waited for, which may be withdrawn meanwhile."""
         seg = chans.seg
         if got == CALL_TOO_BIG:
             payload = request[0]
@@ -354,7 +364,7 @@ class ShmTransport:
             raise _Retry
         request[0] = None
         if got == CALL_PENDING:
-            return True, self._wait_in_flight(chans, ch, timeout, deadline)
+            return True, self._wait_in_flight(chans, ch, timeout, deadline, pending)
         return True, seg.region.wait_reply(ch.slot, 0.0)   # CALL_READY: a large response, or one in a segment the worker grew
 
     def _take_reply(self, chans: Channels, ch: Channel, reply, name, codec):
@@ -406,9 +416,11 @@ class ShmTransport:
             else:
                 return False
 
-    def _wait_in_flight(self, chans: Channels, ch: Channel, timeout: float | None, deadline: float | None = None):
+    def _wait_in_flight(self, chans: Channels, ch: Channel, timeout: float | None, deadline: float | None = None,
+                        pending: PendingCall | None = None):
         """The call is taking a while: keep waiting, but notice a dead worker, a
-        stopped service and the deadline (by default: the first wait took one slice)."""
+        stopped service, the deadline (by default: the first wait took one slice) and a
+        call withdrawn (``PendingCall.withdraw``) that no worker claimed yet."""
         seg = chans.seg
         if deadline is None and timeout is not None:
             deadline = time.monotonic() + max(0.0, timeout - LIVENESS_SLICE)
@@ -427,6 +439,10 @@ class ShmTransport:
                 if r.cas32(off, st, core.ST_IDLE):
                     self._drop()
                     raise ServiceUnavailable(f"service {self.service!r} stopped before the call was served")
+                continue
+            if code == core.ST_REQUEST and pending is not None and pending.withdrawn is not None:
+                if r.cas32(off, st, core.ST_IDLE):   # taken back: the channel is free again
+                    raise pending.withdrawn
                 continue
             if code == core.ST_REQUEST and seg.abandoned_by_workers():
                 # nobody will start a worker for this call (a supervised service's owner would)

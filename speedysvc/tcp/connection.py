@@ -53,6 +53,8 @@ class ServerConnection(asyncio.BufferedProtocol):
         self.compressing = 0                        # replies being compressed in a thread
         self.parked: collections.deque = collections.deque()   # (call id, waited-for answer) not yet sent
         self.held: collections.deque = collections.deque()     # calls not started: replies unread
+        self.waits: dict = {}   # calls waited for in threads: {concurrent future: PendingCall}
+        self.eof = False        # the client half-closed: close once its calls are answered
         self.batch: list | None = None
         self.batch_bytes = 0
         self.short_way = None   # the server's gateway, once the handshake chose no compression
@@ -175,7 +177,23 @@ class ServerConnection(asyncio.BufferedProtocol):
             self.batch = None
 
     def eof_received(self):
-        return False   # close our side too; replies still in flight are dropped
+        # A client that half-closes (shutdown(SHUT_WR)) after its last call still gets the
+        # replies to its calls; then we close.  (Not over TLS, where asyncio closes anyway.)
+        self.eof = True
+        if self.parser is None or self.server.ssl_context is not None or not self.answering:
+            return False   # close (what was written is sent first)
+        return True
+
+    @property
+    def answering(self) -> bool:
+        """Whether calls of this connection are still to be answered."""
+        return bool(self.inflight or self.held or self.compressing or self.parked
+                    or self in self.server.admission.waiting)
+
+    def close_when_answered(self) -> None:
+        """After the client half-closed: close once no call of it is left to answer."""
+        if not self.closed and not self.answering:
+            self.transport.close()
 
     def pause_writing(self) -> None:
         # the client does not read its replies: stop reading its calls until it does
@@ -220,7 +238,7 @@ class ServerConnection(asyncio.BufferedProtocol):
 
     def resume(self) -> None:
         self.last_progress = time.monotonic()   # a pause is not a stall
-        if not (self.closed or self.paused):
+        if not (self.closed or self.paused or self.eof):
             self.transport.resume_reading()
 
     # -- handshake -------------------------------------------------------------------------

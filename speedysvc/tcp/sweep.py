@@ -16,6 +16,8 @@ def sweep(server, now: float) -> None:
     """Check every connection of ``server`` (a ``TcpServer``) at ``now`` (time.monotonic())."""
     handshake_timeout, stall_timeout = server.options.handshake_timeout, server.options.stall_timeout
     for conn in list(server.connections):
+        if conn.eof:   # half-closed: closed once its calls are answered (normally as the last one is)
+            conn.close_when_answered()
         if conn.parser is None and now - conn.opened > handshake_timeout:
             conn.refuse(ProtocolError(f"handshake not completed within {handshake_timeout} s"))
         elif (conn.parser is not None and conn.parser.mid_frame and not conn.paused
