@@ -117,6 +117,8 @@ SERVICE_KEYS = {
     "tcp_handshake_timeout": (_float(0.1), 3.0, "seconds a TCP client has to complete the handshake"),
     "tcp_stall_timeout": (_float(0.1), 30.0, "seconds a TCP client may stall in the middle of a frame, "
                                              "or leave its replies unread"),
+    "tcp_min_rate": (_int(0), 16384, "bytes per second a TCP frame in progress must keep arriving at, over "
+                                     "each tcp_stall_timeout (0: no minimum)"),
     "max_channels": (_int(1), 1024, "most shared-memory channels (connections and concurrent calls) at once"),
     "max_payload": (_size, 1 << 30, "largest request or response"),
     "call_timeout": (_float(0), 0.0, "seconds a call may run before its worker is killed and restarted (0: no limit)"),

@@ -137,6 +137,7 @@ class ShmTransport:
         self._finalizer = None
         self._lock = threading.Lock()
         self._closed = False
+        self._grown_idle: dict[int, tuple[Channel, float]] = {}   # see trim
         _transports.add(self)
 
     def __repr__(self) -> str:
@@ -460,6 +461,37 @@ class ShmTransport:
             reply = r.wait_reply(ch.slot, LIVENESS_SLICE if remaining is None else min(LIVENESS_SLICE, remaining))
             if reply is not None:
                 return reply
+
+    def trim(self, above: int, idle: float, now: float | None = None) -> int:
+        """For a long-lived caller (the TCP gateway): retire the free channels whose data segment
+        grew above ``above`` bytes (for a large call) and that were found free each time this
+        was called over ``idle`` seconds; the next call takes a fresh channel, of the first
+        size.  Channels only ever grow, so without this one large call would keep its memory
+        (in /dev/shm) for as long as the caller lives.  Call it now and then (once a second);
+        returns how many were retired.  Calls themselves are untouched: a channel in use is
+        never retired, and one taken between two looks costs a channel made anew at most."""
+        chans = self._channels
+        seen = self._grown_idle
+        if chans is None:
+            seen.clear()
+            return 0
+        now = time.monotonic() if now is None else now
+        grown = {id(ch): ch for ch in list(chans.free) if ch.data.size > above}
+        for key in [key for key, (ch, _) in seen.items() if grown.get(key) is not ch]:
+            del seen[key]
+        retired = 0
+        for key, ch in grown.items():
+            since = seen.setdefault(key, (ch, now))[1]
+            if now - since < idle:
+                continue
+            del seen[key]
+            try:
+                chans.free.remove(ch)
+            except ValueError:   # taken meanwhile (by another thread)
+                continue
+            chans.retire(ch)
+            retired += 1
+        return retired
 
     def close(self) -> None:
         """Give the channels back and remove their segments; further calls raise."""

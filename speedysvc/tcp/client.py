@@ -429,7 +429,7 @@ class TcpTransport:
     def __repr__(self) -> str:
         return f"<TcpTransport {self.opts.address} {self.opts.service!r}>"
 
-    def _connection(self, deadline: float | None, timeout: float | None) -> BlockingConnection:
+    def _connection(self, deadline: float | None = None, timeout: float | None = None) -> BlockingConnection:
         conn = self._conn
         if conn is not None and conn.fork_generation != _fork_generation:
             # forked: the socket is the parent's; close our copy only (no shutdown) and connect anew

@@ -55,6 +55,7 @@ class ServerConnection(asyncio.BufferedProtocol):
         self.held: collections.deque = collections.deque()     # calls not started: replies unread
         self.waits: dict = {}   # calls waited for in threads: {concurrent future: PendingCall}
         self.eof = False        # the client half-closed: close once its calls are answered
+        self.rate_mark = None   # (when, frames complete, bytes of the frame in progress): see sweep
         self.batch: list | None = None
         self.batch_bytes = 0
         self.short_way = None   # the server's gateway, once the handshake chose no compression
@@ -107,6 +108,8 @@ class ServerConnection(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc) -> None:
         self.closed = True
+        if self.parser is not None:
+            self.parser.discard()   # (a frame that will never be complete)
         self.server.handshaking.pop(self, None)
         self.server.connections.discard(self)
         self.server.release(self)
@@ -282,7 +285,7 @@ class ServerConnection(asyncio.BufferedProtocol):
             return
         server.handshaking.pop(self, None)   # a client now
         self.compression, self.compress_min = algo, compress_min
-        self.parser = fr.FrameParser(server.options.max_payload, frozenset((fr.CALL,)))
+        self.parser = fr.FrameParser(server.options.max_payload, frozenset((fr.CALL,)), fr.SERVER_SCRATCH)
         if algo is None:   # (replies of a compressing connection may need compressing)
             self.short_way = server.gateway
         self.transport.write(fr.pack_hello(fr.WELCOME, welcome))
