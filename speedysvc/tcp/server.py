@@ -438,5 +438,9 @@ class TcpServer:
 
     # -- housekeeping ----------------------------------------------------------------------
     def _sweep(self) -> None:
-        sweep.sweep(self, time.monotonic())
-        self._sweeper = asyncio.get_running_loop().call_later(sweep.INTERVAL, self._sweep)
+        try:
+            sweep.sweep(self, time.monotonic())
+        except Exception:   # (the next sweep must come all the same: every deadline depends on it)
+            log.exception("%s: the TCP gateway's sweep failed", self.service)
+        finally:
+            self._sweeper = asyncio.get_running_loop().call_later(sweep.INTERVAL, self._sweep)
