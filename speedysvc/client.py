@@ -185,7 +185,9 @@ def connect(server_cls, address: str = "shm://", *, timeout: float | None = None
     environment variable) proves the client to a service that requires one;
     ``tls`` is True, a CA file to trust, or an ``ssl.SSLContext``;
     ``compression`` is one of ``speedysvc.tcp.compression.available()`` and applies
-    to payloads of at least ``compress_min`` bytes (default 4096) both ways.
+    to payloads of at least ``compress_min`` bytes (default 4096) both ways;
+    ``connect_timeout`` (default 10 s) bounds connecting and the handshake, as does a
+    call's ``timeout`` when it is shorter (a call that connects raises ``CallTimeout`` then).
     """
     check_server_class(server_cls, "connect")
     transport = open_transport(server_cls, address, dict(

@@ -40,7 +40,8 @@ class LocalService:
                  max_payload: int = shm.DEFAULT_MAX_PAYLOAD, start_timeout: float = 30.0,
                  stop_timeout: float = 10.0, env: dict | None = None, tcp: str | None = None,
                  tcp_secret=None, tcp_tls: tuple[str, str] | None = None, tcp_allow_pickle: bool = False,
-                 tcp_handshake_timeout: float = 10.0, tcp_stall_timeout: float = 30.0):
+                 tcp_handshake_timeout: float = ServeOptions.handshake_timeout,
+                 tcp_stall_timeout: float = ServeOptions.stall_timeout):
         """``tcp='HOST[:PORT]'`` also serves TCP clients (PORT defaults to the class's
         ``port``; 0 picks a free one, see ``tcp_address``), in a process of its own."""
         if workers < 1 or workers > core.MAX_WORKERS:

@@ -110,10 +110,15 @@ SERVICE_KEYS = {
     "tcp_tls_cert": (_text, None, "PEM certificate (chain) file: serve TCP clients over TLS"),
     "tcp_tls_key": (_text, None, "PEM private key of tcp_tls_cert (if not in the same file)"),
     "tcp_allow_pickle": (_bool, False, "accept calls to pickle methods from authenticated TCP clients"),
-    "tcp_max_connections": (_int(1), 10000, "most TCP clients at once"),
-    "tcp_handshake_timeout": (_float(0.1), 10.0, "seconds a TCP client has to complete the handshake"),
+    "tcp_max_connections": (_int(1), 10000, "most TCP clients at once past the handshake (authenticated, when "
+                                            "a secret is required)"),
+    "tcp_max_handshakes": (_int(1), 256, "most TCP connections in the handshake at once (not counted in "
+                                         "tcp_max_connections); a new one beyond closes the oldest"),
+    "tcp_handshake_timeout": (_float(0.1), 3.0, "seconds a TCP client has to complete the handshake"),
     "tcp_stall_timeout": (_float(0.1), 30.0, "seconds a TCP client may stall in the middle of a frame, "
                                              "or leave its replies unread"),
+    "tcp_min_rate": (_int(0), 16384, "bytes per second a TCP frame in progress must keep arriving at, over "
+                                     "each tcp_stall_timeout (0: no minimum)"),
     "max_channels": (_int(1), 1024, "most shared-memory channels (connections and concurrent calls) at once"),
     "max_payload": (_size, 1 << 30, "largest request or response"),
     "call_timeout": (_float(0), 0.0, "seconds a call may run before its worker is killed and restarted (0: no limit)"),

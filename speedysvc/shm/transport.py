@@ -54,13 +54,14 @@ class PendingCall:
     thread (an event loop can then leave a large answer in shared memory until it has
     room for it); ``abandon()`` it if nobody ever will, so its channel is not lost."""
 
-    __slots__ = ("transport", "chans", "ch", "args", "name", "codec", "reply", "result", "settled")
+    __slots__ = ("transport", "chans", "ch", "args", "name", "codec", "reply", "result", "settled", "withdrawn")
 
     def __init__(self, transport, chans, ch, args):
         self.transport, self.chans, self.ch, self.args = transport, chans, ch, args
         self.name, self.codec = args[1], args[4]
         self.reply = self.result = None
         self.settled = False
+        self.withdrawn: BaseException | None = None
 
     def __call__(self):
         """In a thread: the call's result (or its error raised)."""
@@ -97,6 +98,13 @@ class PendingCall:
         finally:
             self.transport._give_back(self.chans, self.ch)
 
+    def withdraw(self, error: BaseException) -> None:
+        """From any thread, while another waits for the call (``wait``): nobody wants its answer
+        any more.  If no worker has claimed it yet, the waiting thread takes it back within
+        ``LIVENESS_SLICE`` and raises ``error``; a call a worker has claimed runs on, and is
+        waited for as usual."""
+        self.withdrawn = error
+
     def abandon(self) -> None:
         if not self.settled:
             self.settled = True
@@ -129,6 +137,7 @@ class ShmTransport:
         self._finalizer = None
         self._lock = threading.Lock()
         self._closed = False
+        self._grown_idle: dict[int, tuple[Channel, float]] = {}   # see trim
         _transports.add(self)
 
     def __repr__(self) -> str:
@@ -293,7 +302,8 @@ class ShmTransport:
         chans, ch = pending.chans, pending.ch
         keep = False
         try:
-            ready, value = self._until_answered(chans, ch, got, name, request, flags, codec, timeout, deadline)
+            ready, value = self._until_answered(chans, ch, got, name, request, flags, codec, timeout, deadline,
+                                                pending)
             keep = ready
             return (value, None) if ready else (None, value)
         except _Retry:   # (raised before the request was posted for good: ``request`` still holds it)
@@ -328,10 +338,11 @@ class ShmTransport:
         return self._take_reply(chans, ch, value, name, codec) if ready else value
 
     def _until_answered(self, chans: Channels, ch: Channel, got: int, name, request: list, flags, codec, timeout,
-                   deadline: float | None = None):
+                   deadline: float | None = None, pending: PendingCall | None = None):
         """Go on with a call that was not answered at once until its answer is in the channel:
         (True, reply) for ``_take_reply``, or (False, result) when it is already decoded.
-        ``request`` is [the request], emptied once it is posted for good."""
+        ``request`` is [the request], emptied once it is posted for good; ``pending``: the
+        ``PendingCall`` waited for, which may be withdrawn meanwhile."""
         seg = chans.seg
         if got == CALL_TOO_BIG:
             payload = request[0]
@@ -354,7 +365,7 @@ class ShmTransport:
             raise _Retry
         request[0] = None
         if got == CALL_PENDING:
-            return True, self._wait_in_flight(chans, ch, timeout, deadline)
+            return True, self._wait_in_flight(chans, ch, timeout, deadline, pending)
         return True, seg.region.wait_reply(ch.slot, 0.0)   # CALL_READY: a large response, or one in a segment the worker grew
 
     def _take_reply(self, chans: Channels, ch: Channel, reply, name, codec):
@@ -406,9 +417,11 @@ class ShmTransport:
             else:
                 return False
 
-    def _wait_in_flight(self, chans: Channels, ch: Channel, timeout: float | None, deadline: float | None = None):
+    def _wait_in_flight(self, chans: Channels, ch: Channel, timeout: float | None, deadline: float | None = None,
+                        pending: PendingCall | None = None):
         """The call is taking a while: keep waiting, but notice a dead worker, a
-        stopped service and the deadline (by default: the first wait took one slice)."""
+        stopped service, the deadline (by default: the first wait took one slice) and a
+        call withdrawn (``PendingCall.withdraw``) that no worker claimed yet."""
         seg = chans.seg
         if deadline is None and timeout is not None:
             deadline = time.monotonic() + max(0.0, timeout - LIVENESS_SLICE)
@@ -428,6 +441,10 @@ class ShmTransport:
                     self._drop()
                     raise ServiceUnavailable(f"service {self.service!r} stopped before the call was served")
                 continue
+            if code == core.ST_REQUEST and pending is not None and pending.withdrawn is not None:
+                if r.cas32(off, st, core.ST_IDLE):   # taken back: the channel is free again
+                    raise pending.withdrawn
+                continue
             if code == core.ST_REQUEST and seg.abandoned_by_workers():
                 # nobody will start a worker for this call (a supervised service's owner would)
                 if r.cas32(off, st, core.ST_IDLE):
@@ -444,6 +461,37 @@ class ShmTransport:
             reply = r.wait_reply(ch.slot, LIVENESS_SLICE if remaining is None else min(LIVENESS_SLICE, remaining))
             if reply is not None:
                 return reply
+
+    def trim(self, above: int, idle: float, now: float | None = None) -> int:
+        """For a long-lived caller (the TCP gateway): retire the free channels whose data segment
+        grew above ``above`` bytes (for a large call) and that were found free each time this
+        was called over ``idle`` seconds; the next call takes a fresh channel, of the first
+        size.  Channels only ever grow, so without this one large call would keep its memory
+        (in /dev/shm) for as long as the caller lives.  Call it now and then (once a second);
+        returns how many were retired.  Calls themselves are untouched: a channel in use is
+        never retired, and one taken between two looks costs a channel made anew at most."""
+        chans = self._channels
+        seen = self._grown_idle
+        if chans is None:
+            seen.clear()
+            return 0
+        now = time.monotonic() if now is None else now
+        grown = {id(ch): ch for ch in list(chans.free) if ch.data.size > above}
+        for key in [key for key, (ch, _) in seen.items() if grown.get(key) is not ch]:
+            del seen[key]
+        retired = 0
+        for key, ch in grown.items():
+            since = seen.setdefault(key, (ch, now))[1]
+            if now - since < idle:
+                continue
+            del seen[key]
+            try:
+                chans.free.remove(ch)
+            except ValueError:   # taken meanwhile (by another thread)
+                continue
+            chans.retire(ch)
+            retired += 1
+        return retired
 
     def close(self) -> None:
         """Give the channels back and remove their segments; further calls raise."""

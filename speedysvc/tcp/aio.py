@@ -4,10 +4,11 @@ as for the blocking client."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 from ..errors import CallTimeout, ConnectionLost, ProtocolError, ServiceUnavailable, SpeedysvcError
 from . import framing as fr
-from .protocol import answer, next_call_id, options_of
+from .protocol import answer, connect_budget, next_call_id, options_of
 
 
 class AsyncConnection(asyncio.BufferedProtocol):
@@ -109,7 +110,9 @@ class AsyncConnection(asyncio.BufferedProtocol):
     def resume_writing(self) -> None:
         self.writable.set()
 
-    async def call(self, name: bytes, payload, flags: int, timeout):
+    async def call(self, name: bytes, payload, flags: int, timeout, stated=None):
+        """The reply ``(status, data)`` within ``timeout`` (the error names ``stated``: the
+        call's whole timeout, of which connecting took the rest)."""
         if self.broken is not None:
             raise self.broken
         call_id = next_call_id()
@@ -135,7 +138,8 @@ class AsyncConnection(asyncio.BufferedProtocol):
                 return await fut
             return await asyncio.wait_for(fut, timeout)
         except asyncio.TimeoutError:
-            raise CallTimeout(f"call to {self.opts.address} timed out after {timeout} s") from None
+            raise CallTimeout(f"call to {self.opts.address} timed out after "
+                              f"{timeout if stated is None else stated} s") from None
         finally:
             self.pending.pop(call_id, None)
 
@@ -153,7 +157,9 @@ class AsyncTcpTransport:
     def __repr__(self) -> str:
         return f"<AsyncTcpTransport {self.opts.address} {self.opts.service!r}>"
 
-    async def _connection(self) -> AsyncConnection:
+    async def _connection(self, deadline: float | None = None, timeout: float | None = None) -> AsyncConnection:
+        """The connection, opened (or opened again) if need be, by ``deadline`` (the call's,
+        ``timeout`` from when it began) as well as within the connect timeout."""
         conn = self._conn
         loop = asyncio.get_running_loop()
         if conn is not None and conn.broken is None and conn.loop is loop:
@@ -164,44 +170,63 @@ class AsyncTcpTransport:
                 conn.broken = ConnectionLost("the connection belonged to another event loop")
                 if not conn.loop.is_closed():
                     conn.loop.call_soon_threadsafe(conn.transport.close)
-        async with self._lock:
+        lock = self._lock
+        try:   # (another task may be connecting)
+            await asyncio.wait_for(lock.acquire(), None if deadline is None else max(0.0, deadline - time.monotonic()))
+        except asyncio.TimeoutError:
+            raise CallTimeout(f"call to {self.opts.address} timed out after {timeout} s while connecting") from None
+        try:
             if self._closed:
                 raise SpeedysvcError("this connection is closed")
             conn = self._conn
             if conn is None or conn.broken is not None:
                 if conn is not None and conn.loop is loop:
                     conn.transport.close()
-                conn = self._conn = await self._open()
+                conn = self._conn = await self._open(deadline, timeout)
             return conn
+        finally:
+            lock.release()
 
-    async def _open(self) -> AsyncConnection:
+    async def _open(self, deadline: float | None = None, timeout: float | None = None) -> AsyncConnection:
         opts = self.opts
         loop = asyncio.get_running_loop()
+        budget, too_late = connect_budget(opts, deadline, timeout)
+        end = time.monotonic() + budget
+        if budget <= 0:
+            raise too_late()
         try:
             _, conn = await asyncio.wait_for(loop.create_connection(
                 lambda: AsyncConnection(opts), opts.host, opts.port, ssl=opts.ssl_context,
-                server_hostname=opts.host if opts.ssl_context else None), opts.connect_timeout)
+                server_hostname=opts.host if opts.ssl_context else None), budget)
         except asyncio.TimeoutError:
+            if deadline is not None and budget < opts.connect_timeout:
+                raise too_late() from None
             raise ServiceUnavailable(f"cannot connect to {opts.address} within {opts.connect_timeout} s") from None
         except SpeedysvcError:
             raise
         except OSError as e:
             raise ServiceUnavailable(f"cannot connect to {opts.address}: {e.strerror or e}") from None
         try:
-            await asyncio.wait_for(asyncio.shield(conn.ready), opts.connect_timeout)
+            await asyncio.wait_for(asyncio.shield(conn.ready), max(0.0, end - time.monotonic()))
         except asyncio.TimeoutError:
             # closing fails ``ready`` too: that outcome is ours to drop, not asyncio's to report
             conn.ready.add_done_callback(lambda f: f.cancelled() or f.exception())
             conn.transport.close()
-            raise ServiceUnavailable(f"{opts.address} did not complete the handshake within "
-                                     f"{opts.connect_timeout} s") from None
+            raise too_late() from None
         except BaseException:
             conn.transport.close()
             raise
         return conn
 
     async def call(self, name: bytes, payload, flags: int, codec, timeout):
-        conn = await self._connection()
+        conn = self._conn
+        if conn is None or conn.broken is not None or conn.loop is not asyncio.get_running_loop():
+            # the call's timeout bounds connecting (and the handshake) too
+            deadline = None if timeout is None else time.monotonic() + timeout
+            conn = await self._connection(deadline, timeout)
+            if deadline is not None:
+                return answer(await conn.call(name, payload, flags, max(0.0, deadline - time.monotonic()), timeout),
+                              codec, name)
         return answer(await conn.call(name, payload, flags, timeout), codec, name)
 
     async def aclose(self) -> None:

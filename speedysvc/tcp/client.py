@@ -20,7 +20,7 @@ from .._shmcore import STATUS_ERROR, call_alone
 from ..errors import CallTimeout, ConnectionLost, ProtocolError, ServiceUnavailable, SpeedysvcError, encode_exception
 from ..transport import Address
 from . import framing as fr
-from .protocol import ClientOptions, answer, next_call_id, options_of, timeout_ms
+from .protocol import ClientOptions, answer, connect_budget, next_call_id, options_of, timeout_ms
 
 
 class _Stale(Exception):
@@ -141,12 +141,15 @@ class BlockingConnection:
         if self.broken is not None:
             raise _Stale
 
-    def call(self, name: bytes, payload, flags: int, timeout: float | None):
-        """The reply ``(status, data)`` of one call.  Raises ``_Stale`` when the connection
-        was found closed before anything was sent (the caller connects anew)."""
+    def call(self, name: bytes, payload, flags: int, timeout: float | None, deadline: float | None = None):
+        """The reply ``(status, data)`` of one call (``deadline``: when its ``timeout`` ends, if
+        it began before).  Raises ``_Stale`` when the connection was found closed before
+        anything was sent (the caller connects anew)."""
         call_id = next_call_id()
-        buffers = self.opts.encode_call(call_id, name, payload, flags, timeout)
-        deadline = None if timeout is None else time.monotonic() + timeout
+        if deadline is None and timeout is not None:
+            deadline = time.monotonic() + timeout
+        buffers = self.opts.encode_call(call_id, name, payload, flags,
+                                        None if deadline is None else max(0.0, deadline - time.monotonic()))
         lock = self.lock
         registered = reader = False   # in ``waiting``; holding the reader's turn
         try:
@@ -346,9 +349,10 @@ class BlockingConnection:
                     cond.notify()
 
 
-def _read_hello(sock, opts: ClientOptions) -> tuple:
+def _read_hello(sock, opts: ClientOptions, end: float) -> tuple:
     reader = fr.HelloReader()
     while True:
+        _time_left(sock, end)
         data = sock.recv(4096)
         if not data:
             raise ConnectionLost(f"{opts.address} closed the connection during the handshake")
@@ -357,10 +361,26 @@ def _read_hello(sock, opts: ClientOptions) -> tuple:
             return hello
 
 
-def open_connection(opts: ClientOptions) -> BlockingConnection:
-    """Connect, shake hands, and return the connection (raises with a clear message)."""
+def _time_left(sock, end: float) -> None:
+    """The socket's timeout for its next operation: what is left until ``end``."""
+    left = end - time.monotonic()
+    if left <= 0:
+        raise socket.timeout
+    sock.settimeout(left)
+
+
+def open_connection(opts: ClientOptions, deadline: float | None = None,
+                    timeout: float | None = None) -> BlockingConnection:
+    """Connect, shake hands, and return the connection (raises with a clear message): within
+    the connect timeout, and by ``deadline`` (the call's, ``timeout`` from when it began) too."""
+    budget, too_late = connect_budget(opts, deadline, timeout)
+    end = time.monotonic() + budget
+    if budget <= 0:
+        raise too_late()
     try:
-        sock = socket.create_connection((opts.host, opts.port), timeout=opts.connect_timeout)
+        sock = socket.create_connection((opts.host, opts.port), timeout=budget)
+    except socket.timeout:
+        raise too_late() from None
     except OSError as e:
         raise ServiceUnavailable(f"cannot connect to {opts.address}: {e.strerror or e}") from None
     try:
@@ -370,10 +390,12 @@ def open_connection(opts: ClientOptions) -> BlockingConnection:
             if hasattr(socket, opt):
                 sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, opt), value)
         if opts.ssl_context is not None:
+            _time_left(sock, end)   # (the TLS handshake)
             sock = opts.ssl_context.wrap_socket(sock, server_hostname=opts.host)
-        message, nonce = opts.client_hello(_read_hello(sock, opts))
+        message, nonce = opts.client_hello(_read_hello(sock, opts, end))
+        _time_left(sock, end)
         sock.sendall(message)
-        leftover = opts.check_welcome(_read_hello(sock, opts), nonce)
+        leftover = opts.check_welcome(_read_hello(sock, opts, end), nonce)
         sock.settimeout(None)
         return BlockingConnection(sock, opts, leftover)
     except SpeedysvcError:
@@ -381,8 +403,7 @@ def open_connection(opts: ClientOptions) -> BlockingConnection:
         raise
     except socket.timeout:
         sock.close()
-        raise ServiceUnavailable(f"{opts.address} did not complete the handshake within "
-                                 f"{opts.connect_timeout} s") from None
+        raise too_late() from None
     except ssl.SSLError as e:
         sock.close()
         raise ServiceUnavailable(f"TLS with {opts.address} failed: {e}") from None
@@ -408,7 +429,7 @@ class TcpTransport:
     def __repr__(self) -> str:
         return f"<TcpTransport {self.opts.address} {self.opts.service!r}>"
 
-    def _connection(self) -> BlockingConnection:
+    def _connection(self, deadline: float | None = None, timeout: float | None = None) -> BlockingConnection:
         conn = self._conn
         if conn is not None and conn.fork_generation != _fork_generation:
             # forked: the socket is the parent's; close our copy only (no shutdown) and connect anew
@@ -416,18 +437,27 @@ class TcpTransport:
             self._conn = None
             conn.sock.close()
             conn = None
-        return conn if conn is not None else self._reconnect(None)
+        return conn if conn is not None else self._reconnect(None, deadline, timeout)
 
-    def _reconnect(self, stale: BlockingConnection | None) -> BlockingConnection:
-        with self._lock:
+    def _reconnect(self, stale: BlockingConnection | None, deadline: float | None,
+                   timeout: float | None) -> BlockingConnection:
+        """A connection in place of ``stale`` (None: of none), opened by the call with ``deadline``
+        (see ``open_connection``) unless another thread did it meanwhile."""
+        wait = -1 if deadline is None else max(0.0, deadline - time.monotonic())
+        if not self._lock.acquire(timeout=wait):   # (another thread is connecting)
+            raise CallTimeout(f"call to {self.opts.address} timed out after {timeout} s while connecting")
+        try:
             if self._closed:
                 raise SpeedysvcError("this connection is closed")
             conn = self._conn
             if conn is None or conn is stale:
                 if conn is not None:
                     conn.close()
-                conn = self._conn = open_connection(self.opts)
+                    self._conn = None
+                conn = self._conn = open_connection(self.opts, deadline, timeout)
             return conn
+        finally:
+            self._lock.release()
 
     def bind_method(self, name: bytes, codec, dumps, timeout: float | None, fallback):
         """A client's method that goes straight to ``call`` (see ``client._ClientMethod``):
@@ -461,13 +491,15 @@ class TcpTransport:
                              call_id, timeout)
             if got is not None:
                 return answer(got, codec, name)
-        conn = self._connection()
+        # the call's timeout bounds connecting (and the handshake) too
+        deadline = None if timeout is None else time.monotonic() + timeout
+        conn = self._connection(deadline, timeout)
         try:
-            status, data = conn.call(name, payload, flags, timeout)
+            status, data = conn.call(name, payload, flags, timeout, deadline)
         except _Stale:   # it closed while idle (the service restarted?): nothing was sent yet
-            conn = self._reconnect(conn)
+            conn = self._reconnect(conn, deadline, timeout)
             try:
-                status, data = conn.call(name, payload, flags, timeout)
+                status, data = conn.call(name, payload, flags, timeout, deadline)
             except _Stale:   # ...and so did the new one, at once
                 raise conn.broken from None
         return answer((status, data), codec, name)

@@ -53,6 +53,9 @@ class ServerConnection(asyncio.BufferedProtocol):
         self.compressing = 0                        # replies being compressed in a thread
         self.parked: collections.deque = collections.deque()   # (call id, waited-for answer) not yet sent
         self.held: collections.deque = collections.deque()     # calls not started: replies unread
+        self.waits: dict = {}   # calls waited for in threads: {concurrent future: PendingCall}
+        self.eof = False        # the client half-closed: close once its calls are answered
+        self.rate_mark = None   # (when, frames complete, bytes of the frame in progress): see sweep
         self.batch: list | None = None
         self.batch_bytes = 0
         self.short_way = None   # the server's gateway, once the handshake chose no compression
@@ -73,18 +76,41 @@ class ServerConnection(asyncio.BufferedProtocol):
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
         server.counters["connections_total"] += 1
-        if len(server.connections) >= server.options.max_connections:
-            self.refuse(ServiceUnavailable(f"service {server.service!r} has too many TCP clients "
-                                           f"({server.options.max_connections}); try again later"))
+        if not self._room_for_client():
             return
+        # A connection in the handshake (not authenticated yet, when a secret is required) does
+        # not count as a client: they have a small limit of their own, beyond which each new one
+        # closes the oldest, so that connections that never complete the handshake cannot keep
+        # clients that can out.
+        handshaking = server.handshaking
+        if len(handshaking) >= server.options.max_handshakes:
+            oldest = next(iter(handshaking))
+            server.counters["handshakes_evicted"] += 1
+            oldest.refuse(ServiceUnavailable(
+                f"service {server.service!r} has too many TCP connections in the handshake "
+                f"({server.options.max_handshakes}); this one was the oldest"))
+        handshaking[self] = None
         server.connections.add(self)
         transport.write(fr.pack_hello(fr.SERVER_HELLO, {
             "versions": list(fr.SUPPORTED_VERSIONS), "service": server.service,
             "compression": compression.available(), "auth": server.secret is not None,
             "nonce": self.nonce, "max_payload": server.options.max_payload}))
 
+    def _room_for_client(self) -> bool:
+        """Whether one more client fits under ``max_connections`` (clients past the handshake);
+        refuses this connection if not."""
+        server = self.server
+        if len(server.connections) - len(server.handshaking) < server.options.max_connections:
+            return True
+        self.refuse(ServiceUnavailable(f"service {server.service!r} has too many TCP clients "
+                                       f"({server.options.max_connections}); try again later"))
+        return False
+
     def connection_lost(self, exc) -> None:
         self.closed = True
+        if self.parser is not None:
+            self.parser.discard()   # (a frame that will never be complete)
+        self.server.handshaking.pop(self, None)
         self.server.connections.discard(self)
         self.server.release(self)
 
@@ -154,7 +180,23 @@ class ServerConnection(asyncio.BufferedProtocol):
             self.batch = None
 
     def eof_received(self):
-        return False   # close our side too; replies still in flight are dropped
+        # A client that half-closes (shutdown(SHUT_WR)) after its last call still gets the
+        # replies to its calls; then we close.  (Not over TLS, where asyncio closes anyway.)
+        self.eof = True
+        if self.parser is None or self.server.ssl_context is not None or not self.answering:
+            return False   # close (what was written is sent first)
+        return True
+
+    @property
+    def answering(self) -> bool:
+        """Whether calls of this connection are still to be answered."""
+        return bool(self.inflight or self.held or self.compressing or self.parked
+                    or self in self.server.admission.waiting)
+
+    def close_when_answered(self) -> None:
+        """After the client half-closed: close once no call of it is left to answer."""
+        if not self.closed and not self.answering:
+            self.transport.close()
 
     def pause_writing(self) -> None:
         # the client does not read its replies: stop reading its calls until it does
@@ -199,7 +241,7 @@ class ServerConnection(asyncio.BufferedProtocol):
 
     def resume(self) -> None:
         self.last_progress = time.monotonic()   # a pause is not a stall
-        if not (self.closed or self.paused):
+        if not (self.closed or self.paused or self.eof):
             self.transport.resume_reading()
 
     # -- handshake -------------------------------------------------------------------------
@@ -239,8 +281,11 @@ class ServerConnection(asyncio.BufferedProtocol):
                 return
             self.authenticated = True
             welcome["proof"] = fr.server_proof(server.secret, self.nonce, client_nonce, server.service)
+        if not self._room_for_client():
+            return
+        server.handshaking.pop(self, None)   # a client now
         self.compression, self.compress_min = algo, compress_min
-        self.parser = fr.FrameParser(server.options.max_payload, frozenset((fr.CALL,)))
+        self.parser = fr.FrameParser(server.options.max_payload, frozenset((fr.CALL,)), fr.SERVER_SCRATCH)
         if algo is None:   # (replies of a compressing connection may need compressing)
             self.short_way = server.gateway
         self.transport.write(fr.pack_hello(fr.WELCOME, welcome))
@@ -331,5 +376,6 @@ class ServerConnection(asyncio.BufferedProtocol):
                 self.transport.abort()
             else:
                 asyncio.get_running_loop().call_later(CLOSE_GRACE, self.transport.abort)
+        self.server.handshaking.pop(self, None)
         self.server.connections.discard(self)
         self.server.release(self)

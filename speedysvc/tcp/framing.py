@@ -44,7 +44,8 @@ F_COMPRESSED = core.FRAME_F_COMPRESSED
 KNOWN_FRAME_FLAGS = core.FRAME_KNOWN_FLAGS
 MAX_NAME = core.FRAME_MAX_NAME
 SMALL_FRAME = 64 << 10   # a frame below this goes out in one piece (header and payload joined), either way
-SCRATCH_SIZE = 256 << 10
+SCRATCH_SIZE = 256 << 10      # the most a parser's scratch buffer grows to (larger frames: lazy_buffer)
+SERVER_SCRATCH = 4 << 10      # what the gateway's parsers start with, and shrink back to when idle
 DEFAULT_MAX_PAYLOAD = 1 << 30
 COMPRESSION_OVERHEAD = 8        # the original length in front of a compressed payload
 
@@ -168,31 +169,83 @@ class FrameParser:
     """Incremental frame parser.  ``get_buffer()`` gives the memory the next bytes
     go to; ``buffer_updated(n)`` says how many arrived and returns the frames now
     complete.  ``accept`` is the set of frame kinds this end may receive;
-    ``max_payload`` bounds a frame's payload (the service's payload limit)."""
+    ``max_payload`` bounds a frame's payload (the service's payload limit).
 
-    def __init__(self, max_payload: int, accept: frozenset):
+    Frames up to ``SCRATCH_SIZE`` are cut out of a scratch buffer of ``scratch`` bytes
+    to start with, which doubles (up to ``SCRATCH_SIZE``) each time a read fills it:
+    it grows only as bytes arrive, never for what a header announces.  ``shrink()``
+    gives it back when the parser is between frames."""
+
+    def __init__(self, max_payload: int, accept: frozenset, scratch: int = SCRATCH_SIZE):
         self.max_payload = max_payload
         self.max_length = max_payload + COMPRESSION_OVERHEAD
         self.accept = accept
-        self._buf = bytearray(SCRATCH_SIZE)
+        self.scratch = min(max(scratch, HEADER_SIZE + MAX_NAME), SCRATCH_SIZE)
+        self._buf = bytearray(self.scratch)
         self._view = memoryview(self._buf)
         self._start = self._end = 0
         self._big: Frame | None = None     # a frame whose payload arrives into its own buffer
         self._big_view: memoryview | None = None
         self._big_filled = 0
         self._big_length = 0      # (a large payload is an mmap: a bytes-like object, not bytes)
+        self._big_head = 0        # its header and name
+        self.done = 0             # frames complete so far (see ``progress``)
 
     @property
     def mid_frame(self) -> bool:
         """True while part of a frame has arrived and the rest has not."""
         return self._big is not None or self._end > self._start
 
+    @property
+    def progress(self) -> tuple[int, int]:
+        """``(frames complete so far, bytes of the frame in progress that arrived)``."""
+        if self._big is not None:
+            return self.done, self._big_head + self._big_filled
+        return self.done, self._end - self._start
+
+    @property
+    def buffered(self) -> int:
+        """Bytes of memory the parser holds: its scratch buffer, and a large frame's as it arrives."""
+        return len(self._buf) + (self._big_head + self._big_filled if self._big is not None else 0)
+
     def get_buffer(self, sizehint: int = -1) -> memoryview:
         if self._big is not None:
             return self._big_view[self._big_filled:]
-        if self._end == len(self._buf):
-            self._compact()
+        if self._end == len(self._buf):   # the last read filled it
+            if len(self._buf) < SCRATCH_SIZE:
+                self._resize(min(2 * len(self._buf), SCRATCH_SIZE))
+            else:
+                self._compact()
         return self._view[self._end:]
+
+    def shrink(self) -> None:
+        """Between frames, give back a scratch buffer that grew (an idle connection then holds
+        ``scratch`` bytes, whatever it received before)."""
+        if len(self._buf) > self.scratch and self._end == self._start and self._big is None:
+            self._start = self._end = 0
+            self._resize(self.scratch)
+
+    def discard(self) -> None:
+        """The connection is over: free a large frame's buffer now (not when the garbage
+        collector finds the connection)."""
+        big, view, self._big, self._big_view = self._big, self._big_view, None, None
+        if view is not None:
+            view.release()
+        if big is not None:
+            try:
+                big.payload.close()
+            except BufferError:   # (a view of it is still alive somewhere: it goes with that)
+                pass
+        self._start = self._end = 0
+        if len(self._buf) > self.scratch:
+            self._resize(self.scratch)
+
+    def _resize(self, size: int) -> None:
+        rest = self._end - self._start
+        buf = bytearray(size)
+        buf[:rest] = self._view[self._start:self._end]
+        self._buf, self._view = buf, memoryview(buf)
+        self._start, self._end = 0, rest
 
     def feed(self, data) -> list[Frame]:
         """Parse bytes received some other way (copies them in)."""
@@ -249,6 +302,7 @@ class FrameParser:
             if self._big_filled < self._big_length:
                 return []
             frame, self._big, self._big_view = self._big, None, None
+            self.done += 1
             return [frame]
         self._end += n
         frames = []
@@ -264,7 +318,7 @@ class FrameParser:
                                     bytes(buf[body + name_len:start + total])))
                 start += total
                 continue
-            if total > len(buf) and end - start >= HEADER_SIZE + name_len:
+            if total > SCRATCH_SIZE and end - start >= HEADER_SIZE + name_len:
                 # too large for the scratch buffer: the rest goes straight into its own buffer
                 name = bytes(buf[body:body + name_len])
                 have = end - body - name_len
@@ -272,12 +326,14 @@ class FrameParser:
                 payload[:have] = buf[body + name_len:end]
                 self._big = Frame(kind, flags, call_id, arg, timeout_ms, name, payload)
                 self._big_view = memoryview(payload)
-                self._big_filled, self._big_length = have, length
+                self._big_filled, self._big_length, self._big_head = have, length, HEADER_SIZE + name_len
                 start = end = 0
             break
         if start == end:
             start = end = 0
         self._start, self._end = start, end
+        if frames:
+            self.done += len(frames)
         if start and len(buf) - end < HEADER_SIZE + MAX_NAME:
             self._compact()
         return frames

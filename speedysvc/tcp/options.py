@@ -38,11 +38,13 @@ class ServeOptions:
     tls_context: ssl.SSLContext | None = field(default=None, compare=False, repr=False)
     allow_pickle: bool = False          # codecs that are not network-safe, for authenticated clients
     max_payload: int = DEFAULT_MAX_PAYLOAD
-    max_connections: int = 10000
+    max_connections: int = 10000        # clients past the handshake (authenticated, with a secret)
+    max_handshakes: int = 256           # connections in the handshake; a new one beyond closes the oldest
     max_inflight: int = 256             # calls in flight to the workers at once (see inflight_for)
     max_inflight_per_connection: int = 0   # one connection's share (0: a quarter of max_inflight)
-    handshake_timeout: float = 10.0
+    handshake_timeout: float = 3.0
     stall_timeout: float = 30.0         # a frame that makes no progress, or replies left unread
+    min_rate: int = 16384               # bytes/s a frame in progress must arrive at, over each stall_timeout
     stop_timeout: float = 10.0          # calls in flight get this long to finish on stop
     max_waiting_threads: int = 64       # threads that wait for calls not answered at once
     inflate_budget: int = 256 << 20     # bytes of large compressed calls inflated at once
@@ -58,6 +60,10 @@ class ServeOptions:
             raise ValueError("tls_key needs tls_cert")
         if self.tls_context is not None and self.tls_cert:
             raise ValueError("give tls_cert (and tls_key) or tls_context, not both")
+        if self.max_connections < 1 or self.max_handshakes < 1:
+            raise ValueError("max_connections and max_handshakes must be at least 1")
+        if self.min_rate < 0:
+            raise ValueError("min_rate must be a number of bytes per second >= 0")
 
     @property
     def per_connection(self) -> int:

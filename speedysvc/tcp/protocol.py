@@ -7,9 +7,10 @@ from __future__ import annotations
 import itertools
 import os
 import ssl
+import time
 
-from ..errors import (AuthenticationFailed, ConnectionLost, PayloadTooLarge, ProtocolError, ServiceUnavailable,
-                      decode_exception)
+from ..errors import (AuthenticationFailed, CallTimeout, ConnectionLost, PayloadTooLarge, ProtocolError,
+                      ServiceUnavailable, decode_exception)
 from . import compression
 from . import framing as fr
 
@@ -124,6 +125,20 @@ class ClientOptions:
     def goaway_error(self, frame: fr.Frame) -> BaseException:
         exc = decode_exception(frame.payload)
         return ConnectionLost(f"{self.address} closed the connection: {exc}")
+
+
+def connect_budget(opts: ClientOptions, deadline: float | None, timeout: float | None) -> tuple[float, object]:
+    """How long connecting and the handshake may take for a call with ``deadline`` (its
+    ``timeout`` from now, or None): ``(seconds, the error to raise when they run out)``.  The
+    connect timeout bounds them, and so does the call's own timeout when it is shorter: a
+    call never waits for a connection longer than it would for its answer."""
+    if deadline is not None:
+        left = deadline - time.monotonic()
+        if left < opts.connect_timeout:
+            return max(0.0, left), lambda: CallTimeout(
+                f"call to {opts.address} timed out after {timeout} s while connecting")
+    return opts.connect_timeout, lambda: ServiceUnavailable(
+        f"{opts.address} did not complete the handshake within {opts.connect_timeout} s")
 
 
 def timeout_ms(timeout: float | None) -> int:

@@ -26,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from .. import _shmcore as core
 from .. import codecs
-from ..errors import DecodeError, NoFreeChannel, NotAllowed, PayloadTooLarge, ServiceUnavailable
+from ..errors import ConnectionLost, DecodeError, NoFreeChannel, NotAllowed, PayloadTooLarge, ServiceUnavailable
 from ..shm import ShmTransport
 from . import compression, sweep
 from . import framing as fr
@@ -88,9 +88,9 @@ class TcpServer:
         self.secret = fr.as_secret(opts.secret)
         self.ssl_context = opts.ssl_context()
         self.shm = ShmTransport(service)
-        self.counters = {"connections_total": 0, "calls": 0, "errors": 0, "refused": 0,
+        self.counters = {"connections_total": 0, "calls": 0, "errors": 0, "refused": 0, "handshakes_evicted": 0,
                          "auth_failures": 0, "protocol_errors": 0, "answered_inline": 0, "bytes_in": 0, "bytes_out": 0,
-                         "replies_parked": 0, "inflate_waits": 0}
+                         "replies_parked": 0, "inflated_in_threads": 0, "inflate_waits": 0}
         self.admission = Admission(opts.max_inflight, opts.per_connection)
         self.parking = Parking(self.counters)
         self.inflate = InflateBudget(opts.inflate_budget)
@@ -101,6 +101,8 @@ class TcpServer:
                                     ~codecs.mask(lambda codec: codec.network_safe) & (2 ** 64 - 1))
         self.executor: ThreadPoolExecutor | None = None
         self.connections: set[ServerConnection] = set()
+        # those of them still in the handshake, oldest first (dict: ordered), not counted in max_connections
+        self.handshaking: dict[ServerConnection, None] = {}
         self._server: asyncio.base_events.Server | None = None
         self._sweeper: asyncio.TimerHandle | None = None
         self._idle = asyncio.Event()
@@ -151,6 +153,7 @@ class TcpServer:
     def status(self) -> dict:
         return {"host": self.host, "port": self.port, "tls": self.ssl_context is not None,
                 "secret": self.secret is not None, "connections": len(self.connections),
+                "handshaking": len(self.handshaking),
                 "inflight": self.inflight, "parked": self.parking.count, **self.counters}
 
     # -- calls -----------------------------------------------------------------------------
@@ -169,6 +172,8 @@ class TcpServer:
             conn, frame = waiting
             if not conn.closed and not self._run(conn, frame):
                 break   # no channel free after all: wait for a call to finish
+            if conn.eof:
+                conn.close_when_answered()
 
     def _run(self, conn: ServerConnection, frame: fr.Frame) -> bool:
         """Start one call (answer it if it is quick); False if it went back to wait for room."""
@@ -233,6 +238,7 @@ class TcpServer:
             conn.reply_error(frame.call_id, e)
             return True
         self.inflate.take(size)
+        self.counters["inflated_in_threads"] += 1
         self._began(conn)
         loop = asyncio.get_running_loop()
 
@@ -330,8 +336,10 @@ class TcpServer:
             conn.reply(call_id, *result)
             return
         self._began(conn)
-        fut = asyncio.get_running_loop().run_in_executor(self.executor, result.wait)
-        fut.add_done_callback(functools.partial(self._finished, conn, call_id, result))
+        waiting = self.executor.submit(result.wait)
+        conn.waits[waiting] = result   # (withdrawn if the connection goes first: see ``release``)
+        asyncio.wrap_future(waiting).add_done_callback(functools.partial(self._finished, conn, call_id, result,
+                                                                         waiting))
 
     def _began(self, conn: ServerConnection) -> None:
         self.admission.began(conn)
@@ -339,6 +347,8 @@ class TcpServer:
 
     def _ended(self, conn: ServerConnection) -> None:
         self.admission.ended(conn)
+        if conn.eof:
+            conn.close_when_answered()
         self.settled()
 
     def settled(self) -> None:
@@ -348,8 +358,9 @@ class TcpServer:
         if self.inflight == self.parking.count and not self.compressing:
             self._idle.set()
 
-    def _finished(self, conn: ServerConnection, call_id: int, pending, fut: asyncio.Future) -> None:
+    def _finished(self, conn: ServerConnection, call_id: int, pending, waiting, fut: asyncio.Future) -> None:
         """The answer to a call waited for in a thread is in its channel (or the call failed)."""
+        conn.waits.pop(waiting, None)
         if fut.cancelled():
             pending.abandon()   # never ran (the server is closing): the channel is not lost
         if not self._call_failed(conn, call_id, fut):
@@ -397,11 +408,22 @@ class TcpServer:
             self._deliver(conn, *parked)
         while conn.held and not conn.backlogged and not conn.closed:
             self.submit(conn, conn.held.popleft())
+        if conn.eof:
+            conn.close_when_answered()
         conn.resume()
 
     def release(self, conn: ServerConnection) -> None:
-        """A connection ended: its parked answers will never be sent, its held calls never run."""
+        """A connection ended: its parked answers will never be sent, its held and waiting calls
+        never run, and its calls in flight that no worker has claimed yet are withdrawn (nobody
+        will read their answers: they would only hold the workers up)."""
         conn.held.clear()
+        if self.admission.waiting.pop(conn, None) is not None:
+            conn.paused_by_server = False
+        gone = ConnectionLost(f"the TCP client {conn.peer} went away before its call was served")
+        for waiting, pending in list(conn.waits.items()):
+            if not waiting.cancel():   # a thread waits for it already: it takes it back, unclaimed
+                pending.withdraw(gone)
+            # (else ``_finished`` abandons it, which takes it back unless a worker claimed it)
         for pending in self.parking.drop(conn):
             self.admission.ended(conn)
             pending.abandon()
@@ -416,5 +438,9 @@ class TcpServer:
 
     # -- housekeeping ----------------------------------------------------------------------
     def _sweep(self) -> None:
-        sweep.sweep(self, time.monotonic())
-        self._sweeper = asyncio.get_running_loop().call_later(sweep.INTERVAL, self._sweep)
+        try:
+            sweep.sweep(self, time.monotonic())
+        except Exception:   # (the next sweep must come all the same: every deadline depends on it)
+            log.exception("%s: the TCP gateway's sweep failed", self.service)
+        finally:
+            self._sweeper = asyncio.get_running_loop().call_later(sweep.INTERVAL, self._sweep)

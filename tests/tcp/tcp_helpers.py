@@ -610,6 +610,49 @@ def anon_mib(pid) -> float:
     return memory_mib(pid, "RssAnon")
 
 
+def shm_mib(service: str, pid: int) -> float:
+    """The memory in /dev/shm of the channels process ``pid`` holds with ``service``: their data
+    segments (the blocks they use, not the size they could grow to)."""
+    from speedysvc import shm
+    prefix = f"{shm.PREFIX}.{shm.USER}.{service}.{pid}-"
+    total = 0
+    for name in os.listdir(shm.SHM_DIR):
+        if name.startswith(prefix):
+            try:
+                total += os.stat(os.path.join(shm.SHM_DIR, name)).st_blocks * 512
+            except FileNotFoundError:
+                pass
+    return total / MiB
+
+
+def welcomed_sockets(svc_or_address, n, service=TcpEcho.name, secret=None) -> list:
+    """``n`` connections that completed the handshake (with ``secret``, if given) and send
+    nothing more: plain sockets, so that the test's own process holds little per connection
+    (the caller closes them)."""
+    from speedysvc.tcp.server import raise_fd_limit
+    raise_fd_limit()
+    address = svc_or_address if isinstance(svc_or_address, str) else svc_or_address.tcp_address
+    host, port = address[len("tcp://"):].rsplit(":", 1)
+    key = fr.as_secret(secret)
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.create_connection((host, int(port)), timeout=10)
+            socks.append(s)
+            _, _, hello, _ = read_hello(s)
+            nonce = fr.new_nonce()
+            proof = None if key is None else fr.client_proof(key, hello["nonce"], nonce, service)
+            s.sendall(fr.pack_hello(fr.CLIENT_HELLO, {"service": service, "compression": "", "compress_min": 4096,
+                                                      "nonce": nonce, "proof": proof}))
+            msg_type, _, body, _ = read_hello(s)
+            assert msg_type == fr.WELCOME, body
+    except BaseException:
+        for s in socks:
+            s.close()
+        raise
+    return socks
+
+
 def open_sockets(pid) -> int:
     n = 0
     for fd in os.listdir(f"/proc/{pid}/fd"):

@@ -164,6 +164,14 @@ class TcpEcho(ServerMethodsBase):
     def pid(self):
         return os.getpid()
 
+    @msgpack_method
+    def mark_and_sleep(self, path, seconds):
+        """``mark``, then a nap: counts the calls that a worker started."""
+        with open(path, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        time.sleep(seconds)
+        return True
+
 
 class TcpSecretEcho(ServerMethodsBase):
     """Served with a shared secret."""

@@ -236,3 +236,37 @@ def test_a_large_payload_buffer_commits_memory_only_as_bytes_arrive():
         assert buf[0] == ord("x") and buf[(1 << 30) - 1] == 7 and buf[1 << 20] == 0
     finally:
         buf.close()
+
+
+def test_the_scratch_buffer_grows_only_as_bytes_arrive_and_shrinks_back_between_frames():
+    """A header may announce up to SCRATCH_SIZE: the buffer grows as reads fill it (never for
+    what a header announces), and ``shrink`` gives it back once the frame is complete."""
+    p = fr.FrameParser(1 << 20, frozenset((fr.CALL,)), fr.SERVER_SCRATCH)
+    payload = bytes(range(256)) * 800          # 200 KiB: below SCRATCH_SIZE, above the first buffer
+    frame = fr.call_header(7, b"echo", 0, 0, len(payload)) + payload
+    assert p.buffered == fr.SERVER_SCRATCH
+    done, pos = [], 0
+    while pos < len(frame):
+        buf = p.get_buffer()
+        assert len(buf) > 0
+        assert p.buffered <= max(fr.SERVER_SCRATCH, 2 * pos + 2 * fr.HEADER_SIZE), (p.buffered, pos)
+        n = min(len(buf), 3000, len(frame) - pos)
+        buf[:n] = frame[pos:pos + n]
+        del buf
+        pos += n
+        done += p.buffer_updated(n)
+        assert p.progress == (len(done), pos if pos < len(frame) else 0)
+    assert [(f.call_id, bytes(f.payload)) for f in done] == [(7, payload)] and p.progress == (1, 0)
+    assert p.buffered > fr.SERVER_SCRATCH
+    p.shrink()
+    assert p.buffered == fr.SERVER_SCRATCH
+    assert [bytes(f.payload) for f in p.feed(frame[:100] + frame[100:])] == [payload]
+
+
+def test_a_large_frame_in_progress_holds_what_arrived_and_discard_frees_it():
+    p = fr.FrameParser(1 << 30, frozenset((fr.CALL,)), fr.SERVER_SCRATCH)
+    p.feed(fr.call_header(1, b"echo", 0, 0, 1 << 30) + b"x" * 1000)
+    assert p.mid_frame and p.progress == (0, fr.HEADER_SIZE + 4 + 1000)
+    assert p.buffered < fr.SERVER_SCRATCH + 2000
+    p.discard()
+    assert not p.mid_frame and p.buffered == fr.SERVER_SCRATCH

@@ -8,7 +8,10 @@ import time
 
 import pytest
 
-from speedysvc import ConnectionLost, LocalService, ProtocolError, ServiceUnavailable, connect, connect_async
+from speedysvc import (CallTimeout, ConnectionLost, LocalService, ProtocolError, ServiceUnavailable, connect,
+                       connect_async)
+from speedysvc.tcp import framing as fr
+from speedysvc.tcp.protocol import DEFAULT_CONNECT_TIMEOUT
 from conftest import free_port
 import tcp_helpers
 from tcp_helpers import fake_server, run
@@ -81,6 +84,87 @@ def test_a_listener_that_never_answers_is_service_unavailable_within_connect_tim
         run(main())
     finally:
         listener.close()
+
+
+def dribbling_listener(stop: threading.Event):
+    """A listener whose every connection gets a server hello one byte every 0.2 s (and none
+    of them gets any further): its address."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    hello = fr.pack_hello(fr.SERVER_HELLO, {"versions": [fr.VERSION], "service": TcpKitchen.name,
+                                            "compression": [], "auth": False, "nonce": fr.new_nonce(),
+                                            "max_payload": 1 << 20})
+
+    def dribble(conn):
+        with conn:
+            for i in range(len(hello)):
+                if stop.wait(0.2):
+                    return
+                try:
+                    conn.sendall(hello[i:i + 1])
+                except OSError:
+                    return
+            stop.wait()
+
+    def accept():
+        with listener:
+            listener.settimeout(0.1)
+            while not stop.is_set():
+                try:
+                    conn, _ = listener.accept()
+                except socket.timeout:
+                    continue
+                threading.Thread(target=dribble, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    return f"tcp://127.0.0.1:{listener.getsockname()[1]}"
+
+
+@pytest.mark.parametrize("peer", ["silent", "dribbling"])
+def test_a_calls_timeout_bounds_connecting_and_the_handshake(peer):
+    """``connect(..., timeout=0.5)``: a call raises CallTimeout after about 0.5 s against a peer
+    that never completes the handshake, not after the connect timeout (10 s by default); the
+    calls of other threads waiting for that connection too; and the connect timeout bounds
+    the whole handshake, not each read of it."""
+    assert DEFAULT_CONNECT_TIMEOUT >= 5
+    stop = threading.Event()
+    if peer == "silent":
+        listener = socket.create_server(("127.0.0.1", 0))     # accepts (backlog) but never speaks
+        addr = f"tcp://127.0.0.1:{listener.getsockname()[1]}"
+    else:
+        listener, addr = None, dribbling_listener(stop)
+    try:
+        with connect(TcpKitchen, addr, timeout=0.5) as c:
+            t = time.monotonic()
+            threads = [tcp_helpers.call_in_thread(c.echo_msgpack, i) for i in range(3)]
+            for th, _ in threads:
+                th.join(DEFAULT_CONNECT_TIMEOUT + 5)
+            elapsed = time.monotonic() - t
+            for _, outcome in threads:
+                assert isinstance(outcome.get("error"), CallTimeout), outcome
+                assert "connecting" in str(outcome["error"])
+            assert elapsed < 3, f"calls with a 0.5 s timeout took {elapsed:.1f} s to fail"
+
+        with connect(TcpKitchen, addr, connect_timeout=1) as c:   # no call timeout: the connect timeout's
+            t = time.monotonic()
+            with pytest.raises(ServiceUnavailable, match="handshake"):
+                c.echo_msgpack(1)
+            assert time.monotonic() - t < 4
+
+        async def main():
+            ac = connect_async(TcpKitchen, addr, timeout=0.5)
+            try:
+                t = time.monotonic()
+                outcomes = await asyncio.gather(*(ac.echo_msgpack(i) for i in range(3)), return_exceptions=True)
+                elapsed = time.monotonic() - t
+                assert all(isinstance(o, CallTimeout) and "connecting" in str(o) for o in outcomes), outcomes
+                assert elapsed < 3, f"calls with a 0.5 s timeout took {elapsed:.1f} s to fail"
+            finally:
+                await ac.aclose()
+        run(main())
+    finally:
+        stop.set()
+        if listener is not None:
+            listener.close()
 
 
 def test_async_handshake_timeout_leaves_no_unretrieved_exception(caplog):

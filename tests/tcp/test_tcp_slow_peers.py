@@ -180,3 +180,18 @@ def test_caller_vanishing_mid_call_leaks_nothing(tmp_path):
         check(c)
         with connect_to(svc) as after:
             check(after)
+
+
+@logs_clean
+def test_a_slow_upload_above_the_minimum_rate_is_served():
+    """The minimum rate (16 KiB/s by default, over each stall timeout) drops a trickle, not a
+    slow client: a frame sent at ~100 KB/s for four stall timeouts is answered."""
+    with guarded(tcp_stall_timeout=1.0) as svc:
+        payload = bytes(range(256)) * 1600           # 400 KiB
+        frame = fr.call_header(3, b"echo_raw", RAW.flags, 0, len(payload)) + payload
+        with RawClient(svc).welcome() as raw:
+            for i in range(0, len(frame), 25_000):
+                raw.send(frame[i:i + 25_000])
+                time.sleep(0.25)
+            status, echoed, _ = raw.reply()
+            assert status == 0 and echoed == payload
