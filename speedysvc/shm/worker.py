@@ -69,19 +69,13 @@ class Worker:
     def __init__(self, server_cls, service: str | None = None):
         self.service = service or server_cls.service_name()
         self.segment = segment.ServiceSegment.attach(self.service)
-        self.fatal: BaseException | None = None
-        self.dispatcher = Dispatcher(server_cls(), on_fatal=self.on_fatal)
+        self.dispatcher = Dispatcher(server_cls())
         self.pid = os.getpid()
         self.segment.write_method_names(self.dispatcher.method_names)
         self.index = self.segment.register_worker(self.pid)
         # slot -> (owner pid, generation, data region, read-only view) of mapped channels
         self.channels: list = [None] * self.segment.max_channels
         self.stop = [False]
-
-    def on_fatal(self, exc: BaseException) -> None:
-        """A method raised SystemExit or the like: it was answered; now stop."""
-        self.fatal = exc
-        self.stop[0] = True
 
     def serve_forever(self) -> None:
         seg, region, dispatcher = self.segment, self.segment.region, self.dispatcher
@@ -232,8 +226,6 @@ def run(server_cls, service: str | None = None) -> None:
     core.keep_large_allocations(32 << 20, 64 << 20)
     worker = Worker(server_cls, service)
     worker.serve_forever()
-    if worker.fatal is not None:
-        raise worker.fatal
 
 
 def describe(target: str) -> dict:
