@@ -15,6 +15,7 @@ import importlib.util
 import os
 import signal
 import sys
+import time
 
 from .. import _shmcore as core
 from ..errors import EncodeError, PayloadTooLarge, encode_exception
@@ -80,21 +81,29 @@ class Worker:
     def serve_forever(self) -> None:
         seg, region, dispatcher = self.segment, self.segment.region, self.dispatcher
         parent = os.getppid()
+        # Housekeeping is due once a second whatever the traffic: the C loop is given the time
+        # left until then, not a fresh interval on each call (it hands many calls back to
+        # Python, and steady traffic of those would put housekeeping off for ever).
+        due = time.monotonic() + HOUSEKEEPING_INTERVAL
         try:
             while not self.stop[0]:
-                # the common case runs in C until the housekeeping interval; it hands back
-                # what it cannot do itself
-                got = region.serve(self.index, self.channels, dispatcher.handlers, self.stop,
-                                   HOUSEKEEPING_INTERVAL)
+                # the common case runs in C until housekeeping is due; it hands back what it
+                # cannot do itself
+                left = due - time.monotonic()
+                got = (region.serve(self.index, self.channels, dispatcher.handlers, self.stop, left)
+                       if left > 0 else None)
                 if got is None:
                     if seg.state != core.SVC_SERVING and not seg.pending_calls():
                         break
-                    if os.getppid() != parent:
-                        break  # orphaned: the supervisor is gone
-                    try:
-                        self.housekeeping()
-                    except Exception:
-                        log.exception("housekeeping failed")
+                    now = time.monotonic()
+                    if now >= due:
+                        due = now + HOUSEKEEPING_INTERVAL
+                        if os.getppid() != parent:
+                            break  # orphaned: the supervisor is gone
+                        try:
+                            self.housekeeping()
+                        except Exception:
+                            log.exception("housekeeping failed")
                 else:
                     try:
                         if got[0] == "call":
