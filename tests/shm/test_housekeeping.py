@@ -1,7 +1,6 @@
 """A worker's housekeeping (reaping dead callers' channels, dropping the mappings of channels that
 were freed, checking on the service and its parent) runs at least once a second whatever the
 traffic, including traffic that the C loop hands back to Python on every call."""
-import os
 import subprocess
 import threading
 import time
