@@ -1,4 +1,5 @@
 import os
+import random
 import socket
 import time
 
@@ -8,6 +9,31 @@ import pytest
 # (the README's example under a manager, another run): set before speedysvc is imported, and
 # inherited by every process the tests start.
 os.environ.setdefault("SPEEDYSVC_NAMESPACE", f"test-{os.getpid()}")
+
+
+def _free_port_block(size: int = 200) -> int:
+    """The first port of a block of ``size`` that nothing listens on now, picked at random: the
+    test services' ports (their classes' ``port``) are offsets in it."""
+    rnd = random.Random(os.getpid())
+    for _ in range(50):
+        base = rnd.randrange(20000, 60000 - size, size)
+        sockets = []
+        try:
+            for p in range(base, base + size):
+                s = socket.socket()
+                sockets.append(s)
+                s.bind(("127.0.0.1", p))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in sockets:
+                s.close()
+    raise RuntimeError("no block of free ports for the test services")
+
+
+# ...and ports of its own (read by tests/services.py and the other service modules, in every process)
+os.environ.setdefault("SPEEDYSVC_TEST_PORT_BASE", str(_free_port_block()))
 
 from speedysvc import LocalService, connect, shm  # noqa: E402
 from speedysvc import _shmcore as core  # noqa: E402

@@ -6,10 +6,13 @@ import time
 
 from speedysvc import ServerMethodsBase, json_method, msgpack_method, pickle_method, raw_method
 
+# each run of the tests has a block of ports of its own (tests/conftest.py)
+PORTS = int(os.environ.get("SPEEDYSVC_TEST_PORT_BASE", "45000"))
+
 
 class EchoServer(ServerMethodsBase):
     """The seed README's example service."""
-    port = 5555
+    port = PORTS + 0
     name = 'echo_serv'
 
     @json_method
@@ -32,7 +35,7 @@ class NeedsTwoArgs(Exception):
 
 
 class Kitchen(ServerMethodsBase):
-    port = 5556
+    port = PORTS + 1
     name = 'kitchen'
 
     def __init__(self):
@@ -147,7 +150,7 @@ class Kitchen(ServerMethodsBase):
 
 class Other(ServerMethodsBase):
     """Same methods as Kitchen but another name, for tests that need a second service."""
-    port = 5557
+    port = PORTS + 2
     name = 'other'
 
     @msgpack_method
@@ -172,7 +175,7 @@ class NoPort(ServerMethodsBase):
 class KitchenNewer(ServerMethodsBase):
     """A caller's newer view of 'kitchen': a method the running service does not have,
     and a method whose codec changed."""
-    port = 5556
+    port = PORTS + 1
     name = 'kitchen'
 
     @msgpack_method
@@ -191,7 +194,7 @@ class Limited(Kitchen):
 
 class Chatty(ServerMethodsBase):
     """Logs, prints and burns CPU: for the manager's tests."""
-    port = 5558
+    port = PORTS + 3
     name = 'chatty'
 
     @msgpack_method
@@ -222,7 +225,7 @@ class Chatty(ServerMethodsBase):
 
 
 class CrashOnStart(ServerMethodsBase):
-    port = 5559
+    port = PORTS + 4
     name = 'crash_on_start'
 
     def __init__(self):
@@ -235,7 +238,7 @@ class CrashOnStart(ServerMethodsBase):
 
 class RawOdd(ServerMethodsBase):
     """Raw methods returning what is not bytes."""
-    port = 5560
+    port = PORTS + 5
     name = 'raw_odd'
 
     @raw_method
@@ -258,7 +261,7 @@ class RawOdd(ServerMethodsBase):
 class DiesWhileGrowing(ServerMethodsBase):
     """Its worker is SIGKILLed in the middle of growing a channel for a large response
     (as an out-of-memory kill would), at the step named by SPEEDYSVC_TEST_DIE."""
-    port = 5561
+    port = PORTS + 6
     name = 'dies_growing'
 
     def __init__(self):
@@ -294,7 +297,7 @@ class DiesWhileGrowing(ServerMethodsBase):
 
 class FdHog(ServerMethodsBase):
     """A service that uses up its file descriptors (RLIMIT_NOFILE reached) on request."""
-    port = 5562
+    port = PORTS + 7
     name = 'fd_hog'
 
     @msgpack_method
@@ -311,7 +314,7 @@ class FdHog(ServerMethodsBase):
 
 class Signaller(ServerMethodsBase):
     """Signals its caller while the caller waits for the answer."""
-    port = 5558
+    port = PORTS + 3
     name = 'signaller'
 
     @msgpack_method

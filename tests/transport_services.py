@@ -1,11 +1,15 @@
 """A service of tests/test_transports.py's own (its workers import it by module name)."""
+import os
 import time
 
 from speedysvc import ServerMethodsBase, msgpack_method
 
+# each run of the tests has a block of ports of its own (tests/conftest.py)
+PORTS = int(os.environ.get("SPEEDYSVC_TEST_PORT_BASE", "45000"))
+
 
 class Sleeper(ServerMethodsBase):
-    port = 5711
+    port = PORTS + 190
     name = "transports_sleeper"
 
     @msgpack_method

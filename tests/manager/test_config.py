@@ -6,6 +6,7 @@ import pytest
 from speedysvc.manager import config
 from speedysvc.manager.config import ConfigError
 from manager_fixture import run_manager
+from services import Kitchen
 
 
 def write(tmp_path, text):
@@ -109,7 +110,7 @@ def test_missing_file(tmp_path):
     ("[Custom]\nimport_from=services\n", ["[Custom]", "not a ServerMethodsBase subclass"]),
     ("[Kitchen]\nimport_from=services\n[KitchenNewer]\nimport_from=services\n",
      ["[KitchenNewer]", "name is 'kitchen', as for [Kitchen]"]),
-    ("[Kitchen]\nimport_from=services\n[Limited]\nimport_from=services\n", ["[Limited]", "port is 5556"]),
+    ("[Kitchen]\nimport_from=services\n[Limited]\nimport_from=services\n", ["[Limited]", f"port is {Kitchen.port}"]),
     ("[NoPort]\nimport_from=services\nbind_tcp=127.0.0.1\n", ["[NoPort]", "key bind_tcp", "NoPort.port is None"]),
     ("[web monitor]\nhost=0.0.0.0\nport=0\n[EchoServer]\nimport_from=services\nmin_proc_num=5\nmax_proc_num=4\n",
      ["min_proc_num"]),

@@ -4,6 +4,9 @@ import time
 
 from speedysvc import ServerMethodsBase, json_method, msgpack_method, pickle_method, raw_method
 
+# each run of the tests has a block of ports of its own (tests/conftest.py)
+PORTS = int(os.environ.get("SPEEDYSVC_TEST_PORT_BASE", "45000"))
+
 
 class TcpError(Exception):
     """A custom exception the caller can import (this module is imported by the tests)."""
@@ -15,7 +18,7 @@ class TcpError(Exception):
 
 
 class TcpKitchen(ServerMethodsBase):
-    port = 5701
+    port = PORTS + 100
     name = 'tcpt_kitchen'
 
     @json_method
@@ -71,7 +74,7 @@ class TcpKitchen(ServerMethodsBase):
 
 class TcpOther(ServerMethodsBase):
     """A second service, to connect to the wrong port."""
-    port = 5702
+    port = PORTS + 101
     name = 'tcpt_other'
 
     @msgpack_method
@@ -81,7 +84,7 @@ class TcpOther(ServerMethodsBase):
 
 class TcpRestart(ServerMethodsBase):
     """Started, stopped and started again on one port."""
-    port = 5703
+    port = PORTS + 102
     name = 'tcpt_restart'
 
     @msgpack_method
@@ -100,7 +103,7 @@ class TcpRestart(ServerMethodsBase):
 
 class TcpSecure(ServerMethodsBase):
     """Served with a secret (and pickle allowed) or with TLS."""
-    port = 5704
+    port = PORTS + 103
     name = 'tcpt_secure'
 
     @msgpack_method
@@ -118,7 +121,7 @@ class TcpSecure(ServerMethodsBase):
 
 class TcpEcho(ServerMethodsBase):
     """The service the tests that speak the protocol by hand (tcp_helpers.RawClient) talk to."""
-    port = 5871
+    port = PORTS + 110
     name = "tcpt_echo"
 
     @msgpack_method
@@ -164,7 +167,7 @@ class TcpEcho(ServerMethodsBase):
 
 class TcpSecretEcho(ServerMethodsBase):
     """Served with a shared secret."""
-    port = 5872
+    port = PORTS + 111
     name = "tcpt_secret_echo"
 
     @msgpack_method
