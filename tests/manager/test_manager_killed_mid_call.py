@@ -9,6 +9,7 @@ import time
 
 from speedysvc import ServerMethodsBase, connect, msgpack_method, shm
 from conftest import wait_until
+from services import PORTS
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -28,7 +29,7 @@ INI = """
 
 class Stuck(ServerMethodsBase):
     """The caller's side of tests/shm/shm_services.py's Stuck."""
-    port = 5772
+    port = PORTS + 122
     name = "stuck"
 
     @msgpack_method

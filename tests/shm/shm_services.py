@@ -7,10 +7,13 @@ import time
 
 from speedysvc import ServerMethodsBase, msgpack_method, pickle_method, raw_method
 
+# each run of the tests has a block of ports of its own (tests/conftest.py)
+PORTS = int(os.environ.get("SPEEDYSVC_TEST_PORT_BASE", "45000"))
+
 
 class Quitter(ServerMethodsBase):
     """Methods that raise what is not an ``Exception``: SystemExit, KeyboardInterrupt."""
-    port = 5770
+    port = PORTS + 120
     name = "quitter"
 
     @msgpack_method
@@ -36,7 +39,7 @@ class Quitter(ServerMethodsBase):
 
 class Counter(ServerMethodsBase):
     """Counts the slow calls that ran in this worker (one worker: the service's count)."""
-    port = 5771
+    port = PORTS + 121
     name = "counter"
 
     def __init__(self):
@@ -65,7 +68,7 @@ class Counter(ServerMethodsBase):
 
 class Stuck(ServerMethodsBase):
     """A call that never returns, for owners that die while it runs."""
-    port = 5772
+    port = PORTS + 122
     name = "stuck"
 
     @msgpack_method
