@@ -5,9 +5,9 @@ server loop.  Every failure becomes an error response; nothing a caller sends
 can stop the worker, nor can a method: what it raises, ``SystemExit`` and
 ``KeyboardInterrupt`` included, is answered as an error (the caller gets a
 ``RemoteError`` naming it, since it only re-raises ``Exception`` subclasses by
-type) and the worker goes on serving.  Each method gets a handler of its own, built once, so a
-call costs one dictionary lookup and one Python frame above the codec and the
-method itself.
+type) and the worker goes on serving.  Each method gets a handler of its own,
+built once, so a call costs one dictionary lookup and one Python frame above
+the codec and the method itself.
 """
 from __future__ import annotations
 
