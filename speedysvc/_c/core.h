@@ -17,7 +17,8 @@
  *   call_alone.c  call_alone: the TCP client's call alone on its connection
  *   msgpack.c     msgpack for the usual values
  *   boundary.c    the objects of names.h; reading attributes and calling hooks on Python objects
- *   module.c      the module's functions, its init, the constants' export
+ *   module.c      the module's functions (the worker's watchdog of its owner among them), its
+ *                 init, the constants' export
  *
  * Linux only: futex(2) on a word of a MAP_SHARED mapping (no FUTEX_PRIVATE,
  * since the waiters are different processes).

@@ -5,6 +5,8 @@
 #include "core.h"
 
 #include <malloc.h>
+#include <poll.h>
+#include <pthread.h>
 #include <signal.h>
 #include <sys/mman.h>
 #include <sys/prctl.h>
@@ -27,6 +29,74 @@ static PyObject *m_set_parent_death_signal(PyObject *self, PyObject *arg) {
     int sig = (int)PyLong_AsLong(arg);
     if (sig == -1 && PyErr_Occurred()) return NULL;
     if (prctl(PR_SET_PDEATHSIG, sig) != 0) return PyErr_SetFromErrno(PyExc_OSError);
+    Py_RETURN_NONE;
+}
+
+/* ---- the worker's watchdog of its owner -----------------------------------
+ * A worker must not outlive the process that owns its service, even inside a
+ * call that never returns, and a parent-death signal cannot promise it (it
+ * comes when the *thread* that started the worker ends, and a handler cannot
+ * interrupt a call).  A thread of our own, unknown to Python and with every
+ * signal blocked (so that signals go to the main thread), waits on pidfds of
+ * the processes to watch; when one of them ends it sends this process SIGTERM
+ * (an idle worker stops at once, a call in hand may finish) and, `grace`
+ * later, SIGKILL.  It touches no Python object. */
+#define MAX_WATCHED 4
+static struct { int fds[MAX_WATCHED]; int n; uint64_t grace_ns; } watched;
+static int watching = 0;
+
+static void *watchdog(void *unused) {
+    struct pollfd p[MAX_WATCHED];
+    for (int i = 0; i < watched.n; i++) { p[i].fd = watched.fds[i]; p[i].events = POLLIN; p[i].revents = 0; }
+    for (;;) {
+        int rc = poll(p, (nfds_t)watched.n, -1);
+        if (rc > 0) break;
+        if (rc < 0 && errno != EINTR) return NULL;   /* cannot watch: the worker's checks each second remain */
+    }
+    kill(getpid(), SIGTERM);
+    struct timespec ts = {(time_t)(watched.grace_ns / 1000000000ull), (long)(watched.grace_ns % 1000000000ull)};
+    while (nanosleep(&ts, &ts) != 0 && errno == EINTR) {}
+    static const char msg[] = "speedysvc worker: the service's owner is gone and the call in hand did not end; "
+                              "killing this worker\n";
+    if (write(2, msg, sizeof msg - 1) < 0) { /* nobody to tell */ }
+    kill(getpid(), SIGKILL);
+    return NULL;
+}
+
+/* watch_processes(pidfds, grace): start the watchdog (once per process) on up
+ * to MAX_WATCHED pidfds, which stay open for the life of the process. */
+static PyObject *m_watch_processes(PyObject *self, PyObject *args) {
+    PyObject *fds; double grace;
+    if (!PyArg_ParseTuple(args, "Od", &fds, &grace) || check_timeout(grace)) return NULL;
+    PyObject *seq = PySequence_Fast(fds, "pidfds must be a sequence of file descriptors");
+    if (!seq) return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    if (n < 1 || n > MAX_WATCHED) {
+        Py_DECREF(seq);
+        return PyErr_Format(PyExc_ValueError, "watch 1 to %d processes", MAX_WATCHED);
+    }
+    if (watching) { Py_DECREF(seq); PyErr_SetString(PyExc_RuntimeError, "this process is already watched"); return NULL; }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        long fd = PyLong_AsLong(PySequence_Fast_GET_ITEM(seq, i));
+        if (fd == -1 && PyErr_Occurred()) { Py_DECREF(seq); return NULL; }
+        if (fd < 0 || fd > INT_MAX) { Py_DECREF(seq); PyErr_SetString(PyExc_ValueError, "bad file descriptor"); return NULL; }
+        watched.fds[i] = (int)fd;
+    }
+    Py_DECREF(seq);
+    watched.n = (int)n;
+    watched.grace_ns = (uint64_t)(grace * 1e9);
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_attr_t attr;
+    pthread_t tid;
+    pthread_attr_init(&attr);
+    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+    pthread_sigmask(SIG_BLOCK, &all, &old);   /* the thread starts with every signal blocked */
+    int rc = pthread_create(&tid, &attr, watchdog, NULL);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    pthread_attr_destroy(&attr);
+    if (rc != 0) { errno = rc; return PyErr_SetFromErrno(PyExc_OSError); }
+    watching = 1;
     Py_RETURN_NONE;
 }
 
@@ -76,6 +146,8 @@ static PyMethodDef module_methods[] = {
     {"call_alone", (PyCFunction)(void (*)(void))m_call_alone, METH_FASTCALL,
      "a TCP client's call alone on its connection (see tcp.client.BlockingConnection)"},
     {"set_parent_death_signal", m_set_parent_death_signal, METH_O, "prctl(PR_SET_PDEATHSIG)"},
+    {"watch_processes", m_watch_processes, METH_VARARGS,
+     "watch_processes(pidfds, grace): when one of these processes ends, SIGTERM this one, then SIGKILL after grace"},
     {NULL}
 };
 

@@ -233,16 +233,24 @@ static int spin_for_response(char *ch, int woke_worker, uint64_t start) {
     }
 }
 
-/* 1 when ready, 0 on timeout, -1 when interrupted by a signal.  Without the GIL. */
-static int sleep_for_response(char *ch, uint64_t start, uint64_t deadline) {
+/* 1 when ready, 0 on timeout, -1 when interrupted by a signal.  Without the GIL.
+ * Also 0 at once when the call is no longer in flight (a worker gave it back:
+ * the caller looks), and, with `look`, whenever WAITING is found clear: it is set
+ * again and the caller looks before it sleeps.  Another thread of the caller's
+ * process wakes a waiter that way (PendingCall.cancel clears WAITING, then
+ * wakes the word): whether the clear comes before the waiter sets the bit,
+ * before its futex_wait (EAGAIN) or during it, the waiter returns. */
+static int sleep_for_response(char *ch, uint64_t start, uint64_t deadline, int look) {
     uint32_t *st = U32(ch, C_STATE);
     int ready = 0;
     for (;;) {
-        uint32_t s = LOAD(st);
-        if ((s & ST_CODE) == ST_RESPONSE) { ready = 1; break; }
+        uint32_t s = LOAD(st), code = s & ST_CODE;
+        if (code == ST_RESPONSE) { ready = 1; break; }
+        if (code != ST_REQUEST && code != ST_CLAIMED) break;
         if (!(s & ST_WAITING)) {
             uint32_t e = s;
             if (!CAS(st, &e, s | ST_WAITING)) continue;
+            if (look) break;
             s |= ST_WAITING;
         }
         uint64_t t = now_ns();
@@ -254,13 +262,13 @@ static int sleep_for_response(char *ch, uint64_t start, uint64_t deadline) {
 }
 
 /* Both phases; as sleep_for_response.  Called with the GIL. */
-static int await_response(char *ch, double timeout, int woke_worker) {
+static int await_response(char *ch, double timeout, int woke_worker, int look) {
     uint64_t start = now_ns(), deadline = start + (uint64_t)(timeout * 1e9);
     int alone = only_thread(), ready = alone && spin_for_response(ch, woke_worker, start);
     if (!ready) {
         Py_BEGIN_ALLOW_THREADS
         if (!alone) ready = spin_for_response(ch, woke_worker, start);
-        if (!ready) ready = sleep_for_response(ch, start, deadline);
+        if (!ready) ready = sleep_for_response(ch, start, deadline, look);
         Py_END_ALLOW_THREADS
     }
     return ready;
@@ -275,8 +283,11 @@ static PyObject *response_fields(char *ch) {
 }
 
 /* wait_reply(slot, timeout) -> (status, resp_off, resp_len, data_gen) or None
- * None means the timeout passed with the call still in flight: the caller
- * checks the worker is alive and its own deadline, then waits again. */
+ * None means the timeout passed with the call still in flight, or that the
+ * caller should look before waiting again (the call is no longer in flight,
+ * or WAITING was clear: see sleep_for_response): the caller checks the worker
+ * is alive, its own deadline and whether the call was cancelled, then waits
+ * again. */
 static PyObject *R_wait_reply(Region *self, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 2) { PyErr_SetString(PyExc_TypeError, "wait_reply takes 2 arguments"); return NULL; }
     long slot = PyLong_AsLong(args[0]);
@@ -284,7 +295,7 @@ static PyObject *R_wait_reply(Region *self, PyObject *const *args, Py_ssize_t na
     double timeout = PyFloat_AsDouble(args[1]);
     if ((timeout == -1.0 && PyErr_Occurred()) || check_timeout(timeout)) return NULL;
     char *ch = self->base + H_CHANNELS + slot * C_SIZE;
-    int ready = await_response(ch, timeout, 0);
+    int ready = await_response(ch, timeout, 0, 1);
     if (ready < 0 && PyErr_CheckSignals() < 0) return NULL;
     if (ready <= 0) Py_RETURN_NONE;
     return response_fields(ch);
@@ -333,7 +344,7 @@ PyObject *call_channel(Region *self, long slot, Region *data, PyObject *name_obj
 /* The response of a posted call, as call() returns it. */
 PyObject *collect_channel(Region *self, long slot, Region *data, double timeout, int woke_worker) {
     char *ch = self->base + H_CHANNELS + slot * C_SIZE;
-    int ready = await_response(ch, timeout, woke_worker);
+    int ready = await_response(ch, timeout, woke_worker, 0);
     if (ready < 0 && PyErr_CheckSignals() < 0) return NULL;
     if (ready <= 0) return PyLong_FromLong(CALL_PENDING);
     uint64_t off = LOAD(U64(ch, C_RESP_OFF)), len = LOAD(U64(ch, C_RESP_LEN));

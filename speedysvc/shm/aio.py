@@ -2,7 +2,10 @@
 
 A call answered within the short spin never leaves the loop's thread; a slower
 one is waited for in a thread of a small pool of our own, so the loop is never
-blocked for longer than the spin.
+blocked for longer than the spin.  A call whose task is cancelled (``task.cancel()``,
+``asyncio.wait_for``) is settled as a timed-out call is: withdrawn if no worker has
+claimed it (it never runs), else left to the worker; its waiting thread is free at
+once (``PendingCall.cancel``), so cancelled calls never hold the pool's threads.
 """
 from __future__ import annotations
 
@@ -42,8 +45,11 @@ class AsyncShmTransport:
         try:
             return await asyncio.wrap_future(job)
         except asyncio.CancelledError:
+            # settled as a timed-out call is: withdrawn if no worker claimed it, else left to the worker
             if job.cancel():        # never started: give its channel back (or to the worker holding it)
                 result.abandon()
+            else:                   # its thread waits: it returns at once, and the thread is free
+                result.cancel()
             raise
 
     async def aclose(self) -> None:

@@ -2,9 +2,12 @@
 
 Transport-neutral: the shared-memory worker uses it, and so can any other
 server loop.  Every failure becomes an error response; nothing a caller sends
-can stop the worker.  Each method gets a handler of its own, built once, so a
-call costs one dictionary lookup and one Python frame above the codec and the
-method itself.
+can stop the worker, nor can a method: what it raises, ``SystemExit`` and
+``KeyboardInterrupt`` included, is answered as an error (the caller gets a
+``RemoteError`` naming it, since it only re-raises ``Exception`` subclasses by
+type) and the worker goes on serving.  Each method gets a handler of its own,
+built once, so a call costs one dictionary lookup and one Python frame above
+the codec and the method itself.
 """
 from __future__ import annotations
 
@@ -29,13 +32,6 @@ def _call_error(method: str, e: BaseException, from_c: bool = False):
     return _error(e, True)
 
 
-def _fatal(on_fatal, e: BaseException):
-    """SystemExit and the like, raised by a method: answered, then reported so the worker stops."""
-    if on_fatal is not None:
-        on_fatal(e)
-    return _error(e, True)
-
-
 def _encoded(encode_result, method: str, result):
     try:
         return STATUS_OK, encode_result(method, result)
@@ -43,11 +39,10 @@ def _encoded(encode_result, method: str, result):
         return _error(e, False)
 
 
-def make_handler(fn, codec: codecs.Codec, method: str, on_fatal=None):
-    """``handler(flags, data) -> (status, payload)`` for one method.  An exception
-    that is not an ``Exception`` (SystemExit, KeyboardInterrupt) is answered like
-    any other, then reported to ``on_fatal`` so the worker can stop."""
-    fatal = functools.partial(_fatal, on_fatal)
+def make_handler(fn, codec: codecs.Codec, method: str):
+    """``handler(flags, data) -> (status, payload)`` for one method.  What the method
+    raises is answered, an exception that is not an ``Exception`` (SystemExit,
+    KeyboardInterrupt) like any other."""
     fast_flags = codec.flags
     decode_args, encode_result = codec.decode_args, codec.encode_result
     # msgpack and json decode to a list of positional arguments; raw hands over the view
@@ -66,10 +61,8 @@ def make_handler(fn, codec: codecs.Codec, method: str, on_fatal=None):
             return _error(e, False)
         try:
             result = fn(*args, **kwargs) if kwargs else fn(*args)
-        except Exception as e:
-            return _call_error(method, e)
         except BaseException as e:
-            return fatal(e)
+            return _call_error(method, e)
         return slow_encode(result)
 
     slow_encode = functools.partial(_encoded, encode_result, method)
@@ -80,10 +73,8 @@ def make_handler(fn, codec: codecs.Codec, method: str, on_fatal=None):
                 return slow(flags, data)
             try:
                 result = fn(data)
-            except Exception as e:
-                return _call_error(method, e)
             except BaseException as e:
-                return fatal(e)
+                return _call_error(method, e)
             if result.__class__ is bytes or result.__class__ is memoryview:
                 return STATUS_OK, result
             return slow_encode(result)
@@ -103,10 +94,8 @@ def make_handler(fn, codec: codecs.Codec, method: str, on_fatal=None):
             return slow(flags, data)
         try:
             result = fn(*args)
-        except Exception as e:
-            return _call_error(method, e)
         except BaseException as e:
-            return fatal(e)
+            return _call_error(method, e)
         try:
             return STATUS_OK, dumps(result)
         except Exception:
@@ -115,7 +104,7 @@ def make_handler(fn, codec: codecs.Codec, method: str, on_fatal=None):
     return handler
 
 
-def fast_path(fn, codec: codecs.Codec, method: str, on_fatal=None):
+def fast_path(fn, codec: codecs.Codec, method: str):
     """What the worker's C loop needs to run ``handler`` (above) itself for a codec
     whose arguments decode to a plain list, or None:
     ``(fn, loads, dumps, flags, call_failed(exc), encode_failed(result))``, the last two
@@ -123,15 +112,12 @@ def fast_path(fn, codec: codecs.Codec, method: str, on_fatal=None):
     cannot encode.  Anything else the C loop leaves to the handler."""
     if not codec.positional:
         return None
-    def call_failed(e):
-        return _call_error(method, e, from_c=True) if isinstance(e, Exception) else _fatal(on_fatal, e)
-
-    return (fn, codec.loads_fast, codec.dumps, codec.flags, call_failed,
+    return (fn, codec.loads_fast, codec.dumps, codec.flags, functools.partial(_call_error, method, from_c=True),
             functools.partial(_encoded, codec.encode_result, method))
 
 
 class Dispatcher:
-    def __init__(self, server, on_fatal=None):
+    def __init__(self, server):
         self.server = server
         self.service = type(server).service_name()
         methods = type(server)._speedysvc_methods
@@ -139,10 +125,10 @@ class Dispatcher:
         self.method_names = sorted(methods)
         # name -> (handler, wants a view even for a small request, statistics index, fast path)
         self.handlers = {
-            spec.name_bytes: (make_handler(getattr(server, attr), spec.codec, spec.name, on_fatal),
+            spec.name_bytes: (make_handler(getattr(server, attr), spec.codec, spec.name),
                               spec.codec.raw,
                               i if i < MAX_METHODS else -1,
-                              fast_path(getattr(server, attr), spec.codec, spec.name, on_fatal))
+                              fast_path(getattr(server, attr), spec.codec, spec.name))
             for i, (attr, spec) in enumerate(sorted(methods.items()))}
 
     def handle(self, name: bytes, flags: int, data):

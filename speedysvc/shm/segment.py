@@ -330,15 +330,24 @@ class ServiceSegment:
     def abandoned_by_workers(self) -> bool:
         """No worker will ever come: unsupervised, its workers started once and all are dead."""
         flags = self.region.load32(core.H_OWNER_FLAGS)
-        return (not flags & core.OWNER_RESTARTS_WORKERS and bool(flags & core.OWNER_WORKERS_STARTED)
-                and not any(w["alive"] for w in self.workers()))
+        if flags & core.OWNER_RESTARTS_WORKERS or not flags & core.OWNER_WORKERS_STARTED:
+            return False
+        r = self.region
+        for i in range(core.MAX_WORKERS):   # (a waiting caller asks often: no more than it needs)
+            off = self.worker_offset(i)
+            pid = r.load32(off + core.W_PID)
+            if pid and process_alive(pid, r.load64(off + core.W_START_TICKS)):
+                return False
+        return True
 
     def worker_alive(self, pid: int) -> bool:
         """Is the worker with this pid alive?  Its start time in the worker table guards
-        against a reused pid."""
-        for w in self.workers():
-            if w["pid"] == pid:
-                return w["alive"]
+        against a reused pid.  (A waiting caller asks every LIVENESS_SLICE: one /proc read.)"""
+        r = self.region
+        for i in range(core.MAX_WORKERS):
+            off = self.worker_offset(i)
+            if r.load32(off + core.W_PID) == pid:
+                return process_alive(pid, r.load64(off + core.W_START_TICKS))
         return process_alive(pid)
 
     def kick_workers(self) -> None:

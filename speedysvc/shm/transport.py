@@ -23,7 +23,10 @@ from ..transport import no_options
 from .channels import Channel, Channels
 from .segment import STATE_NAMES, DataSegment, ServiceSegment, replace_data_segment
 
-LIVENESS_SLICE = 0.1                   # how often a waiting caller checks its worker is alive
+# How often a waiting caller checks that its worker is alive (and the service, and its deadline):
+# a worker's death is reported within this long and what the check takes, well within the 0.1 s
+# the README promises.  It costs a wake-up per slice only while a call runs longer than a slice.
+LIVENESS_SLICE = 0.02
 
 
 def _first_slice(timeout: float | None) -> float:
@@ -33,6 +36,12 @@ def _first_slice(timeout: float | None) -> float:
 
 class _Retry(Exception):
     """The service was restarted under us: the call goes again on the new segment."""
+
+
+class CallCancelled(SpeedysvcError):
+    """``PendingCall.cancel()`` was called: raised in the thread that waits for the call
+    (``PendingCall.wait``), once the call is settled as a timed-out call is (withdrawn, or
+    left to the worker holding it)."""
 
 
 _transports: "weakref.WeakSet[ShmTransport]" = weakref.WeakSet()
@@ -52,16 +61,17 @@ class PendingCall:
     """A call ``ShmTransport.begin`` left in flight.  Either call it (in a thread) for the
     result, or ``wait()`` for the answer in a thread and ``take()`` it out later on any
     thread (an event loop can then leave a large answer in shared memory until it has
-    room for it); ``abandon()`` it if nobody ever will, so its channel is not lost."""
+    room for it); ``abandon()`` it if nobody ever will, so its channel is not lost, or
+    ``cancel()`` it from another thread while one waits for it."""
 
-    __slots__ = ("transport", "chans", "ch", "args", "name", "codec", "reply", "result", "settled", "withdrawn")
+    __slots__ = ("transport", "chans", "ch", "args", "name", "codec", "reply", "result", "settled", "cancelled")
 
     def __init__(self, transport, chans, ch, args):
         self.transport, self.chans, self.ch, self.args = transport, chans, ch, args
         self.name, self.codec = args[1], args[4]
         self.reply = self.result = None
         self.settled = False
-        self.withdrawn: BaseException | None = None
+        self.cancelled = False
 
     def __call__(self):
         """In a thread: the call's result (or its error raised)."""
@@ -98,17 +108,22 @@ class PendingCall:
         finally:
             self.transport._give_back(self.chans, self.ch)
 
-    def withdraw(self, error: BaseException) -> None:
-        """From any thread, while another waits for the call (``wait``): nobody wants its answer
-        any more.  If no worker has claimed it yet, the waiting thread takes it back within
-        ``LIVENESS_SLICE`` and raises ``error``; a call a worker has claimed runs on, and is
-        waited for as usual."""
-        self.withdrawn = error
-
     def abandon(self) -> None:
         if not self.settled:
             self.settled = True
             self.transport._abort(self.chans, self.ch)
+
+    def cancel(self) -> None:
+        """From another thread, while one is in ``wait()`` (or about to be): give the call up.
+        The waiting thread returns at once, raising ``CallCancelled``, after settling the call
+        as a timed-out call is: withdrawn if no worker claimed it (it never runs), else left
+        to the worker (ABANDONED: it frees the channel when done).  An answer already in is
+        taken and dropped.  Only the waiting thread touches the call's state; this only sets
+        a flag and wakes it (``ShmTransport._wake``), which is harmless whatever became of
+        the channel meanwhile."""
+        self.cancelled = True
+        if not self.settled:
+            self.transport._wake(self.chans, self.ch)
 
 
 class PostedCall:
@@ -308,6 +323,7 @@ class ShmTransport:
             return (value, None) if ready else (None, value)
         except _Retry:   # (raised before the request was posted for good: ``request`` still holds it)
             chans.retire(ch)
+            self._check_cancelled(pending)
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             return None, self.call(name, request[0], flags, codec, remaining)
         except BaseException:
@@ -338,13 +354,14 @@ class ShmTransport:
         return self._take_reply(chans, ch, value, name, codec) if ready else value
 
     def _until_answered(self, chans: Channels, ch: Channel, got: int, name, request: list, flags, codec, timeout,
-                   deadline: float | None = None, pending: PendingCall | None = None):
+                   deadline: float | None = None, pending: "PendingCall | None" = None):
         """Go on with a call that was not answered at once until its answer is in the channel:
         (True, reply) for ``_take_reply``, or (False, result) when it is already decoded.
-        ``request`` is [the request], emptied once it is posted for good; ``pending``: the
-        ``PendingCall`` waited for, which may be withdrawn meanwhile."""
+        ``request`` is [the request], emptied once it is posted for good.  ``pending``: the
+        ``PendingCall`` this waits for, which another thread may cancel."""
         seg = chans.seg
         if got == CALL_TOO_BIG:
+            self._check_cancelled(pending)
             payload = request[0]
             size = len(payload) if isinstance(payload, bytes) else memoryview(payload).nbytes
             if size > seg.max_payload:
@@ -403,6 +420,9 @@ class ShmTransport:
             if code == core.ST_REQUEST:
                 if r.cas32(off, st, core.ST_IDLE):
                     return True
+            elif code == core.ST_ABANDONED:   # (given up before: the worker frees it)
+                chans.owned.pop(ch.slot, None)
+                return False
             elif code == core.ST_CLAIMED:
                 worker = st >> core.ST_PID_SHIFT
                 if not chans.seg.worker_alive(worker):
@@ -417,16 +437,36 @@ class ShmTransport:
             else:
                 return False
 
+    @staticmethod
+    def _check_cancelled(pending: "PendingCall | None") -> None:
+        if pending is not None and pending.cancelled:
+            raise CallCancelled(f"call to {pending.name.decode(errors='replace')}() cancelled")
+
+    def _wake(self, chans: Channels, ch: Channel) -> None:
+        """Make a thread waiting on channel ``ch`` (``wait_reply``) return and look (at its
+        cancel flag): clear WAITING while the call is in flight, then wake the state word.
+        Changes nothing else, so it is harmless even on a channel that was given back
+        meanwhile (a waiter there sets WAITING again and goes on waiting)."""
+        r, off = chans.seg.region, chans.seg.channel_offset(ch.slot) + core.C_STATE
+        while True:
+            st = r.load32(off)
+            if not st & core.ST_WAITING or st & core.ST_CODE not in (core.ST_REQUEST, core.ST_CLAIMED):
+                break
+            if r.cas32(off, st, st & ~core.ST_WAITING):
+                break
+        r.wake32(off)
+
     def _wait_in_flight(self, chans: Channels, ch: Channel, timeout: float | None, deadline: float | None = None,
-                        pending: PendingCall | None = None):
+                        pending: "PendingCall | None" = None):
         """The call is taking a while: keep waiting, but notice a dead worker, a
-        stopped service, the deadline (by default: the first wait took one slice) and a
-        call withdrawn (``PendingCall.withdraw``) that no worker claimed yet."""
+        stopped service, the deadline (by default: the first wait took one slice) and,
+        for a ``pending`` call, its cancellation."""
         seg = chans.seg
         if deadline is None and timeout is not None:
             deadline = time.monotonic() + max(0.0, timeout - LIVENESS_SLICE)
         r, off = seg.region, seg.channel_offset(ch.slot) + core.C_STATE
         while True:
+            self._check_cancelled(pending)   # (then the caller settles the call: withdrawn, or left to the worker)
             st = r.load32(off)
             code = st & core.ST_CODE
             if code == core.ST_CLAIMED and not seg.worker_alive(st >> core.ST_PID_SHIFT):
@@ -440,10 +480,6 @@ class ShmTransport:
                 if r.cas32(off, st, core.ST_IDLE):
                     self._drop()
                     raise ServiceUnavailable(f"service {self.service!r} stopped before the call was served")
-                continue
-            if code == core.ST_REQUEST and pending is not None and pending.withdrawn is not None:
-                if r.cas32(off, st, core.ST_IDLE):   # taken back: the channel is free again
-                    raise pending.withdrawn
                 continue
             if code == core.ST_REQUEST and seg.abandoned_by_workers():
                 # nobody will start a worker for this call (a supervised service's owner would)

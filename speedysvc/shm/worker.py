@@ -4,7 +4,9 @@ Run as ``python -m speedysvc.shm.worker TARGET SERVICE`` (or ``python -m
 speedysvc.worker``) where TARGET is ``module:Class`` or ``/path/to/file.py:Class``.
 Supervisors (LocalService, the service manager) start workers this way, with
 ``worker_argv`` and ``worker_env``.  A worker exits when the service stops, on
-SIGTERM (after finishing the call in hand), or when its parent dies.
+SIGTERM (after finishing the call in hand), or when the service's owner or its
+own parent dies: at once if it is idle, else after ``OWNER_DEATH_GRACE`` for the
+call in hand to finish, killed if it does not (``watch_owner``).
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import importlib.util
 import os
 import signal
 import sys
+import time
 
 from .. import _shmcore as core
 from ..errors import EncodeError, PayloadTooLarge, encode_exception
@@ -23,6 +26,8 @@ from .dispatch import STATUS_ERROR, Dispatcher
 from .logpipe import setup_worker_logging
 
 HOUSEKEEPING_INTERVAL = 1.0
+# a worker whose owner died while it runs a call gives the call this long to end, then is killed
+OWNER_DEATH_GRACE = 0.5
 FILE_MODULE = "__speedysvc_main__"   # the name a class's module loaded from a file path gets
 PARENT_DEATH_ENV = "SPEEDYSVC_PARENT_DEATH_SIGNAL"
 
@@ -65,12 +70,43 @@ def load_target(target: str):
     return obj
 
 
+def watch_owner(seg: segment.ServiceSegment, parent: int) -> None:
+    """Make this process end when the service's owner (the manager, LocalService's process) or
+    ``parent`` dies, even inside a call that never returns: a thread of the C extension waits
+    on their pidfds, then sends SIGTERM (an idle worker stops at once) and, ``OWNER_DEATH_GRACE``
+    later, SIGKILL.  (A parent-death signal would not do: it comes when the *thread* that
+    started the worker ends, which under LocalService may be long before its process, and a
+    signal handler cannot end a call.)  Without pidfds (Linux < 5.3) the worker falls back on
+    checking its parent once a second, between calls."""
+    owner, owner_start = seg.owner
+    watched = [(owner, owner_start)] + ([(parent, 0)] if parent > 1 and parent != owner else [])
+    fds = []
+    try:
+        for pid, start in watched:
+            fds.append(os.pidfd_open(pid))
+            # opened after the process was checked alive: a reused pid is not taken for it
+            if not segment.process_alive(pid, start):
+                raise ProcessLookupError
+    except ProcessLookupError:
+        raise SystemExit(f"speedysvc worker: the owner of service {seg.service!r} (pid {owner}) "
+                         f"or this worker's parent (pid {parent}) is gone") from None
+    except (OSError, AttributeError) as e:   # no pidfd_open (old kernel, or Python without it)
+        log.warning("cannot watch the service's owner (%s); checking the parent once a second instead", e)
+        for fd in fds:
+            os.close(fd)
+        return
+    core.watch_processes(fds, OWNER_DEATH_GRACE)
+
+
 class Worker:
-    def __init__(self, server_cls, service: str | None = None):
+    def __init__(self, server_cls, service: str | None = None, watch: bool = False):
+        """``watch``: end with the service's owner (``watch_owner``); for worker processes."""
+        parent = os.getppid()
         self.service = service or server_cls.service_name()
         self.segment = segment.ServiceSegment.attach(self.service)
-        self.fatal: BaseException | None = None
-        self.dispatcher = Dispatcher(server_cls(), on_fatal=self.on_fatal)
+        if watch:   # before the service class is made, which may take a long time
+            watch_owner(self.segment, parent)
+        self.dispatcher = Dispatcher(server_cls())
         self.pid = os.getpid()
         self.segment.write_method_names(self.dispatcher.method_names)
         self.index = self.segment.register_worker(self.pid)
@@ -78,30 +114,33 @@ class Worker:
         self.channels: list = [None] * self.segment.max_channels
         self.stop = [False]
 
-    def on_fatal(self, exc: BaseException) -> None:
-        """A method raised SystemExit or the like: it was answered; now stop."""
-        self.fatal = exc
-        self.stop[0] = True
-
     def serve_forever(self) -> None:
         seg, region, dispatcher = self.segment, self.segment.region, self.dispatcher
         parent = os.getppid()
         orderly = False
+        # Housekeeping is due once a second whatever the traffic: the C loop is given the time
+        # left until then, not a fresh interval on each call (it hands many calls back to
+        # Python, and steady traffic of those would put housekeeping off for ever).
+        due = time.monotonic() + HOUSEKEEPING_INTERVAL
         try:
             while not self.stop[0]:
-                # the common case runs in C until the housekeeping interval; it hands back
-                # what it cannot do itself
-                got = region.serve(self.index, self.channels, dispatcher.handlers, self.stop,
-                                   HOUSEKEEPING_INTERVAL)
+                # the common case runs in C until housekeeping is due; it hands back what it
+                # cannot do itself
+                left = due - time.monotonic()
+                got = (region.serve(self.index, self.channels, dispatcher.handlers, self.stop, left)
+                       if left > 0 else None)
                 if got is None:
                     if seg.state != core.SVC_SERVING and not seg.pending_calls():
                         break
-                    if os.getppid() != parent:
-                        break  # orphaned: the supervisor is gone
-                    try:
-                        self.housekeeping()
-                    except Exception:
-                        log.exception("housekeeping failed")
+                    now = time.monotonic()
+                    if now >= due:
+                        due = now + HOUSEKEEPING_INTERVAL
+                        if os.getppid() != parent:
+                            break  # orphaned: the supervisor is gone
+                        try:
+                            self.housekeeping()
+                        except Exception:
+                            log.exception("housekeeping failed")
                 else:
                     try:
                         if got[0] == "call":
@@ -113,9 +152,9 @@ class Worker:
                     except Exception as e:  # a fault of ours: fail that call, keep serving
                         log.exception("internal error while serving a call")
                         self.fail_call(got[1], e)
-            orderly = self.fatal is None
+            orderly = True
         finally:
-            # a worker that a call made exit (SystemExit), or that fails, leaves its entry
+            # a worker that fails (an exception out of the loop, a signal's) leaves its entry
             # (and the method of its last call) for its supervisor to read; reaping frees it
             if orderly:
                 seg.unregister_worker(self.index, self.pid)
@@ -233,14 +272,12 @@ def run(server_cls, service: str | None = None) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when to stop
     if os.environ.get(PARENT_DEATH_ENV):
         # only for a single-threaded supervisor (the manager): the signal comes when the *thread*
-        # that started us ends; others rely on the check of the parent each second
+        # that started us ends; the watchdog of the owner (watch_owner) covers every supervisor
         core.set_parent_death_signal(signal.SIGTERM)
     # payloads of up to 32 MiB are decoded without page faults on every call
     core.keep_large_allocations(32 << 20, 64 << 20)
-    worker = Worker(server_cls, service)
+    worker = Worker(server_cls, service, watch=True)
     worker.serve_forever()
-    if worker.fatal is not None:
-        raise worker.fatal
 
 
 def describe(target: str) -> dict:

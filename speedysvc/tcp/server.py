@@ -26,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from .. import _shmcore as core
 from .. import codecs
-from ..errors import ConnectionLost, DecodeError, NoFreeChannel, NotAllowed, PayloadTooLarge, ServiceUnavailable
+from ..errors import DecodeError, NoFreeChannel, NotAllowed, PayloadTooLarge, ServiceUnavailable
 from ..shm import ShmTransport
 from . import compression, sweep
 from . import framing as fr
@@ -419,10 +419,9 @@ class TcpServer:
         conn.held.clear()
         if self.admission.waiting.pop(conn, None) is not None:
             conn.paused_by_server = False
-        gone = ConnectionLost(f"the TCP client {conn.peer} went away before its call was served")
         for waiting, pending in list(conn.waits.items()):
-            if not waiting.cancel():   # a thread waits for it already: it takes it back, unclaimed
-                pending.withdraw(gone)
+            if not waiting.cancel():   # a thread waits for it already: it gives the call up at once
+                pending.cancel()
             # (else ``_finished`` abandons it, which takes it back unless a worker claimed it)
         for pending in self.parking.drop(conn):
             self.admission.ended(conn)
