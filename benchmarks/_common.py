@@ -226,3 +226,66 @@ def throughput(client, size, seconds, payload=None):
         samples.append(time.perf_counter() - t)
         calls += 1
     return size / statistics.median(samples) / 1e6
+
+
+# ---- the seed's hand-written client against the generated method ------------------------------
+
+TARGET_SEED_PATH = 1.2   # the seed-style client's 64 B call: at most this many times the generated one's
+
+
+def verdict(ok):
+    return "met" if ok else "**not met**"
+
+
+def seed_style_client(server_cls, method_name):
+    """A client written as the seed README writes one: a ClientMethodsBase subclass whose
+    method calls ``self.send(Server.method, [data])``."""
+    from speedysvc import ClientMethodsBase
+
+    method = getattr(server_cls, method_name)
+
+    class SeedClient(ClientMethodsBase):
+        def echo(self, data):
+            return self.send(method, [data])
+
+    return SeedClient
+
+
+def seed_path(connect_client, server_cls, codecs, calls, rounds):
+    """Per codec: the median 64 B round trip (µs) through the generated method and through a
+    seed-style client on the same connection, measured in interleaved rounds; and their ratio."""
+    rows = []
+    for codec in codecs:
+        name = f"echo_{codec}"
+        client = connect_client()
+        try:
+            seed = seed_style_client(server_cls, name)(client)
+
+            class Via:
+                def __init__(self, fn):
+                    self.echo = fn
+
+                def prepare(self, payload):
+                    return payload.decode("latin-1") if codec == "json" else payload
+
+            generated, handwritten = Via(getattr(client, name)), Via(seed.echo)
+            gen, hand = [], []
+            for _ in range(rounds):
+                gen.append(round_trips(generated, calls)[0])
+                hand.append(round_trips(handwritten, calls)[0])
+            g, h = statistics.median(gen), statistics.median(hand)
+            rows.append({"codec": codec, "generated": g, "seed": h, "ratio": h / g})
+        finally:
+            client.close()
+    return rows
+
+
+def print_seed_path(rows, transport):
+    print(f"### The seed's client path over {transport}: `ClientMethodsBase` + `self.send(...)` "
+          f"against the generated method, 64 B\n")
+    print("| codec | generated µs | seed-style µs | ratio | ask | verdict |")
+    print("|---|---:|---:|---:|---|---|")
+    for r in rows:
+        print(f"| {r['codec']} | {r['generated']:.2f} | {r['seed']:.2f} | {r['ratio']:.2f}× | "
+              f"≤ {TARGET_SEED_PATH:g}× | {verdict(r['ratio'] <= TARGET_SEED_PATH)} |")
+    print(flush=True)

@@ -25,7 +25,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import psutil  # noqa: E402
 
-from _common import MiB, UnixSocketClient, ZmqClient, pin, round_trips, throughput  # noqa: E402
+from _common import (MiB, UnixSocketClient, ZmqClient, pin, print_seed_path, round_trips, seed_path,  # noqa: E402
+                     throughput)
 from echo_service import BenchEcho  # noqa: E402
 from speedysvc import LocalService, connect  # noqa: E402
 
@@ -163,6 +164,8 @@ def main():
                 print(f"| {r['name']} | {r['median']:.1f} | {r['p99']:.1f} | {uds['median'] / r['median']:.1f} | "
                       f"{r['1MiB']:,.0f} | {r['16MiB']:,.0f} | {r['16MiB'] / uds['16MiB']:.2f} |")
             print(flush=True)
+        print_seed_path(seed_path(lambda: connect(BenchEcho), BenchEcho, args.codecs.split(","),
+                                  args.calls, args.rounds), "shared memory")
         workers, client = idle_cpu(service, 3.0 if args.quick else 10.0)   # CPU time comes in 10 ms ticks
         print(f"Idle service (1 worker) with a connected client: worker {workers:.2f} % of a core, "
               f"client {client:.2f} %")

@@ -41,7 +41,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import psutil  # noqa: E402
 
-from _common import MiB, RawTcpClient, ZmqClient, round_trips, throughput  # noqa: E402
+from _common import (MiB, RawTcpClient, ZmqClient, print_seed_path, round_trips, seed_path,  # noqa: E402
+                     throughput, verdict)
 from bench_shm import SpeedysvcClient as ShmClient  # noqa: E402
 from echo_service import BenchEcho  # noqa: E402
 from speedysvc import LocalService, connect, connect_async  # noqa: E402
@@ -288,10 +289,6 @@ def loadavg():
         return "load unknown"
 
 
-def verdict(ok):
-    return "met" if ok else "**not met**"
-
-
 # ---- the run ---------------------------------------------------------------------------------
 
 def main():
@@ -374,6 +371,9 @@ def main():
                 "threadN": thread_rate(address, INFLIGHT, pipe_seconds, failures),
             })
         pipe = {k: statistics.median(p[k] for p in pipes) for k in pipes[0]}
+        progress("the seed's client path")
+        seed_rows = seed_path(lambda: connect(BenchEcho, address), BenchEcho, codecs + ["json"],
+                              args.calls, args.rounds)
         progress("idle CPU")
         idle = idle_cpu(service, 1.0 if args.quick else 3.0)
 
@@ -445,6 +445,7 @@ def main():
     print(f"| {INFLIGHT} in flight at least {TARGET_PIPELINE:g}× the calls/s of one at a time | "
           f"speedysvc tcp, asyncio client | {ratio_async:.2f}× | {verdict(ratio_async >= TARGET_PIPELINE)} |")
     print()
+    print_seed_path(seed_rows, "TCP")
     workers, gw, client = idle
     print(f"Idle service (1 worker) with a connected TCP client: worker {workers:.2f} % of a core, "
           f"TCP gateway {gw:.2f} %, client {client:.2f} %")

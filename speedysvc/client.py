@@ -52,6 +52,15 @@ class Client:
         spec = resolve_method(self._server_cls, method)
         return self._call(spec, tuple(args), kwargs, self._timeout if timeout is CLIENT_TIMEOUT else check_timeout(timeout))
 
+    def generated_method(self, method):
+        """This client's generated method for ``method`` (a server method or its name), as
+        ``client.<name>`` gives it: what ``ClientMethodsBase.send`` calls on its fast path."""
+        spec = resolve_method(self._server_cls, method)
+        for attr, known in self._server_cls._speedysvc_methods.items():
+            if known is spec:
+                return getattr(self, attr)
+        return None
+
     def _call(self, spec: MethodSpec, args, kwargs, timeout):
         payload, flags = spec.codec.encode_args(spec.name, args, kwargs)
         return self._transport.call(spec.name_bytes, payload, flags, spec.codec, timeout)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import inspect
 import re
+from types import MappingProxyType
 
 from . import codecs
 
@@ -94,13 +95,44 @@ class ClientMethodsBase:
         class EchoClient(ClientMethodsBase):
             def echo_json(self, data):
                 return self.send(EchoServer.echo_json, [data])
+
+    ``send`` with positional arguments and the client's own timeout goes through the
+    client's generated method for ``method`` (its transport's fast path), learned on the
+    first call and kept per method, so a hand-written client costs about what ``connect()``'s
+    generated methods cost.  Keywords or a ``timeout`` take the general path.
     """
+
+    _fast = MappingProxyType({})    # server method -> the client's generated method (per instance)
 
     def __init__(self, client):
         self.client = client
 
+    @property
+    def client(self):
+        return self._client
+
+    @client.setter
+    def client(self, client) -> None:
+        self._client = client
+        self._fast = {}   # learned from the client they belong to
+
     def send(self, method, args=(), kwargs=None, *, timeout=...):
-        return self.client.send(method, args, kwargs, timeout=timeout)
+        if kwargs is None and timeout is ...:
+            fast = self._fast.get(method)
+            if fast is None:
+                fast = self._learn(method)
+            if fast is not None:
+                return fast(*args)
+        return self._client.send(method, args, kwargs, timeout=timeout)
+
+    def _learn(self, method):
+        find = getattr(self._client, "generated_method", None)
+        fast = find(method) if find is not None else None
+        if fast is not None:
+            if self._fast is ClientMethodsBase._fast:   # a subclass that did not call __init__
+                self._fast = {}
+            self._fast[method] = fast
+        return fast
 
     def close(self) -> None:
         self.client.close()

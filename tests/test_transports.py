@@ -180,6 +180,48 @@ def test_the_seed_style_client_goes_through_any_scheme(served):
             assert k.add(2, 3) == 5
 
 
+def test_the_seed_style_client_takes_the_generated_methods_path_and_keeps_send_s_meaning(served):
+    """send() with positional arguments and the client's timeout goes through the client's
+    generated method (learned once per method); every other form keeps Client.send's meaning."""
+    class KitchenClient(ClientMethodsBase):
+        def add(self, *args, **kwargs):
+            return self.send(Kitchen.add, args, kwargs or None)
+
+    for address in served.values():
+        client = connect(Kitchen, address)
+        k = KitchenClient(client)
+        assert k.add(2, 3) == 5
+        assert k._fast[Kitchen.add] == client.add      # the generated method, as the client has it
+        assert k.add(2, b=4, scale=2) == 12             # keywords: the general path
+        assert k.send("add", (1, 2)) == 3               # by name, learned under the name
+        assert k.send(Kitchen.add, [1, 2], timeout=5) == 3
+        with pytest.raises(MethodNotFound):
+            k.send("nope", [])
+        with pytest.raises(TypeError, match="not a service method"):
+            k.send(len, [1])
+        with pytest.raises(Custom):
+            k.send(Kitchen.fail_custom, [7])
+        other = connect(Kitchen, address)
+        k.client = other                                # a new client: nothing learned from the old one is kept
+        assert k._fast == {}
+        client.close()
+        assert k.add(2, 3) == 5
+        k.close()
+
+
+def test_a_seed_style_client_that_skips_base_init_still_works(served):
+    class Bare(ClientMethodsBase):
+        def __init__(self, client):
+            self._client = client     # no super().__init__()
+
+        def add(self, a, b):
+            return self.send(Kitchen.add, [a, b])
+
+    with Bare(connect(Kitchen, next(iter(served.values())))) as k:
+        assert k.add(1, 1) == 2 and k.add(2, 2) == 4
+        assert Kitchen.add in k._fast and ClientMethodsBase._fast == {}
+
+
 def test_registering_a_scheme_checks_what_it_is_given():
     with pytest.raises(ValueError, match="needs a blocking or an asyncio"):
         tr.register_scheme("empty")
