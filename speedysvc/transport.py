@@ -37,6 +37,8 @@ from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Protocol, runtime_checkable
 from urllib.parse import urlsplit
 
+from .allocation import keep_large_allocations
+
 
 @runtime_checkable
 class Transport(Protocol):
@@ -168,6 +170,7 @@ def open_transport(server_cls, address: str, options: dict | None = None, *, asy
     """A new transport for ``address`` (``options``: connect()'s transport arguments that were given)."""
     parsed = parse_address(server_cls, address)
     options = {k: v for k, v in (options or {}).items() if v is not None}
+    keep_large_allocations()   # large payloads without page faults on every call (speedysvc.allocation)
     return SCHEMES[parsed.scheme.lower()].factory(asyncio)(parsed, options)
 
 

@@ -19,6 +19,7 @@ PACKAGE = os.path.dirname(os.path.abspath(speedysvc.__file__))
 # what a client process is made of: the public API, the codecs, the transport interface and the
 # transports' client halves
 CLIENT = ["speedysvc", "speedysvc.errors", "speedysvc.methods", "speedysvc.transport", "speedysvc.client",
+          "speedysvc.allocation",
           "speedysvc.aio", "speedysvc.codecs.*", "speedysvc.shm", "speedysvc.shm.segment", "speedysvc.shm.channels",
           "speedysvc.shm.transport", "speedysvc.shm.aio", "speedysvc.tcp", "speedysvc.tcp.framing",
           "speedysvc.tcp.compression", "speedysvc.tcp.protocol", "speedysvc.tcp.client", "speedysvc.tcp.aio"]
@@ -181,7 +182,7 @@ def test_a_client_process_loads_one_transport_and_nothing_of_the_serving_side(ad
 def test_importing_the_package_loads_the_public_api_and_the_codecs_only():
     loaded = loaded_by("from speedysvc import connect, ClientMethodsBase, msgpack_method")
     ours = {m for m in loaded if m.startswith("speedysvc")}
-    assert ours == {"speedysvc", "speedysvc._shmcore", "speedysvc.client", "speedysvc.codecs",
+    assert ours == {"speedysvc", "speedysvc._shmcore", "speedysvc.allocation", "speedysvc.client", "speedysvc.codecs",
                     "speedysvc.codecs.base", "speedysvc.codecs.json", "speedysvc.codecs.msgpack",
                     "speedysvc.codecs.pickle", "speedysvc.codecs.raw", "speedysvc.errors", "speedysvc.methods",
                     "speedysvc.transport"}

@@ -20,6 +20,7 @@ import sys
 import time
 
 from .. import _shmcore as core
+from ..allocation import keep_large_allocations
 from ..errors import EncodeError, PayloadTooLarge, encode_exception
 from . import segment
 from .dispatch import STATUS_ERROR, Dispatcher
@@ -275,7 +276,7 @@ def run(server_cls, service: str | None = None) -> None:
         # that started us ends; the watchdog of the owner (watch_owner) covers every supervisor
         core.set_parent_death_signal(signal.SIGTERM)
     # payloads of up to 32 MiB are decoded without page faults on every call
-    core.keep_large_allocations(32 << 20, 64 << 20)
+    keep_large_allocations()
     worker = Worker(server_cls, service, watch=True)
     worker.serve_forever()
 
