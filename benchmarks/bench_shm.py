@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import psutil  # noqa: E402
 
 from _common import (MiB, UnixSocketClient, ZmqClient, pin, print_seed_path, round_trips, seed_path,  # noqa: E402
-                     throughput)
+                     throughput, verdict)
 from echo_service import BenchEcho  # noqa: E402
 from speedysvc import LocalService, connect  # noqa: E402
 
@@ -76,6 +76,11 @@ class SpeedysvcClient:
 
     def close(self):
         self.client.close()
+
+
+TARGET_SMALL = 20.0          # 64 B generated msgpack call: at least this many times faster than the socket
+TARGET_MSGPACK_16MIB = 1.0   # 16 MiB bytes through @msgpack_method: at least the socket's echo throughput
+TARGET_IDLE = 1.0            # % of a core an idle worker with a connected client may use
 
 
 # ---- measurements (round trips and throughput: _common) ------------------------------------
@@ -148,6 +153,7 @@ def main():
         print("(pyzmq not installed: its row is skipped)")
 
     print(f"Python {sys.version.split()[0]}, {os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d')}\n")
+    asks = None
     with LocalService(BenchEcho, workers=1) as service:
         for placement in args.placements.split(","):
             makers = list(baselines) + [functools.partial(SpeedysvcClient, codec, service)
@@ -164,11 +170,35 @@ def main():
                 print(f"| {r['name']} | {r['median']:.1f} | {r['p99']:.1f} | {uds['median'] / r['median']:.1f} | "
                       f"{r['1MiB']:,.0f} | {r['16MiB']:,.0f} | {r['16MiB'] / uds['16MiB']:.2f} |")
             print(flush=True)
+            if placement == "default":
+                asks = rows
         print_seed_path(seed_path(lambda: connect(BenchEcho), BenchEcho, args.codecs.split(","),
                                   args.calls, args.rounds), "shared memory")
         workers, client = idle_cpu(service, 3.0 if args.quick else 10.0)   # CPU time comes in 10 ms ticks
         print(f"Idle service (1 worker) with a connected client: worker {workers:.2f} % of a core, "
-              f"client {client:.2f} %")
+              f"client {client:.2f} %\n")
+    if asks is not None:
+        print_asks(asks, workers)
+
+
+def print_asks(rows, idle_worker):
+    """The asks on the default placement's rows, each with its verdict."""
+    uds = rows[0]
+    by_name = {r["name"]: r for r in rows}
+    print("### Asks (default placement)\n")
+    print("| ask | measured | verdict |")
+    print("|---|---:|---|")
+    msgpack = by_name.get("speedysvc shm, msgpack")
+    if msgpack is not None:
+        x = uds["median"] / msgpack["median"]
+        print(f"| 64 B msgpack call ≥ {TARGET_SMALL:g}× faster than the Unix socket | {x:.1f}× | "
+              f"{verdict(x >= TARGET_SMALL)} |")
+        x = msgpack["16MiB"] / uds["16MiB"]
+        print(f"| 16 MiB bytes through msgpack ≥ {TARGET_MSGPACK_16MIB:g}× the Unix socket's echo | {x:.2f}× "
+              f"({msgpack['16MiB']:,.0f} vs {uds['16MiB']:,.0f} MB/s) | {verdict(x >= TARGET_MSGPACK_16MIB)} |")
+    print(f"| idle worker with a connected client < {TARGET_IDLE:g} % of a core | {idle_worker:.2f} % | "
+          f"{verdict(idle_worker < TARGET_IDLE)} |")
+    print()
 
 
 if __name__ == "__main__":

@@ -174,6 +174,8 @@ static inline int get_data(PyObject *obj, PyTypeObject *type, Region **out) {
 int check_service(Region *self);
 int check_slot(Region *self, long slot);
 int post_call(char *base, long slot, Region *data, Py_buffer *name, Py_buffer *payload, uint32_t flags);
+int post_check(char *base, Region *data, Py_ssize_t total);
+int post_publish(char *base, long slot, Py_ssize_t name_len, Py_ssize_t total, uint32_t flags);
 PyObject *collect_channel(Region *self, long slot, Region *data, double timeout, int woke_worker);
 PyObject *call_channel(Region *self, long slot, Region *data, PyObject *name_obj, PyObject *payload_obj,
                        uint32_t flags, double timeout);
@@ -206,6 +208,10 @@ PyObject *m_call_alone(PyObject *mod, PyObject *const *args, Py_ssize_t nargs);
 PyObject *m_msgpack_dumps(PyObject *mod, PyObject *o);
 PyObject *m_msgpack_loads(PyObject *mod, PyObject *data);
 PyObject *m_set_msgpack(PyObject *mod, PyObject *args);
+Py_ssize_t mp_encoded_size(PyObject *o);
+void mp_encode(PyObject *o, char *p);
+int is_c_msgpack_dumps(PyObject *f);
+
 
 /* boundary.c: the Python side as C sees it */
 #define DECLARE_NAME(owner, var, text) extern PyObject *var;

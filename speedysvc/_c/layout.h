@@ -132,6 +132,12 @@
  * view into the channel. */
 #define SMALL_REQUEST  4096
 
+/* Payloads of at least this many bytes that msgpack's C encoder takes are encoded straight
+ * into the channel's data segment (a request by ShmMethod, a response by the worker's loop)
+ * rather than into a bytes object that is then copied there: a copy less of a large payload
+ * on each side.  Below it, the bytes object is cheaper than the extra bookkeeping. */
+#define IN_PLACE_MIN 65536
+
 /* ---- the TCP frame (docs/tcp-protocol.md) --------------------------------
  * framing.FRAME ("<BBHIIIQ"): kind, flags, name length, call id, codec flags /
  * status, timeout (ms), payload length; little-endian, as the project's
@@ -169,7 +175,7 @@
     X(ST_PID_SHIFT) \
     X(STATUS_OK) X(STATUS_ERROR) \
     X(POSTED) X(POSTED_WOKE) X(CALL_TOO_BIG) X(CALL_NOT_SERVING) X(CALL_PENDING) X(CALL_READY) \
-    X(SMALL_RESPONSE) X(SMALL_REQUEST) \
+    X(SMALL_RESPONSE) X(SMALL_REQUEST) X(IN_PLACE_MIN) \
     X(FRAME_HEADER) X(FRAME_KIND) X(FRAME_FLAGS) X(FRAME_NAME_LEN) X(FRAME_CALL_ID) X(FRAME_ARG) \
     X(FRAME_TIMEOUT) X(FRAME_LENGTH) X(FRAME_CALL) X(FRAME_REPLY) X(FRAME_GOAWAY) X(FRAME_MAX_NAME) \
     X(FRAME_F_COMPRESSED) X(FRAME_KNOWN_FLAGS)

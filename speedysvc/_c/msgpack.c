@@ -152,6 +152,15 @@ PyObject *m_msgpack_dumps(PyObject *mod, PyObject *o) {
     return out;
 }
 
+/* Encoding straight into shared memory (ShmMethod's requests, the worker's responses): the
+ * size `o` encodes to, or -1 when it is not one of ours (dumps then goes to msgpack); and the
+ * encoding itself, which must follow with no Python code run in between. */
+Py_ssize_t mp_encoded_size(PyObject *o) { return mp_size(o, 0); }
+void mp_encode(PyObject *o, char *p) { mp_write(o, (unsigned char *)p); }
+int is_c_msgpack_dumps(PyObject *f) {
+    return PyCFunction_Check(f) && PyCFunction_GET_FUNCTION(f) == (PyCFunction)(void (*)(void))m_msgpack_dumps;
+}
+
 typedef struct { const unsigned char *p, *end; } mp_reader;
 
 static int mp_need(mp_reader *r, Py_ssize_t n) { return r->end - r->p >= n; }

@@ -184,9 +184,8 @@ static inline int kick_workers(char *base) {
  * for it. */
 int post_call(char *base, long slot, Region *data, Py_buffer *name, Py_buffer *payload, uint32_t flags) {
     Py_ssize_t total = name->len + payload->len;
-    if (total > data->size) return CALL_TOO_BIG;
-    if (LOAD(U32(base, H_STATE)) != SVC_SERVING) return CALL_NOT_SERVING;
-    char *ch = base + H_CHANNELS + slot * C_SIZE;
+    int rc = post_check(base, data, total);
+    if (rc) return rc;
     memcpy(data->base, name->buf, name->len);
     if (payload->len > (1 << 20)) {
         Py_BEGIN_ALLOW_THREADS
@@ -195,7 +194,21 @@ int post_call(char *base, long slot, Region *data, Py_buffer *name, Py_buffer *p
     } else {
         memcpy(data->base + name->len, payload->buf, payload->len);
     }
-    STORE(U32(ch, C_NAME_LEN), (uint32_t)name->len);
+    return post_publish(base, slot, name->len, total, flags);
+}
+
+/* post_call's halves, for a caller that writes the request into the data segment itself
+ * (ShmMethod's in-place encoding): 0 when `total` bytes may be written there now, else
+ * CALL_TOO_BIG or CALL_NOT_SERVING; then, once written, the publication. */
+int post_check(char *base, Region *data, Py_ssize_t total) {
+    if (total > data->size) return CALL_TOO_BIG;
+    if (LOAD(U32(base, H_STATE)) != SVC_SERVING) return CALL_NOT_SERVING;
+    return 0;
+}
+
+int post_publish(char *base, long slot, Py_ssize_t name_len, Py_ssize_t total, uint32_t flags) {
+    char *ch = base + H_CHANNELS + slot * C_SIZE;
+    STORE(U32(ch, C_NAME_LEN), (uint32_t)name_len);
     STORE(U64(ch, C_REQ_LEN), (uint64_t)total);
     STORE(U32(ch, C_FLAGS), flags);
     STORE(U32(ch, C_CALLER_CPU), (uint32_t)sched_getcpu());

@@ -225,7 +225,19 @@ PyObject *R_reply(Region *self, PyObject *const *args, Py_ssize_t nargs) {
  * encode_failed. */
 static PyObject *status_ok;   /* STATUS_OK, made once (serve_init) */
 
-static PyObject *run_method(PyObject *handler, PyObject *fast, uint32_t flags, PyObject *request) {
+/* A large result that msgpack's C encoder takes is written straight into the channel's data
+ * segment `data` (the request in it is decoded and no longer needed: msgpack's decoders copy)
+ * and handed on as a slice of `view`, the segment's read-only view, which publish_reply
+ * recognises and does not copy.  NULL (no exception) when it cannot be done that way. */
+static PyObject *encode_in_place(PyObject *value, Region *data, PyObject *view) {
+    Py_ssize_t size = mp_encoded_size(value);
+    if (size < IN_PLACE_MIN || size > data->size) return NULL;
+    mp_encode(value, data->base);
+    return PySequence_GetSlice(view, 0, size);
+}
+
+static PyObject *run_method(PyObject *handler, PyObject *fast, uint32_t flags, PyObject *request, Region *data,
+                            PyObject *view) {
     if (PyTuple_Check(fast) && PyTuple_GET_SIZE(fast) == 6) {
         unsigned long fast_flags = PyLong_AsUnsignedLong(PyTuple_GET_ITEM(fast, 3));
         if (fast_flags == (unsigned long)-1 && PyErr_Occurred()) return NULL;
@@ -249,7 +261,9 @@ static PyObject *run_method(PyObject *handler, PyObject *fast, uint32_t flags, P
                     Py_DECREF(exc);
                     return r;
                 }
-                PyObject *payload = PyObject_CallOneArg(PyTuple_GET_ITEM(fast, 2), value);
+                PyObject *dumps = PyTuple_GET_ITEM(fast, 2);
+                PyObject *payload = is_c_msgpack_dumps(dumps) ? encode_in_place(value, data, view) : NULL;
+                if (!payload && !PyErr_Occurred()) payload = PyObject_CallOneArg(dumps, value);
                 if (payload) {
                     Py_DECREF(value);
                     PyObject *r = PyTuple_Pack(2, status_ok, payload);
@@ -367,7 +381,8 @@ static PyObject *serve_loop(Region *self, PyObject *const *args, Py_ssize_t narg
         PyObject *request = (!PyObject_IsTrue(PyTuple_GET_ITEM(spec, 1)) && req_len - name_len <= SMALL_REQUEST)
             ? PyBytes_FromStringAndSize(data->base + name_len, (Py_ssize_t)(req_len - name_len))
             : PySequence_GetSlice(PyTuple_GET_ITEM(entry, 3), name_len, (Py_ssize_t)req_len);
-        PyObject *result = request ? run_method(handler, PyTuple_GET_ITEM(spec, 3), flags, request) : NULL;
+        PyObject *result = request ? run_method(handler, PyTuple_GET_ITEM(spec, 3), flags, request, data,
+                                                 PyTuple_GET_ITEM(entry, 3)) : NULL;
         Py_XDECREF(request);
         Py_DECREF(spec);
         if (!result) { Py_DECREF(entry); return NULL; }  /* handlers catch everything: only a bug lands here */

@@ -18,6 +18,7 @@ typedef struct {
     PyObject *transport, *name, *codec, *dumps, *loads, *timeout, *fallback, *flags_obj;
     double slice;
     uint32_t flags;
+    int in_place;   /* dumps is msgpack's C encoder: large requests are encoded into the channel */
     vectorcallfunc vectorcall;
 } ShmMethod;
 
@@ -25,10 +26,59 @@ static PyObject *SM_fallback(ShmMethod *self, PyObject *const *args, size_t narg
     return PyObject_Vectorcall(self->fallback, args, nargsf, kwnames);
 }
 
+/* After the call was posted on channel `c` (got: what the wait returned): the result, the
+ * channel given back or handed to Python with it.  `payload` is the encoded request, or None
+ * once nothing can need it again (written in place and posted for good). */
+static PyObject *SM_finish(ShmMethod *self, taken_channel *c, PyObject *got, PyObject *payload) {
+    PyObject *result = NULL;
+    /* A signal that came while spinning is handled here, while the channel is still
+     * ours to settle: the next Python code to run might not give it back. */
+    if (!got || PyErr_CheckSignals() < 0) { channel_abort(self->transport, c); return NULL; }
+    if (PyBytes_CheckExact(got)) {
+        result = PyObject_CallOneArg(self->loads, got);
+        if (result) {
+            if (channel_give_back(self->transport, c) < 0) Py_CLEAR(result);
+            return result;
+        }
+        if (!PyErr_ExceptionMatches(PyExc_Exception)) { channel_abort(self->transport, c); return NULL; }
+        PyErr_Clear();   /* _resume decodes it in Python and reports what is wrong */
+    }
+    return PyObject_CallMethodObjArgs(self->transport, s_resume, c->chans, c->ch, got, self->name, payload,
+                                      self->flags_obj, self->codec, self->timeout, NULL);
+}
+
+/* A large request that msgpack's C encoder takes, written straight into a free channel's
+ * data segment.  1 when done (*result set, or NULL with an exception set); 0 when not
+ * possible (no channel in C's reach, too small a channel, the service not serving): nothing
+ * taken, nothing posted, and the caller goes the usual way, which grows the channel. */
+static int SM_call_in_place(ShmMethod *self, PyObject *tuple, PyObject **result) {
+    taken_channel c = TAKEN_CHANNEL_INIT;
+    int taken = channel_take(self->transport, &c);
+    if (taken <= 0) { channel_release(&c); *result = NULL; return taken < 0; }
+    Region *svc = (Region *)c.svc, *data = (Region *)c.data;
+    Py_ssize_t name_len = PyBytes_GET_SIZE(self->name);
+    /* measured again now that the channel is in hand: channel_take may have run Python code */
+    Py_ssize_t size = mp_encoded_size(tuple);
+    if (size < IN_PLACE_MIN || post_check(svc->base, data, name_len + size)) {
+        *result = NULL;
+        if (channel_give_back(self->transport, &c) < 0) { channel_release(&c); return 1; }
+        channel_release(&c);
+        return 0;
+    }
+    memcpy(data->base, PyBytes_AS_STRING(self->name), (size_t)name_len);
+    mp_encode(tuple, data->base + name_len);
+    int rc = post_publish(svc->base, c.slot, name_len, name_len + size, self->flags);
+    PyObject *got = collect_channel(svc, c.slot, data, self->slice, rc == POSTED_WOKE);
+    *result = SM_finish(self, &c, got, Py_None);
+    Py_XDECREF(got);
+    channel_release(&c);
+    return 1;
+}
+
 static PyObject *SM_call(ShmMethod *self, PyObject *const *args, size_t nargsf, PyObject *kwnames) {
     Py_ssize_t n = PyVectorcall_NARGS(nargsf);
     if (kwnames && PyTuple_GET_SIZE(kwnames)) return SM_fallback(self, args, nargsf, kwnames);
-    PyObject *payload;
+    PyObject *payload = NULL;
     if (self->dumps == Py_None) {   /* raw: the one bytes argument is the payload */
         if (n != 1 || !PyBytes_CheckExact(args[0])) return SM_fallback(self, args, nargsf, kwnames);
         payload = Py_NewRef(args[0]);
@@ -36,7 +86,19 @@ static PyObject *SM_call(ShmMethod *self, PyObject *const *args, size_t nargsf, 
         PyObject *tuple = PyTuple_New(n);
         if (!tuple) return NULL;
         for (Py_ssize_t i = 0; i < n; i++) PyTuple_SET_ITEM(tuple, i, Py_NewRef(args[i]));
-        payload = PyObject_CallOneArg(self->dumps, tuple);
+        Py_ssize_t size = self->in_place ? mp_encoded_size(tuple) : -1;
+        if (size >= IN_PLACE_MIN) {
+            PyObject *result;
+            if (SM_call_in_place(self, tuple, &result)) { Py_DECREF(tuple); return result; }
+            if (PyErr_Occurred()) { Py_DECREF(tuple); return NULL; }
+            size = mp_encoded_size(tuple);   /* (Python code may have run) */
+        }
+        if (size >= 0) {   /* msgpack's C encoder, measured already: dumps without measuring again */
+            payload = PyBytes_FromStringAndSize(NULL, size);
+            if (payload) mp_encode(tuple, PyBytes_AS_STRING(payload));
+        } else {
+            payload = PyObject_CallOneArg(self->dumps, tuple);
+        }
         Py_DECREF(tuple);
         if (!payload) {
             if (!PyErr_ExceptionMatches(PyExc_Exception)) return NULL;
@@ -55,20 +117,7 @@ static PyObject *SM_call(ShmMethod *self, PyObject *const *args, size_t nargsf, 
     }
     /* the channel is ours: every path below gives it back */
     got = call_channel((Region *)c.svc, c.slot, (Region *)c.data, self->name, payload, self->flags, self->slice);
-    /* A signal that came while spinning is handled here, while the channel is still
-     * ours to settle: the next Python code to run might not give it back. */
-    if (!got || PyErr_CheckSignals() < 0) { channel_abort(self->transport, &c); goto done; }
-    if (PyBytes_CheckExact(got)) {
-        result = PyObject_CallOneArg(self->loads, got);
-        if (result) {
-            if (channel_give_back(self->transport, &c) < 0) Py_CLEAR(result);
-            goto done;
-        }
-        if (!PyErr_ExceptionMatches(PyExc_Exception)) { channel_abort(self->transport, &c); goto done; }
-        PyErr_Clear();   /* _resume decodes it in Python and reports what is wrong */
-    }
-    result = PyObject_CallMethodObjArgs(self->transport, s_resume, c.chans, c.ch, got, self->name, payload,
-                                        self->flags_obj, self->codec, self->timeout, NULL);
+    result = SM_finish(self, &c, got, payload);
 done:
     Py_DECREF(payload);
     Py_XDECREF(got);
@@ -100,6 +149,7 @@ static PyObject *SM_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
     self->dumps = Py_NewRef(dumps); self->loads = Py_NewRef(loads); self->flags_obj = Py_NewRef(flags);
     self->timeout = Py_NewRef(timeout); self->fallback = Py_NewRef(fallback);
     self->flags = (uint32_t)f;
+    self->in_place = dumps != Py_None && is_c_msgpack_dumps(dumps);
     self->slice = slice;
     self->vectorcall = (vectorcallfunc)SM_call;
     return (PyObject *)self;

@@ -87,3 +87,39 @@ class Stuck(ServerMethodsBase):
     @raw_method
     def echo(self, data):
         return bytes(data)
+
+
+class Bulky(ServerMethodsBase):
+    """Large msgpack values both ways, and the worker's own view of what it allocated."""
+    port = PORTS + 123
+    name = "bulky"
+
+    @msgpack_method
+    def echo(self, value):
+        return value
+
+    @msgpack_method
+    def make(self, n):
+        return b"x" * n
+
+    @msgpack_method
+    def make_odd(self, n):
+        return {frozenset([1]): b"x" * n}   # not msgpack-encodable: the error path, even large
+
+    @msgpack_method
+    def traced(self, start):
+        """tracemalloc in the worker: start (and reset) it, or say the peak since, in bytes."""
+        import tracemalloc
+        if start:
+            tracemalloc.start()
+            tracemalloc.reset_peak()
+            return 0
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        return peak
+
+
+class BulkyAlone(Bulky):
+    """Bulky under a name of its own, for a service of one worker beside Bulky's."""
+    port = PORTS + 124
+    name = "bulky_alone"
