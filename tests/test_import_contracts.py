@@ -183,7 +183,7 @@ def test_importing_the_package_loads_the_public_api_and_the_codecs_only():
     loaded = loaded_by("from speedysvc import connect, ClientMethodsBase, msgpack_method")
     ours = {m for m in loaded if m.startswith("speedysvc")}
     assert ours == {"speedysvc", "speedysvc._shmcore", "speedysvc.allocation", "speedysvc.client", "speedysvc.codecs",
-                    "speedysvc.codecs.base", "speedysvc.codecs.json", "speedysvc.codecs.msgpack",
+                    "speedysvc.codecs.base", "speedysvc.codecs.json", "speedysvc.codecs.msgpack", "speedysvc.codecs.outofband",
                     "speedysvc.codecs.pickle", "speedysvc.codecs.raw", "speedysvc.errors", "speedysvc.methods",
                     "speedysvc.transport"}
     assert not any(matches(m, SERVER_STACK) for m in loaded)

@@ -187,7 +187,9 @@ int post_call(char *base, long slot, Region *data, Py_buffer *name, Py_buffer *p
     int rc = post_check(base, data, total);
     if (rc) return rc;
     memcpy(data->base, name->buf, name->len);
-    if (payload->len > (1 << 20)) {
+    if (payload->buf == data->base + name->len) {
+        /* written in place already (ShmTransport._place: out-of-band buffers) */
+    } else if (payload->len > (1 << 20)) {
         Py_BEGIN_ALLOW_THREADS
         memcpy(data->base + name->len, payload->buf, payload->len);
         Py_END_ALLOW_THREADS

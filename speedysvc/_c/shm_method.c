@@ -105,6 +105,12 @@ static PyObject *SM_call(ShmMethod *self, PyObject *const *args, size_t nargsf, 
             PyErr_Clear();   /* the fallback encodes again and raises a clear error */
             return SM_fallback(self, args, nargsf, kwnames);
         }
+        if (!PyBytes_CheckExact(payload)) {   /* buffers beside the bytes (pickle's out-of-band): Python places them */
+            PyObject *result = PyObject_CallMethodObjArgs(self->transport, s_call, self->name, payload,
+                                                          self->flags_obj, self->codec, self->timeout, NULL);
+            Py_DECREF(payload);
+            return result;
+        }
     }
     taken_channel c = TAKEN_CHANNEL_INIT;
     PyObject *got = NULL, *result = NULL;

@@ -48,7 +48,10 @@ class Codec:
         ``bytes`` argument as it is, and the method gets a read-only view into shared
         memory, valid until it returns;
     ``out_of_band``
-        may carry buffers beside the encoded bytes (none of the built-in codecs yet).
+        may carry buffers beside the encoded bytes: ``dumps`` may return an
+        ``outofband.OutOfBand`` rather than bytes (pickle), which transports write where it
+        goes; the worker decodes a request with ``decode_args_in_place`` and, after the call,
+        ``release``s what it held.
     """
 
     name = ""
@@ -79,6 +82,11 @@ class Codec:
             value = self.loads(data)
         except Exception as e:
             raise DecodeError(f"cannot decode the arguments of {method}() with {self.name}: {reason(e)}") from None
+        return self._shape(method, value, flags)
+
+    @staticmethod
+    def _shape(method: str, value, flags: int):
+        """(args, kwargs) of a decoded request."""
         if flags & FLAG_KWARGS:
             if (not isinstance(value, (list, tuple)) or len(value) != 2
                     or not isinstance(value[0], (list, tuple)) or not isinstance(value[1], dict)):
@@ -87,6 +95,19 @@ class Codec:
         if not isinstance(value, (list, tuple)):
             raise DecodeError(f"the arguments of {method}() must be an array, got {type(value).__name__}")
         return value, None
+
+    def decode_args_in_place(self, method: str, data, flags: int):
+        """``decode_args`` for a worker that lends the request's memory to the call: ``(args,
+        kwargs, held)``, where ``held`` is what of ``data`` the arguments may still refer to
+        (None: nothing).  Only out-of-band codecs hold anything."""
+        args, kwargs = self.decode_args(method, data, flags)
+        return args, kwargs, None
+
+    @staticmethod
+    def release(held) -> bool:
+        """After the call: let go of ``held``; False when the method kept a reference to it
+        (the request's memory must then not be reused)."""
+        return True
 
     def encode_result(self, method: str, value):
         try:

@@ -1,10 +1,57 @@
-"""The ``pickle`` codec: any picklable value, between processes that trust each other."""
+"""The ``pickle`` codec: any picklable value, between processes that trust each other.
+
+Protocol 5, with out-of-band buffers: a contiguous buffer of at least ``OUT_OF_BAND_MIN``
+bytes that an object hands to pickle as a ``PickleBuffer`` (numpy arrays, ``bytearray``,
+``pickle.PickleBuffer`` itself) is not copied into the stream but travels beside it
+(``outofband``).  What the worker gets for such a buffer is a read-only view of the call's
+shared memory, valid until the method returns; what a client gets is its own copy.
+"""
 from __future__ import annotations
 
-import functools
 import pickle
 
-from .base import Codec
+from ..errors import DecodeError
+from . import outofband
+from .base import Codec, reason
+
+OUT_OF_BAND_MIN = 65536
+
+
+def _dumps(obj, _dumps=pickle.dumps, _min=OUT_OF_BAND_MIN):
+    buffers = []
+
+    def out_of_band(buf):   # a true value keeps a buffer in the stream
+        try:
+            if buf.raw().nbytes < _min:
+                return True
+        except BufferError:   # not contiguous: pickled in the stream
+            return True
+        buffers.append(buf)
+        return False
+
+    stream = _dumps(obj, protocol=5, buffer_callback=out_of_band)
+    return outofband.OutOfBand(stream, buffers) if buffers else stream
+
+
+def _loads(data, _loads=pickle.loads):
+    """A value of its own: out-of-band buffers are copied out of ``data``."""
+    if not (len(data) and data[0] == 0):
+        return _loads(data)
+    stream, views = outofband.split(data)
+    try:
+        return _loads(stream, buffers=[bytearray(v) for v in views])
+    finally:
+        _release(views + [stream])
+
+
+def _release(views) -> bool:
+    kept = False
+    for v in views:
+        try:
+            v.release()
+        except BufferError:   # something made from it is alive
+            kept = True
+    return not kept
 
 
 class PickleCodec(Codec):
@@ -14,5 +61,44 @@ class PickleCodec(Codec):
 
     name, id = "pickle", 3
     network_safe = False
-    dumps = staticmethod(functools.partial(pickle.dumps, protocol=pickle.HIGHEST_PROTOCOL))
-    loads = loads_fast = staticmethod(pickle.loads)
+    out_of_band = True
+    dumps = staticmethod(_dumps)
+    loads = loads_fast = staticmethod(_loads)
+
+    def decode_args_in_place(self, method: str, data, flags: int):
+        if not (len(data) and data[0] == 0):
+            args, kwargs = self.decode_args(method, data, flags)
+            return args, kwargs, None
+        try:
+            stream, views = outofband.split(data)
+        except ValueError as e:
+            raise DecodeError(f"cannot decode the arguments of {method}() with pickle: {e}") from None
+        held = views + [stream]
+        try:
+            # the method reads the buffers where they are: read-only views of the request
+            args, kwargs = self.decode_args(method, _Prepared(stream, views), flags)
+        except BaseException:
+            _release(held)
+            raise
+        return args, kwargs, held
+
+    @staticmethod
+    def release(held) -> bool:
+        return True if held is None else _release(held)
+
+    def decode_args(self, method: str, data, flags: int):
+        if data.__class__ is _Prepared:
+            try:
+                value = pickle.loads(data.stream, buffers=data.views)
+            except Exception as e:
+                raise DecodeError(f"cannot decode the arguments of {method}() with pickle: {reason(e)}") from None
+            return self._shape(method, value, flags)
+        return super().decode_args(method, data, flags)
+
+
+class _Prepared:
+    """A request split into its stream and its buffers' views, for ``decode_args``."""
+    __slots__ = ("stream", "views")
+
+    def __init__(self, stream, views):
+        self.stream, self.views = stream, views

@@ -32,6 +32,29 @@ def _call_error(method: str, e: BaseException, from_c: bool = False):
     return _error(e, True)
 
 
+class Held:
+    """A response to a request whose memory the call's arguments were read from in place
+    (pickle's out-of-band buffers): ``payload`` (bytes or an ``OutOfBand``) and what of the
+    request the arguments held, to ``release`` once the response is written.  A server loop
+    that cannot do better takes ``bytes(held)``."""
+
+    __slots__ = ("payload", "held", "_release")
+
+    def __init__(self, payload, held, release):
+        self.payload, self.held, self._release = payload, held, release
+
+    def release(self) -> bool:
+        """False when the method kept a reference to the request's memory."""
+        held, self.held = self.held, None
+        return self._release(held) if held is not None else True
+
+    def __bytes__(self) -> bytes:
+        out = bytes(self.payload)
+        self.payload = None
+        self.release()
+        return out
+
+
 def _encoded(encode_result, method: str, result):
     try:
         return STATUS_OK, encode_result(method, result)
@@ -66,6 +89,27 @@ def make_handler(fn, codec: codecs.Codec, method: str):
         return slow_encode(result)
 
     slow_encode = functools.partial(_encoded, encode_result, method)
+
+    if codec.out_of_band:
+        decode_in_place, release = codec.decode_args_in_place, codec.release
+
+        def in_place_handler(flags, data):
+            if flags >> codecs.CODEC_SHIFT & 0xFF != codec.id:
+                return slow(flags, data)   # reports the mismatch
+            try:
+                args, kwargs, held = decode_in_place(method, data, flags)
+            except DecodeError as e:
+                return _error(e, False)
+            try:
+                result = fn(*args, **kwargs) if kwargs else fn(*args)
+            except BaseException as e:
+                reply = _call_error(method, e)
+            else:
+                reply = slow_encode(result)
+                del result
+            del args, kwargs
+            return reply if held is None else (reply[0], Held(reply[1], held, release))
+        return in_place_handler
 
     if codec.raw:
         def raw_handler(flags, data):
@@ -133,7 +177,9 @@ class Dispatcher:
 
     def handle(self, name: bytes, flags: int, data):
         """Return ``(status, payload)``.  ``data`` may be a view into shared memory
-        that becomes invalid once the response is sent."""
+        that becomes invalid once the response is sent.  ``payload`` is bytes, or what
+        ``bytes()`` turns into them: an ``OutOfBand`` or a ``Held`` (a worker writes those
+        into shared memory itself; see ``Worker.reply_placed``)."""
         entry = self.handlers.get(name)
         if entry is None:
             return self.unknown(name)

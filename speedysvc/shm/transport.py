@@ -16,6 +16,7 @@ import time
 import weakref
 
 from .. import _shmcore as core
+from ..codecs.outofband import OutOfBand
 # what post() and call() return when they have no response in hand, and a response's status
 from .._shmcore import CALL_NOT_SERVING, CALL_PENDING, CALL_TOO_BIG, POSTED, POSTED_WOKE, STATUS_OK
 from ..errors import CallTimeout, PayloadTooLarge, ServiceUnavailable, SpeedysvcError, WorkerDied
@@ -188,7 +189,29 @@ class ShmTransport:
     def call(self, name: bytes, payload, flags: int, codec, timeout: float | None):
         """Send one request; return the response decoded with ``codec`` or raise the server's error."""
         chans, ch = self._take()
+        if payload.__class__ is OutOfBand:
+            payload = self._place(chans, ch, name, payload)
         return self._resume(chans, ch, None, name, payload, flags, codec, timeout)
+
+    def _place(self, chans: Channels, ch: Channel, name: bytes, payload: OutOfBand):
+        """Write a request with out-of-band buffers into channel ``ch``'s data segment after
+        the name (each buffer page-aligned there; the channel grows first if it must), and
+        return the view of it there, which posting does not copy again.  Gives the channel
+        back if it fails."""
+        try:
+            start = len(name)
+            size = payload.size(start)
+            seg = chans.seg
+            if size > seg.max_payload:
+                raise PayloadTooLarge(f"request of {size} bytes exceeds the service's "
+                                      f"limit of {seg.max_payload} bytes")
+            if start + size > ch.data.size:
+                ch.set_data(replace_data_segment(seg, ch.slot, chans.pid, start + size, ch.data.size))
+            payload.write(ch.data.view, start)
+            return ch.data.view[start:start + size]
+        except BaseException:
+            self._give_back(chans, ch)
+            raise
 
     def _take(self) -> tuple[Channels, Channel]:
         """The attachment and a free channel of it for one call (the caller gives it back)."""
@@ -246,6 +269,8 @@ class ShmTransport:
         ``(False, pending)``, a ``PendingCall`` to finish in a thread.  Raises like ``call``
         for what fails at once.  ``channel``: one ``reserve()`` returned, to use."""
         chans, ch = channel or self._take()
+        if payload.__class__ is OutOfBand:
+            payload = self._place(chans, ch, name, payload)
         return self._outcome(chans, ch, None, name, payload, flags, codec, timeout, None)
 
     def reserve(self):
@@ -262,6 +287,8 @@ class ShmTransport:
         are in flight before the first is collected.  Every posted call must be given to
         ``collect``.  Raises like ``call`` for what fails at once."""
         chans, ch = self._take()
+        if payload.__class__ is OutOfBand:
+            payload = self._place(chans, ch, name, payload)
         try:
             got = chans.post(ch.slot, ch.region, name, payload, flags)
         except BaseException:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import mmap
 import importlib.util
 import os
 import signal
@@ -22,8 +23,9 @@ import time
 from .. import _shmcore as core
 from ..allocation import keep_large_allocations
 from ..errors import EncodeError, PayloadTooLarge, encode_exception
+from ..codecs.outofband import OutOfBand
 from . import segment
-from .dispatch import STATUS_ERROR, Dispatcher
+from .dispatch import STATUS_ERROR, Dispatcher, Held
 from .logpipe import setup_worker_logging
 
 HOUSEKEEPING_INTERVAL = 1.0
@@ -114,6 +116,7 @@ class Worker:
         # slot -> (owner pid, generation, data region, read-only view) of mapped channels
         self.channels: list = [None] * self.segment.max_channels
         self.stop = [False]
+        self.warned_kept: set[int] = set()
 
     def serve_forever(self) -> None:
         seg, region, dispatcher = self.segment, self.segment.region, self.dispatcher
@@ -188,6 +191,9 @@ class Worker:
     def reply_large(self, slot, entry, status, out, method: int = -1) -> None:
         """Reply with a response larger than the channel, or one the C loop could not send."""
         seg = self.segment
+        if out.__class__ is Held or out.__class__ is OutOfBand:
+            self.reply_placed(slot, entry, status, out, method)
+            return
         try:
             size = len(out) if isinstance(out, bytes) else memoryview(out).nbytes
             if not isinstance(out, bytes) and not memoryview(out).c_contiguous:
@@ -206,6 +212,69 @@ class Worker:
                 data = segment.replace_data_segment(seg, slot, owner, size, entry[2].size)
                 entry = self.channels[slot] = (owner, data.gen, data.region, data.view.toreadonly())
         self.finish(slot, entry, status, out, method)
+
+    def reply_placed(self, slot, entry, status, out, method: int) -> None:
+        """A response written into the channel's data segment here: an ``OutOfBand`` (its
+        buffers written where they go, page-aligned), and/or a ``Held`` (the arguments were
+        read in place from the request: the response goes after the request, which its
+        buffers may come from, and when the method kept a reference to the request's memory,
+        the channel moves to a new segment so that the next call does not write over it)."""
+        seg = self.segment
+        held = out if out.__class__ is Held else None
+        payload = held.payload if held is not None else out
+        owner = entry[0]
+        if held is not None:
+            req_len = seg.region.load64(seg.channel_offset(slot) + core.C_REQ_LEN)
+            start = (req_len + mmap.PAGESIZE - 1) // mmap.PAGESIZE * mmap.PAGESIZE
+        else:
+            start = 0
+        size = payload.size(0) if payload.__class__ is OutOfBand else len(payload)
+        if size > seg.max_payload:
+            payload = encode_exception(PayloadTooLarge(
+                f"the response of {size} bytes exceeds the service's limit of {seg.max_payload} bytes"), False)
+            status, size = STATUS_ERROR, len(payload)
+        if start + size > entry[2].size:   # (a request the arguments still read stays mapped: see below)
+            data = segment.replace_data_segment(seg, slot, owner, size, entry[2].size)
+            entry = self.channels[slot] = (owner, data.gen, data.region, data.view.toreadonly())
+            start = 0
+        dest = memoryview(entry[2])
+        try:
+            if payload.__class__ is OutOfBand:
+                payload.write(dest, start)
+            else:
+                dest[start:start + size] = payload
+            payload = None   # (its buffers may be views of the request)
+            if held is not None:
+                held.payload = None
+            # The method may have kept something made from its arguments' memory (a numpy
+            # array, say): that segment then stays as it is, mapped for as long as it lives,
+            # and the channel moves on to a new one (unless it just did).
+            kept = held is not None and not held.release()
+            if kept:
+                self.warn_kept(method)
+            if kept and start:
+                data = segment.replace_data_segment(seg, slot, owner, size, 0)
+                data.view[:size] = dest[start:start + size]
+                entry = self.channels[slot] = (owner, data.gen, data.region, data.view.toreadonly())
+                start = 0
+                dest.release()
+                dest = memoryview(entry[2])
+            reply = dest[start:start + size]
+            try:
+                self.finish(slot, entry, status, reply, method)
+            finally:
+                reply.release()
+        finally:
+            dest.release()
+
+    def warn_kept(self, method: int) -> None:
+        if method not in self.warned_kept:
+            self.warned_kept.add(method)
+            name = self.dispatcher.method_names[method] if 0 <= method < len(self.dispatcher.method_names) else "?"
+            log.warning("%s() kept a reference to its arguments' shared memory past the call (a numpy array "
+                        "read in place, say): that memory stays mapped for as long as it lives and the call's "
+                        "channel moved to a new segment; copy what a method keeps (array.copy()) to avoid "
+                        "this (said once per method)", name)
 
     def finish(self, slot, entry, status, out, method: int = -1) -> None:
         if not self.segment.region.reply(self.index, slot, entry[2], status, out, method):

@@ -11,6 +11,7 @@ import time
 
 from ..errors import (AuthenticationFailed, CallTimeout, ConnectionLost, PayloadTooLarge, ProtocolError,
                       ServiceUnavailable, decode_exception)
+from ..codecs.outofband import OutOfBand
 from . import compression
 from . import framing as fr
 
@@ -102,10 +103,18 @@ class ClientOptions:
 
     def encode_call(self, call_id: int, name: bytes, payload, flags: int, timeout: float | None) -> list:
         """The frame of one call, as a list of buffers to send."""
-        size = fr.payload_size(payload)
+        pieces = None
+        if payload.__class__ is OutOfBand:   # sent as its pieces, each buffer as it is
+            pieces, size = payload.parts(len(name))
+            if self.compression is not None and size >= self.compress_min:
+                payload, pieces = b"".join(bytes(p) for p in pieces), None
+        else:
+            size = fr.payload_size(payload)
         if self.max_payload is not None and size > self.max_payload:
             raise PayloadTooLarge(f"request of {size} bytes exceeds the service's limit of {self.max_payload} bytes")
         fflags = 0
+        if pieces is not None:
+            return [fr.call_header(call_id, name, flags, timeout_ms(timeout), size, fflags)] + pieces
         if self.compression is not None and size >= self.compress_min:
             packed = compression.compress(self.compression, payload)
             if packed is not None:

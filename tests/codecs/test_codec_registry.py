@@ -89,16 +89,16 @@ def test_codec_method_decorates_functions_only():
     assert method_spec(f).codec is codecs.JSON and method_spec(Marshalled.echo).codec is MARSHAL
 
 
-@pytest.mark.parametrize("codec, name, id, network_safe, positional, raw", [
-    (codecs.JSON, "json", 1, True, True, False),
-    (codecs.MSGPACK, "msgpack", 2, True, True, False),
-    (codecs.PICKLE, "pickle", 3, False, False, False),
-    (codecs.RAW, "raw", 4, True, False, True),
-    (MARSHAL, "marshal", 42, False, False, False),
+@pytest.mark.parametrize("codec, name, id, network_safe, positional, raw, out_of_band", [
+    (codecs.JSON, "json", 1, True, True, False, False),
+    (codecs.MSGPACK, "msgpack", 2, True, True, False, False),
+    (codecs.PICKLE, "pickle", 3, False, False, False, True),
+    (codecs.RAW, "raw", 4, True, False, True, False),
+    (MARSHAL, "marshal", 42, False, False, False, False),
 ])
-def test_what_each_codec_says_it_is(codec, name, id, network_safe, positional, raw):
+def test_what_each_codec_says_it_is(codec, name, id, network_safe, positional, raw, out_of_band):
     assert (codec.name, codec.id, codec.network_safe, codec.positional, codec.raw, codec.out_of_band) == \
-        (name, id, network_safe, positional, raw, False)
+        (name, id, network_safe, positional, raw, out_of_band)
     assert codec.flags == id << codecs.CODEC_SHIFT
     assert codecs.by_id(id) is codecs.BY_ID[id] is codecs.BY_NAME[name] is codec
     assert codecs.codec_of(codec.flags) is codec

@@ -123,3 +123,77 @@ class BulkyAlone(Bulky):
     """Bulky under a name of its own, for a service of one worker beside Bulky's."""
     port = PORTS + 124
     name = "bulky_alone"
+
+
+def rss_anon() -> int:
+    """This process's anonymous resident memory in bytes (shared memory it reads is not in it)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+class Arrays(ServerMethodsBase):
+    """numpy arrays through @pickle_method: read in place, kept, returned, and a worker that dies
+    with a large result in hand."""
+    port = PORTS + 125
+    name = "arrays"
+
+    def __init__(self):
+        self.kept = None
+
+    @pickle_method
+    def total(self, a):
+        return float(a.sum())
+
+    @pickle_method
+    def echo(self, a):
+        return a
+
+    @pickle_method
+    def doubled(self, a):
+        return a * 2
+
+    @pickle_method
+    def how(self, a):
+        """What the method got: (type, writeable, owns its data, address modulo a page)."""
+        import numpy as np
+        if isinstance(a, np.ndarray):
+            return type(a).__name__, bool(a.flags.writeable), bool(a.flags.owndata), a.ctypes.data % 4096
+        return type(a).__name__, not memoryview(a).readonly, None, None
+
+    @pickle_method
+    def keep(self, a):
+        self.kept = a
+        return float(a.sum())
+
+    @pickle_method
+    def kept_total(self):
+        return float(self.kept.sum())
+
+    @pickle_method
+    def keep_view(self, buf):
+        self.kept = buf            # a PickleBuffer's view: released when the call ends
+        return len(buf)
+
+    @pickle_method
+    def use_kept_view(self):
+        return bytes(self.kept[:4])
+
+    @pickle_method
+    def rss_during(self, a):
+        """RssAnon while the argument is in hand, and the sum (so the array is read)."""
+        return rss_anon(), float(a.sum())
+
+    @pickle_method
+    def die_with(self, n):
+        import numpy as np
+        big = np.ones(n)
+        os._exit(9) if big.sum() else None
+
+
+class ArraysAlone(Arrays):
+    """Arrays under a name of its own, for services started beside Arrays's."""
+    port = PORTS + 126
+    name = "arrays_alone"
