@@ -164,7 +164,15 @@ class ServicePool:
         old ones finish their calls and leave; calls go on meanwhile.  ``hard``: stop, then
         start.  A stopped or failed service is simply started.  A restart asked for while
         another runs waits for it, then runs once for every request that waited (so its workers
-        import the code as it is when it begins)."""
+        import the code as it is when it begins).
+
+        The restart runs to its end even if the caller is cancelled (a restart cut in the middle
+        would leave new workers half adopted)."""
+        task = self.loop.create_task(self._restart(hard))
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())   # (retrieved: no warning)
+        await asyncio.shield(task)
+
+    async def _restart(self, hard: bool) -> None:
         self._restart_asked += 1
         mine = self._restart_asked
         async with self._restart_lock:

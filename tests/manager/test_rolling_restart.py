@@ -187,11 +187,17 @@ def test_a_call_in_hand_finishes_on_its_old_worker(running, tmp_path):
 
 def test_serving_workers_never_drop_below_the_pool_size(running, tmp_path):
     """Sampled all through a restart (new workers that take 1 s to import): at least 2 workers are
-    in the worker table and not leaving, every time; and more than 2 while old and new overlap."""
+    in the worker table and not leaving, every time; and more than 2 while old and new overlap
+    (an old worker finishes a 3 s call meanwhile)."""
     m = versioned(running, tmp_path)
     write_module(tmp_path, "v2", prelude="time.sleep(1.0)")
     counts = []
     done = threading.Event()
+    slow = {}
+    caller = connect(Versioned, timeout=60)
+    t_slow = threading.Thread(target=lambda: slow.setdefault("r", caller.slow(3.0)))
+    t_slow.start()
+    assert wait_until(lambda: m.service("Versioned")["in_flight"] == 1, 10)
 
     def sample():
         while not done.is_set():
@@ -207,7 +213,10 @@ def test_serving_workers_never_drop_below_the_pool_size(running, tmp_path):
     finally:
         done.set()
         t.join()
+        t_slow.join(30)
+        caller.close()
     assert status == 200, body
+    assert slow["r"] == "v1"
     assert len(counts) > 20
     assert min(c[0] for c in counts) >= 2, counts
     assert max(c[1] for c in counts) > 2, counts
@@ -303,20 +312,32 @@ def test_restart_of_a_stopped_service_starts_it(running, tmp_path):
 
 
 def test_restarts_asked_at_once_queue(running, tmp_path):
-    """Three restarts asked for at once: all answer 200; the ones that wait while the first runs
-    share one restart after it (two in all); the pool ends with 2 workers."""
+    """Two restarts asked for while one runs (its new workers take 1.5 s to import): all three
+    answer 200; the two that waited share one restart after the first (two in all), whose workers
+    import the module as it was when it began."""
     m = versioned(running, tmp_path)
+    # the new workers say when they have read the module, then take 1.5 s more
+    write_module(tmp_path, "v2", prelude="open(f'imported-{os.getpid()}', 'w').close()\ntime.sleep(1.5)")
     answers = []
-    threads = [threading.Thread(target=lambda: answers.append(restart(m))) for _ in range(3)]
-    for t in threads:
+
+    def ask():
+        answers.append(restart(m))
+
+    threads = [threading.Thread(target=ask)]
+    threads[0].start()
+    assert wait_until(lambda: len([f for f in os.listdir(tmp_path) if f.startswith("imported-")]) == 2, 20)
+    assert m.service("Versioned")["restarting"]
+    write_module(tmp_path, "v3")
+    threads += [threading.Thread(target=ask) for _ in range(2)]
+    for t in threads[1:]:
         t.start()
-        time.sleep(0.05)
     for t in threads:
         t.join(120)
     assert [a[0] for a in answers] == [200, 200, 200], answers
-    done = log_lines(m, "rolling restart done")
-    assert len(done) == 2
+    assert len(log_lines(m, "rolling restart done")) == 2
     assert len(m.service("Versioned")["worker_list"]) == 2
+    with connect(Versioned, timeout=30) as c:
+        assert c.version() == "v3"
 
 
 # -- the worker table's room, with a pool run in this process ---------------------------------
