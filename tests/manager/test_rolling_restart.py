@@ -418,3 +418,23 @@ def test_an_old_worker_that_dies_during_a_failed_restart_is_replaced(running, tm
     assert m.service("Versioned")["state"] == "running"
     with connect(Versioned, timeout=30) as c:
         assert c.version() == "v1"
+
+
+def test_a_restart_whose_caller_is_cancelled_runs_to_its_end(tmp_path, monkeypatch):
+    """Cancelling the caller of restart() (a request given up, the code watcher closing) does not cut
+    the restart in the middle: the new workers are adopted and the old ones retired all the same."""
+    async def body(p):
+        before = {w.pid for w in p.workers}
+        write_module(tmp_path, "v2")
+        caller = asyncio.get_running_loop().create_task(p.restart())
+        while not p.restarting:
+            await asyncio.sleep(0.01)
+        caller.cancel()
+        while p.restarting:
+            await asyncio.sleep(0.01)
+        after = {w.pid for w in p.workers}
+        assert len(after) == 2 and not before & after
+        assert not any(w.candidate or w.leaving for w in p.workers)
+        assert {r["pid"] for r in p.registered()} == after
+
+    run_pool(tmp_path, 64, monkeypatch, body)
