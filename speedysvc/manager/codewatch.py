@@ -32,6 +32,15 @@ QUIET_MS = 300       # a burst of changes ends when none came for this long...
 BURST_MAX_MS = 3000  # ...or after this long at most
 
 
+def check_available() -> None:
+    """Raise OSError, saying what to do, when watchfiles cannot be imported."""
+    import importlib
+    try:
+        importlib.import_module("watchfiles")
+    except ImportError as e:
+        raise OSError(f"--reload needs the watchfiles package (pip install watchfiles): {e}") from None
+
+
 def module_files(target: str, folder: str) -> set[str]:
     """The files a service's module (``module:Class`` or ``file.py:Class``) may be, under ``folder``."""
     module = target.rpartition(":")[0]
@@ -65,8 +74,14 @@ class CodeWatcher:
 
     def start(self) -> "CodeWatcher":
         self._task = asyncio.get_running_loop().create_task(self._watch())
+        self._task.add_done_callback(self._ended)
         log.info("reloading services when a .py file under %s changes", self.folder)
         return self
+
+    def _ended(self, task: asyncio.Task) -> None:
+        # (watching can fail: the system's limit of inotify watches, say): the services run on
+        if not task.cancelled() and task.exception() is not None:
+            log.error("watching %s for changes failed, --reload is off: %s", self.folder, task.exception())
 
     async def close(self) -> None:
         self._stop.set()    # the watching thread sees it within a step and ends
@@ -78,7 +93,7 @@ class CodeWatcher:
             except (asyncio.TimeoutError, asyncio.CancelledError):
                 pass
             except Exception:
-                log.exception("the code watcher failed")
+                pass   # (said by _ended)
 
     async def _watch(self) -> None:
         from watchfiles import PythonFilter, awatch

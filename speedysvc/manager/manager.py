@@ -182,6 +182,9 @@ def main(argv=None) -> int:
         print(f"speedysvc: {e}", file=sys.stderr)
         return 2
     try:
+        if args.reload:
+            from .codewatch import check_available
+            check_available()
         cfg = configmod.load(args.config)
         describe_services(cfg)
         eventloop.run(Manager(cfg, reload_code=args.reload).run())

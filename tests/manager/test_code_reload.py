@@ -126,3 +126,42 @@ def test_the_module_files_of_a_service():
     assert affected([a, b, c], {"/srv/b.py"}, "/srv") == [b]
     assert affected([a, b, c], {"/srv/b.py", "/srv/util.py"}, "/srv") == [a, b, c]
 
+
+
+def test_reload_without_watchfiles_says_what_to_do(tmp_path):
+    """Without the watchfiles package, --reload refuses to start (exit 1) and says what to install."""
+    import subprocess
+    import sys
+    from manager_fixture import manager_env, prepare_folder
+    write_module(tmp_path, "v1")
+    prepare_folder(tmp_path, INI.replace("{port}", "0"))
+    code = ("import sys; sys.modules['watchfiles'] = None\n"
+            "from speedysvc.manager.manager import main\n"
+            "sys.exit(main(['service.ini', '--reload']))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=str(tmp_path), capture_output=True, text=True,
+                         timeout=60, env=manager_env())
+    assert out.returncode == 1
+    assert "--reload needs the watchfiles package (pip install watchfiles)" in out.stderr
+
+
+def test_a_watch_that_fails_is_logged_and_the_manager_runs_on(tmp_path, caplog):
+    """Watching can fail (a folder gone, the system's limit of inotify watches): the manager's log
+    says --reload is off; nothing else stops."""
+    import asyncio
+    import logging
+    from speedysvc.manager.codewatch import CodeWatcher
+
+    class NoPools:
+        pools = {}
+
+    async def main():
+        w = CodeWatcher(NoPools(), str(tmp_path / "gone")).start()
+        for _ in range(200):
+            if w._task.done():
+                break
+            await asyncio.sleep(0.01)
+        await w.close()
+
+    with caplog.at_level(logging.ERROR, logger="speedysvc.manager"):
+        asyncio.run(main())
+    assert any("--reload is off" in r.getMessage() for r in caplog.records), caplog.records
