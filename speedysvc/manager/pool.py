@@ -200,8 +200,10 @@ class ServicePool:
             return
         if self.state != RUNNING:
             raise RuntimeError(f"service {self.cfg.section} is {self.state}")
+        cfg = self.cfg
         old = self.workers.live()
-        want = self.target
+        # the pool's size, within the configuration's bounds (they may have changed since it started)
+        want = self.target = max(cfg.min_proc_num, min(cfg.max_proc_num, self.target))
         self.restarting = True
         self._event("INFO", f"rolling restart: starting {want} new worker(s) beside {len(old)}")
         started = 0

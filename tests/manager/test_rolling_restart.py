@@ -438,3 +438,17 @@ def test_a_restart_whose_caller_is_cancelled_runs_to_its_end(tmp_path, monkeypat
         assert {r["pid"] for r in p.registered()} == after
 
     run_pool(tmp_path, 64, monkeypatch, body)
+
+
+def test_a_restart_after_a_change_of_the_pool_bounds_runs_within_them(tmp_path, monkeypatch):
+    """A configuration swapped in before a restart (min_proc_num 3 now): the new workers number
+    within its bounds."""
+    import dataclasses
+
+    async def body(p):
+        p.cfg = dataclasses.replace(p.cfg, min_proc_num=3, max_proc_num=3)
+        await p.restart()
+        assert len(p.workers) == 3 and p.target == 3
+        assert len(p.registered()) == 3
+
+    run_pool(tmp_path, 64, monkeypatch, body)
