@@ -62,7 +62,9 @@ def chatty_ini(min=1, max=1, extra=""):
 
 
 class RunningManager:
-    def __init__(self, folder, ini_text, port=None, wait_ready=True, env=None):
+    def __init__(self, folder, ini_text, port=None, wait_ready=True, env=None, args=None):
+        """``args``: the manager's command line after the interpreter (default
+        ``-m speedysvc.service service.ini``)."""
         self.folder = str(folder)
         self.port = port or free_port()
         self.ini = prepare_folder(self.folder, textwrap.dedent(ini_text).replace("{port}", str(self.port)))
@@ -70,7 +72,8 @@ class RunningManager:
         self.out = open(os.path.join(self.folder, "manager.out"), "w+")
         clean_env = manager_env()
         clean_env.update(env or {})
-        self.proc = subprocess.Popen([sys.executable, "-m", "speedysvc.service", "service.ini"], cwd=self.folder,
+        args = args or ["-m", "speedysvc.service", "service.ini"]
+        self.proc = subprocess.Popen([sys.executable, *args], cwd=self.folder,
                                      stdout=self.out, stderr=subprocess.STDOUT, env=clean_env)
         if wait_ready:
             self.wait(lambda: self.get("/readyz", ok_only=False) == 200, 60, "the manager to be ready")

@@ -1,8 +1,9 @@
 """The ``speedysvc`` command.
 
-    speedysvc run service.ini             run the manager (same as python3 -m speedysvc.service)
+    speedysvc run service.ini [--reload]  run the manager (same as python3 -m speedysvc.service)
     speedysvc status                      services of a running manager
-    speedysvc start|stop|restart SERVICE
+    speedysvc start|stop SERVICE
+    speedysvc restart SERVICE [--hard]    rolling: new workers replace the old while calls go on
     speedysvc scale SERVICE N
     speedysvc logs SERVICE [-f] [-n 50] [--level WARNING] [--grep TEXT]   (SERVICE may be "manager")
     speedysvc web                         the web interface's address, with the token that logs a browser in
@@ -112,9 +113,14 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("run", help="run the manager on an ini file")
     p.add_argument("ini")
+    p.add_argument("--reload", action="store_true",
+                   help="for development: restart a service (rolling) when its .py files change")
     sub.add_parser("status", help="show the services of a running manager")
-    for name in ("start", "stop", "restart"):
+    for name in ("start", "stop"):
         sub.add_parser(name, help=f"{name} one service").add_argument("service")
+    p = sub.add_parser("restart", help="restart one service: new workers replace the old ones while it serves")
+    p.add_argument("service")
+    p.add_argument("--hard", action="store_true", help="stop the service, then start it (calls wait meanwhile)")
     p = sub.add_parser("scale", help="set the number of workers of a service")
     p.add_argument("service")
     p.add_argument("workers", type=int)
@@ -129,7 +135,7 @@ def main(argv=None) -> int:
 
     if args.command == "run":
         from .manager import main as run_manager
-        return run_manager([args.ini])
+        return run_manager([args.ini] + (["--reload"] if args.reload else []))
     try:
         if args.command == "web":
             token = _token(args)
@@ -140,7 +146,8 @@ def main(argv=None) -> int:
         elif args.command == "status":
             print_status(_request(args, "GET", "/api/status"))
         elif args.command in ("start", "stop", "restart"):
-            s = _request(args, "POST", f"/api/services/{args.service}/{args.command}")
+            body = {"hard": True} if getattr(args, "hard", False) else None
+            s = _request(args, "POST", f"/api/services/{args.service}/{args.command}", body)
             print(f"{s['name']}: {s['state']}, {s['workers']} worker(s)")
         elif args.command == "scale":
             s = _request(args, "POST", f"/api/services/{args.service}/scale", {"workers": args.workers})

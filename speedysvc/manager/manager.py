@@ -1,6 +1,7 @@
 """The service manager: every service of an ini file as a supervised pool, one process.
 
     python3 -m speedysvc.service service.ini      (or: speedysvc run service.ini)
+    ... --reload     (for development: rolling-restart a service when its code changes)
 
 One asyncio loop and no other thread: the pools (``manager.pool``), a
 100 ms tick for sampling and autoscaling, the HTTP API and web interface, and
@@ -69,8 +70,9 @@ def describe_services(cfg: ManagerConfig) -> None:
 
 
 class Manager:
-    def __init__(self, cfg: ManagerConfig):
+    def __init__(self, cfg: ManagerConfig, reload_code: bool = False):
         self.config = cfg
+        self.reload_code = reload_code   # --reload: restart services as their .py files change
         self.pools: dict[str, ServicePool] = {}
         self.started = time.time()
         self.log = ServiceLog(os.path.join(cfg.log_dir, "manager.log"), cfg.log_max_bytes, cfg.log_backups)
@@ -87,7 +89,7 @@ class Manager:
         root.setLevel(logging.INFO)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
-        web = None
+        web = watcher = None
         try:
             cfg = self.config
             log.info("manager %d starting %d service(s) from %s", os.getpid(), len(cfg.services), cfg.path)
@@ -107,12 +109,17 @@ class Manager:
                     log.error("service %s did not start: %s", pool.cfg.section, result)
                     pool.state, pool.failure = FAILED, str(result)
             ticker = loop.create_task(self._ticker())
+            if self.reload_code:
+                from .codewatch import CodeWatcher
+                watcher = CodeWatcher(self, cfg.folder).start()
             if ready is not None:
                 ready()
             await self._stop.wait()
             ticker.cancel()
             log.info("stopping")
         finally:
+            if watcher is not None:
+                await watcher.close()
             await asyncio.gather(*(p.stop() for p in self.pools.values()), return_exceptions=True)
             if web is not None:
                 await web.close()
@@ -165,6 +172,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python3 -m speedysvc.service",
                                      description="Run the services of an ini file under one manager.")
     parser.add_argument("config", help="the ini file, e.g. service.ini")
+    parser.add_argument("--reload", action="store_true",
+                        help="for development: restart a service (rolling) when its .py files change")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -173,9 +182,12 @@ def main(argv=None) -> int:
         print(f"speedysvc: {e}", file=sys.stderr)
         return 2
     try:
+        if args.reload:
+            from .codewatch import check_available
+            check_available()
         cfg = configmod.load(args.config)
         describe_services(cfg)
-        eventloop.run(Manager(cfg).run())
+        eventloop.run(Manager(cfg, reload_code=args.reload).run())
     except ConfigError as e:
         print(f"speedysvc: configuration error: {e}", file=sys.stderr)
         return 2

@@ -30,6 +30,14 @@ from .status import service_status
 log = logging.getLogger("speedysvc.manager")
 
 STARTING, RUNNING, STOPPING, STOPPED, FAILED = "starting", "running", "stopping", "stopped", "failed"
+# entries of a service segment's worker table: old and new workers of a rolling restart share it
+WORKER_TABLE_SIZE = core.MAX_WORKERS
+
+
+class RestartFailed(RuntimeError):
+    """A rolling restart that did not replace the workers (its new ones crashed, did not serve
+    within start_timeout, found no room in the worker table, or the service was stopped
+    meanwhile).  The workers that served before it still do."""
 
 
 class ServicePool:
@@ -55,6 +63,12 @@ class ServicePool:
         self.signals = {"pending": 0.0, "busy": 0.0, "cpu": 0.0}
         self.history = History()
         self.tcp: TcpServer | None = None
+        self.restarting = False               # a rolling restart runs: autoscaling waits
+        self._restart_lock = asyncio.Lock()
+        self._restart_asked = 0               # restarts requested, and the last one done:
+        self._restart_done = 0                # requests that queue meanwhile share one restart
+        self._restart_error: BaseException | None = None
+        self._candidate_deaths: dict[int, str] = {}
 
     # -- lifetime --------------------------------------------------------------------------
     async def start(self) -> None:
@@ -142,9 +156,171 @@ class ServicePool:
             self.state = STOPPED
             self._event("INFO", "stopped")
 
-    async def restart(self) -> None:
-        await self.stop()
-        await self.start()
+    # -- restart -----------------------------------------------------------------------------
+    async def restart(self, hard: bool = False) -> None:
+        """Replace the workers with fresh processes (which import the service's code anew).
+
+        Rolling (the default): new workers start beside the old ones and, once they serve, the
+        old ones finish their calls and leave; calls go on meanwhile.  ``hard``: stop, then
+        start.  A stopped or failed service is simply started.  A restart asked for while
+        another runs waits for it, then runs once for every request that waited (so its workers
+        import the code as it is when it begins).
+
+        The restart runs to its end even if the caller is cancelled (a restart cut in the middle
+        would leave new workers half adopted)."""
+        task = self.loop.create_task(self._restart(hard))
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())   # (retrieved: no warning)
+        await asyncio.shield(task)
+
+    async def _restart(self, hard: bool) -> None:
+        self._restart_asked += 1
+        mine = self._restart_asked
+        async with self._restart_lock:
+            if self._restart_done >= mine:   # a restart that began after our request covered it
+                if self._restart_error is not None:
+                    raise self._restart_error
+                return
+            self._restart_done = self._restart_asked
+            self._restart_error = None
+            try:
+                if hard:
+                    await self.stop()
+                    await self.start()
+                else:
+                    await self._rolling_restart()
+            except BaseException as e:
+                self._restart_error = e
+                raise
+
+    async def _rolling_restart(self) -> None:
+        while self.state == STARTING:   # a start under way: restart what it started
+            await asyncio.sleep(0.02)
+        if self.state in (STOPPED, FAILED):
+            await self.start()
+            return
+        if self.state != RUNNING:
+            raise RuntimeError(f"service {self.cfg.section} is {self.state}")
+        cfg = self.cfg
+        old = self.workers.live()
+        # the pool's size, within the configuration's bounds (they may have changed since it started)
+        want = self.target = max(cfg.min_proc_num, min(cfg.max_proc_num, self.target))
+        self.restarting = True
+        self._event("INFO", f"rolling restart: starting {want} new worker(s) beside {len(old)}")
+        started = 0
+        try:
+            while started < want:
+                # the worker table holds old and new workers together: with too little room
+                # for all the new ones at once, replace them a batch at a time
+                room = self._table_room()
+                if room <= 0:
+                    raise RestartFailed(f"no room in the worker table ({WORKER_TABLE_SIZE} entries) "
+                                        f"for a new worker; restart with --hard")
+                n = min(want - started, room)
+                batch = [self._spawn_candidate() for _ in range(n)]
+                await self._until_serving(batch)
+                started += n
+                old = [w for w in old if self.workers.get(w.pid) is w and not w.leaving]
+                leaving = old if started >= want else self._pick_leavers(old, n)
+                await self._retire(leaving)
+                old = [w for w in old if w not in leaving]
+        except RestartFailed as e:
+            if started:
+                raise RestartFailed(f"{e} ({started} of {want} workers were replaced before)") from None
+            raise
+        finally:
+            self.restarting = False
+            # an old worker that died meanwhile was not replaced (the new ones counted): now it is
+            if self.state == RUNNING and self._restart_handle is None and len(self.workers.live()) < self.target:
+                self._replenish()
+        self._event("INFO", f"rolling restart done: {len(self.workers.live())} new worker(s) serving")
+
+    def _table_room(self) -> int:
+        """Entries of the worker table free for another worker: none taken by a process of ours
+        (it may not have registered yet) or by another (a dead one not reaped yet)."""
+        used = {r["pid"] for r in (self.segment.workers() if self.segment is not None else [])}
+        return WORKER_TABLE_SIZE - len(used | {w.pid for w in self.workers})
+
+    def _spawn_candidate(self) -> WorkerProcess:
+        w = self._spawn()
+        w.candidate = True
+        return w
+
+    def _pick_leavers(self, old: list[WorkerProcess], n: int) -> list[WorkerProcess]:
+        """The ``n`` old workers to retire first: idle ones, the oldest first."""
+        busy = {r["pid"] for r in self.registered() if r["busy"]}
+        return sorted(old, key=lambda w: (w.pid in busy, w.started))[:n]
+
+    async def _until_serving(self, batch: list[WorkerProcess]) -> None:
+        """Wait until every worker of ``batch`` is in the worker table (serving), then adopt them.
+        If one dies first, or they take longer than start_timeout, or the service stops, take the
+        batch back (its workers that serve finish their calls; the others are killed) and raise
+        RestartFailed: the old workers serve on."""
+        cfg = self.cfg
+        deadline = time.monotonic() + cfg.start_timeout
+        pids = {w.pid for w in batch}
+        reason = None
+        while reason is None:
+            if self.state != RUNNING:
+                reason = f"the service was {self.state} meanwhile"
+                break
+            dead = [pid for pid in pids if pid in self._candidate_deaths]
+            if dead:
+                reason = self._candidate_deaths[dead[0]]
+                break
+            serving = {r["pid"] for r in self._note_serving(self.registered())}
+            if pids <= serving:
+                for w in batch:
+                    w.candidate = False
+                return
+            if time.monotonic() > deadline:
+                reason = f"the new workers did not serve within start_timeout ({cfg.start_timeout} s)"
+                break
+            await asyncio.sleep(0.02)
+        for pid in pids:
+            self._candidate_deaths.pop(pid, None)
+        serving = {r["pid"] for r in self.registered()}
+        alive = [w for w in batch if self.workers.get(w.pid) is w]
+        for w in alive:
+            w.candidate = False
+        # one that serves may have claimed a call: it leaves as a retired worker does
+        await self._retire([w for w in alive if w.pid in serving],
+                           kill=[w for w in alive if w.pid not in serving])
+        self._event("ERROR", f"rolling restart failed: {reason}; the old workers serve on")
+        raise RestartFailed(reason)
+
+    async def _retire(self, workers: list[WorkerProcess], kill: list[WorkerProcess] = ()) -> None:
+        """Let ``workers`` finish the call in hand and leave (SIGTERM: a worker then claims no
+        other call), killing those still there after stop_timeout; ``kill`` are killed at once.
+        Returns once all have exited."""
+        timeout = self.cfg.stop_timeout
+        for w in workers:
+            w.leaving = True
+            w.signal(signal.SIGTERM)
+        for w in kill:
+            w.leaving = True
+            w.signal(signal.SIGKILL)
+        everyone = list(workers) + list(kill)
+        deadline = time.monotonic() + timeout
+        while any(self.workers.get(w.pid) is w for w in everyone):
+            if time.monotonic() > deadline:
+                for w in everyone:
+                    if self.workers.get(w.pid) is w:
+                        self._event("WARNING", f"worker {w.pid} did not stop within stop_timeout ({timeout} s): "
+                                               f"killing it")
+                        w.signal(signal.SIGKILL)
+                deadline = float("inf")
+            await asyncio.sleep(0.02)
+
+    def _candidate_died(self, w: WorkerProcess, how: str) -> None:
+        """A new worker of a rolling restart died before it served: the restart fails (and says
+        why, with the last line the worker wrote to stderr: its traceback's), not the service."""
+        said = f"new worker {w.pid} died ({how}) before it served"
+        last = next((r["message"] for r in reversed(self.log.recent)
+                     if r["pid"] == w.pid and r["logger"] == "stderr" and r["message"].strip()), None)
+        if last:
+            said += f": {last.strip()}"
+        self._candidate_deaths[w.pid] = said
+        self._event("ERROR", said)
 
     def scale(self, n: int) -> None:
         """Run ``n`` workers (within min_proc_num..max_proc_num); autoscaling goes on from there."""
@@ -154,6 +330,8 @@ class ServicePool:
                              f"(min_proc_num, max_proc_num); {n} is outside")
         if self.state != RUNNING:
             raise RuntimeError(f"service {cfg.section} is {self.state}")
+        if self.restarting:
+            raise RuntimeError(f"service {cfg.section} is restarting; scale it once the restart is done")
         self._set_target(n, "scaled by request")
         self.policy.scaled(time.monotonic())
 
@@ -205,7 +383,9 @@ class ServicePool:
         if self.segment is not None:
             self.segment.reap()  # frees its worker-table entry and any channel it held
         how = describe_exit(code)
-        if w.leaving or self.state in (STOPPING, STOPPED, FAILED):
+        if w.candidate and not w.leaving:
+            self._candidate_died(w, how)
+        elif w.leaving or self.state in (STOPPING, STOPPED, FAILED):
             self._event("INFO", f"worker {w.pid} exited ({how})")
         else:
             self._crashed(w, how)
@@ -295,7 +475,8 @@ class ServicePool:
             return
         registered = self._note_serving(self.registered())
         self._watchdog(registered)
-        if now - self._last_decision >= self.cfg.scale_interval:
+        # (no decisions while a rolling restart runs: its extra workers are not load)
+        if now - self._last_decision >= self.cfg.scale_interval and not self.restarting:
             self._last_decision = now
             self._autoscale(registered, now)
         if self.history.due(now):

@@ -35,6 +35,8 @@ class WorkerProcess:
         self.started_wall = time.time()
         self.log_fd = log_fd
         self.leaving = False          # asked to stop: its exit is not a crash
+        self.candidate = False        # started by a rolling restart, not serving yet: its death fails
+                                      # the restart, never counts as a crash of the service
         self.serving = False          # seen in the service segment's worker table
         self.watchdog_killed = False  # killed by the call watchdog (call_timeout)
         self.last_entry: dict | None = None   # its worker-table entry, read as it died

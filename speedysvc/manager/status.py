@@ -36,7 +36,7 @@ def service_status(pool) -> dict:
     last = pool.history.latest()
     return {
         "name": cfg.section, "service": cfg.name, "target": cfg.target, "state": pool.state,
-        "failure": pool.failure, "workers": len(pool.workers), "target_workers": pool.target,
+        "failure": pool.failure, "restarting": pool.restarting, "workers": len(pool.workers), "target_workers": pool.target,
         "min_workers": cfg.min_proc_num, "max_workers": cfg.max_proc_num, "autoscale": cfg.autoscale,
         "calls": sum(m["calls"] for m in stats.values()), "errors": sum(m["errors"] for m in stats.values()),
         "in_flight": sum(1 for r in registered.values() if r["busy"]),

@@ -42,6 +42,45 @@ def test_browser_index_stop_and_start_a_service(manager, browser):
     assert not errors
 
 
+def test_browser_restart_button_is_a_rolling_restart(manager, browser):
+    """The Restart button replaces the workers while a client calls without pause: no call fails."""
+    page = browser.new_page(viewport={"width": 1300, "height": 800})
+    errors, failures, pids = [], [], set()
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(manager.url + "/")
+    row = page.locator('tr[data-service="Chatty"]')
+    row.locator(".state .pill").filter(has_text="running").wait_for()
+    before = {w["pid"] for w in manager.service("Chatty")["worker_list"]}
+    stop = threading.Event()
+
+    def calls():
+        with connect(Chatty, timeout=30) as c:
+            while not stop.is_set():
+                try:
+                    pids.add(c.whoami())
+                except Exception as e:
+                    failures.append(repr(e))
+
+    th = threading.Thread(target=calls)
+    th.start()
+    try:
+        row.locator('button[data-action="restart"]').click()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not (
+                manager.get("/api/services/Chatty/logs?q=rolling%20restart%20done")["records"]):
+            time.sleep(0.05)
+        time.sleep(0.3)
+    finally:
+        stop.set()
+        th.join(30)
+    after = {w["pid"] for w in manager.service("Chatty")["worker_list"]}
+    assert after and not after & before
+    assert failures == []
+    assert pids & after, "calls were served by the new workers"
+    assert manager.service("Chatty")["state"] == "running"
+    assert not errors
+
+
 def test_browser_service_page_live_log_and_charts(manager, browser):
     page = browser.new_page(viewport={"width": 1300, "height": 1400})
     errors = []

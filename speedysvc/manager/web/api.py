@@ -124,8 +124,19 @@ def make_app(manager, token: str | None = None, host: str = "127.0.0.1") -> web.
     async def action(request):
         pool = pool_or_404(request.match_info["name"])
         act = request.match_info["action"]
+        options = {}
+        if act == "restart":
+            # {"hard": true}: stop, then start; else a rolling restart (the body may be empty)
+            try:
+                text = await request.text()
+                body = json.loads(text) if text.strip() else {}
+            except ValueError:
+                body = None
+            if not isinstance(body, dict) or body.get("hard", False).__class__ is not bool:
+                return _error(400, 'the body of a restart is {} or {"hard": true|false}')
+            options["hard"] = body.get("hard", False)
         try:
-            await getattr(pool, act)()
+            await getattr(pool, act)(**options)
         except Exception as e:
             return _error(409, f"{act} failed: {e}")
         if act != "stop" and pool.state != "running" and pool.failure:
