@@ -20,6 +20,8 @@ from .errors import ServiceNotUp
 DEFAULT_WAIT = 10.0    # seconds, for a call without a timeout
 FIRST_POLL = 0.005     # the first pause between two looks, doubled up to...
 LAST_POLL = 0.1        # ...this
+MIN_ATTEMPT = 0.01     # a call that has less of its timeout left once its service is up is not made
+UP_TOO_LATE = "it came up too late for the call's timeout"
 
 
 def check_wait(wait):
@@ -53,14 +55,22 @@ class Waiting:
         """How long to sleep before looking again; raises ServiceNotUp once the bound is over."""
         left = self.bound - (time.monotonic() - self.start)
         if left <= 0:
-            error = ServiceNotUp(f"service {self.service!r} did not come up within {self.bound:g} s: {reason}")
-            error.waited = True   # (a caller further out does not wait again)
-            raise error
+            raise self.expired(reason)
         pause, self.interval = min(self.interval, left), min(self.interval * 2, LAST_POLL)
         return pause
 
-    def remaining(self) -> float | None:
-        """What is left of the call's timeout once it waited (None: no timeout)."""
+    def remaining(self, reason: str) -> float | None:
+        """What is left of the call's timeout once it waited (None: no timeout), for the call
+        now that the service is up; ServiceNotUp if too little is left to make it (it came up
+        too late: a call with a few microseconds would only time out, saying less)."""
         if self.timeout is None:
             return None
-        return max(0.0, self.timeout - (time.monotonic() - self.start))
+        left = self.timeout - (time.monotonic() - self.start)
+        if left < MIN_ATTEMPT:
+            raise self.expired(reason)
+        return left
+
+    def expired(self, reason: str) -> ServiceNotUp:
+        error = ServiceNotUp(f"service {self.service!r} did not come up within {self.bound:g} s: {reason}")
+        error.waited = True   # (a caller further out does not wait again)
+        return error

@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from ..errors import ServiceNotUp
 from ..transport import no_options
-from ..waiting import Waiting
+from ..waiting import UP_TOO_LATE, Waiting
 from .transport import ShmTransport
 
 
@@ -70,10 +70,13 @@ class AsyncShmTransport:
         reason = str(error)
         while True:
             await asyncio.sleep(wait.pause(reason))
-            reason = shm._look()   # (a look at /dev/shm and /proc: no blocking worth a thread)
-            if reason is None:
+            now = shm._look()   # (a look at /dev/shm and /proc: no blocking worth a thread)
+            if now is not None:
+                reason = now
+            else:
+                left = wait.remaining(UP_TOO_LATE)
                 try:
-                    return await self.call(name, payload, flags, codec, wait.remaining(), True)
+                    return await self.call(name, payload, flags, codec, left, True)
                 except ServiceNotUp as e:
                     if getattr(e, "waited", False):
                         raise

@@ -20,7 +20,7 @@ from .. import _shmcore as core
 from .._shmcore import CALL_NOT_SERVING, CALL_PENDING, CALL_TOO_BIG, POSTED, POSTED_WOKE, STATUS_OK
 from ..errors import CallTimeout, PayloadTooLarge, ServiceNotUp, ServiceUnavailable, SpeedysvcError, WorkerDied
 from ..transport import no_options
-from ..waiting import Waiting, check_wait
+from ..waiting import UP_TOO_LATE, Waiting, check_wait
 from .channels import Channel, Channels
 from .segment import (STATE_NAMES, DataSegment, ServiceSegment, process_alive, replace_data_segment,
                       service_segment_name)
@@ -245,11 +245,13 @@ class ShmTransport:
         reason = str(error)
         while True:
             time.sleep(wait.pause(reason))
-            reason = self._look()
-            if reason is None:
+            now = self._look()
+            if now is not None:
+                reason = now
+            else:
+                left = wait.remaining(UP_TOO_LATE)
                 try:
-                    chans, ch = self._take()
-                    return self._resume(chans, ch, None, name, payload, flags, codec, wait.remaining(), True)
+                    return self._resume(*self._take(), None, name, payload, flags, codec, left, True)
                 except ServiceNotUp as e:   # went away again before the call was sent
                     reason = str(e)
 

@@ -243,8 +243,9 @@ class AsyncTcpTransport:
         reason = f"nothing accepts connections at {self.opts.address}"
         while True:
             await asyncio.sleep(wait.pause(reason))
+            left = wait.remaining(reason)
             try:
-                return await self.call(name, payload, flags, codec, wait.remaining(), True)
+                return await self.call(name, payload, flags, codec, left, True)
             except ServiceNotUp:
                 pass
 

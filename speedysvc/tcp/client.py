@@ -519,8 +519,9 @@ class TcpTransport:
         reason = f"nothing accepts connections at {self.opts.address}"
         while True:
             time.sleep(wait.pause(reason))
+            left = wait.remaining(reason)
             try:
-                return self.call(name, payload, flags, codec, wait.remaining(), True)
+                return self.call(name, payload, flags, codec, left, True)
             except ServiceNotUp:
                 pass
 
