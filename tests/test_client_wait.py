@@ -74,6 +74,21 @@ def test_the_wait_bound_is_honoured_when_nothing_comes():
             assert bound <= took < bound + AT_ONCE, (kw, took)
 
 
+def test_waiting_looks_at_a_growing_pace(monkeypatch):
+    """5 ms doubling up to 100 ms between looks: a wait of 1 s looks about 15 times, not
+    thousands (the pace is a promise of the docs; a loaded machine only makes it slower)."""
+    from speedysvc.shm.transport import ShmTransport
+    looks = []
+    look = ShmTransport._look
+    monkeypatch.setattr(ShmTransport, "_look", lambda self: looks.append(time.monotonic()) or look(self))
+    with connect(Other, wait=1.0) as c:
+        with pytest.raises(ServiceNotUp):
+            c.whoami()
+    assert 5 <= len(looks) <= 25, len(looks)
+    gaps = [b - a for a, b in zip(looks, looks[1:])]
+    assert max(gaps) >= 0.09 and min(gaps) < 0.05   # (from 5 ms up to its ceiling of 0.1 s)
+
+
 def test_wait_is_checked():
     for bad in (-1, float("nan"), "1", 10 ** 6):
         with pytest.raises(ValueError, match="wait"):
