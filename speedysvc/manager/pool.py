@@ -121,7 +121,7 @@ class ServicePool:
         was_failed = self.state == FAILED
         if not was_failed:
             self.state = STOPPING
-        reason = (f"{failure}" if failure is not None
+        reason = (failure if failure is not None
                   else "it is restarting" if restarting else "stopped on request (speedysvc start starts it)")
         if self.segment is not None:   # (what a caller sees is said before it is so)
             self.segment.set_reason(reason)

@@ -22,7 +22,7 @@ from ..errors import CallTimeout, PayloadTooLarge, ServiceNotUp, ServiceUnavaila
 from ..transport import no_options
 from ..waiting import UP_TOO_LATE, Waiting, check_wait
 from .channels import Channel, Channels
-from .segment import (STATE_NAMES, DataSegment, ServiceSegment, process_alive, replace_data_segment,
+from .segment import (SHM_DIR, STATE_NAMES, DataSegment, ServiceSegment, process_alive, replace_data_segment,
                       service_segment_name)
 
 # How often a waiting caller checks that its worker is alive (and the service, and its deadline):
@@ -211,9 +211,8 @@ class ShmTransport:
             try:
                 chans = self._attach()
             except ServiceNotUp as e:
-                if "not running" in str(e):
-                    return f"no manager or process serves it (no /dev/shm/{service_segment_name(self.service)})"
-                return str(e)
+                path = os.path.join(SHM_DIR, service_segment_name(self.service))
+                return str(e) if os.path.lexists(path) else f"no manager or process serves it (no {path})"
         seg = chans.seg
         state = seg.state
         owner, start = seg.owner
@@ -253,6 +252,8 @@ class ShmTransport:
                 try:
                     return self._resume(*self._take(), None, name, payload, flags, codec, left, True)
                 except ServiceNotUp as e:   # went away again before the call was sent
+                    if getattr(e, "waited", False):
+                        raise
                     reason = str(e)
 
     # -- calling --
@@ -304,7 +305,7 @@ class ShmTransport:
             finally:
                 self._give_back(chans, ch)
         except ServiceNotUp as e:
-            if waiting:
+            if waiting or getattr(e, "waited", False):   # (waited already: ``self.call`` above)
                 raise
             return self._when_up(e, name, payload, flags, codec, timeout)
 
