@@ -172,6 +172,38 @@ def test_tcp_client_before_the_gateway_listens():
         assert asyncio.run(main()) in svc.pids
 
 
+def test_tcp_clients_connected_before_a_restart_wait_for_the_new_gateway():
+    """The gateway goes away (its clients are told) and comes back on the same port: a call made
+    meanwhile on a connected client waits for it, blocking and asyncio alike."""
+    port = free_port()
+    addr = f"tcp://127.0.0.1:{port}"
+    box = {"first": LocalService(Other, workers=1, tcp=f"127.0.0.1:{port}").start()}
+    c = connect(Other, addr, timeout=LONG)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        ac = connect_async(Other, addr, timeout=LONG)
+        try:
+            first = box["first"]
+            assert await ac.whoami() in first.pids
+            assert c.whoami() in first.pids
+            await loop.run_in_executor(None, first.stop)
+            box["later"] = later = Later(0.5, tcp=f"127.0.0.1:{port}")
+            second = later.__enter__()
+            assert await loop.run_in_executor(None, c.whoami) in second.pids
+            assert await ac.whoami() in second.pids
+        finally:
+            await ac.aclose()
+
+    try:
+        asyncio.run(main())
+    finally:
+        c.close()
+        box["first"].stop()
+        if "later" in box:
+            box["later"].__exit__(None, None, None)
+
+
 def test_tcp_client_waits_while_nothing_listens_up_to_its_bound():
     addr = f"tcp://127.0.0.1:{free_port()}"
     with connect(Other, addr, wait=0.5) as c:
