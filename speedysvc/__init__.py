@@ -10,7 +10,7 @@ from .client import Client, connect
 from .codecs import Codec
 from .errors import (AuthenticationFailed, BadArguments, CallTimeout, ConnectionLost, DecodeError, EncodeError,
                      MethodNotFound, NotAllowed, PayloadTooLarge, ProtocolError, RemoteError, SegmentNotOurs,
-                     ServiceAlreadyRunning, ServiceUnavailable, SpeedysvcError, WorkerDied)
+                     ServiceAlreadyRunning, ServiceNotUp, ServiceUnavailable, SpeedysvcError, WorkerDied)
 from .methods import (ClientMethodsBase, ServerMethodsBase, json_method, msgpack_method, pickle_method,
                       raw_method)
 
@@ -32,6 +32,6 @@ __all__ = [
     "ServerMethodsBase", "ClientMethodsBase", "json_method", "msgpack_method", "pickle_method", "raw_method",
     "connect", "Client", "connect_async", "AsyncClient", "LocalService", "Codec",
     "SpeedysvcError", "RemoteError", "MethodNotFound", "BadArguments", "EncodeError", "DecodeError",
-    "PayloadTooLarge", "ServiceUnavailable", "WorkerDied", "CallTimeout", "ServiceAlreadyRunning",
+    "PayloadTooLarge", "ServiceUnavailable", "ServiceNotUp", "WorkerDied", "CallTimeout", "ServiceAlreadyRunning",
     "ConnectionLost", "ProtocolError", "AuthenticationFailed", "NotAllowed", "SegmentNotOurs",
 ]

@@ -15,6 +15,7 @@ from __future__ import annotations
 from .client import CLIENT_TIMEOUT, check_server_class, check_timeout, dress, proxy_class, resolve_method
 from .methods import MethodSpec
 from .transport import open_transport
+from .waiting import check_wait
 
 
 class AsyncClient:
@@ -64,13 +65,14 @@ def async_client_class(server_cls) -> type:
 
 def connect_async(server_cls, address: str = "shm://", *, timeout: float | None = None, secret=None, tls=None,
                   compression: str | None = None, compress_min: int | None = None,
-                  connect_timeout: float | None = None) -> AsyncClient:
+                  connect_timeout: float | None = None, wait: float | None = None) -> AsyncClient:
     """Like ``connect()``, for asyncio code: the client's methods are coroutines.
-    Nothing is contacted until the first call."""
+    Nothing is contacted until the first call; a call waits for a service that is not
+    up yet as ``connect()``'s do (``wait``), without blocking the loop."""
     check_server_class(server_cls, "connect_async")
     transport = open_transport(server_cls, address, dict(
-        secret=secret, tls=tls, compression=compression, compress_min=compress_min, connect_timeout=connect_timeout),
-        asyncio=True)
+        secret=secret, tls=tls, compression=compression, compress_min=compress_min, connect_timeout=connect_timeout,
+        wait=check_wait(wait)), asyncio=True)
     return async_client_class(server_cls)(server_cls, transport, timeout)
 
 

@@ -11,6 +11,7 @@ import math
 
 from .methods import MethodSpec, ServerMethodsBase, method_spec
 from .transport import open_transport
+from .waiting import check_wait
 
 CLIENT_TIMEOUT = ...   # send()'s default: the client's own timeout
 
@@ -184,11 +185,19 @@ def client_class(server_cls) -> type:
 
 def connect(server_cls, address: str = "shm://", *, timeout: float | None = None, secret=None, tls=None,
             compression: str | None = None, compress_min: int | None = None,
-            connect_timeout: float | None = None) -> Client:
+            connect_timeout: float | None = None, wait: float | None = None) -> Client:
     """Connect to a service: ``connect(EchoServer)`` or ``connect(EchoServer, 'tcp://host:port')``.
 
     ``timeout`` bounds each call in seconds (None: no limit; a call still fails at
     once if the worker serving it dies).  Nothing is contacted until the first call.
+
+    A call to a service that is not up yet (nothing serves it, its manager is still
+    starting, it is starting or restarting, its manager is gone; over TCP: nobody accepts
+    connections) waits for it: up to the call's timeout, or ``speedysvc.waiting.DEFAULT_WAIT``
+    (10 s) for a call without one, and at most ``wait`` seconds when ``wait`` is given
+    (0: fail at once).  Then it raises ``ServiceNotUp`` (a ``ServiceUnavailable``) saying
+    why.  A service stopped on purpose or failed is not waited for: ``ServiceUnavailable``
+    at once, with the reason.
 
     Over TCP only: ``secret`` (str or bytes; default: the SPEEDYSVC_SECRET
     environment variable) proves the client to a service that requires one;
@@ -200,7 +209,8 @@ def connect(server_cls, address: str = "shm://", *, timeout: float | None = None
     """
     check_server_class(server_cls, "connect")
     transport = open_transport(server_cls, address, dict(
-        secret=secret, tls=tls, compression=compression, compress_min=compress_min, connect_timeout=connect_timeout))
+        secret=secret, tls=tls, compression=compression, compress_min=compress_min, connect_timeout=connect_timeout,
+        wait=check_wait(wait)))
     return client_class(server_cls)(server_cls, transport, timeout)
 
 

@@ -58,6 +58,13 @@ class ServiceUnavailable(SpeedysvcError, ConnectionError):
     """The service is not running, is stopping, or has no free channel."""
 
 
+class ServiceNotUp(ServiceUnavailable):
+    """The service is not serving yet, and may come: nothing serves it (its manager is not
+    running, or still starting), it is starting or restarting, or its manager is gone.  The
+    call was not sent.  A client waits for the service (``connect(..., wait=)``) and raises
+    this when it did not come up in time."""
+
+
 class WorkerDied(SpeedysvcError, ConnectionError):
     """The worker process handling the call died before answering."""
 

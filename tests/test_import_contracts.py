@@ -18,7 +18,7 @@ PACKAGE = os.path.dirname(os.path.abspath(speedysvc.__file__))
 
 # what a client process is made of: the public API, the codecs, the transport interface and the
 # transports' client halves
-CLIENT = ["speedysvc", "speedysvc.errors", "speedysvc.methods", "speedysvc.transport", "speedysvc.client",
+CLIENT = ["speedysvc", "speedysvc.errors", "speedysvc.methods", "speedysvc.transport", "speedysvc.waiting", "speedysvc.client",
           "speedysvc.allocation",
           "speedysvc.aio", "speedysvc.codecs.*", "speedysvc.shm", "speedysvc.shm.segment", "speedysvc.shm.channels",
           "speedysvc.shm.transport", "speedysvc.shm.aio", "speedysvc.tcp", "speedysvc.tcp.framing",
@@ -185,7 +185,7 @@ def test_importing_the_package_loads_the_public_api_and_the_codecs_only():
     assert ours == {"speedysvc", "speedysvc._shmcore", "speedysvc.allocation", "speedysvc.client", "speedysvc.codecs",
                     "speedysvc.codecs.base", "speedysvc.codecs.json", "speedysvc.codecs.msgpack", "speedysvc.codecs.outofband",
                     "speedysvc.codecs.pickle", "speedysvc.codecs.raw", "speedysvc.errors", "speedysvc.methods",
-                    "speedysvc.transport"}
+                    "speedysvc.transport", "speedysvc.waiting"}
     assert not any(matches(m, SERVER_STACK) for m in loaded)
 
 

@@ -11,7 +11,7 @@
 
 /* ---- the service segment's header ------------------------------------- */
 #define MAGIC            0x43565353u   /* "SSVC" */
-#define LAYOUT_VERSION   3u
+#define LAYOUT_VERSION   4u
 
 #define H_MAGIC          0
 #define H_VERSION        4
@@ -26,13 +26,19 @@
 #define H_MAX_METHODS    52    /* u32, methods with statistics of their own */
 #define H_NAMES_OFF      56    /* u32, where the method names start (MAX_METHODS x 64 bytes) */
 #define H_OWNER_FLAGS    60    /* u32: bit 0, the owner restarts workers that die;
-                                  bit 1, the first workers have started */
+                                  bit 1, the first workers have started;
+                                  bit 2, the owner is restarting the service: a new segment
+                                  comes in this one's place (callers wait for it) */
 #define OWNER_RESTARTS_WORKERS 1u
 #define OWNER_WORKERS_STARTED  2u
+#define OWNER_RESTARTING       4u
 #define NAME_SIZE        64
 #define H_SEQ            64    /* own cache line: futex word workers sleep on */
 #define H_SLEEPERS       68
-#define H_BITMAP         256   /* one bit per channel with a posted call */
+#define H_BITMAP         256   /* one bit per channel with a posted call (at most 512 bytes) */
+#define H_REASON         1024  /* why the service is stopping, stopped or failed: UTF-8, NUL-padded,
+                                  written by the owner before it sets that state */
+#define REASON_SIZE      1024
 
 /* ---- the worker table --------------------------------------------------- */
 #define H_WORKERS        4096
@@ -96,6 +102,7 @@
 #define SVC_SERVING  1
 #define SVC_STOPPING 2
 #define SVC_STOPPED  3
+#define SVC_FAILED   4     /* stopped by its owner after a failure (the reason in H_REASON) */
 
 /* channel state word: low 4 bits a code, bit 4 "caller sleeps on futex",
  * bits 8..31 the pid of the worker that claimed the call (pid_max <= 2^22). */
@@ -162,7 +169,8 @@
     X(MAGIC) X(LAYOUT_VERSION) \
     X(H_MAGIC) X(H_VERSION) X(H_MAX_CHANNELS) X(H_MAX_WORKERS) X(H_MAX_PAYLOAD) X(H_OWNER_PID) X(H_STATE) \
     X(H_CREATED_NS) X(H_OWNER_START) X(H_STATS_OFF) X(H_MAX_METHODS) X(H_NAMES_OFF) X(H_OWNER_FLAGS) \
-    X(OWNER_RESTARTS_WORKERS) X(OWNER_WORKERS_STARTED) X(NAME_SIZE) X(H_SEQ) X(H_SLEEPERS) X(H_BITMAP) \
+    X(OWNER_RESTARTS_WORKERS) X(OWNER_WORKERS_STARTED) X(OWNER_RESTARTING) X(NAME_SIZE) X(H_SEQ) X(H_SLEEPERS) \
+    X(H_BITMAP) X(H_REASON) X(REASON_SIZE) \
     X(H_WORKERS) X(W_SIZE) X(W_PID) X(W_STATE) X(W_CALLS) X(W_BUSY_NS) X(W_STARTED_NS) X(W_ERRORS) \
     X(W_CLAIM_NS) X(W_START_TICKS) X(W_METHOD) X(WORKER_FREE) X(WORKER_IDLE) X(WORKER_BUSY) \
     X(H_CHANNELS) X(C_SIZE) X(C_STATE) X(C_OWNER_PID) X(C_DATA_GEN) X(C_FLAGS) X(C_DATA_CAP) X(C_REQ_LEN) \
@@ -170,7 +178,7 @@
     X(CHANNEL_RECLAIMING) \
     X(MAX_CHANNELS_LIMIT) X(MAX_WORKERS) X(MAX_METHODS) \
     X(M_SIZE) X(M_CALLS) X(M_ERRORS) X(M_TOTAL_NS) X(M_MAX_NS) X(M_BUCKETS) X(M_NBUCKETS) \
-    X(SVC_STARTING) X(SVC_SERVING) X(SVC_STOPPING) X(SVC_STOPPED) \
+    X(SVC_STARTING) X(SVC_SERVING) X(SVC_STOPPING) X(SVC_STOPPED) X(SVC_FAILED) \
     X(ST_IDLE) X(ST_REQUEST) X(ST_CLAIMED) X(ST_RESPONSE) X(ST_ABANDONED) X(ST_CODE) X(ST_WAITING) \
     X(ST_PID_SHIFT) \
     X(STATUS_OK) X(STATUS_ERROR) \

@@ -49,6 +49,9 @@ class ServicePool:
         self.state = STOPPED
         self.failure: str | None = None
         self.segment: shm.ServiceSegment | None = None
+        # the segment of the service once stopped or failed, kept so that its callers learn so
+        # at once (and why) rather than wait for it; the next start replaces it, close() removes it
+        self.kept_segment: shm.ServiceSegment | None = None
         self.workers = WorkerSet(loop, self.log, self._exited, self._last_look)
         self.target = cfg.min_proc_num
         self.quick_deaths = 0         # workers in a row that died within crash_window: the backoff
@@ -81,6 +84,7 @@ class ServicePool:
         self.quick_deaths = self.start_crashes = self.serving_deaths = 0
         self._event("INFO", f"starting {cfg.min_proc_num} worker(s) of {cfg.target}")
         try:
+            self.kept_segment = None   # (create() replaces it)
             self.segment = shm.ServiceSegment.create(cfg.name, max_channels=cfg.max_channels,
                                                      max_payload=cfg.max_payload, supervised=True)
         except BaseException as e:
@@ -118,19 +122,29 @@ class ServicePool:
                             + (" over TLS" if cfg.tcp_tls_cert else "")
                             + (" (secret required)" if cfg.tcp_secret else ""))
 
-    async def stop(self, timeout: float | None = None) -> None:
+    async def stop(self, timeout: float | None = None, *, restarting: bool = False,
+                   failure: str | None = None) -> None:
         """Refuse new calls, let running and queued ones finish (up to ``stop_timeout``),
-        then stop the workers and remove the shared memory."""
+        then stop the workers.  The service segment stays (``kept_segment``), STOPPED, or
+        FAILED with ``failure``, and the reason, so that a caller fails at once saying so; with
+        ``restarting`` (a hard restart: a start follows), callers wait for the new segment
+        instead.  The channels' shared memory goes; ``close()`` removes the rest."""
         if self.state == STOPPED:
             return
         timeout = self.cfg.stop_timeout if timeout is None else timeout
         was_failed = self.state == FAILED
         if not was_failed:
             self.state = STOPPING
+        reason = (failure if failure is not None
+                  else "it is restarting" if restarting else "stopped on request (speedysvc start starts it)")
+        if self.segment is not None:   # (what a caller sees is said before it is so)
+            self.segment.set_reason(reason)
+            if restarting:
+                self.segment.set_owner_flag(core.OWNER_RESTARTING)
         if self.tcp is not None:
             # TCP calls in flight finish first (new ones are refused), then the clients are told
             tcp, self.tcp = self.tcp, None
-            await tcp.close(timeout)
+            await tcp.close(timeout, "the service is restarting" if restarting else "the service is stopping")
         if self._restart_handle:
             self._restart_handle.cancel()
             self._restart_handle = None
@@ -150,8 +164,8 @@ class ServicePool:
             except asyncio.TimeoutError:
                 log.error("workers of %s survived SIGKILL: %s", self.cfg.section, [w.pid for w in self.workers])
         if self.segment is not None:
-            self.segment.destroy()
-            self.segment = None
+            self.segment.keep_stopped(core.SVC_STOPPED if failure is None else core.SVC_FAILED, reason, restarting)
+            self.kept_segment, self.segment = self.segment, None
         if not was_failed:
             self.state = STOPPED
             self._event("INFO", "stopped")
@@ -183,8 +197,8 @@ class ServicePool:
             self._restart_done = self._restart_asked
             self._restart_error = None
             try:
-                if hard:
-                    await self.stop()
+                if hard:   # (callers wait for the start: the segment says "restarting")
+                    await self.stop(restarting=True)
                     await self.start()
                 else:
                     await self._rolling_restart()
@@ -336,6 +350,11 @@ class ServicePool:
         self.policy.scaled(time.monotonic())
 
     def close(self) -> None:
+        """After ``stop``, when the manager exits (or the service is no longer configured):
+        remove the segment a stopped service kept; its callers then wait for a manager."""
+        kept, self.kept_segment = self.kept_segment, None
+        if kept is not None:
+            kept.destroy()   # (only if the name is still ours: another owner may have taken it)
         self.log.close()
 
     def _event(self, level: str, message: str) -> None:
@@ -349,7 +368,7 @@ class ServicePool:
         self.failure = reason
         self._event("ERROR", f"service marked failed: {reason}")
         self.state = STOPPING
-        await self.stop(timeout=2.0)
+        await self.stop(timeout=2.0, failure=reason)
         self.state = FAILED
 
     # -- workers ---------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import os
 import threading
 
 from .. import _shmcore as core
-from ..errors import NoFreeChannel
+from ..errors import NoFreeChannel, ServiceNotUp
 from .segment import INITIAL_CHANNEL_SIZE, DataSegment, ServiceSegment, my_start_time, replace_data_segment
 
 
@@ -48,6 +48,10 @@ class Channels:
 
     def acquire(self, service: str) -> Channel:
         seg, pid = self.seg, self.pid
+        if not seg.is_current():
+            # restarted: a channel here would take a data segment name that is its successor's
+            # (see ServiceSegment.free_channel); the caller attaches again
+            raise ServiceNotUp(f"service {service!r} was restarted")
         r, n = seg.region, seg.max_channels
         start = (pid * 7919 + threading.get_ident()) % n
         for attempt in range(2):

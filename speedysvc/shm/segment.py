@@ -45,7 +45,7 @@ DEFAULT_MAX_PAYLOAD = 1 << 30          # 1 GiB
 INITIAL_CHANNEL_SIZE = 1 << 20         # pages are only allocated when touched
 
 STATE_NAMES = {core.SVC_STARTING: "starting", core.SVC_SERVING: "serving",
-               core.SVC_STOPPING: "stopping", core.SVC_STOPPED: "stopped"}
+               core.SVC_STOPPING: "stopping", core.SVC_STOPPED: "stopped", core.SVC_FAILED: "failed"}
 
 
 # ---- names, segments, processes -----------------------------------------------------------
@@ -241,7 +241,7 @@ class ServiceSegment:
             stale = None  # unreadable leftovers: remove them below
         if stale is not None:
             owner, start = stale.owner
-            if stale.state != core.SVC_STOPPED and process_alive(owner, start):
+            if stale.state not in (core.SVC_STOPPED, core.SVC_FAILED) and process_alive(owner, start):
                 raise ServiceAlreadyRunning(f"service {service!r} is already served by pid {owner}")
         remove_service_segments(service, keep_starting=True)
         names_off = _page_align(core.H_CHANNELS + max_channels * core.C_SIZE)
@@ -289,9 +289,30 @@ class ServiceSegment:
 
     def destroy(self) -> None:
         """Remove this service's segments from /dev/shm (mappings stay valid until dropped)."""
+        # the name goes first: a caller that sees STOPPED then finds the segment is not current
+        # any more, so it takes the service for gone (and waits for a new one), not for stopped
+        # on purpose (see ``keep_stopped``)
+        if self.is_current():
+            remove_service_segments(self.service)
         self.set_state(core.SVC_STOPPED)
         self.kick_workers()
-        remove_service_segments(self.service)
+
+    def keep_stopped(self, state: int, reason: str, restarting: bool = False) -> None:
+        """Stop the service but leave its segment in place, in ``state`` (SVC_STOPPED or
+        SVC_FAILED) with ``reason``, so that callers learn at once that it was stopped on
+        purpose or failed, and why; ``restarting``: a new segment comes in its place (callers
+        wait for it).  The channels' data segments are removed (callers' mappings stay
+        valid); ``destroy`` removes the rest."""
+        self.set_reason(reason)
+        if restarting:
+            self.set_owner_flag(core.OWNER_RESTARTING)
+        self.set_state(state)
+        self.kick_workers()
+        if self.is_current():
+            base = os.path.join(SHM_DIR, self.name)
+            for path in glob.glob(glob.escape(base) + ".*"):
+                if ".starting-" not in path:
+                    unlink_path(path)
 
     def is_current(self) -> bool:
         """False once the name points to another segment (service restarted) or to none."""
@@ -309,6 +330,30 @@ class ServiceSegment:
         self.region.store32(core.H_STATE, state)
 
     @property
+    def reason(self) -> str:
+        """Why the service is stopping, stopped or failed, as its owner put it ("": not said)."""
+        with memoryview(self.region) as view:
+            raw = bytes(view[core.H_REASON:core.H_REASON + core.REASON_SIZE])
+        return raw.split(b"\0", 1)[0].decode("utf-8", "replace")
+
+    def set_reason(self, reason: str) -> None:
+        """Write the reason before the state it explains (cut to REASON_SIZE - 1 bytes)."""
+        raw = reason.encode("utf-8")[:core.REASON_SIZE - 1].decode("utf-8", "ignore").encode("utf-8")
+        with memoryview(self.region) as view:
+            view[core.H_REASON:core.H_REASON + core.REASON_SIZE] = raw.ljust(core.REASON_SIZE, b"\0")
+
+    def set_owner_flag(self, flag: int, on: bool = True) -> None:
+        while True:
+            flags = self.region.load32(core.H_OWNER_FLAGS)
+            if self.region.cas32(core.H_OWNER_FLAGS, flags, flags | flag if on else flags & ~flag):
+                return
+
+    @property
+    def restarting(self) -> bool:
+        """The owner is restarting the service: a new segment comes in this one's place."""
+        return bool(self.region.load32(core.H_OWNER_FLAGS) & core.OWNER_RESTARTING)
+
+    @property
     def owner(self) -> tuple[int, int]:
         return self.region.load32(core.H_OWNER_PID), self.region.load64(core.H_OWNER_START)
 
@@ -322,10 +367,7 @@ class ServiceSegment:
     def mark_workers_started(self) -> None:
         """The owner's first workers serve: from now on an unsupervised service without a
         live worker fails calls instead of queueing them."""
-        while True:
-            flags = self.region.load32(core.H_OWNER_FLAGS)
-            if self.region.cas32(core.H_OWNER_FLAGS, flags, flags | core.OWNER_WORKERS_STARTED):
-                return
+        self.set_owner_flag(core.OWNER_WORKERS_STARTED)
 
     def abandoned_by_workers(self) -> bool:
         """No worker will ever come: unsupervised, its workers started once and all are dead."""
@@ -480,7 +522,12 @@ class ServiceSegment:
         released last, so nobody can acquire the slot while it is being cleaned."""
         off = self.channel_offset(slot)
         r = self.region
-        for path in glob.glob(os.path.join(SHM_DIR, glob.escape(data_segment_name(self.service, owner_pid, slot, 0))[:-1] + "*")):
+        # A segment that was replaced (its service restarted) names its channels' data segments
+        # as its successor does: the names are the successor's now (its owner removed ours when
+        # it began), so they are left alone.  Without this, a process with two clients of the
+        # service, one still on the old segment, would remove the other's new channel.
+        current = self.is_current()
+        for path in [] if not current else glob.glob(os.path.join(SHM_DIR, glob.escape(data_segment_name(self.service, owner_pid, slot, 0))[:-1] + "*")):
             unlink_path(path)
         r.store64(off + core.C_DATA_CAP, 0)
         r.store32(off + core.C_STATE, core.ST_IDLE)

@@ -19,10 +19,12 @@ from .. import _shmcore as core
 from ..codecs.outofband import OutOfBand
 # what post() and call() return when they have no response in hand, and a response's status
 from .._shmcore import CALL_NOT_SERVING, CALL_PENDING, CALL_TOO_BIG, POSTED, POSTED_WOKE, STATUS_OK
-from ..errors import CallTimeout, PayloadTooLarge, ServiceUnavailable, SpeedysvcError, WorkerDied
+from ..errors import CallTimeout, PayloadTooLarge, ServiceNotUp, ServiceUnavailable, SpeedysvcError, WorkerDied
 from ..transport import no_options
+from ..waiting import UP_TOO_LATE, Waiting, check_wait
 from .channels import Channel, Channels
-from .segment import STATE_NAMES, DataSegment, ServiceSegment, replace_data_segment
+from .segment import (SHM_DIR, STATE_NAMES, DataSegment, ServiceSegment, process_alive, replace_data_segment,
+                      service_segment_name)
 
 # How often a waiting caller checks that its worker is alive (and the service, and its deadline):
 # a worker's death is reported within this long and what the check takes, well within the 0.1 s
@@ -142,13 +144,15 @@ class ShmTransport:
 
     Thread-safe: each call in flight uses a channel of its own, taken from a small
     pool.  Attaching is lazy, so creating a transport never fails because the
-    service is not up yet; a call then raises ServiceUnavailable.
+    service is not up yet; a call then waits for it (``_when_up``), up to its
+    timeout or ``wait`` (see ``speedysvc.waiting``), and raises ServiceNotUp.
     """
 
     scheme = "shm"
 
-    def __init__(self, service: str):
+    def __init__(self, service: str, wait: float | None = None):
         self.service = service
+        self.wait = check_wait(wait)
         self._channels: Channels | None = None
         self._finalizer = None
         self._lock = threading.Lock()
@@ -165,7 +169,11 @@ class ShmTransport:
             if self._closed:
                 raise SpeedysvcError("this connection is closed")
             if self._channels is None:
-                chans = Channels(ServiceSegment.attach(self.service))
+                try:
+                    seg = ServiceSegment.attach(self.service)
+                except ServiceUnavailable as e:   # none there (yet), or one still being made
+                    raise ServiceNotUp(str(e)) from None
+                chans = Channels(seg)
                 self._finalizer = weakref.finalize(self, chans.release_all)
                 self._channels = chans
             return self._channels
@@ -178,37 +186,108 @@ class ShmTransport:
             fin() if release else fin.detach()
 
     def _reattach(self, chans: Channels) -> Channels:
-        """The service was not serving: attach again if it was restarted, else raise."""
-        state = chans.seg.state
-        self._drop()
+        """The service was not serving: attach again if it was restarted, else raise
+        (ServiceNotUp if it may still come, see ``_look``)."""
         if chans.seg.is_current():
-            raise ServiceUnavailable(f"service {self.service!r} is {STATE_NAMES.get(state, state)}")
+            reason = self._look()
+            if reason is not None:
+                raise ServiceNotUp(f"service {self.service!r} is not serving: {reason}")
+        self._drop_if(chans)
         return self._attach()
+
+    def _drop_if(self, chans: Channels) -> None:
+        with self._lock:
+            if self._channels is chans:
+                self._drop()
+
+    def _look(self) -> str | None:
+        """Whether the service serves now (None, attached), or why not while it may still come;
+        raises ServiceUnavailable (with the owner's reason) when it will not: stopping, stopped
+        on purpose, failed.  For the waiting path only: it reads /dev/shm and /proc."""
+        chans = self._channels
+        if chans is not None and not chans.seg.is_current():   # restarted: the name is another's
+            self._drop_if(chans)
+            chans = None
+        if chans is None:
+            try:
+                chans = self._attach()
+            except ServiceNotUp as e:
+                path = os.path.join(SHM_DIR, service_segment_name(self.service))
+                return str(e) if os.path.lexists(path) else f"no manager or process serves it (no {path})"
+        seg = chans.seg
+        state = seg.state
+        owner, start = seg.owner
+        if not process_alive(owner, start):   # killed: its next start replaces the segment
+            return f"its owner (pid {owner}) is gone"
+        if state == core.SVC_SERVING:
+            return None
+        if state == core.SVC_STARTING:
+            return "it is starting"
+        if seg.restarting and state in (core.SVC_STOPPING, core.SVC_STOPPED):
+            return "it is restarting"
+        if not seg.is_current():   # removed just now (destroyed): look again
+            return "it is being replaced"
+        reason = seg.reason
+        self._drop_if(chans)
+        if state == core.SVC_FAILED:
+            raise ServiceUnavailable(f"service {self.service!r} failed: {reason or 'no reason given'}")
+        raise ServiceUnavailable(f"service {self.service!r} is {STATE_NAMES.get(state, state)}"
+                                 + (f": {reason}" if reason else ""))
+
+    def _when_up(self, error: ServiceNotUp, name: bytes, payload, flags: int, codec, timeout: float | None):
+        """A call that found its service not serving (and was not sent): wait for it to come,
+        looking with a growing pause, then make the call with what is left of its timeout."""
+        wait = Waiting(self.service, self.wait, timeout)
+        if wait.bound <= 0:   # no waiting; but a service restarted and up again is not "not up"
+            if self._look() is not None:
+                raise error
+            return self._resume(*self._take(), None, name, payload, flags, codec, timeout, True)
+        reason = str(error)
+        while True:
+            time.sleep(wait.pause(reason))
+            now = self._look()
+            if now is not None:
+                reason = now
+            else:
+                left = wait.remaining(UP_TOO_LATE)
+                try:
+                    return self._resume(*self._take(), None, name, payload, flags, codec, left, True)
+                except ServiceNotUp as e:   # went away again before the call was sent
+                    if getattr(e, "waited", False):
+                        raise
+                    reason = str(e)
 
     # -- calling --
     def call(self, name: bytes, payload, flags: int, codec, timeout: float | None):
         """Send one request; return the response decoded with ``codec`` or raise the server's error."""
-        chans, ch = self._take()
-        if payload.__class__ is OutOfBand:
-            payload = self._place(chans, ch, name, payload)
+        try:
+            chans, ch = self._take()
+        except ServiceNotUp as e:
+            return self._when_up(e, name, payload, flags, codec, timeout)
         return self._resume(chans, ch, None, name, payload, flags, codec, timeout)
 
     def _place(self, chans: Channels, ch: Channel, name: bytes, payload: OutOfBand):
         """Write a request with out-of-band buffers into channel ``ch``'s data segment after
         the name (each buffer page-aligned there; the channel grows first if it must), and
-        return the view of it there, which posting does not copy again.  Gives the channel
-        back if it fails."""
+        return the view of it there, which posting does not copy again."""
+        start = len(name)
+        size = payload.size(start)
+        seg = chans.seg
+        if size > seg.max_payload:
+            raise PayloadTooLarge(f"request of {size} bytes exceeds the service's "
+                                  f"limit of {seg.max_payload} bytes")
+        if start + size > ch.data.size:
+            ch.set_data(replace_data_segment(seg, ch.slot, chans.pid, start + size, ch.data.size))
+        payload.write(ch.data.view, start)
+        return ch.data.view[start:start + size]
+
+    def _placed(self, chans: Channels, ch: Channel, name: bytes, payload):
+        """``payload`` as posting takes it: an ``OutOfBand`` placed in ``ch`` (given back if that
+        fails), anything else as it is."""
+        if payload.__class__ is not OutOfBand:
+            return payload
         try:
-            start = len(name)
-            size = payload.size(start)
-            seg = chans.seg
-            if size > seg.max_payload:
-                raise PayloadTooLarge(f"request of {size} bytes exceeds the service's "
-                                      f"limit of {seg.max_payload} bytes")
-            if start + size > ch.data.size:
-                ch.set_data(replace_data_segment(seg, ch.slot, chans.pid, start + size, ch.data.size))
-            payload.write(ch.data.view, start)
-            return ch.data.view[start:start + size]
+            return self._place(chans, ch, name, payload)
         except BaseException:
             self._give_back(chans, ch)
             raise
@@ -221,32 +300,44 @@ class ShmTransport:
         except IndexError:
             return chans, chans.acquire(self.service)
 
-    def _resume(self, chans: Channels, ch: Channel, got, name: bytes, payload, flags: int, codec, timeout):
+    def _resume(self, chans: Channels, ch: Channel, got, name: bytes, payload, flags: int, codec, timeout,
+                waiting: bool = False):
         """The rest of a call on channel ``ch``, which this gives back: post it and wait when
         ``got`` is None (``call``), else go on from what ``ShmMethod``'s first wait returned in C
         (every outcome but a small success that decodes: bytes are a response its fast decoder
-        refused)."""
-        try:   # one try from the wait to the give-back: a signal handler may raise anywhere in it
-            if got is None:
-                got = chans.call(ch.slot, ch.region, name, payload, flags, _first_slice(timeout))
+        refused).  A call that found the service not serving, and was not sent, waits for it
+        (``_when_up``), unless it already does (``waiting``)."""
+        try:
+            try:   # one try from the wait to the give-back: a signal handler may raise anywhere in it
+                request = payload
+                if got is None:
+                    if payload.__class__ is OutOfBand:
+                        request = self._place(chans, ch, name, payload)
+                    got = chans.call(ch.slot, ch.region, name, request, flags, _first_slice(timeout))
+                    if got.__class__ is bytes:
+                        try:
+                            return codec.loads_fast(got)
+                        except Exception:
+                            pass
                 if got.__class__ is bytes:
-                    try:
-                        return codec.loads_fast(got)
-                    except Exception:
-                        pass
-            if got.__class__ is bytes:
-                return codec.loads_checked(name, got)
-            if got.__class__ is tuple:
-                return codec.remote_error(got[1])
-            return self._call_slow(chans, ch, got, name, payload, flags, codec, timeout)
-        except _Retry:
-            chans.retire(ch)
-            return self.call(name, payload, flags, codec, timeout)
-        except BaseException:
-            self._failed(chans, ch)
-            raise
-        finally:
-            self._give_back(chans, ch)
+                    return codec.loads_checked(name, got)
+                if got.__class__ is tuple:
+                    return codec.remote_error(got[1])
+                return self._call_slow(chans, ch, got, name, request, flags, codec, timeout)
+            except _Retry:
+                chans.retire(ch)
+                if waiting:   # (``*self._take()``: ``chans`` and ``ch`` stay this call's, for the finally)
+                    return self._resume(*self._take(), None, name, payload, flags, codec, timeout, True)
+                return self.call(name, payload, flags, codec, timeout)
+            except BaseException:
+                self._failed(chans, ch)
+                raise
+            finally:
+                self._give_back(chans, ch)
+        except ServiceNotUp as e:
+            if waiting or getattr(e, "waited", False):   # (waited already: ``self.call`` above)
+                raise
+            return self._when_up(e, name, payload, flags, codec, timeout)
 
     def _abort(self, chans: Channels, ch: Channel) -> None:
         """``ShmMethod``'s wait raised (a signal handler's exception): settle the channel."""
@@ -269,8 +360,7 @@ class ShmTransport:
         ``(False, pending)``, a ``PendingCall`` to finish in a thread.  Raises like ``call``
         for what fails at once.  ``channel``: one ``reserve()`` returned, to use."""
         chans, ch = channel or self._take()
-        if payload.__class__ is OutOfBand:
-            payload = self._place(chans, ch, name, payload)
+        payload = self._placed(chans, ch, name, payload)
         return self._outcome(chans, ch, None, name, payload, flags, codec, timeout, None)
 
     def reserve(self):
@@ -287,8 +377,7 @@ class ShmTransport:
         are in flight before the first is collected.  Every posted call must be given to
         ``collect``.  Raises like ``call`` for what fails at once."""
         chans, ch = self._take()
-        if payload.__class__ is OutOfBand:
-            payload = self._place(chans, ch, name, payload)
+        payload = self._placed(chans, ch, name, payload)
         try:
             got = chans.post(ch.slot, ch.region, name, payload, flags)
         except BaseException:
@@ -503,10 +592,12 @@ class ShmTransport:
                     raise WorkerDied(f"the worker (pid {st >> core.ST_PID_SHIFT}) of service "
                                      f"{self.service!r} died during the call")
                 continue
-            if code == core.ST_REQUEST and (seg.state == core.SVC_STOPPED or not seg.owner_alive()):
+            if code == core.ST_REQUEST and (seg.state in (core.SVC_STOPPED, core.SVC_FAILED)
+                                            or not seg.owner_alive()):
                 if r.cas32(off, st, core.ST_IDLE):
-                    self._drop()
-                    raise ServiceUnavailable(f"service {self.service!r} stopped before the call was served")
+                    # withdrawn: no worker ever saw it, so it may go again once the service is back
+                    self._drop_if(chans)
+                    raise ServiceNotUp(f"service {self.service!r} stopped before the call was served")
                 continue
             if code == core.ST_REQUEST and seg.abandoned_by_workers():
                 # nobody will start a worker for this call (a supervised service's owner would)
@@ -565,5 +656,6 @@ class ShmTransport:
 
 def open_shm(address, options: dict) -> ShmTransport:
     """The ``shm://`` scheme's factory (see ``speedysvc.transport``)."""
+    wait = options.pop("wait", None)
     no_options(address, options)
-    return ShmTransport(address.service)
+    return ShmTransport(address.service, wait)

@@ -6,9 +6,10 @@ from __future__ import annotations
 import asyncio
 import time
 
-from ..errors import CallTimeout, ConnectionLost, ProtocolError, ServiceUnavailable, SpeedysvcError
+from ..errors import CallTimeout, ConnectionLost, ProtocolError, ServiceNotUp, ServiceUnavailable, SpeedysvcError
+from ..waiting import Waiting
 from . import framing as fr
-from .protocol import answer, connect_budget, next_call_id, options_of
+from .protocol import answer, cannot_connect, connect_budget, next_call_id, options_of
 
 
 class AsyncConnection(asyncio.BufferedProtocol):
@@ -205,7 +206,7 @@ class AsyncTcpTransport:
         except SpeedysvcError:
             raise
         except OSError as e:
-            raise ServiceUnavailable(f"cannot connect to {opts.address}: {e.strerror or e}") from None
+            raise cannot_connect(opts, e) from None
         try:
             await asyncio.wait_for(asyncio.shield(conn.ready), max(0.0, end - time.monotonic()))
         except asyncio.TimeoutError:
@@ -218,16 +219,35 @@ class AsyncTcpTransport:
             raise
         return conn
 
-    async def call(self, name: bytes, payload, flags: int, codec, timeout):
+    async def call(self, name: bytes, payload, flags: int, codec, timeout, _waiting: bool = False):
         conn = self._conn
         if conn is None or conn.broken is not None or conn.loop is not asyncio.get_running_loop():
             # the call's timeout bounds connecting (and the handshake) too
             deadline = None if timeout is None else time.monotonic() + timeout
-            conn = await self._connection(deadline, timeout)
+            try:
+                conn = await self._connection(deadline, timeout)
+            except ServiceNotUp as e:   # refused: nothing listens (yet); the call was not sent
+                if _waiting:
+                    raise
+                return await self._when_up(e, name, payload, flags, codec, timeout)
             if deadline is not None:
                 return answer(await conn.call(name, payload, flags, max(0.0, deadline - time.monotonic()), timeout),
                               codec, name)
         return answer(await conn.call(name, payload, flags, timeout), codec, name)
+
+    async def _when_up(self, error: ServiceNotUp, name: bytes, payload, flags: int, codec, timeout):
+        """Wait for the service to accept connections (see ``speedysvc.waiting``), then call."""
+        wait = Waiting(self.opts.service, self.opts.wait, timeout)
+        if wait.bound <= 0:
+            raise error
+        reason = f"nothing accepts connections at {self.opts.address}"
+        while True:
+            await asyncio.sleep(wait.pause(reason))
+            left = wait.remaining(reason)
+            try:
+                return await self.call(name, payload, flags, codec, left, True)
+            except ServiceNotUp:
+                pass
 
     async def aclose(self) -> None:
         self._closed = True

@@ -17,10 +17,12 @@ import threading
 import time
 
 from .._shmcore import STATUS_ERROR, call_alone
-from ..errors import CallTimeout, ConnectionLost, ProtocolError, ServiceUnavailable, SpeedysvcError, encode_exception
+from ..errors import (CallTimeout, ConnectionLost, ProtocolError, ServiceNotUp, ServiceUnavailable, SpeedysvcError,
+                      encode_exception)
 from ..transport import Address
+from ..waiting import Waiting
 from . import framing as fr
-from .protocol import ClientOptions, answer, connect_budget, next_call_id, options_of, timeout_ms
+from .protocol import ClientOptions, answer, cannot_connect, connect_budget, next_call_id, options_of, timeout_ms
 
 
 class _Stale(Exception):
@@ -382,7 +384,7 @@ def open_connection(opts: ClientOptions, deadline: float | None = None,
     except socket.timeout:
         raise too_late() from None
     except OSError as e:
-        raise ServiceUnavailable(f"cannot connect to {opts.address}: {e.strerror or e}") from None
+        raise cannot_connect(opts, e) from None
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
@@ -481,7 +483,7 @@ class TcpTransport:
 
         return method
 
-    def call(self, name: bytes, payload, flags: int, codec, timeout: float | None):
+    def call(self, name: bytes, payload, flags: int, codec, timeout: float | None, _waiting: bool = False):
         # the usual call, alone on its connection, goes all the way in C (see BlockingConnection)
         conn = self._conn
         if conn is not None and conn.alone and conn.fork_generation == _fork_generation \
@@ -493,16 +495,35 @@ class TcpTransport:
                 return answer(got, codec, name)
         # the call's timeout bounds connecting (and the handshake) too
         deadline = None if timeout is None else time.monotonic() + timeout
-        conn = self._connection(deadline, timeout)
         try:
-            status, data = conn.call(name, payload, flags, timeout, deadline)
-        except _Stale:   # it closed while idle (the service restarted?): nothing was sent yet
-            conn = self._reconnect(conn, deadline, timeout)
+            conn = self._connection(deadline, timeout)
             try:
                 status, data = conn.call(name, payload, flags, timeout, deadline)
-            except _Stale:   # ...and so did the new one, at once
-                raise conn.broken from None
+            except _Stale:   # it closed while idle (the service restarted?): nothing was sent yet
+                conn = self._reconnect(conn, deadline, timeout)
+                try:
+                    status, data = conn.call(name, payload, flags, timeout, deadline)
+                except _Stale:   # ...and so did the new one, at once
+                    raise conn.broken from None
+        except ServiceNotUp as e:   # refused: nothing listens (yet); the call was not sent
+            if _waiting:
+                raise
+            return self._when_up(e, name, payload, flags, codec, timeout)
         return answer((status, data), codec, name)
+
+    def _when_up(self, error: ServiceNotUp, name: bytes, payload, flags: int, codec, timeout: float | None):
+        """Wait for the service to accept connections (see ``speedysvc.waiting``), then call."""
+        wait = Waiting(self.opts.service, self.opts.wait, timeout)
+        if wait.bound <= 0:
+            raise error
+        reason = f"nothing accepts connections at {self.opts.address}"
+        while True:
+            time.sleep(wait.pause(reason))
+            left = wait.remaining(reason)
+            try:
+                return self.call(name, payload, flags, codec, left, True)
+            except ServiceNotUp:
+                pass
 
     def close(self) -> None:
         with self._lock:

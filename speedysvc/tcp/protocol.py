@@ -4,14 +4,16 @@ replies in, and a reply's value.  The wire format itself is in ``framing``.
 """
 from __future__ import annotations
 
+import errno
 import itertools
 import os
 import ssl
 import time
 
 from ..errors import (AuthenticationFailed, CallTimeout, ConnectionLost, PayloadTooLarge, ProtocolError,
-                      ServiceUnavailable, decode_exception)
+                      ServiceNotUp, ServiceUnavailable, decode_exception)
 from ..codecs.outofband import OutOfBand
+from ..waiting import check_wait
 from . import compression
 from . import framing as fr
 
@@ -40,8 +42,9 @@ class ClientOptions:
 
     def __init__(self, service: str, host: str, port: int, *, secret=None, tls=None, compression_name=None,
                  compress_min: int = compression.DEFAULT_MIN_SIZE,
-                 connect_timeout: float = DEFAULT_CONNECT_TIMEOUT):
+                 connect_timeout: float = DEFAULT_CONNECT_TIMEOUT, wait: float | None = None):
         self.service, self.host, self.port = service, host, port
+        self.wait = check_wait(wait)   # see speedysvc.waiting
         self.secret = fr.as_secret(secret if secret is not None else os.environ.get(SECRET_ENV))
         self.ssl_context = client_ssl_context(tls)
         self.compression = compression.check(compression_name)
@@ -148,6 +151,17 @@ def connect_budget(opts: ClientOptions, deadline: float | None, timeout: float |
                 f"call to {opts.address} timed out after {timeout} s while connecting")
     return opts.connect_timeout, lambda: ServiceUnavailable(
         f"{opts.address} did not complete the handshake within {opts.connect_timeout} s")
+
+
+def cannot_connect(opts: ClientOptions, e: OSError) -> ServiceUnavailable:
+    """The error for a connection that could not be made: ServiceNotUp (the client waits for
+    the service) when it was refused, as while nothing listens yet or a restart is under way;
+    ServiceUnavailable (at once) for anything else."""
+    text = str(e)
+    # (asyncio joins the errors of each address it tried: refused only if each one was)
+    refused = isinstance(e, ConnectionRefusedError) or (
+        text.startswith("Multiple exceptions: ") and text.count("[Errno ") == text.count(f"[Errno {errno.ECONNREFUSED}]"))
+    return (ServiceNotUp if refused else ServiceUnavailable)(f"cannot connect to {opts.address}: {e.strerror or e}")
 
 
 def timeout_ms(timeout: float | None) -> int:

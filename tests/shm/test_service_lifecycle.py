@@ -14,7 +14,7 @@ from shm_helpers import python_child
 
 def test_stop_lets_running_calls_finish_and_refuses_new_ones():
     svc = LocalService(Other, workers=1).start()
-    c = connect(Other)
+    c = connect(Other, wait=0)   # (a stopped LocalService leaves no segment: a client would wait)
     result = {}
     th = threading.Thread(target=lambda: result.setdefault("v", c.sleep(0.5, "done")))
     th.start()
@@ -28,7 +28,7 @@ def test_stop_lets_running_calls_finish_and_refuses_new_ones():
 
 
 def test_restarted_service_is_picked_up_by_a_connected_client():
-    with connect(Other) as c:
+    with connect(Other, wait=0) as c:
         with LocalService(Other, workers=1) as first:
             assert c.whoami() in first.pids
         with pytest.raises(ServiceUnavailable):
@@ -51,7 +51,7 @@ def test_service_owner_killed_clients_get_unavailable_and_next_start_cleans_up()
         assert owner.stdout.readline().strip() == b"up"
         seg = shm.ServiceSegment.attach("other")
         worker_pids = [w["pid"] for w in seg.workers()]
-        with connect(Other, timeout=10) as c:
+        with connect(Other, timeout=10, wait=0) as c:   # (wait=0: no waiting for a new owner)
             assert c.whoami() in worker_pids
             owner.kill()
             owner.wait()

@@ -84,7 +84,7 @@ def test_system_exit_in_a_method_is_answered_and_both_workers_keep_serving(kitch
 
 def test_service_not_running():
     from services import Other
-    c = connect(Other)  # connecting is lazy: no error yet
+    c = connect(Other, wait=0)  # connecting is lazy: no error yet (and wait=0: the call does not wait)
     with pytest.raises(ServiceUnavailable, match="not running"):
         c.whoami()
     c.close()

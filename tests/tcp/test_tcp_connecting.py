@@ -22,7 +22,7 @@ serve, kitchen = tcp_helpers.serve, tcp_helpers.kitchen
 
 def test_nobody_listening_is_service_unavailable_quickly():
     addr = f"tcp://127.0.0.1:{free_port()}"
-    with connect(TcpKitchen, addr) as c:
+    with connect(TcpKitchen, addr, wait=0) as c:   # (wait=0: no waiting for a listener, test_client_wait.py)
         t = time.monotonic()
         with pytest.raises(ServiceUnavailable, match="cannot connect") as info:
             c.echo_msgpack(1)
@@ -30,7 +30,7 @@ def test_nobody_listening_is_service_unavailable_quickly():
         assert addr in str(info.value)
 
     async def main():
-        ac = connect_async(TcpKitchen, addr)
+        ac = connect_async(TcpKitchen, addr, wait=0)
         try:
             t = time.monotonic()
             with pytest.raises(ServiceUnavailable, match="cannot connect"):

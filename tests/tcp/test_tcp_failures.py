@@ -30,7 +30,7 @@ def test_service_restarted_on_the_same_port_under_a_connected_client():
     svc = LocalService(TcpRestart, workers=1, tcp=f"127.0.0.1:{port}").start()
     try:
         assert svc.tcp_address == addr
-        c = connect(TcpRestart, addr, timeout=10)
+        c = connect(TcpRestart, addr, timeout=10, wait=0)   # (wait=0: "nobody there" below fails at once)
         assert c.echo("first") == "first"
         old_pids = set(svc.pids)
         svc.stop()
@@ -57,7 +57,7 @@ def test_async_client_reconnects_after_a_restart_on_the_same_port():
 
     async def main():
         loop = asyncio.get_running_loop()
-        ac = connect_async(TcpRestart, addr, timeout=10)
+        ac = connect_async(TcpRestart, addr, timeout=10, wait=0)
         try:
             assert await ac.echo("first") == "first"
             await loop.run_in_executor(None, box["svc"].stop)
@@ -157,7 +157,7 @@ def test_a_call_without_timeout_fails_when_the_gateway_is_killed(serve):
     """No timeout and the gateway process dies (kill -9) mid-call: the blocking read ends
     with ConnectionLost at once, not a hang; the next call finds nobody listening."""
     svc = serve(TcpKitchen, workers=1)
-    c = connect(TcpKitchen, svc.tcp_address)
+    c = connect(TcpKitchen, svc.tcp_address, wait=0)   # (wait=0: the next call fails at once)
     try:
         assert c.echo_msgpack(1) == 1
         th, outcome = call_in_thread(c.sleep, 20, "never")
