@@ -157,9 +157,11 @@ class Manager:
             ticker.cancel()
             log.info("stopping")
         finally:
-            for pool in self.pools.values():
-                self.cancel_waiting(pool)
-            await self._stop_services(list(self.pools.values()))
+            # a reload under way ends first (it may be starting services the stop must see)
+            async with self._reload_lock:
+                for pool in self.pools.values():
+                    self.cancel_waiting(pool)
+                await self._stop_services(list(self.pools.values()))
             if web is not None:
                 await web.close()
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -302,6 +304,8 @@ class Manager:
         if self._stop.is_set():
             raise ReloadRefused("the manager is stopping")
         async with self._reload_lock:
+            if self._stop.is_set():
+                raise ReloadRefused("the manager is stopping")
             loop = asyncio.get_running_loop()
             old = self.config
             running = {section: pool.cfg for section, pool in self.pools.items()}

@@ -111,7 +111,7 @@ def test_reload_over_the_api_adds_removes_restarts_and_leaves_the_rest(running, 
     assert body["failed"] == {} and body["waiting"] == [] and body["needs_manager_restart"] == []
     check_after(m, before)
     # the manager's log says what changed
-    assert wait_until(lambda: "reloaded " in (tmp_path / "logs" / "manager.log").read_text())
+    assert wait_until(lambda: "reloaded /" in (tmp_path / "logs" / "manager.log").read_text())
     assert "added: Other; removed: Third; restarted: Second (rolling restart); unchanged: Chatty" in \
         (tmp_path / "logs" / "manager.log").read_text()
     # a second reload of the same file changes nothing
@@ -124,7 +124,7 @@ def test_sighup_reloads_as_the_api_does(running, tmp_path):
     before = snapshot(m)
     rewrite(m, AFTER)
     m.proc.send_signal(signal.SIGHUP)
-    m.wait(lambda: "reloaded " in m.output(), 60, "the reload")
+    m.wait(lambda: "reloaded /" in m.output(), 60, "the reload")
     assert re.search(r"reloaded \S+service\.ini: added: Other; removed: Third; restarted: Second \(rolling "
                      r"restart\); unchanged: Chatty", m.output())
     check_after(m, before)
@@ -314,3 +314,23 @@ def test_an_added_service_whose_name_is_taken_fails_alone(running):
         assert {k: pids(v) for k, v in states(m).items() if k != "Other"} == \
             {k: pids(v) for k, v in before.items()}
     assert m.get("/api/status")["manager"]["pid"] == m.proc.pid
+
+
+def test_how_each_kind_of_change_is_applied(tmp_path):
+    """reload_action: segment shape and name stop and start, TCP keys restart the gateway,
+    depends_on alone restarts nothing, the rest is a restart of the workers."""
+    import dataclasses
+    from speedysvc.manager import config
+    from speedysvc.manager.manager import reload_action
+    ini = tmp_path / "service.ini"
+    ini.write_text("[S]\nimport_from=s\n")
+    old = config.load(str(ini)).services[0]
+    old.name, old.port = "s", 5000
+    for changes, how in [({"max_channels": 8}, "stop and start"), ({"max_payload": 1 << 20}, "stop and start"),
+                         ({"name": "t"}, "stop and start"), ({"name": "t", "tcp_min_rate": 0}, "stop and start"),
+                         ({"bind_tcp": "127.0.0.1"}, "TCP gateway restarted"), ({"port": 5001}, "TCP gateway restarted"),
+                         ({"tcp_stall_timeout": 5.0}, "TCP gateway restarted"), ({"depends_on": ("A",)}, "settings only"),
+                         ({"min_proc_num": 2, "max_proc_num": 2}, "rolling restart"),
+                         ({"log_level": "DEBUG", "bind_tcp": "127.0.0.1"}, "rolling restart"),
+                         ({"import_from": "t"}, "rolling restart")]:
+        assert reload_action(old, dataclasses.replace(old, **changes)) == how, changes

@@ -146,7 +146,7 @@ def test_dependents_of_a_service_that_failed_stay_waiting(running):
     assert (s["Second"]["state"], s["Second"]["waiting_for"]) == ("waiting", ["CrashOnStart"])
     assert (s["Third"]["state"], s["Third"]["waiting_for"]) == ("waiting", ["Second"])
     assert s["Second"]["workers"] == 0 and s["Third"]["workers"] == 0
-    assert "Second: waiting for CrashOnStart (failed)" in m.output()
+    m.wait(lambda: "Second: waiting for CrashOnStart (failed)" in m.output(), 20, "the log to say so")
     # a stop calls the wait off: it no longer starts by itself
     code, body = m.post("/api/services/Second/stop")
     assert code == 200 and body["state"] == "stopped" and body["waiting_for"] == []
