@@ -334,3 +334,48 @@ def test_how_each_kind_of_change_is_applied(tmp_path):
                          ({"log_level": "DEBUG", "bind_tcp": "127.0.0.1"}, "rolling restart"),
                          ({"import_from": "t"}, "rolling restart")]:
         assert reload_action(old, dataclasses.replace(old, **changes)) == how, changes
+
+
+SLOW_IMPORT = '''
+import os
+import time
+
+from speedysvc import ServerMethodsBase, msgpack_method
+
+open("importing", "w").close()
+deadline = time.monotonic() + 60
+while not os.path.exists("gate") and time.monotonic() < deadline:
+    time.sleep(0.02)
+
+
+class SlowImport(ServerMethodsBase):
+    name = "slow_import"
+
+    @msgpack_method
+    def ping(self):
+        return 1
+'''
+
+
+def test_a_stop_during_a_reload_waits_for_it_then_stops_everything(running, tmp_path):
+    """SIGTERM while a reload imports a new section's class: the reload is applied, then every
+    service (the one it started too) is stopped; nothing is left running."""
+    import threading
+    m = running(BEFORE)
+    (tmp_path / "slowimport.py").write_text(SLOW_IMPORT)
+    rewrite(m, BEFORE + "\n[SlowImport]\nimport_from=slowimport\n")
+    answers = []
+    th = threading.Thread(target=lambda: answers.append(m.post("/api/reload")))
+    th.start()
+    try:
+        m.wait(lambda: (tmp_path / "importing").exists(), 60, "the reload to import slowimport")
+        m.proc.send_signal(signal.SIGTERM)
+        m.wait(lambda: "INFO speedysvc.manager: stopping" in m.output(), 20, "the manager to begin its stop")
+    finally:
+        (tmp_path / "gate").touch()
+        th.join(90)
+    assert m.proc.wait(60) == 0
+    out = m.output()
+    assert answers and answers[0][0] == 200 and answers[0][1]["added"] == ["SlowImport"], answers
+    assert out.index("reloaded /") < out.index("SlowImport: stopped") < out.index("manager stopped")
+    assert segment_inode("slow_import") is None and segment_inode("chatty") is None
