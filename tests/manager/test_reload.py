@@ -379,3 +379,18 @@ def test_a_stop_during_a_reload_waits_for_it_then_stops_everything(running, tmp_
     assert answers and answers[0][0] == 200 and answers[0][1]["added"] == ["SlowImport"], answers
     assert out.index("reloaded /") < out.index("SlowImport: stopped") < out.index("manager stopped")
     assert segment_inode("slow_import") is None and segment_inode("chatty") is None
+
+
+def test_a_new_log_dir_moves_the_services_log(running, tmp_path):
+    m = running(BEFORE)
+    first_seq = m.get("/api/services/Second/logs?lines=0")["records"][0]["seq"]
+    rewrite(m, BEFORE.replace("[Second]\n", "[Second]\n    log_dir=logs2\n"))
+    code, body = m.post("/api/reload")
+    assert code == 200 and body["changes"]["Second"] == {"keys": ["log_dir"], "how": "rolling restart"}, body
+    new_log = tmp_path / "logs2" / "Second.log"
+    assert wait_until(lambda: new_log.exists() and "running with" in new_log.read_text())
+    # the records kept in memory go on, in the same sequence
+    records = m.get("/api/services/Second/logs?lines=0")["records"]
+    assert records[0]["seq"] == first_seq and any("settings of [Second] reloaded" in r["message"] for r in records)
+    assert [r["seq"] for r in records] == sorted(r["seq"] for r in records)
+    assert m.service("Second")["log_file"] == str(new_log)
