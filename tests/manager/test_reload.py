@@ -394,3 +394,30 @@ def test_a_new_log_dir_moves_the_services_log(running, tmp_path):
     assert records[0]["seq"] == first_seq and any("settings of [Second] reloaded" in r["message"] for r in records)
     assert [r["seq"] for r in records] == sorted(r["seq"] for r in records)
     assert m.service("Second")["log_file"] == str(new_log)
+
+
+def test_a_reload_is_refused_once_the_manager_stops(running):
+    """A call in hand holds the stop (stop_timeout lets it finish): a reload asked for meanwhile
+    is refused with 409, and SIGHUP is ignored (not the default action, which ends a process)."""
+    import threading
+    m = running(BEFORE)
+    started = threading.Event()
+
+    def long_call():
+        with connect(Chatty) as c:
+            started.set()
+            c.sleep(4)
+    th = threading.Thread(target=long_call)
+    th.start()
+    try:
+        assert started.wait(10)
+        m.wait(lambda: m.service("Chatty")["in_flight"] == 1, 10, "the call to be in hand")
+        m.proc.send_signal(signal.SIGTERM)
+        m.wait(lambda: "INFO speedysvc.manager: stopping" in m.output(), 20, "the manager to begin its stop")
+        code, body = m.post("/api/reload")
+        assert (code, body) == (409, {"error": "reload refused: the manager is stopping"})
+        m.proc.send_signal(signal.SIGHUP)
+        m.wait(lambda: "SIGHUP ignored: the manager is stopping" in m.output(), 20, "the SIGHUP to be ignored")
+    finally:
+        th.join(30)
+    assert m.proc.wait(30) == 0
