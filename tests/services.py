@@ -373,3 +373,40 @@ class DiesIdle(ServerMethodsBase):
     @msgpack_method
     def never(self):
         return None
+
+
+class SlowStart(ServerMethodsBase):
+    """Does not start serving until the file named by SPEEDYSVC_TEST_GATE exists (if set; at
+    most 120 s): for the start order (depends_on) tests, which hold it starting."""
+    port = PORTS + 20
+    name = 'slow_start'
+
+    def __init__(self):
+        gate = os.environ.get("SPEEDYSVC_TEST_GATE")
+        deadline = time.monotonic() + 120
+        while gate and not os.path.exists(gate) and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+    @msgpack_method
+    def whoami(self):
+        return os.getpid()
+
+
+class Second(ServerMethodsBase):
+    """Another small service (depends_on and reload tests)."""
+    port = PORTS + 21
+    name = 'second'
+
+    @msgpack_method
+    def whoami(self):
+        return os.getpid()
+
+
+class Third(ServerMethodsBase):
+    """And a third."""
+    port = PORTS + 22
+    name = 'third'
+
+    @msgpack_method
+    def whoami(self):
+        return os.getpid()

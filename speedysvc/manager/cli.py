@@ -5,6 +5,7 @@
     speedysvc start|stop SERVICE
     speedysvc restart SERVICE [--hard]    rolling: new workers replace the old while calls go on
     speedysvc scale SERVICE N
+    speedysvc reload                      re-read the manager's service.ini and apply what changed
     speedysvc logs SERVICE [-f] [-n 50] [--level WARNING] [--grep TEXT]   (SERVICE may be "manager")
     speedysvc web                         the web interface's address, with the token that logs a browser in
 
@@ -90,13 +91,31 @@ def print_status(status: dict, out=sys.stdout) -> None:
     print(f"manager pid {m['pid']}, up {m['uptime']:.0f} s, {m['config']}", file=out)
     rows = [("SERVICE", "STATE", "WORKERS", "CALLS/S", "P50 MS", "P99 MS", "ERRORS", "CPU", "RSS MB")]
     for s in status["services"]:
-        rows.append((s["name"], s["state"] + (f" ({s['failure']})" if s["failure"] else ""),
+        state = s["state"] + (f" (for {', '.join(s['waiting_for'])})" if s.get("waiting_for") else "")
+        rows.append((s["name"], state + (f" ({s['failure']})" if s["failure"] else ""),
                      f"{s['workers']}/{s['min_workers']}-{s['max_workers']}", f"{s['calls_per_s']:.1f}",
                      _fmt_ms(s["p50_ms"]), _fmt_ms(s["p99_ms"]), str(s["errors"]), f"{s['cpu'] * 100:.0f}%",
                      f"{s['rss'] / 2**20:.0f}"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip(), file=out)
+
+
+def print_reload(result: dict, out=sys.stdout) -> None:
+    """What a reload changed, one line per kind (docs/service-manager.md)."""
+    def line(label, names):
+        print(f"{label}: {', '.join(names) if names else 'none'}", file=out)
+    line("added", result["added"])
+    line("removed", result["removed"])
+    line("restarted", [f"{s} ({result['changes'][s]['how']}: {', '.join(result['changes'][s]['keys'])})"
+                       if s in result["changes"] else s for s in result["restarted"]])
+    line("unchanged", result["unchanged"])
+    if result.get("waiting"):
+        line("waiting for their dependencies", result["waiting"])
+    for section, why in result.get("failed", {}).items():
+        print(f"failed: {section} ({why})", file=out)
+    if result.get("needs_manager_restart"):
+        line("not applied until the manager restarts", result["needs_manager_restart"])
 
 
 def _print_record(rec: dict) -> None:
@@ -121,6 +140,8 @@ def main(argv=None) -> int:
     p = sub.add_parser("restart", help="restart one service: new workers replace the old ones while it serves")
     p.add_argument("service")
     p.add_argument("--hard", action="store_true", help="stop the service, then start it (calls wait meanwhile)")
+    sub.add_parser("reload", help="re-read the manager's service.ini: start added services, stop removed ones, "
+                                  "restart changed ones")
     p = sub.add_parser("scale", help="set the number of workers of a service")
     p.add_argument("service")
     p.add_argument("workers", type=int)
@@ -149,6 +170,8 @@ def main(argv=None) -> int:
             body = {"hard": True} if getattr(args, "hard", False) else None
             s = _request(args, "POST", f"/api/services/{args.service}/{args.command}", body)
             print(f"{s['name']}: {s['state']}, {s['workers']} worker(s)")
+        elif args.command == "reload":
+            print_reload(_request(args, "POST", "/api/reload"))
         elif args.command == "scale":
             s = _request(args, "POST", f"/api/services/{args.service}/scale", {"workers": args.workers})
             print(f"{s['name']}: scaling to {s['target_workers']} worker(s)")

@@ -88,6 +88,16 @@ def _bool(text: str) -> bool:
     raise ValueError("must be true or false")
 
 
+def _names(text: str) -> tuple:
+    names = tuple(n for n in re.split(r"[,\s]+", text.strip()) if n)
+    for n in names:
+        if not n.isidentifier():
+            raise ValueError(f"must be service section names separated by commas, and {n!r} is not one")
+    if len(set(names)) != len(names):
+        raise ValueError("names a section twice")
+    return names
+
+
 def _level(text: str) -> str:
     level = text.strip().upper()
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
@@ -137,6 +147,8 @@ SERVICE_KEYS = {
     "scale_down_after": (_float(0), 30.0, "seconds of low load before one worker is removed"),
     "autoscale": (_text, "default", "autoscaling policy: default, fixed (no autoscaling), or module:Class "
                                     "of your own (see speedysvc.manager.autoscale)"),
+    "depends_on": (_names, None, "service sections (comma-separated) that must be serving before this one "
+                                 "starts; it stops before them"),
 }
 SERVICE_ALIASES = {"tcp_bind": "bind_tcp"}
 
@@ -241,8 +253,9 @@ def load(path: str) -> ManagerConfig:
         return out
 
     defaults = items(DEFAULTS_SECTION, SERVICE_KEYS, SERVICE_ALIASES) if ini.has_section(DEFAULTS_SECTION) else {}
-    if "import_from" in defaults:
-        raise ConfigError(path, DEFAULTS_SECTION, "import_from", "belongs in a service's own section")
+    for own in ("import_from", "depends_on"):
+        if own in defaults:
+            raise ConfigError(path, DEFAULTS_SECTION, own, "belongs in a service's own section")
 
     web_raw = items(WEB_SECTION, WEB_KEYS) if ini.has_section(WEB_SECTION) else {}
     web_values = {k: (_parse(path, WEB_SECTION, k, p, web_raw[k]) if k in web_raw else d)
@@ -291,9 +304,11 @@ def load(path: str) -> ManagerConfig:
         except ValueError as e:
             raise ConfigError(path, section, "autoscale", f"{e}, got {values['autoscale']!r}") from None
         values["log_dir"] = os.path.join(folder, os.path.expanduser(values["log_dir"]))
+        values["depends_on"] = values["depends_on"] or ()
         services.append(ServiceConfig(section=section, **values))
     if not services:
         raise ConfigError(path, None, None, "no service section: add one named after a service class")
+    _check_dependencies(path, services)
 
     manager_log = dict(defaults)
     return ManagerConfig(
@@ -325,6 +340,54 @@ def _check_tcp(path: str, section: str, folder: str, values: dict) -> None:
                                                              "set tcp_secret too")
     if values["tcp_tls_key"] and not values["tcp_tls_cert"]:
         raise ConfigError(path, section, "tcp_tls_key", "needs tcp_tls_cert")
+
+
+def _check_dependencies(path: str, services: list) -> None:
+    """``depends_on`` names service sections of this file, and no service depends on itself,
+    directly or through others."""
+    by_section = {s.section: s for s in services}
+    for s in services:
+        for dep in s.depends_on:
+            if dep == s.section:
+                raise ConfigError(path, s.section, "depends_on", f"{dep} depends on itself")
+            if dep not in by_section:
+                raise ConfigError(path, s.section, "depends_on",
+                                  f"no service section [{dep}] (depends_on names sections: "
+                                  f"{', '.join(sorted(by_section))})")
+    done: set[str] = set()
+
+    def visit(section: str, trail: list[str]) -> None:
+        if section in trail:
+            cycle = trail[trail.index(section):] + [section]
+            raise ConfigError(path, cycle[0], "depends_on", f"dependency cycle: {' -> '.join(cycle)}")
+        if section in done:
+            return
+        for dep in by_section[section].depends_on:
+            visit(dep, trail + [section])
+        done.add(section)
+
+    for s in services:
+        visit(s.section, [])
+
+
+# How a running service takes a change of its settings on reload (docs/service-manager.md,
+# "Reloading the configuration").  What shapes the shared-memory segment, or names it, cannot
+# change under running workers: the service is stopped and started again.  The TCP side is a
+# gateway in the manager: a new one replaces the old, the workers keep running.  depends_on is
+# the order of starts and stops only.  Every other key: a rolling restart of the workers.
+SEGMENT_KEYS = ("name", "max_channels", "max_payload")
+TCP_KEYS = ("port", "bind_tcp") + tuple(k for k in SERVICE_KEYS if k.startswith("tcp_"))
+ORDER_KEYS = ("depends_on",)
+
+
+def setting_keys(s) -> dict:
+    """A service's settings as its section gives them (after [defaults]): what a reload compares."""
+    return {key: getattr(s, key) for key in SERVICE_KEYS}
+
+
+def changed_keys(old, new) -> list[str]:
+    """The settings, and what describing the class learnt (``name``, ``port``), that differ."""
+    return [key for key in list(SERVICE_KEYS) + ["name", "port"] if getattr(old, key) != getattr(new, key)]
 
 
 def check_policies(config: ManagerConfig) -> None:

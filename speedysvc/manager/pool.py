@@ -72,6 +72,7 @@ class ServicePool:
         self._restart_done = 0                # requests that queue meanwhile share one restart
         self._restart_error: BaseException | None = None
         self._candidate_deaths: dict[int, str] = {}
+        self.waiting_for: list[str] = []   # the sections it depends on that are not running yet (manager)
 
     # -- lifetime --------------------------------------------------------------------------
     async def start(self) -> None:
@@ -352,10 +353,14 @@ class ServicePool:
     def close(self) -> None:
         """After ``stop``, when the manager exits (or the service is no longer configured):
         remove the segment a stopped service kept; its callers then wait for a manager."""
+        self.drop_kept_segment()
+        self.log.close()
+
+    def drop_kept_segment(self) -> None:
+        """Remove the segment a stopped service kept (its name is going out of use)."""
         kept, self.kept_segment = self.kept_segment, None
         if kept is not None:
             kept.destroy()   # (only if the name is still ours: another owner may have taken it)
-        self.log.close()
 
     def _event(self, level: str, message: str) -> None:
         """A lifecycle event: in the service's log, and in the manager's."""
@@ -534,6 +539,44 @@ class ServicePool:
             self._set_target(n, f"autoscale up (waiting {pending:.1f}, busy {busy:.0%}, cpu {cpu:.0%})")
         elif n < len(live):
             self._set_target(n, f"autoscale down (busy {busy:.0%}, cpu {cpu:.0%})")
+
+    # -- reconfiguration (a reload of service.ini) ------------------------------------------
+    def reconfigure(self, cfg: ServiceConfig) -> None:
+        """Take new settings of this service's section.  Workers started from now on use them;
+        running ones are left alone (the manager restarts them as the change needs)."""
+        old, self.cfg = self.cfg, cfg
+        if (old.log_dir, old.section, old.log_max_bytes, old.log_backups) != \
+                (cfg.log_dir, cfg.section, cfg.log_max_bytes, cfg.log_backups):
+            # the same records in memory and the same live followers, in the new file
+            new_log = ServiceLog(os.path.join(cfg.log_dir, f"{cfg.section}.log"), cfg.log_max_bytes, cfg.log_backups)
+            new_log.recent, new_log.subscribers, new_log.seq = self.log.recent, self.log.subscribers, self.log.seq
+            self.log.close()
+            self.log = self.workers.log = new_log
+        self.policy = make_policy(cfg, self.folder)   # (a policy reads its limits from the settings)
+        self.policy.started(time.monotonic())
+        self.target = max(cfg.min_proc_num, min(cfg.max_proc_num, self.target)) \
+            if self.state in (STARTING, RUNNING) else cfg.min_proc_num
+        self._event("INFO", f"settings of [{cfg.section}] reloaded")
+
+    async def restart_tcp(self) -> bool:
+        """Serve TCP clients as the settings now say (``bind_tcp``, ``tcp_*``, the port): a new
+        gateway replaces the old one, whose calls in flight finish first (up to stop_timeout);
+        the workers run on.  False if the gateway already serves as configured."""
+        cfg = self.cfg
+        if self.state != RUNNING:
+            return False
+        wanted = cfg.tcp_options() if cfg.bind_tcp else None
+        if self.tcp is None and wanted is None:
+            return False
+        if self.tcp is not None and wanted is not None and self.tcp.options == wanted:
+            return False
+        if self.tcp is not None:
+            tcp, self.tcp = self.tcp, None
+            self._event("INFO", "closing the TCP gateway for new settings")
+            await tcp.close(cfg.stop_timeout, reason="the service's TCP settings changed")
+        if wanted is not None:
+            await self._start_tcp()
+        return True
 
     # -- reporting -------------------------------------------------------------------------
     def status(self) -> dict:

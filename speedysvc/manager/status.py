@@ -34,9 +34,13 @@ def service_status(pool) -> dict:
     registered = {r["pid"]: r for r in pool.registered()}
     stats = seg.method_stats() if seg is not None else {}
     last = pool.history.latest()
+    waiting_for = list(pool.waiting_for)
     return {
-        "name": cfg.section, "service": cfg.name, "target": cfg.target, "state": pool.state,
-        "failure": pool.failure, "restarting": pool.restarting, "workers": len(pool.workers), "target_workers": pool.target,
+        "name": cfg.section, "service": cfg.name, "target": cfg.target,
+        # "waiting": not started yet, for the services in waiting_for (depends_on) to run
+        "state": "waiting" if waiting_for and pool.state in ("stopped", "failed") else pool.state,
+        "failure": pool.failure, "restarting": pool.restarting, "depends_on": list(cfg.depends_on), "waiting_for": waiting_for,
+        "started": pool.started_at, "workers": len(pool.workers), "target_workers": pool.target,
         "min_workers": cfg.min_proc_num, "max_workers": cfg.max_proc_num, "autoscale": cfg.autoscale,
         "calls": sum(m["calls"] for m in stats.values()), "errors": sum(m["errors"] for m in stats.values()),
         "in_flight": sum(1 for r in registered.values() if r["busy"]),

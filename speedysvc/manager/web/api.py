@@ -19,7 +19,9 @@ import secrets
 from aiohttp import web
 
 from ...transport import is_loopback
+from ..config import ConfigError
 from ..logs import matches
+from ..manager import ReloadRefused
 from . import access
 
 CSRF_HEADER = "X-Speedysvc-Request"
@@ -124,6 +126,8 @@ def make_app(manager, token: str | None = None, host: str = "127.0.0.1") -> web.
     async def action(request):
         pool = pool_or_404(request.match_info["name"])
         act = request.match_info["action"]
+        if act == "stop":
+            manager.cancel_waiting(pool)   # (one waiting for its dependencies does not start later)
         options = {}
         if act == "restart":
             # {"hard": true}: stop, then start; else a rolling restart (the body may be empty)
@@ -142,6 +146,18 @@ def make_app(manager, token: str | None = None, host: str = "127.0.0.1") -> web.
         if act != "stop" and pool.state != "running" and pool.failure:
             return _error(409, f"{act} failed: {pool.failure}")
         return _json(pool.status())
+
+    @routes.post("/api/reload")
+    async def reload(request):
+        # shielded: a client that goes away does not cut a reload short
+        try:
+            result = await asyncio.shield(asyncio.ensure_future(manager.reload()))
+        except ConfigError as e:
+            return _json({"error": f"configuration error, nothing changed: {e}", "file": e.path,
+                          "section": e.section, "key": e.key}, 400)
+        except ReloadRefused as e:
+            return _error(409, f"reload refused: {e}")
+        return _json(result)
 
     @routes.post("/api/services/{name}/scale")
     async def scale(request):

@@ -142,15 +142,26 @@ function drawChart(svg, points) {
 }
 
 // ---- pages -------------------------------------------------------------------------------
+function stateText(s) {
+  // "waiting (for A, B)": not started until the services it depends on run
+  return s.state + (s.waiting_for && s.waiting_for.length ? ` (for ${s.waiting_for.join(", ")})` : "")
+    + (s.failure ? ` (${s.failure})` : "");
+}
+
 async function refreshIndex() {
   try {
     const status = await api("/api/status");
     live(true);
+    const shown = [...document.querySelectorAll("tr[data-service]")].map((r) => r.dataset.service);
+    if (shown.join("\n") !== status.services.map((s) => s.name).join("\n")) {
+      location.reload();   // services were added or removed (a reload of service.ini)
+      return;
+    }
     for (const s of status.services) {
       const row = document.querySelector(`tr[data-service="${CSS.escape(s.name)}"]`);
       if (!row) continue;
       const pill = row.querySelector(".state .pill");
-      setText(pill, s.state + (s.failure ? ` (${s.failure})` : ""));
+      setText(pill, stateText(s));
       pill.className = "pill " + s.state;
       setText(row.querySelector(".workers"), `${s.workers} / ${s.min_workers}–${s.max_workers}`);
       setText(row.querySelector(".rate"), fmt(s.calls_per_s));
@@ -170,7 +181,7 @@ async function refreshService(name) {
     const s = await api(`/api/services/${encodeURIComponent(name)}`);
     live(true);
     const pill = document.getElementById("state");
-    setText(pill, s.state + (s.failure ? ` (${s.failure})` : ""));
+    setText(pill, stateText(s));
     pill.className = "pill " + s.state;
     setText(document.getElementById("restarts"), String(s.restarts));
     const t = s.tcp_server;
