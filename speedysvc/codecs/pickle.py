@@ -19,18 +19,30 @@ OUT_OF_BAND_MIN = 65536
 
 def _dumps(obj, _dumps=pickle.dumps, _min=OUT_OF_BAND_MIN):
     buffers = []
+    stream = _dumps(obj, protocol=5, buffer_callback=buffers.append)   # (None: out of band)
+    if not buffers:
+        return stream
+    if all(_small(b, _min) for b in buffers):   # rare: small arrays only; they go in the stream
+        return _dumps(obj, protocol=5)
+    if not all(_contiguous(b) for b in buffers):
+        # a buffer pickle cannot send out of band as it is: in the stream, the large ones too
+        return _dumps(obj, protocol=5)
+    return outofband.OutOfBand(stream, buffers)
 
-    def out_of_band(buf):   # a true value keeps a buffer in the stream
-        try:
-            if buf.raw().nbytes < _min:
-                return True
-        except BufferError:   # not contiguous: pickled in the stream
-            return True
-        buffers.append(buf)
+
+def _small(buf, limit) -> bool:
+    try:
+        return buf.raw().nbytes < limit
+    except BufferError:
         return False
 
-    stream = _dumps(obj, protocol=5, buffer_callback=out_of_band)
-    return outofband.OutOfBand(stream, buffers) if buffers else stream
+
+def _contiguous(buf) -> bool:
+    try:
+        buf.raw()
+    except BufferError:
+        return False
+    return True
 
 
 def _loads(data, _loads=pickle.loads):
@@ -63,7 +75,8 @@ class PickleCodec(Codec):
     network_safe = False
     out_of_band = True
     dumps = staticmethod(_dumps)
-    loads = loads_fast = staticmethod(_loads)
+    loads = staticmethod(_loads)
+    loads_fast = staticmethod(pickle.loads)   # refuses an out-of-band payload (no pickle starts with 0): loads then
 
     def decode_args_in_place(self, method: str, data, flags: int):
         if not (len(data) and data[0] == 0):

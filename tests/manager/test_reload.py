@@ -388,7 +388,7 @@ def test_a_new_log_dir_moves_the_services_log(running, tmp_path):
     code, body = m.post("/api/reload")
     assert code == 200 and body["changes"]["Second"] == {"keys": ["log_dir"], "how": "rolling restart"}, body
     new_log = tmp_path / "logs2" / "Second.log"
-    assert wait_until(lambda: new_log.exists() and "running with" in new_log.read_text())
+    assert wait_until(lambda: new_log.exists() and "rolling restart done" in new_log.read_text())
     # the records kept in memory go on, in the same sequence
     records = m.get("/api/services/Second/logs?lines=0")["records"]
     assert records[0]["seq"] == first_seq and any("settings of [Second] reloaded" in r["message"] for r in records)
