@@ -172,6 +172,7 @@ def main():
             print(flush=True)
             if placement == "default":
                 asks = rows
+        pin(service.pids, "default", "server")   # (the placements above left it pinned)
         print_seed_path(seed_path(lambda: connect(BenchEcho), BenchEcho, args.codecs.split(","),
                                   args.calls, args.rounds), "shared memory")
         workers, client = idle_cpu(service, 3.0 if args.quick else 10.0)   # CPU time comes in 10 ms ticks

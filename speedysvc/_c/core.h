@@ -109,9 +109,11 @@ static inline int futex_wake(uint32_t *addr, int n) {
  * bounded by a budget that adapts: a wait that ended in sleep shortly after
  * the budget ran out grows it back to the maximum (a longer spin would have
  * paid), a long wait halves it (spinning did not pay).  When more threads are
- * runnable than there are CPUs, spinning would steal the CPU the peer needs,
- * so it is skipped altogether.  The caller's side spins in region.c, the
- * worker's in serve.c; the budgets are set by module.c's set_spin. */
+ * runnable than there are CPUs, a plain spin would steal the CPU the peer
+ * needs, and not spinning makes every call pay a futex wake-up: the spin
+ * yields the CPU on every round instead (benchmarks/bench_load.py).  The
+ * caller's side spins in region.c, the worker's in serve.c; the budgets are
+ * set by module.c's set_spin. */
 /* After this long, the spin yields the CPU on every round: if the peer shares
  * our CPU it runs at once.  Not sooner: a call takes a few microseconds, and a
  * sched_yield is a system call that, on a VM, costs about as much as the

@@ -230,10 +230,12 @@ int post_publish(char *base, long slot, Py_ssize_t name_len, Py_ssize_t total, u
 static int spin_for_response(char *ch, int woke_worker, uint64_t start) {
     uint32_t *st = U32(ch, C_STATE);
     if ((LOAD(st) & ST_CODE) == ST_RESPONSE) return 1;
-    if (!client_spin.budget_ns || system_overloaded(start)) return 0;
+    if (!client_spin.budget_ns) return 0;
     int cpu = sched_getcpu();
-    /* a worker we just woke may have been put on our CPU: let it run at once */
-    uint64_t yield_after = woke_worker ? 0 : YIELD_AFTER_NS, stop = start + client_spin.budget_ns, t;
+    /* a worker we just woke may have been put on our CPU, and with more runnable threads than
+     * CPUs the worker may wait for ours: let it run at once, and on every round */
+    uint64_t yield_after = woke_worker || system_overloaded(start) ? 0 : YIELD_AFTER_NS;
+    uint64_t stop = start + client_spin.budget_ns, t;
     for (unsigned i = 1;; i++) {
         uint32_t s = LOAD(st);
         if ((s & ST_CODE) == ST_RESPONSE) return 1;

@@ -57,8 +57,11 @@ static long claim_spin(Region *self, uint32_t pid, uint64_t start, int *spun_ok)
     long slot = try_claim(self, pid);
     /* the caller we just answered will post its next call soon, unless it
      * needs this CPU to do so: then spinning would only delay it */
-    if (slot >= 0 || !worker_spin.budget_ns || self->last_caller_cpu == sched_getcpu() || system_overloaded(start))
-        return slot;
+    if (slot >= 0 || !worker_spin.budget_ns || self->last_caller_cpu == sched_getcpu()) return slot;
+    /* with more runnable threads than CPUs, a caller may need this CPU to post its next call:
+     * spin yielding it on every round (not spinning at all costs a futex wake-up per call, ~20 µs
+     * here, which with several callers per CPU is most of their time) */
+    uint64_t yield_after = system_overloaded(start) ? 0 : YIELD_AFTER_NS;
     uint64_t stop = start + worker_spin.budget_ns, t;
     for (unsigned i = 1;; i++) {
         if (any_posted(base) && (slot = try_claim(self, pid)) >= 0) { *spun_ok = 1; return slot; }
@@ -66,7 +69,7 @@ static long claim_spin(Region *self, uint32_t pid, uint64_t start, int *spun_ok)
         if ((i & 15) == 0) {
             t = now_ns();
             if (t >= stop) return -1;
-            if (t - start > YIELD_AFTER_NS) sched_yield();
+            if (t - start >= yield_after) sched_yield();
         }
     }
 }
