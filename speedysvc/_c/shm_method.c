@@ -27,8 +27,10 @@ static PyObject *SM_fallback(ShmMethod *self, PyObject *const *args, size_t narg
 }
 
 /* After the call was posted on channel `c` (got: what the wait returned): the result, the
- * channel given back or handed to Python with it.  `payload` is the encoded request, or None
- * once nothing can need it again (written in place and posted for good). */
+ * channel given back or handed to Python with it.  `payload` is the encoded request, or, for
+ * a request encoded in place, the arguments' tuple: a call withdrawn before any worker took
+ * it (its service stopped to restart) is sent again once the service is back, and _resume
+ * encodes the tuple again for that (the tuple holds what it encodes, unchanged). */
 static PyObject *SM_finish(ShmMethod *self, taken_channel *c, PyObject *got, PyObject *payload) {
     PyObject *result = NULL;
     /* A signal that came while spinning is handled here, while the channel is still
@@ -69,7 +71,7 @@ static int SM_call_in_place(ShmMethod *self, PyObject *tuple, PyObject **result)
     mp_encode(tuple, data->base + name_len);
     int rc = post_publish(svc->base, c.slot, name_len, name_len + size, self->flags);
     PyObject *got = collect_channel(svc, c.slot, data, self->slice, rc == POSTED_WOKE);
-    *result = SM_finish(self, &c, got, Py_None);
+    *result = SM_finish(self, &c, got, tuple);
     Py_XDECREF(got);
     channel_release(&c);
     return 1;

@@ -103,6 +103,11 @@ class Bulky(ServerMethodsBase):
         return b"x" * n
 
     @msgpack_method
+    def pause(self, seconds):
+        import time
+        time.sleep(seconds)
+
+    @msgpack_method
     def make_odd(self, n):
         return {frozenset([1]): b"x" * n}   # not msgpack-encodable: the error path, even large
 
