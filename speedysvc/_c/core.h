@@ -150,7 +150,11 @@ typedef struct {
     int last_caller_cpu; /* CPU of the caller last served by this worker */
     int owns;           /* a mapping made by map_fd, unmapped on dealloc */
     Py_ssize_t exports; /* memoryviews currently over an owned mapping */
+    uint32_t gen;       /* a channel's data segment: its generation (DataSegment sets it), else
+                         * GEN_UNKNOWN; a caller reads a response in place only from the
+                         * generation the channel is at (see collect_channel) */
 } Region;
+#define GEN_UNKNOWN 0xFFFFFFFFu
 
 extern PyTypeObject RegionType;
 

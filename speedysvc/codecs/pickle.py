@@ -86,10 +86,15 @@ class PickleCodec(Codec):
             stream, views = outofband.split(data)
         except ValueError as e:
             raise DecodeError(f"cannot decode the arguments of {method}() with pickle: {e}") from None
-        held = views + [stream]
+        # The method gets each buffer as a view of its own, made through a PickleBuffer: what
+        # it makes of one (an array, a slice, a cast) then holds an export of the view
+        # beneath, even a slice, which shares its view's memory without being exported by it;
+        # releasing the given views first, then those beneath, tells whether anything was kept.
+        given = [memoryview(pickle.PickleBuffer(v)) for v in views]
+        held = given + views + [stream]
         try:
             # the method reads the buffers where they are: read-only views of the request
-            args, kwargs = self.decode_args(method, _Prepared(stream, views), flags)
+            args, kwargs = self.decode_args(method, _Prepared(stream, given), flags)
         except BaseException:
             _release(held)
             raise

@@ -183,6 +183,11 @@ class Arrays(ServerMethodsBase):
         return len(buf)
 
     @pickle_method
+    def keep_slice(self, buf):
+        self.kept = buf[:]         # made from the view, not exported by it
+        return len(buf)
+
+    @pickle_method
     def use_kept_view(self):
         return bytes(self.kept[:4])
 
