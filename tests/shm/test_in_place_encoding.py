@@ -139,3 +139,14 @@ def test_a_large_call_withdrawn_while_its_service_stops_goes_again_once_it_is_ba
             th.join(30)
         assert len(got) == 1 and not isinstance(got[0], BaseException), got
         assert got[0] == data
+
+
+def test_a_result_over_the_payload_limit_is_refused_even_when_it_fits_the_channel():
+    # the channel (1 MiB as made, and doubling as it grows) can hold more than max_payload
+    from speedysvc import PayloadTooLarge
+    limit = 300_000
+    with LocalService(BulkyAlone, workers=1, max_payload=limit), connect(BulkyAlone, timeout=60) as c:
+        for n in (limit + 1000, 900_000):
+            with pytest.raises(PayloadTooLarge, match="response"):
+                c.make(n)
+        assert c.make(limit - 100) == b"x" * (limit - 100)
