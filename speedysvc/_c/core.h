@@ -178,7 +178,7 @@ static inline int get_data(PyObject *obj, PyTypeObject *type, Region **out) {
 int check_service(Region *self);
 int check_slot(Region *self, long slot);
 int post_call(char *base, long slot, Region *data, Py_buffer *name, Py_buffer *payload, uint32_t flags);
-int post_check(char *base, Region *data, Py_ssize_t total);
+int post_check(char *base, Region *data, Py_ssize_t name_len, Py_ssize_t payload_len);
 int post_publish(char *base, long slot, Py_ssize_t name_len, Py_ssize_t total, uint32_t flags);
 PyObject *collect_channel(Region *self, long slot, Region *data, double timeout, int woke_worker);
 PyObject *call_channel(Region *self, long slot, Region *data, PyObject *name_obj, PyObject *payload_obj,

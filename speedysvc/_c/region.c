@@ -185,7 +185,7 @@ static inline int kick_workers(char *base) {
  * for it. */
 int post_call(char *base, long slot, Region *data, Py_buffer *name, Py_buffer *payload, uint32_t flags) {
     Py_ssize_t total = name->len + payload->len;
-    int rc = post_check(base, data, total);
+    int rc = post_check(base, data, name->len, payload->len);
     if (rc) return rc;
     memcpy(data->base, name->buf, name->len);
     if (payload->buf == data->base + name->len) {
@@ -201,10 +201,13 @@ int post_call(char *base, long slot, Region *data, Py_buffer *name, Py_buffer *p
 }
 
 /* post_call's halves, for a caller that writes the request into the data segment itself
- * (ShmMethod's in-place encoding): 0 when `total` bytes may be written there now, else
+ * (ShmMethod's in-place encoding): 0 when the name and payload may be written there now, else
  * CALL_TOO_BIG or CALL_NOT_SERVING; then, once written, the publication. */
-int post_check(char *base, Region *data, Py_ssize_t total) {
-    if (total > data->size) return CALL_TOO_BIG;
+int post_check(char *base, Region *data, Py_ssize_t name_len, Py_ssize_t payload_len) {
+    /* over the service's limit: CALL_TOO_BIG too, and the caller's usual way refuses it
+     * (PayloadTooLarge) rather than send what the channel, larger than the limit, holds */
+    uint64_t limit = LOAD(U64(base, H_MAX_PAYLOAD));
+    if (name_len + payload_len > data->size || (limit && (uint64_t)payload_len > limit)) return CALL_TOO_BIG;
     if (LOAD(U32(base, H_STATE)) != SVC_SERVING) return CALL_NOT_SERVING;
     return 0;
 }

@@ -61,7 +61,7 @@ static int SM_call_in_place(ShmMethod *self, PyObject *tuple, PyObject **result)
     Py_ssize_t name_len = PyBytes_GET_SIZE(self->name);
     /* measured again now that the channel is in hand: channel_take may have run Python code */
     Py_ssize_t size = mp_encoded_size(tuple);
-    if (size < IN_PLACE_MIN || post_check(svc->base, data, name_len + size)) {
+    if (size < IN_PLACE_MIN || post_check(svc->base, data, name_len, size)) {
         *result = NULL;
         if (channel_give_back(self->transport, &c) < 0) { channel_release(&c); return 1; }
         channel_release(&c);

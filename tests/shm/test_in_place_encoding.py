@@ -150,3 +150,15 @@ def test_a_result_over_the_payload_limit_is_refused_even_when_it_fits_the_channe
             with pytest.raises(PayloadTooLarge, match="response"):
                 c.make(n)
         assert c.make(limit - 100) == b"x" * (limit - 100)
+
+
+def test_a_request_over_the_payload_limit_is_refused_even_when_it_fits_the_channel():
+    from speedysvc import PayloadTooLarge
+    limit = 300_000
+    with LocalService(BulkyAlone, workers=1, max_payload=limit), connect(BulkyAlone, timeout=60) as c:
+        for n in (limit + 1000, 900_000):                  # in place (msgpack's C encoder) and not
+            with pytest.raises(PayloadTooLarge, match="request"):
+                c.echo(b"r" * n)
+            with pytest.raises(PayloadTooLarge, match="request"):
+                c.echo(bytearray(b"r" * n))                # (msgpack's own encoder: the usual way)
+        assert c.echo(b"r" * (limit - 100)) == b"r" * (limit - 100)
