@@ -27,6 +27,18 @@ def _dumps(obj, _dumps=pickle.dumps, _min=OUT_OF_BAND_MIN):
     if not all(_contiguous(b) for b in buffers):
         # a buffer pickle cannot send out of band as it is: in the stream, the large ones too
         return _dumps(obj, protocol=5)
+    if any(_small(b, _min) for b in buffers):
+        # small ones beside large ones (rare): pickled again, the small ones in the stream; beside
+        # it each would take a page at least, and a decoder takes at most MAX_BUFFERS of them
+        buffers = []
+
+        def beside(buf):   # a true value keeps the buffer in the stream
+            if _small(buf, _min):
+                return True
+            buffers.append(buf)
+            return False
+
+        stream = _dumps(obj, protocol=5, buffer_callback=beside)
     return outofband.OutOfBand(stream, buffers)
 
 

@@ -182,3 +182,14 @@ def test_arrays_over_tcp_travel_as_pieces_of_the_frame():
             assert np.array_equal(c.echo(a), a)
         with connect(ArraysAlone, svc.tcp_address, secret="s3cret", timeout=60, compression="zstd") as c:
             assert np.array_equal(c.echo(a), a)
+
+
+def test_small_arrays_beside_a_large_one_stay_in_the_stream(client):
+    # only the large buffers go beside the stream: each one takes a page at least there, and a
+    # decoder takes at most MAX_BUFFERS of them
+    big = np.arange(MiB // 8, dtype=np.float64)
+    value = [big] + [np.full(4, float(i)) for i in range(outofband.MAX_BUFFERS + 10)]
+    encoded = codecs.pickle._dumps(value)
+    assert len(encoded.buffers) == 1 and len(encoded) < 2 * MiB + 64 * len(value)
+    back = client.echo(value)
+    assert np.array_equal(back[0], big) and all(np.array_equal(a, b) for a, b in zip(back[1:], value[1:]))
