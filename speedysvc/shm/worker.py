@@ -252,7 +252,9 @@ class Worker:
             if kept:
                 self.warn_kept(method)
             if kept and start:
-                data = segment.replace_data_segment(seg, slot, owner, size, 0)
+                # as large as the one left behind: the caller's next request, likely of the same
+                # size, then fits without the caller growing the channel again
+                data = segment.replace_data_segment(seg, slot, owner, max(size, entry[2].size), 0)
                 data.view[:size] = dest[start:start + size]
                 entry = self.channels[slot] = (owner, data.gen, data.region, data.view.toreadonly())
                 start = 0

@@ -193,3 +193,21 @@ def test_small_arrays_beside_a_large_one_stay_in_the_stream(client):
     assert len(encoded.buffers) == 1 and len(encoded) < 2 * MiB + 64 * len(value)
     back = client.echo(value)
     assert np.array_equal(back[0], big) and all(np.array_equal(a, b) for a, b in zip(back[1:], value[1:]))
+
+
+def test_a_method_that_keeps_every_argument_costs_one_new_segment_a_call():
+    from speedysvc import _shmcore as core
+    from conftest import channel_states
+    a = np.arange(MiB, dtype=np.float64)                  # 8 MiB: more than a channel as made
+    with LocalService(ArraysAlone, workers=1) as svc, connect(ArraysAlone, timeout=60) as c:
+        def gen():
+            (slot,) = channel_states(svc)
+            return svc.segment.region.load32(svc.segment.channel_offset(slot) + core.C_DATA_GEN)
+        assert c.keep(a) == float(a.sum())
+        before = gen()
+        for k in range(4):
+            assert c.keep(a + k) == float((a + k).sum())
+        # the worker moves the channel once a call (the kept array stays where it is); the
+        # caller does not have to grow the new one again for a request of the same size
+        assert gen() - before == 4
+        assert c.kept_total() == float((a + 3).sum())
