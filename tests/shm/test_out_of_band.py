@@ -211,3 +211,26 @@ def test_a_method_that_keeps_every_argument_costs_one_new_segment_a_call():
         # caller does not have to grow the new one again for a request of the same size
         assert gen() - before == 4
         assert c.kept_total() == float((a + 3).sum())
+
+
+def test_over_tcp_a_kept_array_stays_valid_and_the_asyncio_client_gets_arrays():
+    """The gateway is a caller like any other: it reads each answer from the segment it is in,
+    also after the worker moved the channel away from a kept array."""
+    import asyncio
+    a = np.arange(20_000, dtype=np.float64)
+    with LocalService(ArraysAlone, workers=1, tcp="127.0.0.1:0", tcp_secret="s3cret", tcp_allow_pickle=True) as svc:
+        with connect(ArraysAlone, svc.tcp_address, secret="s3cret", timeout=60) as c:
+            for k in range(3):
+                assert c.keep(a + k) == float((a + k).sum())
+                assert c.total(np.full(20_000, 5.0)) == 100_000.0
+                assert c.kept_total() == float((a + k).sum())
+
+        async def main():
+            ac = connect_async(ArraysAlone, svc.tcp_address, secret="s3cret", timeout=60)
+            try:
+                return [await ac.echo(a * k) for k in range(3)]
+            finally:
+                await ac.aclose()
+
+        for k, back in enumerate(asyncio.run(main())):
+            assert np.array_equal(back, a * k)
