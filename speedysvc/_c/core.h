@@ -152,7 +152,11 @@ typedef struct {
     int last_caller_cpu; /* CPU of the caller last served by this worker */
     int owns;           /* a mapping made by map_fd, unmapped on dealloc */
     Py_ssize_t exports; /* memoryviews currently over an owned mapping */
+    uint32_t gen;       /* a channel's data segment: its generation (DataSegment sets it), else
+                         * GEN_UNKNOWN; a caller reads a response in place only from the
+                         * generation the channel is at (see collect_channel) */
 } Region;
+#define GEN_UNKNOWN 0xFFFFFFFFu
 
 extern PyTypeObject RegionType;
 
@@ -176,7 +180,7 @@ static inline int get_data(PyObject *obj, PyTypeObject *type, Region **out) {
 int check_service(Region *self);
 int check_slot(Region *self, long slot);
 int post_call(char *base, long slot, Region *data, Py_buffer *name, Py_buffer *payload, uint32_t flags);
-int post_check(char *base, Region *data, Py_ssize_t total);
+int post_check(char *base, Region *data, Py_ssize_t name_len, Py_ssize_t payload_len);
 int post_publish(char *base, long slot, Py_ssize_t name_len, Py_ssize_t total, uint32_t flags);
 PyObject *collect_channel(Region *self, long slot, Region *data, double timeout, int woke_worker);
 PyObject *call_channel(Region *self, long slot, Region *data, PyObject *name_obj, PyObject *payload_obj,

@@ -112,7 +112,7 @@ static PyObject *m_map_fd(PyObject *self, PyObject *args) {
     if (p == MAP_FAILED) return PyErr_SetFromErrno(PyExc_OSError);
     Region *r = (Region *)RegionType.tp_alloc(&RegionType, 0);
     if (!r) { munmap(p, (size_t)size); return NULL; }
-    r->base = p; r->size = size; r->owns = 1; r->exports = 0; r->last_caller_cpu = -1;
+    r->base = p; r->size = size; r->owns = 1; r->exports = 0; r->last_caller_cpu = -1; r->gen = GEN_UNKNOWN;
     return (PyObject *)r;
 }
 

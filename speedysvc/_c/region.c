@@ -60,6 +60,7 @@ static int Region_init(Region *self, PyObject *args, PyObject *kw) {
     self->base = self->view.buf;
     self->size = self->view.len;
     self->last_caller_cpu = -1;
+    self->gen = GEN_UNKNOWN;
     if (((uintptr_t)self->base & 63) != 0) {
         PyBuffer_Release(&self->view); self->base = NULL;
         PyErr_SetString(PyExc_ValueError, "region must be 64-byte aligned (use an mmap)");
@@ -184,7 +185,7 @@ static inline int kick_workers(char *base) {
  * for it. */
 int post_call(char *base, long slot, Region *data, Py_buffer *name, Py_buffer *payload, uint32_t flags) {
     Py_ssize_t total = name->len + payload->len;
-    int rc = post_check(base, data, total);
+    int rc = post_check(base, data, name->len, payload->len);
     if (rc) return rc;
     memcpy(data->base, name->buf, name->len);
     if (payload->buf == data->base + name->len) {
@@ -200,10 +201,13 @@ int post_call(char *base, long slot, Region *data, Py_buffer *name, Py_buffer *p
 }
 
 /* post_call's halves, for a caller that writes the request into the data segment itself
- * (ShmMethod's in-place encoding): 0 when `total` bytes may be written there now, else
+ * (ShmMethod's in-place encoding): 0 when the name and payload may be written there now, else
  * CALL_TOO_BIG or CALL_NOT_SERVING; then, once written, the publication. */
-int post_check(char *base, Region *data, Py_ssize_t total) {
-    if (total > data->size) return CALL_TOO_BIG;
+int post_check(char *base, Region *data, Py_ssize_t name_len, Py_ssize_t payload_len) {
+    /* over the service's limit: CALL_TOO_BIG too, and the caller's usual way refuses it
+     * (PayloadTooLarge) rather than send what the channel, larger than the limit, holds */
+    uint64_t limit = LOAD(U64(base, H_MAX_PAYLOAD));
+    if (name_len + payload_len > data->size || (limit && (uint64_t)payload_len > limit)) return CALL_TOO_BIG;
     if (LOAD(U32(base, H_STATE)) != SVC_SERVING) return CALL_NOT_SERVING;
     return 0;
 }
@@ -365,8 +369,11 @@ PyObject *collect_channel(Region *self, long slot, Region *data, double timeout,
     if (ready < 0 && PyErr_CheckSignals() < 0) return NULL;
     if (ready <= 0) return PyLong_FromLong(CALL_PENDING);
     uint64_t off = LOAD(U64(ch, C_RESP_OFF)), len = LOAD(U64(ch, C_RESP_LEN));
+    /* Read here only from the segment the answer is in: a worker may have moved the channel
+     * to another one, even of the same size (the request's memory stayed with a method that
+     * kept part of it), which the caller maps first (CALL_READY: Python follows data_gen). */
     uint32_t gen = LOAD(U32(ch, C_DATA_GEN));
-    if (len > SMALL_RESPONSE || gen != LOAD(U32(ch, C_DATA_GEN)) || off + len > (uint64_t)data->size
+    if (len > SMALL_RESPONSE || (data->gen != GEN_UNKNOWN && gen != data->gen) || off + len > (uint64_t)data->size
         || LOAD(U64(ch, C_DATA_CAP)) != (uint64_t)data->size)
         return PyLong_FromLong(CALL_READY);
     PyObject *body = PyBytes_FromStringAndSize(data->base + off, (Py_ssize_t)len);
@@ -465,7 +472,22 @@ static PyMethodDef Region_methods[] = {
 };
 
 static PyObject *Region_get_size(Region *self, void *c) { return PyLong_FromSsize_t(self->size); }
-static PyGetSetDef Region_getset[] = {{"size", (getter)Region_get_size, NULL, "size in bytes", NULL}, {NULL}};
+static PyObject *Region_get_gen(Region *self, void *c) { return PyLong_FromUnsignedLong(self->gen); }
+static int Region_set_gen(Region *self, PyObject *v, void *c) {
+    unsigned long g = v ? PyLong_AsUnsignedLong(v) : (unsigned long)-1;
+    if (g == (unsigned long)-1 && (!v || PyErr_Occurred())) {
+        if (!v) PyErr_SetString(PyExc_TypeError, "gen cannot be deleted");
+        return -1;
+    }
+    if (g > 0xFFFFFFFFul) { PyErr_SetString(PyExc_OverflowError, "gen is a u32"); return -1; }
+    self->gen = (uint32_t)g;
+    return 0;
+}
+static PyGetSetDef Region_getset[] = {
+    {"size", (getter)Region_get_size, NULL, "size in bytes", NULL},
+    {"gen", (getter)Region_get_gen, (setter)Region_set_gen,
+     "a channel data segment's generation (0xFFFFFFFF: not one, or not known)", NULL},
+    {NULL}};
 
 PyTypeObject RegionType = {
     PyVarObject_HEAD_INIT(NULL, 0)

@@ -153,13 +153,16 @@ static void record_call(char *base, char *w, long method, uint64_t ns, uint32_t 
  * already lies inside the data segment (a raw method returning a slice of its
  * argument) is not copied: only its offset is published.  Returns 1 when
  * delivered, 0 when the caller abandoned the call meanwhile, -1 when it does
- * not fit (nothing written). */
+ * not fit, or is over the service's max_payload (nothing written). */
 static int publish_reply(Region *self, char *w, long slot, Region *data, uint32_t status, Py_buffer *payload,
                          long method) {
     char *base = self->base, *ch = base + H_CHANNELS + slot * C_SIZE;
     self->last_caller_cpu = (int)LOAD(U32(ch, C_CALLER_CPU));
-    uint64_t off = 0;
+    uint64_t off = 0, limit = LOAD(U64(base, H_MAX_PAYLOAD));
     char *p = payload->buf;
+    /* the channel may hold more than the service's limit (1 MiB as made, doubling as it
+     * grows): Python answers PayloadTooLarge instead (an error's own answer, small, goes) */
+    if (status == STATUS_OK && limit && (uint64_t)payload->len > limit) return -1;
     if (p >= data->base && p + payload->len <= data->base + data->size) {
         off = (uint64_t)(p - data->base);
     } else if (payload->len > data->size) {

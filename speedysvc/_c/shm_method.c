@@ -27,8 +27,10 @@ static PyObject *SM_fallback(ShmMethod *self, PyObject *const *args, size_t narg
 }
 
 /* After the call was posted on channel `c` (got: what the wait returned): the result, the
- * channel given back or handed to Python with it.  `payload` is the encoded request, or None
- * once nothing can need it again (written in place and posted for good). */
+ * channel given back or handed to Python with it.  `payload` is the encoded request, or, for
+ * a request encoded in place, the arguments' tuple: a call withdrawn before any worker took
+ * it (its service stopped to restart) is sent again once the service is back, and _resume
+ * encodes the tuple again for that (the tuple holds what it encodes, unchanged). */
 static PyObject *SM_finish(ShmMethod *self, taken_channel *c, PyObject *got, PyObject *payload) {
     PyObject *result = NULL;
     /* A signal that came while spinning is handled here, while the channel is still
@@ -59,7 +61,7 @@ static int SM_call_in_place(ShmMethod *self, PyObject *tuple, PyObject **result)
     Py_ssize_t name_len = PyBytes_GET_SIZE(self->name);
     /* measured again now that the channel is in hand: channel_take may have run Python code */
     Py_ssize_t size = mp_encoded_size(tuple);
-    if (size < IN_PLACE_MIN || post_check(svc->base, data, name_len + size)) {
+    if (size < IN_PLACE_MIN || post_check(svc->base, data, name_len, size)) {
         *result = NULL;
         if (channel_give_back(self->transport, &c) < 0) { channel_release(&c); return 1; }
         channel_release(&c);
@@ -69,7 +71,7 @@ static int SM_call_in_place(ShmMethod *self, PyObject *tuple, PyObject **result)
     mp_encode(tuple, data->base + name_len);
     int rc = post_publish(svc->base, c.slot, name_len, name_len + size, self->flags);
     PyObject *got = collect_channel(svc, c.slot, data, self->slice, rc == POSTED_WOKE);
-    *result = SM_finish(self, &c, got, Py_None);
+    *result = SM_finish(self, &c, got, tuple);
     Py_XDECREF(got);
     channel_release(&c);
     return 1;

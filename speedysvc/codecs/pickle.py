@@ -27,6 +27,18 @@ def _dumps(obj, _dumps=pickle.dumps, _min=OUT_OF_BAND_MIN):
     if not all(_contiguous(b) for b in buffers):
         # a buffer pickle cannot send out of band as it is: in the stream, the large ones too
         return _dumps(obj, protocol=5)
+    if any(_small(b, _min) for b in buffers):
+        # small ones beside large ones (rare): pickled again, the small ones in the stream; beside
+        # it each would take a page at least, and a decoder takes at most MAX_BUFFERS of them
+        buffers = []
+
+        def beside(buf):   # a true value keeps the buffer in the stream
+            if _small(buf, _min):
+                return True
+            buffers.append(buf)
+            return False
+
+        stream = _dumps(obj, protocol=5, buffer_callback=beside)
     return outofband.OutOfBand(stream, buffers)
 
 
@@ -86,10 +98,15 @@ class PickleCodec(Codec):
             stream, views = outofband.split(data)
         except ValueError as e:
             raise DecodeError(f"cannot decode the arguments of {method}() with pickle: {e}") from None
-        held = views + [stream]
+        # The method gets each buffer as a view of its own, made through a PickleBuffer: what
+        # it makes of one (an array, a slice, a cast) then holds an export of the view
+        # beneath, even a slice, which shares its view's memory without being exported by it;
+        # releasing the given views first, then those beneath, tells whether anything was kept.
+        given = [memoryview(pickle.PickleBuffer(v)) for v in views]
+        held = given + views + [stream]
         try:
             # the method reads the buffers where they are: read-only views of the request
-            args, kwargs = self.decode_args(method, _Prepared(stream, views), flags)
+            args, kwargs = self.decode_args(method, _Prepared(stream, given), flags)
         except BaseException:
             _release(held)
             raise

@@ -606,6 +606,7 @@ class DataSegment:
     def __init__(self, gen: int, mapped: tuple[core.Region, int]):
         self.gen = gen
         self.region = mapped[0]
+        self.region.gen = gen   # (a caller reads an answer in place only from the generation it is in)
         self.size = self.region.size
         self.view = memoryview(self.region)
 

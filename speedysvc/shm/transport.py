@@ -237,6 +237,10 @@ class ShmTransport:
     def _when_up(self, error: ServiceNotUp, name: bytes, payload, flags: int, codec, timeout: float | None):
         """A call that found its service not serving (and was not sent): wait for it to come,
         looking with a growing pause, then make the call with what is left of its timeout."""
+        if payload.__class__ is tuple:
+            # ShmMethod's arguments, whose encoding it wrote straight into the channel: a call
+            # withdrawn before any worker took it goes again, encoded anew (the same bytes)
+            payload = core.msgpack_dumps(payload)
         wait = Waiting(self.service, self.wait, timeout)
         if wait.bound <= 0:   # no waiting; but a service restarted and up again is not "not up"
             if self._look() is not None:
@@ -326,6 +330,8 @@ class ShmTransport:
                 return self._call_slow(chans, ch, got, name, request, flags, codec, timeout)
             except _Retry:
                 chans.retire(ch)
+                if payload.__class__ is tuple:   # (see _when_up)
+                    payload = core.msgpack_dumps(payload)
                 if waiting:   # (``*self._take()``: ``chans`` and ``ch`` stay this call's, for the finally)
                     return self._resume(*self._take(), None, name, payload, flags, codec, timeout, True)
                 return self.call(name, payload, flags, codec, timeout)

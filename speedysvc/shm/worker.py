@@ -203,14 +203,13 @@ class Worker:
         except TypeError as e:
             status, out = STATUS_ERROR, encode_exception(EncodeError(f"bad response from the handler: {e}"), False)
             size = len(out)
-        if size > entry[2].size:
-            if size > seg.max_payload:
-                status, out = STATUS_ERROR, encode_exception(PayloadTooLarge(
-                    f"the response of {size} bytes exceeds the service's limit of {seg.max_payload} bytes"), False)
-            else:
-                owner = entry[0]
-                data = segment.replace_data_segment(seg, slot, owner, size, entry[2].size)
-                entry = self.channels[slot] = (owner, data.gen, data.region, data.view.toreadonly())
+        if size > seg.max_payload:   # (even one the channel could hold: it may be larger than the limit)
+            status, out = STATUS_ERROR, encode_exception(PayloadTooLarge(
+                f"the response of {size} bytes exceeds the service's limit of {seg.max_payload} bytes"), False)
+        elif size > entry[2].size:
+            owner = entry[0]
+            data = segment.replace_data_segment(seg, slot, owner, size, entry[2].size)
+            entry = self.channels[slot] = (owner, data.gen, data.region, data.view.toreadonly())
         self.finish(slot, entry, status, out, method)
 
     def reply_placed(self, slot, entry, status, out, method: int) -> None:
@@ -253,7 +252,9 @@ class Worker:
             if kept:
                 self.warn_kept(method)
             if kept and start:
-                data = segment.replace_data_segment(seg, slot, owner, size, 0)
+                # as large as the one left behind: the caller's next request, likely of the same
+                # size, then fits without the caller growing the channel again
+                data = segment.replace_data_segment(seg, slot, owner, max(size, entry[2].size), 0)
                 data.view[:size] = dest[start:start + size]
                 entry = self.channels[slot] = (owner, data.gen, data.region, data.view.toreadonly())
                 start = 0

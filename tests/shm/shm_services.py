@@ -103,6 +103,11 @@ class Bulky(ServerMethodsBase):
         return b"x" * n
 
     @msgpack_method
+    def pause(self, seconds):
+        import time
+        time.sleep(seconds)
+
+    @msgpack_method
     def make_odd(self, n):
         return {frozenset([1]): b"x" * n}   # not msgpack-encodable: the error path, even large
 
@@ -175,6 +180,11 @@ class Arrays(ServerMethodsBase):
     @pickle_method
     def keep_view(self, buf):
         self.kept = buf            # a PickleBuffer's view: released when the call ends
+        return len(buf)
+
+    @pickle_method
+    def keep_slice(self, buf):
+        self.kept = buf[:]         # made from the view, not exported by it
         return len(buf)
 
     @pickle_method

@@ -102,3 +102,63 @@ def test_a_large_result_is_not_encoded_into_a_bytes_object_first():
         assert len(c.make(n)) == n
         peak = c.traced(False)
     assert n <= peak < 1.5 * n                             # the result object only (before: it and its encoding)
+
+
+def test_a_large_call_withdrawn_while_its_service_stops_goes_again_once_it_is_back():
+    """A request encoded in place was posted but no worker took it when the service stopped
+    (to restart): the call is withdrawn and, once the service serves again, sent again, whole."""
+    from conftest import channel_states, wait_until
+    data = b"w" * (1 << 20)
+    with LocalService(BulkyAlone, workers=1) as svc, connect(BulkyAlone, timeout=60) as busy, \
+            connect(BulkyAlone, timeout=60, wait=30) as c:
+        assert c.echo(data) == data                        # grown: the next one goes in place
+        th = threading.Thread(target=busy.pause, args=(3.0,))
+        th.start()
+        assert wait_until(lambda: any(w["busy"] for w in svc.segment.workers()))
+        got = []
+
+        def call():
+            try:
+                got.append(c.echo(data))
+            except BaseException as e:   # reported below
+                got.append(e)
+
+        caller = threading.Thread(target=call)
+        caller.start()
+        try:
+            assert wait_until(lambda: core.ST_REQUEST in {s for _, s in channel_states(svc).values()})
+            seg = svc.segment
+            seg.set_owner_flag(core.OWNER_RESTARTING, True)
+            seg.set_state(core.SVC_STOPPED)
+            # the caller withdraws its call (no worker took it) and waits for the service
+            assert wait_until(lambda: core.ST_REQUEST not in {s for _, s in channel_states(svc).values()})
+            seg.set_state(core.SVC_SERVING)
+            seg.set_owner_flag(core.OWNER_RESTARTING, False)
+        finally:
+            caller.join(30)
+            th.join(30)
+        assert len(got) == 1 and not isinstance(got[0], BaseException), got
+        assert got[0] == data
+
+
+def test_a_result_over_the_payload_limit_is_refused_even_when_it_fits_the_channel():
+    # the channel (1 MiB as made, and doubling as it grows) can hold more than max_payload
+    from speedysvc import PayloadTooLarge
+    limit = 300_000
+    with LocalService(BulkyAlone, workers=1, max_payload=limit), connect(BulkyAlone, timeout=60) as c:
+        for n in (limit + 1000, 900_000):
+            with pytest.raises(PayloadTooLarge, match="response"):
+                c.make(n)
+        assert c.make(limit - 100) == b"x" * (limit - 100)
+
+
+def test_a_request_over_the_payload_limit_is_refused_even_when_it_fits_the_channel():
+    from speedysvc import PayloadTooLarge
+    limit = 300_000
+    with LocalService(BulkyAlone, workers=1, max_payload=limit), connect(BulkyAlone, timeout=60) as c:
+        for n in (limit + 1000, 900_000):                  # in place (msgpack's C encoder) and not
+            with pytest.raises(PayloadTooLarge, match="request"):
+                c.echo(b"r" * n)
+            with pytest.raises(PayloadTooLarge, match="request"):
+                c.echo(bytearray(b"r" * n))                # (msgpack's own encoder: the usual way)
+        assert c.echo(b"r" * (limit - 100)) == b"r" * (limit - 100)

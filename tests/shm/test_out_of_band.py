@@ -65,10 +65,31 @@ def test_an_array_a_method_keeps_stays_valid_across_later_calls(client):
     assert client.kept_total() == float(a.sum())
 
 
+def test_a_method_that_keeps_an_array_from_a_channel_of_the_first_size_answers_right():
+    # the channel moves to a new segment of the same size as the one the array stays in: the
+    # caller reads the answer from the new one (not what its old mapping holds at that offset)
+    a = np.arange(20_000, dtype=np.float64)
+    with LocalService(ArraysAlone, workers=1), connect(ArraysAlone, timeout=60) as c:
+        for k in range(3):
+            assert c.keep(a + k) == float((a + k).sum())
+            assert c.total(np.full(20_000, 5.0)) == 100_000.0   # the next request, same channel
+            assert c.kept_total() == float((a + k).sum())
+
+
 def test_a_pickle_buffer_view_kept_past_the_call_fails_loudly(client):
     assert client.keep_view(pickle.PickleBuffer(bytearray(b"abcd" * 50_000))) == 200_000
     with pytest.raises(ValueError, match="released memoryview"):
         client.use_kept_view()
+
+
+def test_a_slice_of_a_pickle_buffer_view_kept_past_the_call_stays_valid(client):
+    # a slice shares the view's memory without being exported by it: the worker still sees it
+    # kept, and the next call on the channel does not write over it
+    assert client.keep_slice(pickle.PickleBuffer(bytearray(b"abcd" * 50_000))) == 200_000
+    assert client.keep_view(pickle.PickleBuffer(bytearray(b"wxyz" * 50_000))) == 200_000
+    assert client.keep_slice(pickle.PickleBuffer(bytearray(b"abcd" * 50_000))) == 200_000
+    assert client.total(np.full(50_000, 7.0)) == 350_000.0
+    assert client.use_kept_view() == b"abcd"
 
 
 def test_arrays_that_are_not_contiguous_or_hold_objects_go_in_the_stream(client):
@@ -161,3 +182,55 @@ def test_arrays_over_tcp_travel_as_pieces_of_the_frame():
             assert np.array_equal(c.echo(a), a)
         with connect(ArraysAlone, svc.tcp_address, secret="s3cret", timeout=60, compression="zstd") as c:
             assert np.array_equal(c.echo(a), a)
+
+
+def test_small_arrays_beside_a_large_one_stay_in_the_stream(client):
+    # only the large buffers go beside the stream: each one takes a page at least there, and a
+    # decoder takes at most MAX_BUFFERS of them
+    big = np.arange(MiB // 8, dtype=np.float64)
+    value = [big] + [np.full(4, float(i)) for i in range(outofband.MAX_BUFFERS + 10)]
+    encoded = codecs.pickle._dumps(value)
+    assert len(encoded.buffers) == 1 and len(encoded) < 2 * MiB + 64 * len(value)
+    back = client.echo(value)
+    assert np.array_equal(back[0], big) and all(np.array_equal(a, b) for a, b in zip(back[1:], value[1:]))
+
+
+def test_a_method_that_keeps_every_argument_costs_one_new_segment_a_call():
+    from speedysvc import _shmcore as core
+    from conftest import channel_states
+    a = np.arange(MiB, dtype=np.float64)                  # 8 MiB: more than a channel as made
+    with LocalService(ArraysAlone, workers=1) as svc, connect(ArraysAlone, timeout=60) as c:
+        def gen():
+            (slot,) = channel_states(svc)
+            return svc.segment.region.load32(svc.segment.channel_offset(slot) + core.C_DATA_GEN)
+        assert c.keep(a) == float(a.sum())
+        before = gen()
+        for k in range(4):
+            assert c.keep(a + k) == float((a + k).sum())
+        # the worker moves the channel once a call (the kept array stays where it is); the
+        # caller does not have to grow the new one again for a request of the same size
+        assert gen() - before == 4
+        assert c.kept_total() == float((a + 3).sum())
+
+
+def test_over_tcp_a_kept_array_stays_valid_and_the_asyncio_client_gets_arrays():
+    """The gateway is a caller like any other: it reads each answer from the segment it is in,
+    also after the worker moved the channel away from a kept array."""
+    import asyncio
+    a = np.arange(20_000, dtype=np.float64)
+    with LocalService(ArraysAlone, workers=1, tcp="127.0.0.1:0", tcp_secret="s3cret", tcp_allow_pickle=True) as svc:
+        with connect(ArraysAlone, svc.tcp_address, secret="s3cret", timeout=60) as c:
+            for k in range(3):
+                assert c.keep(a + k) == float((a + k).sum())
+                assert c.total(np.full(20_000, 5.0)) == 100_000.0
+                assert c.kept_total() == float((a + k).sum())
+
+        async def main():
+            ac = connect_async(ArraysAlone, svc.tcp_address, secret="s3cret", timeout=60)
+            try:
+                return [await ac.echo(a * k) for k in range(3)]
+            finally:
+                await ac.aclose()
+
+        for k, back in enumerate(asyncio.run(main())):
+            assert np.array_equal(back, a * k)
