@@ -34,6 +34,26 @@ def prepare_folder(folder, ini_text: str) -> str:
     return ini
 
 
+def run_seed_script(folder, script: str, timeout=240) -> subprocess.CompletedProcess:
+    """Run ``script`` in ``folder`` beside the seed README's files (examples/echo), whose manager
+    needs port 5155: in a network namespace of its own when root; otherwise the test is skipped
+    while that port is taken (the README's example running, say)."""
+    example = os.path.join(HERE, "..", "examples", "echo")
+    for name in ("echoserver.py", "echoclient.py", "service.ini"):
+        shutil.copy(os.path.join(example, name), str(folder))
+    with open(os.path.join(str(folder), "run.py"), "w") as f:
+        f.write(script)
+    run = [sys.executable, "run.py"]
+    if os.getuid() == 0 and shutil.which("unshare") and shutil.which("ip"):
+        run = ["unshare", "--net", "sh", "-c", 'ip link set lo up && exec "$@"', "sh"] + run
+    else:
+        import socket
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", 5155)) == 0:
+                pytest.skip("port 5155 is taken (the README's example runs?) and a network namespace needs root")
+    return subprocess.run(run, cwd=str(folder), env=manager_env(), capture_output=True, text=True, timeout=timeout)
+
+
 def run_manager(folder, ini_text: str, timeout=120) -> subprocess.CompletedProcess:
     """Run a manager in ``folder`` to its end (one that refuses to start): its exit code and output."""
     prepare_folder(folder, ini_text)

@@ -3,11 +3,7 @@ started before the service or its manager, during a hard restart, after their ma
 restarted; and fail at once, with the reason, for a service stopped on purpose or failed.
 Over shared memory and TCP, blocking and asyncio."""
 import asyncio
-import os
-import shutil
 import signal
-import subprocess
-import sys
 import threading
 import time
 
@@ -16,7 +12,7 @@ import pytest
 from speedysvc import (LocalService, ServiceNotUp, ServiceUnavailable, connect, connect_async, shm)
 from speedysvc import _shmcore as core
 from conftest import free_port, wait_until
-from manager_fixture import chatty_ini, manager_env
+from manager_fixture import chatty_ini, run_seed_script
 from services import Chatty, CrashOnStart, Other
 
 # generous: the machine is shared; what matters is that a call that must not wait returns long
@@ -243,20 +239,7 @@ sys.exit(out.returncode or code)
 def test_seed_commands_back_to_back_without_a_sleep(tmp_path):
     """The Quick Example's two commands typed as a script: the manager started in the
     background and the client at once, before the manager has created anything."""
-    example = os.path.join(os.path.dirname(__file__), "..", "examples", "echo")
-    for name in ("echoserver.py", "echoclient.py", "service.ini"):
-        shutil.copy(os.path.join(example, name), tmp_path)
-    (tmp_path / "run.py").write_text(SEED_BACK_TO_BACK)
-    run = [sys.executable, "run.py"]
-    if os.getuid() == 0 and shutil.which("unshare") and shutil.which("ip"):
-        # its web port (5155) in a network namespace of its own
-        run = ["unshare", "--net", "sh", "-c", 'ip link set lo up && exec "$@"', "sh"] + run
-    else:
-        import socket
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", 5155)) == 0:
-                pytest.skip("port 5155 is taken (the README's example runs?) and a network namespace needs root")
-    out = subprocess.run(run, cwd=tmp_path, env=manager_env(), capture_output=True, text=True, timeout=240)
+    out = run_seed_script(tmp_path, SEED_BACK_TO_BACK)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout == "Hello World!\n", out.stderr[-3000:]
 

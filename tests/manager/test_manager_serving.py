@@ -1,15 +1,12 @@
 """The service manager as a user runs it: real processes, a real ini file; its services serve
 over shared memory and TCP, and write their logs."""
 import os
-import shutil
-import subprocess
-import sys
 
 import pytest
 
 from speedysvc import ServiceUnavailable, connect
 from conftest import wait_until
-from manager_fixture import chatty_ini, manager_env
+from manager_fixture import chatty_ini, run_seed_script
 from services import Chatty, EchoServer
 
 
@@ -38,20 +35,7 @@ def test_quick_example_verbatim_end_to_end(tmp_path):
     """The seed README: its three files, its command, its port (5155).  In a network namespace of
     its own when the tests run as root, so that it passes while the README's example runs
     beside the tests (its shared memory is apart already: SPEEDYSVC_NAMESPACE)."""
-    example = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "echo")
-    for name in ("echoserver.py", "echoclient.py", "service.ini"):
-        with open(os.path.join(example, name)) as src, open(tmp_path / name, "w") as dst:
-            dst.write(src.read())
-    (tmp_path / "seed_run.py").write_text(SEED_RUN)
-    run = [sys.executable, "seed_run.py"]
-    if os.getuid() == 0 and shutil.which("unshare") and shutil.which("ip"):
-        run = ["unshare", "--net", "sh", "-c", 'ip link set lo up && exec "$@"', "sh"] + run
-    else:
-        import socket
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", 5155)) == 0:
-                pytest.skip("port 5155 is taken (the README's example runs?) and a network namespace needs root")
-    out = subprocess.run(run, cwd=tmp_path, env=manager_env(), capture_output=True, text=True, timeout=180)
+    out = run_seed_script(tmp_path, SEED_RUN, timeout=180)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout == "Hello World!\n", out.stderr[-3000:]
     assert os.path.exists("/tmp/test_server_logs/EchoServer.log")
