@@ -410,3 +410,21 @@ class Third(ServerMethodsBase):
     @msgpack_method
     def whoami(self):
         return os.getpid()
+
+
+class Faulty(ServerMethodsBase):
+    """Methods that raise, for the log of what methods raise."""
+    name = "faulty"
+    port = PORTS + 23
+
+    @msgpack_method
+    def fail(self, message):
+        raise ValueError(message)
+
+    @pickle_method
+    def fail_slowly(self, message):        # (pickle: the handler in Python, not the C fast path)
+        raise KeyError(message)
+
+    @msgpack_method
+    def ok(self):
+        return True

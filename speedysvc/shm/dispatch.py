@@ -12,14 +12,65 @@ the codec and the method itself.
 from __future__ import annotations
 
 import functools
+import logging
+import time
 
 from .. import codecs
 from .._shmcore import MAX_METHODS, STATUS_ERROR, STATUS_OK
 from ..errors import BadArguments, DecodeError, EncodeError, MethodNotFound, encode_exception
 
+_log = logging.getLogger("speedysvc.calls")
+
 
 def _error(exc: BaseException, with_traceback: bool):
     return STATUS_ERROR, encode_exception(exc, with_traceback)
+
+
+class ErrorLog:
+    """What methods raise, logged: one record per exception (method, type, message, traceback),
+    at most ``LIMIT`` per method in ``WINDOW`` seconds, so that a hot failing method cannot
+    flood the log; the records left out are counted, and the count is logged when the window
+    ends (``flush``, from the worker's housekeeping, or the method's next exception)."""
+
+    LIMIT = 10
+    WINDOW = 60.0
+
+    def __init__(self):
+        self.windows: dict[str, list] = {}   # method -> [window start, logged, left out]
+
+    def record(self, method: str, exc: BaseException, bad_arguments: bool = False,
+               now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        w = self.windows.get(method)
+        if w is None or now - w[0] >= self.WINDOW:
+            if w is not None:
+                self._said_left_out(method, w)
+            w = self.windows[method] = [now, 0, 0]
+        if w[1] >= self.LIMIT:
+            w[2] += 1
+            return
+        w[1] += 1
+        if bad_arguments:
+            _log.warning("%s() called with arguments that do not fit: %s", method, exc)
+        else:
+            _log.error("%s() raised %s: %s", method, type(exc).__qualname__, exc,
+                       exc_info=(type(exc), exc, exc.__traceback__))
+
+    def flush(self, now: float | None = None) -> None:
+        """Log the counts of windows that have ended with records left out."""
+        now = time.monotonic() if now is None else now
+        for method, w in list(self.windows.items()):
+            if now - w[0] >= self.WINDOW:
+                self._said_left_out(method, w)
+                del self.windows[method]
+
+    def _said_left_out(self, method: str, w: list) -> None:
+        if w[2]:
+            _log.warning("%s(): %d more exception(s) in %.0f s were not logged (at most %d a method)",
+                         method, w[2], self.WINDOW, self.LIMIT)
+
+
+errors = ErrorLog()   # this process's (a worker serves one service)
 
 
 def _call_error(method: str, e: BaseException, from_c: bool = False):
@@ -28,7 +79,9 @@ def _call_error(method: str, e: BaseException, from_c: bool = False):
     # from C (the worker's fast path) it has none.
     tb = e.__traceback__
     if isinstance(e, TypeError) and (tb is None if from_c else tb is not None and tb.tb_next is None):
+        errors.record(method, e, bad_arguments=True)
         return _error(BadArguments(f"{method}(): {e}"), False)
+    errors.record(method, e)
     return _error(e, True)
 
 

@@ -26,6 +26,7 @@ from ..errors import EncodeError, PayloadTooLarge, encode_exception
 from ..codecs.outofband import OutOfBand
 from . import segment
 from .dispatch import STATUS_ERROR, Dispatcher, Held
+from .dispatch import errors as dispatch_errors
 from .logpipe import setup_worker_logging
 
 HOUSEKEEPING_INTERVAL = 1.0
@@ -319,6 +320,7 @@ class Worker:
     def housekeeping(self) -> None:
         seg = self.segment
         seg.reap()
+        dispatch_errors.flush()   # counts of the methods' exceptions left out of the log
         # drop mappings of channels that were freed or moved, so their memory can go
         for slot, entry in enumerate(self.channels):
             if entry is not None:
