@@ -96,7 +96,11 @@ class RunningManager:
         self.proc = subprocess.Popen([sys.executable, *args], cwd=self.folder,
                                      stdout=self.out, stderr=subprocess.STDOUT, env=clean_env)
         if wait_ready:
-            self.wait(lambda: self.get("/readyz", ok_only=False) == 200, 60, "the manager to be ready")
+            try:
+                self.wait(lambda: self.get("/readyz", ok_only=False) == 200, 60, "the manager to be ready")
+            except BaseException:   # (no test holds it yet to stop it: it would outlive the run)
+                self.stop(timeout=30)
+                raise
 
     def wait(self, predicate, timeout=20, what="a condition"):
         deadline = time.monotonic() + timeout

@@ -326,14 +326,23 @@ class ServicePool:
                 deadline = float("inf")
             await asyncio.sleep(0.02)
 
+    def _last_words(self, w: WorkerProcess) -> str | None:
+        """Why a worker that died said it did: the last line of its last ERROR record (a worker
+        that could not start logs its traceback as one), else the last line it wrote to stderr."""
+        for r in reversed(self.log.recent):
+            if r["pid"] == w.pid and (r["logger"] == "stderr" or r["level"] in ("ERROR", "CRITICAL")):
+                lines = [line for line in r["message"].splitlines() if line.strip()]
+                if lines:
+                    return lines[-1].strip()
+        return None
+
     def _candidate_died(self, w: WorkerProcess, how: str) -> None:
         """A new worker of a rolling restart died before it served: the restart fails (and says
         why, with the last line the worker wrote to stderr: its traceback's), not the service."""
         said = f"new worker {w.pid} died ({how}) before it served"
-        last = next((r["message"] for r in reversed(self.log.recent)
-                     if r["pid"] == w.pid and r["logger"] == "stderr" and r["message"].strip()), None)
+        last = self._last_words(w)
         if last:
-            said += f": {last.strip()}"
+            said += f": {last}"
         self._candidate_deaths[w.pid] = said
         self._event("ERROR", said)
 
@@ -444,7 +453,9 @@ class ServicePool:
         said = f"worker {w.pid} died ({how}{why}) {where}, {uptime:.1f} s after it was started"
         if not w.serving or (where == "before its first call" and quick):
             self.start_crashes += 1
-            self._event("ERROR", f"{said}: start crash {self.start_crashes} in a row (crash_limit {cfg.crash_limit})")
+            last = self._last_words(w) if not w.serving else None
+            self._event("ERROR", f"{said}: start crash {self.start_crashes} in a row (crash_limit {cfg.crash_limit})"
+                                 + (f": {last}" if last else ""))
             if self.start_crashes >= cfg.crash_limit:
                 self.loop.create_task(self._fail(f"{self.start_crashes} workers in a row died while starting, "
                                                  f"before they served (crash_limit {cfg.crash_limit})"))

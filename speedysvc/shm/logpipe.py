@@ -31,11 +31,17 @@ class _JSONLineHandler(logging.Handler):
             pass
 
 
+_installed = False
+
+
 def setup_worker_logging() -> None:
-    """Send this worker's logging records to the manager, if one listens."""
+    """Send this worker's logging records to the manager, if one listens (once: the pipe's
+    descriptor gets one file object)."""
+    global _installed
     fd = os.environ.get(LOG_FD_ENV)
-    if not fd:
+    if not fd or _installed:
         return
+    _installed = True
     root = logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)

@@ -19,6 +19,7 @@ import os
 import signal
 import sys
 import time
+import traceback
 
 from .. import _shmcore as core
 from ..allocation import keep_large_allocations
@@ -349,8 +350,19 @@ def run(server_cls, service: str | None = None) -> None:
         core.set_parent_death_signal(signal.SIGTERM)
     # payloads of up to 32 MiB are decoded without page faults on every call
     keep_large_allocations()
-    worker = Worker(server_cls, service, watch=True)
+    try:
+        worker = Worker(server_cls, service, watch=True)
+    except Exception as e:   # the class's __init__ raised, or the service is not there
+        sys.exit(could_not_start(e))
     worker.serve_forever()
+
+
+def could_not_start(e: BaseException) -> int:
+    """A worker that cannot start says why in one record (the traceback in it; a supervisor
+    names the reason by its last line), and exits with 1."""
+    last = traceback.format_exception_only(type(e), e)[-1].strip()
+    log.error("worker could not start: %s", last, exc_info=(type(e), e, e.__traceback__))
+    return 1
 
 
 def describe(target: str) -> dict:
@@ -392,7 +404,12 @@ def main(argv=None) -> int:
             print(str(e), file=sys.stderr)
             return 2
         return 0
-    run(load_target(args.target), args.service)
+    setup_worker_logging()
+    try:
+        server_cls = load_target(args.target)
+    except Exception as e:   # the module does not import, or has no such class
+        return could_not_start(e)
+    run(server_cls, args.service)
     return 0
 
 

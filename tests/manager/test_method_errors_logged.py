@@ -78,3 +78,31 @@ def test_arguments_that_do_not_fit_are_a_warning_not_a_traceback(caplog):
     log.record("m", TypeError("m() takes 1 positional argument but 2 were given"), bad_arguments=True)
     (r,) = caplog.records
     assert r.levelname == "WARNING" and r.exc_info is None and "do not fit" in r.getMessage()
+
+
+CRASH = """
+    [defaults]
+    log_dir=logs
+
+    [CrashOnStart]
+    import_from=services
+    crash_limit=2
+
+    [web monitor]
+    port={port}
+"""
+
+
+def test_a_worker_that_cannot_start_logs_its_traceback_as_one_record_and_the_manager_names_why(running):
+    m = running(CRASH, wait_ready=False)
+    m.wait(lambda: m.get("/api/services/CrashOnStart")["state"] == "failed", 60, "the service to fail")
+    recs = m.get("/api/services/CrashOnStart/logs?lines=0")["records"]
+    starts = [r for r in recs if r["logger"] == "speedysvc.worker" and "could not start" in r["message"]]
+    assert len(starts) == 2                                          # one record per worker
+    assert starts[0]["level"] == "ERROR"
+    assert starts[0]["message"].startswith("worker could not start: RuntimeError: cannot load the model")
+    assert "Traceback (most recent call last)" in starts[0]["message"]
+    assert not any("Traceback" in r["message"] for r in recs if r["logger"] == "stderr")
+    # the manager's own line names the reason: the traceback's last line
+    assert wait_until(lambda: "start crash 1 in a row (crash_limit 2): RuntimeError: cannot load the model"
+                      in m.output(), 20), m.output()[-2000:]
