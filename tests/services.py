@@ -337,7 +337,7 @@ class Signaller(ServerMethodsBase):
 class Fragile(ServerMethodsBase):
     """Calls that end the worker running them, in each way a process ends: for the manager's
     tests of workers killed by calls."""
-    port = 5563
+    port = PORTS + 8
     name = 'fragile'
 
     @msgpack_method
@@ -363,7 +363,7 @@ class Fragile(ServerMethodsBase):
 
 class DiesIdle(ServerMethodsBase):
     """Its worker exits by itself right after it starts serving, before any call."""
-    port = 5564
+    port = PORTS + 9
     name = 'dies_idle'
 
     def __init__(self):
