@@ -39,6 +39,10 @@ def wait_points(m, name, t, n=1, pred=lambda p: True, timeout=30):
     return points_after(m, name, t)
 
 
+def serving(point):
+    return point.get("state", "running") == "running"
+
+
 class Load:
     """Callers calling ``method`` in a loop from threads until stopped; counts the answers."""
 
@@ -103,9 +107,11 @@ def test_p99_is_never_above_the_slowest_call(running):
     s = m.service("Chatty")
     row = next(r for r in s["methods"] if r["name"] == "sleep")
     assert row["max_ms"] >= 20   # (a slow one may be in a higher bucket: the machine is shared)
-    assert row["p99_ms"] <= row["max_ms"] and row["p99_bound"]
+    assert row["p99_ms"] <= row["max_ms"]
+    assert row["p99_bound"]
     served = [p for p in points if p.get("calls_per_s", 0) > 0]
     for p in served:
+        assert p["p99_ms"] <= row["max_ms"], p
         assert p["p99_ms"] <= p["max_ms"] <= row["max_ms"], p
         assert p["p50_ms"] <= p["p99_ms"]
         sleep = p["methods"]["sleep"]
@@ -124,8 +130,7 @@ def test_a_restart_starts_the_counters_from_zero(running):
         status, _ = m.post("/api/services/Chatty/restart", {"hard": True})
         assert status == 200
         done = time.time()
-        first = wait_points(m, "Chatty", done, 1, pred=lambda p: p["state"] == "running")
-        first = [p for p in first if p["state"] == "running"][0]
+        first = [p for p in wait_points(m, "Chatty", done, 1, pred=serving) if serving(p)][0]
     assert not load.failures   # (callers waited for the new segment)
     typical = sorted(before)[len(before) // 2]
     assert first["calls_per_s"] > 0.1 * typical, (first, before)
