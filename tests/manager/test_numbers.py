@@ -186,3 +186,32 @@ def test_the_wait_for_a_worker_grows_when_calls_queue(running):
     assert max(p["methods"]["sleep"]["wait_p99_ms"] or 0 for p in queued) >= 50
     out = m.cli("status").stdout
     assert "WAIT P99 MS" in out
+
+
+def test_tcp_calls_the_gateway_refuses_while_stopping_are_counted(running):
+    """A TCP call that arrives while the gateway closes (the service stopping, a call still in
+    flight) is answered ServiceUnavailable by the gateway itself: counted as refused."""
+    from services import Other
+    m = running("""
+        [Other]
+        import_from=services
+        bind_tcp=127.0.0.1
+        stop_timeout=20
+
+        [web monitor]
+        port={port}
+    """)
+    with connect(Other, "tcp://127.0.0.1", timeout=30) as busy, connect(Other, "tcp://127.0.0.1", timeout=30) as late:
+        late.whoami()
+        slow = threading.Thread(target=busy.sleep, args=(3,))
+        slow.start()
+        m.wait(lambda: m.service("Other")["in_flight"] == 1, 20, "the slow call to be in flight")
+        stopping = threading.Thread(target=m.post, args=("/api/services/Other/stop",))
+        stopping.start()
+        m.wait(lambda: m.service("Other")["state"] == "stopping", 20, "the service to be stopping")
+        with pytest.raises(ServiceUnavailable):
+            late.whoami()
+        slow.join(60)
+        stopping.join(60)
+    s = m.service("Other")
+    assert s["state"] == "stopped" and s["refused"] == 1, s["refused"]
