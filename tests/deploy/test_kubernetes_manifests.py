@@ -311,6 +311,9 @@ def test_the_autoscaler_scales_the_manager_deployment_by_cpu():
     target = hpa["spec"]["scaleTargetRef"]
     dep = one("Deployment", target["name"])
     assert (target["kind"], target["apiVersion"]) == ("Deployment", dep["apiVersion"])
+    # the pods it adds are in the headless Service's answer, where TCP clients find them
+    svc = one("Service")
+    assert svc["spec"]["selector"].items() <= dep["spec"]["template"]["metadata"]["labels"].items()
     assert 1 <= hpa["spec"]["minReplicas"] <= hpa["spec"]["maxReplicas"]
     (metric,) = hpa["spec"]["metrics"]
     assert metric["resource"]["name"] == "cpu" and metric["resource"]["target"]["type"] == "Utilization"
@@ -449,6 +452,9 @@ def test_the_example_serves_probes_metrics_and_tcp_as_configured(example):
     host = non_loopback_address() or "127.0.0.1"   # as the kubelet and other pods reach the pod
     web = f"http://{host}:{web_port}"
     assert http(f"{web}/healthz") == (200, '{"ok": true}')
+    # `kubectl exec ... speedysvc status`: the CLI in the container, over loopback
+    status = m.cli("status")
+    assert status.returncode == 0 and "Greeter" in status.stdout, status.stdout + status.stderr
     assert http(f"{web}/readyz") == (200, '{"ready": true}')
     status, body = http(f"{web}/metrics", env[SECRET_ENV_WEB])
     assert status == 200 and 'speedysvc_workers{service="Greeter"}' in body
