@@ -3,7 +3,9 @@ schemas it ships: no network), they say what docs/deploy.md says they do and agr
 example's service.ini and Dockerfile, and the example's folder runs under the real manager as the
 manifests configure it: probes, /metrics with the token, a TCP call with the secret, and the
 same-pod application calling over shared memory."""
+import base64
 import copy
+import fnmatch
 import glob
 import importlib.util
 import json
@@ -90,7 +92,6 @@ def container_port(container, port):
 def secret_values():
     secret = one("Secret")
     values = dict(secret.get("stringData", {}))
-    import base64
     values.update({k: base64.b64decode(v).decode() for k, v in secret.get("data", {}).items()})
     return secret["metadata"]["name"], values
 
@@ -105,6 +106,7 @@ def env_of(container):
         else:
             ref = e["valueFrom"]["secretKeyRef"]
             assert ref["name"] == name, f"{e['name']} refers to Secret {ref['name']}, not {name}"
+            assert ref["key"] in values, f"{e['name']} refers to key {ref['key']}, which Secret {name} has not"
             env[e["name"]] = values[ref["key"]]
     return env
 
@@ -375,6 +377,40 @@ def test_the_dockerfile_installs_speedysvc_from_the_repository():
     assert "speedysvc/*.so" in ignored and "build" in ignored
 
 
+def ignored_by_docker(relative, patterns):
+    """Whether the build context leaves ``relative`` out (.dockerignore: patterns rooted at the
+    context, ``*`` within one path component, ``**`` any number of them; a folder left out takes
+    its contents with it)."""
+    def match(parts, pats):
+        if not pats:
+            return True   # the pattern matched a folder above: everything under it goes
+        if pats[0] == "**":
+            return any(match(parts[i:], pats[1:]) for i in range(len(parts) + 1))
+        return bool(parts) and fnmatch.fnmatchcase(parts[0], pats[0]) and match(parts[1:], pats[1:])
+    parts = relative.split("/")
+    return any(match(parts, p.strip("/").split("/")) for p in patterns)
+
+
+def test_the_build_context_builds_the_extension_and_the_package_data(tmp_path):
+    """What the build stage does, without Docker: the repository as the build context has it
+    (Dockerfile.dockerignore applied), built by setuptools as ``pip install .`` builds it."""
+    with open(os.path.join(DEPLOY, "Dockerfile.dockerignore")) as f:
+        patterns = [line.strip() for line in f if line.strip() and not line.startswith("#")]
+    assert ignored_by_docker("speedysvc/_shmcore.cpython-311-x86_64-linux-gnu.so", patterns)
+    assert ignored_by_docker("tests/__pycache__/x.pyc", patterns) and ignored_by_docker(".git/HEAD", patterns)
+    assert not ignored_by_docker("speedysvc/_c/layout.h", patterns)
+    context = tmp_path / "context"
+    shutil.copytree(ROOT, context, ignore=lambda folder, names: [
+        n for n in names if ignored_by_docker(os.path.relpath(os.path.join(folder, n), ROOT).replace(os.sep, "/"), patterns)])
+    assert not list(context.glob("speedysvc/*.so")) and (context / "deploy/kubernetes/service/service.ini").is_file()
+    built = subprocess.run([sys.executable, "setup.py", "-q", "build", "--build-base", str(tmp_path / "build")],
+                           cwd=context, capture_output=True, text=True, timeout=600)
+    assert built.returncode == 0, built.stdout + built.stderr
+    (lib,) = (tmp_path / "build").glob("lib*")
+    assert list(lib.glob("speedysvc/_shmcore*.so"))
+    assert list(lib.glob("speedysvc/manager/web/templates/*.html"))
+
+
 def test_the_image_runs_the_manager_on_the_bundled_service_ini_as_the_pods_user():
     cmd = image_cmd()
     assert cmd[:2] == ["speedysvc", "run"] and len(cmd) == 3
@@ -474,7 +510,11 @@ def test_the_same_pod_application_calls_over_shared_memory(example):
     (app,) = spec["containers"]
     start(spec)
     app_port = free_port()
-    assert container_port(app, app["readinessProbe"]["httpGet"]["port"]) == 8080
+    # the port app.py listens on unless told (the manifest does not tell it) is the probes'
+    default = re.search(r'"APP_PORT", "(\d+)"', (folder / "app.py").read_text())
+    for probe in (app["readinessProbe"], app["livenessProbe"]):
+        assert container_port(app, probe["httpGet"]["port"]) == int(default.group(1))
+    assert "APP_PORT" not in env_of(app)
     command = [sys.executable if w == "python" else w for w in app["command"]]
     command[-1] = str(folder / os.path.basename(command[-1]))
     proc = subprocess.Popen(command, cwd=str(folder), env={**manager_env(), **env_of(app), "APP_PORT": str(app_port)},
@@ -487,7 +527,9 @@ def test_the_same_pod_application_calls_over_shared_memory(example):
                 status = http(url + app["readinessProbe"]["httpGet"]["path"])
                 break
             except (urllib.error.URLError, ConnectionError):
-                assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0] if proc.poll() is not None else "app did not listen"
+                if proc.poll() is not None:
+                    pytest.fail(f"app.py exited with {proc.returncode}: {proc.communicate()[0]}")
+                assert time.monotonic() < deadline, "app.py did not listen within 30 s"
                 time.sleep(0.1)
         assert status == (200, "ready")
         assert http(url + app["livenessProbe"]["httpGet"]["path"]) == (200, "ok")
