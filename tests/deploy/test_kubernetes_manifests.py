@@ -10,6 +10,7 @@ import glob
 import importlib.util
 import json
 import os
+import pwd
 import re
 import shutil
 import signal
@@ -541,3 +542,63 @@ def test_the_same_pod_application_calls_over_shared_memory(example):
             proc.kill()
             proc.wait()
         proc.stdout.close()
+
+
+def in_user_namespace(uid):
+    """A command prefix that runs a program as ``uid`` in a user namespace of its own (this
+    user mapped to it), where the system has no name for that uid; None if it cannot be made."""
+    prefix = ["unshare", "--user", f"--map-user={uid}", f"--map-group={uid}"]
+    if not shutil.which("unshare"):
+        return None
+    try:
+        probe = subprocess.run(prefix + ["id", "-u"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return prefix if probe.returncode == 0 and probe.stdout.strip() == str(uid) else None
+
+
+def test_the_manager_runs_under_a_uid_without_a_name(example):
+    """Kubernetes runs a container under any runAsUser, listed in the image's /etc/passwd or not
+    (an arbitrary uid, as some clusters assign): the manager serves all the same."""
+    folder, _, tcp_port, web_port = example
+    uid = 54321
+    try:
+        pwd.getpwuid(uid)
+        pytest.skip(f"uid {uid} has a name here")
+    except KeyError:
+        pass
+    prefix = in_user_namespace(uid)
+    if prefix is None:
+        pytest.skip("cannot make a user namespace (unshare --user --map-user)")
+    env = env_of(manager_container(one("Deployment", "greeter")["spec"]["template"]["spec"]))
+    # no variable names the user, as in a container: the name would come from the passwd database
+    clean = {k: v for k, v in manager_env().items() if k not in ("USER", "LOGNAME", "LNAME", "USERNAME")}
+    cmd = image_cmd()
+    log = folder / "manager.out"
+    out = open(log, "w")   # (read through another file: the manager shares this one's offset)
+    proc = subprocess.Popen(prefix + [sys.executable, "-m", "speedysvc.cli", *cmd[1:-1], str(folder / "service.ini")],
+                            cwd=str(folder), env={**clean, **env}, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if http(f"http://127.0.0.1:{web_port}/readyz")[0] == 200:
+                    break
+            except (urllib.error.URLError, ConnectionError):
+                pass
+            assert proc.poll() is None, f"the manager exited with {proc.returncode}: {log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"the manager was not ready within 60 s: {log.read_text()[-3000:]}"
+            time.sleep(0.1)
+        with connect(import_greeter(str(folder)), f"tcp://127.0.0.1:{tcp_port}", secret=env[SECRET_ENV_TCP],
+                     timeout=10) as client:
+            assert client.greet("uid") == "Hello, uid!"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        assert f"for user uid {uid}" in log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        out.close()
+    # its segments (named after the uid) went with it
+    assert not [n for n in os.listdir("/dev/shm") if f".{uid}." in n]
