@@ -257,10 +257,14 @@ class Store:
                     done = True
                 else:
                     batch.append(item)
+            flushes = [item for item in batch if item[0] == "f"]
+            batch = [item for item in batch if item[0] != "f"]
             if batch:
                 self._write(batch)
-            if self.clock() - self._last_maintain >= MAINTAIN_INTERVAL:
+            if any(f[2] for f in flushes) or self.clock() - self._last_maintain >= MAINTAIN_INTERVAL:
                 self._maintain()
+            for f in flushes:
+                f[1].set()
             if done or self._stop.is_set() and self._queue.empty():
                 return
             if not done:
@@ -330,8 +334,8 @@ class Store:
                         point["t"], point["n"] = minute, len(pts)
                         merged.append((service, 60, minute, json.dumps(point)))
                     db.executemany("INSERT OR REPLACE INTO points VALUES (?, ?, ?, ?)", merged)
-                if start is not None or end:
-                    db.execute("INSERT OR REPLACE INTO meta VALUES ('downsampled', ?)", (str(max(end, start or 0)),))
+                if start is not None:   # (the minutes before ``end`` are merged, once)
+                    db.execute("INSERT OR REPLACE INTO meta VALUES ('downsampled', ?)", (str(max(end, start)),))
                 db.execute("DELETE FROM points WHERE res=2 AND t<?", (now - cfg.points_keep,))
                 db.execute("DELETE FROM points WHERE res=60 AND t<?", (now - cfg.minutes_keep,))
                 db.execute("DELETE FROM events WHERE t<?", (now - cfg.minutes_keep,))
@@ -344,9 +348,14 @@ class Store:
         except (sqlite3.Error, ValueError, TypeError) as e:
             self._failed(f"cannot maintain {self.path}: {e}")
 
-    def maintain_now(self) -> None:
-        """Retention and downsampling at once (tests; the writer does it every MAINTAIN_INTERVAL)."""
-        self._last_maintain = -math.inf
+    def flush(self, maintain: bool = False, timeout: float = 30.0) -> bool:
+        """Wait until what was queued before is written (and, with ``maintain``, retention and
+        downsampling applied).  False if the writer does not run or did not get there in time."""
+        if self._thread is None:
+            return False
+        done = threading.Event()
+        self._queue.put(("f", done, maintain))
+        return done.wait(timeout)
 
     # -- reading (any thread; a connection of its own per call) ----------------------------
     def _reader(self) -> sqlite3.Connection:
