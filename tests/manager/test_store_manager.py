@@ -142,3 +142,69 @@ def test_a_store_left_by_a_killed_manager_is_read_by_the_next(running, tmp_path)
     again = running(chatty_ini())
     assert again.get("/api/status")["manager"]["store"]["ok"] is True
     assert len(again.get("/api/services/Chatty/history")["points"]) >= 2
+
+
+EVENTS_INI = """
+    [Chatty]
+    import_from=services
+    min_proc_num=1
+    max_proc_num=2
+    autoscale=uppolicy:Up
+    scale_interval=0.1
+
+    [CrashOnStart]
+    import_from=services
+    restart_backoff=0.05
+    crash_limit=2
+
+    [web monitor]
+    port={port}
+"""
+
+UP_POLICY = """
+class Up:
+    '''Two workers, whatever the load.'''
+    def __init__(self, cfg):
+        pass
+
+    def started(self, now):
+        pass
+
+    def scaled(self, now):
+        pass
+
+    def decide(self, signals):
+        return 1 if signals.workers < 2 else 0
+"""
+
+
+def test_crashes_failures_and_autoscaling_are_events(running, tmp_path):
+    (tmp_path / "uppolicy.py").write_text(UP_POLICY)
+    m = running(EVENTS_INI, wait_ready=False)
+    m.wait(lambda: m.service("CrashOnStart")["state"] == "failed", 60, "the service to be marked failed")
+    m.wait(lambda: m.get("/api/events?service=Chatty")["events"][-1:] and
+           m.get("/api/events?service=Chatty")["events"][-1]["kind"] == "autoscale", 30, "the autoscaler")
+    crashing = [(e["kind"], e["by"]) for e in m.get("/api/events?service=CrashOnStart")["events"]]
+    assert crashing == [("crash", "manager"), ("crash", "manager"), ("failed", "manager")]
+    failed = m.get("/api/events?service=CrashOnStart")["events"][-1]
+    assert "2 workers in a row died while starting" in failed["detail"]
+    assert "cannot load the model" in m.get("/api/events?service=CrashOnStart")["events"][0]["detail"]
+    scaled = m.get("/api/events?service=Chatty")["events"][-1]
+    assert scaled["by"] == "autoscaler" and scaled["detail"].startswith("1 -> 2 worker(s): up")
+    everything = m.get("/api/events")["events"]
+    assert {e["service"] for e in everything} == {"Chatty", "CrashOnStart"}
+    assert [e["t"] for e in everything] == sorted(e["t"] for e in everything)
+
+
+def test_a_reload_is_an_event(running, tmp_path):
+    m = running(chatty_ini(max=2))
+    with open(m.ini) as f:
+        text = f.read()
+    with open(m.ini, "w") as f:
+        f.write(text.replace("max_proc_num=2", "max_proc_num=3"))
+    t0 = time.time()
+    assert m.cli("reload").returncode == 0
+    events = [(e["service"], e["kind"], e["by"]) for e in m.get(f"/api/events?since={t0}")["events"]]
+    assert events[-2:] == [("Chatty", "reload", "cli"), ("manager", "reload", "cli")]
+    assert m.get(f"/api/events?since={t0}&service=manager")["events"][0]["detail"].startswith("added: none")
+    assert "max_proc_num" in m.get(f"/api/events?since={t0}&service=Chatty")["events"][-1]["detail"]
