@@ -140,7 +140,9 @@ class Store:
     def __init__(self, cfg: StoreConfig, clock=time.time, report=None):
         self.cfg = cfg
         self.clock = clock
-        self.report = report or (lambda message: log.error("%s", message))
+        # report(level, message): how the store's trouble (and its end) is told; from the writer
+        # thread too, so the manager's handler hands it to the event loop
+        self.report = report or (lambda level, message: log.log(level, "%s", message))
         self.path = cfg.path if cfg.enabled else None
         self.ok = False
         self.error: str | None = None if cfg.enabled else "disabled ([store] enabled = false)"
@@ -186,11 +188,13 @@ class Store:
 
     def close(self, timeout: float = 10.0) -> None:
         """Write what is queued, then stop the writer."""
-        if self._thread is not None:
+        thread, self._thread = self._thread, None
+        if thread is not None:
             self._stop.set()
             self._queue.put(None)
-            self._thread.join(timeout)
-            self._thread = None
+            thread.join(timeout)
+            if thread.is_alive():   # (stuck on a lock: it dies with the process; its connection stays)
+                return
         if self._db is not None:
             try:
                 self._db.close()
@@ -202,7 +206,7 @@ class Store:
         self.ok, self.error = False, message
         if not self._reported:   # once: a failing store must not fill the log that it indexes
             self._reported = True
-            self.report(f"store unavailable, the manager runs without it (history, events and log search "
+            self.report(logging.ERROR, f"store unavailable, the manager runs without it (history, events and log search "
                         f"are not kept across restarts): {message}")
 
     def status(self) -> dict:
@@ -300,14 +304,11 @@ class Store:
             if not self.ok:
                 self.ok, self.error = True, None
                 self._reported = False
-                self.report_recovered()
+                self.report(logging.INFO, f"store {self.path} written again")
         finally:
             with self._lock:
                 self._queued -= len(batch)
                 self._oldest = None if self._queued <= 0 else time.monotonic()
-
-    def report_recovered(self) -> None:
-        log.info("store %s writable again", self.path)
 
     def _maintain(self) -> None:
         """Downsample the minutes that ended, then drop what is older than its retention."""

@@ -26,7 +26,7 @@ def make(tmp_path):
     def make(clock=None, **keep):
         reports = []
         s = Store(StoreConfig(state_dir=str(tmp_path / "state"), **keep), clock=clock or Clock(),
-                  report=reports.append)
+                  report=lambda level, message: reports.append(message))
         s.reports = reports
         stores.append(s)
         return s
@@ -168,6 +168,7 @@ def test_a_locked_database_is_reported_then_written_again(make, tmp_path):
     s.record_event("Svc", "stop", "kept")
     assert s.flush()
     assert s.ok is True and s.error is None
+    assert len(s.reports) == 2 and "written again" in s.reports[1]
     assert [e["detail"] for e in s.events()] == ["kept"]
 
 
