@@ -208,3 +208,12 @@ def test_a_reload_is_an_event(running, tmp_path):
     assert events[-2:] == [("Chatty", "reload", "cli"), ("manager", "reload", "cli")]
     assert m.get(f"/api/events?since={t0}&service=manager")["events"][0]["detail"].startswith("added: none")
     assert "max_proc_num" in m.get(f"/api/events?since={t0}&service=Chatty")["events"][-1]["detail"]
+
+
+def test_store_settings_wait_for_the_manager_to_restart(running):
+    m = running(chatty_ini())
+    with open(m.ini, "a") as f:
+        f.write("\n[store]\npoints_keep = 1h\n")
+    code, result = m.post("/api/reload")
+    assert code == 200 and result["needs_manager_restart"] == ["[store]"]
+    assert m.get("/api/status")["manager"]["store"]["ok"] is True
