@@ -466,6 +466,7 @@ class BalancedTransport(_Balancer):
         errors: list = []
         retried = False          # an idempotent call lost in flight is sent again once
         pause, bound = FIRST_POLL, None
+        attempts = 0
         while True:
             ep, probes = self._take(tried, now)
             if probes:
@@ -489,9 +490,10 @@ class BalancedTransport(_Balancer):
             remaining = None
             if deadline is not None:
                 remaining = deadline - time.monotonic()
-                if remaining < MIN_ATTEMPT and tried:   # (a first attempt gets what it has)
+                if remaining < MIN_ATTEMPT and attempts:   # (a first attempt gets what it has)
                     self._ended(ep)
                     raise self._none_left(timeout, time.monotonic() - start)
+            attempts += 1
             try:
                 result = ep.transport.call(name, payload, flags, codec, remaining)
             except BaseException as e:
@@ -588,6 +590,7 @@ class AsyncBalancedTransport(_Balancer):
         errors: list = []
         retried = False
         pause, bound = FIRST_POLL, None
+        attempts = 0
         while True:
             ep, probes = self._take(tried, now)
             if probes:
@@ -609,9 +612,10 @@ class AsyncBalancedTransport(_Balancer):
             remaining = None
             if deadline is not None:
                 remaining = deadline - time.monotonic()
-                if remaining < MIN_ATTEMPT and tried:
+                if remaining < MIN_ATTEMPT and attempts:
                     self._ended(ep)
                     raise self._none_left(timeout, time.monotonic() - start)
+            attempts += 1
             try:
                 result = await ep.transport.call(name, payload, flags, codec, remaining)
             except BaseException as e:
