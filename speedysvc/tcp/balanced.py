@@ -7,8 +7,8 @@ Service answers with one per pod), again every ``resolve_every`` seconds, and ea
 address is an *endpoint* with one TCP transport of its own (``TcpTransport``), which
 connects on the endpoint's first call.
 
-Balancing: a call goes to the healthy endpoint with the fewest calls in flight (ties
-taken in turn); with more than ``CHOICES_ABOVE`` endpoints, to the better of two picked
+Balancing: a call goes to the healthy endpoint with the fewest calls in flight (of those
+tied, the one picked longest ago: in turn when all are idle); with more than ``CHOICES_ABOVE`` endpoints, to the better of two picked
 at random (the power of two choices: no scan of every endpoint per call).
 
 Failover: an endpoint whose connection cannot be made or broke, or whose server is
@@ -108,7 +108,7 @@ class Endpoint:
     """One address of the service, and what the client knows of it."""
 
     __slots__ = ("host", "port", "origin", "opts", "transport", "healthy", "inflight", "calls", "errors",
-                 "last_error", "retry_at", "backoff", "probing", "busy_since", "retired", "suspect")
+                 "last_error", "retry_at", "backoff", "probing", "busy_since", "retired", "suspect", "suspect_after", "picked")
 
     def __init__(self, host: str, port: int, origin: str, opts: ClientOptions, transport):
         self.host, self.port, self.origin, self.opts, self.transport = host, port, origin, opts, transport
@@ -121,6 +121,8 @@ class Endpoint:
         self.busy_since = 0.0      # when it last answered a call, or got one with none in flight
         self.retired = False       # no longer in the resolver's answer: closed once idle
         self.suspect = False       # ejected for answering nothing: its connection is dropped if the probe fails
+        self.suspect_after = opts.connect_timeout   # calls in flight and nothing back for this long: suspect
+        self.picked = 0            # when it was last picked (the balancer's count of picks)
 
     @property
     def address(self) -> str:
@@ -261,45 +263,47 @@ class _Balancer:
             return [ep.state() for ep in self.eps]
 
     # -- picking ---------------------------------------------------------------------------
-    def _take(self, tried: set, now: float):
+    def _take(self, tried, now: float):
         """The endpoint for the next attempt of a call (its in-flight count taken), and the
-        endpoints to probe now; (None, probes) when every endpoint was tried by this call."""
-        probes = []
+        endpoints to probe now (or None); (None, probes) when every endpoint was tried by this
+        call.  ``tried``: the endpoints that failed this call (None: none did)."""
+        probes = None
         with self.lock:
             eps = self.eps
-            healthy = []
+            best = None
+            candidates = 0
+            self.turn = turn = self.turn + 1
             for ep in eps:
                 if ep.healthy:
-                    if ep.inflight and now - ep.busy_since > ep.opts.connect_timeout and not ep.probing:
+                    if ep.inflight and now - ep.busy_since > ep.suspect_after and not ep.probing:
                         # calls in flight and nothing back for a connect timeout: cut off?
-                        self._eject(ep, f"no answer for {ep.opts.connect_timeout:g} s with "
+                        self._eject(ep, f"no answer for {ep.suspect_after:g} s with "
                                         f"{ep.inflight} call(s) in flight", now, suspect=True)
-                    elif ep not in tried:
-                        healthy.append(ep)
+                    else:
+                        if tried is None or ep not in tried:
+                            candidates += 1
+                            # ties: the one picked longest ago (in turn, when all are idle)
+                            if best is None or ep.inflight < best.inflight or (
+                                    ep.inflight == best.inflight and ep.picked < best.picked):
+                                best = ep
                         continue
-                if not ep.healthy and not ep.probing and now >= ep.retry_at:
+                if not ep.probing and now >= ep.retry_at:
                     ep.probing = True
+                    probes = probes or []
                     probes.append(ep)
-            if len(healthy) > CHOICES_ABOVE:
-                a, b = random.sample(healthy, 2)
+            if candidates > CHOICES_ABOVE:
+                a, b = random.sample([ep for ep in eps if ep.healthy and (tried is None or ep not in tried)], 2)
                 best = a if a.inflight <= b.inflight else b
-            elif healthy:
-                self.turn += 1
-                start = self.turn % len(healthy)
-                best = None
-                for i in range(len(healthy)):
-                    ep = healthy[(start + i) % len(healthy)]
-                    if best is None or ep.inflight < best.inflight:
-                        best = ep
-            else:
+            elif best is None:
                 # every healthy endpoint failed this call (or none is): it tries the ejected ones
                 # itself, those to be probed soonest first
-                rest = sorted((ep for ep in eps if ep not in tried), key=lambda ep: ep.retry_at)
-                best = rest[0] if rest else None
+                rest = [ep for ep in eps if tried is None or ep not in tried]
+                best = min(rest, key=lambda ep: ep.retry_at) if rest else None
             if best is not None:
                 if not best.inflight:
                     best.busy_since = now
                 best.inflight += 1
+                best.picked = turn
         return best, probes
 
     def _eject(self, ep: Endpoint, why: str, now: float, suspect: bool = False) -> None:
@@ -319,6 +323,10 @@ class _Balancer:
         now = time.monotonic()
         with self.lock:
             ep.inflight -= 1
+            if error is None and ep.healthy and not ep.retired:   # (the usual case)
+                ep.calls += 1
+                ep.busy_since = now
+                return
             if eject:
                 ep.errors += 1
                 self._eject(ep, f"{type(error).__name__}: {error}", now)
@@ -330,6 +338,13 @@ class _Balancer:
             else:
                 ep.errors += 1
                 ep.last_error = f"{type(error).__name__}: {error}"
+            if ep.retired and not ep.inflight:
+                self._close_endpoint(ep)
+
+    def _release(self, ep: Endpoint) -> None:
+        """An attempt taken on ``ep`` was not made after all (or was cancelled)."""
+        with self.lock:
+            ep.inflight -= 1
             if ep.retired and not ep.inflight:
                 self._close_endpoint(ep)
 
@@ -462,7 +477,7 @@ class BalancedTransport(_Balancer):
         if now >= self.resolve_at:
             self._resolve(now)
         deadline = None if timeout is None else start + timeout
-        tried: set = set()
+        tried = None     # the endpoints that failed this call
         errors: list = []
         retried = False          # an idempotent call lost in flight is sent again once
         pause, bound = FIRST_POLL, None
@@ -480,7 +495,7 @@ class BalancedTransport(_Balancer):
                     raise self._none_left(timeout, time.monotonic() - start)
                 time.sleep(min(pause, left))
                 pause = min(pause * 2, LAST_POLL)
-                tried.clear()
+                tried = None
                 errors.clear()
                 now = time.monotonic()
                 if now >= self.resolve_at or not self.eps:
@@ -491,7 +506,7 @@ class BalancedTransport(_Balancer):
             if deadline is not None:
                 remaining = deadline - time.monotonic()
                 if remaining < MIN_ATTEMPT and attempts:   # (a first attempt gets what it has)
-                    self._ended(ep)
+                    self._release(ep)
                     raise self._none_left(timeout, time.monotonic() - start)
             attempts += 1
             try:
@@ -499,11 +514,13 @@ class BalancedTransport(_Balancer):
             except BaseException as e:
                 kind = self._attempt_failed(ep, e, errors)
                 if kind == NEVER_RAN:
+                    tried = tried or set()
                     tried.add(ep)
                     now = time.monotonic()
                     continue
                 if kind == LOST and not retried and name in self.idempotent:
                     retried = True
+                    tried = tried or set()
                     tried.add(ep)
                     now = time.monotonic()
                     continue
@@ -586,7 +603,7 @@ class AsyncBalancedTransport(_Balancer):
         if now >= self.resolve_at or not self.eps:
             await self._resolve()
         deadline = None if timeout is None else start + timeout
-        tried: set = set()
+        tried = None     # the endpoints that failed this call
         errors: list = []
         retried = False
         pause, bound = FIRST_POLL, None
@@ -603,7 +620,7 @@ class AsyncBalancedTransport(_Balancer):
                     raise self._none_left(timeout, time.monotonic() - start)
                 await asyncio.sleep(min(pause, left))
                 pause = min(pause * 2, LAST_POLL)
-                tried.clear()
+                tried = None
                 errors.clear()
                 now = time.monotonic()
                 if now >= self.resolve_at or not self.eps:
@@ -613,22 +630,24 @@ class AsyncBalancedTransport(_Balancer):
             if deadline is not None:
                 remaining = deadline - time.monotonic()
                 if remaining < MIN_ATTEMPT and attempts:
-                    self._ended(ep)
+                    self._release(ep)
                     raise self._none_left(timeout, time.monotonic() - start)
             attempts += 1
             try:
                 result = await ep.transport.call(name, payload, flags, codec, remaining)
             except BaseException as e:
                 if isinstance(e, asyncio.CancelledError):
-                    self._ended(ep)
+                    self._release(ep)
                     raise
                 kind = self._attempt_failed(ep, e, errors)
                 if kind == NEVER_RAN:
+                    tried = tried or set()
                     tried.add(ep)
                     now = time.monotonic()
                     continue
                 if kind == LOST and not retried and name in self.idempotent:
                     retried = True
+                    tried = tried or set()
                     tried.add(ep)
                     now = time.monotonic()
                     continue
