@@ -251,10 +251,12 @@ class _Balancer:
         answers = {}
         for key, got in zip(self.configured, results):
             if not isinstance(got, BaseException):
-                if isinstance(got, str) or not all(isinstance(a, str) for a in got):
-                    got = TypeError(f"the resolver answered {got!r}, not a list of addresses")
-                else:
+                try:
+                    if isinstance(got, (str, bytes)) or not all(isinstance(a, str) for a in got):
+                        raise TypeError
                     got = list(dict.fromkeys(got))
+                except TypeError:
+                    got = TypeError(f"the resolver answered {got!r}, not a list of addresses")
             answers[key] = got
         return answers
 
@@ -306,16 +308,18 @@ class _Balancer:
                 best.picked = turn
         return best, probes
 
-    def _eject(self, ep: Endpoint, why: str, now: float, suspect: bool = False) -> None:
+    def _eject(self, ep: Endpoint, why: str, now: float, suspect: bool = False, probe_failed: bool = False) -> None:
         """Under ``lock``: no call goes to ``ep`` until a probe succeeds."""
-        ep.healthy = False
         ep.last_error = why
-        ep.suspect = ep.suspect or suspect
+        if not ep.healthy and not probe_failed:
+            return   # out already (another call's failure): its probes set the pace
+        ep.healthy = False
         if suspect:
-            ep.retry_at = now   # probed at once: a slow method passes
-        else:
-            ep.backoff = EJECT_FIRST if not ep.backoff else min(ep.backoff * 2, EJECT_MAX)
-            ep.retry_at = now + ep.backoff
+            ep.suspect = True
+            ep.retry_at = now   # probed at once: a host merely busy with a slow call passes
+            return
+        ep.backoff = EJECT_FIRST if not ep.backoff else min(ep.backoff * 2, EJECT_MAX)
+        ep.retry_at = now + ep.backoff
 
     def _ended(self, ep: Endpoint, error: BaseException | None = None, eject: bool = False) -> None:
         """An attempt on ``ep`` ended: answered (``error`` None, or an error the server sent),
@@ -361,7 +365,7 @@ class _Balancer:
             ep.errors += 1
             drop = ep.suspect
             ep.suspect = False
-            self._eject(ep, f"probe failed: {type(error).__name__}: {error}", now)
+            self._eject(ep, f"probe failed: {type(error).__name__}: {error}", now, probe_failed=True)
         if drop:   # cut off indeed: the calls waiting on its connection fail now, not at their timeouts
             ep.transport.drop()
 
@@ -479,7 +483,7 @@ class BalancedTransport(_Balancer):
         deadline = None if timeout is None else start + timeout
         tried = None     # the endpoints that failed this call
         errors: list = []
-        retried = False          # an idempotent call lost in flight is sent again once
+        lost = None              # an idempotent call lost in flight is sent again once: why
         pause, bound = FIRST_POLL, None
         attempts = 0
         while True:
@@ -488,10 +492,12 @@ class BalancedTransport(_Balancer):
                 self._start_probes(probes)
             if ep is None:
                 # every endpoint failed this call: all again after a pause, within the wait bound
+                if lost is not None and not errors:
+                    raise lost   # (lost in flight, and no other endpoint left to send it to)
                 if bound is None:
                     bound = wait_bound(self.wait, timeout)
                 left = start + bound - time.monotonic()
-                if left <= 0 or not errors or not all(map(_waitable, errors)):
+                if left <= 0 or not all(map(_waitable, errors)):
                     raise self._none_left(timeout, time.monotonic() - start)
                 time.sleep(min(pause, left))
                 pause = min(pause * 2, LAST_POLL)
@@ -518,8 +524,8 @@ class BalancedTransport(_Balancer):
                     tried.add(ep)
                     now = time.monotonic()
                     continue
-                if kind == LOST and not retried and name in self.idempotent:
-                    retried = True
+                if kind == LOST and lost is None and name in self.idempotent:
+                    lost = e
                     tried = tried or set()
                     tried.add(ep)
                     now = time.monotonic()
@@ -605,7 +611,7 @@ class AsyncBalancedTransport(_Balancer):
         deadline = None if timeout is None else start + timeout
         tried = None     # the endpoints that failed this call
         errors: list = []
-        retried = False
+        lost = None
         pause, bound = FIRST_POLL, None
         attempts = 0
         while True:
@@ -613,10 +619,12 @@ class AsyncBalancedTransport(_Balancer):
             if probes:
                 self._start_probes(probes)
             if ep is None:
+                if lost is not None and not errors:
+                    raise lost
                 if bound is None:
                     bound = wait_bound(self.wait, timeout)
                 left = start + bound - time.monotonic()
-                if left <= 0 or not errors or not all(map(_waitable, errors)):
+                if left <= 0 or not all(map(_waitable, errors)):
                     raise self._none_left(timeout, time.monotonic() - start)
                 await asyncio.sleep(min(pause, left))
                 pause = min(pause * 2, LAST_POLL)
@@ -645,8 +653,8 @@ class AsyncBalancedTransport(_Balancer):
                     tried.add(ep)
                     now = time.monotonic()
                     continue
-                if kind == LOST and not retried and name in self.idempotent:
-                    retried = True
+                if kind == LOST and lost is None and name in self.idempotent:
+                    lost = e
                     tried = tried or set()
                     tried.add(ep)
                     now = time.monotonic()

@@ -210,6 +210,20 @@ def test_a_resolver_s_new_address_gets_calls_within_one_interval(three):
         assert len(asked) == calls
 
 
+def test_a_resolver_that_answers_nothing_usable_is_reported():
+    """A resolver that raises, or answers something other than a list of addresses: the call
+    fails with ServiceUnavailable saying so (after its wait: pods may come back)."""
+    for resolver in (lambda host, port: None, lambda host, port: "127.0.0.1", lambda host, port: 1 / 0):
+        with connect(Spread, "tcp://spread.example", resolver=resolver, wait=0) as c:
+            with pytest.raises(ServiceUnavailable, match="cannot resolve spread.example"):
+                c.where()
+    with connect(Spread, "tcp://spread.example", resolver=lambda host, port: [], timeout=0.5) as c:
+        t = time.monotonic()
+        with pytest.raises(ServiceUnavailable, match="no address"):
+            c.where()
+        assert 0.4 <= time.monotonic() - t <= 0.5 + 2.0
+
+
 def test_the_asyncio_client_balances_and_fails_over(three):
     async def main():
         ac = connect_async(Spread, [f"tcp://{a}" for a in ADDRESSES] + ["tcp://127.0.0.4"], timeout=10, wait=0)
@@ -312,3 +326,27 @@ def test_a_host_that_answers_nothing_is_ejected_within_its_connect_timeout_and_t
         assert ejected_after <= connect_timeout + 2.0, ejected_after
         assert back_after <= balanced.EJECT_MAX + connect_timeout + 3.0, back_after
         assert not failures, failures[:3]   # where_slowly is idempotent: each was answered somewhere
+
+
+def test_the_asyncio_client_sends_a_lost_call_again_only_if_idempotent(fresh):
+    h1, h2, h3 = fresh
+
+    async def main():
+        ac = connect_async(Spread, OWN_ALL, timeout=20)
+        try:
+            idem = [asyncio.ensure_future(ac.where_slowly(2.0)) for _ in range(3)]
+            await asyncio.sleep(0.5)
+            assert [e["inflight"] for e in ac.endpoints()] == [1, 1, 1]
+            h1.kill()
+            assert sorted(await asyncio.gather(*idem)) in (["h2", "h2", "h3"], ["h2", "h3", "h3"])
+            once = [asyncio.ensure_future(ac.once_slowly(2.0)) for _ in range(2)]
+            await asyncio.sleep(0.5)
+            assert sorted(e["inflight"] for e in ac.endpoints()) == [0, 1, 1]
+            h2.kill()
+            got = await asyncio.gather(*once, return_exceptions=True)
+            assert sorted(map(type, got), key=str) == sorted([ConnectionLost, str], key=str), got
+            assert "h3" in got
+            assert {await ac.once() for _ in range(10)} == {"h3"}
+        finally:
+            await ac.aclose()
+    asyncio.run(main())
