@@ -41,6 +41,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import psutil  # noqa: E402
 
+import _tcp_load  # noqa: E402
 from _common import (MiB, RawTcpClient, ZmqClient, print_seed_path, round_trips, seed_path,  # noqa: E402
                      throughput, verdict)
 from bench_shm import SpeedysvcClient as ShmClient  # noqa: E402
@@ -52,6 +53,9 @@ TARGET_RT = 2.0          # 64 B call within 2x of the raw TCP echo's round trip
 TARGET_16MIB = 0.8       # 16 MiB echo at least 0.8x the raw TCP echo's throughput
 TARGET_PIPELINE = 3.0    # 32 calls in flight: at least 3x the calls/s of one at a time
 INFLIGHT = 32
+TARGET_LOAD_RAW = 0.7    # 8 callers x 4 workers: at least 0.7x the pre-forked raw TCP server's calls/s
+TARGET_NO_COLLAPSE = 0.9  # 16 callers x 4 workers: at least 0.9x the 8x4 figure
+TARGET_GRPC = 5.0        # every shape: at least 5x grpcio's calls/s
 
 
 def progress(msg):
@@ -297,6 +301,8 @@ def main():
     parser.add_argument("--codecs", default="msgpack,raw", help="speedysvc rows over TCP (pickle is refused "
                                                                 "over TCP without a secret)")
     parser.add_argument("--compression", default="lz4,zstd,snappy,zlib")
+    parser.add_argument("--shapes", default="2x2,8x4,16x4",
+                        help="callers x workers for the many-callers part ('' to skip it)")
     args = parser.parse_args()
     args.calls = 3000 if args.quick else 20000
     args.seconds = 0.3 if args.quick else 1.0
@@ -325,6 +331,9 @@ def main():
         print(note)
     if notes:
         print()
+
+    shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",") if s]
+    load = _tcp_load.measure_shapes(shapes, 1.0 if args.quick else 2.0, args.rounds, have_grpc, progress)
 
     with LocalService(BenchEcho, workers=1, tcp="127.0.0.1:0") as service:
         address = service.tcp_address
@@ -390,6 +399,8 @@ def main():
               f"{r['16MiB'] / tcp['16MiB']:.2f} |")
     print()
 
+    med = print_load(load, args.rounds)
+
     print("### Pipelining: 64 B echo_msgpack calls through one client\n")
     if args.rounds > 1:
         print(f"(calls/s: the median of {args.rounds} rounds of {pipe_seconds:g} s each)\n")
@@ -444,12 +455,48 @@ def main():
               f"{x:.2f}× ({r['16MiB']:,.0f} vs {tcp['16MiB']:,.0f} MB/s) | {verdict(x >= TARGET_16MIB)} |")
     print(f"| {INFLIGHT} in flight at least {TARGET_PIPELINE:g}× the calls/s of one at a time | "
           f"speedysvc tcp, asyncio client | {ratio_async:.2f}× | {verdict(ratio_async >= TARGET_PIPELINE)} |")
+    print_load_asks(med)
     print()
     print_seed_path(seed_rows, "TCP")
     workers, gw, client = idle
     print(f"Idle service (1 worker) with a connected TCP client: worker {workers:.2f} % of a core, "
           f"TCP gateway {gw:.2f} %, client {client:.2f} %")
     print(f"\n(run took {time.perf_counter() - began:.0f} s; at the end: {loadavg()})")
+
+
+def print_load(load, rounds) -> dict:
+    """The many-callers table; returns the medians per shape."""
+    med = {shape: {k: statistics.median(v) if v else None for k, v in r.items()} for shape, r in load.items()}
+    if not med:
+        return med
+    print("### Many TCP callers: C caller processes x W workers, 64 B msgpack echo, total calls/s\n")
+    print(f"(each figure the median of {rounds} interleaved round(s); raw TCP: a pre-forked echo server "
+          "with W processes; grpcio: a server with 2W threads)\n")
+    print("| C x W | speedysvc | raw TCP | grpcio | speedysvc / raw | speedysvc / grpcio |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for (c, w), r in med.items():
+        g = f"{r['grpc']:,.0f}" if r["grpc"] else "(not installed)"
+        xg = f"{r['speedysvc'] / r['grpc']:.1f}" if r["grpc"] else ""
+        print(f"| {c}x{w} | {r['speedysvc']:,.0f} | {r['raw']:,.0f} | {g} | {r['speedysvc'] / r['raw']:.2f} | {xg} |")
+    print()
+    return med
+
+
+def print_load_asks(med) -> None:
+    if (8, 4) in med:
+        r = med[8, 4]
+        x = r["speedysvc"] / r["raw"]
+        print(f"| 8 callers x 4 workers at least {TARGET_LOAD_RAW:g}× the raw TCP server | many callers | "
+              f"{x:.2f}× | {verdict(x >= TARGET_LOAD_RAW)} |")
+        if (16, 4) in med:
+            y = med[16, 4]["speedysvc"] / r["speedysvc"]
+            print(f"| no collapse: 16x4 at least {TARGET_NO_COLLAPSE:g}× the 8x4 figure | many callers | "
+                  f"{y:.2f}× | {verdict(y >= TARGET_NO_COLLAPSE)} |")
+    with_grpc = [(shape, r["speedysvc"] / r["grpc"]) for shape, r in med.items() if r["grpc"]]
+    if with_grpc:
+        worst = min(x for _, x in with_grpc)
+        print(f"| at least {TARGET_GRPC:g}× grpcio in every shape | many callers | {worst:.1f}× (the lowest) | "
+              f"{verdict(worst >= TARGET_GRPC)} |")
 
 
 if __name__ == "__main__":
