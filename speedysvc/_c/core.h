@@ -189,6 +189,9 @@ PyObject *call_channel(Region *self, long slot, Region *data, PyObject *name_obj
 /* serve.c: the worker's side, Region methods */
 PyObject *R_reply(Region *self, PyObject *const *args, Py_ssize_t nargs);
 PyObject *R_serve(Region *self, PyObject *const *args, Py_ssize_t nargs);
+PyObject *R_end_phase(Region *self, PyObject *arg);
+PyObject *R_tcp_begin(Region *self, PyObject *const *args, Py_ssize_t nargs);
+PyObject *R_tcp_end(Region *self, PyObject *const *args, Py_ssize_t nargs);
 int serve_init(void);
 
 /* channel.c: a transport's channel for one call made in C */

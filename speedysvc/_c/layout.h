@@ -11,7 +11,7 @@
 
 /* ---- the service segment's header ------------------------------------- */
 #define MAGIC            0x43565353u   /* "SSVC" */
-#define LAYOUT_VERSION   4u
+#define LAYOUT_VERSION   5u
 
 #define H_MAGIC          0
 #define H_VERSION        4
@@ -54,6 +54,18 @@
 #define W_METHOD         56    /* u32, the method of the call in hand: its index + 1 (0: none or
                                   unknown); written as the call starts, meaningful while the
                                   state is WORKER_BUSY (the reply ends it by going idle) */
+/* ---- workers that serve TCP themselves (layout 5; see docs/shm-protocol.md) ----
+ * One call at a time per worker process: its shared-memory loop and its TCP thread take
+ * turns through W_PHASE (u32, the last word of the entry).  The loop moves it IDLE -> SHM
+ * (CAS) before it claims a posted call and back to IDLE when it replies (or claimed
+ * nothing); the TCP thread moves it IDLE -> TCP to run a call in its own process, and posts
+ * the call to another worker when the CAS fails.  A loop that finds TCP sets PHASE_WAITING
+ * beside it and sleeps on the word; the TCP thread wakes it when the call ends. */
+#define W_PHASE          60
+#define PHASE_IDLE       0u
+#define PHASE_SHM        1u
+#define PHASE_TCP        2u
+#define PHASE_WAITING    4u    /* with PHASE_TCP: the loop sleeps on W_PHASE for its end */
 /* worker states (W_STATE) */
 #define WORKER_FREE      0     /* the entry is unused */
 #define WORKER_IDLE      1
@@ -172,7 +184,8 @@
     X(OWNER_RESTARTS_WORKERS) X(OWNER_WORKERS_STARTED) X(OWNER_RESTARTING) X(NAME_SIZE) X(H_SEQ) X(H_SLEEPERS) \
     X(H_BITMAP) X(H_REASON) X(REASON_SIZE) \
     X(H_WORKERS) X(W_SIZE) X(W_PID) X(W_STATE) X(W_CALLS) X(W_BUSY_NS) X(W_STARTED_NS) X(W_ERRORS) \
-    X(W_CLAIM_NS) X(W_START_TICKS) X(W_METHOD) X(WORKER_FREE) X(WORKER_IDLE) X(WORKER_BUSY) \
+    X(W_CLAIM_NS) X(W_START_TICKS) X(W_METHOD) X(W_PHASE) X(PHASE_IDLE) X(PHASE_SHM) X(PHASE_TCP) \
+    X(PHASE_WAITING) X(WORKER_FREE) X(WORKER_IDLE) X(WORKER_BUSY) \
     X(H_CHANNELS) X(C_SIZE) X(C_STATE) X(C_OWNER_PID) X(C_DATA_GEN) X(C_FLAGS) X(C_DATA_CAP) X(C_REQ_LEN) \
     X(C_NAME_LEN) X(C_OWNER_START) X(C_CALLER_CPU) X(C_STATUS) X(C_RESP_OFF) X(C_RESP_LEN) X(C_WORKER_CPU) \
     X(CHANNEL_RECLAIMING) \

@@ -41,6 +41,36 @@ static long try_claim(Region *self, uint32_t pid) {
     return -1;
 }
 
+/* A TCP call runs in this worker's process (W_PHASE): claim_phased's answer. */
+#define TCP_HERE (-3)
+
+/* Claims a posted call unless a TCP call runs in this process: the phase goes IDLE -> SHM
+ * first (publish_reply puts it back), and back to IDLE at once when nothing was claimed.
+ * The slot, -1, or TCP_HERE. */
+static long claim_phased(Region *self, char *w, uint32_t pid) {
+    uint32_t *phase = U32(w, W_PHASE), idle = PHASE_IDLE;
+    if (!CAS(phase, &idle, PHASE_SHM)) return TCP_HERE;
+    long slot = try_claim(self, pid);
+    if (slot < 0) STORE(phase, PHASE_IDLE);
+    return slot;
+}
+
+/* A TCP call runs in this process and calls are posted: a worker that sleeps gets the wake-up
+ * (ours may have been meant for it), then this one sleeps until the TCP call ends (or the
+ * deadline).  So a posted call never waits behind a TCP call while another worker sleeps. */
+static void wait_tcp_call(char *base, char *w, uint64_t deadline) {
+    if (LOAD(U32(base, H_SLEEPERS))) {
+        __atomic_fetch_add(U32(base, H_SEQ), 1, __ATOMIC_SEQ_CST);
+        futex_wake(U32(base, H_SEQ), 1);
+    }
+    uint32_t *phase = U32(w, W_PHASE), s = LOAD(phase);
+    while ((s & PHASE_TCP) && !(s & PHASE_WAITING)) {
+        if (CAS(phase, &s, s | PHASE_WAITING)) { s |= PHASE_WAITING; break; }
+    }
+    uint64_t t = now_ns();
+    if ((s & PHASE_TCP) && t < deadline) futex_wait(phase, s, deadline - t);
+}
+
 static int any_posted(char *base) {
     uint32_t n = LOAD(U32(base, H_MAX_CHANNELS)), words = (n + 63) / 64;
     for (uint32_t w = 0; w < words; w++) if (LOAD(U64(base, H_BITMAP + w * 8))) return 1;
@@ -52,9 +82,10 @@ static int any_posted(char *base) {
  * (the usual case) spins holding the GIL. */
 
 /* The slot claimed at once or while spinning, or -1 when it is time to sleep. */
-static long claim_spin(Region *self, uint32_t pid, uint64_t start, int *spun_ok) {
+static long claim_spin(Region *self, char *w, uint32_t pid, uint64_t start, int *spun_ok) {
     char *base = self->base;
-    long slot = try_claim(self, pid);
+    long slot = claim_phased(self, w, pid);
+    if (slot == TCP_HERE) slot = -1;
     /* the caller we just answered will post its next call soon, unless it
      * needs this CPU to do so: then spinning would only delay it */
     if (slot >= 0 || !worker_spin.budget_ns || self->last_caller_cpu == sched_getcpu()) return slot;
@@ -64,7 +95,7 @@ static long claim_spin(Region *self, uint32_t pid, uint64_t start, int *spun_ok)
     uint64_t yield_after = system_overloaded(start) ? 0 : YIELD_AFTER_NS;
     uint64_t stop = start + worker_spin.budget_ns, t;
     for (unsigned i = 1;; i++) {
-        if (any_posted(base) && (slot = try_claim(self, pid)) >= 0) { *spun_ok = 1; return slot; }
+        if (any_posted(base) && (slot = claim_phased(self, w, pid)) >= 0) { *spun_ok = 1; return slot; }
         cpu_relax();
         if ((i & 15) == 0) {
             t = now_ns();
@@ -76,13 +107,21 @@ static long claim_spin(Region *self, uint32_t pid, uint64_t start, int *spun_ok)
 
 /* The slot, -1 on timeout (or when the service stops with nothing posted),
  * -2 when interrupted.  Without the GIL. */
-static long claim_sleep(Region *self, uint32_t pid, uint64_t deadline) {
+static long claim_sleep(Region *self, char *w, uint32_t pid, uint64_t deadline) {
     char *base = self->base;
     long slot = -1;
     while (slot < 0) {
         if (LOAD(U32(base, H_STATE)) != SVC_SERVING && !any_posted(base)) break;
         uint32_t seq = LOAD(U32(base, H_SEQ));
-        if ((slot = try_claim(self, pid)) >= 0) break;
+        if ((slot = claim_phased(self, w, pid)) >= 0) break;
+        if (slot == TCP_HERE) {
+            slot = -1;
+            if (any_posted(base)) {   /* (else sleep on H_SEQ as usual: a post wakes us) */
+                wait_tcp_call(base, w, deadline);
+                if (now_ns() >= deadline) break;
+                continue;
+            }
+        }
         __atomic_fetch_add(U32(base, H_SLEEPERS), 1, __ATOMIC_SEQ_CST);
         if (any_posted(base)) {
             __atomic_fetch_sub(U32(base, H_SLEEPERS), 1, __ATOMIC_SEQ_CST);
@@ -92,7 +131,7 @@ static long claim_sleep(Region *self, uint32_t pid, uint64_t deadline) {
         int rc = t < deadline ? futex_wait(U32(base, H_SEQ), seq, deadline - t) : ETIMEDOUT;
         __atomic_fetch_sub(U32(base, H_SLEEPERS), 1, __ATOMIC_SEQ_CST);
         if (rc == EINTR) { slot = -2; break; }
-        if (rc == ETIMEDOUT) { slot = try_claim(self, pid); break; }
+        if (rc == ETIMEDOUT) { if ((slot = claim_phased(self, w, pid)) == TCP_HERE) slot = -1; break; }
     }
     return slot;
 }
@@ -102,11 +141,11 @@ static long claim_next(Region *self, char *w, uint64_t deadline) {
     uint32_t pid = LOAD(U32(w, W_PID));
     uint64_t start = now_ns();
     int spun_ok = 0, alone = only_thread();
-    long slot = alone ? claim_spin(self, pid, start, &spun_ok) : -1;
+    long slot = alone ? claim_spin(self, w, pid, start, &spun_ok) : -1;
     if (slot < 0) {
         Py_BEGIN_ALLOW_THREADS
-        if (!alone) slot = claim_spin(self, pid, start, &spun_ok);
-        if (slot < 0) slot = claim_sleep(self, pid, deadline);
+        if (!alone) slot = claim_spin(self, w, pid, start, &spun_ok);
+        if (slot < 0) slot = claim_sleep(self, w, pid, deadline);
         Py_END_ALLOW_THREADS
     }
     uint64_t t = now_ns();
@@ -147,6 +186,12 @@ static void record_call(char *base, char *w, long method, uint64_t ns, uint32_t 
     int b = us ? 64 - __builtin_clzll(us) : 0;   /* us < 2^b */
     if (b >= M_NBUCKETS) b = M_NBUCKETS - 1;
     __atomic_fetch_add(U64(m, M_BUCKETS + 8 * b), 1, __ATOMIC_RELAXED);
+}
+
+/* The call the shared-memory loop claimed is over: the TCP thread may run one here. */
+static inline void end_shm_phase(char *w) {
+    uint32_t shm = PHASE_SHM;
+    CAS(U32(w, W_PHASE), &shm, PHASE_IDLE);
 }
 
 /* Writes a response and hands the channel back to its caller.  A payload that
@@ -194,6 +239,7 @@ static int publish_reply(Region *self, char *w, long slot, Region *data, uint32_
     if (status != 0) __atomic_fetch_add(U64(w, W_ERRORS), 1, __ATOMIC_SEQ_CST);
     STORE(U32(w, W_STATE), WORKER_IDLE);
     record_call(base, w, method, took, status);
+    end_shm_phase(w);
     return delivered;
 }
 
@@ -417,6 +463,58 @@ static PyObject *serve_loop(Region *self, PyObject *const *args, Py_ssize_t narg
         if (PyErr_CheckSignals() < 0) return NULL;
         if (now_ns() >= deadline) Py_RETURN_NONE;
     }
+}
+
+/* end_phase(worker_index): a call the loop handed back to Python is settled without a reply
+ * (given back, abandoned): the phase the loop took for it goes back to IDLE. */
+PyObject *R_end_phase(Region *self, PyObject *arg) {
+    long widx = PyLong_AsLong(arg);
+    if ((widx == -1 && PyErr_Occurred()) || check_worker(widx)) return NULL;
+    char *w = self->base + H_WORKERS + widx * W_SIZE;
+    STORE(U32(w, W_STATE), WORKER_IDLE);
+    end_shm_phase(w);
+    Py_RETURN_NONE;
+}
+
+/* tcp_begin(worker_index, method_index) -> bool: the TCP thread takes this process's turn to
+ * run a call (W_PHASE IDLE -> TCP) and marks the worker busy as a claim does; False when
+ * the shared-memory loop runs (or is claiming) one: the call goes to another worker. */
+PyObject *R_tcp_begin(Region *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2) { PyErr_SetString(PyExc_TypeError, "tcp_begin takes 2 arguments"); return NULL; }
+    long widx = PyLong_AsLong(args[0]), method = PyLong_AsLong(args[1]);
+    if (((widx == -1 || method == -1) && PyErr_Occurred()) || check_worker(widx)) return NULL;
+    char *w = self->base + H_WORKERS + widx * W_SIZE;
+    uint32_t idle = PHASE_IDLE;
+    if (!CAS(U32(w, W_PHASE), &idle, PHASE_TCP)) Py_RETURN_FALSE;
+    STORE(U32(w, W_STATE), WORKER_BUSY);
+    STORE(U64(w, W_CLAIM_NS), now_ns());
+    __atomic_store_n(U32(w, W_METHOD), method >= 0 ? (uint32_t)method + 1 : 0u, __ATOMIC_RELAXED);
+    Py_RETURN_TRUE;
+}
+
+/* tcp_end(worker_index, method_index, status): the TCP call tcp_begin started is answered:
+ * counted as a shared-memory call is (the worker's counters, the method's statistics), the
+ * worker idle again, and the loop woken if it waits for its turn. */
+PyObject *R_tcp_end(Region *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 3) { PyErr_SetString(PyExc_TypeError, "tcp_end takes 3 arguments"); return NULL; }
+    long widx = PyLong_AsLong(args[0]), method = PyLong_AsLong(args[1]);
+    unsigned long status = PyLong_AsUnsignedLong(args[2]);
+    if (((widx == -1 || method == -1) && PyErr_Occurred()) || check_worker(widx)) return NULL;
+    if (status == (unsigned long)-1 && PyErr_Occurred()) return NULL;
+    char *base = self->base, *w = base + H_WORKERS + widx * W_SIZE;
+    uint32_t *phase = U32(w, W_PHASE);
+    if ((LOAD(phase) & PHASE_TCP) == 0) {
+        PyErr_SetString(PyExc_RuntimeError, "tcp_end without tcp_begin");
+        return NULL;
+    }
+    uint64_t took = now_ns() - LOAD(U64(w, W_CLAIM_NS));
+    __atomic_fetch_add(U64(w, W_BUSY_NS), took, __ATOMIC_SEQ_CST);
+    __atomic_fetch_add(U64(w, W_CALLS), 1, __ATOMIC_SEQ_CST);
+    if (status != 0) __atomic_fetch_add(U64(w, W_ERRORS), 1, __ATOMIC_SEQ_CST);
+    STORE(U32(w, W_STATE), WORKER_IDLE);
+    record_call(base, w, method, took, (uint32_t)status);
+    if (__atomic_exchange_n(phase, PHASE_IDLE, __ATOMIC_SEQ_CST) & PHASE_WAITING) futex_wake(phase, 1);
+    Py_RETURN_NONE;
 }
 
 int serve_init(void) {

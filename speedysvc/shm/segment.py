@@ -416,6 +416,7 @@ class ServiceSegment:
                 r.store64(off + core.W_STARTED_NS, time.time_ns())
                 r.store64(off + core.W_START_TICKS, process_start_time(pid) or 0)
                 r.store32(off + core.W_METHOD, 0)
+                r.store32(off + core.W_PHASE, core.PHASE_IDLE)   # (a worker killed in a TCP call left it)
                 r.store32(off + core.W_STATE, core.WORKER_IDLE)
                 return i
         raise SpeedysvcError(f"service {self.service!r} already has {core.MAX_WORKERS} workers")

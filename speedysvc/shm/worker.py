@@ -114,7 +114,18 @@ class Worker:
         self.dispatcher = Dispatcher(server_cls())
         self.pid = os.getpid()
         self.segment.write_method_names(self.dispatcher.method_names)
+        # a service that binds TCP is served by its workers (tcp.inworker): listening before
+        # the worker registers, so a supervisor that sees it serve can count on its port
+        self.tcp = None
+        if os.environ.get("SPEEDYSVC_TCP_SERVE"):   # (tcp.options.SERVE_ENV; imported only when used)
+            from ..tcp.inworker import InProcess, WorkerTcp
+            from ..tcp.options import ServeOptions
+            options = ServeOptions.from_env()
+            inproc = InProcess(self.segment.region, self.dispatcher, self.segment.max_payload)
+            self.tcp = WorkerTcp(self.service, options, inproc).start()
         self.index = self.segment.register_worker(self.pid)
+        if self.tcp is not None:
+            self.tcp.inproc.registered(self.index)
         # slot -> (owner pid, generation, data region, read-only view) of mapped channels
         self.channels: list = [None] * self.segment.max_channels
         self.stop = [False]
@@ -158,8 +169,13 @@ class Worker:
                     except Exception as e:  # a fault of ours: fail that call, keep serving
                         log.exception("internal error while serving a call")
                         self.fail_call(got[1], e)
+                    finally:   # (answered, given back or abandoned: the TCP thread may run one now)
+                        region.end_phase(self.index)
             orderly = True
         finally:
+            if self.tcp is not None:
+                # stop listening, finish the TCP calls in hand, tell the clients; then leave
+                self.tcp.stop()
             # a worker that fails (an exception out of the loop, a signal's) leaves its entry
             # (and the method of its last call) for its supervisor to read; reaping frees it
             if orderly:

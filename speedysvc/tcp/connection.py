@@ -287,7 +287,7 @@ class ServerConnection(asyncio.BufferedProtocol):
         self.compression, self.compress_min = algo, compress_min
         self.parser = fr.FrameParser(server.options.max_payload, frozenset((fr.CALL,)), fr.SERVER_SCRATCH)
         if algo is None:   # (replies of a compressing connection may need compressing)
-            self.short_way = server.gateway
+            self.short_way = server.gateway if server.local is None else server.short_way
         self.transport.write(fr.pack_hello(fr.WELCOME, welcome))
         self.hello = self.hello_buf = None
         if leftover:

@@ -79,8 +79,11 @@ def raise_fd_limit() -> int:
 class TcpServer:
     """Accepts TCP clients of one service (``service``: its shared-memory name)."""
 
-    def __init__(self, service: str, options: ServeOptions | None = None, **changes):
-        """``options`` (default: ``ServeOptions()``), with ``changes`` to its fields."""
+    def __init__(self, service: str, options: ServeOptions | None = None, *, local=None, reuse_port: bool = False,
+                 **changes):
+        """``options`` (default: ``ServeOptions()``), with ``changes`` to its fields.  In a worker
+        (``inworker``): ``local`` runs a call in this process when the worker is idle, and
+        ``reuse_port`` shares the port with the other workers' servers."""
         options = options or ServeOptions()
         self.options = opts = options.replace(**changes) if changes else options
         self.service = service
@@ -99,6 +102,7 @@ class TcpServer:
         # here to be network-safe go the long way, which checks the client may use them.
         self.gateway = core.Gateway(self.shm, self.admission, self.counters, codecs.CODEC_SHIFT,
                                     ~codecs.mask(lambda codec: codec.network_safe) & (2 ** 64 - 1))
+        self.local, self.reuse_port = local, reuse_port
         self.executor: ThreadPoolExecutor | None = None
         self.connections: set[ServerConnection] = set()
         # those of them still in the handshake, oldest first (dict: ordered), not counted in max_connections
@@ -120,6 +124,7 @@ class TcpServer:
         self.executor = ThreadPoolExecutor(self.options.max_waiting_threads, thread_name_prefix="speedysvc-tcp-wait")
         self._server = await loop.create_server(lambda: ServerConnection(self), self.host, self.port,
                                                 ssl=self.ssl_context, reuse_address=True, backlog=1024,
+                                                reuse_port=self.reuse_port or None,
                                                 ssl_handshake_timeout=self.options.handshake_timeout
                                                 if self.ssl_context else None)
         self.port = self._server.sockets[0].getsockname()[1]
@@ -157,7 +162,21 @@ class TcpServer:
                 "inflight": self.inflight, "parked": self.parking.count, **self.counters}
 
     # -- calls -----------------------------------------------------------------------------
+    def short_way(self, parser, nbytes: int):
+        """The short way of a worker's server: a call that may run here goes the parser's way
+        (``submit`` runs it in this process); else the gateway's C short way posts it."""
+        if self.local.idle():
+            return None
+        return self.gateway(parser, nbytes)
+
     def submit(self, conn: ServerConnection, frame: fr.Frame) -> None:
+        if self.local is not None and self._usual(conn, frame.flags, frame.arg):
+            answer = self.local.run(frame.name, frame.arg, frame.payload)
+            if answer is not None:
+                self.counters["calls"] += 1
+                self.counters["answered_inline"] += 1
+                conn.reply(frame.call_id, *answer)
+                return
         if self.admission.closing:
             conn.reply_error(frame.call_id, ServiceUnavailable(f"service {self.service!r} is stopping"))
             return
