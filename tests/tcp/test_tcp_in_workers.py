@@ -13,8 +13,11 @@ import pytest
 from speedysvc import _shmcore as core
 from speedysvc import connect
 from speedysvc.shm.worker import HOUSEKEEPING_INTERVAL
-from tcp_helpers import call_in_thread, check, connect_to, serve   # noqa: F401 - fixture
+import tcp_helpers
+from tcp_helpers import call_in_thread, check, connect_to
 from tcp_services import TcpEcho, TcpTurns
+
+serve = tcp_helpers.serve
 
 
 def phase(svc, pid):
