@@ -35,17 +35,21 @@ def target_of(server_cls) -> str:
     return f"{server_cls.__module__}:{server_cls.__qualname__}"
 
 
+TCP_IN_WORKERS_ENV = "SPEEDYSVC_TCP_IN_WORKERS"
+
+
 class LocalService:
     def __init__(self, server_cls, workers: int = 1, *, max_channels: int = shm.DEFAULT_MAX_CHANNELS,
                  max_payload: int = shm.DEFAULT_MAX_PAYLOAD, start_timeout: float = 30.0,
                  stop_timeout: float = 10.0, env: dict | None = None, tcp: str | None = None,
                  tcp_secret=None, tcp_tls: tuple[str, str] | None = None, tcp_allow_pickle: bool = False,
                  tcp_handshake_timeout: float = ServeOptions.handshake_timeout,
-                 tcp_stall_timeout: float = ServeOptions.stall_timeout, tcp_in_workers: bool = False):
+                 tcp_stall_timeout: float = ServeOptions.stall_timeout, tcp_in_workers: bool | None = None):
         """``tcp='HOST[:PORT]'`` also serves TCP clients (PORT defaults to the class's
         ``port``; 0 picks a free one, see ``tcp_address``), in a gateway process of its own,
         or, with ``tcp_in_workers``, in the workers themselves (``speedysvc.tcp.inworker``:
-        each listens on the port with SO_REUSEPORT; this process holds the port)."""
+        each listens on the port with SO_REUSEPORT; this process holds the port).  Its default
+        is ``SPEEDYSVC_TCP_IN_WORKERS=1`` in the environment (so a test suite can run either way)."""
         if workers < 1 or workers > core.MAX_WORKERS:
             raise ValueError(f"workers must be 1..{core.MAX_WORKERS}, got {workers}")
         self.server_cls = server_cls
@@ -66,7 +70,8 @@ class LocalService:
         self.tcp_timeouts = (tcp_handshake_timeout, tcp_stall_timeout)
         self.tcp_process: subprocess.Popen | None = None
         self.tcp_address: str | None = None     # tcp://host:port once serving
-        self.tcp_in_workers = tcp_in_workers
+        self.tcp_in_workers = (os.environ.get(TCP_IN_WORKERS_ENV) == "1") if tcp_in_workers is None \
+            else tcp_in_workers
         self.tcp_reservation = None             # (tcp_in_workers) the socket that holds the port
         self.tcp_env: dict = {}                 # (tcp_in_workers) the options the workers serve with
 

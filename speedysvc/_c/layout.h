@@ -36,6 +36,10 @@
 #define H_SEQ            64    /* own cache line: futex word workers sleep on */
 #define H_SLEEPERS       68
 #define H_BITMAP         256   /* one bit per channel with a posted call (at most 512 bytes) */
+/* ---- TCP served by the workers (layout 5): the header field of this block ----------
+ * (kept apart: the rest of the header is shared with other changes) */
+#define H_TCP_OFF        192   /* u32: where the per-worker TCP records start (see T_* below) */
+/* ---- end of the TCP header block ---- */
 #define H_REASON         1024  /* why the service is stopping, stopped or failed: UTF-8, NUL-padded,
                                   written by the owner before it sets that state */
 #define REASON_SIZE      1024
@@ -107,6 +111,29 @@
 #define M_MAX_NS         24
 #define M_BUCKETS        32    /* u64[28]: bucket b counts calls under 2^b µs; the last, all slower */
 #define M_NBUCKETS       28
+
+/* ---- per-worker TCP records (layout 5), at H_TCP_OFF: one per worker-table entry -------
+ * Written by that entry's worker only (its TCP thread), summed by supervisors.  Gauges
+ * are what the worker holds now: the entry's registration and the reaping of a dead
+ * worker clear them, so a worker killed -9 leaks no share of a limit.  Counters are never
+ * cleared (as the method statistics): a worker reusing an entry adds to them, so the
+ * totals never drop when workers go; a worker adds what it counted once a second and as
+ * it stops. */
+#define T_SIZE              128
+#define T_CLIENTS           0     /* u64 gauge: connections past the handshake */
+#define T_HANDSHAKING       8     /* u64 gauge: connections in the handshake */
+#define T_INFLIGHT          16    /* u64 gauge: calls posted to the pool and not answered yet */
+#define T_CONNECTIONS_TOTAL 24    /* u64 counters from here on */
+#define T_CALLS             32
+#define T_ERRORS            40
+#define T_REFUSED           48
+#define T_AUTH_FAILURES     56
+#define T_PROTOCOL_ERRORS   64
+#define T_BYTES_IN          72
+#define T_BYTES_OUT         80
+#define T_ANSWERED_INLINE   88
+#define T_HANDSHAKES_EVICTED 96
+#define T_LISTENING         104   /* u32: 1 while the worker's TCP server accepts */
 
 /* ---- states and codes --------------------------------------------------- */
 /* service states */
@@ -183,6 +210,9 @@
     X(H_CREATED_NS) X(H_OWNER_START) X(H_STATS_OFF) X(H_MAX_METHODS) X(H_NAMES_OFF) X(H_OWNER_FLAGS) \
     X(OWNER_RESTARTS_WORKERS) X(OWNER_WORKERS_STARTED) X(OWNER_RESTARTING) X(NAME_SIZE) X(H_SEQ) X(H_SLEEPERS) \
     X(H_BITMAP) X(H_REASON) X(REASON_SIZE) \
+    X(H_TCP_OFF) X(T_SIZE) X(T_CLIENTS) X(T_HANDSHAKING) X(T_INFLIGHT) X(T_CONNECTIONS_TOTAL) X(T_CALLS) \
+    X(T_ERRORS) X(T_REFUSED) X(T_AUTH_FAILURES) X(T_PROTOCOL_ERRORS) X(T_BYTES_IN) X(T_BYTES_OUT) \
+    X(T_ANSWERED_INLINE) X(T_HANDSHAKES_EVICTED) X(T_LISTENING) \
     X(H_WORKERS) X(W_SIZE) X(W_PID) X(W_STATE) X(W_CALLS) X(W_BUSY_NS) X(W_STARTED_NS) X(W_ERRORS) \
     X(W_CLAIM_NS) X(W_START_TICKS) X(W_METHOD) X(W_PHASE) X(PHASE_IDLE) X(PHASE_SHM) X(PHASE_TCP) \
     X(PHASE_WAITING) X(WORKER_FREE) X(WORKER_IDLE) X(WORKER_BUSY) \

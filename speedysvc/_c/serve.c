@@ -274,7 +274,8 @@ PyObject *R_reply(Region *self, PyObject *const *args, Py_ssize_t nargs) {
  * call_failed, encode_failed), the handler's common case without its Python
  * frame.  What the fast path cannot decode goes to the handler, which reports
  * it; what the method raises goes to call_failed, a result dumps refuses to
- * encode_failed. */
+ * encode_failed.  Without `data` (a TCP call run in the worker's process: gateway.c's
+ * LocalWay) the result is not encoded in place. */
 static PyObject *status_ok;   /* STATUS_OK, made once (serve_init) */
 
 /* A large result that msgpack's C encoder takes is written straight into the channel's data
@@ -288,8 +289,8 @@ static PyObject *encode_in_place(PyObject *value, Region *data, PyObject *view) 
     return PySequence_GetSlice(view, 0, size);
 }
 
-static PyObject *run_method(PyObject *handler, PyObject *fast, uint32_t flags, PyObject *request, Region *data,
-                            PyObject *view) {
+PyObject *run_method(PyObject *handler, PyObject *fast, uint32_t flags, PyObject *request, Region *data,
+                     PyObject *view) {
     if (PyTuple_Check(fast) && PyTuple_GET_SIZE(fast) == 6) {
         unsigned long fast_flags = PyLong_AsUnsignedLong(PyTuple_GET_ITEM(fast, 3));
         if (fast_flags == (unsigned long)-1 && PyErr_Occurred()) return NULL;
@@ -314,7 +315,7 @@ static PyObject *run_method(PyObject *handler, PyObject *fast, uint32_t flags, P
                     return r;
                 }
                 PyObject *dumps = PyTuple_GET_ITEM(fast, 2);
-                PyObject *payload = is_c_msgpack_dumps(dumps) ? encode_in_place(value, data, view) : NULL;
+                PyObject *payload = data && is_c_msgpack_dumps(dumps) ? encode_in_place(value, data, view) : NULL;
                 if (!payload && !PyErr_Occurred()) payload = PyObject_CallOneArg(dumps, value);
                 if (payload) {
                     Py_DECREF(value);
@@ -465,6 +466,44 @@ static PyObject *serve_loop(Region *self, PyObject *const *args, Py_ssize_t narg
     }
 }
 
+/* the mean time of a method's calls above which a TCP call to it is posted, not run in the loop */
+#define LOCAL_CALL_MAX_NS 1000000ull
+
+/* The TCP thread's turn (W_PHASE IDLE -> TCP, docs/shm-protocol.md), the entry busy as a claim
+ * makes it; 0 when the loop runs or claims a call.  For R_tcp_begin and gateway.c's LocalWay. */
+int tcp_phase_begin(char *base, long widx, long method) {
+    char *w = base + H_WORKERS + widx * W_SIZE;
+    /* A call runs in the TCP thread's loop, which serves this worker's other connections: a
+     * method that has been slow here (its mean over this worker's calls) is posted to the pool
+     * instead, so that one slow method does not hold up the worker's other clients. */
+    uint32_t stats = LOAD(U32(base, H_STATS_OFF)), nmethods = LOAD(U32(base, H_MAX_METHODS));
+    if (method >= 0 && (uint32_t)method < nmethods && stats) {
+        char *m = base + stats + ((uint64_t)widx * nmethods + (uint64_t)method) * M_SIZE;
+        uint64_t calls = LOAD(U64(m, M_CALLS));
+        if (calls && LOAD(U64(m, M_TOTAL_NS)) / calls > LOCAL_CALL_MAX_NS) return 0;
+    }
+    uint32_t idle = PHASE_IDLE;
+    if (!CAS(U32(w, W_PHASE), &idle, PHASE_TCP)) return 0;
+    STORE(U32(w, W_STATE), WORKER_BUSY);
+    STORE(U64(w, W_CLAIM_NS), now_ns());
+    __atomic_store_n(U32(w, W_METHOD), method >= 0 ? (uint32_t)method + 1 : 0u, __ATOMIC_RELAXED);
+    return 1;
+}
+
+/* The TCP call tcp_phase_begin started is answered: counted as a shared-memory call is, the
+ * entry idle, the turn given back (and the loop woken if it waits for it). */
+void tcp_phase_end(char *base, long widx, long method, uint32_t status) {
+    char *w = base + H_WORKERS + widx * W_SIZE;
+    uint32_t *phase = U32(w, W_PHASE);
+    uint64_t took = now_ns() - LOAD(U64(w, W_CLAIM_NS));
+    __atomic_fetch_add(U64(w, W_BUSY_NS), took, __ATOMIC_SEQ_CST);
+    __atomic_fetch_add(U64(w, W_CALLS), 1, __ATOMIC_SEQ_CST);
+    if (status != 0) __atomic_fetch_add(U64(w, W_ERRORS), 1, __ATOMIC_SEQ_CST);
+    STORE(U32(w, W_STATE), WORKER_IDLE);
+    record_call(base, w, method, took, status);
+    if (__atomic_exchange_n(phase, PHASE_IDLE, __ATOMIC_SEQ_CST) & PHASE_WAITING) futex_wake(phase, 1);
+}
+
 /* end_phase(worker_index): a call the loop handed back to Python is settled without a reply
  * (given back, abandoned): the phase the loop took for it goes back to IDLE. */
 PyObject *R_end_phase(Region *self, PyObject *arg) {
@@ -483,13 +522,7 @@ PyObject *R_tcp_begin(Region *self, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 2) { PyErr_SetString(PyExc_TypeError, "tcp_begin takes 2 arguments"); return NULL; }
     long widx = PyLong_AsLong(args[0]), method = PyLong_AsLong(args[1]);
     if (((widx == -1 || method == -1) && PyErr_Occurred()) || check_worker(widx)) return NULL;
-    char *w = self->base + H_WORKERS + widx * W_SIZE;
-    uint32_t idle = PHASE_IDLE;
-    if (!CAS(U32(w, W_PHASE), &idle, PHASE_TCP)) Py_RETURN_FALSE;
-    STORE(U32(w, W_STATE), WORKER_BUSY);
-    STORE(U64(w, W_CLAIM_NS), now_ns());
-    __atomic_store_n(U32(w, W_METHOD), method >= 0 ? (uint32_t)method + 1 : 0u, __ATOMIC_RELAXED);
-    Py_RETURN_TRUE;
+    return PyBool_FromLong(tcp_phase_begin(self->base, widx, method));
 }
 
 /* tcp_end(worker_index, method_index, status): the TCP call tcp_begin started is answered:
@@ -501,19 +534,11 @@ PyObject *R_tcp_end(Region *self, PyObject *const *args, Py_ssize_t nargs) {
     unsigned long status = PyLong_AsUnsignedLong(args[2]);
     if (((widx == -1 || method == -1) && PyErr_Occurred()) || check_worker(widx)) return NULL;
     if (status == (unsigned long)-1 && PyErr_Occurred()) return NULL;
-    char *base = self->base, *w = base + H_WORKERS + widx * W_SIZE;
-    uint32_t *phase = U32(w, W_PHASE);
-    if ((LOAD(phase) & PHASE_TCP) == 0) {
+    if ((LOAD(U32(self->base + H_WORKERS + widx * W_SIZE, W_PHASE)) & PHASE_TCP) == 0) {
         PyErr_SetString(PyExc_RuntimeError, "tcp_end without tcp_begin");
         return NULL;
     }
-    uint64_t took = now_ns() - LOAD(U64(w, W_CLAIM_NS));
-    __atomic_fetch_add(U64(w, W_BUSY_NS), took, __ATOMIC_SEQ_CST);
-    __atomic_fetch_add(U64(w, W_CALLS), 1, __ATOMIC_SEQ_CST);
-    if (status != 0) __atomic_fetch_add(U64(w, W_ERRORS), 1, __ATOMIC_SEQ_CST);
-    STORE(U32(w, W_STATE), WORKER_IDLE);
-    record_call(base, w, method, took, (uint32_t)status);
-    if (__atomic_exchange_n(phase, PHASE_IDLE, __ATOMIC_SEQ_CST) & PHASE_WAITING) futex_wake(phase, 1);
+    tcp_phase_end(self->base, widx, method, (uint32_t)status);
     Py_RETURN_NONE;
 }
 

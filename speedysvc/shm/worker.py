@@ -121,11 +121,11 @@ class Worker:
             from ..tcp.inworker import InProcess, WorkerTcp
             from ..tcp.options import ServeOptions
             options = ServeOptions.from_env()
-            inproc = InProcess(self.segment.region, self.dispatcher, self.segment.max_payload)
+            inproc = InProcess(self.segment, self.dispatcher, self.segment.max_payload)
             self.tcp = WorkerTcp(self.service, options, inproc).start()
         self.index = self.segment.register_worker(self.pid)
         if self.tcp is not None:
-            self.tcp.inproc.registered(self.index)
+            self.tcp.registered(self.index)
         # slot -> (owner pid, generation, data region, read-only view) of mapped channels
         self.channels: list = [None] * self.segment.max_channels
         self.stop = [False]

@@ -42,16 +42,59 @@ def reserve_port(host: str, port: int) -> socket.socket:
     return sock
 
 
+class SharedCounts:
+    """This worker's TCP record in the service segment (layout.h, T_*): its gauges kept
+    current, its counters added once a second (and as it stops); and the totals over every
+    worker, which the limits (max_connections, max_handshakes) are held to."""
+
+    def __init__(self, segment):
+        self.segment, self.region = segment, segment.region
+        self.off: int | None = None   # this worker's record, once it has an entry
+        self.published = {}
+
+    def registered(self, index: int) -> None:
+        self.off = self.segment.tcp_offset(index)
+
+    def gauges(self, clients: int, handshaking: int, inflight: int) -> None:
+        if self.off is not None:
+            r, off = self.region, self.off
+            r.store64(off + core.T_CLIENTS, clients)
+            r.store64(off + core.T_HANDSHAKING, handshaking)
+            r.store64(off + core.T_INFLIGHT, inflight)
+
+    def listening(self, on: bool) -> None:
+        if self.off is not None:
+            self.region.store32(self.off + core.T_LISTENING, int(on))
+
+    def publish(self, counters: dict) -> None:
+        """Add what ``counters`` (the server's) counted since the last time."""
+        if self.off is None:
+            return
+        for name in self.segment.TCP_COUNTERS:
+            value = counters.get(name, 0)
+            delta = value - self.published.get(name, 0)
+            if delta:
+                self.region.add64(self.off + getattr(core, "T_" + name.upper()), delta)
+                self.published[name] = value
+
+    def total(self, field: int) -> int:
+        """A gauge summed over the worker entries (this worker's share included)."""
+        r, base = self.region, self.region.load32(core.H_TCP_OFF) + field
+        return sum(r.load64(base + i * core.T_SIZE) for i in range(core.MAX_WORKERS))
+
+
 class InProcess:
     """Runs a TCP call in this worker's process, if the worker is idle (else ``run`` says no)."""
 
-    def __init__(self, region, dispatcher, max_payload: int):
-        self.region, self.dispatcher, self.max_payload = region, dispatcher, max_payload
+    def __init__(self, segment, dispatcher, max_payload: int):
+        self.region, self.dispatcher, self.max_payload = segment.region, dispatcher, max_payload
+        self.shared = SharedCounts(segment)
         self.index: int | None = None   # the worker's entry, once registered (until then: post)
         self.phase_offset = 0
 
     def registered(self, index: int) -> None:
         self.phase_offset = core.H_WORKERS + index * core.W_SIZE + core.W_PHASE
+        self.shared.registered(index)
         self.index = index
 
     def idle(self) -> bool:
@@ -68,22 +111,25 @@ class InProcess:
             return None
         status = STATUS_ERROR
         try:
-            status, out = self.dispatcher.handle(name, flags, payload)
-            try:
-                # (a raw method may answer with a view of its argument, which is the read buffer)
-                out = out if out.__class__ is bytes else bytes(out)
-                if not isinstance(status, int) or status < 0:
-                    raise TypeError(f"bad status {status!r}")
-            except TypeError as e:
-                status, out = STATUS_ERROR, encode_exception(EncodeError(f"bad response from the handler: {e}"),
-                                                             False)
-            if len(out) > self.max_payload:
-                status, out = STATUS_ERROR, encode_exception(PayloadTooLarge(
-                    f"the response of {len(out)} bytes exceeds the service's limit of {self.max_payload} bytes"),
-                    False)
+            status, out = self.finish(*self.dispatcher.handle(name, flags, payload))
             return status, out
         finally:
             self.region.tcp_end(index, method, status)
+
+    def finish(self, status, out):
+        """A handler's answer as ``(status, bytes)`` to send, or the error that says what is wrong
+        with it (as the worker's loop answers a shared-memory call; ``LocalWay`` calls it too)."""
+        try:
+            # (a raw method may answer with a view of its argument, which is the read buffer)
+            out = out if out.__class__ is bytes else bytes(out)
+            if not isinstance(status, int) or status < 0:
+                raise TypeError(f"bad status {status!r}")
+        except TypeError as e:
+            return STATUS_ERROR, encode_exception(EncodeError(f"bad response from the handler: {e}"), False)
+        if len(out) > self.max_payload:
+            return STATUS_ERROR, encode_exception(PayloadTooLarge(
+                f"the response of {len(out)} bytes exceeds the service's limit of {self.max_payload} bytes"), False)
+        return status, out
 
 
 class WorkerTcp:
@@ -127,6 +173,16 @@ class WorkerTcp:
         self._ready.set()
         await self._stop.wait()
         await self.server.close(self.options.stop_timeout, "the worker is stopping")
+
+    def registered(self, index: int) -> None:
+        """The worker has its entry: its calls may run in its process, and its TCP record is
+        published, from now on."""
+        self.inproc.registered(index)
+        self.server.local_way.registered(index)
+        try:
+            self.loop.call_soon_threadsafe(self.server.counts_changed)
+        except RuntimeError:
+            pass
 
     def stop(self) -> None:
         """Stop listening, let calls in flight finish (up to stop_timeout), answer the ones not

@@ -103,6 +103,13 @@ class TcpServer:
         self.gateway = core.Gateway(self.shm, self.admission, self.counters, codecs.CODEC_SHIFT,
                                     ~codecs.mask(lambda codec: codec.network_safe) & (2 ** 64 - 1))
         self.local, self.reuse_port = local, reuse_port
+        # (in a worker) this worker's TCP record, and the totals the limits are held to
+        self.shared = local.shared if local is not None else None
+        # (in a worker) the usual call run in this process, in C, or posted by ``gateway`` when
+        # the worker is busy: the connections' short way (see ServerConnection.buffer_updated)
+        self.local_way = None if local is None else core.LocalWay(
+            local.region, local.dispatcher.handlers, self.gateway, self.admission, self.counters, local.finish,
+            min(opts.max_payload, local.max_payload))
         self.executor: ThreadPoolExecutor | None = None
         self.connections: set[ServerConnection] = set()
         # those of them still in the handshake, oldest first (dict: ordered), not counted in max_connections
@@ -130,6 +137,7 @@ class TcpServer:
         self.port = self._server.sockets[0].getsockname()[1]
         self._sweeper = loop.call_later(sweep.INTERVAL, self._sweep)
         self._idle.set()
+        self.counts_changed()
         log.info("%s: accepting TCP clients on %s:%d%s%s", self.service, self.host, self.port,
                  " with TLS" if self.ssl_context else "", " (secret required)" if self.secret else "")
         return self
@@ -141,6 +149,8 @@ class TcpServer:
             return
         self.admission.closing = True
         self._server.close()
+        if self.shared is not None:
+            self.shared.listening(False)
         for conn, frame in self.admission.withdraw():
             conn.reply_error(frame.call_id, ServiceUnavailable(f"service {self.service!r}: {reason}"))
         try:
@@ -152,6 +162,7 @@ class TcpServer:
         if self._sweeper is not None:
             self._sweeper.cancel()
         self._server = None
+        self.counts_changed()
         self.shm.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
 
@@ -161,14 +172,29 @@ class TcpServer:
                 "handshaking": len(self.handshaking),
                 "inflight": self.inflight, "parked": self.parking.count, **self.counters}
 
-    # -- calls -----------------------------------------------------------------------------
-    def short_way(self, parser, nbytes: int):
-        """The short way of a worker's server: a call that may run here goes the parser's way
-        (``submit`` runs it in this process); else the gateway's C short way posts it."""
-        if self.local.idle():
-            return None
-        return self.gateway(parser, nbytes)
+    # -- connections, and in a worker their counts shared with the other workers ------------
+    def clients(self) -> int:
+        """Connections past the handshake, in every worker that serves this service's port."""
+        if self.shared is not None and self.shared.off is not None:
+            return self.shared.total(core.T_CLIENTS)
+        return len(self.connections) - len(self.handshaking)
 
+    def handshakes(self) -> int:
+        """Connections in the handshake, in every worker that serves this service's port."""
+        if self.shared is not None and self.shared.off is not None:
+            return self.shared.total(core.T_HANDSHAKING)
+        return len(self.handshaking)
+
+    def counts_changed(self) -> None:
+        """A connection came, went or changed its state, or a call began or ended: publish this
+        worker's gauges (what the other workers' limits count)."""
+        if self.shared is not None:
+            self.shared.gauges(len(self.connections) - len(self.handshaking), len(self.handshaking),
+                               self.admission.inflight)
+            if self._server is not None and not self.admission.closing:
+                self.shared.listening(True)
+
+    # -- calls -----------------------------------------------------------------------------
     def submit(self, conn: ServerConnection, frame: fr.Frame) -> None:
         if self.local is not None and self._usual(conn, frame.flags, frame.arg):
             answer = self.local.run(frame.name, frame.arg, frame.payload)
@@ -363,9 +389,13 @@ class TcpServer:
     def _began(self, conn: ServerConnection) -> None:
         self.admission.began(conn)
         self._idle.clear()
+        if self.shared is not None:
+            self.counts_changed()
 
     def _ended(self, conn: ServerConnection) -> None:
         self.admission.ended(conn)
+        if self.shared is not None:
+            self.counts_changed()
         if conn.eof:
             conn.close_when_answered()
         self.settled()
@@ -457,6 +487,8 @@ class TcpServer:
     # -- housekeeping ----------------------------------------------------------------------
     def _sweep(self) -> None:
         try:
+            if self.shared is not None:
+                self.shared.publish(self.counters)
             sweep.sweep(self, time.monotonic())
         except Exception:   # (the next sweep must come all the same: every deadline depends on it)
             log.exception("%s: the TCP gateway's sweep failed", self.service)

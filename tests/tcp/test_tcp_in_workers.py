@@ -102,7 +102,7 @@ def test_one_call_at_a_time_per_process_under_mixed_load(serve):
         try:
             with connect_to(svc, TcpTurns) as c:
                 while not stop.is_set():
-                    c.hold(0.002)
+                    c.hold(0.0005)
         except Exception as e:   # noqa: BLE001 - reported below
             errors.append(e)
 
@@ -110,7 +110,7 @@ def test_one_call_at_a_time_per_process_under_mixed_load(serve):
         try:
             with connect(TcpTurns) as c:
                 while not stop.is_set():
-                    c.hold(0.002)
+                    c.hold(0.0005)
         except Exception as e:   # noqa: BLE001
             errors.append(e)
 
