@@ -303,7 +303,11 @@ def main():
     parser.add_argument("--compression", default="lz4,zstd,snappy,zlib")
     parser.add_argument("--shapes", default="2x2,8x4,16x4",
                         help="callers x workers for the many-callers part ('' to skip it)")
+    parser.add_argument("--serving", choices=("workers", "gateway"), default="workers",
+                        help="who serves TCP: the workers themselves (tcp_in_workers) or a gateway process")
     args = parser.parse_args()
+    # LocalService's default, for every service this run starts (here and in _tcp_load)
+    os.environ["SPEEDYSVC_TCP_IN_WORKERS"] = "1" if args.serving == "workers" else "0"
     args.calls = 3000 if args.quick else 20000
     args.seconds = 0.3 if args.quick else 1.0
     args.rounds = 1 if args.quick else 3
@@ -326,7 +330,8 @@ def main():
     text = compressible(MiB)
 
     print(f"Python {sys.version.split()[0]}, {os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d')}, "
-          f"{'--quick' if args.quick else 'default'} run; TCP loopback, no pinning; at start: {loadavg()}\n")
+          f"{'--quick' if args.quick else 'default'} run; TCP served by the {args.serving}; TCP loopback, "
+          f"no pinning; at start: {loadavg()}\n")
     for note in notes:
         print(note)
     if notes:
