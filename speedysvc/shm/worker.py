@@ -35,6 +35,9 @@ HOUSEKEEPING_INTERVAL = 1.0
 OWNER_DEATH_GRACE = 0.5
 FILE_MODULE = "__speedysvc_main__"   # the name a class's module loaded from a file path gets
 PARENT_DEATH_ENV = "SPEEDYSVC_PARENT_DEATH_SIGNAL"
+# "module:callable,...": each is called with the Worker before it registers and returns an
+# object with registered(index) and stop() (the supervisor names them; the worker knows none)
+ADDONS_ENV = "SPEEDYSVC_WORKER_ADDONS"
 
 log = logging.getLogger("speedysvc.worker")
 
@@ -114,18 +117,13 @@ class Worker:
         self.dispatcher = Dispatcher(server_cls())
         self.pid = os.getpid()
         self.segment.write_method_names(self.dispatcher.method_names)
-        # a service that binds TCP is served by its workers (tcp.inworker): listening before
-        # the worker registers, so a supervisor that sees it serve can count on its port
-        self.tcp = None
-        if os.environ.get("SPEEDYSVC_TCP_SERVE"):   # (tcp.options.SERVE_ENV; imported only when used)
-            from ..tcp.inworker import InProcess, WorkerTcp
-            from ..tcp.options import ServeOptions
-            options = ServeOptions.from_env()
-            inproc = InProcess(self.segment, self.dispatcher, self.segment.max_payload)
-            self.tcp = WorkerTcp(self.service, options, inproc).start()
+        # what the supervisor adds to this worker (ADDONS_ENV): started before the worker
+        # registers, so a supervisor that sees it serve can count on them (a worker that serves
+        # TCP itself, speedysvc.tcp.inworker, listens by then)
+        self.addons = [load_target(spec)(self) for spec in os.environ.get(ADDONS_ENV, "").split(",") if spec]
         self.index = self.segment.register_worker(self.pid)
-        if self.tcp is not None:
-            self.tcp.registered(self.index)
+        for addon in self.addons:
+            addon.registered(self.index)
         # slot -> (owner pid, generation, data region, read-only view) of mapped channels
         self.channels: list = [None] * self.segment.max_channels
         self.stop = [False]
@@ -173,9 +171,9 @@ class Worker:
                         region.end_phase(self.index)
             orderly = True
         finally:
-            if self.tcp is not None:
-                # stop listening, finish the TCP calls in hand, tell the clients; then leave
-                self.tcp.stop()
+            for addon in self.addons:
+                # (a TCP server stops listening, finishes the calls in hand, tells its clients)
+                addon.stop()
             # a worker that fails (an exception out of the loop, a signal's) leaves its entry
             # (and the method of its last call) for its supervisor to read; reaping frees it
             if orderly:

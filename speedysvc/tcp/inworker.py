@@ -132,6 +132,15 @@ class InProcess:
         return status, out
 
 
+def attach(worker) -> "WorkerTcp":
+    """The worker add-on (shm.worker.ADDONS_ENV) of a service whose workers serve TCP: its TCP
+    thread, listening on return, with the options the supervisor put in the environment."""
+    from .options import ServeOptions
+    options = ServeOptions.from_env()
+    inproc = InProcess(worker.segment, worker.dispatcher, worker.segment.max_payload)
+    return WorkerTcp(worker.service, options, inproc).start()
+
+
 class WorkerTcp:
     """A worker's TCP thread: its loop and its ``TcpServer``."""
 

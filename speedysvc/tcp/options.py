@@ -119,7 +119,8 @@ class ServeOptions:
         """These options for a worker's environment: the flags in ``SERVE_ENV`` (JSON), the
         secret, if any, in ``SECRET_ENV`` (never on a command line)."""
         import json
-        env = {SERVE_ENV: json.dumps(self.to_argv())}
+        # (the worker runs what its supervisor names there: shm.worker.ADDONS_ENV)
+        env = {SERVE_ENV: json.dumps(self.to_argv()), "SPEEDYSVC_WORKER_ADDONS": "speedysvc.tcp.inworker:attach"}
         if self.secret is not None:
             env[SECRET_ENV] = self.secret.decode("utf-8", "surrogateescape")   # (as os.environ reads it back)
         return env

@@ -158,7 +158,9 @@ class TcpServer:
         except asyncio.TimeoutError:
             log.warning("%s: %d TCP call(s) still running after %s s", self.service, self.inflight, timeout)
         for conn in list(self.connections):
-            conn.go_away(ServiceUnavailable(f"service {self.service!r}: {reason}"))
+            # (one still in its handshake is refused: a go-away frame there is not a hello message)
+            end = conn.refuse if conn.parser is None else conn.go_away
+            end(ServiceUnavailable(f"service {self.service!r}: {reason}"))
         if self._sweeper is not None:
             self._sweeper.cancel()
         self._server = None
