@@ -57,8 +57,9 @@ static long claim_phased(Region *self, char *w, uint32_t pid) {
 
 /* A TCP call runs in this process and calls are posted: a worker that sleeps gets the wake-up
  * (ours may have been meant for it), then this one sleeps until the TCP call ends (or the
- * deadline).  So a posted call never waits behind a TCP call while another worker sleeps. */
-static void wait_tcp_call(char *base, char *w, uint64_t deadline) {
+ * deadline).  So a posted call never waits behind a TCP call while another worker sleeps.
+ * Returns what the futex wait returned (EINTR: a signal came, which the loop reports). */
+static int wait_tcp_call(char *base, char *w, uint64_t deadline) {
     if (LOAD(U32(base, H_SLEEPERS))) {
         __atomic_fetch_add(U32(base, H_SEQ), 1, __ATOMIC_SEQ_CST);
         futex_wake(U32(base, H_SEQ), 1);
@@ -68,7 +69,7 @@ static void wait_tcp_call(char *base, char *w, uint64_t deadline) {
         if (CAS(phase, &s, s | PHASE_WAITING)) { s |= PHASE_WAITING; break; }
     }
     uint64_t t = now_ns();
-    if ((s & PHASE_TCP) && t < deadline) futex_wait(phase, s, deadline - t);
+    return (s & PHASE_TCP) && t < deadline ? futex_wait(phase, s, deadline - t) : 0;
 }
 
 static int any_posted(char *base) {
@@ -117,7 +118,7 @@ static long claim_sleep(Region *self, char *w, uint32_t pid, uint64_t deadline) 
         if (slot == TCP_HERE) {
             slot = -1;
             if (any_posted(base)) {   /* (else sleep on H_SEQ as usual: a post wakes us) */
-                wait_tcp_call(base, w, deadline);
+                if (wait_tcp_call(base, w, deadline) == EINTR) { slot = -2; break; }   /* (SIGTERM: stop) */
                 if (now_ns() >= deadline) break;
                 continue;
             }
