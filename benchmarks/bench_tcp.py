@@ -129,7 +129,7 @@ class SpeedysvcTcpClient:
         self.name = f"speedysvc tcp, {codec}" + (f", {compression_name}" if compression_name else "")
         self.client = connect(BenchEcho, service.tcp_address, compression=compression_name)
         self.method = getattr(self.client, f"echo_{codec}")
-        self.pids = service.pids + [service.tcp_process.pid]
+        self.pids = service.pids + ([service.tcp_process.pid] if service.tcp_process is not None else [])
 
     def prepare(self, payload):
         return payload.decode("latin-1") if self.codec == "json" else payload
@@ -271,14 +271,15 @@ def idle_cpu(service, seconds):
         for i in range(1000):
             c.echo_msgpack(i)
         procs = [psutil.Process(p) for p in service.pids]
-        gateway = psutil.Process(service.tcp_process.pid)
+        # (TCP served by the workers: no gateway process, its share is theirs)
+        gateway = psutil.Process(service.tcp_process.pid) if service.tcp_process is not None else None
         time.sleep(0.5)
         before = [sum(p.cpu_times()[:2]) for p in procs]
-        gw_before = sum(gateway.cpu_times()[:2])
+        gw_before = sum(gateway.cpu_times()[:2]) if gateway is not None else 0.0
         mine = time.process_time()
         time.sleep(seconds)
         workers = sum(sum(p.cpu_times()[:2]) - b for p, b in zip(procs, before)) / seconds
-        gw = (sum(gateway.cpu_times()[:2]) - gw_before) / seconds
+        gw = (sum(gateway.cpu_times()[:2]) - gw_before) / seconds if gateway is not None else 0.0
         client = (time.process_time() - mine) / seconds
     return workers * 100, gw * 100, client * 100
 

@@ -38,9 +38,8 @@ static int count(PyObject *counters, PyObject *key, long long add) {
     return rc;
 }
 
-/* The reply frame for a call answered with `status` and `body`. */
-static PyObject *reply_frame(uint32_t call_id, uint32_t status, PyObject *body) {
-    Py_ssize_t len = PyBytes_GET_SIZE(body);
+/* The reply frame for a call answered with `status` and the `len` bytes at `body`. */
+static PyObject *reply_frame_of(uint32_t call_id, uint32_t status, const void *body, Py_ssize_t len) {
     PyObject *frame = PyBytes_FromStringAndSize(NULL, FRAME_HEADER + len);
     if (!frame) return NULL;
     unsigned char *p = (unsigned char *)PyBytes_AS_STRING(frame);
@@ -50,8 +49,13 @@ static PyObject *reply_frame(uint32_t call_id, uint32_t status, PyObject *body) 
     memcpy(p + FRAME_CALL_ID, &call_id, 4);        /* little-endian: the project's target is x86-64 / arm64 Linux */
     memcpy(p + FRAME_ARG, &status, 4);
     memcpy(p + FRAME_LENGTH, &length, 8);
-    memcpy(p + FRAME_HEADER, PyBytes_AS_STRING(body), len);
+    memcpy(p + FRAME_HEADER, body, len);
     return frame;
+}
+
+/* The reply frame for a call answered with `status` and `body` (bytes). */
+static PyObject *reply_frame(uint32_t call_id, uint32_t status, PyObject *body) {
+    return reply_frame_of(call_id, status, PyBytes_AS_STRING(body), PyBytes_GET_SIZE(body));
 }
 
 /* One call frame in a parser's buffer, as the short ways take it (see usual_frame). */
@@ -286,10 +290,15 @@ static PyObject *LW_call(LocalWay *self, PyObject *const *args, size_t nargsf, P
         goto done;
     }
     PyObject *fast = PyTuple_GET_ITEM(spec, 3);
-    if (!PyTuple_Check(fast) || PyTuple_GET_SIZE(fast) != 6) { result = Py_NewRef(Py_None); goto done; }
-    unsigned long fast_flags = PyLong_AsUnsignedLong(PyTuple_GET_ITEM(fast, 3));
-    if (fast_flags == (unsigned long)-1 && PyErr_Occurred()) goto done;
-    if (fast_flags != u.arg) { result = Py_NewRef(Py_None); goto done; }
+    /* a method with a fast path (run_method runs it), or a raw one (its handler takes a view) */
+    int raw = PyObject_IsTrue(PyTuple_GET_ITEM(spec, 1));
+    if (raw < 0) goto done;
+    if (!raw) {
+        if (!PyTuple_Check(fast) || PyTuple_GET_SIZE(fast) != 6) { result = Py_NewRef(Py_None); goto done; }
+        unsigned long fast_flags = PyLong_AsUnsignedLong(PyTuple_GET_ITEM(fast, 3));
+        if (fast_flags == (unsigned long)-1 && PyErr_Occurred()) goto done;
+        if (fast_flags != u.arg) { result = Py_NewRef(Py_None); goto done; }
+    }
     long method = PyLong_AsLong(PyTuple_GET_ITEM(spec, 2));
     if (method == -1 && PyErr_Occurred()) goto done;
     Region *region = (Region *)self->region;
@@ -300,15 +309,23 @@ static PyObject *LW_call(LocalWay *self, PyObject *const *args, size_t nargsf, P
     /* from here on the turn is ours: every path ends it */
     Py_INCREF(spec);   /* (the cache may drop it while the method runs) */
     uint32_t status = STATUS_ERROR;
-    PyObject *request = (Py_ssize_t)u.length <= SMALL_REQUEST
+    /* raw methods get a read-only view, as in the worker's loop: of a copy of the request, since
+     * the read buffer is reused (a method may keep what it was given) */
+    PyObject *request = (Py_ssize_t)u.length <= SMALL_REQUEST || raw
         ? PyBytes_FromStringAndSize(body, (Py_ssize_t)u.length)
         : PyMemoryView_FromMemory((char *)body, (Py_ssize_t)u.length, PyBUF_READ);
-    PyObject *answer = request ? run_method(PyTuple_GET_ITEM(spec, 0), fast, u.arg, request, NULL, NULL) : NULL;
-    Py_XDECREF(request);
+    if (request && raw) Py_SETREF(request, PyMemoryView_FromObject(request));
+    PyObject *answer = request ? run_method(PyTuple_GET_ITEM(spec, 0), raw ? Py_None : fast, u.arg, request, NULL, NULL)
+                               : NULL;
     Py_DECREF(spec);
-    if (answer && !(PyTuple_CheckExact(answer) && PyTuple_GET_SIZE(answer) == 2
-                    && PyLong_CheckExact(PyTuple_GET_ITEM(answer, 0)) && PyBytes_CheckExact(PyTuple_GET_ITEM(answer, 1))
-                    && (uint64_t)PyBytes_GET_SIZE(PyTuple_GET_ITEM(answer, 1)) <= self->max_payload)) {
+    Py_buffer out = {0};
+    if (answer && PyTuple_CheckExact(answer) && PyTuple_GET_SIZE(answer) == 2
+        && PyLong_CheckExact(PyTuple_GET_ITEM(answer, 0)) && (PyBytes_CheckExact(PyTuple_GET_ITEM(answer, 1))
+                                                               || PyMemoryView_Check(PyTuple_GET_ITEM(answer, 1)))) {
+        if (PyObject_GetBuffer(PyTuple_GET_ITEM(answer, 1), &out, PyBUF_SIMPLE) < 0) PyErr_Clear();
+        else if ((uint64_t)out.len > self->max_payload) PyBuffer_Release(&out);
+    }
+    if (answer && !out.obj) {
         /* not (status, bytes within the limit): Python makes it an answer (or the error that says why) */
         PyObject *fixed = PyTuple_CheckExact(answer) && PyTuple_GET_SIZE(answer) == 2
             ? PyObject_CallFunctionObjArgs(self->finish, PyTuple_GET_ITEM(answer, 0), PyTuple_GET_ITEM(answer, 1), NULL)
@@ -321,10 +338,14 @@ static PyObject *LW_call(LocalWay *self, PyObject *const *args, size_t nargsf, P
         if (st == (unsigned long)-1 && PyErr_Occurred()) Py_CLEAR(answer);
         else status = (uint32_t)st;
     }
+    if (answer && !out.obj && PyObject_GetBuffer(PyTuple_GET_ITEM(answer, 1), &out, PyBUF_SIMPLE) < 0)
+        Py_CLEAR(answer);   /* (finish answers bytes) */
+    result = answer ? reply_frame_of(u.call_id, status, out.buf, out.len) : NULL;
+    if (out.obj) PyBuffer_Release(&out);
+    Py_XDECREF(answer);
+    Py_XDECREF(request);   /* (after the reply is made: a raw answer may be a view of it) */
     tcp_phase_end(region->base, self->widx, method, status);
-    if (!answer) goto done;   /* (handlers catch everything: only a bug lands here) */
-    result = reply_frame(u.call_id, status, PyTuple_GET_ITEM(answer, 1));
-    Py_DECREF(answer);
+    if (!result) goto done;   /* (handlers catch everything: only a bug lands here) */
     if (result && (count(self->counters, k_bytes_in, n) < 0 || count(self->counters, k_calls, 1) < 0
                    || count(self->counters, k_answered, 1) < 0
                    || count(self->counters, k_bytes_out, PyBytes_GET_SIZE(result)) < 0
