@@ -44,6 +44,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import psutil  # noqa: E402
 
+import _tcp_load  # noqa: E402
 from _common import (MiB, RawTcpClient, ZmqClient, print_seed_path, round_trips, seed_path,  # noqa: E402
                      throughput, verdict)
 from bench_shm import SpeedysvcClient as ShmClient  # noqa: E402
@@ -56,6 +57,9 @@ TARGET_16MIB = 0.8       # 16 MiB echo at least 0.8x the raw TCP echo's throughp
 TARGET_PIPELINE = 3.0    # 32 calls in flight: at least 3x the calls/s of one at a time
 TARGET_BALANCED = 1.1    # 64 B call through a 3-endpoint client within 1.1x of a single-endpoint one
 INFLIGHT = 32
+TARGET_LOAD_RAW = 0.7    # 8 callers x 4 workers: at least 0.7x the pre-forked raw TCP server's calls/s
+TARGET_NO_COLLAPSE = 0.9  # 16 callers x 4 workers: at least 0.9x the 8x4 figure
+TARGET_GRPC = 5.0        # every shape: at least 5x grpcio's calls/s
 
 
 def progress(msg):
@@ -129,7 +133,7 @@ class SpeedysvcTcpClient:
         self.name = f"speedysvc tcp, {codec}" + (f", {compression_name}" if compression_name else "")
         self.client = connect(BenchEcho, service.tcp_address, compression=compression_name)
         self.method = getattr(self.client, f"echo_{codec}")
-        self.pids = service.pids + [service.tcp_process.pid]
+        self.pids = service.pids + ([service.tcp_process.pid] if service.tcp_process is not None else [])
 
     def prepare(self, payload):
         return payload.decode("latin-1") if self.codec == "json" else payload
@@ -308,14 +312,15 @@ def idle_cpu(service, seconds):
         for i in range(1000):
             c.echo_msgpack(i)
         procs = [psutil.Process(p) for p in service.pids]
-        gateway = psutil.Process(service.tcp_process.pid)
+        # (TCP served by the workers: no gateway process, its share is theirs)
+        gateway = psutil.Process(service.tcp_process.pid) if service.tcp_process is not None else None
         time.sleep(0.5)
         before = [sum(p.cpu_times()[:2]) for p in procs]
-        gw_before = sum(gateway.cpu_times()[:2])
+        gw_before = sum(gateway.cpu_times()[:2]) if gateway is not None else 0.0
         mine = time.process_time()
         time.sleep(seconds)
         workers = sum(sum(p.cpu_times()[:2]) - b for p, b in zip(procs, before)) / seconds
-        gw = (sum(gateway.cpu_times()[:2]) - gw_before) / seconds
+        gw = (sum(gateway.cpu_times()[:2]) - gw_before) / seconds if gateway is not None else 0.0
         client = (time.process_time() - mine) / seconds
     return workers * 100, gw * 100, client * 100
 
@@ -338,7 +343,13 @@ def main():
     parser.add_argument("--codecs", default="msgpack,raw", help="speedysvc rows over TCP (pickle is refused "
                                                                 "over TCP without a secret)")
     parser.add_argument("--compression", default="lz4,zstd,snappy,zlib")
+    parser.add_argument("--shapes", default="2x2,8x4,16x4",
+                        help="callers x workers for the many-callers part ('' to skip it)")
+    parser.add_argument("--serving", choices=("workers", "gateway"), default="workers",
+                        help="who serves TCP: the workers themselves (tcp_in_workers) or a gateway process")
     args = parser.parse_args()
+    # LocalService's default, for every service this run starts (here and in _tcp_load)
+    os.environ["SPEEDYSVC_TCP_IN_WORKERS"] = "1" if args.serving == "workers" else "0"
     args.calls = 3000 if args.quick else 20000
     args.seconds = 0.3 if args.quick else 1.0
     args.rounds = 1 if args.quick else 3
@@ -361,11 +372,15 @@ def main():
     text = compressible(MiB)
 
     print(f"Python {sys.version.split()[0]}, {os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d')}, "
-          f"{'--quick' if args.quick else 'default'} run; TCP loopback, no pinning; at start: {loadavg()}\n")
+          f"{'--quick' if args.quick else 'default'} run; TCP served by the {args.serving}; TCP loopback, "
+          f"no pinning; at start: {loadavg()}\n")
     for note in notes:
         print(note)
     if notes:
         print()
+
+    shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",") if s]
+    load = _tcp_load.measure_shapes(shapes, 1.0 if args.quick else 2.0, args.rounds, have_grpc, progress)
 
     with LocalService(BenchEcho, workers=1, tcp="127.0.0.1:0") as service:
         address = service.tcp_address
@@ -433,6 +448,8 @@ def main():
               f"{r['16MiB'] / tcp['16MiB']:.2f} |")
     print()
 
+    med = print_load(load, args.rounds)
+
     print("### Pipelining: 64 B echo_msgpack calls through one client\n")
     if args.rounds > 1:
         print(f"(calls/s: the median of {args.rounds} rounds of {pipe_seconds:g} s each)\n")
@@ -492,12 +509,48 @@ def main():
           f"speedysvc tcp, msgpack, 3 endpoints on loopback (calls per endpoint: "
           f"{', '.join(map(str, balanced_spread))}) | {x:.2f}× ({balanced_rt['three']:.1f} vs "
           f"{balanced_rt['single']:.1f} µs) | {verdict(x <= TARGET_BALANCED)} |")
+    print_load_asks(med)
     print()
     print_seed_path(seed_rows, "TCP")
     workers, gw, client = idle
     print(f"Idle service (1 worker) with a connected TCP client: worker {workers:.2f} % of a core, "
           f"TCP gateway {gw:.2f} %, client {client:.2f} %")
     print(f"\n(run took {time.perf_counter() - began:.0f} s; at the end: {loadavg()})")
+
+
+def print_load(load, rounds) -> dict:
+    """The many-callers table; returns the medians per shape."""
+    med = {shape: {k: statistics.median(v) if v else None for k, v in r.items()} for shape, r in load.items()}
+    if not med:
+        return med
+    print("### Many TCP callers: C caller processes x W workers, 64 B msgpack echo, total calls/s\n")
+    print(f"(each figure the median of {rounds} interleaved round(s); raw TCP: a pre-forked echo server "
+          "with W processes; grpcio: a server with 2W threads)\n")
+    print("| C x W | speedysvc | raw TCP | grpcio | speedysvc / raw | speedysvc / grpcio |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for (c, w), r in med.items():
+        g = f"{r['grpc']:,.0f}" if r["grpc"] else "(not installed)"
+        xg = f"{r['speedysvc'] / r['grpc']:.1f}" if r["grpc"] else ""
+        print(f"| {c}x{w} | {r['speedysvc']:,.0f} | {r['raw']:,.0f} | {g} | {r['speedysvc'] / r['raw']:.2f} | {xg} |")
+    print()
+    return med
+
+
+def print_load_asks(med) -> None:
+    if (8, 4) in med:
+        r = med[8, 4]
+        x = r["speedysvc"] / r["raw"]
+        print(f"| 8 callers x 4 workers at least {TARGET_LOAD_RAW:g}× the raw TCP server | many callers | "
+              f"{x:.2f}× | {verdict(x >= TARGET_LOAD_RAW)} |")
+        if (16, 4) in med:
+            y = med[16, 4]["speedysvc"] / r["speedysvc"]
+            print(f"| no collapse: 16x4 at least {TARGET_NO_COLLAPSE:g}× the 8x4 figure | many callers | "
+                  f"{y:.2f}× | {verdict(y >= TARGET_NO_COLLAPSE)} |")
+    with_grpc = [(shape, r["speedysvc"] / r["grpc"]) for shape, r in med.items() if r["grpc"]]
+    if with_grpc:
+        worst = min(x for _, x in with_grpc)
+        print(f"| at least {TARGET_GRPC:g}× grpcio in every shape | many callers | {worst:.1f}× (the lowest) | "
+              f"{verdict(worst >= TARGET_GRPC)} |")
 
 
 if __name__ == "__main__":

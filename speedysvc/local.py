@@ -35,15 +35,21 @@ def target_of(server_cls) -> str:
     return f"{server_cls.__module__}:{server_cls.__qualname__}"
 
 
+TCP_IN_WORKERS_ENV = "SPEEDYSVC_TCP_IN_WORKERS"
+
+
 class LocalService:
     def __init__(self, server_cls, workers: int = 1, *, max_channels: int = shm.DEFAULT_MAX_CHANNELS,
                  max_payload: int = shm.DEFAULT_MAX_PAYLOAD, start_timeout: float = 30.0,
                  stop_timeout: float = 10.0, env: dict | None = None, tcp: str | None = None,
                  tcp_secret=None, tcp_tls: tuple[str, str] | None = None, tcp_allow_pickle: bool = False,
                  tcp_handshake_timeout: float = ServeOptions.handshake_timeout,
-                 tcp_stall_timeout: float = ServeOptions.stall_timeout):
+                 tcp_stall_timeout: float = ServeOptions.stall_timeout, tcp_in_workers: bool | None = None):
         """``tcp='HOST[:PORT]'`` also serves TCP clients (PORT defaults to the class's
-        ``port``; 0 picks a free one, see ``tcp_address``), in a process of its own."""
+        ``port``; 0 picks a free one, see ``tcp_address``), in a gateway process of its own,
+        or, with ``tcp_in_workers``, in the workers themselves (``speedysvc.tcp.inworker``:
+        each listens on the port with SO_REUSEPORT; this process holds the port).  Its default
+        is ``SPEEDYSVC_TCP_IN_WORKERS=1`` in the environment (so a test suite can run either way)."""
         if workers < 1 or workers > core.MAX_WORKERS:
             raise ValueError(f"workers must be 1..{core.MAX_WORKERS}, got {workers}")
         self.server_cls = server_cls
@@ -64,6 +70,10 @@ class LocalService:
         self.tcp_timeouts = (tcp_handshake_timeout, tcp_stall_timeout)
         self.tcp_process: subprocess.Popen | None = None
         self.tcp_address: str | None = None     # tcp://host:port once serving
+        self.tcp_in_workers = (os.environ.get(TCP_IN_WORKERS_ENV) == "1") if tcp_in_workers is None \
+            else tcp_in_workers
+        self.tcp_reservation = None             # (tcp_in_workers) the socket that holds the port
+        self.tcp_env: dict = {}                 # (tcp_in_workers) the options the workers serve with
 
     @property
     def pids(self) -> list[int]:
@@ -73,7 +83,8 @@ class LocalService:
         return worker_env([p for p in sys.path if p] + [os.getcwd()], self.env)
 
     def _spawn(self) -> subprocess.Popen:
-        proc = subprocess.Popen(worker_argv(self.target, self.service), env=self._env(), stdin=subprocess.DEVNULL)
+        proc = subprocess.Popen(worker_argv(self.target, self.service), env={**self._env(), **self.tcp_env},
+                                stdin=subprocess.DEVNULL)
         self.processes.append(proc)
         return proc
 
@@ -82,11 +93,13 @@ class LocalService:
                                                  max_payload=self.max_payload)
         self.segment.set_state(core.SVC_SERVING)  # calls may queue while workers start
         try:
+            if self.tcp and self.tcp_in_workers:
+                self._reserve_tcp()
             for _ in range(self.n_workers):
                 self._spawn()
             self.wait_for_workers(self.n_workers, self.start_timeout)
             self.segment.mark_workers_started()
-            if self.tcp:
+            if self.tcp and not self.tcp_in_workers:
                 self._start_tcp()
         except BaseException:
             self.stop()
@@ -114,7 +127,7 @@ class LocalService:
         self.wait_for_workers(before + 1, self.start_timeout, [proc])
         return proc.pid
 
-    def _start_tcp(self) -> None:
+    def _tcp_options(self) -> ServeOptions:
         if self.tcp.startswith("["):          # [v6] or [v6]:port
             host, _, port = self.tcp[1:].partition("]")
             port = port.lstrip(":")
@@ -141,9 +154,31 @@ class LocalService:
                                    stop_timeout=self.stop_timeout)
         except ValueError as e:
             raise RuntimeError(f"the TCP server of {self.service!r} cannot start: {e}") from None
+        return options
+
+    def _set_address(self, bound_host: str, bound_port) -> None:
+        self.tcp_address = f"tcp://[{bound_host}]:{bound_port}" if ":" in bound_host else f"tcp://{bound_host}:{bound_port}"
+
+    def _reserve_tcp(self) -> None:
+        """TCP served by the workers: hold the port (port 0 resolves here, once), and give the
+        workers the options (the secret in their environment, as the gateway gets it)."""
+        from .tcp.inworker import reserve_port
+        options = self._tcp_options()
+        try:
+            self.tcp_reservation = reserve_port(options.host, options.port)
+        except OSError as e:
+            raise RuntimeError(f"the TCP server of {self.service!r} cannot bind {options.host}:{options.port}: "
+                               f"{e}") from None
+        port = self.tcp_reservation.getsockname()[1]
+        self.tcp_env = options.replace(port=port).to_env()
+        self._set_address(options.host, port)
+
+    def _start_tcp(self) -> None:
+        options = self._tcp_options()
+        secret = options.secret
         env = self._env()
         if secret is not None:
-            env[SECRET_ENV] = secret
+            env[SECRET_ENV] = secret.decode("utf-8", "surrogateescape")
         argv = ([sys.executable, "-m", "speedysvc.tcp.serve", self.service] + options.to_argv()
                 + ["--exit-with-parent", str(os.getpid())])
         proc = self.tcp_process = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL,
@@ -154,7 +189,7 @@ class LocalService:
             raise RuntimeError(f"the TCP server of {self.service!r} did not start (exit code {proc.returncode}; "
                                f"see its stderr)")
         bound_host, _, bound_port = line.split()[-1].rpartition(":")
-        self.tcp_address = f"tcp://[{bound_host}]:{bound_port}" if ":" in bound_host else f"tcp://{bound_host}:{bound_port}"
+        self._set_address(bound_host, bound_port)
 
     def stop(self) -> None:
         """Refuse new calls, let queued and running calls finish (up to stop_timeout),
@@ -186,6 +221,9 @@ class LocalService:
         seg.destroy()
         self.segment = None
         self.processes = []
+        if self.tcp_reservation is not None:
+            self.tcp_reservation.close()
+            self.tcp_reservation = None
 
     def __enter__(self) -> "LocalService":
         return self.start()

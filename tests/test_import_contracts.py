@@ -27,7 +27,8 @@ CLIENT = ["speedysvc", "speedysvc.errors", "speedysvc.methods", "speedysvc.trans
 SERVING = ["speedysvc.manager", "speedysvc.local", "speedysvc.service", "speedysvc.cli", "speedysvc.worker",
            "speedysvc.shm.worker", "speedysvc.shm.dispatch", "speedysvc.shm.logpipe", "speedysvc.tcp.server",
            "speedysvc.tcp.connection", "speedysvc.tcp.admission", "speedysvc.tcp.parking", "speedysvc.tcp.inflate",
-           "speedysvc.tcp.sweep", "speedysvc.tcp.serve", "speedysvc.tcp.options", "speedysvc.tcp.eventloop"]
+           "speedysvc.tcp.sweep", "speedysvc.tcp.serve", "speedysvc.tcp.options", "speedysvc.tcp.eventloop",
+           "speedysvc.tcp.inworker"]
 SERVER_STACK = ["aiohttp", "jinja2", "prometheus_client", "psutil", "uvloop", "subprocess"]
 
 # (who, must never import, why)

@@ -189,6 +189,13 @@ PyObject *call_channel(Region *self, long slot, Region *data, PyObject *name_obj
 /* serve.c: the worker's side, Region methods */
 PyObject *R_reply(Region *self, PyObject *const *args, Py_ssize_t nargs);
 PyObject *R_serve(Region *self, PyObject *const *args, Py_ssize_t nargs);
+PyObject *R_end_phase(Region *self, PyObject *arg);
+int tcp_phase_begin(char *base, long widx, long method);
+void tcp_phase_end(char *base, long widx, long method, uint32_t status);
+PyObject *run_method(PyObject *handler, PyObject *fast, uint32_t flags, PyObject *request, Region *data,
+                     PyObject *view);
+PyObject *R_tcp_begin(Region *self, PyObject *const *args, Py_ssize_t nargs);
+PyObject *R_tcp_end(Region *self, PyObject *const *args, Py_ssize_t nargs);
 int serve_init(void);
 
 /* channel.c: a transport's channel for one call made in C */
@@ -207,7 +214,7 @@ void channel_abort(PyObject *transport, taken_channel *c);
 void channel_release(taken_channel *c);
 
 /* shm_method.c, gateway.c */
-extern PyTypeObject ShmMethodType, GatewayType;
+extern PyTypeObject ShmMethodType, GatewayType, LocalWayType;
 
 /* call_alone.c, msgpack.c: module functions */
 PyObject *m_call_alone(PyObject *mod, PyObject *const *args, Py_ssize_t nargs);

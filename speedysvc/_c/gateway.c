@@ -38,9 +38,8 @@ static int count(PyObject *counters, PyObject *key, long long add) {
     return rc;
 }
 
-/* The reply frame for a call answered with `status` and `body`. */
-static PyObject *reply_frame(uint32_t call_id, uint32_t status, PyObject *body) {
-    Py_ssize_t len = PyBytes_GET_SIZE(body);
+/* The reply frame for a call answered with `status` and the `len` bytes at `body`. */
+static PyObject *reply_frame_of(uint32_t call_id, uint32_t status, const void *body, Py_ssize_t len) {
     PyObject *frame = PyBytes_FromStringAndSize(NULL, FRAME_HEADER + len);
     if (!frame) return NULL;
     unsigned char *p = (unsigned char *)PyBytes_AS_STRING(frame);
@@ -50,15 +49,58 @@ static PyObject *reply_frame(uint32_t call_id, uint32_t status, PyObject *body) 
     memcpy(p + FRAME_CALL_ID, &call_id, 4);        /* little-endian: the project's target is x86-64 / arm64 Linux */
     memcpy(p + FRAME_ARG, &status, 4);
     memcpy(p + FRAME_LENGTH, &length, 8);
-    memcpy(p + FRAME_HEADER, PyBytes_AS_STRING(body), len);
+    memcpy(p + FRAME_HEADER, body, len);
     return frame;
 }
 
-/* A codec the short way leaves to Python, which checks the client may use it: one whose bit is
- * set, and every id above the mask's 64 (no codec has one: registered ids are 1..63). */
-static int refused_codec(Gateway *self, uint32_t flags) {
-    unsigned codec = (flags >> self->codec_shift) & 0xFF;
-    return codec >= 64 || (self->refused_codecs >> codec & 1);
+/* The reply frame for a call answered with `status` and `body` (bytes). */
+static PyObject *reply_frame(uint32_t call_id, uint32_t status, PyObject *body) {
+    return reply_frame_of(call_id, status, PyBytes_AS_STRING(body), PyBytes_GET_SIZE(body));
+}
+
+/* One call frame in a parser's buffer, as the short ways take it (see usual_frame). */
+typedef struct {
+    Py_buffer buf;              /* the parser's buffer, held: the frame starts at its start */
+    uint16_t name_len;
+    uint32_t call_id, arg;
+    uint64_t length;            /* the payload's, after the name */
+} usual_call;
+
+/* 1 when the bytes that came (n) are exactly one whole call frame at the start of the parser's
+ * (empty) buffer, uncompressed, within max_payload, of a codec the short way takes (`u->buf` is
+ * then held: release it); 0 when not (nothing held: the parser takes it, and says what is wrong
+ * with a frame that is not right); -1 on error.  Both short ways (Gateway, LocalWay) use it. */
+static int usual_frame(PyObject *parser, Py_ssize_t n, unsigned codec_shift, uint64_t refused, usual_call *u) {
+    if (n < FRAME_HEADER) return 0;
+    long long end = int_attr(parser, s_end);
+    uint64_t max_payload;
+    if (end == -1 && PyErr_Occurred()) return -1;
+    if (end) return 0;
+    PyObject *big = PyObject_GetAttr(parser, s_big);
+    if (!big) return -1;
+    Py_DECREF(big);
+    if (big != Py_None) return 0;
+    if (size_attr(parser, s_max_payload, &max_payload) < 0) return -1;
+    PyObject *buf_obj = PyObject_GetAttr(parser, s_buf);
+    if (!buf_obj) return -1;
+    int rc = PyObject_GetBuffer(buf_obj, &u->buf, PyBUF_SIMPLE);
+    Py_DECREF(buf_obj);
+    if (rc < 0) return -1;
+    const unsigned char *p = u->buf.buf;
+    if (n > u->buf.len) goto no;
+    memcpy(&u->name_len, p + FRAME_NAME_LEN, 2); memcpy(&u->call_id, p + FRAME_CALL_ID, 4);
+    memcpy(&u->arg, p + FRAME_ARG, 4); memcpy(&u->length, p + FRAME_LENGTH, 8);
+    /* a codec the short way leaves to Python, which checks the client may use it: one whose bit
+     * is set in `refused`, and every id above the mask's 64 (registered ids are 1..63) */
+    unsigned codec = (u->arg >> codec_shift) & 0xFF;
+    if (p[FRAME_KIND] != FRAME_CALL || p[FRAME_FLAGS] || u->name_len < 1 || u->name_len > FRAME_MAX_NAME
+        || u->length > max_payload || (uint64_t)n != FRAME_HEADER + u->name_len + u->length
+        || codec >= 64 || (refused >> codec & 1))
+        goto no;
+    return 1;
+no:
+    PyBuffer_Release(&u->buf);
+    return 0;
 }
 
 /* gateway(parser, n); the "server" it was made with is the TCP side's Admission */
@@ -86,33 +128,14 @@ static PyObject *GW_call(Gateway *self, PyObject *const *args, size_t nargsf, Py
     Py_ssize_t nwaiting = PyObject_Length(waiting);
     Py_DECREF(waiting);
     if (nwaiting) return nwaiting < 0 ? NULL : Py_NewRef(Py_None);
-    /* the parser holds nothing: the frame starts at its buffer's start */
-    long long end = int_attr(parser, s_end);
-    uint64_t max_payload;
-    if (end == -1 && PyErr_Occurred()) return NULL;
-    if (end) Py_RETURN_NONE;
-    PyObject *big = PyObject_GetAttr(parser, s_big);
-    if (!big) return NULL;
-    Py_DECREF(big);
-    if (big != Py_None) Py_RETURN_NONE;
-    if (size_attr(parser, s_max_payload, &max_payload) < 0) return NULL;
-    PyObject *buf_obj = PyObject_GetAttr(parser, s_buf);
-    if (!buf_obj) return NULL;
-    Py_buffer buf;
-    int rc = PyObject_GetBuffer(buf_obj, &buf, PyBUF_SIMPLE);
-    Py_DECREF(buf_obj);
-    if (rc < 0) return NULL;
+    usual_call u;
+    int rc = usual_frame(parser, n, self->codec_shift, self->refused_codecs, &u);
+    if (rc <= 0) return rc < 0 ? NULL : Py_NewRef(Py_None);
+    Py_buffer buf = u.buf;
+    const unsigned char *p = buf.buf;
+    uint16_t name_len = u.name_len; uint32_t call_id = u.call_id, arg = u.arg; uint64_t length = u.length;
     taken_channel c = TAKEN_CHANNEL_INIT;
     PyObject *got = NULL, *result = NULL;
-    if (n > buf.len) goto none;
-    const unsigned char *p = buf.buf;
-    uint16_t name_len; uint32_t call_id, arg; uint64_t length;
-    memcpy(&name_len, p + FRAME_NAME_LEN, 2); memcpy(&call_id, p + FRAME_CALL_ID, 4);
-    memcpy(&arg, p + FRAME_ARG, 4); memcpy(&length, p + FRAME_LENGTH, 8);
-    /* (a frame that is not right is left to the parser, which says what is wrong with it) */
-    if (p[FRAME_KIND] != FRAME_CALL || p[FRAME_FLAGS] || name_len < 1 || name_len > FRAME_MAX_NAME || length > max_payload
-        || (uint64_t)n != FRAME_HEADER + name_len + length || refused_codec(self, arg))
-        goto none;
     /* a channel, as ShmMethod takes one */
     int taken = channel_take(self->transport, &c);
     if (taken < 0) goto done;
@@ -204,4 +227,197 @@ PyTypeObject GatewayType = {
     .tp_clear = (inquiry)GW_clear,
     .tp_call = PyVectorcall_Call,
     .tp_vectorcall_offset = offsetof(Gateway, vectorcall),
+};
+
+/*
+ * LocalWay: the usual TCP call of a worker that serves TCP itself (speedysvc.tcp.inworker), in C.
+ *
+ * The same frame as the gateway's short way (usual_frame), to a method with a fast path
+ * (dispatch.fast_path), while the worker is idle: its turn taken (tcp_phase_begin), the method
+ * run by serve.c's run_method, the turn given back and the call counted (tcp_phase_end), the
+ * reply frame built by reply_frame, in one call.  When the worker runs a call already, the
+ * call is the gateway's (it posts it to the pool: its answer is the gateway's).  Anything else
+ * returns None with nothing done (Python runs it in this process, or posts it).  A result that
+ * is not (status, bytes within max_payload) goes to `finish(status, payload) -> (status,
+ * bytes)` (InProcess.finish), which says what is wrong with it as the worker's loop would.
+ */
+typedef struct {
+    PyObject_HEAD
+    PyObject *region, *handlers, *gateway, *server, *counters, *finish;
+    long widx;                 /* the worker's entry; -1 until it has one (every call posted) */
+    uint64_t max_payload;
+    PyObject *last_name, *last_spec;   /* the last method run (a run of calls to one skips the lookup) */
+    vectorcallfunc vectorcall;
+} LocalWay;
+
+static PyObject *LW_call(LocalWay *self, PyObject *const *args, size_t nargsf, PyObject *kwnames) {
+    if (PyVectorcall_NARGS(nargsf) != 2 || (kwnames && PyTuple_GET_SIZE(kwnames))) {
+        PyErr_SetString(PyExc_TypeError, "a LocalWay takes (parser, n)");
+        return NULL;
+    }
+    if (self->widx < 0) return PyObject_Vectorcall(self->gateway, args, 2, NULL);
+    PyObject *parser = args[0];
+    Py_ssize_t n = PyLong_AsSsize_t(args[1]);
+    if (n == -1 && PyErr_Occurred()) return NULL;
+    PyObject *closing = PyObject_GetAttr(self->server, s_closing);
+    if (!closing) return NULL;
+    int stopping = PyObject_IsTrue(closing);
+    Py_DECREF(closing);
+    if (stopping) return stopping < 0 ? NULL : Py_NewRef(Py_None);   /* (Python answers "stopping") */
+    Gateway *gw = (Gateway *)self->gateway;
+    usual_call u;
+    int rc = usual_frame(parser, n, gw->codec_shift, gw->refused_codecs, &u);
+    if (rc <= 0) return rc < 0 ? NULL : Py_NewRef(Py_None);
+    const char *p = u.buf.buf, *name = p + FRAME_HEADER, *body = name + u.name_len;
+    PyObject *spec, *result = NULL;
+    if (self->last_name && PyBytes_GET_SIZE(self->last_name) == u.name_len
+        && memcmp(PyBytes_AS_STRING(self->last_name), name, u.name_len) == 0) {
+        spec = self->last_spec;
+    } else {
+        PyObject *key = PyBytes_FromStringAndSize(name, u.name_len);
+        if (!key) goto done;
+        spec = PyDict_GetItemWithError(self->handlers, key);   /* borrowed */
+        if (!spec) {
+            Py_DECREF(key);
+            if (!PyErr_Occurred()) result = Py_NewRef(Py_None);   /* (Python says there is no such method) */
+            goto done;
+        }
+        Py_XSETREF(self->last_name, key);
+        Py_XSETREF(self->last_spec, Py_NewRef(spec));
+    }
+    if (!PyTuple_Check(spec) || PyTuple_GET_SIZE(spec) != 4) {
+        PyErr_SetString(PyExc_TypeError, "handlers values must be (handler, wants_view, method_index, fast)");
+        goto done;
+    }
+    PyObject *fast = PyTuple_GET_ITEM(spec, 3);
+    /* a method with a fast path (run_method runs it), or a raw one (its handler takes a view) */
+    int raw = PyObject_IsTrue(PyTuple_GET_ITEM(spec, 1));
+    if (raw < 0) goto done;
+    if (!raw) {
+        if (!PyTuple_Check(fast) || PyTuple_GET_SIZE(fast) != 6) { result = Py_NewRef(Py_None); goto done; }
+        unsigned long fast_flags = PyLong_AsUnsignedLong(PyTuple_GET_ITEM(fast, 3));
+        if (fast_flags == (unsigned long)-1 && PyErr_Occurred()) goto done;
+        if (fast_flags != u.arg) { result = Py_NewRef(Py_None); goto done; }
+    }
+    long method = PyLong_AsLong(PyTuple_GET_ITEM(spec, 2));
+    if (method == -1 && PyErr_Occurred()) goto done;
+    Region *region = (Region *)self->region;
+    if (!tcp_phase_begin(region->base, self->widx, method)) {   /* the worker is busy: post it */
+        PyBuffer_Release(&u.buf);
+        return PyObject_Vectorcall(self->gateway, args, 2, NULL);
+    }
+    /* from here on the turn is ours: every path ends it */
+    Py_INCREF(spec);   /* (the cache may drop it while the method runs) */
+    uint32_t status = STATUS_ERROR;
+    /* raw methods get a read-only view, as in the worker's loop: of a copy of the request, since
+     * the read buffer is reused (a method may keep what it was given) */
+    PyObject *request = (Py_ssize_t)u.length <= SMALL_REQUEST || raw
+        ? PyBytes_FromStringAndSize(body, (Py_ssize_t)u.length)
+        : PyMemoryView_FromMemory((char *)body, (Py_ssize_t)u.length, PyBUF_READ);
+    if (request && raw) Py_SETREF(request, PyMemoryView_FromObject(request));
+    PyObject *answer = request ? run_method(PyTuple_GET_ITEM(spec, 0), raw ? Py_None : fast, u.arg, request, NULL, NULL)
+                               : NULL;
+    Py_DECREF(spec);
+    Py_buffer out = {0};
+    if (answer && PyTuple_CheckExact(answer) && PyTuple_GET_SIZE(answer) == 2
+        && PyLong_CheckExact(PyTuple_GET_ITEM(answer, 0)) && (PyBytes_CheckExact(PyTuple_GET_ITEM(answer, 1))
+                                                               || PyMemoryView_Check(PyTuple_GET_ITEM(answer, 1)))) {
+        if (PyObject_GetBuffer(PyTuple_GET_ITEM(answer, 1), &out, PyBUF_SIMPLE) < 0) PyErr_Clear();
+        else if ((uint64_t)out.len > self->max_payload) PyBuffer_Release(&out);
+    }
+    if (answer && !out.obj) {
+        /* not (status, bytes within the limit): Python makes it an answer (or the error that says why) */
+        PyObject *fixed = PyTuple_CheckExact(answer) && PyTuple_GET_SIZE(answer) == 2
+            ? PyObject_CallFunctionObjArgs(self->finish, PyTuple_GET_ITEM(answer, 0), PyTuple_GET_ITEM(answer, 1), NULL)
+            : NULL;
+        if (!fixed && !PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "a handler answered something else than (status, payload)");
+        Py_SETREF(answer, fixed);
+    }
+    if (answer) {
+        unsigned long st = PyLong_AsUnsignedLong(PyTuple_GET_ITEM(answer, 0));
+        if (st == (unsigned long)-1 && PyErr_Occurred()) Py_CLEAR(answer);
+        else status = (uint32_t)st;
+    }
+    if (answer && !out.obj && PyObject_GetBuffer(PyTuple_GET_ITEM(answer, 1), &out, PyBUF_SIMPLE) < 0)
+        Py_CLEAR(answer);   /* (finish answers bytes) */
+    result = answer ? reply_frame_of(u.call_id, status, out.buf, out.len) : NULL;
+    if (out.obj) PyBuffer_Release(&out);
+    Py_XDECREF(answer);
+    Py_XDECREF(request);   /* (after the reply is made: a raw answer may be a view of it) */
+    tcp_phase_end(region->base, self->widx, method, status);
+    if (!result) goto done;   /* (handlers catch everything: only a bug lands here) */
+    if (result && (count(self->counters, k_bytes_in, n) < 0 || count(self->counters, k_calls, 1) < 0
+                   || count(self->counters, k_answered, 1) < 0
+                   || count(self->counters, k_bytes_out, PyBytes_GET_SIZE(result)) < 0
+                   || (status != STATUS_OK && count(self->counters, k_errors, 1) < 0)))
+        Py_CLEAR(result);
+done:
+    PyBuffer_Release(&u.buf);
+    return result;
+}
+
+/* LocalWay(region, handlers, gateway, admission, counters, finish, max_payload) */
+static PyObject *LW_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
+    PyObject *region, *handlers, *gateway, *server, *counters, *finish;
+    unsigned long long max_payload;
+    if (kw && PyDict_GET_SIZE(kw)) { PyErr_SetString(PyExc_TypeError, "LocalWay takes no keyword arguments"); return NULL; }
+    if (!PyArg_ParseTuple(args, "O!O!O!OO!OK:LocalWay", &RegionType, &region, &PyDict_Type, &handlers,
+                          &GatewayType, &gateway, &server, &PyDict_Type, &counters, &finish, &max_payload))
+        return NULL;
+    LocalWay *self = (LocalWay *)type->tp_alloc(type, 0);
+    if (!self) return NULL;
+    self->region = Py_NewRef(region); self->handlers = Py_NewRef(handlers); self->gateway = Py_NewRef(gateway);
+    self->server = Py_NewRef(server); self->counters = Py_NewRef(counters); self->finish = Py_NewRef(finish);
+    self->max_payload = (uint64_t)max_payload;
+    self->widx = -1;
+    self->vectorcall = (vectorcallfunc)LW_call;
+    return (PyObject *)self;
+}
+
+/* registered(worker_index): the worker has its entry; calls may run in its process from now on. */
+static PyObject *LW_registered(LocalWay *self, PyObject *arg) {
+    long widx = PyLong_AsLong(arg);
+    if (widx == -1 && PyErr_Occurred()) return NULL;
+    if (widx < 0 || widx >= MAX_WORKERS) { PyErr_SetString(PyExc_ValueError, "bad worker index"); return NULL; }
+    self->widx = widx;
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef LW_methods[] = {
+    {"registered", (PyCFunction)LW_registered, METH_O, "the worker's entry: calls may run here from now on"},
+    {NULL}
+};
+
+static int LW_traverse(LocalWay *self, visitproc visit, void *arg) {
+    Py_VISIT(self->region); Py_VISIT(self->handlers); Py_VISIT(self->gateway); Py_VISIT(self->server);
+    Py_VISIT(self->counters); Py_VISIT(self->finish); Py_VISIT(self->last_name); Py_VISIT(self->last_spec);
+    return 0;
+}
+
+static int LW_clear(LocalWay *self) {
+    Py_CLEAR(self->region); Py_CLEAR(self->handlers); Py_CLEAR(self->gateway); Py_CLEAR(self->server);
+    Py_CLEAR(self->counters); Py_CLEAR(self->finish); Py_CLEAR(self->last_name); Py_CLEAR(self->last_spec);
+    return 0;
+}
+
+static void LW_dealloc(LocalWay *self) {
+    PyObject_GC_UnTrack(self);
+    LW_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+PyTypeObject LocalWayType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "speedysvc._shmcore.LocalWay",
+    .tp_basicsize = sizeof(LocalWay),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_doc = "A worker's usual TCP call run in its own process: local(parser, n) -> reply frame, None, "
+              "or what the gateway answers (the worker is busy).",
+    .tp_new = LW_new,
+    .tp_dealloc = (destructor)LW_dealloc,
+    .tp_traverse = (traverseproc)LW_traverse,
+    .tp_clear = (inquiry)LW_clear,
+    .tp_methods = LW_methods,
+    .tp_call = PyVectorcall_Call,
+    .tp_vectorcall_offset = offsetof(LocalWay, vectorcall),
 };

@@ -11,7 +11,7 @@
 
 /* ---- the service segment's header ------------------------------------- */
 #define MAGIC            0x43565353u   /* "SSVC" */
-#define LAYOUT_VERSION   5u
+#define LAYOUT_VERSION   6u
 
 #define H_MAGIC          0
 #define H_VERSION        4
@@ -40,6 +40,10 @@
                                   adds its own with an atomic add */
 #define H_LOST           136   /* u64: calls lost with WorkerDied (their worker died in them) */
 #define H_BITMAP         256   /* one bit per channel with a posted call (at most 512 bytes) */
+/* ---- TCP served by the workers (layout 5): the header field of this block ----------
+ * (kept apart: the rest of the header is shared with other changes) */
+#define H_TCP_OFF        192   /* u32: where the per-worker TCP records start (see T_* below) */
+/* ---- end of the TCP header block ---- */
 #define H_REASON         1024  /* why the service is stopping, stopped or failed: UTF-8, NUL-padded,
                                   written by the owner before it sets that state */
 #define REASON_SIZE      1024
@@ -58,6 +62,18 @@
 #define W_METHOD         56    /* u32, the method of the call in hand: its index + 1 (0: none or
                                   unknown); written as the call starts, meaningful while the
                                   state is WORKER_BUSY (the reply ends it by going idle) */
+/* ---- workers that serve TCP themselves (layout 5; see docs/shm-protocol.md) ----
+ * One call at a time per worker process: its shared-memory loop and its TCP thread take
+ * turns through W_PHASE (u32, the last word of the entry).  The loop moves it IDLE -> SHM
+ * (CAS) before it claims a posted call and back to IDLE when it replies (or claimed
+ * nothing); the TCP thread moves it IDLE -> TCP to run a call in its own process, and posts
+ * the call to another worker when the CAS fails.  A loop that finds TCP sets PHASE_WAITING
+ * beside it and sleeps on the word; the TCP thread wakes it when the call ends. */
+#define W_PHASE          60
+#define PHASE_IDLE       0u
+#define PHASE_SHM        1u
+#define PHASE_TCP        2u
+#define PHASE_WAITING    4u    /* with PHASE_TCP: the loop sleeps on W_PHASE for its end */
 /* worker states (W_STATE) */
 #define WORKER_FREE      0     /* the entry is unused */
 #define WORKER_IDLE      1
@@ -105,6 +121,29 @@
 #define M_WAIT_NS        256
 #define M_WAIT_MAX_NS    264
 #define M_WAIT_BUCKETS   272   /* u64[28], as M_BUCKETS; ends at 496 */
+
+/* ---- per-worker TCP records (layout 5), at H_TCP_OFF: one per worker-table entry -------
+ * Written by that entry's worker only (its TCP thread), summed by supervisors.  Gauges
+ * are what the worker holds now: the entry's registration and the reaping of a dead
+ * worker clear them, so a worker killed -9 leaks no share of a limit.  Counters are never
+ * cleared (as the method statistics): a worker reusing an entry adds to them, so the
+ * totals never drop when workers go; a worker adds what it counted once a second and as
+ * it stops. */
+#define T_SIZE              128
+#define T_CLIENTS           0     /* u64 gauge: connections past the handshake */
+#define T_HANDSHAKING       8     /* u64 gauge: connections in the handshake */
+#define T_INFLIGHT          16    /* u64 gauge: calls posted to the pool and not answered yet */
+#define T_CONNECTIONS_TOTAL 24    /* u64 counters from here on */
+#define T_CALLS             32
+#define T_ERRORS            40
+#define T_REFUSED           48
+#define T_AUTH_FAILURES     56
+#define T_PROTOCOL_ERRORS   64
+#define T_BYTES_IN          72
+#define T_BYTES_OUT         80
+#define T_ANSWERED_INLINE   88
+#define T_HANDSHAKES_EVICTED 96
+#define T_LISTENING         104   /* u32: 1 while the worker's TCP server accepts */
 
 /* ---- states and codes --------------------------------------------------- */
 /* service states */
@@ -185,8 +224,12 @@
     X(OWNER_RESTARTS_WORKERS) X(OWNER_WORKERS_STARTED) X(OWNER_RESTARTING) X(NAME_SIZE) X(H_SEQ) X(H_SLEEPERS) \
     X(H_REFUSED) X(H_LOST) \
     X(H_BITMAP) X(H_REASON) X(REASON_SIZE) \
+    X(H_TCP_OFF) X(T_SIZE) X(T_CLIENTS) X(T_HANDSHAKING) X(T_INFLIGHT) X(T_CONNECTIONS_TOTAL) X(T_CALLS) \
+    X(T_ERRORS) X(T_REFUSED) X(T_AUTH_FAILURES) X(T_PROTOCOL_ERRORS) X(T_BYTES_IN) X(T_BYTES_OUT) \
+    X(T_ANSWERED_INLINE) X(T_HANDSHAKES_EVICTED) X(T_LISTENING) \
     X(H_WORKERS) X(W_SIZE) X(W_PID) X(W_STATE) X(W_CALLS) X(W_BUSY_NS) X(W_STARTED_NS) X(W_ERRORS) \
-    X(W_CLAIM_NS) X(W_START_TICKS) X(W_METHOD) X(WORKER_FREE) X(WORKER_IDLE) X(WORKER_BUSY) \
+    X(W_CLAIM_NS) X(W_START_TICKS) X(W_METHOD) X(W_PHASE) X(PHASE_IDLE) X(PHASE_SHM) X(PHASE_TCP) \
+    X(PHASE_WAITING) X(WORKER_FREE) X(WORKER_IDLE) X(WORKER_BUSY) \
     X(H_CHANNELS) X(C_SIZE) X(C_STATE) X(C_OWNER_PID) X(C_DATA_GEN) X(C_FLAGS) X(C_DATA_CAP) X(C_REQ_LEN) \
     X(C_NAME_LEN) X(C_OWNER_START) X(C_CALLER_CPU) X(C_POSTED_NS) X(C_STATUS) X(C_RESP_OFF) X(C_RESP_LEN) X(C_WORKER_CPU) \
     X(CHANNEL_RECLAIMING) \

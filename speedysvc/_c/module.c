@@ -157,7 +157,8 @@ PyMODINIT_FUNC PyInit__shmcore(void) {
     ncpu = sysconf(_SC_NPROCESSORS_ONLN);
     if (ncpu < 1) ncpu = 1;
     client_spin.budget_ns = worker_spin.budget_ns = spin_max_ns;
-    if (PyType_Ready(&RegionType) < 0 || PyType_Ready(&ShmMethodType) < 0 || PyType_Ready(&GatewayType) < 0) return NULL;
+    if (PyType_Ready(&RegionType) < 0 || PyType_Ready(&ShmMethodType) < 0 || PyType_Ready(&GatewayType) < 0
+        || PyType_Ready(&LocalWayType) < 0) return NULL;
     if (names_init() < 0 || serve_init() < 0) return NULL;
     PyObject *m = PyModule_Create(&moduledef);
     if (!m) return NULL;
@@ -167,6 +168,8 @@ PyMODINIT_FUNC PyInit__shmcore(void) {
     if (PyModule_AddObject(m, "ShmMethod", (PyObject *)&ShmMethodType) < 0) return NULL;
     Py_INCREF(&GatewayType);
     if (PyModule_AddObject(m, "Gateway", (PyObject *)&GatewayType) < 0) return NULL;
+    Py_INCREF(&LocalWayType);
+    if (PyModule_AddObject(m, "LocalWay", (PyObject *)&LocalWayType) < 0) return NULL;
 #define ADD(name) if (PyModule_AddIntConstant(m, #name, name) < 0) return NULL;
     LAYOUT_CONSTANTS(ADD)
 #undef ADD

@@ -469,6 +469,9 @@ static PyMethodDef Region_methods[] = {
      "wait for a posted call's response (the second half of call)"},
     {"serve", (PyCFunction)(void (*)(void))R_serve, METH_FASTCALL, "a worker's serving loop for the common case"},
     {"reply", (PyCFunction)(void (*)(void))R_reply, METH_FASTCALL, "publish a response"},
+    {"end_phase", (PyCFunction)R_end_phase, METH_O, "a handed-back call settled without a reply: the loop's turn ends"},
+    {"tcp_begin", (PyCFunction)(void (*)(void))R_tcp_begin, METH_FASTCALL, "the TCP thread takes the process's turn"},
+    {"tcp_end", (PyCFunction)(void (*)(void))R_tcp_end, METH_FASTCALL, "the TCP thread's call ends: counted, turn given back"},
     {"release", (PyCFunction)R_release, METH_NOARGS, "drop the buffer (the region is unusable after)"},
     {"__enter__", (PyCFunction)R_enter, METH_NOARGS, NULL},
     {NULL}

@@ -41,6 +41,37 @@ static long try_claim(Region *self, uint32_t pid) {
     return -1;
 }
 
+/* A TCP call runs in this worker's process (W_PHASE): claim_phased's answer. */
+#define TCP_HERE (-3)
+
+/* Claims a posted call unless a TCP call runs in this process: the phase goes IDLE -> SHM
+ * first (publish_reply puts it back), and back to IDLE at once when nothing was claimed.
+ * The slot, -1, or TCP_HERE. */
+static long claim_phased(Region *self, char *w, uint32_t pid) {
+    uint32_t *phase = U32(w, W_PHASE), idle = PHASE_IDLE;
+    if (!CAS(phase, &idle, PHASE_SHM)) return TCP_HERE;
+    long slot = try_claim(self, pid);
+    if (slot < 0) STORE(phase, PHASE_IDLE);
+    return slot;
+}
+
+/* A TCP call runs in this process and calls are posted: a worker that sleeps gets the wake-up
+ * (ours may have been meant for it), then this one sleeps until the TCP call ends (or the
+ * deadline).  So a posted call never waits behind a TCP call while another worker sleeps.
+ * Returns what the futex wait returned (EINTR: a signal came, which the loop reports). */
+static int wait_tcp_call(char *base, char *w, uint64_t deadline) {
+    if (LOAD(U32(base, H_SLEEPERS))) {
+        __atomic_fetch_add(U32(base, H_SEQ), 1, __ATOMIC_SEQ_CST);
+        futex_wake(U32(base, H_SEQ), 1);
+    }
+    uint32_t *phase = U32(w, W_PHASE), s = LOAD(phase);
+    while ((s & PHASE_TCP) && !(s & PHASE_WAITING)) {
+        if (CAS(phase, &s, s | PHASE_WAITING)) { s |= PHASE_WAITING; break; }
+    }
+    uint64_t t = now_ns();
+    return (s & PHASE_TCP) && t < deadline ? futex_wait(phase, s, deadline - t) : 0;
+}
+
 static int any_posted(char *base) {
     uint32_t n = LOAD(U32(base, H_MAX_CHANNELS)), words = (n + 63) / 64;
     for (uint32_t w = 0; w < words; w++) if (LOAD(U64(base, H_BITMAP + w * 8))) return 1;
@@ -52,9 +83,10 @@ static int any_posted(char *base) {
  * (the usual case) spins holding the GIL. */
 
 /* The slot claimed at once or while spinning, or -1 when it is time to sleep. */
-static long claim_spin(Region *self, uint32_t pid, uint64_t start, int *spun_ok) {
+static long claim_spin(Region *self, char *w, uint32_t pid, uint64_t start, int *spun_ok) {
     char *base = self->base;
-    long slot = try_claim(self, pid);
+    long slot = claim_phased(self, w, pid);
+    if (slot == TCP_HERE) slot = -1;
     /* the caller we just answered will post its next call soon, unless it
      * needs this CPU to do so: then spinning would only delay it */
     if (slot >= 0 || !worker_spin.budget_ns || self->last_caller_cpu == sched_getcpu()) return slot;
@@ -64,7 +96,7 @@ static long claim_spin(Region *self, uint32_t pid, uint64_t start, int *spun_ok)
     uint64_t yield_after = system_overloaded(start) ? 0 : YIELD_AFTER_NS;
     uint64_t stop = start + worker_spin.budget_ns, t;
     for (unsigned i = 1;; i++) {
-        if (any_posted(base) && (slot = try_claim(self, pid)) >= 0) { *spun_ok = 1; return slot; }
+        if (any_posted(base) && (slot = claim_phased(self, w, pid)) >= 0) { *spun_ok = 1; return slot; }
         cpu_relax();
         if ((i & 15) == 0) {
             t = now_ns();
@@ -76,13 +108,21 @@ static long claim_spin(Region *self, uint32_t pid, uint64_t start, int *spun_ok)
 
 /* The slot, -1 on timeout (or when the service stops with nothing posted),
  * -2 when interrupted.  Without the GIL. */
-static long claim_sleep(Region *self, uint32_t pid, uint64_t deadline) {
+static long claim_sleep(Region *self, char *w, uint32_t pid, uint64_t deadline) {
     char *base = self->base;
     long slot = -1;
     while (slot < 0) {
         if (LOAD(U32(base, H_STATE)) != SVC_SERVING && !any_posted(base)) break;
         uint32_t seq = LOAD(U32(base, H_SEQ));
-        if ((slot = try_claim(self, pid)) >= 0) break;
+        if ((slot = claim_phased(self, w, pid)) >= 0) break;
+        if (slot == TCP_HERE) {
+            slot = -1;
+            if (any_posted(base)) {   /* (else sleep on H_SEQ as usual: a post wakes us) */
+                if (wait_tcp_call(base, w, deadline) == EINTR) { slot = -2; break; }   /* (SIGTERM: stop) */
+                if (now_ns() >= deadline) break;
+                continue;
+            }
+        }
         __atomic_fetch_add(U32(base, H_SLEEPERS), 1, __ATOMIC_SEQ_CST);
         if (any_posted(base)) {
             __atomic_fetch_sub(U32(base, H_SLEEPERS), 1, __ATOMIC_SEQ_CST);
@@ -92,7 +132,7 @@ static long claim_sleep(Region *self, uint32_t pid, uint64_t deadline) {
         int rc = t < deadline ? futex_wait(U32(base, H_SEQ), seq, deadline - t) : ETIMEDOUT;
         __atomic_fetch_sub(U32(base, H_SLEEPERS), 1, __ATOMIC_SEQ_CST);
         if (rc == EINTR) { slot = -2; break; }
-        if (rc == ETIMEDOUT) { slot = try_claim(self, pid); break; }
+        if (rc == ETIMEDOUT) { if ((slot = claim_phased(self, w, pid)) == TCP_HERE) slot = -1; break; }
     }
     return slot;
 }
@@ -102,11 +142,11 @@ static long claim_next(Region *self, char *w, uint64_t deadline) {
     uint32_t pid = LOAD(U32(w, W_PID));
     uint64_t start = now_ns();
     int spun_ok = 0, alone = only_thread();
-    long slot = alone ? claim_spin(self, pid, start, &spun_ok) : -1;
+    long slot = alone ? claim_spin(self, w, pid, start, &spun_ok) : -1;
     if (slot < 0) {
         Py_BEGIN_ALLOW_THREADS
-        if (!alone) slot = claim_spin(self, pid, start, &spun_ok);
-        if (slot < 0) slot = claim_sleep(self, pid, deadline);
+        if (!alone) slot = claim_spin(self, w, pid, start, &spun_ok);
+        if (slot < 0) slot = claim_sleep(self, w, pid, deadline);
         Py_END_ALLOW_THREADS
     }
     uint64_t t = now_ns();
@@ -154,6 +194,12 @@ static void record_call(char *base, char *w, long method, uint64_t ns, uint64_t 
     __atomic_fetch_add(U64(m, M_WAIT_NS), wait_ns, __ATOMIC_RELAXED);
     if (wait_ns > LOAD(U64(m, M_WAIT_MAX_NS))) STORE(U64(m, M_WAIT_MAX_NS), wait_ns);
     __atomic_fetch_add(U64(m, M_WAIT_BUCKETS + 8 * bucket_of(wait_ns)), 1, __ATOMIC_RELAXED);
+}
+
+/* The call the shared-memory loop claimed is over: the TCP thread may run one here. */
+static inline void end_shm_phase(char *w) {
+    uint32_t shm = PHASE_SHM;
+    CAS(U32(w, W_PHASE), &shm, PHASE_IDLE);
 }
 
 /* Writes a response and hands the channel back to its caller.  A payload that
@@ -205,6 +251,7 @@ static int publish_reply(Region *self, char *w, long slot, Region *data, uint32_
     if (status != 0) __atomic_fetch_add(U64(w, W_ERRORS), 1, __ATOMIC_SEQ_CST);
     STORE(U32(w, W_STATE), WORKER_IDLE);
     record_call(base, w, method, took, waited, status);
+    end_shm_phase(w);
     return delivered;
 }
 
@@ -239,7 +286,8 @@ PyObject *R_reply(Region *self, PyObject *const *args, Py_ssize_t nargs) {
  * call_failed, encode_failed), the handler's common case without its Python
  * frame.  What the fast path cannot decode goes to the handler, which reports
  * it; what the method raises goes to call_failed, a result dumps refuses to
- * encode_failed. */
+ * encode_failed.  Without `data` (a TCP call run in the worker's process: gateway.c's
+ * LocalWay) the result is not encoded in place. */
 static PyObject *status_ok;   /* STATUS_OK, made once (serve_init) */
 
 /* A large result that msgpack's C encoder takes is written straight into the channel's data
@@ -253,8 +301,8 @@ static PyObject *encode_in_place(PyObject *value, Region *data, PyObject *view) 
     return PySequence_GetSlice(view, 0, size);
 }
 
-static PyObject *run_method(PyObject *handler, PyObject *fast, uint32_t flags, PyObject *request, Region *data,
-                            PyObject *view) {
+PyObject *run_method(PyObject *handler, PyObject *fast, uint32_t flags, PyObject *request, Region *data,
+                     PyObject *view) {
     if (PyTuple_Check(fast) && PyTuple_GET_SIZE(fast) == 6) {
         unsigned long fast_flags = PyLong_AsUnsignedLong(PyTuple_GET_ITEM(fast, 3));
         if (fast_flags == (unsigned long)-1 && PyErr_Occurred()) return NULL;
@@ -279,7 +327,7 @@ static PyObject *run_method(PyObject *handler, PyObject *fast, uint32_t flags, P
                     return r;
                 }
                 PyObject *dumps = PyTuple_GET_ITEM(fast, 2);
-                PyObject *payload = is_c_msgpack_dumps(dumps) ? encode_in_place(value, data, view) : NULL;
+                PyObject *payload = data && is_c_msgpack_dumps(dumps) ? encode_in_place(value, data, view) : NULL;
                 if (!payload && !PyErr_Occurred()) payload = PyObject_CallOneArg(dumps, value);
                 if (payload) {
                     Py_DECREF(value);
@@ -428,6 +476,82 @@ static PyObject *serve_loop(Region *self, PyObject *const *args, Py_ssize_t narg
         if (PyErr_CheckSignals() < 0) return NULL;
         if (now_ns() >= deadline) Py_RETURN_NONE;
     }
+}
+
+/* the mean time of a method's calls above which a TCP call to it is posted, not run in the loop */
+#define LOCAL_CALL_MAX_NS 1000000ull
+
+/* The TCP thread's turn (W_PHASE IDLE -> TCP, docs/shm-protocol.md), the entry busy as a claim
+ * makes it; 0 when the loop runs or claims a call.  For R_tcp_begin and gateway.c's LocalWay. */
+int tcp_phase_begin(char *base, long widx, long method) {
+    char *w = base + H_WORKERS + widx * W_SIZE;
+    /* A call runs in the TCP thread's loop, which serves this worker's other connections: a
+     * method that has been slow here (its mean over this worker's calls) is posted to the pool
+     * instead, so that one slow method does not hold up the worker's other clients. */
+    uint32_t stats = LOAD(U32(base, H_STATS_OFF)), nmethods = LOAD(U32(base, H_MAX_METHODS));
+    if (method >= 0 && (uint32_t)method < nmethods && stats) {
+        char *m = base + stats + ((uint64_t)widx * nmethods + (uint64_t)method) * M_SIZE;
+        uint64_t calls = LOAD(U64(m, M_CALLS));
+        if (calls && LOAD(U64(m, M_TOTAL_NS)) / calls > LOCAL_CALL_MAX_NS) return 0;
+    }
+    uint32_t idle = PHASE_IDLE;
+    if (!CAS(U32(w, W_PHASE), &idle, PHASE_TCP)) return 0;
+    STORE(U32(w, W_STATE), WORKER_BUSY);
+    STORE(U64(w, W_CLAIM_NS), now_ns());
+    __atomic_store_n(U32(w, W_METHOD), method >= 0 ? (uint32_t)method + 1 : 0u, __ATOMIC_RELAXED);
+    return 1;
+}
+
+/* The TCP call tcp_phase_begin started is answered: counted as a shared-memory call is, the
+ * entry idle, the turn given back (and the loop woken if it waits for it). */
+void tcp_phase_end(char *base, long widx, long method, uint32_t status) {
+    char *w = base + H_WORKERS + widx * W_SIZE;
+    uint32_t *phase = U32(w, W_PHASE);
+    uint64_t took = now_ns() - LOAD(U64(w, W_CLAIM_NS));
+    __atomic_fetch_add(U64(w, W_BUSY_NS), took, __ATOMIC_SEQ_CST);
+    __atomic_fetch_add(U64(w, W_CALLS), 1, __ATOMIC_SEQ_CST);
+    if (status != 0) __atomic_fetch_add(U64(w, W_ERRORS), 1, __ATOMIC_SEQ_CST);
+    STORE(U32(w, W_STATE), WORKER_IDLE);
+    record_call(base, w, method, took, 0, status);   /* run at once: no wait for a worker */
+    if (__atomic_exchange_n(phase, PHASE_IDLE, __ATOMIC_SEQ_CST) & PHASE_WAITING) futex_wake(phase, 1);
+}
+
+/* end_phase(worker_index): a call the loop handed back to Python is settled without a reply
+ * (given back, abandoned): the phase the loop took for it goes back to IDLE. */
+PyObject *R_end_phase(Region *self, PyObject *arg) {
+    long widx = PyLong_AsLong(arg);
+    if ((widx == -1 && PyErr_Occurred()) || check_worker(widx)) return NULL;
+    char *w = self->base + H_WORKERS + widx * W_SIZE;
+    STORE(U32(w, W_STATE), WORKER_IDLE);
+    end_shm_phase(w);
+    Py_RETURN_NONE;
+}
+
+/* tcp_begin(worker_index, method_index) -> bool: the TCP thread takes this process's turn to
+ * run a call (W_PHASE IDLE -> TCP) and marks the worker busy as a claim does; False when
+ * the shared-memory loop runs (or is claiming) one: the call goes to another worker. */
+PyObject *R_tcp_begin(Region *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2) { PyErr_SetString(PyExc_TypeError, "tcp_begin takes 2 arguments"); return NULL; }
+    long widx = PyLong_AsLong(args[0]), method = PyLong_AsLong(args[1]);
+    if (((widx == -1 || method == -1) && PyErr_Occurred()) || check_worker(widx)) return NULL;
+    return PyBool_FromLong(tcp_phase_begin(self->base, widx, method));
+}
+
+/* tcp_end(worker_index, method_index, status): the TCP call tcp_begin started is answered:
+ * counted as a shared-memory call is (the worker's counters, the method's statistics), the
+ * worker idle again, and the loop woken if it waits for its turn. */
+PyObject *R_tcp_end(Region *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 3) { PyErr_SetString(PyExc_TypeError, "tcp_end takes 3 arguments"); return NULL; }
+    long widx = PyLong_AsLong(args[0]), method = PyLong_AsLong(args[1]);
+    unsigned long status = PyLong_AsUnsignedLong(args[2]);
+    if (((widx == -1 || method == -1) && PyErr_Occurred()) || check_worker(widx)) return NULL;
+    if (status == (unsigned long)-1 && PyErr_Occurred()) return NULL;
+    if ((LOAD(U32(self->base + H_WORKERS + widx * W_SIZE, W_PHASE)) & PHASE_TCP) == 0) {
+        PyErr_SetString(PyExc_RuntimeError, "tcp_end without tcp_begin");
+        return NULL;
+    }
+    tcp_phase_end(self->base, widx, method, (uint32_t)status);
+    Py_RETURN_NONE;
 }
 
 int serve_init(void) {

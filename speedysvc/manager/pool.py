@@ -74,6 +74,11 @@ class ServicePool:
         # changes of the target: {(direction "up"/"down", by "autoscaler"/"request"): count}
         self.scale_events: dict[tuple[str, str], int] = {}
         self.tcp: TcpServer | None = None
+        # TCP served by the workers (tcp_in_workers): the socket that holds the port for the
+        # service's life (tcp.inworker.reserve_port), what it holds, and the workers' options
+        self.tcp_reservation = None
+        self.tcp_reserved: tuple | None = None
+        self.tcp_env: dict = {}
         self.restarting = False               # a rolling restart runs: autoscaling waits
         self._restart_lock = asyncio.Lock()
         self._restart_asked = 0               # restarts requested, and the last one done:
@@ -110,6 +115,12 @@ class ServicePool:
         self.started_at = time.time()
         self.target = cfg.min_proc_num
         self.policy.started(time.monotonic())
+        if cfg.bind_tcp and cfg.tcp_in_workers:
+            try:
+                self._reserve_tcp()
+            except OSError as e:
+                await self._fail(f"cannot accept TCP clients on {cfg.bind_tcp}:{cfg.port}: {e}")
+                return
         for _ in range(self.target):
             self._spawn()
         deadline = time.monotonic() + cfg.start_timeout
@@ -118,12 +129,42 @@ class ServicePool:
                 await self._fail(f"workers did not start within start_timeout ({cfg.start_timeout} s)")
                 break
             await asyncio.sleep(0.02)
-        if self.state == STARTING and cfg.bind_tcp:
+        if self.state == STARTING and cfg.bind_tcp and not cfg.tcp_in_workers:
             await self._start_tcp()
+        elif self.state == STARTING and cfg.bind_tcp:
+            self._event("INFO", f"the workers accept TCP clients on {cfg.bind_tcp}:{self.tcp_port}"
+                                + (" over TLS" if cfg.tcp_tls_cert else "")
+                                + (" (secret required)" if cfg.tcp_secret else ""))
         if self.state == STARTING:
             self.state = RUNNING
             self._event("INFO", f"running with {len(self.workers)} worker(s)")
             self._record("start", f"running with {len(self.workers)} worker(s)")
+
+    @property
+    def tcp_port(self) -> int | None:
+        """The port TCP clients connect to (workers' TCP: the one reserved), or None."""
+        if self.tcp is not None:
+            return self.tcp.port
+        return self.tcp_reservation.getsockname()[1] if self.tcp_reservation is not None else None
+
+    def _reserve_tcp(self) -> bool:
+        """Workers that serve TCP: hold the port (kept across restarts, so that port 0 resolves
+        once and nobody takes it meanwhile) and make the options the workers get in their
+        environment (the secret there too, never on a command line).  OSError if the port
+        cannot be bound."""
+        from ..tcp.inworker import reserve_port
+        cfg = self.cfg
+        options = cfg.tcp_options()
+        if self.tcp_reservation is None or self.tcp_reserved != (options.host, options.port):
+            self._release_tcp()
+            self.tcp_reservation = reserve_port(options.host, options.port)
+            self.tcp_reserved = (options.host, options.port)
+        self.tcp_env = options.replace(port=self.tcp_port).to_env()
+
+    def _release_tcp(self) -> None:
+        if self.tcp_reservation is not None:
+            self.tcp_reservation.close()
+        self.tcp_reservation, self.tcp_reserved, self.tcp_env = None, None, {}
 
     async def _start_tcp(self) -> None:
         cfg = self.cfg
@@ -392,6 +433,7 @@ class ServicePool:
         """After ``stop``, when the manager exits (or the service is no longer configured):
         remove the segment a stopped service kept; its callers then wait for a manager."""
         self.drop_kept_segment()
+        self._release_tcp()
         self.log.close()
 
     def drop_kept_segment(self) -> None:
@@ -436,7 +478,8 @@ class ServicePool:
 
     def _spawn(self) -> WorkerProcess:
         cfg = self.cfg
-        w = self.workers.spawn(cfg.target, cfg.name, self.folder, cfg.log_level)
+        w = self.workers.spawn(cfg.target, cfg.name, self.folder, cfg.log_level,
+                               self.tcp_env if cfg.bind_tcp and cfg.tcp_in_workers else None)
         self._event("INFO", f"started worker {w.pid}")
         return w
 
@@ -655,6 +698,8 @@ class ServicePool:
         cfg = self.cfg
         if self.state != RUNNING:
             return False
+        if cfg.tcp_in_workers or self.tcp_reservation is not None:
+            return await self._restart_workers_tcp()
         wanted = cfg.tcp_options() if cfg.bind_tcp else None
         if self.tcp is None and wanted is None:
             return False
@@ -671,6 +716,31 @@ class ServicePool:
                 self._retire_counts(tcp=tcp)
         if wanted is not None:
             await self._start_tcp()
+        return True
+
+    async def _restart_workers_tcp(self) -> bool:
+        """The TCP settings of a service whose workers serve TCP changed: a gateway that served
+        before closes, the port is held anew if it moved, and a rolling restart gives the
+        workers their new options (the old ones stop listening first, finish their calls and
+        leave)."""
+        cfg = self.cfg
+        wanted = cfg.tcp_options() if cfg.bind_tcp and cfg.tcp_in_workers else None
+        had = self.tcp_env.copy()
+        if self.tcp is not None:
+            tcp, self.tcp = self.tcp, None
+            self._event("INFO", "closing the TCP gateway: the workers serve TCP now")
+            await tcp.close(cfg.stop_timeout, reason="the service's TCP settings changed")
+        if wanted is None:
+            self._release_tcp()
+        else:
+            try:
+                self._reserve_tcp()
+            except OSError as e:
+                await self._fail(f"cannot accept TCP clients on {cfg.bind_tcp}:{cfg.port}: {e}")
+                return True
+        if self.tcp_env == had:
+            return False
+        await self._rolling_restart()
         return True
 
     # -- reporting -------------------------------------------------------------------------

@@ -104,10 +104,13 @@ class WorkerSet:
         """The workers not asked to leave."""
         return [w for w in self.workers.values() if not w.leaving]
 
-    def spawn(self, target: str, service: str, folder: str, log_level: str) -> WorkerProcess:
-        """Start a worker of ``target`` for ``service``, importing from ``folder``."""
+    def spawn(self, target: str, service: str, folder: str, log_level: str, extra_env: dict | None = None) \
+            -> WorkerProcess:
+        """Start a worker of ``target`` for ``service``, importing from ``folder``, with ``extra_env``
+        (a worker that serves TCP finds its options there)."""
         read_log, write_log = os.pipe()
         env = worker_env([folder])
+        env.update(extra_env or {})
         env[LOG_FD_ENV] = str(write_log)
         env[LOG_LEVEL_ENV] = log_level
         env[PARENT_DEATH_ENV] = "1"   # the manager spawns from its only thread

@@ -48,8 +48,26 @@ def worker_rows(workers, registered: dict[int, dict]) -> list[dict]:
     return rows
 
 
+def tcp_status(pool) -> dict:
+    """``tcp`` (address and clients) and ``tcp_server`` (its counts): of the gateway in the
+    manager, or summed over the workers' TCP records (tcp_in_workers; docs/shm-protocol.md),
+    whose counters are never cleared, so the totals do not drop when workers go."""
+    tcp, cfg = pool.tcp, pool.cfg
+    if tcp is not None:
+        return {"tcp": f"{tcp.host}:{tcp.port} ({len(tcp.connections)} clients)", "tcp_server": tcp.status()}
+    seg = pool.segment
+    if pool.tcp_reservation is None or seg is None:
+        return {"tcp": None, "tcp_server": None}
+    t = seg.tcp_totals()
+    host, port = cfg.bind_tcp, pool.tcp_port
+    return {"tcp": f"{host}:{port} ({t['clients']} clients)",
+            "tcp_server": {"host": host, "port": port, "tls": bool(cfg.tcp_tls_cert), "secret": bool(cfg.tcp_secret),
+                           "in_workers": True, "listening_workers": t.pop("listening"),
+                           "connections": t["clients"], **t}}
+
+
 def service_status(pool) -> dict:
-    cfg, seg, tcp = pool.cfg, pool.segment, pool.tcp
+    cfg, seg = pool.cfg, pool.segment
     registered = {r["pid"]: r for r in pool.registered()}
     # a stopped service's methods keep their last counters (the pool remembers them)
     stats = seg.method_stats() if seg is not None else pool.method_memory
@@ -80,8 +98,7 @@ def service_status(pool) -> dict:
         "uptime": time.time() - pool.started_at if pool.started_at and pool.state == "running" else 0.0,
         "restarts": pool.restarts,
         "scale_events": {f"{d}/{by}": n for (d, by), n in sorted(pool.scale_events.items())},
-        "tcp": f"{tcp.host}:{tcp.port} ({len(tcp.connections)} clients)" if tcp else None,
-        "tcp_server": tcp.status() if tcp else None, "signals": pool.signals, "port": cfg.port,
+        **tcp_status(pool), "signals": pool.signals, "port": cfg.port,
         "log_file": pool.log.path, "methods": method_rows(stats, last.get("methods")),
         "worker_list": worker_rows(pool.workers, registered),
     }

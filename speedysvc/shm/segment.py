@@ -246,7 +246,8 @@ class ServiceSegment:
         remove_service_segments(service, keep_starting=True)
         names_off = _page_align(core.H_CHANNELS + max_channels * core.C_SIZE)
         stats_off = names_off + _page_align(core.MAX_METHODS * core.NAME_SIZE)
-        size = stats_off + core.MAX_WORKERS * core.MAX_METHODS * core.M_SIZE
+        tcp_off = stats_off + _page_align(core.MAX_WORKERS * core.MAX_METHODS * core.M_SIZE)
+        size = tcp_off + core.MAX_WORKERS * core.T_SIZE
         # filled in under a temporary name, then linked to the real one: the name only
         # ever points to a complete segment, and of two owners starting at once one wins
         temp = f"{name}.starting-{os.getpid()}"
@@ -254,6 +255,7 @@ class ServiceSegment:
         r = mapped[0]
         r.store32(core.H_NAMES_OFF, names_off)
         r.store32(core.H_STATS_OFF, stats_off)
+        r.store32(core.H_TCP_OFF, tcp_off)
         r.store32(core.H_MAX_METHODS, core.MAX_METHODS)
         r.store32(core.H_VERSION, core.LAYOUT_VERSION)
         r.store32(core.H_MAX_CHANNELS, max_channels)
@@ -430,6 +432,8 @@ class ServiceSegment:
                 r.store64(off + core.W_STARTED_NS, time.time_ns())
                 r.store64(off + core.W_START_TICKS, process_start_time(pid) or 0)
                 r.store32(off + core.W_METHOD, 0)
+                r.store32(off + core.W_PHASE, core.PHASE_IDLE)   # (a worker killed in a TCP call left it)
+                self.clear_tcp_gauges(i)
                 r.store32(off + core.W_STATE, core.WORKER_IDLE)
                 return i
         raise SpeedysvcError(f"service {self.service!r} already has {core.MAX_WORKERS} workers")
@@ -533,6 +537,35 @@ class ServiceSegment:
             out[name] = rec
         return out
 
+    # -- TCP served by the workers (layout 5: the T_* records at H_TCP_OFF) --
+    TCP_GAUGES = ("clients", "handshaking", "inflight")
+    TCP_COUNTERS = ("connections_total", "calls", "errors", "refused", "auth_failures", "protocol_errors",
+                    "bytes_in", "bytes_out", "answered_inline", "handshakes_evicted")
+
+    def tcp_offset(self, index: int) -> int:
+        return self.region.load32(core.H_TCP_OFF) + index * core.T_SIZE
+
+    def clear_tcp_gauges(self, index: int) -> None:
+        off = self.tcp_offset(index)
+        for field in (core.T_CLIENTS, core.T_HANDSHAKING, core.T_INFLIGHT):
+            self.region.store64(off + field, 0)
+        self.region.store32(off + core.T_LISTENING, 0)
+
+    def tcp_totals(self) -> dict:
+        """The TCP records of every worker entry summed: gauges (clients, handshaking, inflight,
+        listening workers) and counters (see layout.h)."""
+        r, out = self.region, {}
+        fields = [(name, getattr(core, "T_" + name.upper())) for name in self.TCP_GAUGES + self.TCP_COUNTERS]
+        for name, _ in fields:
+            out[name] = 0
+        out["listening"] = 0
+        for i in range(core.MAX_WORKERS):
+            off = self.tcp_offset(i)
+            for name, field in fields:
+                out[name] += r.load64(off + field)
+            out["listening"] += r.load32(off + core.T_LISTENING)
+        return out
+
     # -- channels --
     def channel_offset(self, slot: int) -> int:
         return core.H_CHANNELS + slot * core.C_SIZE
@@ -598,6 +631,7 @@ class ServiceSegment:
             off = self.worker_offset(i)
             pid = r.load32(off + core.W_PID)
             if pid and not is_alive(pid) and not (supervised and process_is_zombie(pid)):
+                self.clear_tcp_gauges(i)   # (its connections died with it)
                 r.store32(off + core.W_STATE, core.WORKER_FREE)
                 r.cas32(off + core.W_PID, pid, 0)
         return reclaimed

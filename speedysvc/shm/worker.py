@@ -35,6 +35,9 @@ HOUSEKEEPING_INTERVAL = 1.0
 OWNER_DEATH_GRACE = 0.5
 FILE_MODULE = "__speedysvc_main__"   # the name a class's module loaded from a file path gets
 PARENT_DEATH_ENV = "SPEEDYSVC_PARENT_DEATH_SIGNAL"
+# "module:callable,...": each is called with the Worker before it registers and returns an
+# object with registered(index) and stop() (the supervisor names them; the worker knows none)
+ADDONS_ENV = "SPEEDYSVC_WORKER_ADDONS"
 
 log = logging.getLogger("speedysvc.worker")
 
@@ -114,7 +117,13 @@ class Worker:
         self.dispatcher = Dispatcher(server_cls())
         self.pid = os.getpid()
         self.segment.write_method_names(self.dispatcher.method_names)
+        # what the supervisor adds to this worker (ADDONS_ENV): started before the worker
+        # registers, so a supervisor that sees it serve can count on them (a worker that serves
+        # TCP itself, speedysvc.tcp.inworker, listens by then)
+        self.addons = [load_target(spec)(self) for spec in os.environ.get(ADDONS_ENV, "").split(",") if spec]
         self.index = self.segment.register_worker(self.pid)
+        for addon in self.addons:
+            addon.registered(self.index)
         # slot -> (owner pid, generation, data region, read-only view) of mapped channels
         self.channels: list = [None] * self.segment.max_channels
         self.stop = [False]
@@ -158,8 +167,13 @@ class Worker:
                     except Exception as e:  # a fault of ours: fail that call, keep serving
                         log.exception("internal error while serving a call")
                         self.fail_call(got[1], e)
+                    finally:   # (answered, given back or abandoned: the TCP thread may run one now)
+                        region.end_phase(self.index)
             orderly = True
         finally:
+            for addon in self.addons:
+                # (a TCP server stops listening, finishes the calls in hand, tells its clients)
+                addon.stop()
             # a worker that fails (an exception out of the loop, a signal's) leaves its entry
             # (and the method of its last call) for its supervisor to read; reaping frees it
             if orderly:

@@ -371,12 +371,37 @@ def _time_left(sock, end: float) -> None:
     sock.settimeout(left)
 
 
+RESET_RETRY = 0.01   # seconds between connects reset before the server's hello
+
+
+class _ResetBeforeHello(Exception):
+    """The connection was reset (or closed) before the server said a word."""
+
+
 def open_connection(opts: ClientOptions, deadline: float | None = None,
                     timeout: float | None = None) -> BlockingConnection:
     """Connect, shake hands, and return the connection (raises with a clear message): within
-    the connect timeout, and by ``deadline`` (the call's, ``timeout`` from when it began) too."""
+    the connect timeout, and by ``deadline`` (the call's, ``timeout`` from when it began) too.
+
+    A connection reset before the server's hello is tried again within that time: a service
+    whose workers accept connections (SO_REUSEPORT) resets those still queued in the listener of
+    a worker that stops (Linux, unless net.ipv4.tcp_migrate_req moves them to another one)."""
     budget, too_late = connect_budget(opts, deadline, timeout)
     end = time.monotonic() + budget
+    if budget <= 0:
+        raise too_late()
+    while True:
+        try:
+            return _open_once(opts, end, too_late)
+        except _ResetBeforeHello as e:
+            if time.monotonic() + RESET_RETRY >= end:
+                raise ConnectionLost(f"connection to {opts.address} was reset before the handshake: "
+                                     f"{e.__cause__ or 'closed'}") from None
+            time.sleep(RESET_RETRY)
+
+
+def _open_once(opts: ClientOptions, end: float, too_late) -> BlockingConnection:
+    budget = end - time.monotonic()
     if budget <= 0:
         raise too_late()
     try:
@@ -394,13 +419,19 @@ def open_connection(opts: ClientOptions, deadline: float | None = None,
         if opts.ssl_context is not None:
             _time_left(sock, end)   # (the TLS handshake)
             sock = opts.ssl_context.wrap_socket(sock, server_hostname=opts.tls_name)
-        message, nonce = opts.client_hello(_read_hello(sock, opts, end))
+        try:
+            first = _read_hello(sock, opts, end)
+        except ConnectionResetError as e:
+            raise _ResetBeforeHello() from e
+        except ConnectionLost as e:   # (closed before a byte of the hello)
+            raise _ResetBeforeHello() from e
+        message, nonce = opts.client_hello(first)
         _time_left(sock, end)
         sock.sendall(message)
         leftover = opts.check_welcome(_read_hello(sock, opts, end), nonce)
         sock.settimeout(None)
         return BlockingConnection(sock, opts, leftover)
-    except SpeedysvcError:
+    except (SpeedysvcError, _ResetBeforeHello):
         sock.close()
         raise
     except socket.timeout:

@@ -84,7 +84,12 @@ class ServerConnection(asyncio.BufferedProtocol):
         # closes the oldest, so that connections that never complete the handshake cannot keep
         # clients that can out.
         handshaking = server.handshaking
-        if len(handshaking) >= server.options.max_handshakes:
+        if server.handshakes() >= server.options.max_handshakes and not handshaking:
+            # (in a worker: the others hold the handshakes; the newest goes, not one of theirs)
+            self.refuse(ServiceUnavailable(f"service {server.service!r} has too many TCP connections in "
+                                           f"the handshake ({server.options.max_handshakes})"))
+            return
+        if server.handshakes() >= server.options.max_handshakes:
             oldest = next(iter(handshaking))
             server.counters["handshakes_evicted"] += 1
             oldest.refuse(ServiceUnavailable(
@@ -92,6 +97,7 @@ class ServerConnection(asyncio.BufferedProtocol):
                 f"({server.options.max_handshakes}); this one was the oldest"))
         handshaking[self] = None
         server.connections.add(self)
+        server.counts_changed()
         transport.write(fr.pack_hello(fr.SERVER_HELLO, {
             "versions": list(fr.SUPPORTED_VERSIONS), "service": server.service,
             "compression": compression.available(), "auth": server.secret is not None,
@@ -101,7 +107,7 @@ class ServerConnection(asyncio.BufferedProtocol):
         """Whether one more client fits under ``max_connections`` (clients past the handshake);
         refuses this connection if not."""
         server = self.server
-        if len(server.connections) - len(server.handshaking) < server.options.max_connections:
+        if server.clients() < server.options.max_connections:
             return True
         self.refuse(ServiceUnavailable(f"service {server.service!r} has too many TCP clients "
                                        f"({server.options.max_connections}); try again later"))
@@ -113,6 +119,7 @@ class ServerConnection(asyncio.BufferedProtocol):
             self.parser.discard()   # (a frame that will never be complete)
         self.server.handshaking.pop(self, None)
         self.server.connections.discard(self)
+        self.server.counts_changed()
         self.server.release(self)
 
     def get_buffer(self, sizehint: int) -> memoryview:
@@ -289,10 +296,11 @@ class ServerConnection(asyncio.BufferedProtocol):
         if not self._room_for_client():
             return
         server.handshaking.pop(self, None)   # a client now
+        server.counts_changed()
         self.compression, self.compress_min = algo, compress_min
         self.parser = fr.FrameParser(server.options.max_payload, frozenset((fr.CALL,)), fr.SERVER_SCRATCH)
         if algo is None:   # (replies of a compressing connection may need compressing)
-            self.short_way = server.gateway
+            self.short_way = server.gateway if server.local is None else server.local_way
         self.transport.write(fr.pack_hello(fr.WELCOME, welcome))
         self.hello = self.hello_buf = None
         if leftover:
@@ -391,4 +399,5 @@ class ServerConnection(asyncio.BufferedProtocol):
                 asyncio.get_running_loop().call_later(CLOSE_GRACE, self.transport.abort)
         self.server.handshaking.pop(self, None)
         self.server.connections.discard(self)
+        self.server.counts_changed()
         self.server.release(self)

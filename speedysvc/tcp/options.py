@@ -18,6 +18,8 @@ from ..transport import is_loopback
 from .framing import as_secret
 
 SECRET_ENV = "SPEEDYSVC_TCP_SECRET"
+# a worker that serves TCP itself finds its options here (``to_env``), the secret in SECRET_ENV
+SERVE_ENV = "SPEEDYSVC_TCP_SERVE"
 NOT_ON_THE_COMMAND_LINE = ("secret", "tls_context")   # the secret comes in the environment
 
 
@@ -112,6 +114,27 @@ class ServeOptions:
             else:
                 kind = {"int": int, "float": float}.get(f.type, str)
                 parser.add_argument(flag, type=kind, default=f.default)
+
+    def to_env(self) -> dict:
+        """These options for a worker's environment: the flags in ``SERVE_ENV`` (JSON), the
+        secret, if any, in ``SECRET_ENV`` (never on a command line)."""
+        import json
+        # (the worker runs what its supervisor names there: shm.worker.ADDONS_ENV)
+        env = {SERVE_ENV: json.dumps(self.to_argv()), "SPEEDYSVC_WORKER_ADDONS": "speedysvc.tcp.inworker:attach"}
+        if self.secret is not None:
+            env[SECRET_ENV] = self.secret.decode("utf-8", "surrogateescape")   # (as os.environ reads it back)
+        return env
+
+    @classmethod
+    def from_env(cls, environ=os.environ) -> "ServeOptions | None":
+        """The options ``to_env`` put in ``environ``, or None when it holds none."""
+        import json
+        flags = environ.get(SERVE_ENV)
+        if not flags:
+            return None
+        parser = argparse.ArgumentParser(add_help=False)
+        cls.add_arguments(parser)
+        return cls.from_arguments(parser.parse_args(json.loads(flags)), environ)
 
     @classmethod
     def from_arguments(cls, args: argparse.Namespace, environ=os.environ) -> "ServeOptions":

@@ -60,6 +60,15 @@ class ClientOptions:
         msg_type, version, body, leftover = hello
         if msg_type == fr.REFUSED:
             raise self.refused(body)
+        if msg_type == fr.SERVER_HELLO and leftover:
+            # a server that stops as we connect refuses us right after its hello (both may come
+            # in one read)
+            try:
+                after = fr.HelloReader().feed(leftover)
+            except ProtocolError:
+                after = None
+            if after is not None and after[0] == fr.REFUSED:
+                raise self.refused(after[2])
         if msg_type != fr.SERVER_HELLO or leftover:
             raise ProtocolError(f"{self.address} sent an unexpected handshake message")
         if fr.VERSION not in body.get("versions", ()):

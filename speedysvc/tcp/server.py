@@ -79,8 +79,11 @@ def raise_fd_limit() -> int:
 class TcpServer:
     """Accepts TCP clients of one service (``service``: its shared-memory name)."""
 
-    def __init__(self, service: str, options: ServeOptions | None = None, **changes):
-        """``options`` (default: ``ServeOptions()``), with ``changes`` to its fields."""
+    def __init__(self, service: str, options: ServeOptions | None = None, *, local=None, reuse_port: bool = False,
+                 **changes):
+        """``options`` (default: ``ServeOptions()``), with ``changes`` to its fields.  In a worker
+        (``inworker``): ``local`` runs a call in this process when the worker is idle, and
+        ``reuse_port`` shares the port with the other workers' servers."""
         options = options or ServeOptions()
         self.options = opts = options.replace(**changes) if changes else options
         self.service = service
@@ -100,6 +103,14 @@ class TcpServer:
         # here to be network-safe go the long way, which checks the client may use them.
         self.gateway = core.Gateway(self.shm, self.admission, self.counters, codecs.CODEC_SHIFT,
                                     ~codecs.mask(lambda codec: codec.network_safe) & (2 ** 64 - 1))
+        self.local, self.reuse_port = local, reuse_port
+        # (in a worker) this worker's TCP record, and the totals the limits are held to
+        self.shared = local.shared if local is not None else None
+        # (in a worker) the usual call run in this process, in C, or posted by ``gateway`` when
+        # the worker is busy: the connections' short way (see ServerConnection.buffer_updated)
+        self.local_way = None if local is None else core.LocalWay(
+            local.region, local.dispatcher.handlers, self.gateway, self.admission, self.counters, local.finish,
+            min(opts.max_payload, local.max_payload))
         self.executor: ThreadPoolExecutor | None = None
         self.connections: set[ServerConnection] = set()
         # those of them still in the handshake, oldest first (dict: ordered), not counted in max_connections
@@ -121,11 +132,13 @@ class TcpServer:
         self.executor = ThreadPoolExecutor(self.options.max_waiting_threads, thread_name_prefix="speedysvc-tcp-wait")
         self._server = await loop.create_server(lambda: ServerConnection(self), self.host, self.port,
                                                 ssl=self.ssl_context, reuse_address=True, backlog=1024,
+                                                reuse_port=self.reuse_port or None,
                                                 ssl_handshake_timeout=self.options.handshake_timeout
                                                 if self.ssl_context else None)
         self.port = self._server.sockets[0].getsockname()[1]
         self._sweeper = loop.call_later(sweep.INTERVAL, self._sweep)
         self._idle.set()
+        self.counts_changed()
         log.info("%s: accepting TCP clients on %s:%d%s%s", self.service, self.host, self.port,
                  " with TLS" if self.ssl_context else "", " (secret required)" if self.secret else "")
         return self
@@ -137,6 +150,8 @@ class TcpServer:
             return
         self.admission.closing = True
         self._server.close()
+        if self.shared is not None:
+            self.shared.listening(False)
         for conn, frame in self.admission.withdraw():
             self.counters["unavailable"] += 1
             conn.reply_not_run(frame.call_id, ServiceUnavailable(f"service {self.service!r}: {reason}"))
@@ -145,12 +160,15 @@ class TcpServer:
         except asyncio.TimeoutError:
             log.warning("%s: %d TCP call(s) still running after %s s", self.service, self.inflight, timeout)
         for conn in list(self.connections):
-            # with none of its calls under way, whatever it sent since was never started
-            conn.go_away(ServiceUnavailable(f"service {self.service!r}: {reason}"),
-                         not_run=not conn.inflight and not conn.compressing)
+            exc = ServiceUnavailable(f"service {self.service!r}: {reason}")
+            if conn.parser is None:   # still in its handshake: refused (a go-away frame is no hello message)
+                conn.refuse(exc)
+            else:   # with none of its calls under way, whatever it sent since was never started
+                conn.go_away(exc, not_run=not conn.inflight and not conn.compressing)
         if self._sweeper is not None:
             self._sweeper.cancel()
         self._server = None
+        self.counts_changed()
         self.shm.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
 
@@ -160,8 +178,37 @@ class TcpServer:
                 "handshaking": len(self.handshaking),
                 "inflight": self.inflight, "parked": self.parking.count, **self.counters}
 
+    # -- connections, and in a worker their counts shared with the other workers ------------
+    def clients(self) -> int:
+        """Connections past the handshake, in every worker that serves this service's port."""
+        if self.shared is not None and self.shared.off is not None:
+            return self.shared.total(core.T_CLIENTS)
+        return len(self.connections) - len(self.handshaking)
+
+    def handshakes(self) -> int:
+        """Connections in the handshake, in every worker that serves this service's port."""
+        if self.shared is not None and self.shared.off is not None:
+            return self.shared.total(core.T_HANDSHAKING)
+        return len(self.handshaking)
+
+    def counts_changed(self) -> None:
+        """A connection came, went or changed its state, or a call began or ended: publish this
+        worker's gauges (what the other workers' limits count)."""
+        if self.shared is not None:
+            self.shared.gauges(len(self.connections) - len(self.handshaking), len(self.handshaking),
+                               self.admission.inflight)
+            if self._server is not None and not self.admission.closing:
+                self.shared.listening(True)
+
     # -- calls -----------------------------------------------------------------------------
     def submit(self, conn: ServerConnection, frame: fr.Frame) -> None:
+        if self.local is not None and self._usual(conn, frame.flags, frame.arg):
+            answer = self.local.run(frame.name, frame.arg, frame.payload)
+            if answer is not None:
+                self.counters["calls"] += 1
+                self.counters["answered_inline"] += 1
+                conn.reply(frame.call_id, *answer)
+                return
         if self.admission.closing:
             # (calls the gateway itself refuses; those the service refuses its segment counts)
             self.counters["unavailable"] += 1
@@ -350,9 +397,13 @@ class TcpServer:
     def _began(self, conn: ServerConnection) -> None:
         self.admission.began(conn)
         self._idle.clear()
+        if self.shared is not None:
+            self.counts_changed()
 
     def _ended(self, conn: ServerConnection) -> None:
         self.admission.ended(conn)
+        if self.shared is not None:
+            self.counts_changed()
         if conn.eof:
             conn.close_when_answered()
         self.settled()
@@ -445,6 +496,8 @@ class TcpServer:
     # -- housekeeping ----------------------------------------------------------------------
     def _sweep(self) -> None:
         try:
+            if self.shared is not None:
+                self.shared.publish(self.counters)
             sweep.sweep(self, time.monotonic())
         except Exception:   # (the next sweep must come all the same: every deadline depends on it)
             log.exception("%s: the TCP gateway's sweep failed", self.service)

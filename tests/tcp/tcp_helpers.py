@@ -670,4 +670,7 @@ def busy_channels(svc) -> dict:
 
 
 def server_alive(svc) -> bool:
+    """The TCP server is up: the gateway process, or (TCP served by the workers) every worker."""
+    if svc.tcp_in_workers:
+        return svc.tcp_reservation is not None and len(svc.pids) == svc.n_workers
     return svc.tcp_process is not None and svc.tcp_process.poll() is None

@@ -187,3 +187,53 @@ class TcpSecretEcho(ServerMethodsBase):
         with open(path, "a") as f:
             f.write(f"{os.getpid()}\n")
         return True
+
+
+class TcpTurns(ServerMethodsBase):
+    """Served over TCP by its workers: tells which process ran a call and whether two calls
+    ever ran at once in one process (its TCP thread and its shared-memory loop take turns)."""
+    port = PORTS + 110
+    name = 'tcpt_turns'
+
+    def __init__(self):
+        import threading
+        self.lock = threading.Lock()
+        self.inside = 0
+        self.most = 0   # the most calls seen running in this process at once
+
+    def _enter(self):
+        with self.lock:
+            self.inside += 1
+            self.most = max(self.most, self.inside)
+
+    def _leave(self):
+        with self.lock:
+            self.inside -= 1
+
+    @msgpack_method
+    def whoami(self):
+        self._enter()
+        try:
+            return os.getpid()
+        finally:
+            self._leave()
+
+    @msgpack_method
+    def hold(self, seconds):
+        """Runs ``seconds`` (in slices, so that another thread of this process could run meanwhile)."""
+        self._enter()
+        try:
+            end = time.monotonic() + seconds
+            while time.monotonic() < end:
+                time.sleep(0.01)
+            return os.getpid()
+        finally:
+            self._leave()
+
+    @msgpack_method
+    def most_at_once(self):
+        return self.most
+
+    @raw_method
+    def echo_raw(self, data):
+        return data

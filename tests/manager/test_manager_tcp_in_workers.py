@@ -1,0 +1,193 @@
+"""Services whose workers serve TCP themselves (tcp_in_workers = yes) under a real manager: the
+manager holds the port and passes the options to the workers, which listen with SO_REUSEPORT;
+their TCP counts live in the service segment (one record per worker entry) and the manager sums
+them for its status and /metrics; the limits hold across the worker processes; a worker killed
+-9 in a call fails only its callers and is replaced; restarts under TCP load."""
+import os
+import signal
+import threading
+import time
+import urllib.request
+
+import pytest
+
+from speedysvc import connect
+from speedysvc.errors import ConnectionLost, ServiceUnavailable, WorkerDied
+
+
+def ini(workers=2, extra=""):
+    return f"""
+        [Other]
+        import_from=services
+        bind_tcp=127.0.0.1
+        tcp_in_workers=yes
+        min_proc_num={workers}
+        max_proc_num={workers}
+        {extra}
+
+        [web monitor]
+        port={{port}}
+    """
+
+
+def tcp_client(**kw):
+    from services import Other
+    kw.setdefault("timeout", 20)
+    return connect(Other, "tcp://127.0.0.1", **kw)
+
+
+def clients_on_every_worker(m, n_workers, most=64):
+    """Connections until each worker has one of them (the kernel spreads connections over the
+    workers' listeners): {worker pid: client}; the others are closed."""
+    by_pid, spare = {}, []
+    for _ in range(most):
+        c = tcp_client()
+        pid = c.whoami()   # (an idle worker runs a call of its own connection itself)
+        (spare if pid in by_pid else by_pid.setdefault(pid, c)) is c or spare.append(c)
+        if len(by_pid) == n_workers:
+            break
+    for c in spare:
+        c.close()
+    assert len(by_pid) == n_workers, f"connections reached {len(by_pid)} of {n_workers} workers"
+    return by_pid
+
+
+def metric(m, line_start):
+    with urllib.request.urlopen(m.url + "/metrics", timeout=10) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith(line_start):
+                return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+def test_workers_serve_tcp_and_the_manager_sums_their_counts(running):
+    m = running(ini(workers=2))
+    status = m.service("Other")
+    from services import Other
+    assert status["tcp"].startswith(f"127.0.0.1:{Other.port}") and status["tcp_server"]["in_workers"] is True
+    m.wait(lambda: m.service("Other")["tcp_server"]["listening_workers"] == 2, what="both workers listening")
+    workers = {w["pid"] for w in status["worker_list"]}
+    clients = clients_on_every_worker(m, 2)
+    assert set(clients) == workers
+    try:
+        for c in clients.values():
+            for i in range(50):
+                assert c.sleep(0, i) == i
+        m.wait(lambda: m.service("Other")["tcp_server"]["calls"] >= 102, what="the calls counted")
+        t = m.service("Other")["tcp_server"]
+        assert t["connections"] == 2 and t["connections_total"] >= 2
+        assert m.service("Other")["tcp"].endswith("(2 clients)")
+        # a call run in a worker's own process counts in the method's statistics like any other
+        sleep_row = next(r for r in m.service("Other")["methods"] if r["name"] == "sleep")
+        assert sleep_row["calls"] >= 100
+        assert metric(m, 'speedysvc_tcp_connections{service="Other"}') == 2.0
+        assert metric(m, 'speedysvc_tcp_events_total{event="calls",service="Other"}') >= 102
+    finally:
+        for c in clients.values():
+            c.close()
+    m.wait(lambda: m.service("Other")["tcp_server"]["connections"] == 0, what="the clients gone")
+
+
+def test_tcp_max_connections_holds_across_the_worker_processes(running):
+    m = running(ini(workers=4, extra="tcp_max_connections=3"))
+    m.wait(lambda: m.service("Other")["tcp_server"]["listening_workers"] == 4, what="4 workers listening")
+    admitted, refused = [], 0
+    try:
+        for _ in range(10):
+            c = tcp_client(wait=0)
+            try:
+                c.whoami()
+                admitted.append(c)
+            except ServiceUnavailable as e:
+                assert "too many TCP clients" in str(e)
+                refused += 1
+                c.close()
+        assert len(admitted) == 3 and refused == 7
+        assert m.service("Other")["tcp_server"]["connections"] == 3
+        admitted.pop().close()   # room for one more, on whichever worker it lands
+        m.wait(lambda: m.service("Other")["tcp_server"]["connections"] == 2, what="the client gone")
+        c = tcp_client(wait=0)
+        assert c.whoami()
+        admitted.append(c)
+    finally:
+        for c in admitted:
+            c.close()
+    m.wait(lambda: m.service("Other")["tcp_server"]["refused"] >= 7, what="the refusals counted")
+
+
+def test_a_tcp_worker_killed_mid_call_fails_its_callers_only_and_is_replaced(running):
+    m = running(ini(workers=2))
+    m.wait(lambda: m.service("Other")["tcp_server"]["listening_workers"] == 2, what="both workers listening")
+    clients = clients_on_every_worker(m, 2)
+    victim, survivor = list(clients)
+    outcome = {}
+
+    def slow_call():
+        try:
+            outcome["value"] = clients[victim].sleep(30)
+        except Exception as e:   # noqa: BLE001 - the test checks the type
+            outcome["error"] = e
+
+    th = threading.Thread(target=slow_call)
+    th.start()
+    m.wait(lambda: any(w["pid"] == victim and w["busy"] for w in m.service("Other")["worker_list"]),
+           what="the victim in its call")
+    calls_before = m.service("Other")["tcp_server"]["calls"]
+    os.kill(victim, signal.SIGKILL)
+    th.join(30)
+    assert isinstance(outcome.get("error"), (ConnectionLost, WorkerDied)), outcome
+    # the other worker's client keeps going, and the killed worker's share of the clients is gone
+    assert clients[survivor].sleep(0, "on") == "on"
+    m.wait(lambda: victim not in {w["pid"] for w in m.service("Other")["worker_list"]}
+           and m.service("Other")["tcp_server"]["listening_workers"] == 2, what="a new worker listening")
+    assert m.service("Other")["tcp_server"]["calls"] >= calls_before   # (the totals did not drop)
+    # the victim's client connects again (to a worker alive), and the new worker serves TCP
+    assert clients[victim].whoami() != victim
+    new_pids = {w["pid"] for w in m.service("Other")["worker_list"]} - {survivor}
+    more = clients_on_every_worker(m, 2)
+    assert set(more) == new_pids | {survivor}
+    for c in list(clients.values()) + list(more.values()):
+        c.close()
+    m.wait(lambda: m.service("Other")["tcp_server"]["connections"] == 0, what="no client left counted")
+
+
+@pytest.mark.parametrize("hard", [False, True])
+def test_a_restart_under_tcp_load(running, hard):
+    """Callers keep calling over TCP through a rolling (or hard) restart: each call is answered, or
+    fails with ServiceUnavailable / ConnectionLost (a call the stopping worker had not started, a
+    connection it closed); the callers go on, and the new workers serve them."""
+    m = running(ini(workers=2))
+    m.wait(lambda: m.service("Other")["tcp_server"]["listening_workers"] == 2, what="both workers listening")
+    old = {w["pid"] for w in m.service("Other")["worker_list"]}
+    stop, answered, failed, wrong = threading.Event(), [], [], []
+
+    def caller():
+        with tcp_client(timeout=30) as c:
+            while not stop.is_set():
+                try:
+                    answered.append(c.whoami())
+                except (ServiceUnavailable, ConnectionLost) as e:
+                    failed.append(e)
+                except Exception as e:   # noqa: BLE001 - reported below
+                    wrong.append(e)
+                    return
+
+    threads = [threading.Thread(target=caller) for _ in range(4)]
+    for th in threads:
+        th.start()
+    time.sleep(1.0)
+    assert m.cli("restart", *(["--hard"] if hard else []), "Other").returncode == 0
+    new = {w["pid"] for w in m.service("Other")["worker_list"]}
+    assert not new & old
+    mark = len(answered)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not set(answered[mark:]) & new:
+        time.sleep(0.05)
+    stop.set()
+    for th in threads:
+        th.join(60)
+    assert not wrong, wrong
+    assert set(answered[mark:]) & new, "no call reached the new workers"
+    # what failed was a call the stopping worker had not started, or its connection closed as it
+    # left (the client connects again at its next call)
+    assert all("stopping" in str(e) or "restarting" in str(e) for e in failed), failed
