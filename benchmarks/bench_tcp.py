@@ -15,8 +15,8 @@ measured in three interleaved rounds (one with --quick) and each figure is the
 median; the other rows are measured once.
 
 Then: a 64 B call through a client over three endpoints (``connect(Svc, 'tcp://a,b,c')``:
-the service's gateway and two more gateway processes in front of the same worker, on
-loopback) against a client of one endpoint, in interleaved rounds; pipelining (one asyncio client with 32 calls in flight against the same
+one server reached at 127.0.0.1, .2 and .3, so the difference is the client's balancing)
+against a client of one endpoint, in interleaved rounds; pipelining (one asyncio client with 32 calls in flight against the same
 client one call at a time; the blocking client shared by 32 threads against
 one thread), the TCP client with compression on a compressible 1 MiB payload,
 the CPU an idle TCP gateway uses, and the issue's targets beside the results.
@@ -35,7 +35,6 @@ import asyncio  # noqa: E402
 import importlib.util  # noqa: E402
 import multiprocessing  # noqa: E402
 import statistics  # noqa: E402
-import subprocess  # noqa: E402
 import sys  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
@@ -48,7 +47,7 @@ import _tcp_load  # noqa: E402
 from _common import (MiB, RawTcpClient, ZmqClient, print_seed_path, round_trips, seed_path,  # noqa: E402
                      throughput, verdict)
 from bench_shm import SpeedysvcClient as ShmClient  # noqa: E402
-from echo_service import BenchEcho  # noqa: E402
+from echo_service import BenchEcho, BenchEchoEverywhere  # noqa: E402
 from speedysvc import LocalService, connect, connect_async  # noqa: E402
 from speedysvc.tcp import compression  # noqa: E402
 
@@ -269,41 +268,35 @@ def thread_rate(address, threads, seconds, failures):
     return sum(counts) / elapsed
 
 
-def extra_gateway(service):
-    """Another gateway process in front of ``service``'s workers, on a free loopback port: (its
-    process, its address)."""
-    proc = subprocess.Popen([sys.executable, "-m", "speedysvc.tcp.serve", service.service, "--host", "127.0.0.1",
-                             "--port", "0", "--exit-with-parent"], stdout=subprocess.PIPE, text=True)
-    line = proc.stdout.readline()
-    if not line.startswith("listening on "):
-        proc.kill()
-        raise RuntimeError(f"the extra gateway did not start: {line!r}")
-    return proc, "127.0.0.1:" + line.split(":")[-1].strip()
+def balanced_round_trips(args):
+    """Median 64 B round trips (µs) against one server reached at three loopback addresses
+    (127.0.0.1, .2, .3: it listens on all of them): a client of one endpoint and a client over
+    the three, interleaved, so that the difference is the client's own (its balancing), not
+    another server's."""
+    secret = "bench-several-endpoints"   # (a server on every address needs one)
+    with LocalService(BenchEchoEverywhere, workers=1, tcp="0.0.0.0:0", tcp_secret=secret) as service:
+        port = service.tcp_address.rsplit(":", 1)[1]
+        single = connect(BenchEchoEverywhere, f"tcp://127.0.0.1:{port}", secret=secret)
+        multi = connect(BenchEchoEverywhere, f"tcp://127.0.0.1:{port},127.0.0.2:{port},127.0.0.3:{port}",
+                        secret=secret)
 
+        class Row:   # (what round_trips calls)
+            def __init__(self, client):
+                self.echo = client.echo_msgpack
 
-def balanced_round_trips(service, args):
-    """Median 64 B round trips (µs): a client of one endpoint, and one over three, interleaved."""
-    gateways = [extra_gateway(service) for _ in range(2)]
-    single = SpeedysvcTcpClient("msgpack", service)
-    multi = SpeedysvcTcpClient("msgpack", service)
-    multi.client.close()
-    multi.client = connect(BenchEcho, "tcp://" + ",".join([service.tcp_address[len("tcp://"):]]
-                                                          + [a for _, a in gateways]))
-    multi.method = multi.client.echo_msgpack
-    try:
-        got = {"single": [], "three": []}
-        for rnd in range(args.rounds):
-            for key, client in (("single", single), ("three", multi)):
-                progress(f"round {rnd + 1}/{args.rounds}: {key} endpoint(s)")
-                got[key].append(round_trips(client, args.calls)[0])
-        spread = [e["calls"] for e in multi.client.endpoints()]
-        return {k: statistics.median(v) for k, v in got.items()}, spread
-    finally:
-        single.close()
-        multi.close()
-        for proc, _ in gateways:
-            proc.terminate()
-            proc.wait(30)
+            def prepare(self, payload):
+                return payload
+        try:
+            got = {"single": [], "three": []}
+            for rnd in range(args.rounds):
+                for key, client in (("single", single), ("three", multi)):
+                    progress(f"round {rnd + 1}/{args.rounds}: {key} endpoint(s)")
+                    got[key].append(round_trips(Row(client), args.calls)[0])
+            spread = [e["calls"] for e in multi.endpoints()]
+            return {k: statistics.median(v) for k, v in got.items()}, spread
+        finally:
+            single.close()
+            multi.close()
 
 
 def idle_cpu(service, seconds):
@@ -417,7 +410,7 @@ def main():
             comp_rows.append((algo, measure_compressed(lambda: SpeedysvcTcpClient("raw", service, algo),
                                                        args, text)))
 
-        balanced_rt, balanced_spread = balanced_round_trips(service, args)
+        balanced_rt, balanced_spread = balanced_round_trips(args)
 
         pipes, failures = [], {}
         for rnd in range(args.rounds):

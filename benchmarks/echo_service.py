@@ -21,3 +21,9 @@ class BenchEcho(ServerMethodsBase):
     @pickle_method
     def echo_pickle(self, data):
         return data
+
+
+class BenchEchoEverywhere(BenchEcho):
+    """The same service under a name of its own, for bench_tcp's client over several endpoints
+    (it listens on every address, so 127.0.0.1, .2 and .3 all reach it)."""
+    name = "bench_echo_everywhere"

@@ -219,12 +219,13 @@ class TcpTurns(ServerMethodsBase):
             self._leave()
 
     @msgpack_method
-    def hold(self, seconds):
-        """Runs ``seconds`` (in slices, so that another thread of this process could run meanwhile)."""
+    def hold(self, seconds, until_file=None):
+        """Runs ``seconds`` (in slices, so that another thread of this process could run meanwhile),
+        or until ``until_file`` exists."""
         self._enter()
         try:
             end = time.monotonic() + seconds
-            while time.monotonic() < end:
+            while time.monotonic() < end and not (until_file and os.path.exists(until_file)):
                 time.sleep(0.01)
             return os.getpid()
         finally:

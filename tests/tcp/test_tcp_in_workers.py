@@ -63,14 +63,15 @@ def test_every_worker_accepts_connections(serve):
     assert pids == set(svc.pids)
 
 
-def test_a_shm_call_is_not_held_behind_a_tcp_call(serve):
+def test_a_shm_call_is_not_held_behind_a_tcp_call(serve, tmp_path):
     """With 2 workers, one runs a slow TCP call in its process; shared-memory calls meanwhile all
     go to the other worker, and every one is answered while the TCP call still runs (a woken
     worker that runs a TCP call passes the wake-up on; its loop claims nothing meanwhile)."""
     svc = serve(TcpTurns, workers=2, tcp_in_workers=True)
     with connect_to(svc, TcpTurns, timeout=60) as tc, connect(TcpTurns) as sc:
         assert tc.whoami() in svc.pids   # (connected and served once)
-        th, outcome = call_in_thread(tc.hold, 12.0)
+        release = str(tmp_path / "release")   # (the hold ends once the checks are done)
+        th, outcome = call_in_thread(tc.hold, 30.0, release)
         holder = busy_worker(svc)
         other, = set(svc.pids) - {holder}
         assert phase(svc, holder) & core.PHASE_TCP   # run by the TCP thread, in the worker's process
@@ -86,6 +87,7 @@ def test_a_shm_call_is_not_held_behind_a_tcp_call(serve):
         assert th.is_alive(), "the shared-memory calls waited for the TCP call"
         assert set(answered) == {other}
         assert slowest < HOUSEKEEPING_INTERVAL / 2, f"a shared-memory call waited {slowest:.2f} s"
+        open(release, "w").close()
         th.join(60)
         assert outcome == {"value": holder}
     with connect(TcpTurns) as sc:   # neither worker ever ran two calls at once (each is asked)
