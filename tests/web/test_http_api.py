@@ -61,3 +61,36 @@ def test_refuses_foreign_host_names_without_a_token(running):
     assert info.value.code == 421
     assert m.service("Chatty")["state"] == "running"
     assert m.get("/healthz") == {"ok": True}   # 127.0.0.1 still answers
+
+
+KITCHEN = """
+    [defaults]
+    log_dir=logs
+
+    [Kitchen]
+    import_from=services
+
+    [web monitor]
+    port={port}
+"""
+
+
+def test_the_last_errors_of_each_method(running):
+    """What a method raises reaches /api/services/{name}/errors with its traceback, newest first."""
+    from speedysvc import connect
+    from services import Kitchen
+    m = running(KITCHEN)
+    assert m.get("/api/services/Kitchen/errors") == {"methods": []}
+    with connect(Kitchen) as c:
+        for i in range(3):
+            with pytest.raises(ValueError):
+                c.fail_value(f"bad input {i}")
+    m.wait(lambda: m.get("/api/services/Kitchen/errors")["methods"], 20, "the errors to be logged")
+    m.wait(lambda: m.get("/api/services/Kitchen/errors")["methods"][0]["logged"] == 3, 20, "three errors")
+    (method,) = m.get("/api/services/Kitchen/errors")["methods"]
+    assert method["method"] == "fail_value" and method["left_out"] == 0
+    assert [e["message"] for e in method["errors"]] == ["bad input 2", "bad input 1", "bad input 0"]
+    e = method["errors"][0]
+    assert e["type"] == "ValueError" and e["pid"] in {w["pid"] for w in m.service("Kitchen")["worker_list"]}
+    assert "raise ValueError(message)" in e["traceback"] and e["traceback"].startswith("Traceback")
+    assert m.get("/api/services/Nope/errors", ok_only=False) == 404

@@ -106,3 +106,19 @@ def fetch_as(uid, url, headers=None, method="GET", data=None):
     assert code == 0, "the request as another user failed in its process"
     status, head, body = json.loads(out)
     return status, head, body
+
+
+def watch(page, network_errors_ok=False):
+    """The JavaScript errors of ``page`` from now on: uncaught exceptions, and the console's
+    errors (a failed request among them, unless ``network_errors_ok``: a test that stops the
+    manager expects those)."""
+    errors = []
+
+    def console(msg):
+        if msg.type == "error" and not (network_errors_ok and ("Failed to load resource" in msg.text
+                                                               or "net::ERR_" in msg.text)):
+            errors.append(f"console: {msg.text}")
+
+    page.on("console", console)
+    page.on("pageerror", lambda e: errors.append(f"page error: {e}"))
+    return errors

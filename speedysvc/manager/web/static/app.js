@@ -476,11 +476,8 @@ class Chart {
     const t0 = Math.max(xs[0], now - WINDOW_S);
     this.plot.setScale("x", {min: Math.min(t0, now - 60), max: now});
     // out of the hover, the legend gives the latest values
-    if (this.plot.cursor.left < 0 || this.plot.cursor.idx === null) {
-      let last = xs.length - 1;
-      while (last > 0 && cols.every((c) => c[last] === null)) last--;
-      this.plot.setLegend({idx: last});
-    }
+    // (the last row: "–" after a gap, never an older figure that would pass for the current one)
+    if (this.plot.cursor.left < 0 || this.plot.cursor.idx === null) this.plot.setLegend({idx: xs.length - 1});
   }
 
   resize() {
