@@ -58,7 +58,7 @@ def _token(args) -> str | None:
 
 
 def _request(args, method: str, path: str, body=None, stream: bool = False):
-    headers = {"Accept": "application/json"}
+    headers = {"Accept": "application/json", "X-Speedysvc-Client": "cli"}   # (events say who asked)
     token = _token(args)
     if token:
         headers["Authorization"] = f"Bearer {token}"
@@ -150,7 +150,8 @@ def main(argv=None) -> int:
     p.add_argument("-f", "--follow", action="store_true", help="keep printing new records")
     p.add_argument("-n", "--lines", type=int, default=50)
     p.add_argument("--level", help="only records at least this severe")
-    p.add_argument("--grep", help="only records containing this text")
+    p.add_argument("--grep", help="only records containing this text (any case), searched in the whole log the "
+                                  "manager keeps")
     sub.add_parser("web", help="print the web interface's address, with the token that logs a browser in")
     args = parser.parse_args(argv)
 
@@ -177,8 +178,9 @@ def main(argv=None) -> int:
             print(f"{s['name']}: scaling to {s['target_workers']} worker(s)")
         elif args.command == "logs":
             from urllib.parse import urlencode
+            # --grep searches the whole log the manager's store keeps (not only the records in memory)
             query = urlencode({k: v for k, v in (("lines", args.lines), ("level", args.level),
-                                                 ("q", args.grep)) if v or v == 0})   # -n 0: all kept
+                                                 ("grep", args.grep)) if v or v == 0})   # -n 0: all kept
             for rec in _request(args, "GET", f"/api/services/{args.service}/logs?{query}")["records"]:
                 _print_record(rec)
             if args.follow:

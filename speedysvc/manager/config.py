@@ -23,6 +23,10 @@ import os
 import dataclasses
 import re
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .store import StoreConfig
 
 
 from ..transport import is_loopback
@@ -160,8 +164,25 @@ WEB_KEYS = {
                            "(or set SPEEDYSVC_WEB_TOKEN)"),
 }
 
+def _duration(text: str) -> float:
+    from .store import parse_duration
+    return parse_duration(text)
+
+
+STORE_KEYS = {
+    "enabled": (_bool, True, "keep history, events and an index of the logs in an SQLite file across restarts"),
+    "state_dir": (_text, None, "folder of the store's file (store.sqlite3), relative to the ini file's folder "
+                               "(default: beside log_dir, named after it: <log_dir>.state)"),
+    "points_keep": (_duration, 86400.0, "seconds (or 90s, 15m, 12h, 30d) the 2 s history points are kept"),
+    "minutes_keep": (_duration, 2592000.0, "seconds the 1-minute history points and the events are kept"),
+    "logs_keep": (_duration, 2592000.0, "seconds the log records are kept in the store (the files rotate "
+                                        "on their own)"),
+    "logs_max_records": (_int(1), 2000000, "most log records kept in the store (the oldest go first)"),
+}
+
 DEFAULTS_SECTION = "defaults"
 WEB_SECTION = "web monitor"
+STORE_SECTION = "store"
 
 
 def _field_type(parser, default) -> str:
@@ -213,6 +234,7 @@ class ManagerConfig:
     log_dir: str              # the manager's own log goes here ([defaults] log_dir)
     log_max_bytes: int
     log_backups: int
+    store: "StoreConfig" = None   # [store] (speedysvc.manager.store)
 
     def service(self, name: str) -> ServiceConfig:
         for s in self.services:
@@ -270,7 +292,7 @@ def load(path: str) -> ManagerConfig:
 
     services = []
     for section in ini.sections():
-        if section in (DEFAULTS_SECTION, WEB_SECTION):
+        if section in (DEFAULTS_SECTION, WEB_SECTION, STORE_SECTION):
             continue
         if section == "manager":
             raise ConfigError(path, section, None, "'manager' names the manager's own log: rename the section "
@@ -311,12 +333,28 @@ def load(path: str) -> ManagerConfig:
     _check_dependencies(path, services)
 
     manager_log = dict(defaults)
+    log_dir = os.path.join(folder, os.path.expanduser(manager_log.get("log_dir", "logs")))
     return ManagerConfig(
         path=path, folder=folder, services=services, web=web,
-        log_dir=os.path.join(folder, os.path.expanduser(manager_log.get("log_dir", "logs"))),
+        store=_store_config(path, folder, log_dir,
+                            items(STORE_SECTION, STORE_KEYS) if ini.has_section(STORE_SECTION) else {}),
+        log_dir=log_dir,
         log_max_bytes=_parse(path, DEFAULTS_SECTION, "log_max_bytes", _size, manager_log.get("log_max_bytes", "10M")),
         log_backups=_parse(path, DEFAULTS_SECTION, "log_backups", _int(0), manager_log.get("log_backups", "5")),
     )
+
+
+def _store_config(path: str, folder: str, log_dir: str, raw: dict):
+    """[store], checked (speedysvc.manager.store)."""
+    from .store import StoreConfig
+    values = {k: (_parse(path, STORE_SECTION, k, p, raw[k]) if k in raw else d) for k, (p, d, _) in STORE_KEYS.items()}
+    if values["state_dir"]:
+        values["state_dir"] = os.path.join(folder, os.path.expanduser(values["state_dir"]))
+    else:   # beside the log folder, named after it (two managers with one log_dir would share it anyway)
+        values["state_dir"] = os.path.normpath(log_dir) + ".state"
+    if values["points_keep"] > values["minutes_keep"]:
+        raise ConfigError(path, STORE_SECTION, "points_keep", "is longer than minutes_keep")
+    return StoreConfig(**values)
 
 
 def _check_tcp(path: str, section: str, folder: str, values: dict) -> None:

@@ -40,6 +40,7 @@ class ServiceLog:
         self.recent: collections.deque[LogRecord] = collections.deque(maxlen=RECENT)
         self.subscribers: set = set()   # callables taking a LogRecord
         self.seq = 0
+        self.index = None   # a callable taking each LogRecord: the store's index (manager.py)
 
     def write(self, pid: int, level: str, logger: str, message: str, t: float | None = None) -> LogRecord:
         self.seq += 1
@@ -48,6 +49,8 @@ class ServiceLog:
         self.handler.emit(logging.makeLogRecord({"msg": rec.format(), "levelno": logging.INFO,
                                                  "levelname": "INFO"}))
         self.recent.append(rec)
+        if self.index is not None:
+            self.index(rec)
         for notify in list(self.subscribers):
             notify(rec)
         return rec

@@ -27,8 +27,9 @@ from ..shm.worker import worker_argv, worker_env
 from ..tcp import eventloop
 from . import config as configmod
 from .config import ConfigError, ManagerConfig, ServiceConfig
-from .logs import ServiceLog
+from .logs import LogRecord, ServiceLog
 from .pool import FAILED, RUNNING, STOPPED, ServicePool
+from .store import Store
 
 log = logging.getLogger("speedysvc.manager")
 TICK = 0.1
@@ -123,11 +124,60 @@ class Manager:
         self._reload_lock = asyncio.Lock()             # one reload at a time (and none during start)
         self._signal_reloads: set[asyncio.Task] = set()
         self._starting_up = False   # the manager's own start: a service held by another process ends it
+        self.store = Store(cfg.store, report=self._store_report)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._persisted: dict[str, dict] = {}   # the last history point of each pool given to the store
+
+    # -- the store (history, events and log index kept across restarts) --------------------
+    def _store_report(self, message: str) -> None:
+        """The store says it cannot work (from its writer thread, or at open)."""
+        loop = self._loop
+        try:
+            if loop is not None and not loop.is_closed():
+                loop.call_soon_threadsafe(log.error, "%s", message)
+                return
+        except RuntimeError:   # (the loop closed meanwhile)
+            pass
+        log.error("%s", message)
+
+    def _open_store(self) -> None:
+        """Open the store, and take back what the last manager kept: the events, and the manager's
+        own log ring."""
+        store = self.store
+        if store.open():
+            try:
+                store.recent_events.extend(store.events(limit=store.recent_events.maxlen))
+                self._load_log(self.log, "manager")
+            except Exception as e:   # (a file damaged past its header: reported, the manager runs on)
+                store._failed(f"cannot read {store.path}: {e}")
+        self.log.index = lambda rec: store.record_log("manager", rec)
+
+    def _load_log(self, target: ServiceLog, name: str) -> None:
+        records = self.store.search_logs(name, limit=target.recent.maxlen)
+        target.recent.extend(LogRecord(r) for r in records)
+        target.seq = max([target.seq] + [r["seq"] or 0 for r in records])
+
+    def _adopt(self, pool: ServicePool) -> ServicePool:
+        """Give a new pool the store: its events and log records go there, and its chart history
+        and log ring start from what a previous manager kept (the last hour, the last records)."""
+        store, section = self.store, pool.cfg.section
+        pool.store = store
+        if store.ok:
+            try:
+                since = time.time() - pool.history.interval * pool.history.points.maxlen
+                pool.history.points.extend(store.points(section, since=since))
+                self._load_log(pool.log, section)
+            except Exception as e:
+                store._failed(f"cannot read {store.path}: {e}")
+        if pool.history.points:
+            self._persisted[section] = pool.history.points[-1]
+        pool.log.index = lambda rec: store.record_log(section, rec)
+        return pool
 
     # -- the main loop ---------------------------------------------------------------------
     async def run(self, ready=None) -> None:
         """Start everything, serve until SIGTERM/SIGINT (or ``request_stop``), stop everything."""
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         root = logging.getLogger("speedysvc")
         root.addHandler(self._handler)
         root.setLevel(logging.INFO)
@@ -138,9 +188,12 @@ class Manager:
         try:
             async with self._reload_lock:   # (a SIGHUP or /api/reload now waits for the start)
                 cfg = self.config
+                self._open_store()
                 log.info("manager %d starting %d service(s) from %s", os.getpid(), len(cfg.services), cfg.path)
+                if self.store.ok:
+                    log.info("store: %s", self.store.path)
                 for s in cfg.services:
-                    self.pools[s.section] = ServicePool(s, cfg.folder, loop)
+                    self.pools[s.section] = self._adopt(ServicePool(s, cfg.folder, loop))
                 if cfg.web.port:
                     from .web.api import start_web
                     web = await start_web(self, cfg.web)
@@ -177,6 +230,10 @@ class Manager:
             root.removeHandler(self._handler)
             for p in self.pools.values():
                 p.close()
+            self.log.index = None
+            for p in self.pools.values():
+                p.log.index = None
+            self.store.close()
             self.log.close()
 
     def request_stop(self) -> None:
@@ -190,8 +247,23 @@ class Manager:
                 try:
                     p.sample()
                     p.tick(now)
+                    self._persist_points(p)
                 except Exception:
                     log.exception("periodic work of %s failed", p.cfg.section)
+
+    def _persist_points(self, pool: ServicePool) -> None:
+        """The history points ``pool`` made since the last tick, to the store."""
+        points, last = pool.history.points, self._persisted.get(pool.cfg.section)
+        if not points or points[-1] is last:
+            return
+        new = []
+        for point in reversed(points):
+            if point is last:
+                break
+            new.append(point)
+        for point in reversed(new):
+            self.store.record_point(pool.cfg.section, point)
+        self._persisted[pool.cfg.section] = points[-1]
 
     # -- start order (depends_on) ----------------------------------------------------------
     async def _start_services(self, pools: list[ServicePool]) -> None:
@@ -386,12 +458,12 @@ class Manager:
         # 3. added: once their dependencies serve
         to_start = []
         for s in added:
-            self.pools[s.section] = ServicePool(s, new.folder, asyncio.get_running_loop())
+            self.pools[s.section] = self._adopt(ServicePool(s, new.folder, asyncio.get_running_loop()))
             to_start.append(self.pools[s.section])
         self.pools = {s.section: self.pools[s.section] for s in new.services}   # in the file's order
         self.config = dataclasses.replace(new, services=[p.cfg for p in self.pools.values()], web=old.web,
                                           log_dir=old.log_dir, log_max_bytes=old.log_max_bytes,
-                                          log_backups=old.log_backups)
+                                          log_backups=old.log_backups, store=old.store)
         await self._start_services(to_start)
 
         for section in result["added"] + result["restarted"]:
@@ -402,9 +474,20 @@ class Manager:
                 result["failed"].setdefault(section, pool.failure)
         if new.web != old.web:
             result["needs_manager_restart"].append(f"[{configmod.WEB_SECTION}]")
+        if new.store != old.store:
+            result["needs_manager_restart"].append(f"[{configmod.STORE_SECTION}]")
         if (new.log_dir, new.log_max_bytes, new.log_backups) != (old.log_dir, old.log_max_bytes, old.log_backups):
             result["needs_manager_restart"].append(f"[{configmod.DEFAULTS_SECTION}] log_* of the manager's own log")
         log.info("reloaded %s: %s", new.path, summary(result))
+        for section in result["added"]:
+            self.store.record_event(section, "reload", "added")
+        for section in result["removed"]:
+            self.store.record_event(section, "reload", "removed")
+        for section in result["restarted"]:
+            change = result["changes"].get(section)
+            self.store.record_event(section, "reload", f"{change['how']}: {', '.join(change['keys'])}"
+                                    if change else "restarted")
+        self.store.record_event("manager", "reload", summary(result))
         return result
 
     # -- the pools, by section or service name (the API starts, stops and scales them) ----
@@ -418,7 +501,7 @@ class Manager:
     def status(self) -> dict:
         return {
             "manager": {"pid": os.getpid(), "started": self.started, "uptime": time.time() - self.started,
-                        "config": self.config.path, "web": self.web_url},
+                        "config": self.config.path, "web": self.web_url, "store": self.store.status()},
             "services": [p.status() for p in self.pools.values()],
         }
 

@@ -78,6 +78,7 @@ class ServicePool:
         self._restart_error: BaseException | None = None
         self._candidate_deaths: dict[int, str] = {}
         self.waiting_for: list[str] = []   # the sections it depends on that are not running yet (manager)
+        self.store = None   # the manager's Store: events are recorded there (manager.py)
 
     # -- lifetime --------------------------------------------------------------------------
     async def start(self) -> None:
@@ -97,6 +98,8 @@ class ServicePool:
             # (a name squatted in /dev/shm, say: SegmentNotOurs says which and what to do)
             self.state, self.failure = (FAILED, str(e)) if isinstance(e, Exception) else (STOPPED, None)
             self._event("ERROR", f"cannot start: {e}")
+            if self.state == FAILED:
+                self._record("failed", f"cannot start: {e}")
             raise
         self.segment.set_state(core.SVC_SERVING)  # calls queue while the workers start
         self.started_at = time.time()
@@ -115,6 +118,7 @@ class ServicePool:
         if self.state == STARTING:
             self.state = RUNNING
             self._event("INFO", f"running with {len(self.workers)} worker(s)")
+            self._record("start", f"running with {len(self.workers)} worker(s)")
 
     async def _start_tcp(self) -> None:
         cfg = self.cfg
@@ -175,6 +179,8 @@ class ServicePool:
         if not was_failed:
             self.state = STOPPED
             self._event("INFO", "stopped")
+            if failure is None:
+                self._record("stop", reason)
 
     # -- restart -----------------------------------------------------------------------------
     async def restart(self, hard: bool = False) -> None:
@@ -206,6 +212,8 @@ class ServicePool:
                 if hard:   # (callers wait for the start: the segment says "restarting")
                     await self.stop(restarting=True)
                     await self.start()
+                    if self.state == RUNNING:
+                        self._record("restart", f"hard restart: {len(self.workers)} worker(s)")
                 else:
                     await self._rolling_restart()
             except BaseException as e:
@@ -253,6 +261,7 @@ class ServicePool:
             if self.state == RUNNING and self._restart_handle is None and len(self.workers.live()) < self.target:
                 self._replenish()
         self._event("INFO", f"rolling restart done: {len(self.workers.live())} new worker(s) serving")
+        self._record("restart", f"rolling restart: {len(self.workers.live())} new worker(s) serving")
 
     def _table_room(self) -> int:
         """Entries of the worker table free for another worker: none taken by a process of ours
@@ -350,6 +359,7 @@ class ServicePool:
             said += f": {last}"
         self._candidate_deaths[w.pid] = said
         self._event("ERROR", said)
+        self._record("crash", said)
 
     def scale(self, n: int) -> None:
         """Run ``n`` workers (within min_proc_num..max_proc_num); autoscaling goes on from there."""
@@ -361,8 +371,11 @@ class ServicePool:
             raise RuntimeError(f"service {cfg.section} is {self.state}")
         if self.restarting:
             raise RuntimeError(f"service {cfg.section} is restarting; scale it once the restart is done")
+        old = self.target
         self._set_target(n, "scaled by request")
         self.policy.scaled(time.monotonic())
+        if n != old:
+            self._record("scale", f"{old} -> {n} worker(s)")
 
     def close(self) -> None:
         """After ``stop``, when the manager exits (or the service is no longer configured):
@@ -376,6 +389,11 @@ class ServicePool:
         if kept is not None:
             kept.destroy()   # (only if the name is still ours: another owner may have taken it)
 
+    def _record(self, kind: str, detail: str, by: str | None = None) -> None:
+        """An event of the service's life (start, stop, crash...) for the charts' markers."""
+        if self.store is not None:
+            self.store.record_event(self.cfg.section, kind, detail, by)
+
     def _event(self, level: str, message: str) -> None:
         """A lifecycle event: in the service's log, and in the manager's."""
         self.log.write(os.getpid(), level, "manager", message)
@@ -386,6 +404,7 @@ class ServicePool:
             return
         self.failure = reason
         self._event("ERROR", f"service marked failed: {reason}")
+        self._record("failed", reason)
         self.state = STOPPING
         await self.stop(timeout=2.0, failure=reason)
         self.state = FAILED
@@ -461,6 +480,7 @@ class ServicePool:
             last = self._last_words(w) if not w.serving else None
             self._event("ERROR", f"{said}: start crash {self.start_crashes} in a row (crash_limit {cfg.crash_limit})"
                                  + (f": {last}" if last else ""))
+            self._record("crash", said + (f": {last}" if last else ""))
             if self.start_crashes >= cfg.crash_limit:
                 self.loop.create_task(self._fail(f"{self.start_crashes} workers in a row died while starting, "
                                                  f"before they served (crash_limit {cfg.crash_limit})"))
@@ -469,6 +489,7 @@ class ServicePool:
             self.start_crashes = 0
             self.serving_deaths = self.serving_deaths + 1 if quick else 1
             self._event("ERROR", said + ("; its caller got WorkerDied" if in_call else ""))
+            self._record("crash", said)
             if quick and self.serving_deaths % cfg.crash_limit == 0:
                 self._event("ERROR", f"{self.serving_deaths} workers in a row died while serving, within "
                                      f"crash_window ({cfg.crash_window} s) of starting; the last one {where}: "
@@ -552,9 +573,13 @@ class ServicePool:
             return
         n = max(self.cfg.min_proc_num, min(self.cfg.max_proc_num, len(live) + change))
         if n > len(live):
-            self._set_target(n, f"autoscale up (waiting {pending:.1f}, busy {busy:.0%}, cpu {cpu:.0%})")
+            why = f"autoscale up (waiting {pending:.1f}, busy {busy:.0%}, cpu {cpu:.0%})"
         elif n < len(live):
-            self._set_target(n, f"autoscale down (busy {busy:.0%}, cpu {cpu:.0%})")
+            why = f"autoscale down (busy {busy:.0%}, cpu {cpu:.0%})"
+        else:
+            return
+        self._set_target(n, why)
+        self._record("autoscale", f"{len(live)} -> {n} worker(s): {why.removeprefix('autoscale ')}", by="autoscaler")
 
     # -- reconfiguration (a reload of service.ini) ------------------------------------------
     def reconfigure(self, cfg: ServiceConfig) -> None:
@@ -566,6 +591,7 @@ class ServicePool:
             # the same records in memory and the same live followers, in the new file
             new_log = ServiceLog(os.path.join(cfg.log_dir, f"{cfg.section}.log"), cfg.log_max_bytes, cfg.log_backups)
             new_log.recent, new_log.subscribers, new_log.seq = self.log.recent, self.log.subscribers, self.log.seq
+            new_log.index = self.log.index
             self.log.close()
             self.log = self.workers.log = new_log
         self.policy = make_policy(cfg, self.folder)   # (a policy reads its limits from the settings)

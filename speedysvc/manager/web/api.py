@@ -12,25 +12,44 @@ is present, come from this server's own origin.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
+import math
 import os
 import secrets
+import time
 
 from aiohttp import web
 
 from ...transport import is_loopback
 from ..config import ConfigError
-from ..logs import matches
+from ..logs import LogRecord, matches
 from ..manager import ReloadRefused
+from ..store import ACTOR, StoreUnavailable
 from . import access
 
 CSRF_HEADER = "X-Speedysvc-Request"
+CLIENT_HEADER = "X-Speedysvc-Client"   # "cli" (the speedysvc command) or "web" (the web interface)
+HISTORY_RANGE = 3600.0                 # seconds of history a request without ?since= or ?range= gets
 OPEN_PATHS = {"/healthz", "/readyz"}
 TOKEN_COOKIE = "speedysvc_token"
 
 
 def _json(data, status: int = 200) -> web.Response:
     return web.json_response(data, status=status, dumps=lambda d: json.dumps(d, default=str))
+
+
+def _compressed(data) -> web.Response:
+    """JSON, gzip- or deflate-compressed when the client accepts it."""
+    response = _json(data)
+    response.enable_compression()
+    return response
+
+
+def _actor(request: web.Request) -> str:
+    """Who a state-changing request comes from, for the events (docs/http-api.md)."""
+    client = request.headers.get(CLIENT_HEADER, "").strip().lower()
+    return client if client in ("cli", "web") else "api"
 
 
 def _error(status: int, message: str) -> web.Response:
@@ -81,7 +100,11 @@ async def _guard(request: web.Request, handler):
         origin = request.headers.get("Origin")
         if origin and origin != f"{request.scheme}://{request.host}":
             return _error(403, f"cross-origin request from {origin} refused")
-    response = await handler(request)
+    actor = ACTOR.set(_actor(request))
+    try:
+        response = await handler(request)
+    finally:
+        ACTOR.reset(actor)
     if from_query and not response.prepared:
         # a browser opened /?token=...: remember it for this site only
         response.set_cookie(TOKEN_COOKIE, token, httponly=True, samesite="Strict", path="/")
@@ -118,9 +141,80 @@ def make_app(manager, token: str | None = None, host: str = "127.0.0.1") -> web.
     async def service(request):
         return _json(pool_or_404(request.match_info["name"]).status())
 
+    def number(request, key, default=None, minimum=-math.inf):
+        text = request.query.get(key)
+        if text is None or text == "":
+            return default
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not value >= minimum or math.isinf(value):
+            raise web.HTTPBadRequest(text=json.dumps({"error": f"{key} must be a number >= {minimum}"}),
+                                     content_type="application/json")
+        return value
+
+    async def in_thread(fn, *args, **kw):
+        """A read of the store, off the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(None, lambda: fn(*args, **kw))
+
     @routes.get("/api/services/{name}/history")
     async def history(request):
-        return _json({"points": list(pool_or_404(request.match_info["name"]).history)})
+        """The points after ``since`` (default: the last hour, or ``range`` seconds), every 2 s, or
+        ``resolution=60``: a point per minute (from the store)."""
+        pool = pool_or_404(request.match_info["name"])
+        since = number(request, "since")
+        span = number(request, "range", minimum=0)
+        resolution = number(request, "resolution", 2)
+        if resolution not in (2, 60):
+            return _error(400, "resolution must be 2 (a point every 2 s) or 60 (a point per minute)")
+        now = time.time()
+        if since is None:
+            since = now - (span if span is not None else HISTORY_RANGE)
+        elif span is not None:
+            since = max(since, now - span)
+        interval = pool.history.interval if resolution == 2 else 60.0
+        kept = pool.history.points
+        if resolution == 2 and (not kept or kept[0]["t"] <= since or not manager.store.ok):
+            points = [p for p in kept if p["t"] > since]   # (the last hour is in memory)
+        else:
+            try:
+                points = await in_thread(manager.store.points, pool.cfg.section, since=since,
+                                         resolution=int(resolution))
+            except (StoreUnavailable, Exception) as e:
+                return _error(503, f"history beyond the last hour needs the store: {e}")
+            if resolution == 2:   # (points not written yet are in memory)
+                last = points[-1]["t"] if points else since
+                points += [p for p in kept if p["t"] > last]
+        return _compressed({"interval": interval, "points": points, "now": now})
+
+    @routes.get("/api/events")
+    async def events(request):
+        """Events (start, stop, restart, scale, crash, failed, autoscale, reload) after ``since``,
+        of one ``service`` (or all), oldest first."""
+        since = number(request, "since")
+        name = request.query.get("service") or None
+        if name is not None and name != "manager":
+            name = pool_or_404(name).cfg.section
+        limit = int(number(request, "limit", 10000, minimum=1))
+        store = manager.store
+        ring_size = store.recent_events.maxlen
+        ring = list(store.recent_events)   # the latest events, those a previous manager kept included
+
+        def wanted(events):
+            return [e for e in events if (since is None or e["t"] > since) and (name is None or e["service"] == name)]
+        found = None
+        if store.ok and len(ring) == ring_size and (since is None or since < ring[0]["t"]):
+            try:   # (older than the ring: from the store, then the ring's events not written yet)
+                found = await in_thread(store.events, since, name, limit)
+                last = found[-1]["t"] if found else -math.inf
+                found += [e for e in wanted(ring) if e["t"] > last]
+            except Exception:
+                found = None
+        if found is None:
+            found = wanted(ring)
+        found = found[-limit:]
+        return _compressed({"events": found, "now": time.time()})
 
     @routes.get("/api/services/{name}/errors")
     async def method_errors(request):
@@ -191,8 +285,53 @@ def make_app(manager, token: str | None = None, host: str = "127.0.0.1") -> web.
             lines = -1
         if lines < 0:
             return _error(400, "lines must be a whole number >= 0 (0: all that are kept)")
-        records = log_of(request.match_info["name"]).tail(lines, q.get("level"), q.get("q"))
-        return _json({"records": records})
+        name = request.match_info["name"]
+        target = log_of(name)
+        grep = q.get("grep")
+        if grep is not None:   # the whole retained log, from the store's index
+            section = name if name == "manager" else pool_or_404(name).cfg.section
+            try:
+                records = await in_thread(manager.store.search_logs, section, grep, q.get("level"), lines)
+                return _compressed({"records": records, "source": "store"})
+            except Exception as e:   # (no store: the records in memory)
+                records = target.tail(lines, q.get("level"), grep)
+                return _compressed({"records": records, "source": "memory", "store_error": str(e)})
+        records = target.tail(lines, q.get("level"), q.get("q"))
+        return _compressed({"records": records})
+
+    @routes.get("/api/services/{name}/logs/download")
+    async def log_download(request):
+        """Every record the store keeps of a service (else those in memory), as the log file has them."""
+        name = request.match_info["name"]
+        target = log_of(name)
+        section = name if name == "manager" else pool_or_404(name).cfg.section
+        resp = web.StreamResponse(headers={
+            "Content-Type": "text/plain; charset=utf-8",
+            "Content-Disposition": f'attachment; filename="{section}-{time.strftime("%Y%m%d-%H%M%S")}.log"'})
+        resp.enable_compression()
+        await resp.prepare(request)
+        records = iter(list(target.recent))   # (no store: the records in memory)
+        if manager.store.ok:
+            stored = manager.store.log_records(section)
+            try:
+                first = await in_thread(next, stored, None)
+                records = itertools.chain([first] if first is not None else [], stored)
+            except Exception:
+                pass
+
+        def more():
+            return [r for _, r in zip(range(2000), records)]
+        while True:
+            try:
+                chunk = await in_thread(more)
+            except Exception as e:
+                await resp.write(f"(the rest could not be read from the store: {e})\n".encode())
+                break
+            if not chunk:
+                break
+            await resp.write("".join(LogRecord(r).format() + "\n" for r in chunk).encode())
+        await resp.write_eof()
+        return resp
 
     @routes.get("/api/services/{name}/logs/stream")
     async def log_stream(request):
