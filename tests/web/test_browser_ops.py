@@ -182,7 +182,7 @@ def boxes_fit(page, width):
 @pytest.mark.parametrize("width", [1440, 800])
 def test_controls_after_a_failure_fit_the_window_and_follow_the_state(ops, browser, width):
     page = browser.new_page(viewport={"width": width, "height": 900})
-    errors = watch(page)
+    errors = watch(page, statuses_ok=(409,))   # (the start that fails)
     page.goto(ops.url + "/")
     failed = page.locator('tr[data-service="CrashOnStart"]')
     failed.locator(".state .pill").filter(has_text="failed").wait_for()
@@ -301,4 +301,54 @@ def test_manager_unreachable_then_a_new_manager(running, browser, tmp_path):
     assert not page.evaluate("() => document.body.classList.contains('unreachable')")
     page.locator("#log").filter(has_text=f"[pid {m2.proc.pid}]").wait_for(timeout=20000)
     assert page.locator('tr[data-service="Chatty"] button[data-action="stop"]').is_enabled()
+    assert not errors
+
+
+CHATTY_ONLY = """
+    [defaults]
+    log_dir=logs
+
+    [Chatty]
+    import_from=services
+
+    [web monitor]
+    port={port}
+"""
+
+
+def test_history_events_and_log_search_after_a_manager_restart(running, browser):
+    """An open service page across a restart of the manager: it reloads its data from the new
+    one, whose store still has the charts' points, the events and the log of the old one."""
+    m = running(CHATTY_ONLY)
+    page = browser.new_page(viewport={"width": 1440, "height": 1200})
+    errors = watch(page, network_errors_ok=True)
+    page.goto(m.url + "/services/Chatty")
+    with connect(Chatty) as c:
+        c.log("WARNING", "a line from before the restart, 8731")
+        deadline = time.monotonic() + 8
+        while time.monotonic() < deadline:
+            c.burn(0.001)
+    assert m.post("/api/services/Chatty/restart")[0] == 200
+    m.wait(lambda: len(m.get("/api/services/Chatty/history")["points"]) >= 3, 30, "points of history")
+    time.sleep(2.5)   # (the store writes within about a second)
+    m.stop()
+    page.locator("#conn").filter(has_text="manager unreachable").wait_for(timeout=20000)
+    restarted_at = time.time()
+    m2 = running(CHATTY_ONLY, port=m.port)
+    page.locator("#notice").filter(has_text=f"new manager (pid {m2.proc.pid})").wait_for(timeout=30000)
+    calls = page.locator('figure[data-chart="calls"]')
+    page.wait_for_function(
+        f"() => Number(document.querySelector('figure[data-chart=\"calls\"]').dataset.first) < {restarted_at - 3}",
+        timeout=20000)   # the old manager's points, from the store
+    # the events are marked: the old manager's restart, the new one's start
+    page.wait_for_function(
+        "() => Number(document.querySelector('figure[data-chart=\"calls\"]').dataset.markers) >= 2", timeout=20000)
+    assert int(calls.get_attribute("data-markers")) >= 2
+    # the log search covers the old manager's lines
+    page.fill("#search", "before the restart, 8731")
+    page.locator("#log").filter(has_text="a line from before the restart, 8731").wait_for(timeout=20000)
+    # and the full log can be downloaded
+    href = page.locator("a[download]").get_attribute("href")
+    body = page.request.get(m2.url + href).text()
+    assert "a line from before the restart, 8731" in body
     assert not errors

@@ -14,9 +14,10 @@ class ApiError extends Error {
 class Unreachable extends Error {}
 
 async function api(path, body) {
-  const opts = body === undefined ? {} : {
+  // (X-Speedysvc-Client: the events of what this page asks say "by web")
+  const opts = body === undefined ? {headers: {"X-Speedysvc-Client": "web"}} : {
     method: "POST",
-    headers: {"Content-Type": "application/json", "X-Speedysvc-Request": "1"},
+    headers: {"Content-Type": "application/json", "X-Speedysvc-Request": "1", "X-Speedysvc-Client": "web"},
     body: JSON.stringify(body),
   };
   let resp;
@@ -249,7 +250,9 @@ function wireAll(getStatus) {
     setText(b, action === "stop" ? "Stop all" : "Restart all");
     const status = getStatus();
     if (!status) return;
-    const names = status.services.filter((s) => ENABLED[action](s.state)).map((s) => s.name);
+    // (restart all: the running services; a failed one is started on its own, knowingly)
+    const names = status.services.filter((s) => action === "restart" ? s.state === "running" : ENABLED[action](s.state))
+      .map((s) => s.name);
     if (!names.length) { say(`No service to ${action}.`); return; }
     document.querySelectorAll("button[data-all]").forEach((x) => { x.disabled = true; });
     const failed = [];
@@ -267,9 +270,15 @@ function wireAll(getStatus) {
 }
 
 // ---- logs (server-sent events) -----------------------------------------------------------
+const LOG_LINES = 300;
+
 function followLog(pre, getFilter) {
+  // The latest records that match, from the store (the whole retained log, older managers'
+  // too) and from the manager's memory (the last second's, not in the store yet), then the
+  // live stream; a record is shown once.
   const name = pre.dataset.log;
-  let source = null;
+  let source = null, shown = new Set();
+  const key = (rec) => `${rec.t}|${rec.seq}|${rec.pid}`;
   function line(rec) {
     const span = document.createElement("span");
     span.className = rec.level;
@@ -277,9 +286,13 @@ function followLog(pre, getFilter) {
     return span;
   }
   function append(rec) {
+    const k = key(rec);
+    if (shown.has(k)) return;
+    shown.add(k);
     const atEnd = pre.scrollTop + pre.clientHeight >= pre.scrollHeight - 4;
     pre.appendChild(line(rec));
     while (pre.childNodes.length > 2000) pre.removeChild(pre.firstChild);
+    if (shown.size > 20000) shown = new Set([...shown].slice(-5000));
     if (atEnd) pre.scrollTop = pre.scrollHeight;
   }
   let generation = 0;
@@ -287,21 +300,35 @@ function followLog(pre, getFilter) {
     const mine = ++generation;
     if (source) { source.close(); source = null; }
     const f = getFilter();
-    const q = new URLSearchParams();
-    if (f.level) q.set("level", f.level);
-    if (f.text) q.set("q", f.text);
+    const base = `/api/services/${encodeURIComponent(name)}/logs`;
+    const live = new URLSearchParams(), search = new URLSearchParams({lines: String(LOG_LINES), grep: f.text || ""});
+    if (f.level) { live.set("level", f.level); search.set("level", f.level); }
+    if (f.text) live.set("q", f.text);
     pre.textContent = "";
+    shown = new Set();
+    // the stream first, held back until the records before it are shown
+    const held = [];
+    let holding = true;
+    source = new EventSource(`${base}/stream?${live}`);
+    const mySource = source;
+    source.onmessage = (ev) => {
+      if (mySource !== source) return;
+      const rec = JSON.parse(ev.data);
+      if (holding) held.push(rec); else append(rec);
+    };
+    let records = [];
     try {
-      const data = await api(`/api/services/${encodeURIComponent(name)}/logs?lines=300&${q}`);
-      if (mine !== generation) return;   // a newer filter took over meanwhile
-      data.records.forEach(append);
-    } catch (e) { /* the stream below retries */ }
-    if (mine !== generation) return;
-    source = new EventSource(`/api/services/${encodeURIComponent(name)}/logs/stream?${q}`);
-    source.onmessage = (ev) => append(JSON.parse(ev.data));
+      const [stored, recent] = await Promise.all([api(`${base}?${search}`), api(`${base}?${live}&lines=${LOG_LINES}`)]);
+      records = stored.records.concat(recent.records);
+    } catch (e) { /* the stream goes on */ }
+    if (mine !== generation) return;   // a newer filter took over meanwhile
+    records.sort((a, b) => a.t - b.t || a.seq - b.seq);
+    records.slice(-LOG_LINES * 2).forEach(append);
+    holding = false;
+    held.forEach(append);
   }
   restart();
-  newManagerHooks.push(restart);   // the lines a new manager has (and the old one's, if it kept them)
+  newManagerHooks.push(restart);   // the new manager's lines, and those the store kept of the old one
   return restart;
 }
 
@@ -472,6 +499,7 @@ class Chart {
       cols.forEach((c) => c.push(null));
     }
     this.fig.dataset.points = String(points.length);
+    this.fig.dataset.first = String(points[0].t);
     this.plot.setData([xs].concat(cols), false);
     const t0 = Math.max(xs[0], now - WINDOW_S);
     this.plot.setScale("x", {min: Math.min(t0, now - 60), max: now});
