@@ -11,7 +11,7 @@
 
 /* ---- the service segment's header ------------------------------------- */
 #define MAGIC            0x43565353u   /* "SSVC" */
-#define LAYOUT_VERSION   4u
+#define LAYOUT_VERSION   5u
 
 #define H_MAGIC          0
 #define H_VERSION        4
@@ -35,6 +35,10 @@
 #define NAME_SIZE        64
 #define H_SEQ            64    /* own cache line: futex word workers sleep on */
 #define H_SLEEPERS       68
+#define H_REFUSED        128   /* u64, own cache line: calls its callers were refused (the service
+                                  stopping, stopped, failed or not up within the wait); each caller
+                                  adds its own with an atomic add */
+#define H_LOST           136   /* u64: calls lost with WorkerDied (their worker died in them) */
 #define H_BITMAP         256   /* one bit per channel with a posted call (at most 512 bytes) */
 #define H_REASON         1024  /* why the service is stopping, stopped or failed: UTF-8, NUL-padded,
                                   written by the owner before it sets that state */
@@ -75,6 +79,8 @@
 #define C_NAME_LEN       32
 #define C_OWNER_START    40
 #define C_CALLER_CPU     48    /* where the caller ran when it posted */
+#define C_POSTED_NS      56    /* u64, CLOCK_MONOTONIC when the call was posted: the worker's
+                                  claim time minus this is the call's wait for a worker */
 #define C_STATUS         64
 #define C_RESP_OFF       72
 #define C_RESP_LEN       80
@@ -88,13 +94,17 @@
 #define MAX_METHODS      64
 /* per-method statistics: one record per (worker, method), written by that
  * worker only; a supervisor sums them */
-#define M_SIZE           256
+#define M_SIZE           512
 #define M_CALLS          0
 #define M_ERRORS         8
 #define M_TOTAL_NS       16
 #define M_MAX_NS         24
 #define M_BUCKETS        32    /* u64[28]: bucket b counts calls under 2^b µs; the last, all slower */
 #define M_NBUCKETS       28
+/* the wait for a worker (posted -> claimed), as the service time above */
+#define M_WAIT_NS        256
+#define M_WAIT_MAX_NS    264
+#define M_WAIT_BUCKETS   272   /* u64[28], as M_BUCKETS; ends at 496 */
 
 /* ---- states and codes --------------------------------------------------- */
 /* service states */
@@ -170,14 +180,16 @@
     X(H_MAGIC) X(H_VERSION) X(H_MAX_CHANNELS) X(H_MAX_WORKERS) X(H_MAX_PAYLOAD) X(H_OWNER_PID) X(H_STATE) \
     X(H_CREATED_NS) X(H_OWNER_START) X(H_STATS_OFF) X(H_MAX_METHODS) X(H_NAMES_OFF) X(H_OWNER_FLAGS) \
     X(OWNER_RESTARTS_WORKERS) X(OWNER_WORKERS_STARTED) X(OWNER_RESTARTING) X(NAME_SIZE) X(H_SEQ) X(H_SLEEPERS) \
+    X(H_REFUSED) X(H_LOST) \
     X(H_BITMAP) X(H_REASON) X(REASON_SIZE) \
     X(H_WORKERS) X(W_SIZE) X(W_PID) X(W_STATE) X(W_CALLS) X(W_BUSY_NS) X(W_STARTED_NS) X(W_ERRORS) \
     X(W_CLAIM_NS) X(W_START_TICKS) X(W_METHOD) X(WORKER_FREE) X(WORKER_IDLE) X(WORKER_BUSY) \
     X(H_CHANNELS) X(C_SIZE) X(C_STATE) X(C_OWNER_PID) X(C_DATA_GEN) X(C_FLAGS) X(C_DATA_CAP) X(C_REQ_LEN) \
-    X(C_NAME_LEN) X(C_OWNER_START) X(C_CALLER_CPU) X(C_STATUS) X(C_RESP_OFF) X(C_RESP_LEN) X(C_WORKER_CPU) \
+    X(C_NAME_LEN) X(C_OWNER_START) X(C_CALLER_CPU) X(C_POSTED_NS) X(C_STATUS) X(C_RESP_OFF) X(C_RESP_LEN) X(C_WORKER_CPU) \
     X(CHANNEL_RECLAIMING) \
     X(MAX_CHANNELS_LIMIT) X(MAX_WORKERS) X(MAX_METHODS) \
     X(M_SIZE) X(M_CALLS) X(M_ERRORS) X(M_TOTAL_NS) X(M_MAX_NS) X(M_BUCKETS) X(M_NBUCKETS) \
+    X(M_WAIT_NS) X(M_WAIT_MAX_NS) X(M_WAIT_BUCKETS) \
     X(SVC_STARTING) X(SVC_SERVING) X(SVC_STOPPING) X(SVC_STOPPED) X(SVC_FAILED) \
     X(ST_IDLE) X(ST_REQUEST) X(ST_CLAIMED) X(ST_RESPONSE) X(ST_ABANDONED) X(ST_CODE) X(ST_WAITING) \
     X(ST_PID_SHIFT) \

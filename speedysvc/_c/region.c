@@ -218,6 +218,9 @@ int post_publish(char *base, long slot, Py_ssize_t name_len, Py_ssize_t total, u
     STORE(U64(ch, C_REQ_LEN), (uint64_t)total);
     STORE(U32(ch, C_FLAGS), flags);
     STORE(U32(ch, C_CALLER_CPU), (uint32_t)sched_getcpu());
+    /* one clock read per call: the worker's claim time (which it reads anyway) minus this is
+     * the call's wait for a worker */
+    STORE(U64(ch, C_POSTED_NS), now_ns());
     STORE(U32(ch, C_STATE), ST_REQUEST);
     uint64_t bit = 1ull << (slot & 63);
     __atomic_fetch_or(U64(base, H_BITMAP + (slot >> 6) * 8), bit, __ATOMIC_SEQ_CST);

@@ -133,8 +133,15 @@ static PyObject *call_tuple(char *base, long slot) {
                          (unsigned long)LOAD(U32(ch, C_FLAGS)));
 }
 
-/* Counts a call in the per-method statistics of this worker. */
-static void record_call(char *base, char *w, long method, uint64_t ns, uint32_t status) {
+static inline int bucket_of(uint64_t ns) {
+    uint64_t us = ns / 1000;
+    int b = us ? 64 - __builtin_clzll(us) : 0;   /* us < 2^b */
+    return b >= M_NBUCKETS ? M_NBUCKETS - 1 : b;
+}
+
+/* Counts a call in the per-method statistics of this worker: its time in the method (``ns``)
+ * and its wait for a worker before (``wait_ns``). */
+static void record_call(char *base, char *w, long method, uint64_t ns, uint64_t wait_ns, uint32_t status) {
     uint32_t stats = LOAD(U32(base, H_STATS_OFF)), nmethods = LOAD(U32(base, H_MAX_METHODS));
     if (method < 0 || (uint32_t)method >= nmethods || !stats) return;
     long widx = (long)((w - (base + H_WORKERS)) / W_SIZE);
@@ -143,10 +150,10 @@ static void record_call(char *base, char *w, long method, uint64_t ns, uint32_t 
     if (status) __atomic_fetch_add(U64(m, M_ERRORS), 1, __ATOMIC_RELAXED);
     __atomic_fetch_add(U64(m, M_TOTAL_NS), ns, __ATOMIC_RELAXED);
     if (ns > LOAD(U64(m, M_MAX_NS))) STORE(U64(m, M_MAX_NS), ns);
-    uint64_t us = ns / 1000;
-    int b = us ? 64 - __builtin_clzll(us) : 0;   /* us < 2^b */
-    if (b >= M_NBUCKETS) b = M_NBUCKETS - 1;
-    __atomic_fetch_add(U64(m, M_BUCKETS + 8 * b), 1, __ATOMIC_RELAXED);
+    __atomic_fetch_add(U64(m, M_BUCKETS + 8 * bucket_of(ns)), 1, __ATOMIC_RELAXED);
+    __atomic_fetch_add(U64(m, M_WAIT_NS), wait_ns, __ATOMIC_RELAXED);
+    if (wait_ns > LOAD(U64(m, M_WAIT_MAX_NS))) STORE(U64(m, M_WAIT_MAX_NS), wait_ns);
+    __atomic_fetch_add(U64(m, M_WAIT_BUCKETS + 8 * bucket_of(wait_ns)), 1, __ATOMIC_RELAXED);
 }
 
 /* Writes a response and hands the channel back to its caller.  A payload that
@@ -158,6 +165,8 @@ static int publish_reply(Region *self, char *w, long slot, Region *data, uint32_
                          long method) {
     char *base = self->base, *ch = base + H_CHANNELS + slot * C_SIZE;
     self->last_caller_cpu = (int)LOAD(U32(ch, C_CALLER_CPU));
+    /* read before the response goes: the caller may post its next call at once */
+    uint64_t posted = LOAD(U64(ch, C_POSTED_NS));
     uint64_t off = 0, limit = LOAD(U64(base, H_MAX_PAYLOAD));
     char *p = payload->buf;
     /* the channel may hold more than the service's limit (1 MiB as made, doubling as it
@@ -188,12 +197,14 @@ static int publish_reply(Region *self, char *w, long slot, Region *data, uint32_
             break;
         }
     }
-    uint64_t t = now_ns(), took = t - LOAD(U64(w, W_CLAIM_NS));
+    uint64_t claimed = LOAD(U64(w, W_CLAIM_NS));
+    uint64_t t = now_ns(), took = t - claimed;
+    uint64_t waited = posted && claimed > posted ? claimed - posted : 0;
     __atomic_fetch_add(U64(w, W_BUSY_NS), took, __ATOMIC_SEQ_CST);
     __atomic_fetch_add(U64(w, W_CALLS), 1, __ATOMIC_SEQ_CST);
     if (status != 0) __atomic_fetch_add(U64(w, W_ERRORS), 1, __ATOMIC_SEQ_CST);
     STORE(U32(w, W_STATE), WORKER_IDLE);
-    record_call(base, w, method, took, status);
+    record_call(base, w, method, took, waited, status);
     return delivered;
 }
 

@@ -82,19 +82,26 @@ def _request(args, method: str, path: str, body=None, stream: bool = False):
     return resp if stream else json.loads(resp.read())
 
 
-def _fmt_ms(v):
-    return "-" if v is None else (f"{v:.2f}" if v < 10 else f"{v:.0f}")
+def _fmt_ms(v, bound: bool = False):
+    """A latency in ms; "-" for none, "<=" in front of one that is an upper bound (the slowest
+    call of the interval, the interpolated quantile being above it)."""
+    if v is None:
+        return "-"
+    return ("<=" if bound else "") + (f"{v:.2f}" if v < 10 else f"{v:.0f}")
 
 
 def print_status(status: dict, out=sys.stdout) -> None:
     m = status["manager"]
     print(f"manager pid {m['pid']}, up {m['uptime']:.0f} s, {m['config']}", file=out)
-    rows = [("SERVICE", "STATE", "WORKERS", "CALLS/S", "P50 MS", "P99 MS", "ERRORS", "CPU", "RSS MB")]
+    rows = [("SERVICE", "STATE", "WORKERS", "CALLS/S", "P50 MS", "P99 MS", "WAIT P99 MS", "ERRORS", "REFUSED",
+             "CPU", "RSS MB")]
     for s in status["services"]:
         state = s["state"] + (f" (for {', '.join(s['waiting_for'])})" if s.get("waiting_for") else "")
         rows.append((s["name"], state + (f" ({s['failure']})" if s["failure"] else ""),
                      f"{s['workers']}/{s['min_workers']}-{s['max_workers']}", f"{s['calls_per_s']:.1f}",
-                     _fmt_ms(s["p50_ms"]), _fmt_ms(s["p99_ms"]), str(s["errors"]), f"{s['cpu'] * 100:.0f}%",
+                     _fmt_ms(s["p50_ms"], s.get("p50_bound")), _fmt_ms(s["p99_ms"], s.get("p99_bound")),
+                     _fmt_ms(s.get("wait_p99_ms"), s.get("wait_p99_bound")), str(s["errors"]),
+                     str(s.get("refused", 0) + s.get("lost", 0)), f"{s['cpu'] * 100:.0f}%",
                      f"{s['rss'] / 2**20:.0f}"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:

@@ -116,6 +116,9 @@ class Manager:
         self.reload_code = reload_code   # --reload: restart services as their .py files change
         self.pools: dict[str, ServicePool] = {}
         self.started = time.time()
+        self.loop_lag = 0.0   # how late the last 100 ms tick ran: the event loop's lag, in s
+        # HTTP requests answered: {(route, status): count} (the web app counts them)
+        self.http_requests: dict[tuple[str, int], int] = {}
         self.log = ServiceLog(os.path.join(cfg.log_dir, "manager.log"), cfg.log_max_bytes, cfg.log_backups)
         self._stop = asyncio.Event()
         self._handler = _ToServiceLog(self.log)
@@ -241,8 +244,10 @@ class Manager:
 
     async def _ticker(self) -> None:
         while True:
+            before = time.monotonic()
             await asyncio.sleep(TICK)
             now = time.monotonic()
+            self.loop_lag = max(0.0, now - before - TICK)
             for p in self.pools.values():
                 try:
                     p.sample()
@@ -501,7 +506,8 @@ class Manager:
     def status(self) -> dict:
         return {
             "manager": {"pid": os.getpid(), "started": self.started, "uptime": time.time() - self.started,
-                        "config": self.config.path, "web": self.web_url, "store": self.store.status()},
+                        "config": self.config.path, "web": self.web_url, "store": self.store.status(),
+                        "loop_lag_s": self.loop_lag},
             "services": [p.status() for p in self.pools.values()],
         }
 

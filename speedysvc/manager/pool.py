@@ -70,6 +70,14 @@ class ServicePool:
         self._last_decision = 0.0
         self.signals = {"pending": 0.0, "busy": 0.0, "cpu": 0.0}
         self.history = History()
+        # the per-method counters last read from a segment: a stopped service keeps reporting
+        # them (its /metrics series stay at their last values rather than vanish)
+        self.method_memory: dict[str, dict] = {}
+        # calls refused or lost (refused_calls) counted by segments and TCP gateways now gone
+        self._refused_before = [0, 0]
+        self.segment_since: float | None = None   # time.monotonic() when the segment was made
+        # changes of the target: {(direction "up"/"down", by "autoscaler"/"request"): count}
+        self.scale_events: dict[tuple[str, str], int] = {}
         self.tcp: TcpServer | None = None
         self.restarting = False               # a rolling restart runs: autoscaling waits
         self._restart_lock = asyncio.Lock()
@@ -91,7 +99,9 @@ class ServicePool:
         self.quick_deaths = self.start_crashes = self.serving_deaths = 0
         self._event("INFO", f"starting {cfg.min_proc_num} worker(s) of {cfg.target}")
         try:
+            self._retire_counts(self.kept_segment)
             self.kept_segment = None   # (create() replaces it)
+            self.segment_since = time.monotonic()
             self.segment = shm.ServiceSegment.create(cfg.name, max_channels=cfg.max_channels,
                                                      max_payload=cfg.max_payload, supervised=True)
         except BaseException as e:
@@ -154,7 +164,12 @@ class ServicePool:
         if self.tcp is not None:
             # TCP calls in flight finish first (new ones are refused), then the clients are told
             tcp, self.tcp = self.tcp, None
-            await tcp.close(timeout, "the service is restarting" if restarting else "the service is stopping")
+            self._closing_tcp = tcp
+            try:
+                await tcp.close(timeout, "the service is restarting" if restarting else "the service is stopping")
+            finally:
+                self._closing_tcp = None
+                self._retire_counts(tcp=tcp)
         if self._restart_handle:
             self._restart_handle.cancel()
             self._restart_handle = None
@@ -174,6 +189,7 @@ class ServicePool:
             except asyncio.TimeoutError:
                 log.error("workers of %s survived SIGKILL: %s", self.cfg.section, [w.pid for w in self.workers])
         if self.segment is not None:
+            self.method_memory = self.segment.method_stats()
             self.segment.keep_stopped(core.SVC_STOPPED if failure is None else core.SVC_FAILED, reason, restarting)
             self.kept_segment, self.segment = self.segment, None
         if not was_failed:
@@ -386,6 +402,7 @@ class ServicePool:
     def drop_kept_segment(self) -> None:
         """Remove the segment a stopped service kept (its name is going out of use)."""
         kept, self.kept_segment = self.kept_segment, None
+        self._retire_counts(kept)
         if kept is not None:
             kept.destroy()   # (only if the name is still ours: another owner may have taken it)
 
@@ -508,10 +525,12 @@ class ServicePool:
             self.restarts += 1
             self._spawn()
 
-    def _set_target(self, n: int, why: str) -> None:
+    def _set_target(self, n: int, why: str, by: str = "request") -> None:
         old, self.target = self.target, n
         if n == old:
             return
+        key = ("up" if n > old else "down", by)
+        self.scale_events[key] = self.scale_events.get(key, 0) + 1
         self._event("INFO", f"{why}: {old} -> {n} worker(s)")
         live = self.workers.live()
         if n > len(live):
@@ -524,6 +543,33 @@ class ServicePool:
                 w.leaving = True
                 w.signal(signal.SIGTERM)
 
+    # -- calls refused or lost ---------------------------------------------------------------
+    _closing_tcp: TcpServer | None = None
+
+    def _retire_counts(self, seg: shm.ServiceSegment | None = None, tcp: TcpServer | None = None) -> None:
+        """A segment (or TCP gateway) goes: keep what its callers counted (``refused_calls``)."""
+        if seg is not None:
+            refused, lost = seg.refused_calls()
+            self._refused_before[0] += refused
+            self._refused_before[1] += lost
+        if tcp is not None:
+            self._refused_before[0] += tcp.counters["unavailable"]
+
+    def refused_calls(self) -> tuple[int, int]:
+        """(refused, lost) since the manager started: calls its callers were refused (the service
+        stopping, stopped, failed, or not up within their wait; and TCP calls the gateway turned
+        away as it closed) and calls lost with WorkerDied.  Counted by the callers themselves in
+        the service segment (``ServiceSegment.count_refused``), summed over the segments."""
+        refused, lost = self._refused_before
+        for seg in (self.segment, self.kept_segment):
+            if seg is not None:
+                r, lo = seg.refused_calls()
+                refused, lost = refused + r, lost + lo
+        for tcp in (self.tcp, self._closing_tcp):
+            if tcp is not None:
+                refused += tcp.counters["unavailable"]
+        return refused, lost
+
     # -- periodic work ---------------------------------------------------------------------
     def sample(self) -> None:
         """Called often (every 100 ms): the calls waiting for a worker."""
@@ -533,6 +579,10 @@ class ServicePool:
     def tick(self, now: float) -> None:
         """Called every 100 ms: watchdog, autoscaling and history when they are due."""
         if self.segment is None or self.state != RUNNING:
+            if self.state in (STOPPED, FAILED) and self.history.due(now):
+                # points go on while nothing serves: 0 calls/s, no latency, and the calls refused
+                self.history.record(None, now, refused=self.refused_calls(), state=self.state, workers=0,
+                                    pending=0, busy=0.0, cpu=0.0, rss=0)
             return
         registered = self._note_serving(self.registered())
         self._watchdog(registered)
@@ -541,7 +591,10 @@ class ServicePool:
             self._last_decision = now
             self._autoscale(registered, now)
         if self.history.due(now):
-            self.history.record(self.segment.method_stats(), now, workers=len(self.workers),
+            stats = self.segment.method_stats()
+            self.method_memory = stats
+            self.history.record(stats, now, origin=(self.segment.ino, self.segment_since), origin_since=self.segment_since,
+                                refused=self.refused_calls(), state=self.state, workers=len(self.workers),
                                 pending=self.signals["pending"], busy=self.signals["busy"],
                                 cpu=self.workers.cpu(), rss=self.workers.rss())
 
@@ -578,7 +631,7 @@ class ServicePool:
             why = f"autoscale down (busy {busy:.0%}, cpu {cpu:.0%})"
         else:
             return
-        self._set_target(n, why)
+        self._set_target(n, why, "autoscaler")
         self._record("autoscale", f"{len(live)} -> {n} worker(s): {why.removeprefix('autoscale ')}", by="autoscaler")
 
     # -- reconfiguration (a reload of service.ini) ------------------------------------------
@@ -615,7 +668,12 @@ class ServicePool:
         if self.tcp is not None:
             tcp, self.tcp = self.tcp, None
             self._event("INFO", "closing the TCP gateway for new settings")
-            await tcp.close(cfg.stop_timeout, reason="the service's TCP settings changed")
+            self._closing_tcp = tcp
+            try:
+                await tcp.close(cfg.stop_timeout, reason="the service's TCP settings changed")
+            finally:
+                self._closing_tcp = None
+                self._retire_counts(tcp=tcp)
         if wanted is not None:
             await self._start_tcp()
         return True

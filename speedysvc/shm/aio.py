@@ -61,6 +61,13 @@ class AsyncShmTransport:
 
     async def _when_up(self, error, name: bytes, payload, flags: int, codec, timeout):
         """``ShmTransport._when_up`` for the event loop: the pauses are the loop's."""
+        try:
+            return await self._when_up_counted(error, name, payload, flags, codec, timeout)
+        except ServiceNotUp:
+            self.shm.count_refused()
+            raise
+
+    async def _when_up_counted(self, error, name: bytes, payload, flags: int, codec, timeout):
         shm = self.shm
         wait = Waiting(shm.service, shm.wait, timeout)
         if wait.bound <= 0:   # no waiting; but a service restarted and up again is not "not up"

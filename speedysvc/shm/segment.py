@@ -402,6 +402,20 @@ class ServiceSegment:
         words = (self.max_channels + 63) // 64
         return sum(bin(self.region.load64(core.H_BITMAP + 8 * w)).count("1") for w in range(words))
 
+    # -- calls its callers did not get served (the supervisor reports them) --
+    def count_refused(self) -> None:
+        """A caller of this segment was refused: the service stopping, stopped, failed, or not up
+        within the caller's wait."""
+        self.region.add64(core.H_REFUSED, 1)
+
+    def count_lost(self) -> None:
+        """A caller of this segment lost its call: its worker died in it (WorkerDied)."""
+        self.region.add64(core.H_LOST, 1)
+
+    def refused_calls(self) -> tuple[int, int]:
+        """(refused, lost): the calls its callers counted as refused and as lost."""
+        return self.region.load64(core.H_REFUSED), self.region.load64(core.H_LOST)
+
     # -- workers --
     def worker_offset(self, index: int) -> int:
         return core.H_WORKERS + index * core.W_SIZE
@@ -490,7 +504,8 @@ class ServiceSegment:
 
     def method_stats(self, worker_index: int | None = None) -> dict[str, dict]:
         """Per method: calls, errors, total_ns, max_ns and the latency histogram
-        (``buckets[b]`` counts calls under 2**b µs), summed over worker-table entries unless
+        (``buckets[b]`` counts calls under 2**b µs), and the same of the calls' wait for a worker
+        (posted -> claimed: wait_ns, wait_max_ns, wait_buckets), summed over worker-table entries unless
         one is named.  Records are never cleared, so the sums only grow (a worker reusing an
         entry adds to what its predecessor counted)."""
         r = self.region
@@ -498,7 +513,9 @@ class ServiceSegment:
         workers = range(core.MAX_WORKERS) if worker_index is None else [worker_index]
         out = {}
         for m, name in enumerate(self.method_names()):
-            rec = {"calls": 0, "errors": 0, "total_ns": 0, "max_ns": 0, "buckets": [0] * core.M_NBUCKETS}
+            rec = {"calls": 0, "errors": 0, "total_ns": 0, "max_ns": 0, "buckets": [0] * core.M_NBUCKETS,
+                   "wait_ns": 0, "wait_max_ns": 0, "wait_buckets": [0] * core.M_NBUCKETS}
+            buckets, wait_buckets = rec["buckets"], rec["wait_buckets"]
             for w in workers:
                 base = stats_off + (w * nmethods + m) * core.M_SIZE
                 calls = r.load64(base + core.M_CALLS)
@@ -508,8 +525,11 @@ class ServiceSegment:
                 rec["errors"] += r.load64(base + core.M_ERRORS)
                 rec["total_ns"] += r.load64(base + core.M_TOTAL_NS)
                 rec["max_ns"] = max(rec["max_ns"], r.load64(base + core.M_MAX_NS))
+                rec["wait_ns"] += r.load64(base + core.M_WAIT_NS)
+                rec["wait_max_ns"] = max(rec["wait_max_ns"], r.load64(base + core.M_WAIT_MAX_NS))
                 for b in range(core.M_NBUCKETS):
-                    rec["buckets"][b] += r.load64(base + core.M_BUCKETS + 8 * b)
+                    buckets[b] += r.load64(base + core.M_BUCKETS + 8 * b)
+                    wait_buckets[b] += r.load64(base + core.M_WAIT_BUCKETS + 8 * b)
             out[name] = rec
         return out
 

@@ -228,13 +228,29 @@ class ShmTransport:
         if not seg.is_current():   # removed just now (destroyed): look again
             return "it is being replaced"
         reason = seg.reason
+        seg.count_refused()   # (the call is refused now: its supervisor counts such calls)
         self._drop_if(chans)
         if state == core.SVC_FAILED:
             raise ServiceUnavailable(f"service {self.service!r} failed: {reason or 'no reason given'}")
         raise ServiceUnavailable(f"service {self.service!r} is {STATE_NAMES.get(state, state)}"
                                  + (f": {reason}" if reason else ""))
 
+    def count_refused(self) -> None:
+        """A call gave up waiting for its service (ServiceNotUp): count it in the segment it is
+        attached to, if any (with none, no supervisor is there to report it)."""
+        chans = self._channels
+        if chans is not None:
+            chans.seg.count_refused()
+
     def _when_up(self, error: ServiceNotUp, name: bytes, payload, flags: int, codec, timeout: float | None):
+        try:
+            return self._when_up_counted(error, name, payload, flags, codec, timeout)
+        except ServiceNotUp:
+            self.count_refused()
+            raise
+
+    def _when_up_counted(self, error: ServiceNotUp, name: bytes, payload, flags: int, codec,
+                         timeout: float | None):
         """A call that found its service not serving (and was not sent): wait for it to come,
         looking with a growing pause, then make the call with what is left of its timeout."""
         if payload.__class__ is tuple:
@@ -595,6 +611,7 @@ class ShmTransport:
                 if r.cas32(off, st, core.ST_IDLE):
                     # it may have died halfway through growing the channel: start afresh
                     chans.retire(ch)
+                    seg.count_lost()
                     raise WorkerDied(f"the worker (pid {st >> core.ST_PID_SHIFT}) of service "
                                      f"{self.service!r} died during the call")
                 continue
@@ -608,6 +625,7 @@ class ShmTransport:
             if code == core.ST_REQUEST and seg.abandoned_by_workers():
                 # nobody will start a worker for this call (a supervised service's owner would)
                 if r.cas32(off, st, core.ST_IDLE):
+                    seg.count_refused()
                     raise ServiceUnavailable(f"service {self.service!r} has no worker running")
                 continue
             if code == core.ST_IDLE or r.load32(seg.channel_offset(ch.slot) + core.C_OWNER_PID) != chans.pid:

@@ -88,7 +88,8 @@ class TcpServer:
         self.secret = fr.as_secret(opts.secret)
         self.ssl_context = opts.ssl_context()
         self.shm = ShmTransport(service)
-        self.counters = {"connections_total": 0, "calls": 0, "errors": 0, "refused": 0, "handshakes_evicted": 0,
+        self.counters = {"connections_total": 0, "calls": 0, "errors": 0, "refused": 0, "unavailable": 0,
+                         "handshakes_evicted": 0,
                          "auth_failures": 0, "protocol_errors": 0, "answered_inline": 0, "bytes_in": 0, "bytes_out": 0,
                          "replies_parked": 0, "inflated_in_threads": 0, "inflate_waits": 0}
         self.admission = Admission(opts.max_inflight, opts.per_connection)
@@ -137,6 +138,7 @@ class TcpServer:
         self.admission.closing = True
         self._server.close()
         for conn, frame in self.admission.withdraw():
+            self.counters["unavailable"] += 1
             conn.reply_error(frame.call_id, ServiceUnavailable(f"service {self.service!r}: {reason}"))
         try:
             await asyncio.wait_for(self._idle.wait(), timeout)
@@ -159,6 +161,8 @@ class TcpServer:
     # -- calls -----------------------------------------------------------------------------
     def submit(self, conn: ServerConnection, frame: fr.Frame) -> None:
         if self.admission.closing:
+            # (calls the gateway itself refuses; those the service refuses its segment counts)
+            self.counters["unavailable"] += 1
             conn.reply_error(frame.call_id, ServiceUnavailable(f"service {self.service!r} is stopping"))
             return
         if not self.admission.has_room(conn):
@@ -370,6 +374,7 @@ class TcpServer:
         """Whether the thread that ran for a call in flight failed (or never ran): if so the
         call ends with an error reply."""
         if fut.cancelled():
+            self.counters["unavailable"] += 1
             error = ServiceUnavailable(f"service {self.service!r} is stopping")
         elif fut.exception() is not None:
             error = fut.exception()

@@ -111,8 +111,27 @@ async def _guard(request: web.Request, handler):
     return response
 
 
+@web.middleware
+async def _count(request: web.Request, handler):
+    """Counts the requests answered, by route (its pattern, not the path: bounded) and status,
+    for /metrics."""
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except web.HTTPException as e:
+        status = e.status
+        raise
+    finally:
+        info = request.match_info
+        route = info.route.resource.canonical if info.route.resource is not None else "unmatched"
+        counts = request.app["manager"].http_requests
+        counts[(route, status)] = counts.get((route, status), 0) + 1
+
+
 def make_app(manager, token: str | None = None, host: str = "127.0.0.1") -> web.Application:
-    app = web.Application(middlewares=[_guard])
+    app = web.Application(middlewares=[_count, _guard])
     app["manager"] = manager
     app["token"] = token
     app["hosts"] = {"127.0.0.1", "localhost", "::1", host.lower()}
