@@ -41,6 +41,8 @@ function fmtMs(v) {
   if (v < 0.01) return (v * 1000).toFixed(1) + " µs";
   return (v < 10 ? v.toPrecision(2) : v.toFixed(0)) + " ms";
 }
+// a latency, "≤" when it is the slowest call's (an upper bound) rather than an estimate
+function bounded(v, bound) { return (bound && !none(v) ? "≤ " : "") + fmtMs(v); }
 function fmtBytes(b) { return none(b) ? DASH : (b / 1048576).toFixed(0) + " MiB"; }
 function fmtAge(s) {
   if (!s) return DASH;
@@ -57,6 +59,13 @@ function fmtNum(v) {   // a value of a chart's axis or legend
   if (a >= 1) return v.toFixed(a >= 10 ? 1 : 2).replace(/\.?0+$/, "");
   return v.toPrecision(2).replace(/\.?0+$/, "");
 }
+function fmtDur(ms) {   // a duration given in ms, in the unit that reads best
+  if (none(ms)) return DASH;
+  if (ms >= 1000) return fmtNum(ms / 1000) + " s";
+  if (ms >= 1 || ms === 0) return fmtNum(ms) + " ms";
+  return fmtNum(ms * 1000) + " µs";
+}
+const isPow10 = (v) => v > 0 && Math.abs(Math.log10(v) - Math.round(Math.log10(v))) < 1e-9;
 function clock(t) { return new Date(t * 1000).toLocaleTimeString(); }
 function setText(el, text) { if (el && el.textContent !== text) el.textContent = text; }
 function el(tag, cls, text) {
@@ -345,8 +354,9 @@ const CHARTS = [
     {key: "calls_per_s", label: "calls/s", color: C.blue}]},
   {id: "errors", title: "Errors per second", unit: "/s", series: [
     {key: "errors_per_s", label: "exceptions/s", color: C.red},
-    {key: "refused_per_s", label: "refused or failed (stop, restart)/s", color: C.orange, optional: true}]},
-  {id: "latency", title: "Latency (log scale)", unit: "ms", log: true, series: [
+    {key: "refused_per_s", label: "refused (stopped)/s", color: C.orange, optional: true},
+    {key: "lost_per_s", label: "lost (stop, restart)/s", color: C.purple, optional: true}]},
+  {id: "latency", title: "Service time and wait for a worker (log scale)", unit: "ms", log: true, series: [
     {key: "p50_ms", label: "median (p50)", color: C.blue},
     {key: "p99_ms", label: "p99", color: C.red},
     {key: "max_ms", label: "max", color: C.grey, optional: true},
@@ -385,6 +395,7 @@ class Chart {
     holder.appendChild(this.fig);
     this.plot = null;
     this.keys = "";
+    this.bounds = [];
   }
 
   seriesFor(points) {
@@ -393,7 +404,10 @@ class Chart {
       return spec.series.filter((s) => !s.optional || points.some((p) => !none(p[s.key])));
     }
     const names = new Set();
-    for (const p of points) for (const n of Object.keys(methodsOf(p))) names.add(n);
+    // the methods that were called in the window (a service may have dozens that are not)
+    for (const p of points) {
+      for (const [n, m] of Object.entries(methodsOf(p))) if (m && m[spec.perMethod] > 0) names.add(n);
+    }
     return [...names].sort().map((n, i) => ({method: n, key: spec.perMethod, label: n, color: PALETTE[i % PALETTE.length]}));
   }
 
@@ -408,7 +422,9 @@ class Chart {
   make(series) {
     const spec = this.spec, unit = spec.unit;
     const width = Math.max(280, this.plotEl.clientWidth || 400);
-    const withUnit = (v) => none(v) ? DASH : fmtNum(v) + (unit ? (unit === "/s" ? "/s" : " " + unit) : "");
+    const withUnit = (v) => none(v) ? DASH : unit === "ms" ? fmtDur(v) : fmtNum(v) + (unit ? (unit === "/s" ? "/s" : " " + unit) : "");
+    // a log axis: lines and labels at the powers of ten only
+    const pow10 = (u, splits) => splits.map((v) => isPow10(v) ? v : null);
     const opts = {
       width, height: 170,
       cursor: {drag: {x: false, y: false}},
@@ -416,13 +432,18 @@ class Chart {
       scales: {x: {time: true}, y: spec.log ? {distr: 3, log: 10} : {range: (u, lo, hi) => [0, hi > 0 ? hi * 1.1 : 1]}},
       axes: [
         {stroke: "#4b5563", grid: {stroke: "#eef0f3"}, ticks: {stroke: "#d9dde3"}},
-        {stroke: "#4b5563", grid: {stroke: "#eef0f3"}, ticks: {stroke: "#d9dde3"}, size: 64,
+        {stroke: "#4b5563", size: 64,
+         grid: spec.log ? {stroke: "#eef0f3", filter: pow10} : {stroke: "#eef0f3"},
+         ticks: spec.log ? {stroke: "#d9dde3", filter: pow10} : {stroke: "#d9dde3"},
+         ...(spec.log ? {filter: pow10} : {}),
          // (a log scale leaves the ticks between powers of ten unlabelled: null)
-         values: (u, ticks) => ticks.map((v) => v === null ? "" : fmtNum(v) + (unit === "ms" || unit === "MiB" ? " " + unit : ""))},
+         values: (u, ticks) => ticks.map((v) => v === null ? "" : unit === "ms" ? fmtDur(v)
+           : fmtNum(v) + (unit === "MiB" ? " " + unit : ""))},
       ],
       series: [{label: "time", value: (u, t) => t === null ? DASH : clock(t)}].concat(series.map((s) => ({
         label: s.label, stroke: s.color, width: 1.6, spanGaps: false, points: {size: 4},
-        value: (u, v) => withUnit(v),
+        // "≤": the figure is the slowest call's, an upper bound, not an estimate (docs/http-api.md)
+        value: (u, v, si, idx) => (idx !== null && this.bounds[si - 1] && this.bounds[si - 1][idx] ? "≤ " : "") + withUnit(v),
       }))),
       plugins: [this.markers()],
     };
@@ -445,6 +466,7 @@ class Chart {
       ctx.save();
       ctx.font = `${Math.round(10 * devicePixelRatio)}px system-ui, sans-serif`;
       ctx.textBaseline = "top";
+      let labelEnd = -Infinity;
       for (const ev of chart.events()) {
         const x = Math.round(u.valToPos(ev.t, "x", true));
         if (x < left || x > left + width) continue;
@@ -458,7 +480,10 @@ class Chart {
         ctx.moveTo(x, top);
         ctx.lineTo(x, top + height);
         ctx.stroke();
-        ctx.fillText(ev.kind, x + 3 * devicePixelRatio, top + 2 * devicePixelRatio);
+        if (x > labelEnd) {   // (a label only where it does not cover the one before)
+          ctx.fillText(ev.kind, x + 3 * devicePixelRatio, top + 2 * devicePixelRatio);
+          labelEnd = x + 3 * devicePixelRatio + ctx.measureText(ev.kind).width + 4 * devicePixelRatio;
+        }
       }
       ctx.restore();
       chart.fig.dataset.markers = String(shown);
@@ -483,21 +508,28 @@ class Chart {
     if (!this.plot || keys !== this.keys) { this.make(series); this.keys = keys; }
     // where two points are further apart than an interval and a half, there was no data: a
     // null point between them makes a gap instead of a line across
-    const xs = [], cols = series.map(() => []);
+    const xs = [], cols = series.map(() => []), bounds = series.map(() => []);
     let prev = null;
     for (const p of points) {
       if (prev !== null && p.t - prev > interval * 1.6) {
         xs.push(prev + interval);
         cols.forEach((c) => c.push(null));
+        bounds.forEach((b) => b.push(false));
       }
       xs.push(p.t);
-      series.forEach((s, i) => cols[i].push(this.value(p, s)));
+      series.forEach((s, i) => {
+        cols[i].push(this.value(p, s));
+        const where = s.method !== undefined ? (methodsOf(p)[s.method] || {}) : p;
+        bounds[i].push(s.key.endsWith("_ms") && where[s.key.replace(/_ms$/, "_bound")] === true);
+      });
       prev = p.t;
     }
     if (prev !== null && now - prev > interval * 2.6) {   // nothing recorded lately: a gap up to now
       xs.push(prev + interval);
       cols.forEach((c) => c.push(null));
+      bounds.forEach((b) => b.push(false));
     }
+    this.bounds = bounds;
     this.fig.dataset.points = String(points.length);
     this.fig.dataset.first = String(points[0].t);
     this.plot.setData([xs].concat(cols), false);
@@ -676,9 +708,11 @@ async function refreshIndex() {
     if (reason.title !== (s.failure || "")) reason.title = s.failure || "";
     setText(row.querySelector("td.workers"), `${s.workers} / ${s.min_workers}–${s.max_workers}`);
     setText(row.querySelector("td.rate"), fmt(s.calls_per_s));
-    setText(row.querySelector("td.p50"), fmtMs(s.p50_ms));
-    setText(row.querySelector("td.p99"), fmtMs(s.p99_ms));
-    setText(row.querySelector("td.errors"), String(s.errors));
+    setText(row.querySelector("td.p50"), bounded(s.p50_ms, s.p50_bound));
+    setText(row.querySelector("td.p99"), bounded(s.p99_ms, s.p99_bound));
+    setText(row.querySelector("td.wait"), bounded(s.wait_p99_ms, s.wait_p99_bound));
+    setText(row.querySelector("td.errors"), String(s.errors)
+      + (s.refused || s.lost ? ` · ${s.refused || 0} refused · ${s.lost || 0} lost` : ""));
     setText(row.querySelector("td.cpu"), none(s.cpu) ? DASH : (s.cpu * 100).toFixed(0) + " %");
     setText(row.querySelector("td.rss"), s.rss ? fmtBytes(s.rss) : DASH);
     setText(row.querySelector("td.uptime"), fmtAge(s.uptime));
@@ -721,8 +755,10 @@ async function refreshService(name, charts) {
   const t = s.tcp_server;
   setText(document.getElementById("tcp"), t ? `${s.tcp}, ${t.calls} calls, ${t.auth_failures} failed logins, `
     + `${t.protocol_errors} bad frames${t.tls ? ", TLS" : ""}` : "not bound");
+  const ms = (v, bound) => (bound && !none(v) ? "≤ " : "") + fmt(v, 3);
   keyedRows(document.querySelector("#methods tbody"), s.methods, "name", (m) => [
-    m.name, String(m.calls), String(m.errors), fmt(m.mean_ms, 3), fmt(m.p99_ms, 3), fmt(m.max_ms, 3),
+    m.name, fmt((m.recent || {}).calls_per_s), String(m.calls), String(m.errors), fmt(m.mean_ms, 3),
+    ms(m.p99_ms, m.p99_bound), fmt(m.max_ms, 3), ms(m.wait_p99_ms, m.wait_p99_bound),
     none(m.share) ? DASH : (m.share * 100).toFixed(1) + " %"], (i) => i > 0);
   keyedRows(document.querySelector("#workers tbody"), s.worker_list, "pid", (w) => [
     String(w.pid), workerState(w), String(w.calls), String(w.errors), (w.cpu * 100).toFixed(0) + " %",
