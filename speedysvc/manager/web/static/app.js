@@ -450,6 +450,7 @@ class Chart {
     if (this.plot) this.plot.destroy();
     this.plotEl.textContent = "";
     this.plot = new uPlot(opts, [[]].concat(series.map(() => [])), this.plotEl);
+    this.fig.dataset.scale = this.plot.scales.y.distr === 3 ? "log" : "linear";   // (as drawn)
     // each legend label in its series' colour
     this.plotEl.querySelectorAll(".u-legend .u-series").forEach((row, i) => {
       if (i === 0) return;
@@ -509,9 +510,10 @@ class Chart {
     // where two points are further apart than an interval and a half, there was no data: a
     // null point between them makes a gap instead of a line across
     const xs = [], cols = series.map(() => []), bounds = series.map(() => []);
-    let prev = null;
+    let prev = null, gaps = 0;
     for (const p of points) {
       if (prev !== null && p.t - prev > interval * 1.6) {
+        gaps++;
         xs.push(prev + interval);
         cols.forEach((c) => c.push(null));
         bounds.forEach((b) => b.push(false));
@@ -530,6 +532,7 @@ class Chart {
       bounds.forEach((b) => b.push(false));
     }
     this.bounds = bounds;
+    this.fig.dataset.gaps = String(gaps);
     this.fig.dataset.points = String(points.length);
     this.fig.dataset.first = String(points[0].t);
     this.plot.setData([xs].concat(cols), false);
