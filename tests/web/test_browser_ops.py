@@ -249,6 +249,17 @@ def test_restart_all_and_stop_all(ops, browser):
     page.goto(ops.url + "/")
     before = {w["pid"] for w in ops.service("Kitchen")["worker_list"]}
     page.locator('button[data-all="restart"]').click()
+    # one at a time: while it runs (across the page's refreshes) its buttons wait
+    seen = page.evaluate('''() => new Promise((done) => {
+        const states = [];
+        const look = () => {
+          const text = document.getElementById("all-msg").textContent;
+          if (text.startsWith("Restarting")) states.push(document.querySelector('button[data-all="restart"]').disabled);
+          if (text.startsWith("Restarted") || states.length > 2000) done(states); else setTimeout(look, 20);
+        };
+        look();
+      })''')
+    assert seen and all(seen), seen
     page.locator("#all-msg").filter(has_text="Restarted: Kitchen, Chatty").wait_for(timeout=60000)
     assert not before & {w["pid"] for w in ops.service("Kitchen")["worker_list"]}
     page.locator('button[data-all="stop"]').click()

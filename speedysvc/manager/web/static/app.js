@@ -237,6 +237,7 @@ function wireControls() {
   });
 }
 
+let allBusy = false;   // a Restart all / Stop all runs: its buttons wait for it
 function wireAll(getStatus) {
   const msg = document.getElementById("all-msg");
   let timer = null, confirmTimer = null;
@@ -263,6 +264,7 @@ function wireAll(getStatus) {
     const names = status.services.filter((s) => action === "restart" ? s.state === "running" : ENABLED[action](s.state))
       .map((s) => s.name);
     if (!names.length) { say(`No service to ${action}.`); return; }
+    allBusy = true;
     document.querySelectorAll("button[data-all]").forEach((x) => { x.disabled = true; });
     const failed = [];
     // one after the other: a rolling restart of each keeps the others serving
@@ -272,6 +274,7 @@ function wireAll(getStatus) {
       catch (e) { failed.push(`${name} (${humanError(action, e).replace(/^Could not \w+: /, "").replace(/\.$/, "")})`); }
       refreshNow();
     }
+    allBusy = false;
     document.querySelectorAll("button[data-all]").forEach((x) => { x.disabled = false; });
     if (failed.length) say(`Could not ${action}: ${failed.join("; ")}.`);
     else say(`${action === "stop" ? "Stopped" : "Restarted"}: ${names.join(", ")}.`, true);
@@ -723,9 +726,7 @@ async function refreshIndex() {
     const c = controls.get(s.name);
     if (c) c.update(s);
   }
-  document.querySelectorAll("button[data-all]").forEach((b) => {
-    if (!document.querySelector("button[data-all].confirm") || b.classList.contains("confirm")) b.disabled = false;
-  });
+  document.querySelectorAll("button[data-all]").forEach((b) => { b.disabled = allBusy; });
 }
 
 function workerState(w) { return w.leaving ? "leaving" : (!w.serving ? "starting" : (w.busy ? "busy" : "idle")); }
