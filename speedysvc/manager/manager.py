@@ -3,9 +3,11 @@
     python3 -m speedysvc.service service.ini      (or: speedysvc run service.ini)
     ... --reload     (for development: rolling-restart a service when its code changes)
 
-One asyncio loop and no other thread: the pools (``manager.pool``), a
-100 ms tick for sampling and autoscaling, the HTTP API and web interface, and
-SIGTERM/SIGINT, which stop every service gracefully.  If the manager itself is
+One asyncio loop: the pools (``manager.pool``), a 100 ms tick for sampling and
+autoscaling, the HTTP API and web interface, and SIGTERM/SIGINT, which stop every
+service gracefully.  Beside it one thread writes the store (``store``: history,
+events and the log index, kept across restarts), so that the loop never waits
+for the disk; the API reads the store in the loop's executor.  If the manager itself is
 killed, its workers notice their parent is gone and exit, and the next start
 removes what it left in /dev/shm.
 """
@@ -132,16 +134,17 @@ class Manager:
         self._persisted: dict[str, dict] = {}   # the last history point of each pool given to the store
 
     # -- the store (history, events and log index kept across restarts) --------------------
-    def _store_report(self, message: str) -> None:
-        """The store says it cannot work (from its writer thread, or at open)."""
+    def _store_report(self, level: int, message: str) -> None:
+        """The store says it cannot work, or works again (from its writer thread, or at open): the
+        record is written by the event loop, the only writer of the logs."""
         loop = self._loop
         try:
             if loop is not None and not loop.is_closed():
-                loop.call_soon_threadsafe(log.error, "%s", message)
+                loop.call_soon_threadsafe(log.log, level, "%s", message)
                 return
         except RuntimeError:   # (the loop closed meanwhile)
             pass
-        log.error("%s", message)
+        log.log(level, "%s", message)
 
     def _open_store(self) -> None:
         """Open the store, and take back what the last manager kept: the events, and the manager's

@@ -140,7 +140,9 @@ class Store:
     def __init__(self, cfg: StoreConfig, clock=time.time, report=None):
         self.cfg = cfg
         self.clock = clock
-        self.report = report or (lambda message: log.error("%s", message))
+        # report(level, message): how the store's trouble (and its end) is told; from the writer
+        # thread too, so the manager's handler hands it to the event loop
+        self.report = report or (lambda level, message: log.log(level, "%s", message))
         self.path = cfg.path if cfg.enabled else None
         self.ok = False
         self.error: str | None = None if cfg.enabled else "disabled ([store] enabled = false)"
@@ -186,11 +188,13 @@ class Store:
 
     def close(self, timeout: float = 10.0) -> None:
         """Write what is queued, then stop the writer."""
-        if self._thread is not None:
+        thread, self._thread = self._thread, None
+        if thread is not None:
             self._stop.set()
             self._queue.put(None)
-            self._thread.join(timeout)
-            self._thread = None
+            thread.join(timeout)
+            if thread.is_alive():   # (stuck on a lock: it dies with the process; its connection stays)
+                return
         if self._db is not None:
             try:
                 self._db.close()
@@ -202,7 +206,7 @@ class Store:
         self.ok, self.error = False, message
         if not self._reported:   # once: a failing store must not fill the log that it indexes
             self._reported = True
-            self.report(f"store unavailable, the manager runs without it (history, events and log search "
+            self.report(logging.ERROR, f"store unavailable, the manager runs without it (history, events and log search "
                         f"are not kept across restarts): {message}")
 
     def status(self) -> dict:
@@ -257,10 +261,14 @@ class Store:
                     done = True
                 else:
                     batch.append(item)
+            flushes = [item for item in batch if item[0] == "f"]
+            batch = [item for item in batch if item[0] != "f"]
             if batch:
                 self._write(batch)
-            if self.clock() - self._last_maintain >= MAINTAIN_INTERVAL:
+            if any(f[2] for f in flushes) or self.clock() - self._last_maintain >= MAINTAIN_INTERVAL:
                 self._maintain()
+            for f in flushes:
+                f[1].set()
             if done or self._stop.is_set() and self._queue.empty():
                 return
             if not done:
@@ -296,14 +304,11 @@ class Store:
             if not self.ok:
                 self.ok, self.error = True, None
                 self._reported = False
-                self.report_recovered()
+                self.report(logging.INFO, f"store {self.path} written again")
         finally:
             with self._lock:
                 self._queued -= len(batch)
                 self._oldest = None if self._queued <= 0 else time.monotonic()
-
-    def report_recovered(self) -> None:
-        log.info("store %s writable again", self.path)
 
     def _maintain(self) -> None:
         """Downsample the minutes that ended, then drop what is older than its retention."""
@@ -330,8 +335,8 @@ class Store:
                         point["t"], point["n"] = minute, len(pts)
                         merged.append((service, 60, minute, json.dumps(point)))
                     db.executemany("INSERT OR REPLACE INTO points VALUES (?, ?, ?, ?)", merged)
-                if start is not None or end:
-                    db.execute("INSERT OR REPLACE INTO meta VALUES ('downsampled', ?)", (str(max(end, start or 0)),))
+                if start is not None:   # (the minutes before ``end`` are merged, once)
+                    db.execute("INSERT OR REPLACE INTO meta VALUES ('downsampled', ?)", (str(max(end, start)),))
                 db.execute("DELETE FROM points WHERE res=2 AND t<?", (now - cfg.points_keep,))
                 db.execute("DELETE FROM points WHERE res=60 AND t<?", (now - cfg.minutes_keep,))
                 db.execute("DELETE FROM events WHERE t<?", (now - cfg.minutes_keep,))
@@ -344,9 +349,14 @@ class Store:
         except (sqlite3.Error, ValueError, TypeError) as e:
             self._failed(f"cannot maintain {self.path}: {e}")
 
-    def maintain_now(self) -> None:
-        """Retention and downsampling at once (tests; the writer does it every MAINTAIN_INTERVAL)."""
-        self._last_maintain = -math.inf
+    def flush(self, maintain: bool = False, timeout: float = 30.0) -> bool:
+        """Wait until what was queued before is written (and, with ``maintain``, retention and
+        downsampling applied).  False if the writer does not run or did not get there in time."""
+        if self._thread is None:
+            return False
+        done = threading.Event()
+        self._queue.put(("f", done, maintain))
+        return done.wait(timeout)
 
     # -- reading (any thread; a connection of its own per call) ----------------------------
     def _reader(self) -> sqlite3.Connection:

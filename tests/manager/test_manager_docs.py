@@ -40,7 +40,8 @@ def as_documented(default) -> str:
 
 
 @pytest.mark.parametrize("heading, keys", [("Service keys", config.SERVICE_KEYS),
-                                           ("`[web monitor]` keys", config.WEB_KEYS)])
+                                           ("`[web monitor]` keys", config.WEB_KEYS),
+                                           ("`[store]` keys", config.STORE_KEYS)])
 def test_the_doc_lists_every_key_once_and_no_other(heading, keys):
     documented = [key for key, _, _ in table_after(heading)]
     assert len(documented) == len(set(documented)), f"keys listed twice: {documented}"
@@ -49,7 +50,8 @@ def test_the_doc_lists_every_key_once_and_no_other(heading, keys):
 
 
 @pytest.mark.parametrize("heading, keys", [("Service keys", config.SERVICE_KEYS),
-                                           ("`[web monitor]` keys", config.WEB_KEYS)])
+                                           ("`[web monitor]` keys", config.WEB_KEYS),
+                                           ("`[store]` keys", config.STORE_KEYS)])
 def test_the_doc_states_each_keys_default(heading, keys):
     wrong = {key: (default, as_documented(keys[key][1])) for key, default, _ in table_after(heading)
              if key in keys and default != as_documented(keys[key][1])}

@@ -86,3 +86,31 @@ def test_the_manager_reports_its_store(running, tmp_path):
     assert store["ok"] is True and store["error"] is None
     assert store["path"] == str(tmp_path / "logs.state" / "store.sqlite3")
     assert store["write_lag_s"] >= 0
+
+
+def test_history_beyond_the_hour_and_by_the_minute_come_from_the_store(running, tmp_path):
+    """Points a previous manager kept (written here beforehand): 2 s ones of two hours ago, and
+    merged minutes; the API serves them by ?range= and ?resolution=60."""
+    from speedysvc.manager.store import Store, StoreConfig
+    now = time.time()
+    old = Store(StoreConfig(state_dir=str(tmp_path / "logs.state")))
+    assert old.open()
+    for i in range(5):
+        old.record_point("Chatty", {"t": now - 7200 + 2 * i, "calls_per_s": float(i)})
+    old.record_event("Chatty", "crash", "long ago", t=now - 7000)
+    assert old.flush(maintain=True)   # (their minute is over: merged)
+    old.close()
+
+    m = running(chatty_ini())
+    recent = m.get("/api/services/Chatty/history")["points"]
+    assert all(p["t"] > now - 3600 for p in recent)   # the last hour only
+    two_hours = m.get("/api/services/Chatty/history?range=7300")["points"]
+    assert [p["calls_per_s"] for p in two_hours[:5]] == [0.0, 1.0, 2.0, 3.0, 4.0]
+    assert [p["t"] for p in two_hours[5:]] == [p["t"] for p in m.get(
+        f"/api/services/Chatty/history?since={two_hours[4]['t']}")["points"]][:len(two_hours) - 5]
+    minutes = m.get("/api/services/Chatty/history?resolution=60&range=86400")
+    assert minutes["interval"] == 60.0
+    merged = [p for p in minutes["points"] if p["t"] < now - 3600]
+    assert len(merged) in (1, 2) and sum(p["n"] for p in merged) == 5   # (a minute's edge may split them)
+    assert [e["detail"] for e in m.get(f"/api/events?since={now - 7300}&service=Chatty")["events"]][0] \
+        == "long ago"

@@ -25,7 +25,7 @@ from ...transport import is_loopback
 from ..config import ConfigError
 from ..logs import LogRecord, matches
 from ..manager import ReloadRefused
-from ..store import ACTOR, StoreUnavailable
+from ..store import ACTOR
 from . import access
 
 CSRF_HEADER = "X-Speedysvc-Request"
@@ -194,13 +194,13 @@ def make_app(manager, token: str | None = None, host: str = "127.0.0.1") -> web.
             since = max(since, now - span)
         interval = pool.history.interval if resolution == 2 else 60.0
         kept = pool.history.points
-        if resolution == 2 and (not kept or kept[0]["t"] <= since or not manager.store.ok):
+        if resolution == 2 and (not manager.store.ok or kept and kept[0]["t"] <= since):
             points = [p for p in kept if p["t"] > since]   # (the last hour is in memory)
         else:
             try:
                 points = await in_thread(manager.store.points, pool.cfg.section, since=since,
                                          resolution=int(resolution))
-            except (StoreUnavailable, Exception) as e:
+            except Exception as e:   # (StoreUnavailable, or a file that cannot be read)
                 return _error(503, f"history beyond the last hour needs the store: {e}")
             if resolution == 2:   # (points not written yet are in memory)
                 last = points[-1]["t"] if points else since
