@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The test command: makes sure Debian's Chromium is there for the browser tests (installing it
-# when running as root on Debian/Ubuntu), then runs the whole suite.
+# The test command: makes sure Debian's Chromium (for the browser tests) and promtool (for the
+# check of /metrics) are there, installing them when running as root on Debian/Ubuntu, then runs
+# the whole suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -10,6 +11,15 @@ if ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/
         DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium
     else
         echo "chromium is not installed: the browser tests will be skipped (apt-get install chromium)" >&2
+    fi
+fi
+# promtool (Debian's prometheus package) checks /metrics in tests/web/test_metrics.py
+if ! command -v promtool >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus; } \
+            || echo "prometheus could not be installed: the promtool check will be skipped" >&2
+    else
+        echo "promtool is not installed: its check of /metrics will be skipped (apt-get install prometheus)" >&2
     fi
 fi
 exec python -m pytest "$@"
