@@ -165,7 +165,7 @@ def main():
         for t in threads:
             t.start()
         time.sleep(args.seconds * 0.4)
-        post(url + "/api/services/Orders/scale", {"workers": 2})
+        post(url + "/api/services/Orders/scale", {"workers": 3})
         time.sleep(args.seconds * 0.3)
         post(url + "/api/services/Search/restart")
         time.sleep(args.seconds * 0.3)

@@ -434,7 +434,14 @@ class Chart {
       legend: {live: true},
       scales: {x: {time: true}, y: spec.log ? {distr: 3, log: 10} : {range: (u, lo, hi) => [0, hi > 0 ? hi * 1.1 : 1]}},
       axes: [
-        {stroke: "#4b5563", grid: {stroke: "#eef0f3"}, ticks: {stroke: "#d9dde3"}},
+        // clock times, one row: hours and minutes, with seconds while ticks are under a minute apart
+        {stroke: "#4b5563", grid: {stroke: "#eef0f3"}, ticks: {stroke: "#d9dde3"}, space: 80,
+         values: (u, ticks) => {
+           const fine = ticks.length > 1 && ticks[1] - ticks[0] < 60;
+           return ticks.map((t) => new Date(t * 1000).toLocaleTimeString([], fine
+             ? {hour: "2-digit", minute: "2-digit", second: "2-digit", hour12: false}
+             : {hour: "2-digit", minute: "2-digit", hour12: false}));
+         }},
         {stroke: "#4b5563", size: 64,
          grid: spec.log ? {stroke: "#eef0f3", filter: pow10} : {stroke: "#eef0f3"},
          ticks: spec.log ? {stroke: "#d9dde3", filter: pow10} : {stroke: "#d9dde3"},
@@ -539,7 +546,9 @@ class Chart {
     this.fig.dataset.points = String(points.length);
     this.fig.dataset.first = String(points[0].t);
     this.plot.setData([xs].concat(cols), false);
-    const t0 = Math.max(xs[0], now - WINDOW_S);
+    // from the first point, or the first event before it (a start is marked at its moment)
+    const firstEvent = this.events().length ? this.events()[0].t : Infinity;
+    const t0 = Math.max(Math.min(xs[0], firstEvent), now - WINDOW_S);
     this.plot.setScale("x", {min: Math.min(t0, now - 60), max: now});
     // out of the hover, the legend gives the latest values
     // (the last row: "–" after a gap, never an older figure that would pass for the current one)
