@@ -14,7 +14,9 @@ The raw TCP echo and the speedysvc TCP rows, which the targets compare, are
 measured in three interleaved rounds (one with --quick) and each figure is the
 median; the other rows are measured once.
 
-Then: pipelining (one asyncio client with 32 calls in flight against the same
+Then: a 64 B call through a client over three endpoints (``connect(Svc, 'tcp://a,b,c')``:
+the service's gateway and two more gateway processes in front of the same worker, on
+loopback) against a client of one endpoint, in interleaved rounds; pipelining (one asyncio client with 32 calls in flight against the same
 client one call at a time; the blocking client shared by 32 threads against
 one thread), the TCP client with compression on a compressible 1 MiB payload,
 the CPU an idle TCP gateway uses, and the issue's targets beside the results.
@@ -33,6 +35,7 @@ import asyncio  # noqa: E402
 import importlib.util  # noqa: E402
 import multiprocessing  # noqa: E402
 import statistics  # noqa: E402
+import subprocess  # noqa: E402
 import sys  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
@@ -51,6 +54,7 @@ from speedysvc.tcp import compression  # noqa: E402
 TARGET_RT = 2.0          # 64 B call within 2x of the raw TCP echo's round trip
 TARGET_16MIB = 0.8       # 16 MiB echo at least 0.8x the raw TCP echo's throughput
 TARGET_PIPELINE = 3.0    # 32 calls in flight: at least 3x the calls/s of one at a time
+TARGET_BALANCED = 1.1    # 64 B call through a 3-endpoint client within 1.1x of a single-endpoint one
 INFLIGHT = 32
 
 
@@ -261,6 +265,43 @@ def thread_rate(address, threads, seconds, failures):
     return sum(counts) / elapsed
 
 
+def extra_gateway(service):
+    """Another gateway process in front of ``service``'s workers, on a free loopback port: (its
+    process, its address)."""
+    proc = subprocess.Popen([sys.executable, "-m", "speedysvc.tcp.serve", service.service, "--host", "127.0.0.1",
+                             "--port", "0", "--exit-with-parent"], stdout=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()
+    if not line.startswith("listening on "):
+        proc.kill()
+        raise RuntimeError(f"the extra gateway did not start: {line!r}")
+    return proc, "127.0.0.1:" + line.split(":")[-1].strip()
+
+
+def balanced_round_trips(service, args):
+    """Median 64 B round trips (µs): a client of one endpoint, and one over three, interleaved."""
+    gateways = [extra_gateway(service) for _ in range(2)]
+    single = SpeedysvcTcpClient("msgpack", service)
+    multi = SpeedysvcTcpClient("msgpack", service)
+    multi.client.close()
+    multi.client = connect(BenchEcho, "tcp://" + ",".join([service.tcp_address[len("tcp://"):]]
+                                                          + [a for _, a in gateways]))
+    multi.method = multi.client.echo_msgpack
+    try:
+        got = {"single": [], "three": []}
+        for rnd in range(args.rounds):
+            for key, client in (("single", single), ("three", multi)):
+                progress(f"round {rnd + 1}/{args.rounds}: {key} endpoint(s)")
+                got[key].append(round_trips(client, args.calls)[0])
+        spread = [e["calls"] for e in multi.client.endpoints()]
+        return {k: statistics.median(v) for k, v in got.items()}, spread
+    finally:
+        single.close()
+        multi.close()
+        for proc, _ in gateways:
+            proc.terminate()
+            proc.wait(30)
+
+
 def idle_cpu(service, seconds):
     """% of a core the workers and the TCP gateway use while a TCP client is connected and idle."""
     with connect(BenchEcho, service.tcp_address) as c:
@@ -361,6 +402,8 @@ def main():
             comp_rows.append((algo, measure_compressed(lambda: SpeedysvcTcpClient("raw", service, algo),
                                                        args, text)))
 
+        balanced_rt, balanced_spread = balanced_round_trips(service, args)
+
         pipes, failures = [], {}
         for rnd in range(args.rounds):
             progress(f"round {rnd + 1}/{args.rounds}: pipelining")
@@ -444,6 +487,11 @@ def main():
               f"{x:.2f}× ({r['16MiB']:,.0f} vs {tcp['16MiB']:,.0f} MB/s) | {verdict(x >= TARGET_16MIB)} |")
     print(f"| {INFLIGHT} in flight at least {TARGET_PIPELINE:g}× the calls/s of one at a time | "
           f"speedysvc tcp, asyncio client | {ratio_async:.2f}× | {verdict(ratio_async >= TARGET_PIPELINE)} |")
+    x = balanced_rt["three"] / balanced_rt["single"]
+    print(f"| 64 B call through a 3-endpoint client within {TARGET_BALANCED:g}× of a single-endpoint one | "
+          f"speedysvc tcp, msgpack, 3 endpoints on loopback (calls per endpoint: "
+          f"{', '.join(map(str, balanced_spread))}) | {x:.2f}× ({balanced_rt['three']:.1f} vs "
+          f"{balanced_rt['single']:.1f} µs) | {verdict(x <= TARGET_BALANCED)} |")
     print()
     print_seed_path(seed_rows, "TCP")
     workers, gw, client = idle

@@ -36,6 +36,11 @@ class AsyncClient:
         payload, flags = spec.codec.encode_args(spec.name, tuple(args), kwargs)
         return await self._transport.call(spec.name_bytes, payload, flags, spec.codec, timeout)
 
+    def endpoints(self) -> list[dict] | None:
+        """As ``Client.endpoints``: each endpoint's state for a client over several, else None."""
+        state = getattr(self._transport, "endpoints", None)
+        return state() if state is not None else None
+
     async def aclose(self) -> None:
         await self._transport.aclose()
 
@@ -65,14 +70,16 @@ def async_client_class(server_cls) -> type:
 
 def connect_async(server_cls, address: str = "shm://", *, timeout: float | None = None, secret=None, tls=None,
                   compression: str | None = None, compress_min: int | None = None,
-                  connect_timeout: float | None = None, wait: float | None = None) -> AsyncClient:
+                  connect_timeout: float | None = None, wait: float | None = None, resolver=None,
+                  resolve_every: float | None = None) -> AsyncClient:
     """Like ``connect()``, for asyncio code: the client's methods are coroutines.
     Nothing is contacted until the first call; a call waits for a service that is not
-    up yet as ``connect()``'s do (``wait``), without blocking the loop."""
+    up yet as ``connect()``'s do (``wait``), without blocking the loop.  Several addresses
+    balance as for ``connect()``; ``resolver`` may be a coroutine function here."""
     check_server_class(server_cls, "connect_async")
     transport = open_transport(server_cls, address, dict(
         secret=secret, tls=tls, compression=compression, compress_min=compress_min, connect_timeout=connect_timeout,
-        wait=check_wait(wait)), asyncio=True)
+        wait=check_wait(wait), resolver=resolver, resolve_every=resolve_every), asyncio=True)
     return async_client_class(server_cls)(server_cls, transport, timeout)
 
 

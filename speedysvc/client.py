@@ -80,6 +80,13 @@ class Client:
     def timeout(self) -> float | None:
         return self._timeout
 
+    def endpoints(self) -> list[dict] | None:
+        """A client over several endpoints: each one's state, for debugging (``address``,
+        ``host`` as configured, ``healthy``, ``inflight``, ``calls``, ``errors``, ``last_error``);
+        None for a client of one address."""
+        state = getattr(self._transport, "endpoints", None)
+        return state() if state is not None else None
+
     def close(self) -> None:
         self._transport.close()
 
@@ -185,7 +192,8 @@ def client_class(server_cls) -> type:
 
 def connect(server_cls, address: str = "shm://", *, timeout: float | None = None, secret=None, tls=None,
             compression: str | None = None, compress_min: int | None = None,
-            connect_timeout: float | None = None, wait: float | None = None) -> Client:
+            connect_timeout: float | None = None, wait: float | None = None, resolver=None,
+            resolve_every: float | None = None) -> Client:
     """Connect to a service: ``connect(EchoServer)`` or ``connect(EchoServer, 'tcp://host:port')``.
 
     ``timeout`` bounds each call in seconds (None: no limit; a call still fails at
@@ -206,11 +214,18 @@ def connect(server_cls, address: str = "shm://", *, timeout: float | None = None
     to payloads of at least ``compress_min`` bytes (default 4096) both ways;
     ``connect_timeout`` (default 10 s) bounds connecting and the handshake, as does a
     call's ``timeout`` when it is shorter (a call that connects raises ``CallTimeout`` then).
+
+    Several TCP addresses, ``'tcp://h1:5555,h2:5555,h3'`` or ``['tcp://h1', 'tcp://h2']``,
+    make a client that balances its calls over every address of those hosts and fails over
+    between them (``speedysvc.tcp.balanced``; README, "Running on several hosts"):
+    ``resolve_every`` (default 10 s) is how often the host names are resolved again, and
+    ``resolver`` a callable ``(host, port) -> [addresses]`` in place of the system's; either
+    one makes a client of one address balance over that name's addresses too.
     """
     check_server_class(server_cls, "connect")
     transport = open_transport(server_cls, address, dict(
         secret=secret, tls=tls, compression=compression, compress_min=compress_min, connect_timeout=connect_timeout,
-        wait=check_wait(wait)))
+        wait=check_wait(wait), resolver=resolver, resolve_every=resolve_every))
     return client_class(server_cls)(server_cls, transport, timeout)
 
 

@@ -11,15 +11,18 @@ _NAME_RE = re.compile(r"[A-Za-z0-9_\-]{1,64}")
 
 
 class MethodSpec:
-    """What both sides know about one service method: its name and codec."""
+    """What both sides know about one service method: its name, its codec, and whether it is
+    idempotent (a call may run twice with the effect of once: a client over several endpoints
+    sends one lost in flight again, elsewhere)."""
 
-    __slots__ = ("name", "name_bytes", "codec", "func", "signature")
+    __slots__ = ("name", "name_bytes", "codec", "func", "signature", "idempotent")
 
-    def __init__(self, func, codec: codecs.Codec):
+    def __init__(self, func, codec: codecs.Codec, idempotent: bool = False):
         self.name = func.__name__
         self.name_bytes = self.name.encode()
         self.codec = codec
         self.func = func
+        self.idempotent = idempotent
         try:
             self.signature = inspect.signature(func)
         except (TypeError, ValueError):
@@ -31,14 +34,23 @@ class MethodSpec:
 
 def codec_method(codec: codecs.Codec):
     """The decorator that exposes a server method using ``codec`` (``json_method`` is
-    ``codec_method(codecs.JSON)``); for a codec of your own, after ``codecs.register``."""
+    ``codec_method(codecs.JSON)``); for a codec of your own, after ``codecs.register``.
+
+    ``@json_method`` as it is, or ``@json_method(idempotent=True)`` for a method that may run
+    twice for one call with the effect of once (a read, a put of a whole value): a client
+    over several endpoints sends such a call again, once, elsewhere when its connection was
+    lost while it was in flight (README, "Running on several hosts")."""
     if not isinstance(codec, codecs.Codec) or codecs.by_id(codec.id) is not codec:
         raise ValueError(f"{codec!r} is not a registered codec: codecs.register() it first")
 
-    def decorate(func):
+    def decorate(func=None, *, idempotent: bool = False):
+        if not isinstance(idempotent, bool):
+            raise TypeError(f"idempotent= is True or False, not {idempotent!r}")
+        if func is None:   # @json_method(idempotent=True)
+            return lambda f: decorate(f, idempotent=idempotent)
         if not callable(func):
             raise TypeError(f"@{codec.name}_method decorates a function, not {func!r}")
-        func.__speedysvc__ = MethodSpec(func, codec)
+        func.__speedysvc__ = MethodSpec(func, codec, idempotent)
         return func
 
     decorate.__name__ = f"{codec.name}_method"

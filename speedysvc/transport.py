@@ -166,10 +166,32 @@ def parse_address(server_cls, address: str) -> Address:
     return scheme.parse(server_cls, parts)
 
 
-def open_transport(server_cls, address: str, options: dict | None = None, *, asyncio: bool = False):
-    """A new transport for ``address`` (``options``: connect()'s transport arguments that were given)."""
-    parsed = parse_address(server_cls, address)
+# what makes a client balance over endpoints besides several addresses, and what does it
+BALANCING_OPTIONS = ("resolver", "resolve_every")
+BALANCED = "speedysvc.tcp.balanced"
+
+
+def open_transport(server_cls, address, options: dict | None = None, *, asyncio: bool = False):
+    """A new transport for ``address`` (``options``: connect()'s transport arguments that were given).
+
+    Several addresses (``'tcp://h1:5555,h2,h3'``, or a list of addresses), or one with a
+    ``resolver`` or ``resolve_every`` option, make a client over several endpoints
+    (``speedysvc.tcp.balanced``); one address alone, the scheme's own transport."""
     options = {k: v for k, v in (options or {}).items() if v is not None}
+    several = not isinstance(address, str) or "," in address
+    if several or any(k in options for k in BALANCING_OPTIONS):
+        balanced = importlib.import_module(BALANCED)
+        if isinstance(address, (bytes, bytearray)) or not isinstance(address, (str, list, tuple)):
+            raise TypeError(f"address must be a string such as 'tcp://host:port' or a list of them, "
+                            f"not {address!r}")
+        parsed = [parse_address(server_cls, a) for a in balanced.split_addresses(address)]
+        if any(p.scheme.lower() != "tcp" for p in parsed):
+            raise ValueError(f"only tcp:// addresses can be several (or take resolver=, resolve_every=): "
+                             f"{address!r}")
+        keep_large_allocations()
+        idempotent = frozenset(spec.name_bytes for spec in server_cls._speedysvc_methods.values() if spec.idempotent)
+        return balanced.open_balanced(parsed, options, idempotent, asyncio=asyncio)
+    parsed = parse_address(server_cls, address)
     keep_large_allocations()   # large payloads without page faults on every call (speedysvc.allocation)
     return SCHEMES[parsed.scheme.lower()].factory(asyncio)(parsed, options)
 

@@ -337,7 +337,7 @@ class Signaller(ServerMethodsBase):
 class Fragile(ServerMethodsBase):
     """Calls that end the worker running them, in each way a process ends: for the manager's
     tests of workers killed by calls."""
-    port = 5563
+    port = PORTS + 8
     name = 'fragile'
 
     @msgpack_method
@@ -363,7 +363,7 @@ class Fragile(ServerMethodsBase):
 
 class DiesIdle(ServerMethodsBase):
     """Its worker exits by itself right after it starts serving, before any call."""
-    port = 5564
+    port = PORTS + 9
     name = 'dies_idle'
 
     def __init__(self):
@@ -428,3 +428,28 @@ class Faulty(ServerMethodsBase):
     @msgpack_method
     def ok(self):
         return True
+
+
+class Spread(ServerMethodsBase):
+    """One service run by several managers at once, one per "host" (tests/tcp/test_tcp_balanced.py,
+    tests/hosts/): each answer says which host gave it (SPREAD_HOST in the manager's environment)."""
+    name = "spread"
+    port = PORTS + 170
+
+    @msgpack_method(idempotent=True)
+    def where(self):
+        return os.environ.get("SPREAD_HOST", "?")
+
+    @msgpack_method(idempotent=True)
+    def where_slowly(self, seconds):
+        time.sleep(seconds)
+        return os.environ.get("SPREAD_HOST", "?")
+
+    @msgpack_method
+    def once(self):
+        return os.environ.get("SPREAD_HOST", "?")
+
+    @msgpack_method
+    def once_slowly(self, seconds):
+        time.sleep(seconds)
+        return os.environ.get("SPREAD_HOST", "?")

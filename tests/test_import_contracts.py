@@ -22,7 +22,8 @@ CLIENT = ["speedysvc", "speedysvc.errors", "speedysvc.methods", "speedysvc.trans
           "speedysvc.allocation",
           "speedysvc.aio", "speedysvc.codecs.*", "speedysvc.shm", "speedysvc.shm.segment", "speedysvc.shm.channels",
           "speedysvc.shm.transport", "speedysvc.shm.aio", "speedysvc.tcp", "speedysvc.tcp.framing",
-          "speedysvc.tcp.compression", "speedysvc.tcp.protocol", "speedysvc.tcp.client", "speedysvc.tcp.aio"]
+          "speedysvc.tcp.compression", "speedysvc.tcp.protocol", "speedysvc.tcp.client", "speedysvc.tcp.aio",
+          "speedysvc.tcp.balanced"]
 SERVING = ["speedysvc.manager", "speedysvc.local", "speedysvc.service", "speedysvc.cli", "speedysvc.worker",
            "speedysvc.shm.worker", "speedysvc.shm.dispatch", "speedysvc.shm.logpipe", "speedysvc.tcp.server",
            "speedysvc.tcp.connection", "speedysvc.tcp.admission", "speedysvc.tcp.parking", "speedysvc.tcp.inflate",

@@ -173,6 +173,9 @@
 #define FRAME_MAX_NAME   64    /* a method name's most bytes */
 #define FRAME_F_COMPRESSED 0x1 /* the payload is compressed (the original length in front) */
 #define FRAME_KNOWN_FLAGS  FRAME_F_COMPRESSED
+/* a reply's or go-away's: the call (a go-away's: every call of the connection still without a
+ * reply) never started, so it may be sent again; only to a client whose hello asked for it */
+#define FRAME_F_NOT_RUN    0x2
 
 /* Every constant above, for module.c to export: X(NAME) each. */
 #define LAYOUT_CONSTANTS(X) \
@@ -198,6 +201,6 @@
     X(SMALL_RESPONSE) X(SMALL_REQUEST) X(IN_PLACE_MIN) \
     X(FRAME_HEADER) X(FRAME_KIND) X(FRAME_FLAGS) X(FRAME_NAME_LEN) X(FRAME_CALL_ID) X(FRAME_ARG) \
     X(FRAME_TIMEOUT) X(FRAME_LENGTH) X(FRAME_CALL) X(FRAME_REPLY) X(FRAME_GOAWAY) X(FRAME_MAX_NAME) \
-    X(FRAME_F_COMPRESSED) X(FRAME_KNOWN_FLAGS)
+    X(FRAME_F_COMPRESSED) X(FRAME_KNOWN_FLAGS) X(FRAME_F_NOT_RUN)
 
 #endif

@@ -256,7 +256,10 @@ def load(path: str) -> ManagerConfig:
     if not os.path.isfile(path):
         raise ConfigError(path, None, None, "no such file")
     folder = os.path.dirname(path)
-    ini = configparser.ConfigParser(interpolation=None, default_section="\0none")
+    # a comment may also end a line (``key=value   ; why``), as the docs' examples write them;
+    # it needs whitespace before its ``;`` or ``#``, so ``tcp://h#x`` or ``a;b`` stay values
+    ini = configparser.ConfigParser(interpolation=None, default_section="\0none",
+                                    inline_comment_prefixes=(";", "#"))
     try:
         with open(path, encoding="utf-8") as f:
             ini.read_file(f)

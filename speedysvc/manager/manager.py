@@ -49,6 +49,15 @@ class _ToServiceLog(logging.Handler):
         self.target.write(record.process or os.getpid(), record.levelname, record.name, message, record.created)
 
 
+def user_name() -> str:
+    """This process's user, for the log: its name, or its uid when the system has no name for it
+    (a container run under a uid its image does not list, as Kubernetes' runAsUser allows)."""
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):   # (KeyError from pwd up to Python 3.12, OSError from 3.13)
+        return f"uid {os.getuid()}"
+
+
 def describe_services(cfg: ManagerConfig, only: set[str] | None = None) -> None:
     """Import each service class in a throwaway process (so the manager stays light and a
     broken module cannot hurt it) to learn its name, port and methods (of the sections in
@@ -205,7 +214,7 @@ class Manager:
                     web = await start_web(self, cfg.web)
                     self.web_url = web.url
                     log.info("web interface on %s (for user %s; others need the token: speedysvc web)",
-                             web.url, getpass.getuser())
+                             web.url, user_name())
                 self._starting_up = True
                 try:
                     await self._start_services(list(self.pools.values()))
@@ -509,8 +518,8 @@ class Manager:
     def status(self) -> dict:
         return {
             "manager": {"pid": os.getpid(), "started": self.started, "uptime": time.time() - self.started,
-                        "config": self.config.path, "web": self.web_url, "store": self.store.status(),
-                        "loop_lag_s": self.loop_lag},
+                        "config": self.config.path, "web": self.web_url, "loop_lag_s": self.loop_lag,
+                        "store": self.store.status()},
             "services": [p.status() for p in self.pools.values()],
         }
 

@@ -198,7 +198,7 @@ class AsyncTcpTransport:
         try:
             _, conn = await asyncio.wait_for(loop.create_connection(
                 lambda: AsyncConnection(opts), opts.host, opts.port, ssl=opts.ssl_context,
-                server_hostname=opts.host if opts.ssl_context else None), budget)
+                server_hostname=opts.tls_name if opts.ssl_context else None), budget)
         except asyncio.TimeoutError:
             if deadline is not None and budget < opts.connect_timeout:
                 raise too_late() from None

@@ -393,7 +393,7 @@ def open_connection(opts: ClientOptions, deadline: float | None = None,
                 sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, opt), value)
         if opts.ssl_context is not None:
             _time_left(sock, end)   # (the TLS handshake)
-            sock = opts.ssl_context.wrap_socket(sock, server_hostname=opts.host)
+            sock = opts.ssl_context.wrap_socket(sock, server_hostname=opts.tls_name)
         message, nonce = opts.client_hello(_read_hello(sock, opts, end))
         _time_left(sock, end)
         sock.sendall(message)

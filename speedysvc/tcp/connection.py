@@ -45,6 +45,7 @@ class ServerConnection(asyncio.BufferedProtocol):
         self.compression: str | None = None
         self.compress_min = compression.DEFAULT_MIN_SIZE
         self.authenticated = False
+        self.not_run = False    # the client asked to know which calls never started (F_NOT_RUN)
         self.inflight = 0
         self.closed = False
         self.paused_by_server = False
@@ -269,6 +270,10 @@ class ServerConnection(asyncio.BufferedProtocol):
             self.refuse(ProtocolError("malformed client hello"))
             return
         welcome = {"proof": None}
+        # a client that asks is told which calls never started (F_NOT_RUN), so it may send them
+        # elsewhere; an older client is not sent a flag it would not know
+        if body.get("not_run") is True:
+            self.not_run = welcome["not_run"] = True
         if server.secret is not None:
             sent = body.get("proof")
             expected = fr.client_proof(server.secret, self.nonce, client_nonce, server.service)
@@ -357,14 +362,22 @@ class ServerConnection(asyncio.BufferedProtocol):
         with_tb = not isinstance(exc, SpeedysvcError)
         self.reply(call_id, core.STATUS_ERROR, encode_exception(exc, with_tb))
 
+    def reply_not_run(self, call_id: int, exc: BaseException) -> None:
+        """An error reply to a call that was never started (the server is stopping, no channel
+        is free): flagged so, if the client asked in its hello."""
+        if not self.closed:
+            self._send(call_id, core.STATUS_ERROR, encode_exception(exc, False),
+                       fr.F_NOT_RUN if self.not_run else 0)
+
     def refuse(self, exc: BaseException) -> None:
         """End a connection during the handshake, telling the client why."""
         self.server.counters["refused"] += 1
         self._close_with(fr.pack_hello(fr.REFUSED, {"error": encode_exception(exc, False)}))
 
-    def go_away(self, exc: BaseException) -> None:
-        """End an established connection, telling the client why."""
-        self._close_with(fr.goaway(encode_exception(exc, False)))
+    def go_away(self, exc: BaseException, not_run: bool = False) -> None:
+        """End an established connection, telling the client why (``not_run``: and that none
+        of its calls still without an answer was started, if it asked to know)."""
+        self._close_with(fr.goaway(encode_exception(exc, False), fr.F_NOT_RUN if not_run and self.not_run else 0))
 
     def _close_with(self, last: bytes) -> None:
         if not self.closed:

@@ -42,6 +42,7 @@ if FRAME.size != core.FRAME_HEADER or [
 CALL, REPLY, GOAWAY = core.FRAME_CALL, core.FRAME_REPLY, core.FRAME_GOAWAY
 F_COMPRESSED = core.FRAME_F_COMPRESSED
 KNOWN_FRAME_FLAGS = core.FRAME_KNOWN_FLAGS
+F_NOT_RUN = core.FRAME_F_NOT_RUN   # replies and go-aways only, to clients that asked (docs/tcp-protocol.md)
 MAX_NAME = core.FRAME_MAX_NAME
 SMALL_FRAME = 64 << 10   # a frame below this goes out in one piece (header and payload joined), either way
 SCRATCH_SIZE = 256 << 10      # the most a parser's scratch buffer grows to (larger frames: lazy_buffer)
@@ -143,8 +144,8 @@ def reply_header(call_id: int, status: int, length: int, flags: int = 0) -> byte
     return FRAME.pack(REPLY, flags, 0, call_id, status, 0, length)
 
 
-def goaway(payload: bytes) -> bytes:
-    return FRAME.pack(GOAWAY, 0, 0, 0, 0, 0, len(payload)) + payload
+def goaway(payload: bytes, flags: int = 0) -> bytes:
+    return FRAME.pack(GOAWAY, flags, 0, 0, 0, 0, len(payload)) + payload
 
 
 def lazy_buffer(length: int) -> mmap.mmap:
@@ -286,7 +287,7 @@ class FrameParser:
     def _check(self, kind, flags, name_len, length) -> None:
         if kind not in self.accept:
             raise ProtocolError(f"unexpected frame kind {kind}")
-        if flags & ~KNOWN_FRAME_FLAGS:
+        if flags & ~(KNOWN_FRAME_FLAGS if kind == CALL else KNOWN_FRAME_FLAGS | F_NOT_RUN):
             raise ProtocolError(f"unknown frame flags {flags:#x}")
         if kind == CALL:
             if not 1 <= name_len <= MAX_NAME:

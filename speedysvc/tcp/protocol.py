@@ -53,6 +53,7 @@ class ClientOptions:
         self.compress_min = compress_min
         self.connect_timeout = connect_timeout
         self.address = f"tcp://[{host}]:{port}" if ":" in host else f"tcp://{host}:{port}"
+        self.tls_name = host   # the name TLS checks the certificate against (an address's host name)
 
     def client_hello(self, hello: tuple) -> tuple[bytes, bytes]:
         """Answer the server's hello: (our hello, our nonce).  Raises if we cannot talk to it."""
@@ -86,7 +87,7 @@ class ClientOptions:
                                        f"it cannot prove it is the service")
         return fr.pack_hello(fr.CLIENT_HELLO, {"service": self.service, "compression": self.compression or "",
                                                "compress_min": self.compress_min, "nonce": nonce,
-                                               "proof": proof}), nonce
+                                               "proof": proof, "not_run": True}), nonce
 
     def check_welcome(self, welcome: tuple, nonce: bytes) -> bytes:
         """Check the server's answer to our hello; returns bytes that came after it."""
@@ -95,6 +96,8 @@ class ClientOptions:
             raise self.refused(body)
         if msg_type != fr.WELCOME:
             raise ProtocolError(f"{self.address} sent an unexpected handshake message")
+        # whether the server marks the calls it never started (F_NOT_RUN); an older one does not
+        self.not_run = body.get("not_run") is True
         if self.auth:
             expected = fr.server_proof(self.secret, self.server_nonce, nonce, self.service)
             if not fr.same_proof(body.get("proof"), expected):
@@ -128,15 +131,32 @@ class ClientOptions:
         return [header, payload]
 
     def decode_reply(self, frame: fr.Frame):
-        """(status, payload) of a reply frame."""
+        """(status, payload) of a reply frame; the status is ``STATUS_NOT_RUN`` for an error
+        reply to a call the server never started (see ``answer``)."""
+        status = STATUS_NOT_RUN if frame.flags & fr.F_NOT_RUN and frame.arg else frame.arg
         if frame.flags & fr.F_COMPRESSED:
-            return frame.arg, compression.decompress(self.compression or "", frame.payload,
-                                                     self.max_payload or (1 << 62))
-        return frame.arg, frame.payload
+            return status, compression.decompress(self.compression or "", frame.payload,
+                                                  self.max_payload or (1 << 62))
+        return status, frame.payload
 
     def goaway_error(self, frame: fr.Frame) -> BaseException:
         exc = decode_exception(frame.payload)
+        if frame.flags & fr.F_NOT_RUN:
+            return not_run(ConnectionLost(f"{self.address} closed the connection: {exc}; the calls still "
+                                          f"without an answer never started"))
         return ConnectionLost(f"{self.address} closed the connection: {exc}")
+
+
+# A reply's status as the client keeps it for an error reply flagged F_NOT_RUN (never on the
+# wire, where a status is 0 or 1): ``answer`` raises the error marked ``not_run``.
+STATUS_NOT_RUN = 0x100
+
+
+def not_run(exc: BaseException) -> BaseException:
+    """``exc`` marked as the error of a call that provably never started on the server (it
+    may be sent again, elsewhere): ``exc.not_run`` is True."""
+    exc.not_run = True
+    return exc
 
 
 def connect_budget(opts: ClientOptions, deadline: float | None, timeout: float | None) -> tuple[float, object]:
@@ -173,6 +193,12 @@ def answer(reply: tuple, codec, name: bytes):
     """A reply's (status, data) as the call's result: decoded with ``codec``, or its error raised."""
     status, data = reply
     if status:
+        if status == STATUS_NOT_RUN:
+            try:
+                codec.remote_error(data)
+            except BaseException as e:
+                not_run(e)
+                raise
         return codec.remote_error(data)
     return codec.decode_result(name, data)
 

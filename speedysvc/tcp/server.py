@@ -139,13 +139,15 @@ class TcpServer:
         self._server.close()
         for conn, frame in self.admission.withdraw():
             self.counters["unavailable"] += 1
-            conn.reply_error(frame.call_id, ServiceUnavailable(f"service {self.service!r}: {reason}"))
+            conn.reply_not_run(frame.call_id, ServiceUnavailable(f"service {self.service!r}: {reason}"))
         try:
             await asyncio.wait_for(self._idle.wait(), timeout)
         except asyncio.TimeoutError:
             log.warning("%s: %d TCP call(s) still running after %s s", self.service, self.inflight, timeout)
         for conn in list(self.connections):
-            conn.go_away(ServiceUnavailable(f"service {self.service!r}: {reason}"))
+            # with none of its calls under way, whatever it sent since was never started
+            conn.go_away(ServiceUnavailable(f"service {self.service!r}: {reason}"),
+                         not_run=not conn.inflight and not conn.compressing)
         if self._sweeper is not None:
             self._sweeper.cancel()
         self._server = None
@@ -163,7 +165,7 @@ class TcpServer:
         if self.admission.closing:
             # (calls the gateway itself refuses; those the service refuses its segment counts)
             self.counters["unavailable"] += 1
-            conn.reply_error(frame.call_id, ServiceUnavailable(f"service {self.service!r} is stopping"))
+            conn.reply_not_run(frame.call_id, ServiceUnavailable(f"service {self.service!r} is stopping"))
             return
         if not self.admission.has_room(conn):
             self.admission.wait(conn, frame)
@@ -224,7 +226,7 @@ class TcpServer:
         if self.inflight:
             self.admission.wait(conn, frame, first=True)
             return False
-        conn.reply_error(frame.call_id, exc)
+        conn.reply_not_run(frame.call_id, exc)
         return True
 
     def _inflate(self, conn: ServerConnection, frame: fr.Frame, size: int) -> bool:

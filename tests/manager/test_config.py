@@ -39,6 +39,24 @@ def test_seed_ini_and_inheritance(tmp_path):
     assert echo.stop_timeout == 10.0 and echo.max_payload == 1 << 30 and echo.call_timeout == 0
 
 
+def test_comments_at_the_end_of_lines_as_the_docs_write_them(tmp_path):
+    """docs/service-manager.md's and the README's examples end lines with comments."""
+    cfg = config.load(write(tmp_path, """
+        [defaults]                 ; keys every service section inherits
+        log_dir=/tmp/test_server_logs/
+
+        [EchoServer]               ; one section per service, named after its class
+        import_from=echoserver     ; the module, imported from the ini file's folder
+        max_proc_num=3             # the other kind of comment
+        min_proc_num=3
+        bind_tcp=0.0.0.0           ; anything but loopback needs a secret
+        tcp_secret=a;b#c           ; no whitespace before them: part of the value
+    """))
+    (svc,) = cfg.services
+    assert (svc.import_from, svc.max_proc_num, svc.min_proc_num) == ("echoserver", 3, 3)
+    assert svc.bind_tcp == "0.0.0.0" and svc.tcp_secret == "a;b#c"
+
+
 def test_sizes_aliases_and_relative_log_dir(tmp_path):
     cfg = config.load(write(tmp_path, """
         [S]

@@ -108,7 +108,8 @@ def test_p99_is_never_above_the_slowest_call(running):
     row = next(r for r in s["methods"] if r["name"] == "sleep")
     assert row["max_ms"] >= 20   # (a slow one may be in a higher bucket: the machine is shared)
     assert row["p99_ms"] <= row["max_ms"]
-    assert row["p99_bound"]
+    if row["max_ms"] < 32.768:   # every call in the bucket [16.4, 32.8) ms: p99 is held at the slowest
+        assert row["p99_bound"]
     served = [p for p in points if p.get("calls_per_s", 0) > 0]
     for p in served:
         assert p["p99_ms"] <= row["max_ms"], p

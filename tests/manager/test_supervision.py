@@ -190,7 +190,7 @@ def test_sigterm_lets_calls_in_flight_finish(running):
         t.join()
     assert sorted(results) == [0, 1] and not errors
     with pytest.raises(ServiceUnavailable):
-        connect(Chatty).whoami()
+        connect(Chatty, wait=0).whoami()   # (gone: no waiting for it to come back)
 
 
 def test_stop_timeout_kills_calls_that_run_too_long(running):

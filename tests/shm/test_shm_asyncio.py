@@ -97,7 +97,7 @@ def test_cancelled_async_shm_call_gives_its_channel_back():
 def test_cancelled_async_shm_call_does_not_block_loop_shutdown(tmp_path):
     """``asyncio.wait_for(client.sleep(8), 0.3)`` times out; asyncio.run() then returns at once,
     without joining a default executor's thread that still waits for the worker (no call timeout)."""
-    with LocalService(Kitchen, workers=2, start_timeout=20):
+    with LocalService(Kitchen, workers=2, start_timeout=20, stop_timeout=1.0):   # (a worker still sleeps at the end)
         script = tmp_path / "main.py"
         script.write_text(
             "import asyncio, sys, time\n"

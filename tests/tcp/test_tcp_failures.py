@@ -156,7 +156,7 @@ def test_tcp_server_exits_promptly_on_sigterm_with_a_call_in_flight():
 def test_a_call_without_timeout_fails_when_the_gateway_is_killed(serve):
     """No timeout and the gateway process dies (kill -9) mid-call: the blocking read ends
     with ConnectionLost at once, not a hang; the next call finds nobody listening."""
-    svc = serve(TcpKitchen, workers=1)
+    svc = serve(TcpKitchen, workers=1, stop_timeout=1.0)   # (its worker still sleeps at the end)
     c = connect(TcpKitchen, svc.tcp_address, wait=0)   # (wait=0: the next call fails at once)
     try:
         assert c.echo_msgpack(1) == 1

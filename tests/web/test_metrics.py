@@ -91,9 +91,8 @@ def test_manager_autoscaler_refused_and_wait_series(manager):
             "speedysvc_manager_http_requests", "speedysvc_autoscale_pending", "speedysvc_autoscale_busy_ratio",
             "speedysvc_autoscale_cpu_ratio", "speedysvc_scale_events", "speedysvc_calls_refused",
             "speedysvc_calls_lost", "speedysvc_call_wait_seconds", "speedysvc_workers_target"} <= names
-    # the store's write lag, as the manager's status reports it (none without a store)
-    store = manager.get("/api/status")["manager"].get("store") or {}
-    assert ("speedysvc_manager_store_write_lag_seconds" in names) == (store.get("write_lag_s") is not None)
+    # the store is on by default: its write lag is a series
+    assert "speedysvc_manager_store_write_lag_seconds" in names
     requests = {(s.labels["route"], s.labels["status"]): s.value
                 for s in samples(text, "speedysvc_manager_http_requests") if s.name.endswith("_total")}
     assert requests[("/api/status", "200")] >= 1
