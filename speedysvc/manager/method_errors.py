@@ -3,8 +3,9 @@
 A worker logs what a method raises as one record of the logger ``speedysvc.calls``
 (``speedysvc.shm.dispatch.ErrorLog``): ``method() raised Type: message`` followed by the
 traceback, at most a few per method a minute, and a warning that counts the ones left out.
-This keeps, from those records as they reach the manager (a ``ServiceLog`` subscriber), the
-last ``PER_METHOD`` of each method, for at most ``METHODS`` methods: a bounded amount of memory
+This keeps, from those records as they reach the manager (a ``ServiceLog`` subscriber), and
+from the latest of them a previous manager's store kept (``load``), the last ``PER_METHOD`` of
+each method, for at most ``METHODS`` methods: a bounded amount of memory
 whatever the service raises.
 """
 from __future__ import annotations
@@ -15,6 +16,7 @@ import re
 LOGGER = "speedysvc.calls"
 PER_METHOD = 5
 METHODS = 200
+LOAD = 1000               # records of the logger read back from the store at a manager's start
 MAX_TEXT = 20000          # characters kept of one message or traceback
 
 _RAISED = re.compile(r"(?P<method>[^\s()]+)\(\) raised (?P<type>[^\s:]+): ?(?P<rest>.*)", re.S)
@@ -55,6 +57,12 @@ class MethodErrors:
         m = _LEFT_OUT.match(text)
         if m:
             self._entry(m["method"])["left_out"] += int(m["n"])
+
+    def load(self, records) -> None:
+        """Records a previous manager's store kept, oldest first: what its methods raised goes on
+        being shown after a restart of the manager."""
+        for rec in records:
+            self.notify(rec)
 
     def report(self) -> list[dict]:
         """The methods, the one that raised last first; each with its errors, newest first."""
