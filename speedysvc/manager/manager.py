@@ -28,6 +28,7 @@ from ..errors import ServiceAlreadyRunning
 from ..shm.worker import worker_argv, worker_env
 from ..tcp import eventloop
 from . import config as configmod
+from . import method_errors
 from .config import ConfigError, ManagerConfig, ServiceConfig
 from .logs import LogRecord, ServiceLog
 from .pool import FAILED, RUNNING, STOPPED, ServicePool
@@ -182,6 +183,8 @@ class Manager:
                 since = time.time() - pool.history.interval * pool.history.points.maxlen
                 pool.history.points.extend(store.points(section, since=since))
                 self._load_log(pool.log, section)
+                # the last exceptions of each method (the service page's "Last errors")
+                pool.method_errors.load(store.search_logs(section, method_errors.LOGGER, limit=method_errors.LOAD))
             except Exception as e:
                 store._failed(f"cannot read {store.path}: {e}")
         if pool.history.points:

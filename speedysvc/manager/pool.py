@@ -23,6 +23,7 @@ from . import watchdog
 from .autoscale import LoadMeter, Signals, make_policy
 from .config import ServiceConfig
 from .history import History
+from .method_errors import MethodErrors
 from .logs import ServiceLog
 from .processes import WorkerProcess, WorkerSet, describe_exit
 from .status import service_status
@@ -46,6 +47,10 @@ class ServicePool:
         self.folder = folder
         self.loop = loop
         self.log = ServiceLog(os.path.join(cfg.log_dir, f"{cfg.section}.log"), cfg.log_max_bytes, cfg.log_backups)
+        # the last exceptions of each method, read from the records the workers log about them
+        # (a subscriber: it follows the log into a new file on a reload of the settings)
+        self.method_errors = MethodErrors()
+        self.log.subscribers.add(self.method_errors.notify)
         self.state = STOPPED
         self.failure: str | None = None
         self.segment: shm.ServiceSegment | None = None

@@ -22,6 +22,7 @@ def test_browser_index_stop_and_start_a_service(manager, browser):
     row.locator(".state .pill").filter(has_text="running").wait_for()
     assert row.locator("a").inner_text() == "Chatty"
     row.locator('button[data-action="stop"]').click()
+    row.locator('button[data-action="stop"]').filter(has_text="Confirm stop").click()   # (it asks first)
     row.locator(".state .pill").filter(has_text="stopped").wait_for(timeout=20000)
     with pytest.raises(ServiceUnavailable):
         connect(Chatty).whoami()
@@ -36,7 +37,7 @@ def test_browser_index_stop_and_start_a_service(manager, browser):
     row.locator(".workers").filter(has_text="2 / 1–2").wait_for(timeout=30000)
     row.locator(".scale-n").fill("5")
     row.locator('button[data-action="scale"]').click()
-    page.locator("#message").filter(has_text="1 to 2").wait_for()
+    row.locator(".msg").filter(has_text="1 to 2").wait_for()
     page.locator("#log").filter(has_text="web interface on").wait_for()
     shot(page, "web_index.png")
     assert not errors
@@ -103,9 +104,9 @@ def test_browser_service_page_live_log_and_charts(manager, browser):
         page.locator("#log").filter(has_text="a line written by a service method").wait_for(timeout=10000)
         # the charts draw the points the manager records every 2 s
         page.wait_for_function(
-            "() => Number(document.querySelector('svg.chart[data-series=\"calls_per_s\"]').dataset.points) >= 2",
+            "() => Number(document.querySelector('figure[data-chart=\"calls\"]').dataset.points) >= 2",
             timeout=20000)
-        assert page.locator('svg.chart[data-series="calls_per_s"] polyline').first.get_attribute("points")
+        assert page.locator('figure[data-chart="calls"] canvas').count() == 1
         page.locator("#methods tbody tr").filter(has_text="burn").wait_for()
         assert page.locator("#workers tbody tr").count() >= 1
         # the level filter and the search narrow the live log

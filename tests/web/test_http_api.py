@@ -1,6 +1,7 @@
 """The manager's HTTP API: health and readiness, and what it refuses (forged requests, foreign
 host names, a missing access token)."""
 import subprocess
+import time
 import sys
 
 import pytest
@@ -61,3 +62,54 @@ def test_refuses_foreign_host_names_without_a_token(running):
     assert info.value.code == 421
     assert m.service("Chatty")["state"] == "running"
     assert m.get("/healthz") == {"ok": True}   # 127.0.0.1 still answers
+
+
+KITCHEN = """
+    [defaults]
+    log_dir=logs
+
+    [Kitchen]
+    import_from=services
+
+    [web monitor]
+    port={port}
+"""
+
+
+def test_the_last_errors_of_each_method(running):
+    """What a method raises reaches /api/services/{name}/errors with its traceback, newest first."""
+    from speedysvc import connect
+    from services import Kitchen
+    m = running(KITCHEN)
+    assert m.get("/api/services/Kitchen/errors") == {"methods": []}
+    with connect(Kitchen) as c:
+        for i in range(3):
+            with pytest.raises(ValueError):
+                c.fail_value(f"bad input {i}")
+    m.wait(lambda: m.get("/api/services/Kitchen/errors")["methods"], 20, "the errors to be logged")
+    m.wait(lambda: m.get("/api/services/Kitchen/errors")["methods"][0]["logged"] == 3, 20, "three errors")
+    (method,) = m.get("/api/services/Kitchen/errors")["methods"]
+    assert method["method"] == "fail_value" and method["left_out"] == 0
+    assert [e["message"] for e in method["errors"]] == ["bad input 2", "bad input 1", "bad input 0"]
+    e = method["errors"][0]
+    assert e["type"] == "ValueError" and e["pid"] in {w["pid"] for w in m.service("Kitchen")["worker_list"]}
+    assert "raise ValueError(message)" in e["traceback"] and e["traceback"].startswith("Traceback")
+    assert m.get("/api/services/Nope/errors", ok_only=False) == 404
+
+
+def test_the_last_errors_outlive_a_restart_of_the_manager(running):
+    """A new manager reads them back from the records its store kept."""
+    from speedysvc import connect
+    from services import Kitchen
+    m = running(KITCHEN)
+    with connect(Kitchen) as c:
+        for i in range(2):
+            with pytest.raises(ValueError):
+                c.fail_value(f"before the restart {i}")
+    m.wait(lambda: (m.get("/api/services/Kitchen/errors")["methods"] or [{}])[0].get("logged") == 2, 20, "two errors")
+    time.sleep(2)   # (the store commits within about a second)
+    m.stop()
+    m2 = running(KITCHEN, port=m.port)
+    (method,) = m2.get("/api/services/Kitchen/errors")["methods"]
+    assert [e["message"] for e in method["errors"]] == ["before the restart 1", "before the restart 0"]
+    assert "raise ValueError(message)" in method["errors"][0]["traceback"]

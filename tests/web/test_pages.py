@@ -1,5 +1,6 @@
 """The web interface's pages over HTTP: every service rendered, nothing from elsewhere, and the
 access token given once then carried by a cookie."""
+import re
 import urllib.error
 
 import pytest
@@ -17,9 +18,13 @@ def test_pages_render_every_service(manager):
     assert "default-src 'self'" in headers["Content-Security-Policy"]
     assert "https://" not in html   # nothing from a CDN: works offline
     status, _, html = fetch(manager.url + "/services/Chatty")
-    assert status == 200 and "services:Chatty" in html and 'class="chart"' in html
-    for name in ("app.js", "style.css"):
-        assert fetch(f"{manager.url}/static/{name}")[0] == 200
+    assert status == 200 and "services:Chatty" in html and 'id="charts"' in html
+    assert "https://" not in html
+    # every script and style the page names is served by the manager: the charting library too
+    assets = re.findall(r'(?:src|href)="(/static/[^"]+)"', html)
+    assert any("vendor/uplot/uPlot.iife.min.js" in a for a in assets) and any("uPlot.min.css" in a for a in assets)
+    for path in assets + ["/static/vendor/uplot/LICENSE"]:
+        assert fetch(manager.url + path)[0] == 200, path
     with pytest.raises(urllib.error.HTTPError) as info:
         fetch(manager.url + "/services/Nope")
     assert info.value.code == 404

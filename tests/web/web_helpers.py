@@ -106,3 +106,22 @@ def fetch_as(uid, url, headers=None, method="GET", data=None):
     assert code == 0, "the request as another user failed in its process"
     status, head, body = json.loads(out)
     return status, head, body
+
+
+def watch(page, network_errors_ok=False, statuses_ok=()):
+    """The JavaScript errors of ``page`` from now on: uncaught exceptions, and the console's
+    errors (a failed request among them, unless ``network_errors_ok``: a test that stops the
+    manager expects those; or it answered with one of ``statuses_ok``, that a test provokes)."""
+    errors = []
+
+    def console(msg):
+        text = msg.text
+        if msg.type != "error" or network_errors_ok and ("Failed to load resource" in text or "net::ERR_" in text):
+            return
+        if any(f"status of {code} " in text for code in statuses_ok):
+            return
+        errors.append(f"console: {text}")
+
+    page.on("console", console)
+    page.on("pageerror", lambda e: errors.append(f"page error: {e}"))
+    return errors

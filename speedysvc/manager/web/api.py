@@ -235,6 +235,11 @@ def make_app(manager, token: str | None = None, host: str = "127.0.0.1") -> web.
         found = found[-limit:]
         return _compressed({"events": found, "now": time.time()})
 
+    @routes.get("/api/services/{name}/errors")
+    async def method_errors(request):
+        # the last exceptions per method, with their tracebacks (speedysvc/manager/method_errors.py)
+        return _json({"methods": pool_or_404(request.match_info["name"]).method_errors.report()})
+
     @routes.post("/api/services/{name}/{action:start|stop|restart}")
     async def action(request):
         pool = pool_or_404(request.match_info["name"])

@@ -2,8 +2,8 @@
 
 The pages are rendered with Jinja2 and then kept live by a small script
 (static/app.js) that polls the JSON API (speedysvc/api.py) and follows logs by
-server-sent events; charts are SVG drawn by that script.  Everything ships in
-the package: the interface works offline.
+server-sent events; charts are drawn by uPlot (static/vendor/uplot, its version in
+VERSION).  Everything ships in the package: the interface works offline.
 """
 from __future__ import annotations
 
