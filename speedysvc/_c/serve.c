@@ -522,8 +522,13 @@ PyObject *R_end_phase(Region *self, PyObject *arg) {
     long widx = PyLong_AsLong(arg);
     if ((widx == -1 && PyErr_Occurred()) || check_worker(widx)) return NULL;
     char *w = self->base + H_WORKERS + widx * W_SIZE;
-    STORE(U32(w, W_STATE), WORKER_IDLE);
-    end_shm_phase(w);
+    /* only while the phase is still this loop's: once it went back to IDLE (publish_reply), the
+     * TCP thread may have begun a call and marked the entry busy, which must stay so.  Only
+     * this thread sets SHM, so checking, then storing, then the CAS cannot race with itself. */
+    if ((LOAD(U32(w, W_PHASE)) & ~(uint32_t)PHASE_WAITING) == PHASE_SHM) {
+        STORE(U32(w, W_STATE), WORKER_IDLE);
+        end_shm_phase(w);
+    }
     Py_RETURN_NONE;
 }
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import collections
 import contextvars
+import fcntl
 import json
 import logging
 import math
@@ -105,6 +106,17 @@ def parse_duration(text: str) -> float:
     return value
 
 
+def _text(value):
+    """``value`` as SQLite can store it: text with a lone surrogate (a file name that was not
+    UTF-8, decoded by ``os.fsdecode``) is escaped, not refused."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    return value
+
+
 def merge_points(points: list[dict]) -> dict:
     """Points merged into one: numbers averaged (peaks, such as ``p99_ms`` and ``max_ms``,
     take the maximum), dicts merged key by key, anything else the last value."""
@@ -157,6 +169,7 @@ class Store:
         self._db: sqlite3.Connection | None = None
         self._reported = False
         self._last_maintain = 0.0
+        self._lock_fd: int | None = None   # (see _take_folder)
 
     # -- lifetime ------------------------------------------------------------------------
     def open(self) -> bool:
@@ -165,7 +178,7 @@ class Store:
         if not self.cfg.enabled:
             return False
         try:
-            os.makedirs(self.cfg.state_dir, exist_ok=True)
+            self._take_folder()
             db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT, check_same_thread=False, isolation_level=None)
             try:
                 mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
@@ -186,6 +199,38 @@ class Store:
         self._thread.start()
         return True
 
+    def _take_folder(self) -> None:
+        """The state folder, this user's alone: made 0700, refused if another user owns it (it
+        could read or replace what is kept: logs may hold secrets), its files made 0600; and a
+        lock held for the manager's life, so that a second manager with the same log_dir runs
+        without a store instead of mixing its records with this one's."""
+        folder = self.cfg.state_dir
+        os.makedirs(folder, mode=0o700, exist_ok=True)
+        st = os.stat(folder)
+        if st.st_uid != os.getuid():
+            raise OSError(f"{folder} belongs to uid {st.st_uid}, not to this user")
+        if st.st_mode & 0o077:   # (other users' bits only: a folder made read-only stays so)
+            os.chmod(folder, st.st_mode & 0o700)
+        for name in (FILE_NAME, FILE_NAME + "-wal", FILE_NAME + "-shm", "store.lock"):
+            path = os.path.join(folder, name)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600) if name in (FILE_NAME, "store.lock") \
+                else None
+            try:
+                if fd is not None:
+                    os.fchmod(fd, 0o600)
+                elif os.path.exists(path):
+                    os.chmod(path, 0o600, follow_symlinks=False)
+                if name == "store.lock":
+                    try:
+                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    except BlockingIOError:
+                        raise OSError(f"another manager uses this store (same log_dir); this one runs "
+                                      f"without it") from None
+                    self._lock_fd, fd = fd, None
+            finally:
+                if fd is not None:
+                    os.close(fd)
+
     def close(self, timeout: float = 10.0) -> None:
         """Write what is queued, then stop the writer."""
         thread, self._thread = self._thread, None
@@ -201,6 +246,9 @@ class Store:
             except sqlite3.Error:
                 pass
             self._db = None
+        lock_fd, self._lock_fd = self._lock_fd, None
+        if lock_fd is not None:
+            os.close(lock_fd)
 
     def _failed(self, message: str) -> None:
         self.ok, self.error = False, message
@@ -244,6 +292,13 @@ class Store:
 
     # -- the writer thread ----------------------------------------------------------------
     def _writer(self) -> None:
+        try:
+            self._writes()
+        except Exception as e:   # (a fault of ours: said, and the loop stops queueing for it)
+            self._thread = None
+            self._failed(f"the store's writer stopped: {type(e).__name__}: {e}")
+
+    def _writes(self) -> None:
         self._maintain()
         while True:
             try:
@@ -275,17 +330,27 @@ class Store:
                 self._stop.wait(FLUSH_INTERVAL)   # (batches: a commit per interval, not per row)
 
     def _write(self, batch: list[tuple]) -> None:
+        try:
+            self._write_batch(batch)
+        except Exception as e:   # (never ends the writer: reported, the batch counted as lost)
+            self._failed(f"cannot write {self.path}: {type(e).__name__}: {e} ({len(batch)} rows lost)")
+        finally:
+            with self._lock:
+                self._queued -= len(batch)
+                self._oldest = None if self._queued <= 0 else time.monotonic()
+
+    def _write_batch(self, batch: list[tuple]) -> None:
         points, logs, events = [], [], []
         for item in batch:
             if item[0] == "p":
                 points.append((item[1], 2, item[2].get("t", 0.0), json.dumps(item[2], default=str)))
             elif item[0] == "l":
                 r = item[2]
-                logs.append((item[1], r.get("seq"), r["t"], r.get("pid"), r.get("level"), r.get("logger"),
-                             r.get("message")))
+                logs.append((item[1], r.get("seq"), r["t"], r.get("pid"), r.get("level"), _text(r.get("logger")),
+                             _text(r.get("message"))))
             else:
                 e = item[1]
-                events.append((e["t"], e["service"], e["kind"], e["by"], e["detail"]))
+                events.append((e["t"], e["service"], e["kind"], e["by"], _text(e["detail"])))
         try:
             db = self._db
             db.execute("BEGIN")
@@ -305,10 +370,6 @@ class Store:
                 self.ok, self.error = True, None
                 self._reported = False
                 self.report(logging.INFO, f"store {self.path} written again")
-        finally:
-            with self._lock:
-                self._queued -= len(batch)
-                self._oldest = None if self._queued <= 0 else time.monotonic()
 
     def _maintain(self) -> None:
         """Downsample the minutes that ended, then drop what is older than its retention."""
@@ -393,7 +454,7 @@ class Store:
         source = "logs l"
         if text:
             if len(text) >= 3:   # (the trigram index finds substrings of 3 characters or more)
-                source = "logs_fts f JOIN logs l ON l.id=f.rowid"
+                source = "logs_fts f CROSS JOIN logs l ON l.id=f.rowid"   # (the text index first)
                 where.append("logs_fts MATCH ?")
                 args.append('"' + text.replace('"', '""') + '"')
             else:
