@@ -224,8 +224,8 @@ class Store:
                     try:
                         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                     except BlockingIOError:
-                        raise OSError(f"another manager uses this store (same log_dir); this one runs "
-                                      f"without it") from None
+                        raise OSError("another manager uses this store (same log_dir); this one runs "
+                                      "without it") from None
                     self._lock_fd, fd = fd, None
             finally:
                 if fd is not None:

@@ -35,6 +35,8 @@ OPEN_PATHS = {"/healthz", "/readyz"}
 TOKEN_COOKIE = "speedysvc_token"
 
 
+GREP_LINES = 10_000   # most records a log search answers with (the download has them all)
+
 def _json(data, status: int = 200) -> web.Response:
     return web.json_response(data, status=status, dumps=lambda d: json.dumps(d, default=str))
 
@@ -308,6 +310,8 @@ def make_app(manager, token: str | None = None, host: str = "127.0.0.1") -> web.
         target = log_of(name)
         grep = q.get("grep")
         if grep is not None:   # the whole retained log, from the store's index
+            # (at most GREP_LINES records an answer: the whole log is the download's, streamed)
+            lines = min(lines or GREP_LINES, GREP_LINES)
             section = name if name == "manager" else pool_or_404(name).cfg.section
             try:
                 records = await in_thread(manager.store.search_logs, section, grep, q.get("level"), lines)
