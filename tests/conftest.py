@@ -35,6 +35,15 @@ def _free_port_block(size: int = 200) -> int:
 # ...and ports of its own (read by tests/services.py and the other service modules, in every process)
 os.environ.setdefault("SPEEDYSVC_TEST_PORT_BASE", str(_free_port_block()))
 
+# ...and a runtime folder of its own, where the managers it starts keep their web tokens (the
+# user's own folder would collect the files of managers the tests kill), removed at the end
+if "SPEEDYSVC_TEST_RUNTIME_DIR" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+    os.environ["SPEEDYSVC_TEST_RUNTIME_DIR"] = os.environ["XDG_RUNTIME_DIR"] = tempfile.mkdtemp(prefix="speedysvc-run-")
+    atexit.register(shutil.rmtree, os.environ["XDG_RUNTIME_DIR"], True)
+
 from speedysvc import LocalService, connect, shm  # noqa: E402
 from speedysvc import _shmcore as core  # noqa: E402
 from services import Kitchen  # noqa: E402
