@@ -383,6 +383,17 @@ class _Balancer:
         error.endpoints = lines
         return error
 
+    def _elsewhere(self, ep: Endpoint, e: BaseException, errors: list, tried, lost, name: bytes):
+        """Called while handling ``e``, a failed attempt on ``ep``: ``(tried, lost)`` for the next
+        attempt elsewhere when the call never ran, or was lost in flight once and is idempotent;
+        else ``e`` goes on up."""
+        kind = self._attempt_failed(ep, e, errors)
+        if kind == LOST and lost is None and name in self.idempotent:
+            lost = e
+        elif kind != NEVER_RAN:
+            raise
+        return (tried or set()) | {ep}, lost
+
     def _attempt_failed(self, ep: Endpoint, e: BaseException, errors: list) -> int:
         """Book a failed attempt; what it says about the call (``NEVER_RAN``, ``LOST``, ``OUTCOME``)."""
         if isinstance(e, _NeverSent):
@@ -454,25 +465,7 @@ class BalancedTransport(_Balancer):
     def endpoints(self) -> list[dict]:
         return self.endpoints_state()
 
-    def bind_method(self, name: bytes, codec, dumps, timeout: float | None, fallback):
-        """A client's method that goes straight to ``call`` (see ``client._ClientMethod``)."""
-        call, flags = self.call, codec.flags
-
-        def method(*args, **kwargs):
-            if kwargs:
-                return fallback(*args, **kwargs)
-            if dumps is None:
-                if len(args) != 1 or args[0].__class__ is not bytes:
-                    return fallback(*args)
-                payload = args[0]
-            else:
-                try:
-                    payload = dumps(args)
-                except Exception:
-                    return fallback(*args)   # raises a clear EncodeError
-            return call(name, payload, flags, codec, timeout)
-
-        return method
+    bind_method = TcpTransport.bind_method   # (it needs only ``self.call``)
 
     def call(self, name: bytes, payload, flags: int, codec, timeout: float | None):
         if self.closed:
@@ -518,19 +511,9 @@ class BalancedTransport(_Balancer):
             try:
                 result = ep.transport.call(name, payload, flags, codec, remaining)
             except BaseException as e:
-                kind = self._attempt_failed(ep, e, errors)
-                if kind == NEVER_RAN:
-                    tried = tried or set()
-                    tried.add(ep)
-                    now = time.monotonic()
-                    continue
-                if kind == LOST and lost is None and name in self.idempotent:
-                    lost = e
-                    tried = tried or set()
-                    tried.add(ep)
-                    now = time.monotonic()
-                    continue
-                raise
+                tried, lost = self._elsewhere(ep, e, errors, tried, lost, name)
+                now = time.monotonic()
+                continue
             self._ended(ep)
             return result
 
@@ -647,19 +630,9 @@ class AsyncBalancedTransport(_Balancer):
                 if isinstance(e, asyncio.CancelledError):
                     self._release(ep)
                     raise
-                kind = self._attempt_failed(ep, e, errors)
-                if kind == NEVER_RAN:
-                    tried = tried or set()
-                    tried.add(ep)
-                    now = time.monotonic()
-                    continue
-                if kind == LOST and lost is None and name in self.idempotent:
-                    lost = e
-                    tried = tried or set()
-                    tried.add(ep)
-                    now = time.monotonic()
-                    continue
-                raise
+                tried, lost = self._elsewhere(ep, e, errors, tried, lost, name)
+                now = time.monotonic()
+                continue
             self._ended(ep)
             return result
 
