@@ -83,7 +83,7 @@ def kill_under_load(c, victim, method, threads=6, seconds=0.02):
     # answers are counted from half a second on)
     # the share moved: when each of the other hosts' answers came back to its steady pace
     # (the first full second after the kill, compared with the rate before)
-    first_second = [who for t, who in after if t <= killed + 1.0]
+    first_second = [who for t, who in after if t <= killed + 1.0 and not (who == victim and t <= killed + 0.5)]
     return {"before": dict(before), "failures": load.failures, "in_flight_at_kill": in_flight,
             "answers_after": len(after), "victim_after": sum(1 for t, who in after if who == victim and t > killed + 0.5),
             "first_second": dict(collections.Counter(first_second)),
