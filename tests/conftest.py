@@ -9,31 +9,41 @@ import pytest
 # (the README's example under a manager, another run): set before speedysvc is imported, and
 # inherited by every process the tests start.
 os.environ.setdefault("SPEEDYSVC_NAMESPACE", f"test-{os.getpid()}")
+PORT_BLOCK = 200      # ports per test process: the services' ports are offsets in it
+MAX_WORKERS = 8       # pytest-xdist workers that get a part of the block checked at the start
+# Under pytest-xdist (scripts/test.sh runs the suite in several processes) every worker inherits
+# the controller's values: each takes a namespace, ports and a runtime folder of its own.
+_XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+if _XDIST_WORKER and os.environ.get("SPEEDYSVC_TEST_WORKER") != _XDIST_WORKER:
+    os.environ["SPEEDYSVC_TEST_WORKER"] = _XDIST_WORKER
+    os.environ["SPEEDYSVC_NAMESPACE"] = f"{os.environ['SPEEDYSVC_NAMESPACE']}-{_XDIST_WORKER}"[:32]
+    # the controller checked a block of PORT_BLOCK * MAX_WORKERS ports: worker N takes the Nth part
+    _n = int(_XDIST_WORKER[2:]) if _XDIST_WORKER[2:].isdigit() else MAX_WORKERS
+    if _n < MAX_WORKERS and "SPEEDYSVC_TEST_PORT_BASE" in os.environ:
+        os.environ["SPEEDYSVC_TEST_PORT_BASE"] = str(int(os.environ["SPEEDYSVC_TEST_PORT_BASE"]) + PORT_BLOCK * _n)
+    else:
+        os.environ.pop("SPEEDYSVC_TEST_PORT_BASE", None)
+    os.environ.pop("SPEEDYSVC_TEST_RUNTIME_DIR", None)
 
 
-def _free_port_block(size: int = 200) -> int:
+def _free_port_block(size: int) -> int:
     """The first port of a block of ``size`` that nothing listens on now, picked at random: the
     test services' ports (their classes' ``port``) are offsets in it."""
     rnd = random.Random(os.getpid())
     for _ in range(50):
         base = rnd.randrange(20000, 60000 - size, size)
-        sockets = []
         try:
             for p in range(base, base + size):
-                s = socket.socket()
-                sockets.append(s)
-                s.bind(("127.0.0.1", p))
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", p))
             return base
         except OSError:
             continue
-        finally:
-            for s in sockets:
-                s.close()
     raise RuntimeError("no block of free ports for the test services")
 
 
 # ...and ports of its own (read by tests/services.py and the other service modules, in every process)
-os.environ.setdefault("SPEEDYSVC_TEST_PORT_BASE", str(_free_port_block()))
+os.environ.setdefault("SPEEDYSVC_TEST_PORT_BASE", str(_free_port_block(PORT_BLOCK * (1 if _XDIST_WORKER else MAX_WORKERS))))
 
 # ...and a runtime folder of its own, where the managers it starts keep their web tokens (the
 # user's own folder would collect the files of managers the tests kill), removed at the end

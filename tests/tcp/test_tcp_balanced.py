@@ -99,7 +99,8 @@ def test_addresses_and_the_decorator():
 def test_calls_spread_evenly_and_go_to_the_least_busy(three):
     """One caller after another: within 15 % of a third each (in turn when all are idle); many
     callers at once: each host its part (least outstanding gives a host that answers faster
-    more, so not a third each on a loaded machine); while one host holds a slow call, none
+    more, so not a third each on a loaded machine, where one host's process may wait for a CPU
+    for a while: at least a twentieth each); while one host holds a slow call, none
     goes there."""
     with connect(Spread, ALL, timeout=30) as c:
         answers = [c.where() for _ in range(600)]
@@ -114,7 +115,7 @@ def test_calls_spread_evenly_and_go_to_the_least_busy(three):
         [t.start() for t in threads]
         [t.join() for t in threads]
         assert len(together) == 600
-        assert len(spread_of(together)) == 3 and min(spread_of(together).values()) >= 1 / 6, spread_of(together)
+        assert len(spread_of(together)) == 3 and min(spread_of(together).values()) >= 1 / 20, spread_of(together)
         slow = []
         t = threading.Thread(target=lambda: slow.append(c.once_slowly(1.5)))
         t.start()

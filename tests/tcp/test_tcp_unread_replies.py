@@ -10,8 +10,9 @@ from concurrent.futures import ThreadPoolExecutor
 import msgpack
 
 from speedysvc import codecs
+from speedysvc import _shmcore as core
 from speedysvc.tcp import framing as fr
-from conftest import wait_until
+from conftest import channel_states, wait_until
 import tcp_helpers
 from tcp_helpers import (MSGPACK, InProcessGateway, MiB, RawClient, anon_mib, busy_channels, check, connect_to,
                          guarded, logs_clean, msgpack_args, rss_mib, tcp_service, timed_check)
@@ -177,7 +178,10 @@ def test_clients_that_read_nothing_cannot_take_the_calls_in_flight_from_the_othe
             hog = RawClient(svc, rcvbuf=4096).welcome()
             hog.send(b"".join(fr.call_header(i, b"blob", MSGPACK.flags, 0, len(args)) + args for i in range(1, 5)))
             hogs.append(hog)
-        time.sleep(0.5)
+        # the room is full once 8 answers wait unread in their channels (on a loaded machine the
+        # gateway may take a while to read 384 MiB of calls)
+        assert wait_until(lambda: sum(code == core.ST_RESPONSE for _, code in channel_states(svc).values()) >= 8,
+                          timeout=30)
 
         def one(i):
             with connect_to(svc) as c:
