@@ -368,3 +368,68 @@ def test_history_events_and_log_search_after_a_manager_restart(running, browser)
     body = page.request.get(m2.url + href).text()
     assert "a line from before the restart, 8731" in body
     assert not errors
+
+
+def test_charts_span_days_from_the_stores_minute_points(running, browser, tmp_path):
+    """The span buttons: 30 days asks for the store's 1-minute points (made here by a store that
+    a previous manager left: an hour of 2 s points each of the last three days, merged into
+    minutes), the axis then names days, and the choice outlives a reload of the page; 30 min
+    goes back to the 2 s points."""
+    from speedysvc.manager.store import Store, StoreConfig
+    store = Store(StoreConfig(state_dir=str(tmp_path / "logs.state")))
+    assert store.open()
+    now = time.time()
+    hours = [now - d * 86400 - 7200 for d in (3, 2, 1)]
+    for start in hours:
+        for i in range(1800):
+            store.record_point("Chatty", {"t": start + 2 * i, "calls_per_s": 100.0 + i % 7, "errors_per_s": 0.0,
+                                          "p50_ms": 0.2, "p99_ms": 1.5, "workers": 1, "pending": 0})
+    assert store.flush(maintain=True)
+    store.close()
+    m = running(CHATTY_ONLY)
+    minutes = m.get(f"/api/services/Chatty/history?resolution=60&since={now - 30 * 86400}")["points"]
+    assert 3 * 60 <= len(minutes) <= 3 * 61, len(minutes)     # (from the store; an hour spans 61 minutes)
+    page = browser.new_page(viewport={"width": 1440, "height": 1200})
+    errors = watch(page)
+    urls = []
+    page.on("request", lambda r: urls.append(r.url) if "/history" in r.url else None)
+    page.goto(m.url + "/services/Chatty")
+    page.locator('#ranges button[aria-pressed="true"]').filter(has_text="30 min").wait_for()
+    page.locator("#ranges button", has_text="30 days").click()
+    page.wait_for_function(
+        "() => Number(document.querySelector('figure[data-chart=\"calls\"]').dataset.points) >= 180", timeout=20000)
+    calls = page.locator('figure[data-chart="calls"]')
+    assert page.locator("#charts").get_attribute("data-range") == "30d"
+    assert float(calls.get_attribute("data-first")) < hours[0] + 60     # three days back
+    assert int(calls.get_attribute("data-gaps")) >= 2                   # nothing between the hours
+    assert any("resolution=60" in u for u in urls), urls
+    ticks = calls.get_attribute("data-xticks")
+    assert re.search(r"[A-Za-z]{3}", ticks), ticks                      # days, not clock times
+    # the choice is kept across a reload of the page
+    page.reload()
+    page.locator('#ranges button[aria-pressed="true"]').filter(has_text="30 days").wait_for()
+    page.wait_for_function(
+        "() => Number(document.querySelector('figure[data-chart=\"calls\"]').dataset.points) >= 180", timeout=20000)
+    # and 30 minutes back to the 2 s points: none of the old hours
+    urls.clear()
+    page.locator("#ranges button", has_text="30 min").click()
+    page.wait_for_function("() => document.querySelector('#charts').dataset.range === '30m'", timeout=20000)
+    page.wait_for_function(
+        f"() => Number(document.querySelector('figure[data-chart=\"calls\"]').dataset.first || 0) > {now - 3600}"
+        " || document.querySelector('figure[data-chart=\"calls\"]').dataset.points === '0'", timeout=20000)
+    page.wait_for_timeout(2500)
+    assert urls and all("resolution=2" in u for u in urls), urls
+    assert not errors
+
+
+def test_charts_say_why_there_are_no_days_without_a_store(running, browser):
+    """Without a store the minute points are not kept: the page says so, and 30 min still works."""
+    m = running(CHATTY_ONLY + "\n    [store]\n    enabled=false\n")
+    page = browser.new_page(viewport={"width": 1440, "height": 1000})
+    errors = watch(page, network_errors_ok=True)   # (the 503 that says why is the point)
+    page.goto(m.url + "/services/Chatty")
+    page.locator("#ranges button", has_text="7 days").click()
+    page.locator("#range-note").filter(has_text="needs the store").wait_for(timeout=20000)
+    page.locator("#ranges button", has_text="30 min").click()
+    page.locator("#range-note").wait_for(state="hidden", timeout=20000)
+    assert not errors

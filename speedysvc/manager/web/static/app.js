@@ -3,7 +3,16 @@
 "use strict";
 
 const POLL_MS = 2000;
-const WINDOW_S = 30 * 60;      // the charts show the last 30 minutes
+// the spans the charts can show: the last 30 minutes or 3 hours at the manager's 2 s points,
+// longer at the store's 1-minute points (docs/http-api.md, history); the first is the default
+const RANGES = [
+  {key: "30m", label: "30 min", span: 30 * 60, resolution: 2},
+  {key: "3h", label: "3 h", span: 3 * 3600, resolution: 2},
+  {key: "24h", label: "24 h", span: 86400, resolution: 60},
+  {key: "7d", label: "7 days", span: 7 * 86400, resolution: 60},
+  {key: "30d", label: "30 days", span: 30 * 86400, resolution: 60},
+];
+const MINUTE_POLL_S = 30;      // how often 1-minute points are asked for (a new one comes each minute)
 const MSG_MS = 12000;          // how long a control's message stays
 const CONFIRM_MS = 5000;       // how long a button asks "Confirm stop?"
 
@@ -66,7 +75,13 @@ function fmtDur(ms) {   // a duration given in ms, in the unit that reads best
   return fmtNum(ms * 1000) + " µs";
 }
 const isPow10 = (v) => v > 0 && Math.abs(Math.log10(v) - Math.round(Math.log10(v))) < 1e-9;
-function clock(t) { return new Date(t * 1000).toLocaleTimeString(); }
+// times on a 24-hour clock everywhere (axes, legends, the log), with the date where a chart spans days
+function clock(t) { return new Date(t * 1000).toLocaleTimeString([], {hour12: false}); }
+function stamp(t, withDate) {
+  const d = new Date(t * 1000);
+  return withDate ? d.toLocaleString([], {month: "short", day: "numeric", hour: "2-digit", minute: "2-digit", hour12: false})
+    : d.toLocaleTimeString([], {hour12: false});
+}
 function setText(el, text) { if (el && el.textContent !== text) el.textContent = text; }
 function el(tag, cls, text) {
   const e = document.createElement(tag);
@@ -387,9 +402,10 @@ function methodsOf(p) {
 }
 
 class Chart {
-  constructor(spec, holder, events) {
+  constructor(spec, holder, events, range) {
     this.spec = spec;
     this.events = events;          // () => the events to mark
+    this.range = range;            // () => the span shown (RANGES)
     this.fig = el("figure");
     this.fig.dataset.chart = spec.id;
     this.fig.appendChild(el("figcaption", "", spec.title));
@@ -434,13 +450,18 @@ class Chart {
       legend: {live: true},
       scales: {x: {time: true}, y: spec.log ? {distr: 3, log: 10} : {range: (u, lo, hi) => [0, hi > 0 ? hi * 1.1 : 1]}},
       axes: [
-        // clock times, one row: hours and minutes, with seconds while ticks are under a minute apart
+        // clock times, one row: hours and minutes, with seconds while ticks are under a minute
+        // apart; the day and month where a tick is a day or more after the one before
         {stroke: "#4b5563", grid: {stroke: "#eef0f3"}, ticks: {stroke: "#d9dde3"}, space: 80,
          values: (u, ticks) => {
-           const fine = ticks.length > 1 && ticks[1] - ticks[0] < 60;
-           return ticks.map((t) => new Date(t * 1000).toLocaleTimeString([], fine
-             ? {hour: "2-digit", minute: "2-digit", second: "2-digit", hour12: false}
-             : {hour: "2-digit", minute: "2-digit", hour12: false}));
+           const step = ticks.length > 1 ? ticks[1] - ticks[0] : 0;
+           const opts = step >= 86400 ? {month: "short", day: "numeric"}
+             : step < 60 ? {hour: "2-digit", minute: "2-digit", second: "2-digit", hour12: false}
+             : {hour: "2-digit", minute: "2-digit", hour12: false};
+           const labels = ticks.map((t) => step >= 86400 ? new Date(t * 1000).toLocaleDateString([], opts)
+             : new Date(t * 1000).toLocaleTimeString([], opts));
+           this.fig.dataset.xticks = labels.join("|");   // (the axis is drawn on a canvas)
+           return labels;
          }},
         {stroke: "#4b5563", size: 64,
          grid: spec.log ? {stroke: "#eef0f3", filter: pow10} : {stroke: "#eef0f3"},
@@ -450,7 +471,7 @@ class Chart {
          values: (u, ticks) => ticks.map((v) => v === null ? "" : unit === "ms" ? fmtDur(v)
            : fmtNum(v) + (unit === "MiB" ? " " + unit : ""))},
       ],
-      series: [{label: "time", value: (u, t) => t === null ? DASH : clock(t)}].concat(series.map((s) => ({
+      series: [{label: "time", value: (u, t) => t === null ? DASH : stamp(t, this.range().span > 86400)}].concat(series.map((s) => ({
         label: s.label, stroke: s.color, width: 1.6, spanGaps: false, points: {size: 4},
         // "≤": the figure is the slowest call's, an upper bound, not an estimate (docs/http-api.md)
         value: (u, v, si, idx) => (idx !== null && this.bounds[si - 1] && this.bounds[si - 1][idx] ? "≤ " : "") + withUnit(v),
@@ -504,7 +525,7 @@ class Chart {
   update(points, interval, now) {
     const series = this.seriesFor(points);
     const keys = series.map((s) => s.label).join("\n");
-    if (!series.length) {
+    if (!series.length || !points.length) {
       if (this.plot) { this.plot.destroy(); this.plot = null; }
       this.keys = "";
       if (!this.plotEl.querySelector(".empty")) {
@@ -536,7 +557,9 @@ class Chart {
       });
       prev = p.t;
     }
-    if (prev !== null && now - prev > interval * 2.6) {   // nothing recorded lately: a gap up to now
+    // nothing recorded lately: a gap up to now (a minute's point comes once the minute ended and
+    // the store merged it, up to 30 s later, and is asked for every 30 s: more slack there)
+    if (prev !== null && now - prev > interval * (interval >= 60 ? 3.6 : 2.6)) {
       xs.push(prev + interval);
       cols.forEach((c) => c.push(null));
       bounds.forEach((b) => b.push(false));
@@ -548,7 +571,7 @@ class Chart {
     this.plot.setData([xs].concat(cols), false);
     // from the first point, or the first event before it (a start is marked at its moment)
     const firstEvent = this.events().length ? this.events()[0].t : Infinity;
-    const t0 = Math.max(Math.min(xs[0], firstEvent), now - WINDOW_S);
+    const t0 = Math.max(Math.min(xs[0], firstEvent), now - this.range().span);
     this.plot.setScale("x", {min: Math.min(t0, now - 60), max: now});
     // out of the hover, the legend gives the latest values
     // (the last row: "–" after a gap, never an older figure that would pass for the current one)
@@ -567,7 +590,14 @@ class Charts {
     this.interval = 2.0;
     this.events = [];
     this.eventsMissing = false;    // a manager without the events endpoint
-    this.charts = CHARTS.map((spec) => new Chart(spec, holder, () => this.events));
+    this.fetched = 0;              // when points were last asked for
+    this.range = RANGES[0];
+    try {
+      this.range = RANGES.find((r) => r.key === localStorage.getItem("speedysvc.range")) || RANGES[0];
+    } catch (e) { /* (storage refused: the default) */ }
+    this.note = document.getElementById("range-note");
+    this.charts = CHARTS.map((spec) => new Chart(spec, holder, () => this.events, () => this.range));
+    this.wireRanges(document.getElementById("ranges"));
     let timer = null;
     window.addEventListener("resize", () => {
       clearTimeout(timer);
@@ -575,24 +605,59 @@ class Charts {
     });
   }
 
-  reset() { this.points = []; this.events = []; this.eventsMissing = false; }
+  reset() { this.points = []; this.events = []; this.eventsMissing = false; this.fetched = 0; }
+
+  wireRanges(bar) {
+    if (!bar) return;
+    for (const r of RANGES) {
+      const b = el("button", "", r.label);
+      b.type = "button";
+      b.dataset.range = r.key;
+      b.title = r.resolution === 2 ? "a point every 2 s" : "a point per minute (from the store)";
+      b.setAttribute("aria-pressed", String(r === this.range));
+      b.addEventListener("click", () => {
+        if (r === this.range) return;
+        this.range = r;
+        try { localStorage.setItem("speedysvc.range", r.key); } catch (e) { /* (not kept) */ }
+        bar.querySelectorAll("button").forEach((x) => x.setAttribute("aria-pressed", String(x === b)));
+        this.reset();
+        this.charts.forEach((c) => c.update([], this.interval, Date.now() / 1000));
+        refreshNow();
+      });
+      bar.appendChild(b);
+    }
+  }
 
   async refresh() {
     const base = `/api/services/${encodeURIComponent(this.name)}`;
-    const now = Date.now() / 1000;
-    // only the points after the last one the page has
-    const since = this.points.length ? this.points[this.points.length - 1].t : now - WINDOW_S;
-    const hist = await api(`${base}/history?since=${since.toFixed(3)}`);
-    if (hist.interval) this.interval = hist.interval;
-    for (const p of hist.points) {
-      if (!this.points.length || p.t > this.points[this.points.length - 1].t) this.points.push(p);
+    const now = Date.now() / 1000, range = this.range;
+    document.getElementById("charts").dataset.range = range.key;
+    // only the points after the last one the page has (1-minute points: every MINUTE_POLL_S)
+    if (range.resolution === 2 || !this.fetched || now - this.fetched >= MINUTE_POLL_S) {
+      const since = this.points.length ? this.points[this.points.length - 1].t : now - range.span;
+      let hist;
+      try {
+        hist = await api(`${base}/history?since=${since.toFixed(3)}&resolution=${range.resolution}`);
+      } catch (e) {   // (no store: the history beyond the last hour is not kept)
+        if (!(e instanceof ApiError) || range !== this.range) throw e;
+        setText(this.note, e.message);
+        this.note.hidden = false;
+        hist = {points: [], interval: range.resolution};
+      }
+      if (range !== this.range) return;   // (another span was chosen meanwhile)
+      if (hist.points.length || range.resolution === 2) this.note.hidden = true;
+      this.fetched = now;
+      this.interval = hist.interval || range.resolution;
+      for (const p of hist.points) {
+        if (!this.points.length || p.t > this.points[this.points.length - 1].t) this.points.push(p);
+      }
     }
-    const cut = now - WINDOW_S - 60;
+    const cut = now - range.span - 60;
     let drop = 0;
     while (drop < this.points.length && this.points[drop].t < cut) drop++;
     if (drop) this.points.splice(0, drop);
     if (!this.eventsMissing) {
-      const evSince = this.events.length ? this.events[this.events.length - 1].t : now - WINDOW_S;
+      const evSince = this.events.length ? this.events[this.events.length - 1].t : now - range.span;
       try {
         const data = await api(`/api/events?since=${evSince.toFixed(3)}&service=${encodeURIComponent(this.name)}`);
         for (const ev of data.events) {
