@@ -762,18 +762,25 @@ function markUnknown() {
 let refreshNow = () => {};
 let lastStatus = null;
 
-async function refreshIndex() {
+// the manager's status, with the connection's state and the manager's pid noted (null: no answer)
+async function fetchStatus() {
   let status;
   try {
     status = await api("/api/status");
   } catch (e) {
     connected(false);
     markUnknown();
-    return;
+    return null;
   }
   connected(true);
-  lastStatus = status;
   noticeManager(status.manager.pid);
+  return status;
+}
+
+async function refreshIndex() {
+  const status = await fetchStatus();
+  if (!status) return;
+  lastStatus = status;
   const shown = [...document.querySelectorAll("tr[data-service]")].map((r) => r.dataset.service);
   if (shown.join("\n") !== status.services.map((s) => s.name).join("\n")) {
     location.reload();   // services were added or removed (a reload of service.ini)
@@ -806,16 +813,8 @@ async function refreshIndex() {
 function workerState(w) { return w.leaving ? "leaving" : (!w.serving ? "starting" : (w.busy ? "busy" : "idle")); }
 
 async function refreshService(name, charts) {
-  let status;
-  try {
-    status = await api("/api/status");
-  } catch (e) {
-    connected(false);
-    markUnknown();
-    return;
-  }
-  connected(true);
-  noticeManager(status.manager.pid);
+  const status = await fetchStatus();
+  if (!status) return;
   const s = status.services.find((x) => x.name === name);
   if (!s) {
     const banner = document.getElementById("banner");
