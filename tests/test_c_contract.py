@@ -137,3 +137,18 @@ def test_the_worker_entry_fields_fit_one_entry_without_overlapping():
     for (off, size), (following, _) in zip(fields, fields[1:]):
         assert off % size == 0 and off + size <= following, (off, following)
     assert fields[-1][0] + fields[-1][1] <= core.W_SIZE == 64
+
+
+def test_the_header_fields_do_not_overlap_and_the_hot_words_have_lines_of_their_own():
+    fields = sorted([(core.H_MAGIC, 4), (core.H_VERSION, 4), (core.H_MAX_CHANNELS, 4), (core.H_MAX_WORKERS, 4),
+                     (core.H_MAX_PAYLOAD, 8), (core.H_OWNER_PID, 4), (core.H_STATE, 4), (core.H_CREATED_NS, 8),
+                     (core.H_OWNER_START, 8), (core.H_STATS_OFF, 4), (core.H_MAX_METHODS, 4), (core.H_NAMES_OFF, 4),
+                     (core.H_OWNER_FLAGS, 4), (core.H_SEQ, 4), (core.H_SLEEPERS, 4), (core.H_REFUSED, 8),
+                     (core.H_LOST, 8), (core.H_TCP_OFF, 4), (core.H_BITMAP, core.MAX_CHANNELS_LIMIT // 8),
+                     (core.H_REASON, core.REASON_SIZE)])
+    for (off, size), (following, _) in zip(fields, fields[1:]):
+        assert off % min(size, 8) == 0 and off + size <= following, (off, size, following)
+    assert fields[-1][0] + fields[-1][1] <= core.H_WORKERS
+    # written on every post or claim, or when workers sleep or calls are refused: apart
+    lines = {name: getattr(core, name) // 64 for name in ("H_SEQ", "H_REFUSED", "H_BITMAP")}
+    assert len(set(lines.values())) == len(lines), lines
