@@ -16,6 +16,10 @@ import os
 import time
 
 RECENT = 2000
+# The characters of a message that the manager keeps beyond the log file (its ring of recent
+# records, the store's index, the live views): a worker can write lines of up to a mebibyte
+# (LineSplitter), and 2,000 of those would hold gigabytes; the file keeps every line whole.
+RECORD_MAX = 16 * 1024
 LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
@@ -48,6 +52,9 @@ class ServiceLog:
                         level=level if level in LEVELS else "INFO", logger=logger, message=message)
         self.handler.emit(logging.makeLogRecord({"msg": rec.format(), "levelno": logging.INFO,
                                                  "levelname": "INFO"}))
+        if len(message) > RECORD_MAX:
+            rec["message"] = (f"{message[:RECORD_MAX]} … [{len(message) - RECORD_MAX} more characters "
+                              f"in {os.path.basename(self.path)}]")
         self.recent.append(rec)
         if self.index is not None:
             self.index(rec)

@@ -1,5 +1,7 @@
 """A service's log in the manager: lines from the workers' pipes (``LineSplitter``) and records
 written and kept (``ServiceLog``)."""
+import os
+
 import pytest
 
 from speedysvc.manager.logs import LineSplitter
@@ -78,3 +80,44 @@ def test_log_pipe_lines_that_are_not_records_are_kept_as_text(tmp_path):
     assert (recs[-1]["level"], recs[-1]["logger"], recs[-1]["message"]) == ("ERROR", "svc", "real")
     log.close()
     assert "ERROR svc: real" in (tmp_path / "s.log").read_text()
+
+
+CHATTY = """
+    [defaults]
+    log_dir=logs
+
+    [Chatty]
+    import_from=services
+
+    [web monitor]
+    port={port}
+"""
+
+
+def test_long_records_are_whole_in_the_file_and_cut_in_the_managers_memory(running, tmp_path):
+    """A service that logs lines of most of a mebibyte: the log file has each whole; the
+    manager keeps their first RECORD_MAX characters (its ring of 2,000 records, the store, the
+    live views), so its memory does not grow by what it was sent (here ~150 MiB)."""
+    import glob
+    import psutil
+    from speedysvc import connect
+    from speedysvc.manager.logs import RECORD_MAX
+    from services import Chatty
+    m = running(CHATTY)
+    manager = psutil.Process(m.proc.pid)
+    with connect(Chatty, timeout=60) as c:
+        c.log("WARNING", "warm")
+        before = manager.memory_info().rss
+        for i in range(180):
+            c.log("WARNING", f"long {i:03d} " + "x" * (800 << 10))
+        m.wait(lambda: any(r["message"].startswith("long 179 ") for r in
+                           m.get("/api/services/Chatty/logs?lines=3")["records"]), 60, "the last long record")
+    grown = manager.memory_info().rss - before
+    assert grown < 64 << 20, f"the manager grew by {grown >> 20} MiB for 180 records of 800 KiB"
+    rec = [r for r in m.get("/api/services/Chatty/logs?lines=3")["records"] if r["message"].startswith("long 179 ")][0]
+    assert rec["message"].startswith("long 179 xxx") and len(rec["message"]) < RECORD_MAX + 100
+    cut = len("long 179 ") + (800 << 10) - RECORD_MAX
+    assert rec["message"].endswith(f"x … [{cut} more characters in {os.path.basename(m.service('Chatty')['log_file'])}]")
+    whole = [line for path in glob.glob(str(tmp_path / "logs" / "*")) if os.path.isfile(path)
+             for line in open(path, encoding="utf-8", errors="replace") if " long 179 " in line]
+    assert len(whole) == 1 and whole[0].rstrip("\n").endswith("x" * (800 << 10)), [len(w) for w in whole]
