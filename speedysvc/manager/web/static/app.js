@@ -77,9 +77,10 @@ function fmtDur(ms) {   // a duration given in ms, in the unit that reads best
 const isPow10 = (v) => v > 0 && Math.abs(Math.log10(v) - Math.round(Math.log10(v))) < 1e-9;
 // times on a 24-hour clock everywhere (axes, legends, the log), with the date where a chart spans days
 function clock(t) { return new Date(t * 1000).toLocaleTimeString([], {hour12: false}); }
-function stamp(t, withDate) {
+function stamp(t, withDate, seconds) {
   const d = new Date(t * 1000);
-  return withDate ? d.toLocaleString([], {month: "short", day: "numeric", hour: "2-digit", minute: "2-digit", hour12: false})
+  return withDate ? d.toLocaleString([], {month: "short", day: "numeric", hour: "2-digit", minute: "2-digit",
+                                          ...(seconds ? {second: "2-digit"} : {}), hour12: false})
     : d.toLocaleTimeString([], {hour12: false});
 }
 function setText(el, text) { if (el && el.textContent !== text) el.textContent = text; }
@@ -105,7 +106,7 @@ function connected(ok) {
     banner.hidden = true;
   } else {
     banner.hidden = false;
-    setText(banner, `The manager does not answer (last contact ${new Date(lastContact).toLocaleTimeString()}): `
+    setText(banner, `The manager does not answer (last contact ${clock(lastContact / 1000)}): `
       + "what this page shows may be out of date; it reconnects by itself.");
   }
   document.querySelectorAll("[data-service] button[data-action], button[data-all]").forEach((b) => {
@@ -122,7 +123,7 @@ function noticeManager(pid) {
   setText(document.getElementById("manager-pid"), String(pid));
   const notice = document.getElementById("notice");
   notice.hidden = false;
-  setText(notice, `A new manager (pid ${pid}) answers since ${new Date().toLocaleTimeString()}; the page reloaded its data.`);
+  setText(notice, `A new manager (pid ${pid}) answers since ${clock(Date.now() / 1000)}; the page reloaded its data.`);
   newManagerHooks.forEach((f) => f());
 }
 
@@ -705,7 +706,7 @@ function renderErrors(section, methods) {
       block.appendChild(summary);
       for (const e of m.errors) {
         const one = el("div", "one");
-        one.appendChild(el("div", "small", `${new Date(e.t * 1000).toLocaleString()} · worker pid ${e.pid} · ${e.type}: ${e.message}`));
+        one.appendChild(el("div", "small", `${stamp(e.t, true, true)} · worker pid ${e.pid} · ${e.type}: ${e.message}`));
         one.appendChild(el("pre", "tb", e.traceback || "(no traceback)"));
         block.appendChild(one);
       }
