@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import logging
+import math
 import os
 import signal
 import subprocess
@@ -28,9 +29,19 @@ log = logging.getLogger("speedysvc.manager")
 # logs a record per call would otherwise wake the manager for each one (100 records/s, 100
 # wake-ups), where one read every READ_PAUSE takes the same lines in a few wake-ups.  A read of
 # READ_BURST bytes or more is not paused (a chatty worker must not wait on a full pipe), nor is
-# the last output of a worker that died (read whole before its exit is handled).
+# the last output of a worker that died (read whole before its exit is handled).  Pauses end on
+# the slots of ``next_slot``, as the manager's ticks do (manager.TICK): the pipes of every
+# service are read again in the wake-up of a tick, not in wake-ups of their own.
 READ_PAUSE = 0.1
 READ_BURST = 16 << 10
+
+
+def next_slot(now: float, period: float) -> float:
+    """The first multiple of ``period`` after ``now`` (the loop's time): timers that end on these
+    slots fire together, in one wake-up of the loop.  A ``now`` within 1 % of a period before a
+    slot counts as on it (a timer may fire a little early, or its time be rounded down to the
+    millisecond as uvloop's is): the next slot is then the one after, not that one again."""
+    return (math.floor(now / period + 0.01) + 1) * period
 
 
 class WorkerProcess:
@@ -156,13 +167,23 @@ class WorkerSet:
 
     # -- the loop's callbacks ------------------------------------------------------------------
     def _readable(self, w: WorkerProcess, fd: int) -> None:
-        """A pipe has output: read it, then (if it was little) leave the pipe alone for READ_PAUSE."""
+        """A pipe has output: read it, then (if it was little) leave the pipe alone for READ_PAUSE.
+        What the paused pipes hold is read first: it was written before, and the log keeps the
+        order in which a service's workers wrote (a line a worker prints after logging a record
+        comes after that record, as it did when every pipe was read at once)."""
+        if self._paused:
+            self._read_paused()
         n = self._output(w, fd)
         if 0 < n < READ_BURST and fd in w.fds:
             self.loop.remove_reader(fd)
             self._paused.append((w, fd))
             if self._resume_handle is None:
-                self._resume_handle = self.loop.call_later(READ_PAUSE, self._resume)
+                self._resume_handle = self.loop.call_at(next_slot(self.loop.time(), READ_PAUSE), self._resume)
+
+    def _read_paused(self) -> None:
+        for pw, pfd in list(self._paused):
+            if self.workers.get(pw.pid) is pw and pfd in pw.fds:
+                self._output(pw, pfd)   # (it stays paused until _resume: a burst waits at most that)
 
     def _resume(self) -> None:
         """Watch the paused pipes again (of the workers not gone meanwhile)."""

@@ -11,7 +11,7 @@ import types
 import pytest
 
 from speedysvc.manager.logs import LineSplitter, ServiceLog
-from speedysvc.manager.processes import READ_BURST, READ_PAUSE, WorkerSet
+from speedysvc.manager.processes import READ_BURST, READ_PAUSE, WorkerSet, next_slot
 
 
 @pytest.fixture
@@ -72,8 +72,9 @@ def test_a_worker_that_logs_a_record_at_a_time_is_read_a_few_times_per_pause(pip
     # however slowly the lines came
     assert len(p.reads) <= elapsed / READ_PAUSE + 2
     assert len(p.reads) < lines / 2
-    gaps = [b - a for a, b in zip(p.reads, p.reads[1:])]
-    assert min(gaps) >= READ_PAUSE * 0.9
+    # after the first, the reads come on the slots of READ_PAUSE (with the manager's ticks)
+    slots = [int(t // READ_PAUSE) for t in p.reads[1:]]
+    assert len(set(slots)) == len(slots)
 
 
 def test_a_burst_is_read_without_a_pause_and_a_trickle_with_one(pipe_worker):
@@ -105,3 +106,39 @@ def test_a_pipe_paused_when_its_worker_goes_is_not_watched_again(pipe_worker):
     p.ws._resume()
     assert not p.loop.remove_reader(p.fd)
 
+
+
+def test_what_a_paused_pipe_holds_comes_before_a_later_line_of_another_pipe(pipe_worker):
+    # worker 4242 logs a record (its pipe is then paused) and another record while paused; then
+    # worker 4343 prints a line: the log has them in the order they were written
+    p = pipe_worker
+    out_read, out_write = os.pipe()
+    os.set_blocking(out_read, False)
+    other = types.SimpleNamespace(pid=4343, log_fd=-1, fds={out_read: ("stdout", LineSplitter())})
+    p.ws.workers[other.pid] = other
+    p.loop.add_reader(out_read, p.ws._readable, other, out_read)
+    try:
+        os.write(p.write_end, record(1))
+        p.ws._readable(p.w, p.fd)
+        assert p.ws._paused == [(p.w, p.fd)]
+        p.ws._resume_handle.cancel()   # (it stays paused however slow this test runs)
+        p.ws._resume_handle = None
+        os.write(p.write_end, record(2))
+        os.write(out_write, b"printed after the records\n")
+
+        async def until_three():
+            while len(p.log.recent) < 3:
+                await asyncio.sleep(0.001)
+        p.loop.run_until_complete(asyncio.wait_for(until_three(), 30))
+        assert [r["message"] for r in p.log.recent] == ["record 1 ", "record 2 ", "printed after the records"]
+    finally:
+        p.loop.remove_reader(out_read)
+        os.close(out_read)
+        os.close(out_write)
+
+
+@pytest.mark.parametrize("now, slot", [(0.25, 0.3), (0.3, 0.4), (0.2999999, 0.4), (0.2995, 0.4), (0.297, 0.3),
+                                       (1234.5678, 1234.6), (0.0, 0.1)])
+def test_pauses_and_ticks_end_on_the_next_slot(now, slot):
+    # (a time just before a slot, as a timer that fired early or a clock rounded down gives, is on it)
+    assert next_slot(now, 0.1) == pytest.approx(slot)
