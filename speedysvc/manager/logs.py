@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import collections
 import json
-import logging
-import logging.handlers
 import os
+import threading
 import time
 
 RECENT = 2000
@@ -23,13 +22,68 @@ RECORD_MAX = 16 * 1024
 LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
+_stamp_cache: tuple[int, str] = (-1, "")   # (whole second, its local time as text): records come in bursts
+
+
+def _stamp(t: float) -> str:
+    """``t`` as ``YYYY-mm-dd HH:MM:SS,mmm`` in local time (the text of the second is kept: a
+    log writes many records within one)."""
+    global _stamp_cache
+    second = int(t // 1)
+    cached, text = _stamp_cache
+    if cached != second:
+        text = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
+        _stamp_cache = (second, text)
+    return f"{text},{int(t % 1 * 1000):03d}"
+
+
 class LogRecord(dict):
     """One line of a service's log: t (epoch seconds), pid, level, logger, message."""
 
     def format(self) -> str:
-        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self["t"])) + f",{int(self['t'] % 1 * 1000):03d}"
-        head = f"{stamp} [pid {self['pid']}] {self['level']} {self['logger']}: "
+        head = f"{_stamp(self['t'])} [pid {self['pid']}] {self['level']} {self['logger']}: "
         return head + self["message"].replace("\n", "\n" + " " * 4)
+
+
+class RotatingFile:
+    """A log file rotated by size as ``logging.handlers.RotatingFileHandler`` does it (at
+    ``max_bytes``, keeping ``backups`` files ``path.1`` .. ``path.N``, the newest ``.1``; with
+    either 0, never), written directly: one ``write`` per record, its size counted here rather
+    than asked of the file system for every record, and no ``logging.LogRecord`` made for it.
+    The manager writes a record for every line its workers log, so this is on its busiest path."""
+
+    def __init__(self, path: str, max_bytes: int, backups: int):
+        self.path, self.max_bytes, self.backups = path, max_bytes, backups
+        self._lock = threading.Lock()   # (the loop writes; a thread that logs may too)
+        self._file = open(path, "ab", buffering=0)
+        self.size = os.fstat(self._file.fileno()).st_size
+
+    def write(self, text: str) -> None:
+        data = text.encode("utf-8", "backslashreplace")
+        with self._lock:
+            if self._file is None:   # (written after close: opened again, as logging's handlers do)
+                self._file = open(self.path, "ab", buffering=0)
+                self.size = os.fstat(self._file.fileno()).st_size
+            if self.max_bytes > 0 and self.backups > 0 and self.size and self.size + len(data) >= self.max_bytes:
+                self._rotate()
+            self._file.write(data)
+            self.size += len(data)
+
+    def _rotate(self) -> None:
+        self._file.close()
+        for i in range(self.backups - 1, 0, -1):
+            older = f"{self.path}.{i}"
+            if os.path.exists(older):
+                os.replace(older, f"{self.path}.{i + 1}")
+        os.replace(self.path, self.path + ".1")
+        self._file = open(self.path, "ab", buffering=0)
+        self.size = 0
+
+    def close(self) -> None:
+        with self._lock:
+            if self._file is not None:
+                self._file.close()
+                self._file = None
 
 
 class ServiceLog:
@@ -38,9 +92,7 @@ class ServiceLog:
     def __init__(self, path: str, max_bytes: int, backups: int):
         os.makedirs(os.path.dirname(path), exist_ok=True)
         self.path = path
-        self.handler = logging.handlers.RotatingFileHandler(path, maxBytes=max_bytes, backupCount=backups,
-                                                            encoding="utf-8")
-        self.handler.setFormatter(logging.Formatter("%(message)s"))
+        self.file = RotatingFile(path, max_bytes, backups)
         self.recent: collections.deque[LogRecord] = collections.deque(maxlen=RECENT)
         self.subscribers: set = set()   # callables taking a LogRecord
         self.seq = 0
@@ -50,8 +102,7 @@ class ServiceLog:
         self.seq += 1
         rec = LogRecord(seq=self.seq, t=time.time() if t is None else t, pid=pid,
                         level=level if level in LEVELS else "INFO", logger=logger, message=message)
-        self.handler.emit(logging.makeLogRecord({"msg": rec.format(), "levelno": logging.INFO,
-                                                 "levelname": "INFO"}))
+        self.file.write(rec.format() + "\n")
         if len(message) > RECORD_MAX:
             rec["message"] = (f"{message[:RECORD_MAX]} … [{len(message) - RECORD_MAX} more characters "
                               f"in {os.path.basename(self.path)}]")
@@ -78,7 +129,7 @@ class ServiceLog:
         return out[-lines:] if lines else out
 
     def close(self) -> None:
-        self.handler.close()
+        self.file.close()
 
 
 def matches(rec: LogRecord, level: str | None = None, text: str | None = None) -> bool:

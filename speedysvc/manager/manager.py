@@ -32,6 +32,7 @@ from . import method_errors
 from .config import ConfigError, ManagerConfig, ServiceConfig
 from .logs import LogRecord, ServiceLog
 from .pool import FAILED, RUNNING, STOPPED, ServicePool
+from .processes import next_slot
 from .store import Store
 
 log = logging.getLogger("speedysvc.manager")
@@ -258,11 +259,15 @@ class Manager:
         self._stop.set()
 
     async def _ticker(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
+            # ticks on the slots of the loop's clock where the paused pipes of the workers are
+            # watched again (processes.next_slot): both in one wake-up of the loop
             before = time.monotonic()
-            await asyncio.sleep(TICK)
+            delay = next_slot(loop.time(), TICK) - loop.time()
+            await asyncio.sleep(delay)
             now = time.monotonic()
-            self.loop_lag = max(0.0, now - before - TICK)
+            self.loop_lag = max(0.0, now - before - delay)
             for p in self.pools.values():
                 try:
                     p.sample()

@@ -627,12 +627,18 @@ class ServicePool:
                 self.history.record(None, now, refused=self.refused_calls(), state=self.state, workers=0,
                                     pending=0, busy=0.0, cpu=0.0, rss=0)
             return
-        registered = self._note_serving(self.registered())
-        self._watchdog(registered)
         # (no decisions while a rolling restart runs: its extra workers are not load)
-        if now - self._last_decision >= self.cfg.scale_interval and not self.restarting:
-            self._last_decision = now
-            self._autoscale(registered, now)
+        decide = now - self._last_decision >= self.cfg.scale_interval and not self.restarting
+        # The worker table is read (and each entry's process looked up in /proc) only when
+        # something needs it: the watchdog (call_timeout), a decision of the autoscaler, or a
+        # worker not yet seen serving.  Otherwise a tick of a quiet, steady service reads no
+        # more than its waiting calls: the manager's own cost at 10 ticks/s.
+        if self.cfg.call_timeout or decide or not all(w.serving for w in self.workers):
+            registered = self._note_serving(self.registered())
+            self._watchdog(registered)
+            if decide:
+                self._last_decision = now
+                self._autoscale(registered, now)
         if self.history.due(now):
             stats = self.segment.method_stats()
             self.method_memory = stats

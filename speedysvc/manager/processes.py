@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import logging
+import math
 import os
 import signal
 import subprocess
@@ -23,6 +24,24 @@ from ..shm.worker import PARENT_DEATH_ENV, worker_argv, worker_env
 from .logs import LineSplitter, ServiceLog
 
 log = logging.getLogger("speedysvc.manager")
+
+# A worker's pipe is read at most once per READ_PAUSE while what comes is small: a service that
+# logs a record per call would otherwise wake the manager for each one (100 records/s, 100
+# wake-ups), where one read every READ_PAUSE takes the same lines in a few wake-ups.  A read of
+# READ_BURST bytes or more is not paused (a chatty worker must not wait on a full pipe), nor is
+# the last output of a worker that died (read whole before its exit is handled).  Pauses end on
+# the slots of ``next_slot``, as the manager's ticks do (manager.TICK): the pipes of every
+# service are read again in the wake-up of a tick, not in wake-ups of their own.
+READ_PAUSE = 0.1
+READ_BURST = 16 << 10
+
+
+def next_slot(now: float, period: float) -> float:
+    """The first multiple of ``period`` after ``now`` (the loop's time): timers that end on these
+    slots fire together, in one wake-up of the loop.  A ``now`` within 1 % of a period before a
+    slot counts as on it (a timer may fire a little early, or its time be rounded down to the
+    millisecond as uvloop's is): the next slot is then the one after, not that one again."""
+    return (math.floor(now / period + 0.01) + 1) * period
 
 
 class WorkerProcess:
@@ -90,6 +109,8 @@ class WorkerSet:
         self.workers: dict[int, WorkerProcess] = {}
         self.all_exited = asyncio.Event()
         self.all_exited.set()
+        self._paused: list[tuple[WorkerProcess, int]] = []   # pipes not watched until _resume (READ_PAUSE)
+        self._resume_handle: asyncio.TimerHandle | None = None
 
     def __len__(self) -> int:
         return len(self.workers)
@@ -131,7 +152,7 @@ class WorkerSet:
         for fd, kind in ((proc.stdout.fileno(), "stdout"), (proc.stderr.fileno(), "stderr"), (read_log, "log")):
             fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_NONBLOCK)
             w.fds[fd] = (kind, LineSplitter())
-            self.loop.add_reader(fd, self._output, w, fd)
+            self.loop.add_reader(fd, self._readable, w, fd)
         return w
 
     def sample(self) -> None:
@@ -145,12 +166,40 @@ class WorkerSet:
         return sum(w.rss for w in self.workers.values())
 
     # -- the loop's callbacks ------------------------------------------------------------------
-    def _output(self, w: WorkerProcess, fd: int) -> None:
+    def _readable(self, w: WorkerProcess, fd: int) -> None:
+        """A pipe has output: read it, then (if it was little) leave the pipe alone for READ_PAUSE.
+        What the paused pipes hold is read first: it was written before, and the log keeps the
+        order in which a service's workers wrote (a line a worker prints after logging a record
+        comes after that record, as it did when every pipe was read at once)."""
+        if self._paused:
+            self._read_paused()
+        n = self._output(w, fd)
+        if 0 < n < READ_BURST and fd in w.fds:
+            self.loop.remove_reader(fd)
+            self._paused.append((w, fd))
+            if self._resume_handle is None:
+                self._resume_handle = self.loop.call_at(next_slot(self.loop.time(), READ_PAUSE), self._resume)
+
+    def _read_paused(self) -> None:
+        for pw, pfd in list(self._paused):
+            if self.workers.get(pw.pid) is pw and pfd in pw.fds:
+                self._output(pw, pfd)   # (it stays paused until _resume: a burst waits at most that)
+
+    def _resume(self) -> None:
+        """Watch the paused pipes again (of the workers not gone meanwhile)."""
+        self._resume_handle = None
+        paused, self._paused = self._paused, []
+        for w, fd in paused:
+            if self.workers.get(w.pid) is w and fd in w.fds:
+                self.loop.add_reader(fd, self._readable, w, fd)
+
+    def _output(self, w: WorkerProcess, fd: int) -> int:
+        """Read what the pipe holds (up to 64 KiB) into the log; the bytes read (0 at its end)."""
         kind, lines = w.fds[fd]
         try:
             data = os.read(fd, 1 << 16)
         except BlockingIOError:
-            return
+            return -1
         except OSError:
             data = b""
         for line in (lines.feed(data) if data else lines.rest()):
@@ -160,6 +209,7 @@ class WorkerSet:
             del w.fds[fd]
             if fd == w.log_fd:
                 os.close(fd)
+        return len(data)
 
     def _exited(self, w: WorkerProcess, pidfd: int) -> None:
         self.loop.remove_reader(pidfd)
@@ -200,6 +250,7 @@ class WorkerSet:
             self.log.write(w.pid, "INFO" if kind == "stdout" else "WARNING", kind, line)
 
     def _forget(self, w: WorkerProcess) -> None:
+        self._paused = [(pw, fd) for pw, fd in self._paused if pw is not w]
         for fd in list(w.fds):
             self.loop.remove_reader(fd)
         for f in (w.proc.stdout, w.proc.stderr):

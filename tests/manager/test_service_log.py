@@ -121,3 +121,44 @@ def test_long_records_are_whole_in_the_file_and_cut_in_the_managers_memory(runni
     whole = [line for path in glob.glob(str(tmp_path / "logs" / "*")) if os.path.isfile(path)
              for line in open(path, encoding="utf-8", errors="replace") if " long 179 " in line]
     assert len(whole) == 1 and whole[0].rstrip("\n").endswith("x" * (800 << 10)), [len(w) for w in whole]
+
+
+def test_the_log_file_rotates_at_its_size_keeping_its_backups(tmp_path):
+    from speedysvc.manager.logs import ServiceLog
+    path = tmp_path / "s.log"
+    path.write_bytes(b"x" * 980 + b"\n")   # (what a previous manager wrote counts)
+    log = ServiceLog(str(path), 1000, 2)
+    log.write(1, "INFO", "svc", "first")   # 981 bytes and this line reach 1000: rotated before it
+    assert (tmp_path / "s.log.1").read_bytes() == b"x" * 980 + b"\n"
+    for i in range(40):
+        log.write(1, "INFO", "svc", f"line {i:02d} " + "y" * 40)
+    log.close()
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert files == ["s.log", "s.log.1", "s.log.2"]   # log_backups = 2: the oldest went
+    for name in files:
+        assert 0 < (tmp_path / name).stat().st_size < 1000
+    text = "".join((tmp_path / name).read_text() for name in ("s.log.2", "s.log.1", "s.log"))
+    numbers = [int(line.split("line ")[1][:2]) for line in text.splitlines() if "line " in line]
+    assert numbers == list(range(numbers[0], 40))   # the newest lines, in order, none lost in between
+    assert " [pid 1] INFO svc: line 39 " in (tmp_path / "s.log").read_text()
+
+
+def test_without_backups_the_log_file_is_not_rotated(tmp_path):
+    # (as logging's RotatingFileHandler: rotation needs both a size and backups)
+    from speedysvc.manager.logs import ServiceLog
+    log = ServiceLog(str(tmp_path / "s.log"), 200, 0)
+    for i in range(20):
+        log.write(1, "INFO", "svc", f"line {i}")
+    log.close()
+    assert [p.name for p in tmp_path.iterdir()] == ["s.log"]
+    assert len((tmp_path / "s.log").read_text().splitlines()) == 20
+
+
+def test_a_line_that_is_not_utf8_is_written_escaped(tmp_path):
+    from speedysvc.manager.logs import ServiceLog
+    log = ServiceLog(str(tmp_path / "s.log"), 1 << 20, 1)
+    log.write(1, "WARNING", "stderr", "caf\udce9")   # (a lone surrogate: bytes that were not UTF-8)
+    log.write(1, "INFO", "svc", "after")
+    log.close()
+    text = (tmp_path / "s.log").read_text()
+    assert "stderr: caf\\udce9" in text and "svc: after" in text

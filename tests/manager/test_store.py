@@ -190,3 +190,69 @@ def test_points_keep_json_fields_it_does_not_know(make):
     assert s.flush()
     assert s.points("Svc") == [{"t": T, "new_field": [1, 2], "nested": {"deep": {"x": 1}}}]
     assert json.loads(json.dumps(s.status()))["ok"] is True
+
+
+def index_docs(path, term):
+    """How many records the text index lists under ``term`` (one trigram, in lower case)."""
+    db = sqlite3.connect(path)
+    try:
+        db.execute("CREATE VIRTUAL TABLE temp.vocab USING fts5vocab(main, logs_fts, row)")
+        row = db.execute("SELECT doc FROM temp.vocab WHERE term=?", (term,)).fetchone()
+        return row[0] if row else 0
+    finally:
+        db.close()
+
+
+def test_the_text_index_holds_the_records_kept_and_no_others(make):
+    clock = Clock()
+    s = make(clock, logs_keep=500, logs_max_records=20)
+    assert s.open()
+    for batch in range(4):   # (each flush: a batch of its own, indexed in one statement)
+        for i in range(10):
+            n = batch * 10 + i
+            s.record_log("Svc", {"seq": n, "t": T - 600 + n * 10, "pid": 1, "level": "INFO", "logger": "x",
+                                 "message": f"line {n} word{n:02d}q"})
+        assert s.flush()
+    assert index_docs(s.path, "lin") == 40
+    assert [r["seq"] for r in s.search_logs("Svc", "word17q")] == [17]
+
+    assert s.flush(maintain=True)   # 20 at most (count), then those older than logs_keep (time)
+    kept = [r["seq"] for r in s.search_logs("Svc", limit=0)]
+    assert kept == list(range(20, 40)) and index_docs(s.path, "lin") == 20   # deleted from the index too
+    clock.now = T + 195   # now records 20..29 (t up to T - 310) are older than logs_keep (500 s)
+    assert s.flush(maintain=True)
+    assert [r["seq"] for r in s.search_logs("Svc", "line")] == list(range(30, 40))
+    assert index_docs(s.path, "lin") == 10
+    for n in range(30, 40):
+        assert [r["seq"] for r in s.search_logs("Svc", f"word{n:02d}q")] == [n]
+
+
+def test_a_store_whose_index_was_kept_by_triggers_is_indexed_once(make, tmp_path):
+    # the first stores kept their text index with triggers on the logs table: opened now, the
+    # triggers go (the writer indexes each batch itself) and what they indexed is still found
+    from speedysvc.manager.store import FTS, SCHEMA
+    os.makedirs(tmp_path / "state", mode=0o700)
+    path = str(tmp_path / "state" / "store.sqlite3")
+    db = sqlite3.connect(path, isolation_level=None)
+    db.executescript("BEGIN;" + FTS + ";" + SCHEMA + """
+        CREATE TRIGGER logs_ai AFTER INSERT ON logs BEGIN
+          INSERT INTO logs_fts(rowid, logger, message) VALUES (new.id, new.logger, new.message); END;
+        CREATE TRIGGER logs_ad AFTER DELETE ON logs BEGIN
+          INSERT INTO logs_fts(logs_fts, rowid, logger, message) VALUES ('delete', old.id, old.logger, old.message);
+        END;
+        INSERT INTO logs(service, seq, t, pid, level, logger, message) VALUES
+          ('Svc', 1, 1800000000.0, 1, 'INFO', 'x', 'older entry one'), ('Svc', 2, 1800000000.0, 1, 'INFO', 'x', 'older entry two');
+        COMMIT;""")
+    db.close()
+    s = make(logs_max_records=3)
+    assert s.open()
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT name FROM sqlite_master WHERE type='trigger'").fetchall() == []
+    for i in range(3, 5):
+        s.record_log("Svc", {"seq": i, "t": T, "pid": 1, "level": "INFO", "logger": "x", "message": f"newer entry {i}"})
+    assert s.flush()
+    assert [r["seq"] for r in s.search_logs("Svc", "entry")] == [1, 2, 3, 4]
+    assert index_docs(path, "ent") == 4
+    assert s.flush(maintain=True)   # the oldest goes, from the index too
+    assert [r["seq"] for r in s.search_logs("Svc", "entry")] == [2, 3, 4]
+    assert index_docs(path, "ent") == 3
