@@ -170,6 +170,8 @@ def test_the_worker_table_names_the_method_of_the_call_in_hand():
             assert seg.region.load32(seg.worker_offset(w["index"]) + core.W_METHOD) == \
                 seg.method_names().index("sleep") + 1
             th.join()
+            # (the worker marks itself idle just after the answer is out)
+            assert wait_until(lambda: not seg.workers()[0]["busy"])
             (w,) = seg.workers()
             assert not w["busy"] and w["method"] is None and seg.method_name(w["last_method"]) == "sleep"
         c.whoami()
