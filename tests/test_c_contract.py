@@ -145,10 +145,10 @@ def test_the_header_fields_do_not_overlap_and_the_hot_words_have_lines_of_their_
                      (core.H_OWNER_START, 8), (core.H_STATS_OFF, 4), (core.H_MAX_METHODS, 4), (core.H_NAMES_OFF, 4),
                      (core.H_OWNER_FLAGS, 4), (core.H_SEQ, 4), (core.H_SLEEPERS, 4), (core.H_REFUSED, 8),
                      (core.H_LOST, 8), (core.H_TCP_OFF, 4), (core.H_BITMAP, core.MAX_CHANNELS_LIMIT // 8),
-                     (core.H_REASON, core.REASON_SIZE)])
+                     (core.H_SPIN_UNTIL, 8), (core.H_REASON, core.REASON_SIZE)])
     for (off, size), (following, _) in zip(fields, fields[1:]):
         assert off % min(size, 8) == 0 and off + size <= following, (off, size, following)
     assert fields[-1][0] + fields[-1][1] <= core.H_WORKERS
-    # written on every post or claim, or when workers sleep or calls are refused: apart
-    lines = {name: getattr(core, name) // 64 for name in ("H_SEQ", "H_REFUSED", "H_BITMAP")}
+    # written on every post or claim, when workers sleep or spin, or calls are refused: apart
+    lines = {name: getattr(core, name) // 64 for name in ("H_SEQ", "H_REFUSED", "H_BITMAP", "H_SPIN_UNTIL")}
     assert len(set(lines.values())) == len(lines), lines

@@ -135,6 +135,24 @@ static inline void spin_adapt(spinner *s, int spun_ok, uint64_t waited_ns) {
     else s->budget_ns = s->budget_ns > 1000 ? s->budget_ns / 2 : 0;
 }
 
+/* Wakes one sleeping worker, if any sleeps.  Without sleepers nothing is
+ * written: a worker about to sleep counts itself in H_SLEEPERS before its last
+ * look at the bitmap, so it either sees our bit or we see it (seq_cst order). */
+static inline int kick_workers(char *base) {
+    if (LOAD(U32(base, H_SLEEPERS)) > 0) {
+        /* a worker that spins until later than now takes the call: no wake-up (a sleeper woken
+         * for nothing costs a system call here and a context switch there, which with more
+         * runnable processes than CPUs is most of a call).  The clock is read after the bit
+         * was set, so a spinner that stops at its promise reads the bitmap after it (serve.c,
+         * claim_spin). */
+        uint64_t until = LOAD(U64(base, H_SPIN_UNTIL));
+        if (until && now_ns() < until) return 0;
+        __atomic_fetch_add(U32(base, H_SEQ), 1, __ATOMIC_SEQ_CST);
+        return futex_wake(U32(base, H_SEQ), 1) > 0;
+    }
+    return 0;
+}
+
 /* Is this the only thread of the interpreter?  Then holding the GIL while
  * spinning (a few tens of microseconds at most) keeps nobody waiting. */
 static inline int only_thread(void) {

@@ -40,6 +40,10 @@
                                   adds its own with an atomic add */
 #define H_LOST           136   /* u64: calls lost with WorkerDied (their worker died in them) */
 #define H_BITMAP         256   /* one bit per channel with a posted call (at most 512 bytes) */
+#define H_SPIN_UNTIL     768   /* u64, own cache line, CLOCK_MONOTONIC ns: a worker spins looking
+                                  for posted calls until then (the latest such promise; 0 or past:
+                                  none), written only while some worker sleeps.  A call posted
+                                  before then wakes nobody: the spinner takes it (serve.c) */
 /* ---- TCP served by the workers (layout 5): the header field of this block ----------
  * (kept apart: the rest of the header is shared with other changes) */
 #define H_TCP_OFF        192   /* u32: where the per-worker TCP records start (see T_* below) */
@@ -223,7 +227,7 @@
     X(H_CREATED_NS) X(H_OWNER_START) X(H_STATS_OFF) X(H_MAX_METHODS) X(H_NAMES_OFF) X(H_OWNER_FLAGS) \
     X(OWNER_RESTARTS_WORKERS) X(OWNER_WORKERS_STARTED) X(OWNER_RESTARTING) X(NAME_SIZE) X(H_SEQ) X(H_SLEEPERS) \
     X(H_REFUSED) X(H_LOST) \
-    X(H_BITMAP) X(H_REASON) X(REASON_SIZE) \
+    X(H_BITMAP) X(H_SPIN_UNTIL) X(H_REASON) X(REASON_SIZE) \
     X(H_TCP_OFF) X(T_SIZE) X(T_CLIENTS) X(T_HANDSHAKING) X(T_INFLIGHT) X(T_CONNECTIONS_TOTAL) X(T_CALLS) \
     X(T_ERRORS) X(T_REFUSED) X(T_AUTH_FAILURES) X(T_PROTOCOL_ERRORS) X(T_BYTES_IN) X(T_BYTES_OUT) \
     X(T_ANSWERED_INLINE) X(T_HANDSHAKES_EVICTED) X(T_LISTENING) \

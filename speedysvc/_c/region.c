@@ -168,17 +168,6 @@ int check_slot(Region *self, long slot) {
     return 0;
 }
 
-/* Wakes one sleeping worker, if any sleeps.  Without sleepers nothing is
- * written: a worker about to sleep counts itself in H_SLEEPERS before its last
- * look at the bitmap, so it either sees our bit or we see it (seq_cst order). */
-static inline int kick_workers(char *base) {
-    if (LOAD(U32(base, H_SLEEPERS)) > 0) {
-        __atomic_fetch_add(U32(base, H_SEQ), 1, __ATOMIC_SEQ_CST);
-        return futex_wake(U32(base, H_SEQ), 1) > 0;
-    }
-    return 0;
-}
-
 /* Copies name+payload into the data segment and publishes the call.
  * Returns POSTED, CALL_TOO_BIG when it does not fit, CALL_NOT_SERVING when the
  * service is not serving, or POSTED_WOKE when a sleeping worker had to be woken

@@ -82,8 +82,26 @@ static int any_posted(char *base) {
  * like the caller's wait, so a worker that is its process's only Python thread
  * (the usual case) spins holding the GIL. */
 
+/* A spinner's promise (H_SPIN_UNTIL): calls posted before ``stop`` wake nobody (kick_workers,
+ * core.h), counting on the spinner.  The word holds the latest promise.  A spinner that takes
+ * a call withdraws its own (if it is still there) and, if more calls are posted, passes a
+ * wake-up on (claim_next): they may have come under its promise.  One that runs out of time
+ * leaves the promise to expire: it looks at the bitmap once more after its clock passed
+ * ``stop`` (claim_sleep), and passes a wake-up on as well if it takes a call and more wait. */
+static void promise_spin(char *base, uint64_t stop) {
+    uint64_t *until = U64(base, H_SPIN_UNTIL), cur = LOAD(until);
+    while (cur < stop && !CAS(until, &cur, stop)) {}
+}
+
+static void withdraw_spin(char *base, uint64_t stop) {
+    uint64_t expected = stop;
+    CAS(U64(base, H_SPIN_UNTIL), &expected, (uint64_t)0);
+}
+
+#define WORKER_SPIN_FLOOR_NS 10000
+
 /* The slot claimed at once or while spinning, or -1 when it is time to sleep. */
-static long claim_spin(Region *self, char *w, uint32_t pid, uint64_t start, int *spun_ok) {
+static long claim_spin(Region *self, char *w, uint32_t pid, uint64_t start, int *spun_ok, int *promised) {
     char *base = self->base;
     long slot = claim_phased(self, w, pid);
     if (slot == TCP_HERE) slot = -1;
@@ -95,8 +113,16 @@ static long claim_spin(Region *self, char *w, uint32_t pid, uint64_t start, int 
      * here, which with several callers per CPU is most of their time) */
     uint64_t yield_after = system_overloaded(start) ? 0 : YIELD_AFTER_NS;
     uint64_t stop = start + worker_spin.budget_ns, t;
+    /* (a promise only matters to callers while a worker sleeps: else they wake nobody anyway,
+     * and the word's cache line stays where it is) */
+    if ((*promised = LOAD(U32(base, H_SLEEPERS)) > 0)) promise_spin(base, stop);
     for (unsigned i = 1;; i++) {
-        if (any_posted(base) && (slot = claim_phased(self, w, pid)) >= 0) { *spun_ok = 1; return slot; }
+        if (any_posted(base)) {
+            slot = claim_phased(self, w, pid);
+            if (slot >= 0) { if (*promised) withdraw_spin(base, stop); *spun_ok = 1; return slot; }
+            /* a TCP call runs in this process: no promise it cannot keep (claim_sleep waits) */
+            if (slot == TCP_HERE) { if (*promised) withdraw_spin(base, stop); return -1; }
+        }
         cpu_relax();
         if ((i & 15) == 0) {
             t = now_ns();
@@ -141,16 +167,22 @@ static long claim_sleep(Region *self, char *w, uint32_t pid, uint64_t deadline) 
 static long claim_next(Region *self, char *w, uint64_t deadline) {
     uint32_t pid = LOAD(U32(w, W_PID));
     uint64_t start = now_ns();
-    int spun_ok = 0, alone = only_thread();
-    long slot = alone ? claim_spin(self, w, pid, start, &spun_ok) : -1;
+    int spun_ok = 0, promised = 0, alone = only_thread();
+    long slot = alone ? claim_spin(self, w, pid, start, &spun_ok, &promised) : -1;
     if (slot < 0) {
         Py_BEGIN_ALLOW_THREADS
-        if (!alone) slot = claim_spin(self, w, pid, start, &spun_ok);
+        if (!alone) slot = claim_spin(self, w, pid, start, &spun_ok, &promised);
         if (slot < 0) slot = claim_sleep(self, w, pid, deadline);
         Py_END_ALLOW_THREADS
     }
     uint64_t t = now_ns();
     spin_adapt(&worker_spin, spun_ok, t - start);
+    if (slot >= 0 && promised && any_posted(self->base)) kick_workers(self->base);
+    /* never quite down to no spin: a worker that sleeps long because a spinning peer took the
+     * calls (H_SPIN_UNTIL) would otherwise stop spinning for good, and once every worker has,
+     * each call pays a wake-up again */
+    if (worker_spin.budget_ns < WORKER_SPIN_FLOOR_NS && spin_max_ns) worker_spin.budget_ns =
+        spin_max_ns < WORKER_SPIN_FLOOR_NS ? spin_max_ns : WORKER_SPIN_FLOOR_NS;
     if (slot >= 0) {
         STORE(U32(w, W_STATE), WORKER_BUSY);
         STORE(U64(w, W_CLAIM_NS), t);
