@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING
 
 from .. import _shmcore as core
 from .. import codecs
-from ..errors import AuthenticationFailed, PayloadTooLarge, ProtocolError, ServiceUnavailable, SpeedysvcError, \
-    encode_exception
+from ..errors import AuthenticationFailed, PayloadTooLarge, ProtocolError, ServiceNotUp, ServiceUnavailable, \
+    SpeedysvcError, encode_exception
 from . import compression
 from . import framing as fr
 from .compression import LARGE_PAYLOAD
@@ -370,6 +370,12 @@ class ServerConnection(asyncio.BufferedProtocol):
             self.batch_bytes = 0
 
     def reply_error(self, call_id: int, exc: BaseException) -> None:
+        if isinstance(exc, ServiceNotUp):
+            # the call never reached a worker (not posted, or withdrawn unclaimed as the service
+            # stopped: when workers that serve TCP lose their manager, say): flagged so, it may go
+            # to another endpoint
+            self.reply_not_run(call_id, exc)
+            return
         with_tb = not isinstance(exc, SpeedysvcError)
         self.reply(call_id, core.STATUS_ERROR, encode_exception(exc, with_tb))
 
