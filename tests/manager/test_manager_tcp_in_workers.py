@@ -42,6 +42,7 @@ def clients_on_every_worker(m, n_workers, most=64):
     by_pid, spare = {}, []
     for _ in range(most):
         c = tcp_client()
+        c.whoami()   # (a method no worker ran yet goes to the pool: the next one runs in this one)
         pid = c.whoami()   # (an idle worker runs a call of its own connection itself)
         (spare if pid in by_pid else by_pid.setdefault(pid, c)) is c or spare.append(c)
         if len(by_pid) == n_workers:

@@ -80,9 +80,9 @@ def test_async_client_reconnects_after_a_restart_on_the_same_port():
 
 def test_calls_in_flight_during_a_stop_fail_instead_of_hanging(tcp_mode):
     """A stop with calls in flight that outlast its stop_timeout: they fail (not hang) within a
-    few seconds.  A gateway tells its clients why (go-away: "... is stopping"); a worker that
-    serves TCP runs the call in its own process here (the first call of ``sleep`` there) and is
-    stopped with it, so its clients see their connection lost."""
+    few seconds.  A gateway tells its clients why (go-away: "... is stopping"); workers that
+    serve TCP stop with the calls (their clients may see their connection lost, no reason
+    given)."""
     with LocalService(TcpRestart, workers=2, tcp="127.0.0.1:0", stop_timeout=1) as svc:
         addr = svc.tcp_address
         c = connect(TcpRestart, addr)          # no timeout: only the stop can end the call

@@ -70,6 +70,7 @@ def test_a_shm_call_is_not_held_behind_a_tcp_call(serve, tmp_path):
     svc = serve(TcpTurns, workers=2, tcp_in_workers=True)
     with connect_to(svc, TcpTurns, timeout=60) as tc, connect(TcpTurns) as sc:
         assert tc.whoami() in svc.pids   # (connected and served once)
+        tc.hold(0)   # (known to be quick: a method no worker ran yet goes to the pool)
         release = str(tmp_path / "release")   # (the hold ends once the checks are done)
         th, outcome = call_in_thread(tc.hold, 30.0, release)
         holder = busy_worker(svc)
@@ -215,6 +216,7 @@ def clients_by_worker(svc, n_workers, most=64):
     by_pid, spare = {}, []
     for _ in range(most):
         c = connect_to(svc, TcpTurns, timeout=20)
+        c.whoami()   # (a method no worker ran yet goes to the pool: the next one runs here)
         pid = c.whoami()
         if pid in by_pid:
             spare.append(c)
@@ -242,6 +244,7 @@ def test_a_tcp_serving_worker_killed_mid_call_fails_only_its_callers(serve):
     svc = serve(TcpTurns, workers=2, tcp_in_workers=True)
     clients = clients_by_worker(svc, 2)
     victim, survivor = list(clients)
+    clients[victim].hold(0)   # (known to be quick: a method no worker ran yet goes to the pool)
     try:
         t, outcome = call_in_thread(clients[victim].hold, 30)
         assert busy_worker(svc) == victim

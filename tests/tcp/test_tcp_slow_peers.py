@@ -165,16 +165,6 @@ def test_a_stalled_client_that_does_not_read_is_still_disconnected():
 def test_caller_vanishing_mid_call_leaks_nothing(tmp_path):
     with guarded() as svc, connect_to(svc) as c:
         check(c)
-        if svc.tcp_in_workers:
-            # A worker runs the first call of a method in its own process (docs/tcp-protocol.md),
-            # holding its other connections meanwhile; it posts the method's calls to the pool
-            # once they took over a millisecond.  Each worker learns that of ``sleep`` first
-            # (16 connections: the kernel spreads them over both workers).
-            for _ in range(16):
-                with connect_to(svc) as w:
-                    w.sleep(0.005, None)
-            # (their sockets closed in the workers before the count below)
-            assert wait_until(lambda: svc.segment.tcp_totals()["clients"] == 1, timeout=5)
         pid = server_pids(svc)
         base = open_sockets(pid)
         marks = []

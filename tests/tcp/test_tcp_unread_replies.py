@@ -139,9 +139,8 @@ def test_unread_replies_to_large_requests_pin_neither_requests_nor_replies():
         raw = RawClient(svc, rcvbuf=4096).welcome()
         value = bytes(range(256)) * (size // 256)
         args = msgpack_args(0.2, value)            # sleep(0.2, value) returns value: all are read first
-        # (sent from a thread: a server that stops reading the client once its replies back up
-        # - a worker runs the first call of a method in its own process, answered at once -
-        # takes the rest only as the client reads)
+        # (sent from a thread: a server stops reading a client whose replies back up, and may
+        # do so before it read all of these; it takes the rest only as the client reads)
         sender = threading.Thread(target=raw.send, args=(
             b"".join(fr.call_header(i, b"sleep", MSGPACK.flags, 0, len(args)) + args for i in range(1, n + 1)),))
         sender.start()
