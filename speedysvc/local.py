@@ -48,8 +48,10 @@ class LocalService:
         """``tcp='HOST[:PORT]'`` also serves TCP clients (PORT defaults to the class's
         ``port``; 0 picks a free one, see ``tcp_address``), in a gateway process of its own,
         or, with ``tcp_in_workers``, in the workers themselves (``speedysvc.tcp.inworker``:
-        each listens on the port with SO_REUSEPORT; this process holds the port).  Its default
-        is ``SPEEDYSVC_TCP_IN_WORKERS=1`` in the environment (so a test suite can run either way)."""
+        each listens on the port with SO_REUSEPORT; this process holds the port), which is the
+        default; ``tcp_in_workers=False`` runs the gateway.  Without the argument,
+        ``SPEEDYSVC_TCP_IN_WORKERS=0`` in the environment chooses the gateway (so a test suite
+        can run either way)."""
         if workers < 1 or workers > core.MAX_WORKERS:
             raise ValueError(f"workers must be 1..{core.MAX_WORKERS}, got {workers}")
         self.server_cls = server_cls
@@ -70,7 +72,7 @@ class LocalService:
         self.tcp_timeouts = (tcp_handshake_timeout, tcp_stall_timeout)
         self.tcp_process: subprocess.Popen | None = None
         self.tcp_address: str | None = None     # tcp://host:port once serving
-        self.tcp_in_workers = (os.environ.get(TCP_IN_WORKERS_ENV) == "1") if tcp_in_workers is None \
+        self.tcp_in_workers = (os.environ.get(TCP_IN_WORKERS_ENV) != "0") if tcp_in_workers is None \
             else tcp_in_workers
         self.tcp_reservation = None             # (tcp_in_workers) the socket that holds the port
         self.tcp_env: dict = {}                 # (tcp_in_workers) the options the workers serve with

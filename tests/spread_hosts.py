@@ -59,15 +59,24 @@ class Host:
         return self.out.read()
 
     def kill(self) -> None:
-        """SIGKILL: the manager and its gateway are gone at once (its workers follow it)."""
+        """SIGKILL of the manager (its workers, and their TCP listeners, follow it)."""
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait(30)
 
+    def freeze(self, on: bool = True) -> None:
+        """SIGSTOP (``on``) or SIGCONT to every process of this host, as a host cut off answers
+        nothing: its manager and its workers (which serve TCP themselves by default)."""
+        for pid in self.processes():
+            try:
+                os.kill(pid, signal.SIGSTOP if on else signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+
     def stop(self) -> None:
         try:
+            self.freeze(False)   # (a test may have stopped it)
             if self.proc.poll() is None:
-                self.proc.send_signal(signal.SIGCONT)   # (a test may have stopped it)
                 self.proc.terminate()
                 try:
                     self.proc.wait(30)

@@ -148,6 +148,10 @@
 #define T_ANSWERED_INLINE   88
 #define T_HANDSHAKES_EVICTED 96
 #define T_LISTENING         104   /* u32: 1 while the worker's TCP server accepts */
+#define T_LEASE             112   /* u64 gauge: the share of max_inflight the worker holds (TcpServer's
+                                     calls in flight stay within it; the leases sum to max_inflight
+                                     at most: see tcp/admission.py, SharedAdmission) */
+#define T_SHORT             120   /* u32: 1 while calls of the worker wait for room the others' leases hold */
 
 /* ---- states and codes --------------------------------------------------- */
 /* service states */
@@ -230,7 +234,7 @@
     X(H_BITMAP) X(H_SPIN_UNTIL) X(H_REASON) X(REASON_SIZE) \
     X(H_TCP_OFF) X(T_SIZE) X(T_CLIENTS) X(T_HANDSHAKING) X(T_INFLIGHT) X(T_CONNECTIONS_TOTAL) X(T_CALLS) \
     X(T_ERRORS) X(T_REFUSED) X(T_AUTH_FAILURES) X(T_PROTOCOL_ERRORS) X(T_BYTES_IN) X(T_BYTES_OUT) \
-    X(T_ANSWERED_INLINE) X(T_HANDSHAKES_EVICTED) X(T_LISTENING) \
+    X(T_ANSWERED_INLINE) X(T_HANDSHAKES_EVICTED) X(T_LISTENING) X(T_LEASE) X(T_SHORT) \
     X(H_WORKERS) X(W_SIZE) X(W_PID) X(W_STATE) X(W_CALLS) X(W_BUSY_NS) X(W_STARTED_NS) X(W_ERRORS) \
     X(W_CLAIM_NS) X(W_START_TICKS) X(W_METHOD) X(W_PHASE) X(PHASE_IDLE) X(PHASE_SHM) X(PHASE_TCP) \
     X(PHASE_WAITING) X(WORKER_FREE) X(WORKER_IDLE) X(WORKER_BUSY) \

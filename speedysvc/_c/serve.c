@@ -519,12 +519,22 @@ int tcp_phase_begin(char *base, long widx, long method) {
     char *w = base + H_WORKERS + widx * W_SIZE;
     /* A call runs in the TCP thread's loop, which serves this worker's other connections: a
      * method that has been slow here (its mean over this worker's calls) is posted to the pool
-     * instead, so that one slow method does not hold up the worker's other clients. */
+     * instead, so that one slow method does not hold up the worker's other clients.  A method
+     * this worker has not run yet is judged by the other workers' runs of it, and one no worker
+     * has run yet is posted too (its first call must not hold up the worker's other clients
+     * for as long as it takes: its time is learned in the pool). */
     uint32_t stats = LOAD(U32(base, H_STATS_OFF)), nmethods = LOAD(U32(base, H_MAX_METHODS));
     if (method >= 0 && (uint32_t)method < nmethods && stats) {
         char *m = base + stats + ((uint64_t)widx * nmethods + (uint64_t)method) * M_SIZE;
-        uint64_t calls = LOAD(U64(m, M_CALLS));
-        if (calls && LOAD(U64(m, M_TOTAL_NS)) / calls > LOCAL_CALL_MAX_NS) return 0;
+        uint64_t calls = LOAD(U64(m, M_CALLS)), total = LOAD(U64(m, M_TOTAL_NS));
+        if (!calls) {
+            for (uint64_t i = 0; i < MAX_WORKERS; i++) {
+                char *o = base + stats + (i * nmethods + (uint64_t)method) * M_SIZE;
+                calls += LOAD(U64(o, M_CALLS));
+                total += LOAD(U64(o, M_TOTAL_NS));
+            }
+        }
+        if (!calls || total / calls > LOCAL_CALL_MAX_NS) return 0;
     }
     uint32_t idle = PHASE_IDLE;
     if (!CAS(U32(w, W_PHASE), &idle, PHASE_TCP)) return 0;

@@ -123,8 +123,8 @@ SERVICE_KEYS = {
                                 "default: the SPEEDYSVC_TCP_SECRET environment variable)"),
     "tcp_tls_cert": (_text, None, "PEM certificate (chain) file: serve TCP clients over TLS"),
     "tcp_tls_key": (_text, None, "PEM private key of tcp_tls_cert (if not in the same file)"),
-    "tcp_in_workers": (_bool, False, "the workers accept TCP clients themselves (each listens on the port with "
-                                     "SO_REUSEPORT; a call crosses two processes), not a gateway in the manager"),
+    "tcp_in_workers": (_bool, True, "the workers accept TCP clients themselves (each listens on the port with "
+                                    "SO_REUSEPORT; a call crosses two processes); no: a gateway in the manager"),
     "tcp_allow_pickle": (_bool, False, "accept calls to pickle methods from authenticated TCP clients"),
     "tcp_max_connections": (_int(1), 10000, "most TCP clients at once past the handshake (authenticated, when "
                                             "a secret is required)"),

@@ -472,8 +472,12 @@ class Manager:
                 await pool.restart()
                 await pool.restart_tcp()
             elif how == TCP_RESTART:
+                # (workers that serve TCP take new TCP settings by a rolling restart: say so)
+                workers_serve = any(c.bind_tcp and c.tcp_in_workers for c in (pool.cfg, cfg))
                 pool.reconfigure(cfg)
                 await pool.restart_tcp()
+                if workers_serve:
+                    how = ROLLING
             else:
                 pool.reconfigure(cfg)
             result["changes"][pool.cfg.section] = {"keys": keys, "how": how}

@@ -547,9 +547,10 @@ class ServiceSegment:
 
     def clear_tcp_gauges(self, index: int) -> None:
         off = self.tcp_offset(index)
-        for field in (core.T_CLIENTS, core.T_HANDSHAKING, core.T_INFLIGHT):
+        for field in (core.T_CLIENTS, core.T_HANDSHAKING, core.T_INFLIGHT, core.T_LEASE):
             self.region.store64(off + field, 0)
         self.region.store32(off + core.T_LISTENING, 0)
+        self.region.store32(off + core.T_SHORT, 0)
 
     def tcp_totals(self) -> dict:
         """The TCP records of every worker entry summed: gauges (clients, handshaking, inflight,

@@ -75,6 +75,100 @@ class Admission:
         self.waiting.clear()
         return calls
 
+    def trim(self) -> None:
+        """(``SharedAdmission``: give back room not needed.)"""
+
     def others_wait(self, conn) -> bool:
         """Whether calls of connections other than ``conn`` wait for room."""
         return any(c is not conn for c in self.waiting)
+
+
+class SharedAdmission(Admission):
+    """The admission of a worker that serves TCP (``tcp.inworker``): ``max_inflight`` holds
+    across every worker of the service, not per worker.
+
+    Each worker holds a *lease*, a share of the service's ``limit`` published in its TCP record
+    (layout.h, T_LEASE), and ``max_inflight`` (what ``has_room``, ``next`` and
+    ``_shmcore.Gateway`` compare the worker's calls in flight with) is that lease: the usual
+    call is still checked in C against two numbers of this process.  A worker that needs room
+    beyond its lease grows it: it stores the larger lease first, then reads the sum of the
+    leases, and takes it back when that passes the limit.  The stores and loads are
+    sequentially consistent, so of two workers growing at once the later one to store sees the
+    other's lease: the leases never sum past the limit (both may take theirs back, and look
+    again shortly: ``short``).  A lease shrinks as calls end (to none when the worker has no
+    call in flight), so that idle workers leave the room to busy ones; a worker killed -9 leaks
+    none of it (reaping clears its record)."""
+
+    def __init__(self, limit: int, share: int, shared):
+        super().__init__(0, share)
+        self.limit, self.shared = limit, shared
+        self.step = max(1, limit // 16)   # a lease grows by this much at least (fewer sums read)
+        self.short = False   # a call waits for room the other workers' leases hold (published)
+
+    def _lease(self, value: int) -> None:
+        self.max_inflight = value
+        self.shared.lease(value)
+
+    def _grow(self, needed: int) -> bool:
+        """A lease of ``needed`` calls at least, if the other workers' leave room for it."""
+        if self.shared.off is None:   # (not registered yet: no record to lease with)
+            self._set_short(True)
+            return False
+        held = self.max_inflight
+        for want in (min(self.limit, max(needed, held + self.step)), needed):
+            if want <= held:
+                continue
+            self._lease(want)
+            if self.shared.leased() <= self.limit:
+                self._set_short(False)
+                return True
+        self._lease(held)
+        self._set_short(True)
+        return False
+
+    def _set_short(self, on: bool) -> None:
+        if on != self.short:
+            self.short = on
+            self.shared.short(on)
+
+    def others_wait(self, conn) -> bool:
+        """Whether calls of other connections wait for room, here or in another worker (whose
+        room a connection of ours that reads none of its answers may hold)."""
+        return super().others_wait(conn) or self.shared.others_short()
+
+    def has_room(self, conn, posted: int = 0) -> bool:
+        if conn in self.waiting or conn.inflight + posted >= self.share:
+            return False
+        return self.inflight + posted < self.max_inflight or self._grow(self.inflight + posted + 1)
+
+    def ended(self, conn) -> None:
+        super().ended(conn)
+        self.trim()
+
+    def trim(self) -> None:
+        """Give back the part of the lease the calls in flight do not need (calls leased for
+        may also have been answered at once, never counting as in flight)."""
+        if not self.waiting:
+            self._set_short(False)
+        if not self.inflight and not self.waiting:
+            if self.max_inflight:
+                self._lease(0)
+        elif self.max_inflight > self.inflight + 2 * self.step:
+            self._lease(self.inflight + self.step)
+
+    def next(self):
+        if self.waiting and self.inflight >= self.max_inflight and not self._grow(self.inflight + 1):
+            return None
+        got = super().next()
+        if not self.waiting:
+            self._set_short(False)
+        return got
+
+    def withdraw(self) -> list:
+        self._set_short(False)
+        return super().withdraw()
+
+    def release(self) -> None:
+        """The server closed: the worker's lease goes back."""
+        if self.shared.off is not None:
+            self._lease(0)

@@ -84,6 +84,10 @@ class _EndpointTcp(TcpTransport):
         except SpeedysvcError as e:
             raise _NeverSent(e) from None
 
+    def call(self, name: bytes, payload, flags: int, codec, timeout: float | None, _waiting: bool = False):
+        # (a call never started goes to another endpoint: the balancer decides, not this transport)
+        return self._call(name, payload, flags, codec, timeout, _waiting)
+
     def drop(self) -> None:
         """Close the connection (calls in flight on it fail); the next call connects anew."""
         conn = self._conn

@@ -17,8 +17,8 @@ import threading
 import time
 
 from .._shmcore import STATUS_ERROR, call_alone
-from ..errors import (CallTimeout, ConnectionLost, ProtocolError, ServiceNotUp, ServiceUnavailable, SpeedysvcError,
-                      encode_exception)
+from ..errors import (CallTimeout, ConnectionLost, NoFreeChannel, ProtocolError, ServiceNotUp, ServiceUnavailable,
+                      SpeedysvcError, encode_exception)
 from ..transport import Address
 from ..waiting import Waiting
 from . import framing as fr
@@ -35,6 +35,11 @@ class _Stale(Exception):
 # small call's round trip, and a service that goes away within a millisecond of its last
 # reply finds the next call as good as in flight (it fails, like any call in flight then).
 IDLE_CHECK_AFTER = 0.001
+
+# A call the server never started because it was stopping is sent again after a pause that
+# grows from the first to the last (a rolling restart: at once, to a worker that stays).
+NOT_RUN_FIRST_PAUSE = 0.005
+NOT_RUN_LAST_PAUSE = 0.25
 
 # bumped in a child process after fork(): a connection made before belongs to the parent
 # (cheaper than comparing os.getpid(), a system call, on every call)
@@ -76,6 +81,7 @@ class BlockingConnection:
         self.reading = False
         self.last_read = 0.0   # when bytes last came (time.monotonic()); 0: check before the first call
         self.broken: BaseException | None = None
+        self.retired = False   # taken out of use (see ``retire``): closed when its last call ends
         self.tls = isinstance(sock, ssl.SSLSocket)
         self.alone = not self.tls   # core.call_alone may take its usual call (not over TLS)
         # what core.call_alone may send: a frame that needs no compression, under the limit
@@ -99,6 +105,14 @@ class BlockingConnection:
             self.sock.close()
         except OSError:
             pass
+
+    def retire(self) -> None:
+        """No new call comes on this connection: it closes once its calls in flight are over."""
+        with self.lock:
+            self.retired = True
+            if self.waiting:
+                return   # (the last call's ``_unregister`` closes it)
+        self.close()
 
     def _wake_all(self) -> None:
         for cond in self.waiting.values():
@@ -186,6 +200,9 @@ class BlockingConnection:
                                 registered = False
                                 if self.waiting:
                                     self._pass_reading_on()
+                                last = self.retired and not self.waiting
+                            if last:
+                                self.close()
                             return whole[3], whole[6]
                         frames = parser.buffer_updated(n) if n else self._lost()
                     else:
@@ -214,6 +231,9 @@ class BlockingConnection:
             self.replies.pop(call_id, None)
             if not self.reading:
                 self._pass_reading_on()
+            last = self.retired and not self.waiting
+        if last:
+            self.close()
 
     def _send_failed(self, e: BaseException, reader: bool):
         """Sending a call's frame failed or was interrupted, maybe halfway: nothing more can
@@ -515,6 +535,54 @@ class TcpTransport:
         return method
 
     def call(self, name: bytes, payload, flags: int, codec, timeout: float | None, _waiting: bool = False):
+        # (when the call began: a call the server never started is sent again within its timeout)
+        began = time.monotonic()
+        try:
+            return self._call(name, payload, flags, codec, timeout, _waiting)
+        except Exception as e:
+            if not getattr(e, "not_run", False) or isinstance(e, NoFreeChannel):
+                raise
+            return self._again(e, began, name, payload, flags, codec, timeout)
+
+    def _again(self, error: BaseException, began: float, name: bytes, payload, flags: int, codec,
+               timeout: float | None):
+        """A call the server answered as never started because it is stopping (a worker that
+        leaves in a rolling restart, or a gateway being restarted): sent again on a new
+        connection, as long as the call's timeout (without one: the connect timeout) leaves
+        time; the port is still served by the workers that stay or come.  When nothing accepts
+        connections any more (the whole service stops, or a gateway restarts), the error is
+        raised as it came: a service stopped on purpose is not waited for.  A server merely
+        full (``NoFreeChannel``) is not asked again: its caller decides."""
+        bound = began + (self.opts.connect_timeout if timeout is None else timeout)
+        pause = NOT_RUN_FIRST_PAUSE
+        while True:
+            self._retire()
+            left = bound - time.monotonic()
+            if left <= 0:
+                raise error
+            try:
+                return self._call(name, payload, flags, codec, left if timeout is not None else timeout, True)
+            except ServiceNotUp:
+                raise error from None
+            except Exception as e:
+                if not getattr(e, "not_run", False) or isinstance(e, NoFreeChannel):
+                    raise
+                error = e
+            # (the whole service stopping answers every attempt so: look again at a growing pace)
+            time.sleep(min(pause, max(0.0, bound - time.monotonic())))
+            pause = min(pause * 2, NOT_RUN_LAST_PAUSE)
+
+    def _retire(self) -> None:
+        """The connection that answered a call as not started (its server is stopping) takes no
+        new call: the next one connects anew.  Its calls in flight finish on it (the server
+        answers them, then closes it).  (Should another thread have connected anew meanwhile,
+        that connection is retired instead: it costs a connection, never a call.)"""
+        with self._lock:
+            conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.retire()
+
+    def _call(self, name: bytes, payload, flags: int, codec, timeout: float | None, _waiting: bool = False):
         # the usual call, alone on its connection, goes all the way in C (see BlockingConnection)
         conn = self._conn
         if conn is not None and conn.alone and conn.fork_generation == _fork_generation \
@@ -552,7 +620,7 @@ class TcpTransport:
             time.sleep(wait.pause(reason))
             left = wait.remaining(reason)
             try:
-                return self.call(name, payload, flags, codec, left, True)
+                return self._call(name, payload, flags, codec, left, True)
             except ServiceNotUp:
                 pass
 

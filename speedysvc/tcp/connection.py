@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING
 
 from .. import _shmcore as core
 from .. import codecs
-from ..errors import AuthenticationFailed, PayloadTooLarge, ProtocolError, ServiceUnavailable, SpeedysvcError, \
-    encode_exception
+from ..errors import AuthenticationFailed, PayloadTooLarge, ProtocolError, ServiceNotUp, ServiceUnavailable, \
+    SpeedysvcError, encode_exception
 from . import compression
 from . import framing as fr
 from .compression import LARGE_PAYLOAD
@@ -83,21 +83,23 @@ class ServerConnection(asyncio.BufferedProtocol):
         # not count as a client: they have a small limit of their own, beyond which each new one
         # closes the oldest, so that connections that never complete the handshake cannot keep
         # clients that can out.
+        # This one counts first, then the sum is read: in a worker, of two workers taking the
+        # last place at once, at least one sees the other's count (see TcpServer.become_client).
         handshaking = server.handshaking
-        if server.handshakes() >= server.options.max_handshakes and not handshaking:
-            # (in a worker: the others hold the handshakes; the newest goes, not one of theirs)
-            self.refuse(ServiceUnavailable(f"service {server.service!r} has too many TCP connections in "
-                                           f"the handshake ({server.options.max_handshakes})"))
-            return
-        if server.handshakes() >= server.options.max_handshakes:
+        handshaking[self] = None
+        server.connections.add(self)
+        server.counts_changed()
+        if server.handshakes() > server.options.max_handshakes:
             oldest = next(iter(handshaking))
+            if oldest is self:
+                # (in a worker: the others hold the handshakes; the newest goes, not one of theirs)
+                self.refuse(ServiceUnavailable(f"service {server.service!r} has too many TCP connections in "
+                                               f"the handshake ({server.options.max_handshakes})"))
+                return
             server.counters["handshakes_evicted"] += 1
             oldest.refuse(ServiceUnavailable(
                 f"service {server.service!r} has too many TCP connections in the handshake "
                 f"({server.options.max_handshakes}); this one was the oldest"))
-        handshaking[self] = None
-        server.connections.add(self)
-        server.counts_changed()
         transport.write(fr.pack_hello(fr.SERVER_HELLO, {
             "versions": list(fr.SUPPORTED_VERSIONS), "service": server.service,
             "compression": compression.available(), "auth": server.secret is not None,
@@ -105,7 +107,8 @@ class ServerConnection(asyncio.BufferedProtocol):
 
     def _room_for_client(self) -> bool:
         """Whether one more client fits under ``max_connections`` (clients past the handshake);
-        refuses this connection if not."""
+        refuses this connection if not.  (A first look, at connect: ``become_client`` decides,
+        past the handshake.)"""
         server = self.server
         if server.clients() < server.options.max_connections:
             return True
@@ -293,10 +296,10 @@ class ServerConnection(asyncio.BufferedProtocol):
                 return
             self.authenticated = True
             welcome["proof"] = fr.server_proof(server.secret, self.nonce, client_nonce, server.service)
-        if not self._room_for_client():
+        if not server.become_client(self):
+            self.refuse(ServiceUnavailable(f"service {server.service!r} has too many TCP clients "
+                                           f"({server.options.max_connections}); try again later"))
             return
-        server.handshaking.pop(self, None)   # a client now
-        server.counts_changed()
         self.compression, self.compress_min = algo, compress_min
         self.parser = fr.FrameParser(server.options.max_payload, frozenset((fr.CALL,)), fr.SERVER_SCRATCH)
         if algo is None:   # (replies of a compressing connection may need compressing)
@@ -367,6 +370,12 @@ class ServerConnection(asyncio.BufferedProtocol):
             self.batch_bytes = 0
 
     def reply_error(self, call_id: int, exc: BaseException) -> None:
+        if isinstance(exc, ServiceNotUp):
+            # the call never reached a worker (not posted, or withdrawn unclaimed as the service
+            # stopped: when workers that serve TCP lose their manager, say): flagged so, it may go
+            # to another endpoint
+            self.reply_not_run(call_id, exc)
+            return
         with_tb = not isinstance(exc, SpeedysvcError)
         self.reply(call_id, core.STATUS_ERROR, encode_exception(exc, with_tb))
 
@@ -377,10 +386,14 @@ class ServerConnection(asyncio.BufferedProtocol):
             self._send(call_id, core.STATUS_ERROR, encode_exception(exc, False),
                        fr.F_NOT_RUN if self.not_run else 0)
 
-    def refuse(self, exc: BaseException) -> None:
-        """End a connection during the handshake, telling the client why."""
+    def refuse(self, exc: BaseException, stopping: bool = False) -> None:
+        """End a connection during the handshake, telling the client why (``stopping``: the
+        server closes, so the client may connect again and reach one that stays)."""
         self.server.counters["refused"] += 1
-        self._close_with(fr.pack_hello(fr.REFUSED, {"error": encode_exception(exc, False)}))
+        body = {"error": encode_exception(exc, False)}
+        if stopping:
+            body["stopping"] = True
+        self._close_with(fr.pack_hello(fr.REFUSED, body))
 
     def go_away(self, exc: BaseException, not_run: bool = False) -> None:
         """End an established connection, telling the client why (``not_run``: and that none

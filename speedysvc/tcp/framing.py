@@ -148,18 +148,37 @@ def goaway(payload: bytes, flags: int = 0) -> bytes:
     return FRAME.pack(GOAWAY, flags, 0, 0, 0, 0, len(payload)) + payload
 
 
-def lazy_buffer(length: int) -> mmap.mmap:
+def lazy_buffer(length: int, lead: int = 0):
     """A buffer for a large payload: an anonymous private mapping, whose memory is committed
     as bytes arrive (a header claiming a gigabyte costs nothing until the gigabyte comes, and
     there is no zero-fill up front), in huge pages where the kernel allows them.  Private, not
     the shared mapping ``mmap(-1, n)`` makes: that one is shmem, and faulting its pages in
-    costs several times more (16 MiB: ~28 ms against ~4 ms in huge pages on a small VM)."""
-    buf = mmap.mmap(-1, length, flags=mmap.MAP_PRIVATE)
+    costs several times more (16 MiB: ~28 ms against ~4 ms in huge pages on a small VM).
+
+    ``lead``: the buffer starts that many bytes after a page boundary (a memoryview of the
+    mapping; ``free_buffer`` closes it), as a call's payload does in a channel's data segment,
+    after the method's name: the out-of-band buffers of a pickled call, placed on page
+    boundaries for that layout (codecs/outofband.py), are then page-aligned here too, for a
+    worker that runs the call from this buffer (TCP served by the workers)."""
+    buf = mmap.mmap(-1, length + lead, flags=mmap.MAP_PRIVATE)
     try:
         buf.madvise(mmap.MADV_HUGEPAGE)
     except (AttributeError, OSError):   # not Linux, or no transparent huge pages
         pass
-    return buf
+    return memoryview(buf)[lead:] if lead else buf
+
+
+def free_buffer(buf) -> None:
+    """Unmap a ``lazy_buffer`` now, unless a view of it is still alive somewhere (then it goes
+    with that)."""
+    try:
+        if isinstance(buf, memoryview):
+            mapping = buf.obj
+            buf.release()
+            buf = mapping
+        buf.close()
+    except BufferError:
+        pass
 
 
 def payload_size(payload) -> int:
@@ -233,10 +252,7 @@ class FrameParser:
         if view is not None:
             view.release()
         if big is not None:
-            try:
-                big.payload.close()
-            except BufferError:   # (a view of it is still alive somewhere: it goes with that)
-                pass
+            free_buffer(big.payload)
         self._start = self._end = 0
         if len(self._buf) > self.scratch:
             self._resize(self.scratch)
@@ -323,7 +339,7 @@ class FrameParser:
                 # too large for the scratch buffer: the rest goes straight into its own buffer
                 name = bytes(buf[body:body + name_len])
                 have = end - body - name_len
-                payload = lazy_buffer(length)
+                payload = lazy_buffer(length, name_len)
                 payload[:have] = buf[body + name_len:end]
                 self._big = Frame(kind, flags, call_id, arg, timeout_ms, name, payload)
                 self._big_view = memoryview(payload)

@@ -77,6 +77,25 @@ class SharedCounts:
                 self.region.add64(self.off + getattr(core, "T_" + name.upper()), delta)
                 self.published[name] = value
 
+    def lease(self, value: int) -> None:
+        """This worker's share of max_inflight (``admission.SharedAdmission``)."""
+        if self.off is not None:
+            self.region.store64(self.off + core.T_LEASE, value)
+
+    def leased(self) -> int:
+        return self.total(core.T_LEASE)
+
+    def short(self, on: bool) -> None:
+        """Whether calls of this worker wait for room the other workers' leases hold."""
+        if self.off is not None:
+            self.region.store32(self.off + core.T_SHORT, int(on))
+
+    def others_short(self) -> bool:
+        """Whether calls of another worker wait for room (this worker's leases may hold it)."""
+        r, base = self.region, self.region.load32(core.H_TCP_OFF) + core.T_SHORT
+        return any(r.load32(base + i * core.T_SIZE) for i in range(core.MAX_WORKERS)
+                   if base + i * core.T_SIZE != self.off + core.T_SHORT)
+
     def total(self, field: int) -> int:
         """A gauge summed over the worker entries (this worker's share included)."""
         r, base = self.region, self.region.load32(core.H_TCP_OFF) + field

@@ -114,7 +114,9 @@ class ClientOptions:
         return leftover
 
     def refused(self, body: dict) -> BaseException:
-        return decode_exception(body.get("error", b""))
+        exc = decode_exception(body.get("error", b""))
+        # (a server that closes refused us: no call was sent; one that stays may take it)
+        return not_run(exc) if body.get("stopping") is True else exc
 
     def encode_call(self, call_id: int, name: bytes, payload, flags: int, timeout: float | None) -> list:
         """The frame of one call, as a list of buffers to send."""

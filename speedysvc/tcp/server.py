@@ -30,7 +30,7 @@ from ..errors import DecodeError, NoFreeChannel, NotAllowed, PayloadTooLarge, Se
 from ..shm import ShmTransport
 from . import compression, sweep
 from . import framing as fr
-from .admission import Admission
+from .admission import Admission, SharedAdmission
 from .connection import ServerConnection
 from .inflate import InflateBudget, inflate_post_and_wait
 from .options import ServeOptions
@@ -38,6 +38,8 @@ from .parking import Parking
 
 log = logging.getLogger("speedysvc.tcp")
 
+# (in a worker) how soon calls waiting for room held by the other workers look for it again
+LOOK_AGAIN = 0.01
 POST_AHEAD = 32               # calls of one read posted before their answers are collected
 
 
@@ -95,7 +97,10 @@ class TcpServer:
                          "handshakes_evicted": 0,
                          "auth_failures": 0, "protocol_errors": 0, "answered_inline": 0, "bytes_in": 0, "bytes_out": 0,
                          "replies_parked": 0, "inflated_in_threads": 0, "inflate_waits": 0}
-        self.admission = Admission(opts.max_inflight, opts.per_connection)
+        # (in a worker: max_inflight holds across the workers, each within a lease of it)
+        self.admission = Admission(opts.max_inflight, opts.per_connection) if local is None else \
+            SharedAdmission(opts.max_inflight, opts.per_connection, local.shared)
+        self._look_again: asyncio.TimerHandle | None = None
         self.parking = Parking(self.counters)
         self.inflate = InflateBudget(opts.inflate_budget)
         self.compressing = 0   # replies being compressed in threads (``close`` waits for them too)
@@ -162,11 +167,15 @@ class TcpServer:
         for conn in list(self.connections):
             exc = ServiceUnavailable(f"service {self.service!r}: {reason}")
             if conn.parser is None:   # still in its handshake: refused (a go-away frame is no hello message)
-                conn.refuse(exc)
+                conn.refuse(exc, stopping=True)
             else:   # with none of its calls under way, whatever it sent since was never started
                 conn.go_away(exc, not_run=not conn.inflight and not conn.compressing)
         if self._sweeper is not None:
             self._sweeper.cancel()
+        if self._look_again is not None:
+            self._look_again.cancel()
+        if self.shared is not None:
+            self.admission.release()
         self._server = None
         self.counts_changed()
         self.shm.close()
@@ -190,6 +199,25 @@ class TcpServer:
         if self.shared is not None and self.shared.off is not None:
             return self.shared.total(core.T_HANDSHAKING)
         return len(self.handshaking)
+
+    def become_client(self, conn: ServerConnection) -> bool:
+        """``conn``, past its handshake, becomes a client if one more fits under
+        ``max_connections``; False (it stays in the handshake, to be refused) if not.
+
+        In a worker, the other workers admit clients at the same time.  A check of the sum
+        and then a count would let two of them take the last place each; so this worker counts
+        the client first (publishes its gauges with it), then reads the sum, and takes its count
+        back when that passes the limit.  The loads and stores are sequentially consistent: of
+        two workers taking the last place at once, the later one to count sees the other's
+        count, so the sum of clients admitted never passes the limit (both may refuse then: a
+        rare refusal one client short of the limit, never one too many)."""
+        self.handshaking.pop(conn, None)
+        self.counts_changed()
+        if self.clients() <= self.options.max_connections:
+            return True
+        self.handshaking[conn] = None
+        self.counts_changed()
+        return False
 
     def counts_changed(self) -> None:
         """A connection came, went or changed its state, or a call began or ended: publish this
@@ -216,6 +244,7 @@ class TcpServer:
             return
         if not self.admission.has_room(conn):
             self.admission.wait(conn, frame)
+            self._room_elsewhere()
             return
         self._run(conn, frame)
 
@@ -227,6 +256,21 @@ class TcpServer:
                 break   # no channel free after all: wait for a call to finish
             if conn.eof:
                 conn.close_when_answered()
+        self._room_elsewhere()
+
+    def _room_elsewhere(self) -> None:
+        """(In a worker) calls wait for room the other workers' leases hold (see
+        ``SharedAdmission``): no call of ours ending may tell us when it comes, so look again
+        shortly."""
+        if self.shared is None or self._look_again is not None or not self.admission.waiting \
+                or not self.admission.short or self.admission.closing:
+            return
+
+        def again():
+            self._look_again = None
+            self._drain()
+
+        self._look_again = asyncio.get_running_loop().call_later(LOOK_AGAIN, again)
 
     def _run(self, conn: ServerConnection, frame: fr.Frame) -> bool:
         """Start one call (answer it if it is quick); False if it went back to wait for room."""
@@ -349,6 +393,7 @@ class TcpServer:
                     conn.reply_error(frame.call_id, e)
         finally:
             self._collect(conn, posted)
+            self.admission.trim()
 
     def _collect(self, conn: ServerConnection, posted: list) -> None:
         """Answer (or wait in a thread for) the calls ``submit_all`` posted; empties ``posted``."""
@@ -387,6 +432,8 @@ class TcpServer:
         if done:
             self.counters["answered_inline"] += 1
             conn.reply(call_id, *result)
+            if self.shared is not None:
+                self.admission.trim()
             return
         self._began(conn)
         waiting = self.executor.submit(result.wait)

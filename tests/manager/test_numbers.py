@@ -197,6 +197,7 @@ def test_tcp_calls_the_gateway_refuses_while_stopping_are_counted(running):
         [Other]
         import_from=services
         bind_tcp=127.0.0.1
+        tcp_in_workers=no
         stop_timeout=20
 
         [web monitor]

@@ -217,13 +217,14 @@ def test_segment_shaping_keys_stop_then_start(running):
 
 
 def test_tcp_keys_restart_the_gateway_and_not_the_workers(running):
+    """With a gateway (tcp_in_workers = no), TCP keys restart it and the workers run on."""
     m = running(BEFORE)
     before = states(m)
     assert before["Second"]["tcp"] is None
-    rewrite(m, BEFORE.replace("[Second]\n", "[Second]\n    bind_tcp=127.0.0.1\n"))
+    rewrite(m, BEFORE.replace("[Second]\n", "[Second]\n    bind_tcp=127.0.0.1\n    tcp_in_workers=no\n"))
     code, body = m.post("/api/reload")
     assert code == 200, body
-    assert body["changes"]["Second"] == {"keys": ["bind_tcp"], "how": "TCP gateway restarted"}
+    assert body["changes"]["Second"] == {"keys": ["bind_tcp", "tcp_in_workers"], "how": "TCP gateway restarted"}
     now = states(m)
     assert now["Second"]["tcp"] and pids(now["Second"]) == pids(before["Second"])
     with connect(Second, "tcp://127.0.0.1", timeout=10) as c:
@@ -233,6 +234,25 @@ def test_tcp_keys_restart_the_gateway_and_not_the_workers(running):
     code, body = m.post("/api/reload")
     assert code == 200 and body["changes"]["Second"]["how"] == "TCP gateway restarted"
     assert states(m)["Second"]["tcp"] is None and pids(states(m)["Second"]) == pids(before["Second"])
+
+
+def test_tcp_keys_of_workers_that_serve_tcp_are_a_rolling_restart(running):
+    """Workers that serve TCP (the default) take new TCP keys by a rolling restart: new workers
+    listen with them, the old ones leave."""
+    m = running(BEFORE)
+    before = states(m)
+    rewrite(m, BEFORE.replace("[Second]\n", "[Second]\n    bind_tcp=127.0.0.1\n"))
+    code, body = m.post("/api/reload")
+    assert code == 200, body
+    assert body["changes"]["Second"] == {"keys": ["bind_tcp"], "how": "rolling restart"}
+    now = states(m)
+    assert now["Second"]["tcp"] and not pids(now["Second"]) & pids(before["Second"])
+    with connect(Second, "tcp://127.0.0.1", timeout=10) as c:
+        assert c.whoami() in pids(now["Second"])
+    rewrite(m, BEFORE)
+    code, body = m.post("/api/reload")
+    assert code == 200 and body["changes"]["Second"]["how"] == "rolling restart"
+    assert states(m)["Second"]["tcp"] is None
 
 
 def test_web_monitor_changes_wait_for_a_manager_restart(running):

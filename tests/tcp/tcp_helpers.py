@@ -592,6 +592,32 @@ garbage = st.lists(st.one_of(st.binary(max_size=300), plausible_headers), max_si
 
 # ---- measures of a process ---------------------------------------------------------------------
 
+def server_pids(svc) -> list[int]:
+    """The processes that serve ``svc``'s TCP clients: its gateway, or (TCP served by the
+    workers, the default) its workers.  The measures below take one pid or such a list (summed)."""
+    if svc.tcp_in_workers:
+        return list(svc.pids)
+    return [svc.tcp_process.pid]
+
+
+@pytest.fixture(params=["workers", "gateway"])
+def tcp_mode(request, monkeypatch):
+    """The test runs twice: with TCP served by the workers (the default) and by a gateway process
+    (``tcp_in_workers=False``), for the LocalServices it starts without choosing."""
+    monkeypatch.setenv("SPEEDYSVC_TCP_IN_WORKERS", "1" if request.param == "workers" else "0")
+    return request.param
+
+
+def _summed(measure):
+    def summed(pid, *args):
+        if isinstance(pid, (list, tuple)):
+            return sum(measure(p, *args) for p in pid)
+        return measure(pid, *args)
+    summed.__doc__ = measure.__doc__
+    return summed
+
+
+@_summed
 def memory_mib(pid, field="VmRSS") -> float:
     """A /proc/PID/status memory line: VmRSS, or RssAnon (the process's private memory,
     without the shared-memory segments it touched)."""
@@ -610,9 +636,22 @@ def anon_mib(pid) -> float:
     return memory_mib(pid, "RssAnon")
 
 
-def shm_mib(service: str, pid: int) -> float:
-    """The memory in /dev/shm of the channels process ``pid`` holds with ``service``: their data
-    segments (the blocks they use, not the size they could grow to)."""
+def server_mib(svc) -> float:
+    """The memory of the processes serving ``svc``'s TCP clients, as the TCP side's bounds count
+    it: a gateway's resident memory; the workers' private memory (RssAnon) when they serve TCP,
+    since their resident memory also counts the pages of the service's shared memory they wrote
+    (answers waiting in their channels, as they wait with a gateway, whose RSS does not count
+    them)."""
+    if svc.tcp_in_workers:
+        return anon_mib(server_pids(svc))
+    return rss_mib(server_pids(svc))
+
+
+def shm_mib(service: str, pid) -> float:
+    """The memory in /dev/shm of the channels process ``pid`` (or each of a list) holds with
+    ``service``: their data segments (the blocks they use, not the size they could grow to)."""
+    if isinstance(pid, (list, tuple)):
+        return sum(shm_mib(service, p) for p in pid)
     from speedysvc import shm
     prefix = f"{shm.PREFIX}.{shm.USER}.{service}.{pid}-"
     total = 0
@@ -653,6 +692,7 @@ def welcomed_sockets(svc_or_address, n, service=TcpEcho.name, secret=None) -> li
     return socks
 
 
+@_summed
 def open_sockets(pid) -> int:
     n = 0
     for fd in os.listdir(f"/proc/{pid}/fd"):

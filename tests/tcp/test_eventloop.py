@@ -36,12 +36,15 @@ def loaded_libraries(pid):
         return f.read()
 
 
+@pytest.mark.parametrize("in_workers", [True, False], ids=["workers", "gateway"])
 @pytest.mark.parametrize("choice", ["uvloop", "asyncio"])
-def test_the_tcp_gateway_runs_the_chosen_loop(monkeypatch, choice):
+def test_the_tcp_server_runs_the_chosen_loop(monkeypatch, choice, in_workers):
+    """The gateway process, or each worker's TCP thread, runs the loop SPEEDYSVC_EVENT_LOOP names."""
     pytest.importorskip("uvloop")
     monkeypatch.setenv(eventloop.LOOP_ENV, choice)
-    with LocalService(TcpKitchen, workers=1, tcp="127.0.0.1:0") as svc:
+    with LocalService(TcpKitchen, workers=1, tcp="127.0.0.1:0", tcp_in_workers=in_workers) as svc:
         with connect(TcpKitchen, svc.tcp_address, timeout=10) as c:
             assert c.echo_msgpack([1, "x"]) == [1, "x"]
-        uses_uvloop = "uvloop/loop." in loaded_libraries(svc.tcp_process.pid)
+        pid = svc.pids[0] if in_workers else svc.tcp_process.pid
+        uses_uvloop = "uvloop/loop." in loaded_libraries(pid)
         assert uses_uvloop == (choice == "uvloop")

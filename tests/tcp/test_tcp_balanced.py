@@ -4,8 +4,6 @@ own "host", with a namespace of its own): balancing, ejection and taking back, c
 never ran sent elsewhere, idempotent calls sent again once, the resolver followed."""
 import asyncio
 import collections
-import os
-import signal
 import threading
 import time
 
@@ -289,8 +287,8 @@ def test_a_call_lost_in_flight_is_sent_again_only_if_idempotent(fresh):
 
 
 def test_a_host_that_answers_nothing_is_ejected_within_its_connect_timeout_and_taken_back(fresh):
-    """A manager stopped with SIGSTOP accepts connections (the kernel does) and answers nothing,
-    as a host cut off does: it is ejected within the connect timeout, its calls in flight fail
+    """A host whose processes are stopped with SIGSTOP accepts connections (the kernel does) and
+    answers nothing, as a host cut off does: it is ejected within the connect timeout, its calls in flight fail
     once its probe does (an idempotent one is answered elsewhere), and after SIGCONT it gets
     calls again within the longest pause between probes."""
     h1, h2, h3 = fresh
@@ -311,12 +309,12 @@ def test_a_host_that_answers_nothing_is_ejected_within_its_connect_timeout_and_t
         [t.start() for t in threads]
         try:
             time.sleep(0.5)
-            os.kill(h1.proc.pid, signal.SIGSTOP)
+            h1.freeze()
             stopped = time.monotonic()
             wait_until(lambda: not state(c, OWN[0])["healthy"], connect_timeout + 5)
             ejected_after = time.monotonic() - stopped
             time.sleep(connect_timeout * 2 + 1)
-            os.kill(h1.proc.pid, signal.SIGCONT)
+            h1.freeze(False)
             resumed = time.monotonic()
             wait_until(lambda: any(t > resumed and who == "h1" for t, who in answers[-200:]),
                        balanced.EJECT_MAX + connect_timeout + 5)

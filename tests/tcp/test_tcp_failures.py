@@ -16,9 +16,11 @@ from speedysvc.errors import decode_exception
 from speedysvc.tcp import framing as fr
 from conftest import free_port, wait_until
 import tcp_helpers
-from tcp_helpers import (MSGPACK, InProcessGateway, MiB, RawClient, busy_channels, call_in_thread, compressed_call,
+from tcp_helpers import (InProcessGateway, MSGPACK, MiB, RawClient, busy_channels, call_in_thread, compressed_call,
                          guarded, logs_clean, msgpack_args, run)
 from tcp_services import TcpEcho, TcpKitchen, TcpRestart
+
+tcp_mode = tcp_helpers.tcp_mode
 
 serve, kitchen, client = tcp_helpers.serve, tcp_helpers.kitchen, tcp_helpers.client
 server_logs_clean = tcp_helpers.server_logs_clean
@@ -76,7 +78,11 @@ def test_async_client_reconnects_after_a_restart_on_the_same_port():
         box["svc"].stop()
 
 
-def test_calls_in_flight_during_a_stop_fail_instead_of_hanging():
+def test_calls_in_flight_during_a_stop_fail_instead_of_hanging(tcp_mode):
+    """A stop with calls in flight that outlast its stop_timeout: they fail (not hang) within a
+    few seconds.  A gateway tells its clients why (go-away: "... is stopping"); workers that
+    serve TCP stop with the calls (their clients may see their connection lost, no reason
+    given)."""
     with LocalService(TcpRestart, workers=2, tcp="127.0.0.1:0", stop_timeout=1) as svc:
         addr = svc.tcp_address
         c = connect(TcpRestart, addr)          # no timeout: only the stop can end the call
@@ -117,14 +123,15 @@ def test_calls_in_flight_during_a_stop_fail_instead_of_hanging():
         for kind in ("sync", "async"):
             assert isinstance(result[kind], (ConnectionLost, ServiceUnavailable)), result
             assert result[f"{kind}_at"] - t < 3, f"{kind} call failed only after {result[f'{kind}_at'] - t:.1f} s"
-        assert "stopping" in str(result["sync"])
+        if tcp_mode == "gateway":
+            assert "stopping" in str(result["sync"])
         c.close()
 
 
 def test_tcp_server_exits_promptly_on_sigterm_with_a_call_in_flight():
     """After SIGTERM the TCP gateway waits up to stop_timeout for calls in flight,
     tells its clients and exits; it must not wait for the slow call itself."""
-    with LocalService(TcpRestart, workers=1, tcp="127.0.0.1:0", stop_timeout=1) as svc:
+    with LocalService(TcpRestart, workers=1, tcp="127.0.0.1:0", stop_timeout=1, tcp_in_workers=False) as svc:
         c = connect(TcpRestart, svc.tcp_address)
         assert c.echo(1) == 1
         outcome = []
@@ -156,7 +163,8 @@ def test_tcp_server_exits_promptly_on_sigterm_with_a_call_in_flight():
 def test_a_call_without_timeout_fails_when_the_gateway_is_killed(serve):
     """No timeout and the gateway process dies (kill -9) mid-call: the blocking read ends
     with ConnectionLost at once, not a hang; the next call finds nobody listening."""
-    svc = serve(TcpKitchen, workers=1, stop_timeout=1.0)   # (its worker still sleeps at the end)
+    # (its worker still sleeps at the end; with TCP served by the workers, see test_tcp_in_workers.py)
+    svc = serve(TcpKitchen, workers=1, stop_timeout=1.0, tcp_in_workers=False)
     c = connect(TcpKitchen, svc.tcp_address, wait=0)   # (wait=0: the next call fails at once)
     try:
         assert c.echo_msgpack(1) == 1
@@ -174,10 +182,13 @@ def test_a_call_without_timeout_fails_when_the_gateway_is_killed(serve):
         c.close()
 
 
-def test_worker_killed_mid_call_over_tcp_fails_that_call_and_the_connection_goes_on(kitchen, client):
-    """kill -9 of the worker running a TCP call: the caller gets WorkerDied well within its
-    timeout, and the same connection is served by the other worker afterwards."""
+def test_worker_killed_mid_call_over_tcp_fails_that_call_and_the_connection_goes_on(serve):
+    """kill -9 of the worker running a TCP call from a gateway: the caller gets WorkerDied well
+    within its timeout, and the same connection is served by the other worker afterwards.  (A
+    worker that serves TCP itself and is killed: test_tcp_in_workers.py.)"""
     import signal as _signal
+    kitchen = serve(TcpKitchen, workers=2, tcp_in_workers=False)
+    client = connect(TcpKitchen, kitchen.tcp_address, timeout=20)
     pids = set(kitchen.pids)
     started = time.monotonic()
     t, outcome = call_in_thread(client.sleep, 30, "never")
@@ -194,16 +205,18 @@ def test_worker_killed_mid_call_over_tcp_fails_that_call_and_the_connection_goes
     assert time.monotonic() - started < 10
     assert client.echo_msgpack([1, "after"]) == [1, "after"]
     assert client.whoami() in pids - {busy}
+    client.close()
 
 
 @logs_clean
 def test_worker_killed_while_calls_posted_together_are_in_flight():
     """A read brings a slow call and several quick ones (posted together, collected after);
     the worker running the slow one is killed -9: that call gets WorkerDied, every other
-    one its answer, the connection goes on and no channel stays busy."""
+    one its answer, the connection goes on and no channel stays busy.  (A gateway's posting;
+    with TCP served by the workers, see test_tcp_in_workers.py.)"""
     import signal
     from speedysvc import WorkerDied
-    with guarded() as svc, RawClient(svc) as raw:
+    with guarded(tcp_in_workers=False) as svc, RawClient(svc) as raw:
         raw.welcome()
         body = msgpack_args(30, "never")
         wire = [fr.call_header(1, b"sleep", MSGPACK.flags, 0, len(body)) + body]
@@ -257,7 +270,7 @@ def test_tcp_gateway_does_not_outlive_a_killed_owner(tmp_path):
         f"sys.path.insert(0, {os.path.dirname(__file__)!r})\n"
         "from speedysvc import LocalService\n"
         "from tcp_services import TcpEcho\n"
-        "svc = LocalService(TcpEcho, workers=1, tcp='127.0.0.1:0').start()\n"
+        "svc = LocalService(TcpEcho, workers=1, tcp='127.0.0.1:0', tcp_in_workers=False).start()\n"
         "print(svc.tcp_process.pid, svc.pids[0], flush=True)\n"
         "time.sleep(60)\n")
     owner = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,

@@ -70,6 +70,7 @@ def test_a_shm_call_is_not_held_behind_a_tcp_call(serve, tmp_path):
     svc = serve(TcpTurns, workers=2, tcp_in_workers=True)
     with connect_to(svc, TcpTurns, timeout=60) as tc, connect(TcpTurns) as sc:
         assert tc.whoami() in svc.pids   # (connected and served once)
+        tc.hold(0)   # (known to be quick: a method no worker ran yet goes to the pool)
         release = str(tmp_path / "release")   # (the hold ends once the checks are done)
         th, outcome = call_in_thread(tc.hold, 30.0, release)
         holder = busy_worker(svc)
@@ -147,3 +148,164 @@ def test_one_connections_pipelined_calls_spread_over_the_pool(serve, pipelined):
 
     pids = asyncio.run(main())
     assert set(pids) == set(svc.pids)
+
+
+def test_calls_in_flight_stay_within_max_inflight_across_the_workers(serve):
+    """max_inflight (half the service's channels, so that shared-memory callers always find one)
+    holds for the calls every serving worker posts together, not per worker: with 4 workers and
+    8 channels, TCP clients pipelining slow calls over connections spread on every worker keep
+    at most 4 in flight, and a shared-memory caller gets a channel
+    meanwhile.  (Per worker, the 4 workers could post 16 calls and take every channel.)"""
+    import asyncio
+
+    from speedysvc import connect_async
+    from speedysvc.tcp.options import inflight_for
+
+    svc = serve(TcpEcho, workers=4, max_channels=8, tcp_in_workers=True)
+    limit = inflight_for(8)
+    seg = svc.segment
+    stop, seen = threading.Event(), {"inflight": 0}
+
+    def watch():   # the sum over the workers' TCP records, as often as we can read it
+        while not stop.is_set():
+            seen["inflight"] = max(seen["inflight"], seg.tcp_totals()["inflight"])
+            time.sleep(0.001)
+
+    async def flood():
+        clients = [connect_async(TcpEcho, svc.tcp_address, timeout=60) for _ in range(12)]
+        try:
+            for c in clients:   # (each learns, in whichever worker it lands, that sleep is slow)
+                await c.sleep(0.01)
+            return await asyncio.gather(*(c.sleep(0.3, i) for c in clients for i in range(6)))
+        finally:
+            for c in clients:
+                await c.aclose()
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    result = {}
+    flooder = threading.Thread(target=lambda: result.setdefault("answers", asyncio.run(flood())))
+    flooder.start()
+    try:
+        assert wait_for(lambda: seg.tcp_totals()["inflight"] >= limit, 20), "the TCP calls never filled their room"
+        with connect(TcpEcho, timeout=20) as shm_client:   # a channel is free for it
+            for i in range(5):
+                assert shm_client.echo(i) == i
+        flooder.join(60)
+    finally:
+        stop.set()
+        watcher.join(10)
+    assert sorted(result["answers"]) == sorted(i for _ in range(12) for i in range(6))
+    assert 0 < seen["inflight"] <= limit, seen
+    assert wait_for(lambda: seg.tcp_totals()["inflight"] == 0, 10)
+
+
+def wait_for(predicate, timeout):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.005)
+    return False
+
+
+def clients_by_worker(svc, n_workers, most=64):
+    """Connections until each worker runs calls of one of them (the kernel spreads connections
+    over the workers' listeners; an idle worker runs its own connection's call itself):
+    {worker pid: client}; the others are closed."""
+    by_pid, spare = {}, []
+    for _ in range(most):
+        c = connect_to(svc, TcpTurns, timeout=20)
+        c.whoami()   # (a method no worker ran yet goes to the pool: the next one runs here)
+        pid = c.whoami()
+        if pid in by_pid:
+            spare.append(c)
+        else:
+            by_pid[pid] = c
+        if len(by_pid) == n_workers:
+            break
+    for c in spare:
+        c.close()
+    assert len(by_pid) == n_workers, f"connections reached {len(by_pid)} of {n_workers} workers"
+    return by_pid
+
+
+def test_a_tcp_serving_worker_killed_mid_call_fails_only_its_callers(serve):
+    """kill -9 of a worker that serves TCP, in a call of its own connection (run in its process):
+    that caller gets ConnectionLost or WorkerDied at once (typed, well within its timeout), the
+    other worker's clients keep getting answers meanwhile and after, and the caller's next call
+    connects again, to the worker alive.  (Under the manager the worker is also replaced:
+    tests/manager/test_manager_tcp_in_workers.py.)"""
+    import os
+    import signal
+
+    from speedysvc import ConnectionLost, WorkerDied
+
+    svc = serve(TcpTurns, workers=2, tcp_in_workers=True)
+    clients = clients_by_worker(svc, 2)
+    victim, survivor = list(clients)
+    clients[victim].hold(0)   # (known to be quick: a method no worker ran yet goes to the pool)
+    try:
+        t, outcome = call_in_thread(clients[victim].hold, 30)
+        assert busy_worker(svc) == victim
+        started = time.monotonic()
+        os.kill(victim, signal.SIGKILL)
+        for i in range(20):   # the other worker's client, while the victim's call fails
+            assert clients[survivor].whoami() == survivor
+        t.join(15)
+        assert not t.is_alive(), "the call hangs after its worker died"
+        assert isinstance(outcome.get("error"), (ConnectionLost, WorkerDied)), outcome
+        assert time.monotonic() - started < 10
+        assert clients[survivor].hold(0, None) == survivor
+        assert clients[victim].whoami() == survivor   # connected again, to the worker alive
+    finally:
+        for c in clients.values():
+            c.close()
+
+
+def test_a_worker_killed_in_a_call_another_worker_posted_fails_only_that_call(serve):
+    """A worker that serves TCP posts the calls it cannot run itself to the pool; the worker
+    running one of them is killed -9: that call gets WorkerDied (the connection lives in the
+    other worker), the other calls of the connection their answers, and it goes on."""
+    import asyncio
+    import os
+    import signal
+
+    from speedysvc import WorkerDied, connect_async
+
+    svc = serve(TcpTurns, workers=2, tcp_in_workers=True)
+    clients = clients_by_worker(svc, 2)
+    home, other = list(clients)
+    for c in clients.values():   # each worker learns that ``hold`` is slow: it posts its calls
+        c.hold(0.01)
+        c.close()
+    result = {}
+
+    async def main():
+        c = connect_async(TcpTurns, svc.tcp_address, timeout=30)
+        try:
+            while await c.whoami() != home:   # a connection served by ``home``
+                await c.aclose()
+                c = connect_async(TcpTurns, svc.tcp_address, timeout=30)
+            result["connected"] = True
+            calls = [asyncio.ensure_future(c.hold(3)) for _ in range(2)]
+            got = await asyncio.gather(*calls, return_exceptions=True)
+            got.append(await c.whoami())   # the connection goes on
+            return got
+        finally:
+            await c.aclose()
+
+    th = threading.Thread(target=lambda: result.setdefault("got", asyncio.run(main())))
+    th.start()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and not (
+            result.get("connected") and any(w["busy"] and w["pid"] == other for w in svc.segment.workers())):
+        time.sleep(0.002)
+    assert any(w["busy"] and w["pid"] == other for w in svc.segment.workers()), "no posted call reached the other worker"
+    os.kill(other, signal.SIGKILL)
+    th.join(30)
+    assert not th.is_alive()
+    *calls, after = result["got"]
+    assert [type(r) for r in calls].count(WorkerDied) == 1, calls
+    assert [r for r in calls if not isinstance(r, BaseException)] == [home], calls
+    assert after == home

@@ -14,9 +14,14 @@ from speedysvc.tcp import compression
 from speedysvc.tcp import framing as fr
 from conftest import wait_until
 import tcp_helpers
-from tcp_helpers import (LIMIT, MSGPACK, RAW, MiB, RawClient, busy_channels, check, connect_to, guarded, logs_clean,
-                         msgpack_args, open_sockets, rss_mib, run, server_alive, timed_check)
+from tcp_helpers import (LIMIT, MSGPACK, MiB, RAW, RawClient, busy_channels, check, connect_to, guarded, logs_clean,
+                         msgpack_args, open_sockets, run, server_alive, server_mib, server_pids, timed_check)
 from tcp_services import TcpEcho, TcpRestart
+
+tcp_mode = tcp_helpers.tcp_mode
+
+# every test here runs with TCP served by the workers and by a gateway process
+pytestmark = pytest.mark.usefixtures("tcp_mode")
 
 server_logs_clean = tcp_helpers.server_logs_clean
 
@@ -45,7 +50,7 @@ def test_oversized_request_is_refused_locally_and_the_connection_goes_on():
     with guarded() as svc, connect_to(svc) as c:
         check(c)
         conn = c._transport._conn
-        pid = svc.tcp_process.pid
+        pid = server_pids(svc)
         base = open_sockets(pid)
         t = time.monotonic()
         with pytest.raises(PayloadTooLarge, match=rf"request of {LIMIT + 1} bytes exceeds the service's limit "
@@ -126,8 +131,7 @@ def test_claimed_payload_sizes_do_not_commit_memory_up_front():
     limit = 64 * MiB
     with guarded(max_payload=limit, tcp_stall_timeout=30.0) as svc, connect_to(svc) as c:
         check(c)
-        pid = svc.tcp_process.pid
-        rss0 = rss_mib(pid)
+        rss0 = server_mib(svc)
         raws = []
         for i in range(4):
             raw = RawClient(svc).welcome()
@@ -135,7 +139,7 @@ def test_claimed_payload_sizes_do_not_commit_memory_up_front():
             raws.append(raw)
         assert timed_check(c) < 1.0
         time.sleep(0.3)
-        grown = rss_mib(pid) - rss0
+        grown = server_mib(svc) - rss0
         for raw in raws:
             raw.close()
         check(c)
@@ -147,7 +151,7 @@ def test_claimed_payload_sizes_do_not_commit_memory_up_front():
 def test_many_connections_opened_and_abandoned():
     with guarded(tcp_handshake_timeout=5.0, tcp_stall_timeout=5.0) as svc, connect_to(svc) as c:
         check(c)
-        pid = svc.tcp_process.pid
+        pid = server_pids(svc)
         base = open_sockets(pid)
         payload = msgpack_args(0.0)
         call = fr.call_header(1, b"echo", MSGPACK.flags, 0, len(payload)) + payload

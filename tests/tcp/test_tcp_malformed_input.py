@@ -4,6 +4,8 @@ mismatches and bad arguments.  Only that peer's connection suffers: every other 
 before or after) keeps getting correct answers, and the gateway logs no error."""
 import os
 
+import pytest
+
 from speedysvc import (BadArguments, DecodeError, MethodNotFound, NotAllowed, ProtocolError, ServiceUnavailable,
                        codecs)
 from speedysvc.errors import decode_exception
@@ -11,8 +13,13 @@ from speedysvc.tcp import framing as fr
 from conftest import wait_until
 import tcp_helpers
 from tcp_helpers import (JSON, MSGPACK, RAW, RawClient, check, connect_to, guarded, handshake_messages, logs_clean,
-                         msgpack_args, open_sockets, server_alive)
+                         msgpack_args, open_sockets, server_alive, server_pids)
 from tcp_services import TcpOther
+
+tcp_mode = tcp_helpers.tcp_mode
+
+# every test here runs with TCP served by the workers and by a gateway process
+pytestmark = pytest.mark.usefixtures("tcp_mode")
 
 server_logs_clean = tcp_helpers.server_logs_clean
 pytestmark = logs_clean
@@ -21,7 +28,7 @@ pytestmark = logs_clean
 def test_garbage_instead_of_a_handshake_closes_only_that_connection():
     with guarded() as svc, connect_to(svc) as before:
         check(before)
-        pid = svc.tcp_process.pid
+        pid = server_pids(svc)
         base = open_sockets(pid)
         tls_client_hello = bytes.fromhex("16030100a5010000a10303") + os.urandom(32) + b"\x00" * 40
         garbage = {
@@ -113,7 +120,7 @@ def test_garbage_frames_after_the_handshake_get_a_goaway():
     }
     with guarded() as svc, connect_to(svc) as before:
         check(before)
-        pid = svc.tcp_process.pid
+        pid = server_pids(svc)
         base = open_sockets(pid)
         for what, data in bad.items():
             with RawClient(svc) as raw:
@@ -132,7 +139,7 @@ def test_garbage_frames_after_the_handshake_get_a_goaway():
 def test_truncated_frames_then_close():
     with guarded() as svc, connect_to(svc) as before:
         check(before)
-        pid = svc.tcp_process.pid
+        pid = server_pids(svc)
         base = open_sockets(pid)
         payload = b"p" * 2000
         full = fr.call_header(1, b"echo_raw", RAW.flags, 0, len(payload)) + payload

@@ -3,15 +3,22 @@ to pin its memory: thousands of idle connections, frames that announce a gigabyt
 trickle, and compression bombs that grow the gateway's channels in /dev/shm."""
 import time
 
+import pytest
+
 from speedysvc import ProtocolError
 from speedysvc.tcp import compression
 from speedysvc.tcp import framing as fr
 from speedysvc.tcp.sweep import CHANNEL_IDLE
 from conftest import wait_until
 import tcp_helpers
-from tcp_helpers import (MSGPACK, RAW, MiB, RawClient, check, connect_to, logs_clean, msgpack_args, rss_mib,
-                         shm_mib, tcp_service, welcomed_sockets)
+from tcp_helpers import (MSGPACK, MiB, RAW, RawClient, check, connect_to, logs_clean, msgpack_args, server_mib,
+                         server_pids, shm_mib, tcp_service, welcomed_sockets)
 from tcp_services import TcpEcho
+
+tcp_mode = tcp_helpers.tcp_mode
+
+# every test here runs with TCP served by the workers and by a gateway process
+pytestmark = pytest.mark.usefixtures("tcp_mode")
 
 server_logs_clean = tcp_helpers.server_logs_clean
 
@@ -25,15 +32,14 @@ def test_thousands_of_idle_connections_cost_the_gateway_little():
     them took the gateway from ~300 MiB to ~1 GiB."""
     n = 3000
     with tcp_service(TcpEcho, tcp_stall_timeout=1.0) as svc:
-        pid = svc.tcp_process.pid
         with connect_to(svc) as c:
             check(c)   # (what the gateway's first calls allocate, it keeps)
         time.sleep(1.5)
-        before = rss_mib(pid)
+        before = server_mib(svc)
         socks = welcomed_sockets(svc, n)
         try:
             time.sleep(1.5)   # (a sweep)
-            grown = rss_mib(pid) - before
+            grown = server_mib(svc) - before
             assert grown < n * IDLE_CONNECTION_KIB / 1024 + SLACK_MIB, \
                 f"{n} idle connections cost the gateway {grown:.0f} MiB ({grown * 1024 / n:.0f} KiB each)"
             with connect_to(svc) as c:
@@ -51,16 +57,15 @@ def test_frames_that_announce_a_gigabyte_and_trickle_are_dropped_and_their_memor
     with them."""
     burst = 32 * MiB
     with tcp_service(TcpEcho, tcp_stall_timeout=1.0) as svc:   # (max_payload: 1 GiB)
-        pid = svc.tcp_process.pid
         with connect_to(svc) as c:
             check(c)
-        before = rss_mib(pid)
+        before = server_mib(svc)
         raws = [RawClient(svc, timeout=30).welcome() for _ in range(6)]
         for raw in raws:
             raw.send(fr.call_header(1, b"echo_raw", RAW.flags, 0, (1 << 30) - 64) + bytes(burst))
         t0 = time.monotonic()
-        assert wait_until(lambda: rss_mib(pid) - before > 6 * burst / MiB * 0.9, timeout=10)
-        peak = rss_mib(pid) - before
+        assert wait_until(lambda: server_mib(svc) - before > 6 * burst / MiB * 0.9, timeout=10)
+        peak = server_mib(svc) - before
         assert peak < 6 * burst / MiB + SLACK_MIB, f"6 frames of {burst >> 20} MiB so far held {peak:.0f} MiB"
         open_ = set(range(6))
         while open_ and time.monotonic() - t0 < 15:
@@ -77,8 +82,8 @@ def test_frames_that_announce_a_gigabyte_and_trickle_are_dropped_and_their_memor
         assert isinstance(exc, ProtocolError) and "bytes/s" in str(exc), exc
         for raw in raws:
             raw.close()
-        assert wait_until(lambda: rss_mib(pid) - before < SLACK_MIB, timeout=5), \
-            f"{rss_mib(pid) - before:.0f} MiB still held after the frames were dropped"
+        assert wait_until(lambda: server_mib(svc) - before < SLACK_MIB, timeout=5), \
+            f"{server_mib(svc) - before:.0f} MiB still held after the frames were dropped"
         with connect_to(svc) as c:
             check(c)
 
@@ -91,7 +96,7 @@ def test_channels_that_grew_for_compression_bombs_shrink_back_when_idle():
     size = 64 * MiB
     bomb = compression.compress("zstd", msgpack_args(bytes(size)))
     with tcp_service(TcpEcho, workers=2) as svc:   # (max_payload: 1 GiB)
-        pid = svc.tcp_process.pid
+        pid = server_pids(svc)
         with connect_to(svc) as c:
             check(c)
         base = shm_mib(TcpEcho.name, pid)

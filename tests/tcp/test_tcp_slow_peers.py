@@ -4,14 +4,21 @@ while an idle, well-behaved client keeps its connection and others are served qu
 import socket
 import time
 
+import pytest
+
 from speedysvc import ProtocolError, connect
 from speedysvc.errors import decode_exception
 from speedysvc.tcp import framing as fr
 from conftest import wait_until
 import tcp_helpers
-from tcp_helpers import (MSGPACK, RAW, RawClient, busy_channels, check, connect_to, guarded, logs_clean,
-                         msgpack_args, open_sockets, read_hello, timed_check)
+from tcp_helpers import (MSGPACK, RAW, RawClient, busy_channels, check, connect_to, guarded, logs_clean, msgpack_args,
+                         open_sockets, read_hello, server_pids, timed_check)
 from tcp_services import TcpRestart
+
+tcp_mode = tcp_helpers.tcp_mode
+
+# every test here runs with TCP served by the workers and by a gateway process
+pytestmark = pytest.mark.usefixtures("tcp_mode")
 
 serve = tcp_helpers.serve
 server_logs_clean = tcp_helpers.server_logs_clean
@@ -139,7 +146,7 @@ def test_a_stalled_client_that_does_not_read_is_still_disconnected():
     as the client likes, no longer counted among the connections."""
     with guarded(tcp_stall_timeout=1.0) as svc, connect_to(svc) as c:
         check(c)
-        pid = svc.tcp_process.pid
+        pid = server_pids(svc)
         base = open_sockets(pid)
         raw = RawClient(svc, rcvbuf=16 << 10).welcome()
         payload = msgpack_args(900 << 10)
@@ -158,7 +165,7 @@ def test_a_stalled_client_that_does_not_read_is_still_disconnected():
 def test_caller_vanishing_mid_call_leaks_nothing(tmp_path):
     with guarded() as svc, connect_to(svc) as c:
         check(c)
-        pid = svc.tcp_process.pid
+        pid = server_pids(svc)
         base = open_sockets(pid)
         marks = []
         for i, reset in enumerate((False, True, False)):

@@ -5,6 +5,8 @@ import os
 import socket
 import threading
 import time
+
+import pytest
 from concurrent.futures import ThreadPoolExecutor
 
 import msgpack
@@ -14,9 +16,14 @@ from speedysvc import _shmcore as core
 from speedysvc.tcp import framing as fr
 from conftest import channel_states, wait_until
 import tcp_helpers
-from tcp_helpers import (MSGPACK, InProcessGateway, MiB, RawClient, anon_mib, busy_channels, check, connect_to,
-                         guarded, logs_clean, msgpack_args, rss_mib, tcp_service, timed_check)
+from tcp_helpers import (InProcessGateway, MSGPACK, MiB, RawClient, anon_mib, busy_channels, check, connect_to, guarded,
+                         logs_clean, msgpack_args, server_mib, server_pids, tcp_service, timed_check)
 from tcp_services import TcpEcho
+
+tcp_mode = tcp_helpers.tcp_mode
+
+# every test here runs with TCP served by the workers and by a gateway process
+pytestmark = pytest.mark.usefixtures("tcp_mode")
 
 server_logs_clean = tcp_helpers.server_logs_clean
 
@@ -25,8 +32,7 @@ server_logs_clean = tcp_helpers.server_logs_clean
 def test_pipelined_calls_never_read_do_not_grow_memory_or_stall_others():
     with guarded(tcp_stall_timeout=30.0) as svc, connect_to(svc) as c:
         check(c)
-        pid = svc.tcp_process.pid
-        rss0 = rss_mib(pid)
+        rss0 = server_mib(svc)
         payload = msgpack_args("x" * 2000)
         one = [fr.call_header(i, b"echo", MSGPACK.flags, 0, len(payload)) + payload for i in range(1, 20_001)]
         blob = b"".join(one)                      # 20k calls, ~40 MB, ~40 MB of replies nobody reads
@@ -46,7 +52,7 @@ def test_pipelined_calls_never_read_do_not_grow_memory_or_stall_others():
         for _ in range(5):
             latencies.append(timed_check(c, "ping"))
         check(c)
-        grown = rss_mib(pid) - rss0
+        grown = server_mib(svc) - rss0
         assert grown < 64, f"the gateway grew by {grown:.0f} MiB for a client that does not read"
         assert max(latencies) < 1.0, latencies
         raw.close(reset=True)
@@ -64,8 +70,7 @@ def test_a_client_that_pauses_reading_gets_every_reply_when_it_reads_again():
     big = 4 * MiB
     with guarded(max_payload=16 * MiB, tcp_stall_timeout=30.0) as svc, connect_to(svc) as c:
         check(c)
-        pid = svc.tcp_process.pid
-        rss0 = rss_mib(pid)
+        rss0 = server_mib(svc)
         raw = RawClient(svc, rcvbuf=4096).welcome()
         calls, expected = [], {}
         for i in range(1, 61):
@@ -80,7 +85,7 @@ def test_a_client_that_pauses_reading_gets_every_reply_when_it_reads_again():
         for _ in range(10):
             time.sleep(0.1)
             latencies.append(timed_check(c, "meanwhile"))
-        grown = rss_mib(pid) - rss0
+        grown = server_mib(svc) - rss0
         got = {}
         for frame in raw.read_frames(len(calls), timeout=60):
             assert frame.kind == fr.REPLY and frame.arg == 0, frame
@@ -130,17 +135,23 @@ def test_unread_replies_to_large_requests_pin_neither_requests_nor_replies():
     size, n = 4 * MiB, 16
     with guarded(max_payload=16 * MiB, tcp_stall_timeout=30.0) as svc, connect_to(svc) as c:
         check(c)
-        pid = svc.tcp_process.pid
+        pid = server_pids(svc)
         anon0 = anon_mib(pid)
         raw = RawClient(svc, rcvbuf=4096).welcome()
         value = bytes(range(256)) * (size // 256)
         args = msgpack_args(0.2, value)            # sleep(0.2, value) returns value: all are read first
-        raw.send(b"".join(fr.call_header(i, b"sleep", MSGPACK.flags, 0, len(args)) + args for i in range(1, n + 1)))
-        assert wait_until(lambda: not busy_channels(svc), timeout=30)   # every answer is in
+        # (sent from a thread: a server stops reading a client whose replies back up, and may
+        # do so before it read all of these; it takes the rest only as the client reads)
+        sender = threading.Thread(target=raw.send, args=(
+            b"".join(fr.call_header(i, b"sleep", MSGPACK.flags, 0, len(args)) + args for i in range(1, n + 1)),))
+        sender.start()
+        time.sleep(0.5)
+        assert wait_until(lambda: not busy_channels(svc), timeout=30)   # every answer read is in
         time.sleep(0.5)
         grown = anon_mib(pid) - anon0
         check(c)
         frames = raw.read_frames(n, timeout=60)
+        sender.join(30)
         raw.close()
         assert sorted(f.call_id for f in frames) == list(range(1, n + 1))
         assert all(f.arg == 0 and bytes(f.payload) == MSGPACK.dumps(value) for f in frames)
@@ -271,8 +282,8 @@ def test_replies_a_client_never_reads_are_bounded():
         args = msgpack.packb([32 * MiB])
         sock.sendall(b"".join(fr.call_header(i + 1, b"blob", codecs.MSGPACK.flags, 0, len(args)) + args
                               for i in range(40)))
-        before = rss_mib(svc.tcp_process.pid)
+        before = server_mib(svc)
         time.sleep(6)
-        grown = rss_mib(svc.tcp_process.pid) - before
+        grown = server_mib(svc) - before
         sock.close()
         assert grown < 256, f"{40 * (len(args) + 28)} bytes of calls never read pinned {grown:.0f} MiB in the gateway"
