@@ -82,18 +82,6 @@ def test_log_pipe_lines_that_are_not_records_are_kept_as_text(tmp_path):
     assert "ERROR svc: real" in (tmp_path / "s.log").read_text()
 
 
-CHATTY = """
-    [defaults]
-    log_dir=logs
-
-    [Chatty]
-    import_from=services
-
-    [web monitor]
-    port={port}
-"""
-
-
 def test_long_records_are_whole_in_the_file_and_cut_in_the_managers_memory(running, tmp_path):
     """A service that logs lines of most of a mebibyte: the log file has each whole; the
     manager keeps their first RECORD_MAX characters (its ring of 2,000 records, the store, the
@@ -102,8 +90,9 @@ def test_long_records_are_whole_in_the_file_and_cut_in_the_managers_memory(runni
     import psutil
     from speedysvc import connect
     from speedysvc.manager.logs import RECORD_MAX
+    from manager_fixture import chatty_ini
     from services import Chatty
-    m = running(CHATTY)
+    m = running(chatty_ini())
     manager = psutil.Process(m.proc.pid)
     with connect(Chatty, timeout=60) as c:
         c.log("WARNING", "warm")
