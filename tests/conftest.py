@@ -27,11 +27,19 @@ if _XDIST_WORKER and os.environ.get("SPEEDYSVC_TEST_WORKER") != _XDIST_WORKER:
 
 
 def _free_port_block(size: int) -> int:
-    """The first port of a block of ``size`` that nothing listens on now, picked at random: the
-    test services' ports (their classes' ``port``) are offsets in it."""
+    """The first port of a block of ``size`` that nothing listens on now, picked at random below
+    the kernel's ephemeral ports (those ``free_port()`` and every outgoing connection get, which
+    another test process could otherwise hold inside our block): the test services' ports (their
+    classes' ``port``) are offsets in it."""
     rnd = random.Random(os.getpid())
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            ephemeral = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral = 32768
+    low, high = (10000, ephemeral) if ephemeral - 10000 >= 4 * size else (ephemeral, 65536)
     for _ in range(50):
-        base = rnd.randrange(20000, 60000 - size, size)
+        base = rnd.randrange(low, high - size, size)
         try:
             for p in range(base, base + size):
                 with socket.socket() as s:

@@ -118,7 +118,9 @@ def test_p99_is_never_above_the_slowest_call(running):
         sleep = p["methods"]["sleep"]
         assert sleep["p99_ms"] <= sleep["max_ms"] <= row["max_ms"] and sleep["calls_per_s"] > 0
         assert 16.384 <= sleep["p50_ms"]   # within the bucket (or above) the calls are in
-    assert any(p["p99_bound"] for p in served)
+    # a point whose calls all lie in that bucket (on a loaded machine some may be slower, in the
+    # next bucket, where the interpolated p99 can be below their maximum) says its p99 is a bound
+    assert all(p["p99_bound"] for p in served if p["max_ms"] < 30)
 
 
 def test_a_restart_starts_the_counters_from_zero(running):
