@@ -222,7 +222,11 @@ def test_clients_that_read_nothing_cannot_take_the_calls_in_flight_from_the_othe
                 dropped += 1
             hog.close()
         assert elapsed < 4.5, f"4 one-second calls took {elapsed:.1f} s beside 12 clients that read nothing"
-        assert dropped >= 1, "calls waited, yet no client that reads nothing was dropped"
+        # the gateway's room is one: the calls ran because a client that reads nothing was
+        # dropped.  With the workers serving, the room is leased out among them, and a call may
+        # find a worker with room left without anyone being dropped: that the calls ran is the point
+        if not svc.tcp_in_workers:
+            assert dropped >= 1, "calls waited, yet no client that reads nothing was dropped"
         assert wait_until(lambda: not busy_channels(svc), timeout=5)
 
 
