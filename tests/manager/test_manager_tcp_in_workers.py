@@ -13,6 +13,7 @@ import pytest
 
 from speedysvc import connect
 from speedysvc.errors import ConnectionLost, ServiceUnavailable, WorkerDied
+from worker_clients import clients_by_worker
 
 
 def ini(workers=2, extra=""):
@@ -37,20 +38,7 @@ def tcp_client(**kw):
 
 
 def clients_on_every_worker(m, n_workers, most=64):
-    """Connections until each worker has one of them (the kernel spreads connections over the
-    workers' listeners): {worker pid: client}; the others are closed."""
-    by_pid, spare = {}, []
-    for _ in range(most):
-        c = tcp_client()
-        c.whoami()   # (a method no worker ran yet goes to the pool: the next one runs in this one)
-        pid = c.whoami()   # (an idle worker runs a call of its own connection itself)
-        (spare if pid in by_pid else by_pid.setdefault(pid, c)) is c or spare.append(c)
-        if len(by_pid) == n_workers:
-            break
-    for c in spare:
-        c.close()
-    assert len(by_pid) == n_workers, f"connections reached {len(by_pid)} of {n_workers} workers"
-    return by_pid
+    return clients_by_worker(tcp_client, n_workers, most)
 
 
 def metric(m, line_start):

@@ -14,6 +14,7 @@ from speedysvc import _shmcore as core
 from speedysvc import connect
 from speedysvc.shm.worker import HOUSEKEEPING_INTERVAL
 import tcp_helpers
+import worker_clients
 from tcp_helpers import call_in_thread, check, connect_to
 from tcp_services import TcpEcho, TcpTurns
 
@@ -210,24 +211,7 @@ def wait_for(predicate, timeout):
 
 
 def clients_by_worker(svc, n_workers, most=64):
-    """Connections until each worker runs calls of one of them (the kernel spreads connections
-    over the workers' listeners; an idle worker runs its own connection's call itself):
-    {worker pid: client}; the others are closed."""
-    by_pid, spare = {}, []
-    for _ in range(most):
-        c = connect_to(svc, TcpTurns, timeout=20)
-        c.whoami()   # (a method no worker ran yet goes to the pool: the next one runs here)
-        pid = c.whoami()
-        if pid in by_pid:
-            spare.append(c)
-        else:
-            by_pid[pid] = c
-        if len(by_pid) == n_workers:
-            break
-    for c in spare:
-        c.close()
-    assert len(by_pid) == n_workers, f"connections reached {len(by_pid)} of {n_workers} workers"
-    return by_pid
+    return worker_clients.clients_by_worker(lambda: connect_to(svc, TcpTurns, timeout=20), n_workers, most)
 
 
 def test_a_tcp_serving_worker_killed_mid_call_fails_only_its_callers(serve):
