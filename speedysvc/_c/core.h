@@ -129,10 +129,13 @@ extern long ncpu;
 
 int system_overloaded(uint64_t now);
 
-static inline void spin_adapt(spinner *s, int spun_ok, uint64_t waited_ns) {
+/* ``floor_ns``: the budget never falls below it (a worker's: see serve.c, claim_next). */
+static inline void spin_adapt(spinner *s, int spun_ok, uint64_t waited_ns, uint64_t floor_ns) {
     if (spun_ok) return;
     if (waited_ns < spin_max_ns) s->budget_ns = spin_max_ns;
     else s->budget_ns = s->budget_ns > 1000 ? s->budget_ns / 2 : 0;
+    if (floor_ns > spin_max_ns) floor_ns = spin_max_ns;
+    if (s->budget_ns < floor_ns) s->budget_ns = floor_ns;
 }
 
 /* Wakes one sleeping worker, if any sleeps.  Without sleepers nothing is

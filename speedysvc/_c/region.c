@@ -270,7 +270,7 @@ static int sleep_for_response(char *ch, uint64_t start, uint64_t deadline, int l
         if (t >= deadline) break;
         if (futex_wait(st, s, deadline - t) == EINTR) { ready = -1; break; }
     }
-    spin_adapt(&client_spin, 0, now_ns() - start);
+    spin_adapt(&client_spin, 0, now_ns() - start, 0);
     return ready;
 }
 

@@ -176,13 +176,11 @@ static long claim_next(Region *self, char *w, uint64_t deadline) {
         Py_END_ALLOW_THREADS
     }
     uint64_t t = now_ns();
-    spin_adapt(&worker_spin, spun_ok, t - start);
-    if (slot >= 0 && promised && any_posted(self->base)) kick_workers(self->base);
     /* never quite down to no spin: a worker that sleeps long because a spinning peer took the
      * calls (H_SPIN_UNTIL) would otherwise stop spinning for good, and once every worker has,
      * each call pays a wake-up again */
-    if (worker_spin.budget_ns < WORKER_SPIN_FLOOR_NS && spin_max_ns) worker_spin.budget_ns =
-        spin_max_ns < WORKER_SPIN_FLOOR_NS ? spin_max_ns : WORKER_SPIN_FLOOR_NS;
+    spin_adapt(&worker_spin, spun_ok, t - start, WORKER_SPIN_FLOOR_NS);
+    if (slot >= 0 && promised && any_posted(self->base)) kick_workers(self->base);
     if (slot >= 0) {
         STORE(U32(w, W_STATE), WORKER_BUSY);
         STORE(U64(w, W_CLAIM_NS), t);

@@ -41,6 +41,12 @@ IDLE_CHECK_AFTER = 0.001
 NOT_RUN_FIRST_PAUSE = 0.005
 NOT_RUN_LAST_PAUSE = 0.25
 
+def _resendable(e: BaseException) -> bool:
+    """A call the server answered as never started because it is stopping (not one it is merely
+    too full for, ``NoFreeChannel``: its caller decides)."""
+    return getattr(e, "not_run", False) and not isinstance(e, NoFreeChannel)
+
+
 # bumped in a child process after fork(): a connection made before belongs to the parent
 # (cheaper than comparing os.getpid(), a system call, on every call)
 _fork_generation = 0
@@ -540,7 +546,7 @@ class TcpTransport:
         try:
             return self._call(name, payload, flags, codec, timeout, _waiting)
         except Exception as e:
-            if not getattr(e, "not_run", False) or isinstance(e, NoFreeChannel):
+            if not _resendable(e):
                 raise
             return self._again(e, began, name, payload, flags, codec, timeout)
 
@@ -565,7 +571,7 @@ class TcpTransport:
             except ServiceNotUp:
                 raise error from None
             except Exception as e:
-                if not getattr(e, "not_run", False) or isinstance(e, NoFreeChannel):
+                if not _resendable(e):
                     raise
                 error = e
             # (the whole service stopping answers every attempt so: look again at a growing pace)

@@ -1,6 +1,8 @@
 """A posted call never waits for a busy worker while another sleeps (docs/shm-protocol.md: a
 post wakes a sleeping worker unless none sleeps), even when it comes at the moment a worker
 that just answered spins for its caller's next call."""
+import time
+
 from speedysvc import LocalService, codecs
 from speedysvc.shm import ShmTransport
 from services import Kitchen
@@ -33,3 +35,22 @@ def test_calls_posted_while_a_worker_spins_are_not_held_behind_a_slow_one():
                 assert value() == "slept"
         finally:
             t.close()
+
+
+def test_a_promise_nobody_keeps_does_not_lose_the_call():
+    """A worker killed -9 while it spins leaves its promise (H_SPIN_UNTIL) behind: a call posted
+    under it wakes nobody, and the sleeping workers find it when their sleep ends (they wake at
+    least once a second); it is answered, not lost.  Here the promise is stale by 30 s, far
+    longer than any spin."""
+    from speedysvc import _shmcore as core
+    from speedysvc import connect
+    from conftest import wait_until
+    with LocalService(Kitchen, workers=1) as svc, connect(Kitchen, timeout=20) as c:
+        assert c.echo_msgpack("warm") == "warm"
+        seg = svc.segment
+        assert wait_until(lambda: seg.region.load32(core.H_SLEEPERS) == 1)   # (the worker sleeps)
+        seg.region.store64(core.H_SPIN_UNTIL, time.monotonic_ns() + 30_000_000_000)
+        try:
+            assert c.echo_msgpack("under a dead promise") == "under a dead promise"
+        finally:
+            seg.region.store64(core.H_SPIN_UNTIL, 0)
