@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 
 # The tests run against the sanitized build.  Not the ones that start the service manager: it
 # drops PYTHONPATH, so its workers would load the normal build.
-ASAN_TESTS="tests/shm tests/codecs tests/test_c_contract.py"
+ASAN_TESTS="tests/shm tests/codecs tests/test_c_contract.py tests/tcp/test_framing.py"
 
 PYTHON=${PYTHON:-python}
 LIBASAN=$(gcc -print-file-name=libasan.so)

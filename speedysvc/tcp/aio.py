@@ -64,7 +64,7 @@ class AsyncConnection(asyncio.BufferedProtocol):
             return
         leftover = self.opts.check_welcome(msg, self.nonce)
         self.parser = fr.FrameParser(self.opts.max_payload or fr.DEFAULT_MAX_PAYLOAD,
-                                     frozenset((fr.REPLY, fr.GOAWAY)))
+                                     frozenset((fr.REPLY, fr.GOAWAY)), fill_bytes=True)
         self.hello = self.hello_buf = None
         self.ready.set_result(True)
         if leftover:

@@ -78,7 +78,8 @@ class BlockingConnection:
         self.sock = sock
         self.opts = opts
         self.fork_generation = _fork_generation
-        self.parser = fr.FrameParser(opts.max_payload or fr.DEFAULT_MAX_PAYLOAD, frozenset((fr.REPLY, fr.GOAWAY)))
+        self.parser = fr.FrameParser(opts.max_payload or fr.DEFAULT_MAX_PAYLOAD, frozenset((fr.REPLY, fr.GOAWAY)),
+                                     fill_bytes=True)
         self.send_lock = threading.Lock()
         self.lock = threading.Lock()
         self.replies: dict[int, tuple] = {}

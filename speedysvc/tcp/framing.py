@@ -171,6 +171,8 @@ def lazy_buffer(length: int, lead: int = 0):
 def free_buffer(buf) -> None:
     """Unmap a ``lazy_buffer`` now, unless a view of it is still alive somewhere (then it goes
     with that)."""
+    if buf.__class__ is core.BytesToFill:
+        return   # (memory of the heap: freed with its last reference)
     try:
         if isinstance(buf, memoryview):
             mapping = buf.obj
@@ -194,10 +196,16 @@ class FrameParser:
     Frames up to ``SCRATCH_SIZE`` are cut out of a scratch buffer of ``scratch`` bytes
     to start with, which doubles (up to ``SCRATCH_SIZE``) each time a read fills it:
     it grows only as bytes arrive, never for what a header announces.  ``shrink()``
-    gives it back when the parser is between frames."""
+    gives it back when the parser is between frames.
 
-    def __init__(self, max_payload: int, accept: frozenset, scratch: int = SCRATCH_SIZE):
+    A frame larger than the scratch buffer is received into a buffer of its own: a
+    ``lazy_buffer`` (a server: page-aligned after the name, for a worker that reads the call
+    in place), or, with ``fill_bytes`` (a client), the ``bytes`` object the frame's payload
+    then is: a reply returned as it came, with no buffer to fault in and copy out of."""
+
+    def __init__(self, max_payload: int, accept: frozenset, scratch: int = SCRATCH_SIZE, fill_bytes: bool = False):
         self.max_payload = max_payload
+        self.fill_bytes = fill_bytes
         self.max_length = max_payload + COMPRESSION_OVERHEAD
         self.accept = accept
         self.scratch = min(max(scratch, HEADER_SIZE + MAX_NAME), SCRATCH_SIZE)
@@ -207,7 +215,7 @@ class FrameParser:
         self._big: Frame | None = None     # a frame whose payload arrives into its own buffer
         self._big_view: memoryview | None = None
         self._big_filled = 0
-        self._big_length = 0      # (a large payload is an mmap: a bytes-like object, not bytes)
+        self._big_length = 0      # (a large payload is an mmap, a bytes-like object; bytes with fill_bytes)
         self._big_head = 0        # its header and name
         self.done = 0             # frames complete so far (see ``progress``)
 
@@ -318,7 +326,10 @@ class FrameParser:
             self._big_filled += n
             if self._big_filled < self._big_length:
                 return []
-            frame, self._big, self._big_view = self._big, None, None
+            frame, view, self._big, self._big_view = self._big, self._big_view, None, None
+            if self.fill_bytes:
+                view.release()   # (the reader's slices of it may live on: take() copies then)
+                frame.payload = frame.payload.take()
             self.done += 1
             return [frame]
         self._end += n
@@ -339,10 +350,15 @@ class FrameParser:
                 # too large for the scratch buffer: the rest goes straight into its own buffer
                 name = bytes(buf[body:body + name_len])
                 have = end - body - name_len
-                payload = lazy_buffer(length, name_len)
-                payload[:have] = buf[body + name_len:end]
+                if self.fill_bytes:
+                    payload = core.BytesToFill(length)
+                    view = memoryview(payload)
+                else:
+                    payload = lazy_buffer(length, name_len)
+                    view = memoryview(payload)
+                view[:have] = buf[body + name_len:end]
                 self._big = Frame(kind, flags, call_id, arg, timeout_ms, name, payload)
-                self._big_view = memoryview(payload)
+                self._big_view = view
                 self._big_filled, self._big_length, self._big_head = have, length, HEADER_SIZE + name_len
                 start = end = 0
             break

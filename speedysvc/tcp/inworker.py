@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import mmap
 import socket
 import threading
 
@@ -130,17 +131,25 @@ class InProcess:
             return None
         status = STATUS_ERROR
         try:
-            status, out = self.finish(*self.dispatcher.handle(name, flags, payload))
+            status, out = self.finish(*self.dispatcher.handle(name, flags, payload), own=payload)
             return status, out
         finally:
             self.region.tcp_end(index, method, status)
 
-    def finish(self, status, out):
+    def finish(self, status, out, own=None):
         """A handler's answer as ``(status, bytes)`` to send, or the error that says what is wrong
-        with it (as the worker's loop answers a shared-memory call; ``LocalWay`` calls it too)."""
+        with it (as the worker's loop answers a shared-memory call; ``LocalWay`` calls it too).
+        ``own``: the call's argument, when it is a buffer of the call's own that nothing else
+        writes to (a large frame's ``framing.lazy_buffer``): an answer that is a view of it is
+        sent as it is, the view keeping the buffer alive until it is written.  Any other view
+        is copied: the handler may change what it looks at once it returns."""
         try:
-            # (a raw method may answer with a view of its argument, which is the read buffer)
-            out = out if out.__class__ is bytes else bytes(out)
+            if out.__class__ is not bytes:
+                # (a raw method may answer with a view of its argument: 16 MiB echoed without
+                # the copy costs about a sixth less time here)
+                if not (out.__class__ is memoryview and own is not None and _exporter(own) is not None
+                        and out.obj is _exporter(own) and out.ndim == 1 and out.format == "B"):
+                    out = bytes(out)
             if not isinstance(status, int) or status < 0:
                 raise TypeError(f"bad status {status!r}")
         except TypeError as e:
@@ -149,6 +158,13 @@ class InProcess:
             return STATUS_ERROR, encode_exception(PayloadTooLarge(
                 f"the response of {len(out)} bytes exceeds the service's limit of {self.max_payload} bytes"), False)
         return status, out
+
+
+def _exporter(buf):
+    """The private mapping under a large frame's payload (``framing.lazy_buffer``), else None."""
+    if buf.__class__ is memoryview:
+        buf = buf.obj
+    return buf if buf.__class__ is mmap.mmap else None
 
 
 def attach(worker) -> "WorkerTcp":

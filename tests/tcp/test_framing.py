@@ -270,3 +270,44 @@ def test_a_large_frame_in_progress_holds_what_arrived_and_discard_frees_it():
     assert p.buffered < fr.SERVER_SCRATCH + 2000
     p.discard()
     assert not p.mid_frame and p.buffered == fr.SERVER_SCRATCH
+
+
+def test_a_client_receives_a_large_payload_into_the_bytes_it_returns():
+    payload = os.urandom(3 * fr.SCRATCH_SIZE + 17)
+    frame = fr.reply_header(7, 0, len(payload)) + payload
+    for fill in (True, False):
+        p = fr.FrameParser(1 << 30, frozenset((fr.REPLY,)), fill_bytes=fill)
+        got = []
+        for i in range(0, len(frame), 50_000):   # in pieces, as reads bring it
+            got += p.feed(frame[i:i + 50_000])
+        assert [f.call_id for f in got] == [7] and bytes(got[0].payload) == payload
+        # the client's is the bytes object itself; the server's a private mapping, as before
+        assert (got[0].payload.__class__ is bytes) == fill
+    p = fr.FrameParser(1 << 30, frozenset((fr.REPLY,)), fill_bytes=True)
+    p.feed(fr.reply_header(8, 0, 1 << 30) + b"x" * 1000)   # announced, not sent: not allocated eagerly
+    assert p.mid_frame and p.buffered < fr.SCRATCH_SIZE + 2000
+    p.discard()
+    assert not p.mid_frame
+
+
+def test_bytes_to_fill_hands_out_its_bytes_only_when_no_view_can_change_them():
+    from speedysvc import _shmcore as core
+    f = core.BytesToFill(10)
+    view = memoryview(f)
+    view[:] = b"0123456789"
+    copy = f.take()   # a view is alive: a copy, and the view writes to the original only
+    view[:1] = b"X"
+    assert copy == b"0123456789" and f.take() == b"X123456789"
+    view.release()
+    f = core.BytesToFill(4)
+    with memoryview(f) as v:
+        v[:] = b"abcd"
+    b = f.take()
+    assert b.__class__ is bytes and b == b"abcd" and len(f) == 0
+    with pytest.raises(BufferError):
+        memoryview(f)
+    with pytest.raises(BufferError):
+        f.take()
+    with pytest.raises(ValueError):
+        core.BytesToFill(-1)
+    assert core.BytesToFill(0).take() == b""

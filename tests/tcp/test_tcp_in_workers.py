@@ -293,3 +293,26 @@ def test_a_worker_killed_in_a_call_another_worker_posted_fails_only_that_call(se
     assert [type(r) for r in calls].count(WorkerDied) == 1, calls
     assert [r for r in calls if not isinstance(r, BaseException)] == [home], calls
     assert after == home
+
+
+def test_an_answer_that_views_the_calls_own_buffer_is_sent_without_a_copy():
+    """A raw method that answers with its argument's view of a large frame's own buffer: sent
+    as it is (the buffer is the call's, nothing writes to it after); a view of anything else,
+    which the service may change once the method returns, is copied."""
+    from types import SimpleNamespace
+    from speedysvc.tcp import framing as fr
+    from speedysvc.tcp.inworker import InProcess
+    me = SimpleNamespace(max_payload=1 << 30)
+    own = fr.lazy_buffer(1 << 20, 5)
+    own[:3] = b"abc"
+    view = memoryview(own).toreadonly()[:3]
+    status, out = InProcess.finish(me, 0, view, own=own)
+    assert out is view and bytes(out) == b"abc"
+    other = bytearray(b"abc")
+    status, out = InProcess.finish(me, 0, memoryview(other), own=own)
+    other[:] = b"xyz"
+    assert out.__class__ is bytes and out == b"abc"
+    status, out = InProcess.finish(me, 0, memoryview(own)[:3], own=None)   # not known to be the call's
+    assert out.__class__ is bytes
+    status, out = InProcess.finish(me, 0, memoryview(bytes(b"ab")), own=b"ab")   # a small frame's bytes
+    assert out.__class__ is bytes and out == b"ab"
