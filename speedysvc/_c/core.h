@@ -240,6 +240,9 @@ extern PyTypeObject ShmMethodType, GatewayType, LocalWayType;
 /* call_alone.c, msgpack.c: module functions */
 PyObject *m_call_alone(PyObject *mod, PyObject *const *args, Py_ssize_t nargs);
 PyObject *m_msgpack_dumps(PyObject *mod, PyObject *o);
+/* encoded msgpack values this large that C does not take are not handed to unpackb: the codec
+ * (codecs/msgpack.py, which reads _shmcore.MSGPACK_LARGE_FALLBACK) reads them in slices */
+#define MP_LARGE_FALLBACK (1 << 20)
 PyObject *m_msgpack_loads(PyObject *mod, PyObject *data);
 PyObject *m_set_msgpack(PyObject *mod, PyObject *args);
 Py_ssize_t mp_encoded_size(PyObject *o);

@@ -216,8 +216,8 @@ static PyMethodDef module_methods[] = {
     {"set_spin", m_set_spin, METH_O, "set the longest spin before sleeping, in microseconds (0 disables)"},
     {"get_spin", m_get_spin, METH_NOARGS, "(max, client budget, worker budget) in microseconds"},
     {"msgpack_dumps", m_msgpack_dumps, METH_O, "msgpack.Packer(use_bin_type=True).pack, the usual values in C"},
-    {"msgpack_loads", m_msgpack_loads, METH_O, "msgpack.unpackb, the usual values in C"},
-    {"set_msgpack", m_set_msgpack, METH_VARARGS, "set_msgpack(pack, unpackb): what takes every other value"},
+    {"msgpack_loads", m_msgpack_loads, METH_O, "msgpack.unpackb, the usual values in C (other values of 1 MiB or more: ValueError, for codecs.msgpack to read in slices)"},
+    {"set_msgpack", m_set_msgpack, METH_VARARGS, "set_msgpack(pack, unpackb[, ExtraData]): what takes every other value (and the error for bytes after a whole value)"},
     {"call_alone", (PyCFunction)(void (*)(void))m_call_alone, METH_FASTCALL,
      "a TCP client's call alone on its connection (see tcp.client.BlockingConnection)"},
     {"set_parent_death_signal", m_set_parent_death_signal, METH_O, "prctl(PR_SET_PDEATHSIG)"},
@@ -250,6 +250,7 @@ PyMODINIT_FUNC PyInit__shmcore(void) {
 #define ADD(name) if (PyModule_AddIntConstant(m, #name, name) < 0) return NULL;
     LAYOUT_CONSTANTS(ADD)
 #undef ADD
+    if (PyModule_AddIntConstant(m, "MSGPACK_LARGE_FALLBACK", MP_LARGE_FALLBACK) < 0) return NULL;
     PyObject *names = names_table();
     if (!names || PyModule_AddObject(m, "PYTHON_NAMES", names) < 0) { Py_XDECREF(names); return NULL; }
     return m;

@@ -13,7 +13,7 @@
 
 #define MP_DEPTH 32
 #define MP_MAX_SIZE ((Py_ssize_t)1 << 40)   /* beyond this (shared references can make it so), msgpack's */
-static PyObject *mp_pack_fallback, *mp_unpack_fallback;
+static PyObject *mp_pack_fallback, *mp_unpack_fallback, *mp_extra_data;
 
 /* The encoded size of `o`, or -1: not one of ours (or an error to leave to msgpack). */
 static Py_ssize_t mp_size(PyObject *o, int depth) {
@@ -163,6 +163,9 @@ int is_c_msgpack_dumps(PyObject *f) {
 
 typedef struct { const unsigned char *p, *end; } mp_reader;
 
+/* binaries this large are copied out of the encoded value without the interpreter lock */
+#define MP_COPY_WITHOUT_GIL (1 << 20)
+
 static int mp_need(mp_reader *r, Py_ssize_t n) { return r->end - r->p >= n; }
 
 static uint64_t mp_read_be(mp_reader *r, int n) {
@@ -225,7 +228,19 @@ static PyObject *mp_read(mp_reader *r, int depth) {
         n = (Py_ssize_t)mp_read_be(r, w);
         if (!mp_need(r, n)) return NULL;
         r->p += n;
-        return PyBytes_FromStringAndSize((const char *)r->p - n, n);
+        if (n < MP_COPY_WITHOUT_GIL) return PyBytes_FromStringAndSize((const char *)r->p - n, n);
+        /* A large binary is copied (and its fresh pages faulted in) without the interpreter
+         * lock: the new object is nobody else's yet, and the source stays exported to us.  A
+         * worker that serves TCP runs its event loop in another thread of the same process: a
+         * 256 MiB argument decoded with the lock held kept that loop from its clients for a
+         * tenth of a second. */
+        PyObject *b = PyBytes_FromStringAndSize(NULL, n);
+        if (!b) return NULL;
+        const unsigned char *from = r->p - n;
+        Py_BEGIN_ALLOW_THREADS
+        memcpy(PyBytes_AS_STRING(b), from, (size_t)n);
+        Py_END_ALLOW_THREADS
+        return b;
     }
     case 0xdc: case 0xdd: {
         int w = c == 0xdc ? 2 : 4;
@@ -287,12 +302,31 @@ PyObject *m_msgpack_loads(PyObject *mod, PyObject *data) {
         PyBuffer_Release(&buf);   /* msgpack refuses multi-byte items: its error */
     } else {
         mp_reader r = {buf.buf, (const unsigned char *)buf.buf + buf.len};
+        Py_ssize_t len = buf.len;
         PyObject *v = mp_read(&r, 0);
         int whole = v && r.p == r.end;
         PyBuffer_Release(&buf);
         if (whole) return v;
+        if (v && mp_extra_data) {
+            /* One whole value of ours, then more bytes: unpackb would decode the same value and
+             * raise ExtraData too, after copying the rest into it with the interpreter lock
+             * held (a peer's 256 MiB of zeros: 0.15 s).  Raised here with `extra` empty. */
+            PyObject *exc = PyObject_CallFunction(mp_extra_data, "(Oy#)", v, "", (Py_ssize_t)0);
+            Py_DECREF(v);
+            if (exc) {
+                PyErr_SetObject((PyObject *)Py_TYPE(exc), exc);
+                Py_DECREF(exc);
+            }
+            return NULL;
+        }
         Py_XDECREF(v);
         if (PyErr_Occurred()) return NULL;   /* (only what cannot be left to msgpack, e.g. memory) */
+        if (len >= MP_LARGE_FALLBACK) {
+            /* unpackb would hold the interpreter lock through all of it: the codec's loads
+             * (codecs/msgpack.py) reads such a value in slices instead */
+            PyErr_SetString(PyExc_ValueError, "a large msgpack value left to msgpack.Unpacker");
+            return NULL;
+        }
     }
     if (!mp_unpack_fallback) { PyErr_SetString(PyExc_RuntimeError, "set_msgpack() first"); return NULL; }
     PyObject *fallback = Py_NewRef(mp_unpack_fallback);
@@ -302,9 +336,10 @@ PyObject *m_msgpack_loads(PyObject *mod, PyObject *data) {
 }
 
 PyObject *m_set_msgpack(PyObject *mod, PyObject *args) {
-    PyObject *pack, *unpack;
-    if (!PyArg_ParseTuple(args, "OO:set_msgpack", &pack, &unpack)) return NULL;
+    PyObject *pack, *unpack, *extra_data = NULL;
+    if (!PyArg_ParseTuple(args, "OO|O:set_msgpack", &pack, &unpack, &extra_data)) return NULL;
     Py_XSETREF(mp_pack_fallback, Py_NewRef(pack));
     Py_XSETREF(mp_unpack_fallback, Py_NewRef(unpack));
+    Py_XSETREF(mp_extra_data, extra_data ? Py_NewRef(extra_data) : NULL);
     Py_RETURN_NONE;
 }

@@ -14,8 +14,47 @@ def _msgpack_loads(data, _unpackb=msgpack.unpackb, _loads=_shmcore.msgpack_loads
     # non-string keys (rare) pay for a second attempt instead of every call paying.
     try:
         return _loads(data)
+    except msgpack.ExtraData:
+        raise   # (a whole value and bytes after it: the second attempt would say the same)
     except ValueError:
+        if len(memoryview(data).cast("B")) >= LARGE:
+            return _unpack_in_slices(data)
         return _unpackb(data, raw=False, strict_map_key=False)
+
+
+LARGE = _shmcore.MSGPACK_LARGE_FALLBACK   # an encoded value this large that C does not take: read in slices
+SLICE = 1 << 20
+
+
+class _Slices:
+    """``data`` read a slice at a time (a file for ``msgpack.Unpacker``)."""
+
+    def __init__(self, data):
+        self.view, self.pos = memoryview(data).cast("B"), 0
+
+    def read(self, n: int = -1) -> bytes:
+        end = len(self.view) if n < 0 else min(self.pos + n, len(self.view))
+        chunk = bytes(self.view[self.pos:end])
+        self.pos = end
+        return chunk
+
+
+def _unpack_in_slices(data):
+    """``unpackb(data)`` for a large value C does not take: ``unpackb`` holds the interpreter
+    lock for the whole of it, and when bytes follow the value it copies them all into its
+    ``ExtraData`` (a peer's 256 MiB of junk after an extension type: 0.15 s each time,
+    during which a worker that serves TCP answers nobody).  Read in 1 MiB slices, the lock is
+    taken again between them, and what follows a whole value is not copied."""
+    size = len(memoryview(data).cast("B"))
+    unpacker = msgpack.Unpacker(_Slices(data), read_size=SLICE, max_buffer_size=max(size, SLICE), raw=False,
+                                strict_map_key=False)
+    try:
+        value = unpacker.unpack()
+    except msgpack.OutOfData:
+        raise ValueError("Unpack failed: incomplete input") from None
+    if unpacker.tell() != size:
+        raise msgpack.ExtraData(value, b"")
+    return value
 
 
 # The usual values (None, bool, int, float, str, bytes, exact lists, tuples and dicts) are
@@ -24,7 +63,7 @@ def _msgpack_loads(data, _unpackb=msgpack.unpackb, _loads=_shmcore.msgpack_loads
 # every error.  A Packer per value there: those are the values whose packing can run Python
 # code (a dict subclass's items()), and with it another thread, so one shared Packer could
 # interleave two threads' bytes.
-_shmcore.set_msgpack(functools.partial(msgpack.packb, use_bin_type=True), msgpack.unpackb)
+_shmcore.set_msgpack(functools.partial(msgpack.packb, use_bin_type=True), msgpack.unpackb, msgpack.ExtraData)
 
 
 class MsgpackCodec(Codec):

@@ -135,14 +135,14 @@ def test_replacing_the_fallback_while_it_runs_is_safe():
 
     class Replacing(dict):
         def items(self):
-            core.set_msgpack(functools.partial(msgpack.packb, use_bin_type=True), msgpack.unpackb)
+            core.set_msgpack(functools.partial(msgpack.packb, use_bin_type=True), msgpack.unpackb, msgpack.ExtraData)
             return [("k", b"v" * 1000)]
 
     try:
-        core.set_msgpack(functools.partial(msgpack.packb, use_bin_type=True), msgpack.unpackb)
+        core.set_msgpack(functools.partial(msgpack.packb, use_bin_type=True), msgpack.unpackb, msgpack.ExtraData)
         assert core.msgpack_dumps(Replacing(a=1)) == PACK({"k": b"v" * 1000})
     finally:
-        core.set_msgpack(fallback, msgpack.unpackb)
+        core.set_msgpack(fallback, msgpack.unpackb, msgpack.ExtraData)
 
 
 def test_what_only_msgpack_decides_is_left_to_it():
@@ -178,9 +178,36 @@ def test_the_limits_agree_with_msgpack_or_are_left_to_it():
     chunk = b"x" * (1 << 20)
     huge = [chunk] * ((1 << 20) + 1)   # states just over 2**40 bytes; shares one chunk, so costs ~8 MB
     try:
-        core.set_msgpack(lambda value: b"FALLBACK", msgpack.unpackb)
+        core.set_msgpack(lambda value: b"FALLBACK", msgpack.unpackb, msgpack.ExtraData)
         assert core.msgpack_dumps(huge) == b"FALLBACK"
         assert core.msgpack_dumps({"k": huge}) == b"FALLBACK"
         assert core.msgpack_dumps([chunk] * 3) == PACK([chunk] * 3)   # (small: still C's)
     finally:
-        core.set_msgpack(fallback, msgpack.unpackb)
+        core.set_msgpack(fallback, msgpack.unpackb, msgpack.ExtraData)
+
+
+def test_large_inputs_are_not_copied_whole_with_the_interpreter_lock_held():
+    """What a worker serving TCP shares its interpreter with: a whole value and bytes after it
+    raise ``ExtraData``, as msgpack does, without the copy of the rest msgpack puts in it; a
+    large value C does not take is read in slices, to msgpack's value; a large binary is
+    decoded exactly (copied without the lock)."""
+    junk = PACK(0) + bytes(8 << 20)
+    with pytest.raises(msgpack.ExtraData):
+        msgpack.unpackb(junk)                                       # what msgpack says
+    for loads in (core.msgpack_loads, codecs.MSGPACK.loads):
+        with pytest.raises(msgpack.ExtraData) as e:
+            loads(junk)
+        assert e.value.unpacked == 0 and e.value.extra == b""
+    other = PACK({1: b"y" * (3 << 20), "k": [msgpack.ExtType(2, b"e")]})
+    with pytest.raises(ValueError):
+        core.msgpack_loads(other)                                   # left to the codec...
+    assert codecs.MSGPACK.loads(other) == msgpack.unpackb(other, strict_map_key=False)   # ...which reads it
+    assert codecs.MSGPACK.loads(memoryview(other)) == msgpack.unpackb(other, strict_map_key=False)
+    ext_then_junk = PACK(msgpack.ExtType(3, b"zz")) + bytes(4 << 20)
+    with pytest.raises(msgpack.ExtraData) as e:
+        codecs.MSGPACK.loads(ext_then_junk)
+    assert e.value.unpacked == msgpack.ExtType(3, b"zz")
+    with pytest.raises(ValueError):
+        codecs.MSGPACK.loads(other[:-5])                            # cut short
+    big = bytes(range(256)) * (24 << 12)                            # 24 MiB
+    assert core.msgpack_loads(PACK([big, "s"])) == [big, "s"]

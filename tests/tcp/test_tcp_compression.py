@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from speedysvc import DecodeError, PayloadTooLarge, ProtocolError, codecs, connect, connect_async
+from speedysvc.errors import decode_exception
 from speedysvc.tcp import compression
 from speedysvc.tcp import framing as fr
 from conftest import wait_until
@@ -150,23 +151,27 @@ def test_compressed_frames_claiming_huge_sizes_do_not_stall_other_clients():
                                       f"held up another client for {max(latencies):.1f} s")
 
 
-def test_compression_bombs_do_not_stall_other_clients():
+@pytest.mark.parametrize("in_workers,body", [(False, "junk"), (True, "junk"), (True, "msgpack")],
+                         ids=["gateway", "workers", "workers-valid-msgpack"])
+def test_compression_bombs_do_not_stall_other_clients(in_workers, body):
     """An 8 KiB zstd payload that really inflates to 256 MiB is not inflated on the event loop
     (which, under the manager, also supervises every service): six of them, sent in one 50 KiB
     write, would keep the loop from even greeting a new client for as long as inflating them all
     takes (measured here first: the bound follows the machine's speed and load), and cost the
-    server ~2.5 GiB."""
+    server ~2.5 GiB.  With the workers serving TCP, the loop shares its process (and the
+    interpreter lock) with the worker that decodes the calls: 256 MiB of zeros (a whole msgpack
+    value, then bytes after it) once kept it for 0.3 s per call, in msgpack's error, and a valid
+    256 MiB binary is copied out without the lock."""
     limit = 256 * MiB
-    bomb = compression.compress("zstd", bytes(limit))
+    raw = bytes(limit) if body == "junk" else codecs.MSGPACK.dumps([bytes(limit - 16)])
+    bomb = compression.compress("zstd", raw)
     t = time.monotonic()
-    assert len(compression.decompress("zstd", bomb, limit)) == limit
+    assert len(compression.decompress("zstd", bomb, limit)) == len(raw)
     inflate_one = time.monotonic() - t
-    # (the gateway: with the workers serving TCP, the worker that inflates the bombs keeps its
-    # other connections waiting about as long as inflating them all takes, a known limit of
-    # that mode, docs/tcp-protocol.md)
-    with tcp_service(TcpEcho, max_payload=limit, tcp_in_workers=False) as svc:
+    with tcp_service(TcpEcho, max_payload=limit, tcp_in_workers=in_workers) as svc:
         host, port = svc.tcp_address.removeprefix("tcp://").rsplit(":", 1)
-        sock = RawClient(svc, timeout=10).welcome(compression="zstd", compress_min=0).sock
+        client = RawClient(svc, timeout=10).welcome(compression="zstd", compress_min=0)
+        sock = client.sock
         latencies, stop = [], threading.Event()
 
         def greet():    # the event loop alone: connect and read the server's hello
@@ -185,7 +190,16 @@ def test_compression_bombs_do_not_stall_other_clients():
         time.sleep(4)
         stop.set()
         th.join(60)
+        replies = client.read_frames(6, timeout=120)
         sock.close()
+        # each was answered: the zeros do not decode (a whole value, then more), the binary does
+        answers = [(f.arg, bytes(compression.decompress("zstd", f.payload, limit)) if f.flags & fr.F_COMPRESSED
+                    else bytes(f.payload)) for f in replies]
+        if body == "junk":
+            assert all(status != 0 and isinstance(decode_exception(p), DecodeError) and "extra data" in str(
+                decode_exception(p)) for status, p in answers), answers
+        else:
+            assert [(status, codecs.MSGPACK.loads(p)) for status, p in answers] == [(0, limit - 16)] * 6
         # on the loop, the six would hold it for about 6 x inflate_one; in threads, a greeting
         # waits at most for its share of the CPU meanwhile
         assert max(latencies) < 3 * inflate_one, (
