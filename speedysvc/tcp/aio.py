@@ -9,7 +9,8 @@ import time
 from ..errors import CallTimeout, ConnectionLost, ProtocolError, ServiceNotUp, ServiceUnavailable, SpeedysvcError
 from ..waiting import Waiting
 from . import framing as fr
-from .protocol import answer, cannot_connect, connect_budget, next_call_id, options_of
+from .protocol import (NOT_RUN_FIRST_PAUSE, NOT_RUN_LAST_PAUSE, answer, cannot_connect, connect_budget, next_call_id,
+                       options_of, resendable)
 
 
 class AsyncConnection(asyncio.BufferedProtocol):
@@ -29,6 +30,7 @@ class AsyncConnection(asyncio.BufferedProtocol):
         self.writable = asyncio.Event()
         self.writable.set()
         self.outgoing: list[bytes] = []
+        self.retired = False   # takes no new call; closes once its calls are answered
 
     def connection_made(self, transport) -> None:
         self.transport = transport
@@ -82,6 +84,15 @@ class AsyncConnection(asyncio.BufferedProtocol):
                 fut.set_result(self.opts.decode_reply(frame))
             except Exception as e:
                 fut.set_exception(e)
+        if self.retired and not self.pending:
+            self.transport.close()
+
+    def retire(self) -> None:
+        """Its server is stopping: no new call goes on it, and it closes once the calls in
+        flight on it are answered (the server answers them, then closes it too)."""
+        self.retired = True
+        if not self.pending:
+            self.transport.close()
 
     def _break(self, exc: BaseException) -> None:
         if self.broken is None:
@@ -163,7 +174,7 @@ class AsyncTcpTransport:
         ``timeout`` from when it began) as well as within the connect timeout."""
         conn = self._conn
         loop = asyncio.get_running_loop()
-        if conn is not None and conn.broken is None and conn.loop is loop:
+        if conn is not None and conn.broken is None and not conn.retired and conn.loop is loop:
             return conn
         if self._lock is None or self._loop is not loop:   # a client may outlive its event loop
             self._lock, self._loop = asyncio.Lock(), loop
@@ -180,8 +191,8 @@ class AsyncTcpTransport:
             if self._closed:
                 raise SpeedysvcError("this connection is closed")
             conn = self._conn
-            if conn is None or conn.broken is not None:
-                if conn is not None and conn.loop is loop:
+            if conn is None or conn.broken is not None or conn.retired:
+                if conn is not None and conn.loop is loop and not conn.retired:
                     conn.transport.close()
                 conn = self._conn = await self._open(deadline, timeout)
             return conn
@@ -220,8 +231,42 @@ class AsyncTcpTransport:
         return conn
 
     async def call(self, name: bytes, payload, flags: int, codec, timeout, _waiting: bool = False):
+        # (when the call began: a call the server never started is sent again within its timeout)
+        began = time.monotonic()
+        try:
+            return await self._call(name, payload, flags, codec, timeout, _waiting)
+        except Exception as e:
+            if not resendable(e):
+                raise
+            return await self._again(e, began, name, payload, flags, codec, timeout)
+
+    async def _again(self, error: BaseException, began: float, name: bytes, payload, flags: int, codec, timeout):
+        """A call the server answered as never started because it is stopping: sent again on a
+        new connection, as the blocking client does (``TcpTransport._again``: a rolling restart
+        loses no call; a service stopped on purpose is not waited for)."""
+        bound = began + (self.opts.connect_timeout if timeout is None else timeout)
+        pause = NOT_RUN_FIRST_PAUSE
+        while True:
+            conn = self._conn
+            if conn is not None and conn.loop is asyncio.get_running_loop():
+                conn.retire()
+            left = bound - time.monotonic()
+            if left <= 0:
+                raise error
+            try:
+                return await self._call(name, payload, flags, codec, left if timeout is not None else timeout, True)
+            except ServiceNotUp:
+                raise error from None
+            except Exception as e:
+                if not resendable(e):
+                    raise
+                error = e
+            await asyncio.sleep(min(pause, max(0.0, bound - time.monotonic())))
+            pause = min(pause * 2, NOT_RUN_LAST_PAUSE)
+
+    async def _call(self, name: bytes, payload, flags: int, codec, timeout, _waiting: bool = False):
         conn = self._conn
-        if conn is None or conn.broken is not None or conn.loop is not asyncio.get_running_loop():
+        if conn is None or conn.broken is not None or conn.retired or conn.loop is not asyncio.get_running_loop():
             # the call's timeout bounds connecting (and the handshake) too
             deadline = None if timeout is None else time.monotonic() + timeout
             try:
@@ -245,7 +290,7 @@ class AsyncTcpTransport:
             await asyncio.sleep(wait.pause(reason))
             left = wait.remaining(reason)
             try:
-                return await self.call(name, payload, flags, codec, left, True)
+                return await self._call(name, payload, flags, codec, left, True)
             except ServiceNotUp:
                 pass
 

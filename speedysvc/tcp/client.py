@@ -17,12 +17,13 @@ import threading
 import time
 
 from .._shmcore import STATUS_ERROR, call_alone
-from ..errors import (CallTimeout, ConnectionLost, NoFreeChannel, ProtocolError, ServiceNotUp, ServiceUnavailable,
+from ..errors import (CallTimeout, ConnectionLost, ProtocolError, ServiceNotUp, ServiceUnavailable,
                       SpeedysvcError, encode_exception)
 from ..transport import Address
 from ..waiting import Waiting
 from . import framing as fr
-from .protocol import ClientOptions, answer, cannot_connect, connect_budget, next_call_id, options_of, timeout_ms
+from .protocol import (NOT_RUN_FIRST_PAUSE, NOT_RUN_LAST_PAUSE, ClientOptions, answer, cannot_connect, connect_budget,
+                       next_call_id, options_of, resendable, timeout_ms)
 
 
 class _Stale(Exception):
@@ -36,15 +37,6 @@ class _Stale(Exception):
 # reply finds the next call as good as in flight (it fails, like any call in flight then).
 IDLE_CHECK_AFTER = 0.001
 
-# A call the server never started because it was stopping is sent again after a pause that
-# grows from the first to the last (a rolling restart: at once, to a worker that stays).
-NOT_RUN_FIRST_PAUSE = 0.005
-NOT_RUN_LAST_PAUSE = 0.25
-
-def _resendable(e: BaseException) -> bool:
-    """A call the server answered as never started because it is stopping (not one it is merely
-    too full for, ``NoFreeChannel``: its caller decides)."""
-    return getattr(e, "not_run", False) and not isinstance(e, NoFreeChannel)
 
 
 # bumped in a child process after fork(): a connection made before belongs to the parent
@@ -547,7 +539,7 @@ class TcpTransport:
         try:
             return self._call(name, payload, flags, codec, timeout, _waiting)
         except Exception as e:
-            if not _resendable(e):
+            if not resendable(e):
                 raise
             return self._again(e, began, name, payload, flags, codec, timeout)
 
@@ -572,7 +564,7 @@ class TcpTransport:
             except ServiceNotUp:
                 raise error from None
             except Exception as e:
-                if not _resendable(e):
+                if not resendable(e):
                     raise
                 error = e
             # (the whole service stopping answers every attempt so: look again at a growing pace)

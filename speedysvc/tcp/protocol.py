@@ -10,8 +10,8 @@ import os
 import ssl
 import time
 
-from ..errors import (AuthenticationFailed, CallTimeout, ConnectionLost, PayloadTooLarge, ProtocolError,
-                      ServiceNotUp, ServiceUnavailable, decode_exception)
+from ..errors import (AuthenticationFailed, CallTimeout, ConnectionLost, NoFreeChannel, PayloadTooLarge,
+                      ProtocolError, ServiceNotUp, ServiceUnavailable, decode_exception)
 from ..codecs.outofband import OutOfBand
 from ..waiting import check_wait
 from . import compression
@@ -168,6 +168,19 @@ def not_run(exc: BaseException) -> BaseException:
     may be sent again, elsewhere): ``exc.not_run`` is True."""
     exc.not_run = True
     return exc
+
+
+# A call the server never started because it was stopping is sent again (by a client of one
+# address, blocking or asyncio) after a pause that grows from the first to the last (a rolling
+# restart: at once, to a worker that stays).
+NOT_RUN_FIRST_PAUSE = 0.005
+NOT_RUN_LAST_PAUSE = 0.25
+
+
+def resendable(e: BaseException) -> bool:
+    """A call the server answered as never started because it is stopping (not one it is merely
+    too full for, ``NoFreeChannel``: its caller decides)."""
+    return getattr(e, "not_run", False) and not isinstance(e, NoFreeChannel)
 
 
 def connect_budget(opts: ClientOptions, deadline: float | None, timeout: float | None) -> tuple[float, object]:

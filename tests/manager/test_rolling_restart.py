@@ -9,7 +9,7 @@ import urllib.parse
 
 import pytest
 
-from speedysvc import ServerMethodsBase, connect, json_method
+from speedysvc import ServerMethodsBase, connect, connect_async, json_method
 from conftest import wait_until
 
 PORTS = int(os.environ["SPEEDYSVC_TEST_PORT_BASE"])
@@ -127,15 +127,33 @@ class Callers:
             t.join(60)
 
 
+class AsyncioCaller:
+    """The asyncio TCP client, called from one thread at a time through an event loop of its own."""
+
+    def __init__(self, address):
+        self.loop = asyncio.new_event_loop()
+        self.client = connect_async(Versioned, address, timeout=30)
+
+    def version(self):
+        return self.loop.run_until_complete(self.client.version())
+
+    def close(self):
+        self.loop.run_until_complete(self.client.aclose())
+        self.loop.close()
+
+
 def test_calls_go_on_through_rolling_restarts_and_see_the_new_code(running, tmp_path):
-    """The done-when test: 4 threads (3 over shared memory, 1 through the TCP gateway) call without
-    pause through 3 rolling restarts, the module edited before each: no call fails, and every
-    call begun after a restart returned sees that restart's code.  min = max = 2 workers, with
-    autoscaling deciding every 0.05 s: the extra workers of a restart must not be scaled away."""
+    """The done-when test: 5 threads (3 over shared memory, 2 over TCP: the blocking and the
+    asyncio client, served by the workers) call without pause through 3 rolling restarts, the
+    module edited before each: no call fails (a call a leaving worker answers as never started is
+    sent again), and every call begun after a restart returned sees that restart's code.  min =
+    max = 2 workers, with autoscaling deciding every 0.05 s: the extra workers of a restart must
+    not be scaled away."""
     m = versioned(running, tmp_path, extra="bind_tcp=127.0.0.1")
     tcp_port = m.service("Versioned")["tcp_server"]
     clients = [connect(Versioned, timeout=30) for _ in range(3)]
     clients.append(connect(Versioned, f"tcp://127.0.0.1:{PORTS + 160}", timeout=30))
+    clients.append(AsyncioCaller(f"tcp://127.0.0.1:{PORTS + 160}"))
     assert {c.version() for c in clients} == {"v1"}
     callers = Callers(clients)
     try:

@@ -37,8 +37,9 @@ def test_the_flag_is_negotiated_in_the_handshake():
 
 
 def test_a_call_a_stopping_gateway_never_started_says_so():
-    """The blocking and the asyncio client raise the gateway's error marked ``not_run``; an
-    error the method itself raises is not marked."""
+    """The blocking and the asyncio client send such a call again on new connections within its
+    timeout (here the gateway goes on accepting them and answering so), then raise the gateway's
+    error marked ``not_run``; an error the method itself raises is not marked."""
     with LocalService(TcpEcho, workers=1), InProcessGateway(TcpEcho.name) as gw:
         with connect(TcpEcho, gw.tcp_address, timeout=5, wait=0) as c:
             assert c.echo("up") == "up"
@@ -47,15 +48,18 @@ def test_a_call_a_stopping_gateway_never_started_says_so():
             assert not getattr(raised.value, "not_run", False)
             closing(gw)
             with pytest.raises(ServiceUnavailable, match="stopping") as raised:
-                c.echo("late")
+                c.with_timeout(1).echo("late")
             assert raised.value.not_run is True
+            assert gw.read(lambda s: s.counters["unavailable"]) > 1   # sent again
 
         async def main():
-            ac = connect_async(TcpEcho, gw.tcp_address, timeout=5, wait=0)
+            ac = connect_async(TcpEcho, gw.tcp_address, timeout=1, wait=0)
             try:
+                before = gw.read(lambda s: s.counters["unavailable"])
                 with pytest.raises(ServiceUnavailable, match="stopping") as raised:
                     await ac.echo("late")
                 assert raised.value.not_run is True
+                assert gw.read(lambda s: s.counters["unavailable"]) > before + 1   # sent again
             finally:
                 await ac.aclose()
         asyncio.run(main())
