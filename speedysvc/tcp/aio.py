@@ -9,8 +9,7 @@ import time
 from ..errors import CallTimeout, ConnectionLost, ProtocolError, ServiceNotUp, ServiceUnavailable, SpeedysvcError
 from ..waiting import Waiting
 from . import framing as fr
-from .protocol import (NOT_RUN_FIRST_PAUSE, NOT_RUN_LAST_PAUSE, answer, cannot_connect, connect_budget, next_call_id,
-                       options_of, resendable)
+from .protocol import Resending, answer, cannot_connect, connect_budget, next_call_id, options_of, resendable
 
 
 class AsyncConnection(asyncio.BufferedProtocol):
@@ -244,25 +243,16 @@ class AsyncTcpTransport:
         """A call the server answered as never started because it is stopping: sent again on a
         new connection, as the blocking client does (``TcpTransport._again``: a rolling restart
         loses no call; a service stopped on purpose is not waited for)."""
-        bound = began + (self.opts.connect_timeout if timeout is None else timeout)
-        pause = NOT_RUN_FIRST_PAUSE
+        resending = Resending(self.opts, began, timeout, error)
         while True:
             conn = self._conn
             if conn is not None and conn.loop is asyncio.get_running_loop():
                 conn.retire()
-            left = bound - time.monotonic()
-            if left <= 0:
-                raise error
+            attempt = resending.timeout()
             try:
-                return await self._call(name, payload, flags, codec, left if timeout is not None else timeout, True)
-            except ServiceNotUp:
-                raise error from None
+                return await self._call(name, payload, flags, codec, attempt, True)
             except Exception as e:
-                if not resendable(e):
-                    raise
-                error = e
-            await asyncio.sleep(min(pause, max(0.0, bound - time.monotonic())))
-            pause = min(pause * 2, NOT_RUN_LAST_PAUSE)
+                await asyncio.sleep(resending.failed(e))
 
     async def _call(self, name: bytes, payload, flags: int, codec, timeout, _waiting: bool = False):
         conn = self._conn

@@ -22,8 +22,8 @@ from ..errors import (CallTimeout, ConnectionLost, ProtocolError, ServiceNotUp, 
 from ..transport import Address
 from ..waiting import Waiting
 from . import framing as fr
-from .protocol import (NOT_RUN_FIRST_PAUSE, NOT_RUN_LAST_PAUSE, ClientOptions, answer, cannot_connect, connect_budget,
-                       next_call_id, options_of, resendable, timeout_ms)
+from .protocol import (ClientOptions, Resending, answer, cannot_connect, connect_budget, next_call_id, options_of,
+                       resendable, timeout_ms)
 
 
 class _Stale(Exception):
@@ -552,24 +552,14 @@ class TcpTransport:
         connections any more (the whole service stops, or a gateway restarts), the error is
         raised as it came: a service stopped on purpose is not waited for.  A server merely
         full (``NoFreeChannel``) is not asked again: its caller decides."""
-        bound = began + (self.opts.connect_timeout if timeout is None else timeout)
-        pause = NOT_RUN_FIRST_PAUSE
+        resending = Resending(self.opts, began, timeout, error)
         while True:
             self._retire()
-            left = bound - time.monotonic()
-            if left <= 0:
-                raise error
+            attempt = resending.timeout()
             try:
-                return self._call(name, payload, flags, codec, left if timeout is not None else timeout, True)
-            except ServiceNotUp:
-                raise error from None
+                return self._call(name, payload, flags, codec, attempt, True)
             except Exception as e:
-                if not resendable(e):
-                    raise
-                error = e
-            # (the whole service stopping answers every attempt so: look again at a growing pace)
-            time.sleep(min(pause, max(0.0, bound - time.monotonic())))
-            pause = min(pause * 2, NOT_RUN_LAST_PAUSE)
+                time.sleep(resending.failed(e))
 
     def _retire(self) -> None:
         """The connection that answered a call as not started (its server is stopping) takes no

@@ -183,6 +183,40 @@ def resendable(e: BaseException) -> bool:
     return getattr(e, "not_run", False) and not isinstance(e, NoFreeChannel)
 
 
+class Resending:
+    """How a client of one address (blocking or asyncio) sends again a call its stopping server
+    never started: on a new connection, as long as the call's timeout (without one: the connect
+    timeout) leaves time, after pauses growing from ``NOT_RUN_FIRST_PAUSE`` to
+    ``NOT_RUN_LAST_PAUSE``.  When nothing accepts connections any more (``ServiceNotUp``: the
+    service stops, or a gateway restarts) the first error is raised as it came: a service
+    stopped on purpose is not waited for.  The caller loops::
+
+        while True:
+            retire the connection; try: return call(..., r.timeout()) except Exception as e: sleep(r.failed(e))
+    """
+
+    def __init__(self, opts: "ClientOptions", began: float, timeout: float | None, error: BaseException):
+        self.bound = began + (opts.connect_timeout if timeout is None else timeout)
+        self.limited, self.error, self.pause = timeout is not None, error, NOT_RUN_FIRST_PAUSE
+
+    def timeout(self) -> float | None:
+        """The next attempt's timeout; raises the last error when no time is left."""
+        left = self.bound - time.monotonic()
+        if left <= 0:
+            raise self.error
+        return left if self.limited else None
+
+    def failed(self, e: BaseException) -> float:
+        """An attempt failed with ``e``: raises what ends the call, else the pause before the next."""
+        if isinstance(e, ServiceNotUp):
+            raise self.error from None
+        if not resendable(e):
+            raise e
+        self.error = e
+        pause, self.pause = self.pause, min(self.pause * 2, NOT_RUN_LAST_PAUSE)
+        return min(pause, max(0.0, self.bound - time.monotonic()))
+
+
 def connect_budget(opts: ClientOptions, deadline: float | None, timeout: float | None) -> tuple[float, object]:
     """How long connecting and the handshake may take for a call with ``deadline`` (its
     ``timeout`` from now, or None): ``(seconds, the error to raise when they run out)``.  The
