@@ -44,14 +44,17 @@ class LocalService:
                  stop_timeout: float = 10.0, env: dict | None = None, tcp: str | None = None,
                  tcp_secret=None, tcp_tls: tuple[str, str] | None = None, tcp_allow_pickle: bool = False,
                  tcp_handshake_timeout: float = ServeOptions.handshake_timeout,
-                 tcp_stall_timeout: float = ServeOptions.stall_timeout, tcp_in_workers: bool | None = None):
+                 tcp_stall_timeout: float = ServeOptions.stall_timeout, tcp_in_workers: bool | None = None,
+                 tcp_max_connections: int = ServeOptions.max_connections,
+                 tcp_max_handshakes: int = ServeOptions.max_handshakes):
         """``tcp='HOST[:PORT]'`` also serves TCP clients (PORT defaults to the class's
         ``port``; 0 picks a free one, see ``tcp_address``), in a gateway process of its own,
         or, with ``tcp_in_workers``, in the workers themselves (``speedysvc.tcp.inworker``:
         each listens on the port with SO_REUSEPORT; this process holds the port), which is the
         default; ``tcp_in_workers=False`` runs the gateway.  Without the argument,
         ``SPEEDYSVC_TCP_IN_WORKERS=0`` in the environment chooses the gateway (so a test suite
-        can run either way)."""
+        can run either way).  ``tcp_max_connections`` and ``tcp_max_handshakes`` are the
+        service.ini keys of the same names (held across the workers when they serve TCP)."""
         if workers < 1 or workers > core.MAX_WORKERS:
             raise ValueError(f"workers must be 1..{core.MAX_WORKERS}, got {workers}")
         self.server_cls = server_cls
@@ -70,6 +73,7 @@ class LocalService:
         self.tcp_tls = tcp_tls
         self.tcp_allow_pickle = tcp_allow_pickle
         self.tcp_timeouts = (tcp_handshake_timeout, tcp_stall_timeout)
+        self.tcp_limits = (tcp_max_connections, tcp_max_handshakes)
         self.tcp_process: subprocess.Popen | None = None
         self.tcp_address: str | None = None     # tcp://host:port once serving
         self.tcp_in_workers = (os.environ.get(TCP_IN_WORKERS_ENV) != "0") if tcp_in_workers is None \
@@ -153,6 +157,7 @@ class LocalService:
                                    allow_pickle=self.tcp_allow_pickle, max_payload=self.max_payload,
                                    max_inflight=inflight_for(self.max_channels),
                                    handshake_timeout=self.tcp_timeouts[0], stall_timeout=self.tcp_timeouts[1],
+                                   max_connections=self.tcp_limits[0], max_handshakes=self.tcp_limits[1],
                                    stop_timeout=self.stop_timeout)
         except ValueError as e:
             raise RuntimeError(f"the TCP server of {self.service!r} cannot start: {e}") from None

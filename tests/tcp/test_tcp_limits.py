@@ -15,7 +15,8 @@ from speedysvc.tcp import framing as fr
 from conftest import wait_until
 import tcp_helpers
 from tcp_helpers import (LIMIT, MSGPACK, MiB, RAW, RawClient, busy_channels, check, connect_to, guarded, logs_clean,
-                         msgpack_args, open_sockets, run, server_alive, server_mib, server_pids, timed_check)
+                         msgpack_args, open_sockets, run, server_alive, server_mib, server_pids, tcp_service,
+                         timed_check)
 from tcp_services import TcpEcho, TcpRestart
 
 tcp_mode = tcp_helpers.tcp_mode
@@ -315,3 +316,36 @@ def test_many_calls_in_one_read_mixed_with_odd_ones_each_get_their_answer():
         with connect_to(svc) as after:
             check(after)
         assert not busy_channels(svc), "calls posted together left channels behind"
+
+
+def test_local_service_holds_its_tcp_connection_limit():
+    """``LocalService(tcp_max_connections=...)``: clients beyond it are refused (across the workers
+    when they serve TCP); a client that leaves makes room for the next."""
+    with tcp_service(TcpEcho, workers=2, tcp_max_connections=2) as svc:
+        admitted, refused = [], []
+        try:
+            for _ in range(5):
+                c = connect_to(svc, wait=0)
+                try:
+                    assert c.echo("x") == "x"
+                    admitted.append(c)
+                except ServiceUnavailable as e:
+                    refused.append(str(e))
+                    c.close()
+            assert len(admitted) == 2 and len(refused) == 3
+            assert all("too many TCP clients" in e for e in refused), refused
+            admitted.pop().close()
+
+            def another_admitted():
+                c = connect_to(svc, wait=0)
+                try:
+                    c.echo("x")
+                except ServiceUnavailable:
+                    c.close()
+                    return False
+                admitted.append(c)
+                return True
+            assert wait_until(another_admitted, 10)
+        finally:
+            for c in admitted:
+                c.close()
