@@ -270,11 +270,16 @@ array:
     {
         PyObject *list = PyList_New(n);
         if (!list) { PyErr_Clear(); return NULL; }
+        /* Not tracked by the garbage collector while items are missing: a large binary in it is
+         * copied without the interpreter lock, and another thread must not find the list
+         * half-made through gc.get_objects() (NULL items). */
+        PyObject_GC_UnTrack(list);
         for (Py_ssize_t i = 0; i < n; i++) {
             PyObject *item = mp_read(r, depth + 1);
             if (!item) { Py_DECREF(list); return NULL; }
             PyList_SET_ITEM(list, i, item);
         }
+        PyObject_GC_Track(list);
         return list;
     }
 map:

@@ -9,7 +9,8 @@ import time
 from ..errors import CallTimeout, ConnectionLost, ProtocolError, ServiceNotUp, ServiceUnavailable, SpeedysvcError
 from ..waiting import Waiting
 from . import framing as fr
-from .protocol import Resending, answer, cannot_connect, connect_budget, next_call_id, options_of, resendable
+from .protocol import (Resending, answer, cannot_connect, connect_budget, next_call_id, not_run, options_of,
+                       resendable)
 
 
 class AsyncConnection(asyncio.BufferedProtocol):
@@ -124,14 +125,14 @@ class AsyncConnection(asyncio.BufferedProtocol):
     async def call(self, name: bytes, payload, flags: int, timeout, stated=None):
         """The reply ``(status, data)`` within ``timeout`` (the error names ``stated``: the
         call's whole timeout, of which connecting took the rest)."""
-        if self.broken is not None:
-            raise self.broken
+        if self.broken is not None or self.retired:
+            raise self._unsent()
         call_id = next_call_id()
         buffers = self.opts.encode_call(call_id, name, payload, flags, timeout)
         if not self.writable.is_set():
             await self.writable.wait()
-            if self.broken is not None:
-                raise self.broken
+            if self.broken is not None or self.retired:
+                raise self._unsent()
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
         self.pending[call_id] = fut
@@ -153,6 +154,15 @@ class AsyncConnection(asyncio.BufferedProtocol):
                               f"{timeout if stated is None else stated} s") from None
         finally:
             self.pending.pop(call_id, None)
+            if self.retired and not self.pending:
+                self.transport.close()
+
+    def _unsent(self) -> BaseException:
+        """The error of a call that found this connection broken or retired before any of it
+        was written: it never ran, and is marked so (a client sends it again)."""
+        why = "its server is stopping" if self.retired else "it was lost"
+        return not_run(ConnectionLost(f"connection to {self.opts.address} could not take the call ({why}); "
+                                      f"the call was not sent"))
 
 
 class AsyncTcpTransport:
@@ -245,9 +255,6 @@ class AsyncTcpTransport:
         loses no call; a service stopped on purpose is not waited for)."""
         resending = Resending(self.opts, began, timeout, error)
         while True:
-            conn = self._conn
-            if conn is not None and conn.loop is asyncio.get_running_loop():
-                conn.retire()
             attempt = resending.timeout()
             try:
                 return await self._call(name, payload, flags, codec, attempt, True)
@@ -255,7 +262,7 @@ class AsyncTcpTransport:
                 await asyncio.sleep(resending.failed(e))
 
     async def _call(self, name: bytes, payload, flags: int, codec, timeout, _waiting: bool = False):
-        conn = self._conn
+        conn, deadline = self._conn, None
         if conn is None or conn.broken is not None or conn.retired or conn.loop is not asyncio.get_running_loop():
             # the call's timeout bounds connecting (and the handshake) too
             deadline = None if timeout is None else time.monotonic() + timeout
@@ -265,10 +272,15 @@ class AsyncTcpTransport:
                 if _waiting:
                     raise
                 return await self._when_up(e, name, payload, flags, codec, timeout)
+        try:
             if deadline is not None:
                 return answer(await conn.call(name, payload, flags, max(0.0, deadline - time.monotonic()), timeout),
                               codec, name)
-        return answer(await conn.call(name, payload, flags, timeout), codec, name)
+            return answer(await conn.call(name, payload, flags, timeout), codec, name)
+        except Exception as e:
+            if resendable(e):   # its server is stopping: the connection that said so takes no new call
+                conn.retire()
+            raise
 
     async def _when_up(self, error: ServiceNotUp, name: bytes, payload, flags: int, codec, timeout):
         """Wait for the service to accept connections (see ``speedysvc.waiting``), then call."""

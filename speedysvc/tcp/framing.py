@@ -280,6 +280,7 @@ class FrameParser:
             buf = self.get_buffer()
             n = min(len(buf), len(data) - pos)
             buf[:n] = data[pos:pos + n]
+            del buf   # (a view of a large frame's bytes still alive would make take() copy them)
             pos += n
             frames.extend(self.buffer_updated(n))
         return frames

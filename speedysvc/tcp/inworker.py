@@ -148,7 +148,8 @@ class InProcess:
                 # (a raw method may answer with a view of its argument: 16 MiB echoed without
                 # the copy costs about a sixth less time here)
                 if not (out.__class__ is memoryview and own is not None and _exporter(own) is not None
-                        and out.obj is _exporter(own) and out.ndim == 1 and out.format == "B"):
+                        and out.obj is _exporter(own) and out.ndim == 1 and out.format == "B"
+                        and out.c_contiguous):
                     out = bytes(out)
             if not isinstance(status, int) or status < 0:
                 raise TypeError(f"bad status {status!r}")

@@ -211,3 +211,29 @@ def test_large_inputs_are_not_copied_whole_with_the_interpreter_lock_held():
         codecs.MSGPACK.loads(other[:-5])                            # cut short
     big = bytes(range(256)) * (24 << 12)                            # 24 MiB
     assert core.msgpack_loads(PACK([big, "s"])) == [big, "s"]
+
+
+def test_a_list_being_decoded_is_not_seen_half_made_while_a_binary_is_copied():
+    """A large binary is copied without the interpreter lock; the list around it, still missing
+    items then, must not be reachable from another thread (``gc.get_objects()`` found it and
+    read a NULL item: a crash).  Run in a process of its own, which must exit cleanly."""
+    import subprocess
+    import sys
+    script = (
+        "import gc, threading, msgpack\n"
+        "from speedysvc import _shmcore, codecs\n"
+        "data = msgpack.packb([b'\\0' * (64 << 20), 12345, 67890])\n"
+        "stop = False\n"
+        "def spy():\n"
+        "    while not stop:\n"
+        "        for o in gc.get_objects():\n"
+        "            if type(o) is list and len(o) == 3:\n"
+        "                type(o[0]), type(o[1]), type(o[2])\n"
+        "t = threading.Thread(target=spy)\n"
+        "t.start()\n"
+        "for _ in range(20):\n"
+        "    assert _shmcore.msgpack_loads(data)[1:] == [12345, 67890]\n"
+        "stop = True\n"
+        "t.join()\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120)
+    assert done.returncode == 0, (done.returncode, done.stderr[-2000:])

@@ -283,6 +283,19 @@ def test_a_client_receives_a_large_payload_into_the_bytes_it_returns():
         assert [f.call_id for f in got] == [7] and bytes(got[0].payload) == payload
         # the client's is the bytes object itself; the server's a private mapping, as before
         assert (got[0].payload.__class__ is bytes) == fill
+    # ...received in place, not copied out at the end: the memory peaks at one payload's size
+    import tracemalloc
+    big = bytes(16 << 20)
+    frame = fr.reply_header(9, 0, len(big)) + big
+    p = fr.FrameParser(1 << 30, frozenset((fr.REPLY,)), fill_bytes=True)
+    tracemalloc.start()
+    try:
+        for i in range(0, len(frame), 1 << 20):
+            got = p.feed(memoryview(frame)[i:i + (1 << 20)])
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert got[0].payload == big and peak < 1.5 * len(big), peak
     p = fr.FrameParser(1 << 30, frozenset((fr.REPLY,)), fill_bytes=True)
     p.feed(fr.reply_header(8, 0, 1 << 30) + b"x" * 1000)   # announced, not sent: not allocated eagerly
     assert p.mid_frame and p.buffered < fr.SCRATCH_SIZE + 2000

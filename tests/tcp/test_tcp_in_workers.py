@@ -312,6 +312,8 @@ def test_an_answer_that_views_the_calls_own_buffer_is_sent_without_a_copy():
     status, out = InProcess.finish(me, 0, memoryview(other), own=own)
     other[:] = b"xyz"
     assert out.__class__ is bytes and out == b"abc"
+    status, out = InProcess.finish(me, 0, memoryview(own)[::2], own=own)   # strided: not sendable as it is
+    assert out.__class__ is bytes and out[:2] == b"ac"
     status, out = InProcess.finish(me, 0, memoryview(own)[:3], own=None)   # not known to be the call's
     assert out.__class__ is bytes
     status, out = InProcess.finish(me, 0, memoryview(bytes(b"ab")), own=b"ab")   # a small frame's bytes

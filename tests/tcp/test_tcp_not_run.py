@@ -93,3 +93,60 @@ def test_a_call_frame_may_not_carry_the_flag():
         raw.welcome(not_run=True)
         raw.call(1, "echo", msgpack_args("x"), flags=fr.F_NOT_RUN)
         assert "unknown frame flags" in str(raw.expect_goaway())
+
+
+class _Transport:
+    """Stands for the socket's transport: records writes; closing it loses the connection."""
+
+    def __init__(self, conn):
+        self.conn, self.closing, self.written = conn, False, []
+
+    def is_closing(self):
+        return self.closing
+
+    def write(self, data):
+        self.written.append(bytes(data))
+
+    def close(self):
+        if not self.closing:
+            self.closing = True
+            asyncio.get_running_loop().call_soon(self.conn.connection_lost, None)
+
+
+def _connection():
+    from types import SimpleNamespace
+    from speedysvc.tcp.aio import AsyncConnection
+    opts = SimpleNamespace(address="tcp://x:1", encode_call=lambda call_id, name, payload, flags, timeout: [name])
+    conn = AsyncConnection(opts)
+    conn.transport = _Transport(conn)
+    conn.ready.set_result(True)
+    return conn
+
+
+def test_an_asyncio_call_that_never_left_a_retired_connection_is_marked_not_run():
+    """A call waiting for a backlogged connection to drain when that connection is retired (its
+    server said it is stopping) was never written: it fails marked ``not_run``, which the
+    client sends again, not as a call that may have run.  A retired connection closes once its
+    last call is over, answered or not (here: timed out)."""
+    async def main():
+        conn = _connection()
+        conn.pause_writing()
+        waiting = asyncio.ensure_future(conn.call(b"m", b"", 0, 5))
+        await asyncio.sleep(0)
+        conn.retire()
+        conn.resume_writing()
+        with pytest.raises(ConnectionLost, match="not sent") as raised:
+            await waiting
+        assert raised.value.not_run is True and conn.transport.written == []
+
+        conn = _connection()
+        in_flight = asyncio.ensure_future(conn.call(b"m", b"", 0, 0.05))
+        await asyncio.sleep(0)
+        conn.retire()
+        assert not conn.transport.closing   # a call is in flight on it
+        with pytest.raises(Exception):
+            await in_flight                 # (nobody answers: it times out)
+        assert conn.transport.closing
+        with pytest.raises(ConnectionLost, match="not sent"):
+            await conn.call(b"m", b"", 0, 5)   # no new call goes on it
+    asyncio.run(main())
