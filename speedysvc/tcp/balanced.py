@@ -20,9 +20,10 @@ sends nothing, not even a reset), and probed at once: a slow method passes the p
 stays.  A call that provably never ran (the connection was refused or could not be made,
 the server had no free channel or was stopping: the ``not_run`` reply flag of
 docs/tcp-protocol.md) goes to another endpoint, within its timeout.  A call lost in flight
-(its connection broke before the answer came) may have run: it raises ``ConnectionLost``
-unless its method is idempotent (``@json_method(idempotent=True)``), which is sent once
-more, elsewhere.  When every endpoint failed a call, it is tried on each again after a
+(its connection broke before the answer came, or the worker running it died) may have run:
+it raises ``ConnectionLost`` (or ``WorkerDied``) unless its method is idempotent
+(``@json_method(idempotent=True)``), which is sent once more, elsewhere.  (A worker that
+dies does not eject its host, which replaces it.)  When every endpoint failed a call, it is tried on each again after a
 pause, as a single-address client waits for its service (``wait=``), and then fails with
 ``ServiceUnavailable`` naming each endpoint's last error.
 """
@@ -36,8 +37,8 @@ import socket
 import threading
 import time
 
-from ..errors import (AuthenticationFailed, ConnectionLost, NoFreeChannel, ProtocolError,
-                      ServiceUnavailable, SpeedysvcError)
+from ..errors import (AuthenticationFailed, ConnectionLost, NoFreeChannel, ProtocolError, ServiceUnavailable,
+                      SpeedysvcError, WorkerDied)
 from ..waiting import FIRST_POLL, LAST_POLL, MIN_ATTEMPT, check_wait, wait_bound
 from .aio import AsyncTcpTransport
 from .client import TcpTransport, open_connection
@@ -148,6 +149,8 @@ NEVER_RAN, LOST, OUTCOME = 0, 1, 2
 def _kind(e: BaseException) -> int:
     if getattr(e, "not_run", False):
         return NEVER_RAN
+    if isinstance(e, WorkerDied):   # the worker died in the call, which may have run: lost too
+        return LOST
     if hasattr(e, "remote_traceback"):   # an answer: the method's error, or the gateway's
         return OUTCOME
     if isinstance(e, (ConnectionLost, ProtocolError)):
@@ -410,7 +413,9 @@ class _Balancer:
             # a server that is stopping is left; one that is only busy is not
             self._ended(ep, e, eject=not isinstance(e, NoFreeChannel))
         elif kind == LOST:
-            self._ended(ep, e, eject=True)
+            # (a worker that died is replaced by its host, which stays: a host that goes loses
+            # its connections too)
+            self._ended(ep, e, eject=not isinstance(e, WorkerDied))
         else:
             self._ended(ep, e)
         return kind

@@ -4,12 +4,15 @@ own "host", with a namespace of its own): balancing, ejection and taking back, c
 never ran sent elsewhere, idempotent calls sent again once, the resolver followed."""
 import asyncio
 import collections
+import os
+import signal
 import threading
 import time
 
 import pytest
 
-from speedysvc import ConnectionLost, ServiceUnavailable, connect, connect_async, json_method, msgpack_method
+from speedysvc import (ConnectionLost, ServiceUnavailable, WorkerDied, connect, connect_async, json_method,
+                       msgpack_method)
 from speedysvc import pickle_method, raw_method
 from speedysvc.methods import method_spec
 from speedysvc.tcp import balanced
@@ -265,7 +268,9 @@ def in_flight_everywhere(c, method, seconds, n=3):
 
 def test_a_call_lost_in_flight_is_sent_again_only_if_idempotent(fresh):
     """kill -9 of a host's manager with one call in flight there: the idempotent call is
-    answered by another host; the other raises ConnectionLost; the calls after go to the others."""
+    answered by another host; the other raises ConnectionLost, or WorkerDied when the worker
+    that runs it dies before the one holding its connection (workers serving TCP: a slow call
+    is posted to another worker); the calls after go to the others."""
     h1, h2, h3 = fresh
     with connect(Spread, OWN_ALL, timeout=20) as c:
         threads, idem = in_flight_everywhere(c, "where_slowly", 2.0)
@@ -281,7 +286,7 @@ def test_a_call_lost_in_flight_is_sent_again_only_if_idempotent(fresh):
         h2.kill()
         [t.join() for t in threads]
         lost = [v for kind, v in once if kind == "error"]
-        assert len(lost) == 1 and isinstance(lost[0], ConnectionLost), once
+        assert len(lost) == 1 and isinstance(lost[0], (ConnectionLost, WorkerDied)), once
         assert [v for kind, v in once if kind == "ok"] == ["h3"]
         assert {c.once() for _ in range(20)} == {"h3"}
 
@@ -343,9 +348,46 @@ def test_the_asyncio_client_sends_a_lost_call_again_only_if_idempotent(fresh):
             assert sorted(e["inflight"] for e in ac.endpoints()) == [0, 1, 1]
             h2.kill()
             got = await asyncio.gather(*once, return_exceptions=True)
-            assert sorted(map(type, got), key=str) == sorted([ConnectionLost, str], key=str), got
-            assert "h3" in got
+            errors = [g for g in got if isinstance(g, BaseException)]   # (see the blocking client's test)
+            assert len(errors) == 1 and isinstance(errors[0], (ConnectionLost, WorkerDied)), got
+            assert [g for g in got if not isinstance(g, BaseException)] == ["h3"], got
             assert {await ac.once() for _ in range(10)} == {"h3"}
         finally:
             await ac.aclose()
     asyncio.run(main())
+
+
+def test_a_call_whose_worker_dies_is_sent_again_only_if_idempotent_and_its_host_stays(tmp_path):
+    """Hosts whose TCP is served by a gateway (so the host answers ``WorkerDied`` when the
+    worker running a call is killed -9, rather than losing the connection): the idempotent
+    call is answered by the other host, the other raises WorkerDied, and the host, which
+    replaces its worker, is not ejected."""
+    hosts = [Host(tmp_path / f"g{i + 1}", f"g{i + 1}", OWN[i], extra="tcp_in_workers=no") for i in (0, 1)]
+    try:
+        for h in hosts:
+            h.wait_ready()
+        g1 = hosts[0]
+
+        def kill_g1_workers():
+            for pid in g1.processes():
+                if pid != g1.proc.pid:
+                    os.kill(pid, signal.SIGKILL)
+
+        with connect(Spread, f"tcp://{OWN[0]},{OWN[1]}", timeout=30) as c:
+            threads, idem = in_flight_everywhere(c, "where_slowly", 3.0, n=2)
+            kill_g1_workers()
+            [t.join() for t in threads]
+            assert idem == [("ok", "g2"), ("ok", "g2")], idem   # g1's was sent again, to g2
+            assert state(c, OWN[0])["healthy"], state(c, OWN[0])
+            # the host took new workers: it answers again
+            assert wait_until(lambda: "g1" in {c.where() for _ in range(20)}, 60)
+
+            threads, once = in_flight_everywhere(c, "once_slowly", 3.0, n=2)
+            kill_g1_workers()
+            [t.join() for t in threads]
+            lost = [v for kind, v in once if kind == "error"]
+            assert len(lost) == 1 and isinstance(lost[0], WorkerDied), once
+            assert [v for kind, v in once if kind == "ok"] == ["g2"], once
+    finally:
+        for h in hosts:
+            h.stop()
