@@ -31,6 +31,7 @@ class AsyncConnection(asyncio.BufferedProtocol):
         self.writable.set()
         self.outgoing: list[bytes] = []
         self.retired = False   # takes no new call; closes once its calls are answered
+        self.later: list | None = None   # frames delivered on the loop's next turn (see buffer_updated)
 
     def connection_made(self, transport) -> None:
         self.transport = transport
@@ -53,7 +54,21 @@ class AsyncConnection(asyncio.BufferedProtocol):
             self._break(ConnectionLost(f"{self.opts.address} sent a bad frame ({e})"))
             self.transport.close()
             return
+        if self.later is not None or len(frames) == 1 and frames[0].payload.__class__ is not bytes:
+            # A large reply, received into its bytes: taken on the loop's next turn, once the
+            # loop has dropped its view of them (asyncio's selector loop holds it during this
+            # call; taken now, they would be copied).  What comes meanwhile waits behind it.
+            if self.later is None:
+                self.later = []
+                self.loop.call_soon(self._deliver_later)
+            self.later.extend(frames)
+            return
         self._deliver(frames)
+
+    def _deliver_later(self) -> None:
+        frames, self.later = self.later, None
+        if frames:
+            self._deliver(frames)
 
     def _handshake(self, nbytes: int) -> None:
         msg = self.hello.feed(self.hello_buf[:nbytes])
@@ -66,7 +81,7 @@ class AsyncConnection(asyncio.BufferedProtocol):
             return
         leftover = self.opts.check_welcome(msg, self.nonce)
         self.parser = fr.FrameParser(self.opts.max_payload or fr.DEFAULT_MAX_PAYLOAD,
-                                     frozenset((fr.REPLY, fr.GOAWAY)), fill_bytes=True)
+                                     frozenset((fr.REPLY, fr.GOAWAY)), fill_bytes="later")
         self.hello = self.hello_buf = None
         self.ready.set_result(True)
         if leftover:
@@ -74,6 +89,7 @@ class AsyncConnection(asyncio.BufferedProtocol):
 
     def _deliver(self, frames) -> None:
         for frame in frames:
+            fr.take_payload(frame)
             if frame.kind == fr.GOAWAY:
                 self._break(self.opts.goaway_error(frame))
                 continue
@@ -108,6 +124,7 @@ class AsyncConnection(asyncio.BufferedProtocol):
             self.transport.write(b"".join(out) if len(out) > 1 else out[0])
 
     def connection_lost(self, exc) -> None:
+        self._deliver_later()   # (replies that came before the end are answers, not losses)
         lost = ConnectionLost(f"connection to {self.opts.address} was lost"
                               + (f" ({exc})" if exc else "") + "; a call in flight may or may not have run")
         if not self.ready.done():

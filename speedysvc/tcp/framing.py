@@ -168,6 +168,12 @@ def lazy_buffer(length: int, lead: int = 0):
     return memoryview(buf)[lead:] if lead else buf
 
 
+def take_payload(frame: Frame) -> None:
+    """A frame's payload as bytes, if it is still a ``core.BytesToFill`` (``fill_bytes="later"``)."""
+    if frame.payload.__class__ is core.BytesToFill:
+        frame.payload = frame.payload.take()
+
+
 def free_buffer(buf) -> None:
     """Unmap a ``lazy_buffer`` now, unless a view of it is still alive somewhere (then it goes
     with that)."""
@@ -201,9 +207,12 @@ class FrameParser:
     A frame larger than the scratch buffer is received into a buffer of its own: a
     ``lazy_buffer`` (a server: page-aligned after the name, for a worker that reads the call
     in place), or, with ``fill_bytes`` (a client), the ``bytes`` object the frame's payload
-    then is: a reply returned as it came, with no buffer to fault in and copy out of."""
+    then is: a reply returned as it came, with no buffer to fault in and copy out of.  With
+    ``fill_bytes="later"`` such a frame's payload is still the ``core.BytesToFill`` when the
+    frame is returned (this parser's view of it released): its reader takes the bytes once
+    it has dropped its own view too (``take_payload``), or they would be copied."""
 
-    def __init__(self, max_payload: int, accept: frozenset, scratch: int = SCRATCH_SIZE, fill_bytes: bool = False):
+    def __init__(self, max_payload: int, accept: frozenset, scratch: int = SCRATCH_SIZE, fill_bytes=False):
         self.max_payload = max_payload
         self.fill_bytes = fill_bytes
         self.max_length = max_payload + COMPRESSION_OVERHEAD
@@ -330,7 +339,8 @@ class FrameParser:
             frame, view, self._big, self._big_view = self._big, self._big_view, None, None
             if self.fill_bytes:
                 view.release()   # (the reader's slices of it may live on: take() copies then)
-                frame.payload = frame.payload.take()
+                if self.fill_bytes != "later":
+                    frame.payload = frame.payload.take()
             self.done += 1
             return [frame]
         self._end += n

@@ -41,6 +41,10 @@ class TcpKitchen(ServerMethodsBase):
     def raw_upper(self, data):
         return bytes(data).upper()
 
+    @raw_method
+    def zeros(self, data):
+        return bytes(int(bytes(data)))
+
     @msgpack_method
     def big(self, n):
         return b'z' * n
