@@ -81,7 +81,7 @@ class AsyncConnection(asyncio.BufferedProtocol):
             return
         leftover = self.opts.check_welcome(msg, self.nonce)
         self.parser = fr.FrameParser(self.opts.max_payload or fr.DEFAULT_MAX_PAYLOAD,
-                                     frozenset((fr.REPLY, fr.GOAWAY)), fill_bytes="later")
+                                     frozenset((fr.REPLY, fr.GOAWAY)), fill_bytes=True)
         self.hello = self.hello_buf = None
         self.ready.set_result(True)
         if leftover:
@@ -89,7 +89,6 @@ class AsyncConnection(asyncio.BufferedProtocol):
 
     def _deliver(self, frames) -> None:
         for frame in frames:
-            fr.take_payload(frame)
             if frame.kind == fr.GOAWAY:
                 self._break(self.opts.goaway_error(frame))
                 continue
@@ -100,14 +99,16 @@ class AsyncConnection(asyncio.BufferedProtocol):
                 fut.set_result(self.opts.decode_reply(frame))
             except Exception as e:
                 fut.set_exception(e)
-        if self.retired and not self.pending:
-            self.transport.close()
+        self._close_if_retired()
 
     def retire(self) -> None:
         """Its server is stopping: no new call goes on it, and it closes once the calls in
-        flight on it are answered (the server answers them, then closes it too)."""
+        flight on it are over (the server answers them, then closes it too)."""
         self.retired = True
-        if not self.pending:
+        self._close_if_retired()
+
+    def _close_if_retired(self) -> None:
+        if self.retired and not self.pending:
             self.transport.close()
 
     def _break(self, exc: BaseException) -> None:
@@ -171,8 +172,7 @@ class AsyncConnection(asyncio.BufferedProtocol):
                               f"{timeout if stated is None else stated} s") from None
         finally:
             self.pending.pop(call_id, None)
-            if self.retired and not self.pending:
-                self.transport.close()
+            self._close_if_retired()
 
     def _unsent(self) -> BaseException:
         """The error of a call that found this connection broken or retired before any of it

@@ -168,10 +168,13 @@ def lazy_buffer(length: int, lead: int = 0):
     return memoryview(buf)[lead:] if lead else buf
 
 
-def take_payload(frame: Frame) -> None:
-    """A frame's payload as bytes, if it is still a ``core.BytesToFill`` (``fill_bytes="later"``)."""
-    if frame.payload.__class__ is core.BytesToFill:
-        frame.payload = frame.payload.take()
+def payload_bytes(frame: Frame):
+    """A frame's payload, taken as bytes if it was received into them (``fill_bytes``): to be
+    called once the reader's view of its read buffer is gone, or the bytes are copied."""
+    payload = frame.payload
+    if payload.__class__ is core.BytesToFill:
+        payload = frame.payload = payload.take()
+    return payload
 
 
 def free_buffer(buf) -> None:
@@ -206,13 +209,12 @@ class FrameParser:
 
     A frame larger than the scratch buffer is received into a buffer of its own: a
     ``lazy_buffer`` (a server: page-aligned after the name, for a worker that reads the call
-    in place), or, with ``fill_bytes`` (a client), the ``bytes`` object the frame's payload
-    then is: a reply returned as it came, with no buffer to fault in and copy out of.  With
-    ``fill_bytes="later"`` such a frame's payload is still the ``core.BytesToFill`` when the
-    frame is returned (this parser's view of it released): its reader takes the bytes once
-    it has dropped its own view too (``take_payload``), or they would be copied."""
+    in place), or, with ``fill_bytes`` (a client), a ``core.BytesToFill``: the ``bytes`` a
+    reply is returned as, with no buffer to fault in and copy out of.  The frame comes with
+    this parser's view of it released; ``payload_bytes`` takes the bytes once the reader has
+    dropped its own view too (else they would be copied)."""
 
-    def __init__(self, max_payload: int, accept: frozenset, scratch: int = SCRATCH_SIZE, fill_bytes=False):
+    def __init__(self, max_payload: int, accept: frozenset, scratch: int = SCRATCH_SIZE, fill_bytes: bool = False):
         self.max_payload = max_payload
         self.fill_bytes = fill_bytes
         self.max_length = max_payload + COMPRESSION_OVERHEAD
@@ -224,7 +226,7 @@ class FrameParser:
         self._big: Frame | None = None     # a frame whose payload arrives into its own buffer
         self._big_view: memoryview | None = None
         self._big_filled = 0
-        self._big_length = 0      # (a large payload is an mmap, a bytes-like object; bytes with fill_bytes)
+        self._big_length = 0      # (a large payload is an mmap, a bytes-like object; see fill_bytes)
         self._big_head = 0        # its header and name
         self.done = 0             # frames complete so far (see ``progress``)
 
@@ -338,9 +340,7 @@ class FrameParser:
                 return []
             frame, view, self._big, self._big_view = self._big, self._big_view, None, None
             if self.fill_bytes:
-                view.release()   # (the reader's slices of it may live on: take() copies then)
-                if self.fill_bytes != "later":
-                    frame.payload = frame.payload.take()
+                view.release()   # (its bytes are taken by payload_bytes, when the reader's view is gone too)
             self.done += 1
             return [frame]
         self._end += n
@@ -361,12 +361,8 @@ class FrameParser:
                 # too large for the scratch buffer: the rest goes straight into its own buffer
                 name = bytes(buf[body:body + name_len])
                 have = end - body - name_len
-                if self.fill_bytes:
-                    payload = core.BytesToFill(length)
-                    view = memoryview(payload)
-                else:
-                    payload = lazy_buffer(length, name_len)
-                    view = memoryview(payload)
+                payload = core.BytesToFill(length) if self.fill_bytes else lazy_buffer(length, name_len)
+                view = memoryview(payload)
                 view[:have] = buf[body + name_len:end]
                 self._big = Frame(kind, flags, call_id, arg, timeout_ms, name, payload)
                 self._big_view = view

@@ -144,13 +144,12 @@ class InProcess:
         sent as it is, the view keeping the buffer alive until it is written.  Any other view
         is copied: the handler may change what it looks at once it returns."""
         try:
-            if out.__class__ is not bytes:
-                # (a raw method may answer with a view of its argument: 16 MiB echoed without
-                # the copy costs about a sixth less time here)
-                if not (out.__class__ is memoryview and own is not None and _exporter(own) is not None
-                        and out.obj is _exporter(own) and out.ndim == 1 and out.format == "B"
-                        and out.c_contiguous):
-                    out = bytes(out)
+            # (a raw method may answer with a view of its argument: 16 MiB echoed without the
+            # copy costs about a sixth less time here)
+            if out.__class__ is not bytes and not (
+                    out.__class__ is memoryview and (mapping := _exporter(own)) is not None
+                    and out.obj is mapping and out.ndim == 1 and out.format == "B" and out.c_contiguous):
+                out = bytes(out)
             if not isinstance(status, int) or status < 0:
                 raise TypeError(f"bad status {status!r}")
         except TypeError as e:

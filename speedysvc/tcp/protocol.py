@@ -145,13 +145,13 @@ class ClientOptions:
         """(status, payload) of a reply frame; the status is ``STATUS_NOT_RUN`` for an error
         reply to a call the server never started (see ``answer``)."""
         status = STATUS_NOT_RUN if frame.flags & fr.F_NOT_RUN and frame.arg else frame.arg
+        payload = fr.payload_bytes(frame)
         if frame.flags & fr.F_COMPRESSED:
-            return status, compression.decompress(self.compression or "", frame.payload,
-                                                  self.max_payload or (1 << 62))
-        return status, frame.payload
+            return status, compression.decompress(self.compression or "", payload, self.max_payload or (1 << 62))
+        return status, payload
 
     def goaway_error(self, frame: fr.Frame) -> BaseException:
-        exc = decode_exception(frame.payload)
+        exc = decode_exception(fr.payload_bytes(frame))
         if frame.flags & fr.F_NOT_RUN:
             return not_run(ConnectionLost(f"{self.address} closed the connection: {exc}; the calls still "
                                           f"without an answer never started"))

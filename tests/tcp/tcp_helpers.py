@@ -379,7 +379,8 @@ def fake_server(script):
 def fake_service(replies):
     """A listening socket that shakes hands like a TcpKitchen gateway and answers each
     call with ``replies(call_id, payload)``: a list of byte strings sent apart (50 ms
-    between them).  Serves each connection in a thread, until the listener is closed:
+    between them; a None closes the connection there).  Serves each connection in a thread,
+    until the listener is closed:
     (the listener, the accepting thread, its address)."""
     listener = socket.create_server(("127.0.0.1", 0))
 
@@ -399,16 +400,22 @@ def fake_service(replies):
                     for i, piece in enumerate(replies(frame.call_id, frame.payload)):
                         if i:
                             time.sleep(0.05)
+                        if piece is None:
+                            return
                         conn.sendall(piece)
 
     def accept():
-        while True:
+        while listener.fileno() != -1:   # (closing a listener does not wake its accept(): look again)
             try:
                 conn, _ = listener.accept()
+            except socket.timeout:
+                continue
             except OSError:   # closed
                 return
+            conn.settimeout(None)
             threading.Thread(target=serve_one, args=(conn,), daemon=True).start()
 
+    listener.settimeout(0.1)
     th = threading.Thread(target=accept, daemon=True)
     th.start()
     return listener, th, f"tcp://127.0.0.1:{listener.getsockname()[1]}"

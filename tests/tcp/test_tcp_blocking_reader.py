@@ -332,3 +332,51 @@ def test_size_limits_beyond_64_bits_of_signed_int_work_in_both_c_paths():
     assert Gateway(NotAttached(), Server(), {}, codecs.CODEC_SHIFT,
                    ~codecs.mask(lambda c: c.network_safe) & (2 ** 64 - 1))(parser, len(frame)) is None
     assert parser.whole_frame(len(frame)) is not None
+
+
+@pytest.mark.parametrize("client", ["blocking", "blocking, no timeout", "asyncio"])
+def test_a_large_reply_in_pieces_arrives_whole_and_one_cut_short_is_a_lost_call(client):
+    """A reply larger than the parser's scratch buffer is received into the bytes the call
+    returns, over several reads; a server that dies halfway through one (the connection ends
+    mid-frame) loses that call (ConnectionLost: it may have run), and the next call connects
+    anew and gets its answer."""
+    import asyncio
+    import os
+    big = os.urandom(3 * fr.SCRATCH_SIZE + 5)
+
+    def replies(call_id, payload):
+        arg = bytes(payload)
+        if arg == b"big":
+            reply = fr.reply_header(call_id, 0, len(big)) + big
+            third = len(reply) // 3
+            return [reply[:third], reply[third:2 * third], reply[2 * third:]]
+        if arg == b"cut":
+            return [fr.reply_header(call_id, 0, len(big)) + big[:len(big) // 2], None]
+        return [fr.reply_header(call_id, 0, len(arg)) + arg]
+
+    listener, th, address = fake_service(replies)
+    try:
+        if client == "asyncio":
+            from speedysvc import connect_async
+
+            async def main():
+                ac = connect_async(TcpKitchen, address, timeout=10, wait=0)
+                try:
+                    got = await ac.echo_raw(b"big")
+                    assert got.__class__ is bytes and got == big
+                    with pytest.raises(ConnectionLost):
+                        await ac.echo_raw(b"cut")
+                    assert await ac.echo_raw(b"small") == b"small"
+                finally:
+                    await ac.aclose()
+            asyncio.run(main())
+        else:
+            with connect(TcpKitchen, address, timeout=None if "no timeout" in client else 10, wait=0) as c:
+                got = c.echo_raw(b"big")
+                assert got.__class__ is bytes and got == big
+                with pytest.raises(ConnectionLost):
+                    c.echo_raw(b"cut")
+                assert c.echo_raw(b"small") == b"small"
+    finally:
+        listener.close()
+        th.join(5)

@@ -318,3 +318,13 @@ def test_an_answer_that_views_the_calls_own_buffer_is_sent_without_a_copy():
     assert out.__class__ is bytes
     status, out = InProcess.finish(me, 0, memoryview(bytes(b"ab")), own=b"ab")   # a small frame's bytes
     assert out.__class__ is bytes and out == b"ab"
+    # a view of memory no object owns (PyMemoryView_FromMemory: its .obj is None), beside an
+    # argument that is no mapping either: copied
+    import ctypes
+    from_memory = ctypes.pythonapi.PyMemoryView_FromMemory
+    from_memory.restype, from_memory.argtypes = ctypes.py_object, [ctypes.c_void_p, ctypes.c_ssize_t, ctypes.c_int]
+    raw = ctypes.create_string_buffer(b"xyz")
+    loose = from_memory(ctypes.addressof(raw), 3, 0x100)   # PyBUF_READ
+    assert loose.obj is None
+    status, out = InProcess.finish(me, 0, loose, own=b"xyz")
+    assert out.__class__ is bytes and out == b"xyz"
