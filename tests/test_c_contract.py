@@ -19,7 +19,7 @@ from speedysvc.tcp import framing as fr
 from speedysvc.tcp.server import TcpServer
 
 OWNERS = {"ShmTransport", "Channels", "Channel", "Admission", "Gateway counters", "FrameParser",
-          "BlockingConnection", "threading.Lock", "socket.socket"}
+          "BlockingConnection", "TcpTransport", "threading.Lock", "socket.socket"}
 
 
 def test_the_table_lists_each_owner_once_with_names():
@@ -47,6 +47,7 @@ def instances(kitchen):
         opts = tc.ClientOptions(Kitchen.name, "127.0.0.1", 1)
         opts.max_payload = None
         conn = tc.BlockingConnection(a, opts, b"")
+        tcp_transport = tc.TcpTransport(opts)
         server = TcpServer(Kitchen.name)
         try:
             yield {
@@ -57,6 +58,7 @@ def instances(kitchen):
                 "TcpServer": server,
                 "FrameParser": fr.FrameParser(1 << 20, frozenset((fr.CALL,))),
                 "BlockingConnection": conn,
+                "TcpTransport": tcp_transport,
                 "threading.Lock": conn.lock,
                 "socket.socket": conn.sock,
             }
@@ -84,6 +86,7 @@ def test_every_counter_the_gateway_counts_is_one_the_server_keeps(instances):
 def test_the_methods_c_calls_are_callable(instances):
     calls = {"ShmTransport": ("call", "_resume", "_abort"), "Channels": ("retire",), "FrameParser": ("get_buffer",),
              "BlockingConnection": ("_failed_to_send", "_read_on", "_unregister", "_pass_reading_on"),
+             "TcpTransport": ("call", "_after_alone"),
              "threading.Lock": ("acquire", "release"), "socket.socket": ("fileno",)}
     for owner, names in calls.items():
         assert set(names) <= set(core.PYTHON_NAMES[owner]), owner
@@ -102,6 +105,45 @@ def test_the_frame_constants_are_the_extensions():
         assert struct.unpack_from(fmt, header, off) == (value,)
     assert (fr.CALL, fr.REPLY, fr.GOAWAY) == (core.FRAME_CALL, core.FRAME_REPLY, core.FRAME_GOAWAY)
     assert fr.KNOWN_FRAME_FLAGS == core.FRAME_KNOWN_FLAGS and fr.MAX_NAME == core.FRAME_MAX_NAME
+
+
+def test_call_alone_sees_the_connection_states_python_sets():
+    """BlockingConnection's states live in its C base (ConnectionCore): what Python sets there
+    is what call_alone reads (it hands a call that is not alone back, with nothing sent), and
+    what call_alone sets after a usual call (the reader's turn ended, the call forgotten,
+    bytes came just now) is what Python reads."""
+    import time
+    a, b = socket.socketpair()
+    opts = tc.ClientOptions("svc", "127.0.0.1", 1)
+    opts.max_payload = None
+    conn = tc.BlockingConnection(a, opts, b"")
+    try:
+        assert isinstance(conn, core.ConnectionCore)
+        assert conn.alone is True and conn.reading is False and conn.broken is None and conn.waiting == {}
+        assert conn.fork_generation == core.fork_generation()
+        frame = fr.call_header(7, b"echo", 0, 0, 2) + b"hi"
+        conn.last_read = time.monotonic() + 3600   # (no idle check: nothing to poll)
+        for name, value in [("reading", True), ("waiting", {99: None}), ("broken", ConnectionError("gone"))]:
+            old = getattr(conn, name)
+            setattr(conn, name, value)
+            assert core.call_alone(conn, frame, 7, 1.0) is None, name   # not alone
+            setattr(conn, name, old)
+        b.settimeout(1)
+        with pytest.raises(socket.timeout):
+            b.recv(1)   # nothing was sent
+        reply = fr.reply_header(7, 0, 2) + b"ok"
+        b.sendall(reply)   # (already there when call_alone reads)
+        before = time.monotonic()
+        assert core.call_alone(conn, frame, 7, 1.0) == (0, b"ok")
+        assert b.recv(100) == frame
+        assert conn.reading is False and conn.waiting == {} and before <= conn.last_read <= time.monotonic()
+        with pytest.raises(TypeError):
+            core.call_alone(object(), frame, 7, 1.0)   # not a connection
+        with pytest.raises(TypeError):
+            conn.reading = 1   # a bool, as C keeps it
+    finally:
+        conn.close()
+        b.close()
 
 
 def test_the_codes_python_compares_with_are_the_extensions():

@@ -14,7 +14,8 @@
  *   channel.c     taking a transport's channel, giving it back, aborting a call on it
  *   shm_method.c  ShmMethod: a client's generated method, the common case in C
  *   gateway.c     Gateway: the TCP gateway's usual call
- *   call_alone.c  call_alone: the TCP client's call alone on its connection
+ *   call_alone.c  call_alone: the TCP client's call alone on its connection; TcpMethod: its
+ *                 generated method, the usual call in C; the call ids and the fork generation
  *   msgpack.c     msgpack for the usual values
  *   boundary.c    the objects of names.h; reading attributes and calling hooks on Python objects
  *   module.c      the module's functions (the worker's watchdog of its owner among them), its
@@ -234,11 +235,15 @@ int channel_give_back(PyObject *transport, taken_channel *c);
 void channel_abort(PyObject *transport, taken_channel *c);
 void channel_release(taken_channel *c);
 
-/* shm_method.c, gateway.c */
-extern PyTypeObject ShmMethodType, GatewayType, LocalWayType;
+/* shm_method.c, gateway.c, call_alone.c */
+extern PyTypeObject ShmMethodType, GatewayType, LocalWayType, TcpMethodType, ConnectionCoreType;
+PyObject *encode_tuple(PyObject *dumps, PyObject *tuple, Py_ssize_t size);
 
 /* call_alone.c, msgpack.c: module functions */
 PyObject *m_call_alone(PyObject *mod, PyObject *const *args, Py_ssize_t nargs);
+PyObject *m_next_call_id(PyObject *mod, PyObject *unused);
+PyObject *m_fork_generation(PyObject *mod, PyObject *unused);
+int call_alone_init(void);
 PyObject *m_msgpack_dumps(PyObject *mod, PyObject *o);
 /* encoded msgpack values this large that C does not take are not handed to unpackb: the codec
  * (codecs/msgpack.py, which reads _shmcore.MSGPACK_LARGE_FALLBACK) reads them in slices */

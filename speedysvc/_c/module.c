@@ -220,6 +220,8 @@ static PyMethodDef module_methods[] = {
     {"set_msgpack", m_set_msgpack, METH_VARARGS, "set_msgpack(pack, unpackb[, ExtraData]): what takes every other value (and the error for bytes after a whole value)"},
     {"call_alone", (PyCFunction)(void (*)(void))m_call_alone, METH_FASTCALL,
      "a TCP client's call alone on its connection (see tcp.client.BlockingConnection)"},
+    {"next_call_id", m_next_call_id, METH_NOARGS, "the next TCP call id of this process (1..2**32-1, then round again)"},
+    {"fork_generation", m_fork_generation, METH_NOARGS, "how many times this process's line was forked: 0, then 1 in a child, ..."},
     {"set_parent_death_signal", m_set_parent_death_signal, METH_O, "prctl(PR_SET_PDEATHSIG)"},
     {"watch_processes", m_watch_processes, METH_VARARGS,
      "watch_processes(pidfds, grace): when one of these processes ends, SIGTERM this one, then SIGKILL after grace"},
@@ -233,8 +235,9 @@ PyMODINIT_FUNC PyInit__shmcore(void) {
     if (ncpu < 1) ncpu = 1;
     client_spin.budget_ns = worker_spin.budget_ns = spin_max_ns;
     if (PyType_Ready(&RegionType) < 0 || PyType_Ready(&ShmMethodType) < 0 || PyType_Ready(&GatewayType) < 0
-        || PyType_Ready(&LocalWayType) < 0 || PyType_Ready(&BytesToFillType) < 0) return NULL;
-    if (names_init() < 0 || serve_init() < 0) return NULL;
+        || PyType_Ready(&LocalWayType) < 0 || PyType_Ready(&BytesToFillType) < 0
+        || PyType_Ready(&TcpMethodType) < 0 || PyType_Ready(&ConnectionCoreType) < 0) return NULL;
+    if (names_init() < 0 || serve_init() < 0 || call_alone_init() < 0) return NULL;
     PyObject *m = PyModule_Create(&moduledef);
     if (!m) return NULL;
     Py_INCREF(&RegionType);
@@ -245,6 +248,10 @@ PyMODINIT_FUNC PyInit__shmcore(void) {
     if (PyModule_AddObject(m, "Gateway", (PyObject *)&GatewayType) < 0) return NULL;
     Py_INCREF(&LocalWayType);
     if (PyModule_AddObject(m, "LocalWay", (PyObject *)&LocalWayType) < 0) return NULL;
+    Py_INCREF(&ConnectionCoreType);
+    if (PyModule_AddObject(m, "ConnectionCore", (PyObject *)&ConnectionCoreType) < 0) return NULL;
+    Py_INCREF(&TcpMethodType);
+    if (PyModule_AddObject(m, "TcpMethod", (PyObject *)&TcpMethodType) < 0) return NULL;
     Py_INCREF(&BytesToFillType);
     if (PyModule_AddObject(m, "BytesToFill", (PyObject *)&BytesToFillType) < 0) return NULL;
 #define ADD(name) if (PyModule_AddIntConstant(m, #name, name) < 0) return NULL;

@@ -43,20 +43,16 @@
     X("FrameParser", s_max_payload, "max_payload") \
     X("FrameParser", s_get_buffer, "get_buffer") \
     /* tcp/client.py: call_alone keeps the connection's states as BlockingConnection.call \
-     * does, and hands what is not usual back to it */ \
-    X("BlockingConnection", s_lock, "lock") \
-    X("BlockingConnection", s_send_lock, "send_lock") \
-    X("BlockingConnection", s_broken, "broken") \
-    X("BlockingConnection", s_waiting_c, "waiting") \
-    X("BlockingConnection", s_reading, "reading") \
-    X("BlockingConnection", s_last_read, "last_read") \
-    X("BlockingConnection", s_parser, "parser") \
-    X("BlockingConnection", s_sock, "sock") \
-    X("BlockingConnection", s_idle_check_after, "idle_check_after") \
+     * does (in ConnectionCore, its base), and hands what is not usual back to it */ \
     X("BlockingConnection", s_failed_to_send, "_failed_to_send") \
     X("BlockingConnection", s_read_on, "_read_on") \
     X("BlockingConnection", s_unregister, "_unregister") \
     X("BlockingConnection", s_pass_reading_on, "_pass_reading_on") \
+    /* tcp/client.py: TcpMethod takes the transport's connection, and hands the cases it \
+     * does not do itself back to the transport */ \
+    X("TcpTransport", s_conn, "_conn") \
+    X("TcpTransport", s_tcp_call, "call") \
+    X("TcpTransport", s_after_alone, "_after_alone") \
     /* the standard library's */ \
     X("threading.Lock", s_acquire, "acquire") \
     X("threading.Lock", s_release, "release") \

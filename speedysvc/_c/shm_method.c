@@ -22,6 +22,15 @@ typedef struct {
     vectorcallfunc vectorcall;
 } ShmMethod;
 
+/* The arguments' tuple encoded: by msgpack's C encoder when `size` (mp_encoded_size's, >= 0)
+ * says it takes them, else by dumps(tuple).  (TcpMethod's too.) */
+PyObject *encode_tuple(PyObject *dumps, PyObject *tuple, Py_ssize_t size) {
+    if (size < 0) return PyObject_CallOneArg(dumps, tuple);
+    PyObject *payload = PyBytes_FromStringAndSize(NULL, size);
+    if (payload) mp_encode(tuple, PyBytes_AS_STRING(payload));
+    return payload;
+}
+
 static PyObject *SM_fallback(ShmMethod *self, PyObject *const *args, size_t nargsf, PyObject *kwnames) {
     return PyObject_Vectorcall(self->fallback, args, nargsf, kwnames);
 }
@@ -95,12 +104,7 @@ static PyObject *SM_call(ShmMethod *self, PyObject *const *args, size_t nargsf, 
             if (PyErr_Occurred()) { Py_DECREF(tuple); return NULL; }
             size = mp_encoded_size(tuple);   /* (Python code may have run) */
         }
-        if (size >= 0) {   /* msgpack's C encoder, measured already: dumps without measuring again */
-            payload = PyBytes_FromStringAndSize(NULL, size);
-            if (payload) mp_encode(tuple, PyBytes_AS_STRING(payload));
-        } else {
-            payload = PyObject_CallOneArg(self->dumps, tuple);
-        }
+        payload = encode_tuple(self->dumps, tuple, size);
         Py_DECREF(tuple);
         if (!payload) {
             if (!PyErr_ExceptionMatches(PyExc_Exception)) return NULL;

@@ -42,7 +42,7 @@ from ..errors import (AuthenticationFailed, ConnectionLost, NoFreeChannel, Proto
 from ..waiting import FIRST_POLL, LAST_POLL, MIN_ATTEMPT, check_wait, wait_bound
 from .aio import AsyncTcpTransport
 from .client import TcpTransport, open_connection
-from .protocol import ClientOptions, options_of
+from .protocol import ClientOptions, options_of, python_method
 
 DEFAULT_RESOLVE_EVERY = 10.0   # seconds between two resolutions of the configured host names
 EJECT_FIRST = 0.2              # seconds an endpoint that failed stays out before its first probe...
@@ -474,7 +474,9 @@ class BalancedTransport(_Balancer):
     def endpoints(self) -> list[dict]:
         return self.endpoints_state()
 
-    bind_method = TcpTransport.bind_method   # (it needs only ``self.call``)
+    def bind_method(self, name: bytes, codec, dumps, timeout: float | None, fallback):
+        """A client's method that goes straight to ``call`` (see ``client._ClientMethod``)."""
+        return python_method(self.call, name, codec, dumps, timeout, fallback)
 
     def call(self, name: bytes, payload, flags: int, codec, timeout: float | None):
         if self.closed:

@@ -9,14 +9,13 @@ calls in flight at the break raise ``ConnectionLost``.
 from __future__ import annotations
 
 import math
-import os
 import select
 import socket
 import ssl
 import threading
 import time
 
-from .._shmcore import STATUS_ERROR, call_alone
+from .._shmcore import STATUS_ERROR, ConnectionCore, TcpMethod, call_alone, fork_generation
 from ..errors import (CallTimeout, ConnectionLost, ProtocolError, ServiceNotUp, ServiceUnavailable,
                       SpeedysvcError, encode_exception)
 from ..transport import Address
@@ -39,20 +38,7 @@ IDLE_CHECK_AFTER = 0.001
 
 
 
-# bumped in a child process after fork(): a connection made before belongs to the parent
-# (cheaper than comparing os.getpid(), a system call, on every call)
-_fork_generation = 0
-
-
-def _after_fork_in_child() -> None:
-    global _fork_generation
-    _fork_generation += 1
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
-class BlockingConnection:
+class BlockingConnection(ConnectionCore):
     """One established connection; replies are matched to calls by id.
 
     Whichever waiting thread finds nobody reading becomes the reader: it reads
@@ -62,14 +48,17 @@ class BlockingConnection:
     The usual call, alone on its connection, runs in C (``core.call_alone``, from
     ``TcpTransport.call``) with the same states under the same lock; it hands
     what is not usual back to ``call``, ``_failed_to_send``, ``_read_on`` or
-    ``_unregister``."""
-
-    idle_check_after = IDLE_CHECK_AFTER
+    ``_unregister``.  The states it shares with C are the fields of its base,
+    ``core.ConnectionCore`` (``sock``, ``parser``, ``lock``, ``send_lock``, ``waiting``,
+    ``broken``, ``reading``, ``alone``, ``last_read``, ``idle_check_after``, ``alone_limit``,
+    ``fork_generation``): C reads them without a lookup by name."""
 
     def __init__(self, sock: socket.socket, opts: ClientOptions, leftover: bytes):
         self.sock = sock
         self.opts = opts
-        self.fork_generation = _fork_generation
+        # bumped in a child process after fork(): a connection made before belongs to the parent
+        # (cheaper than comparing os.getpid(), a system call, on every call)
+        self.fork_generation = fork_generation()
         self.parser = fr.FrameParser(opts.max_payload or fr.DEFAULT_MAX_PAYLOAD, frozenset((fr.REPLY, fr.GOAWAY)),
                                      fill_bytes=True)
         self.send_lock = threading.Lock()
@@ -79,6 +68,7 @@ class BlockingConnection:
         self.waiting: dict[int, threading.Condition | None] = {}
         self.reading = False
         self.last_read = 0.0   # when bytes last came (time.monotonic()); 0: check before the first call
+        self.idle_check_after = IDLE_CHECK_AFTER
         self.broken: BaseException | None = None
         self.retired = False   # taken out of use (see ``retire``): closed when its last call ends
         self.tls = isinstance(sock, ssl.SSLSocket)
@@ -483,7 +473,7 @@ class TcpTransport:
 
     def _connection(self, deadline: float | None = None, timeout: float | None = None) -> BlockingConnection:
         conn = self._conn
-        if conn is not None and conn.fork_generation != _fork_generation:
+        if conn is not None and conn.fork_generation != fork_generation():
             # forked: the socket is the parent's; close our copy only (no shutdown) and connect anew
             self._lock = threading.Lock()
             self._conn = None
@@ -512,26 +502,12 @@ class TcpTransport:
             self._lock.release()
 
     def bind_method(self, name: bytes, codec, dumps, timeout: float | None, fallback):
-        """A client's method that goes straight to ``call`` (see ``client._ClientMethod``):
-        arguments encoded with ``dumps(args)`` (None: the one bytes argument is the
-        request); ``fallback(*args, **kwargs)`` takes every other case."""
-        call, flags = self.call, codec.flags
-
-        def method(*args, **kwargs):
-            if kwargs:
-                return fallback(*args, **kwargs)
-            if dumps is None:
-                if len(args) != 1 or args[0].__class__ is not bytes:
-                    return fallback(*args)
-                payload = args[0]
-            else:
-                try:
-                    payload = dumps(args)
-                except Exception:
-                    return fallback(*args)   # raises a clear EncodeError
-            return call(name, payload, flags, codec, timeout)
-
-        return method
+        """A client's method whose usual call runs in C (see ``core.TcpMethod``): arguments
+        encoded with ``dumps(args)`` (None: the one bytes argument is the request), the reply
+        decoded with ``codec.loads_fast``; ``fallback(*args, **kwargs)`` does the same in
+        Python and takes every other case, ``call`` every call it cannot send alone."""
+        return TcpMethod(self, name, codec, dumps, codec.loads_fast, codec.flags, timeout, timeout_ms(timeout),
+                         fallback, answer)
 
     def call(self, name: bytes, payload, flags: int, codec, timeout: float | None, _waiting: bool = False):
         # (when the call began: a call the server never started is sent again within its timeout)
@@ -539,9 +515,15 @@ class TcpTransport:
         try:
             return self._call(name, payload, flags, codec, timeout, _waiting)
         except Exception as e:
-            if not resendable(e):
-                raise
-            return self._again(e, began, name, payload, flags, codec, timeout)
+            return self._after_alone(e, began, name, payload, flags, codec, timeout)
+
+    def _after_alone(self, error: Exception, began: float, name: bytes, payload, flags: int, codec,
+                     timeout: float | None):
+        """A call that began at ``began`` raised ``error`` (in ``call``, or in ``core.TcpMethod``):
+        sent again if its server never started it (see ``_again``), else ``error`` raised."""
+        if not resendable(error):
+            raise error
+        return self._again(error, began, name, payload, flags, codec, timeout)
 
     def _again(self, error: BaseException, began: float, name: bytes, payload, flags: int, codec,
                timeout: float | None):
@@ -574,7 +556,7 @@ class TcpTransport:
     def _call(self, name: bytes, payload, flags: int, codec, timeout: float | None, _waiting: bool = False):
         # the usual call, alone on its connection, goes all the way in C (see BlockingConnection)
         conn = self._conn
-        if conn is not None and conn.alone and conn.fork_generation == _fork_generation \
+        if conn is not None and conn.alone and conn.fork_generation == fork_generation() \
                 and payload.__class__ is bytes and len(payload) < conn.alone_limit:
             call_id = next_call_id()
             got = call_alone(conn, fr.call_header(call_id, name, flags, timeout_ms(timeout), len(payload)) + payload,

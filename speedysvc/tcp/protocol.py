@@ -5,7 +5,6 @@ replies in, and a reply's value.  The wire format itself is in ``framing``.
 from __future__ import annotations
 
 import errno
-import itertools
 import os
 import ssl
 import time
@@ -14,13 +13,15 @@ from ..errors import (AuthenticationFailed, CallTimeout, ConnectionLost, NoFreeC
                       ProtocolError, ServiceNotUp, ServiceUnavailable, decode_exception)
 from ..codecs.outofband import OutOfBand
 from ..waiting import check_wait
+from .. import _shmcore
 from . import compression
 from . import framing as fr
 
 SECRET_ENV = "SPEEDYSVC_SECRET"
 DEFAULT_CONNECT_TIMEOUT = 10.0
 
-_ids = itertools.count(1)
+# a TCP call's id: one sequence for every TCP client of the process, in C and Python
+next_call_id = _shmcore.next_call_id
 
 
 def client_ssl_context(tls) -> ssl.SSLContext | None:
@@ -261,8 +262,28 @@ def answer(reply: tuple, codec, name: bytes):
     return codec.decode_result(name, data)
 
 
-def next_call_id() -> int:
-    return next(_ids) & 0xFFFFFFFF or next(_ids)
+def python_method(call, name: bytes, codec, dumps, timeout: float | None, fallback):
+    """A client's method in Python that goes straight to ``call(name, payload, flags, codec,
+    timeout)`` (see ``client._ClientMethod``): arguments encoded with ``dumps(args)`` (None:
+    the one bytes argument is the request); ``fallback(*args, **kwargs)`` takes every other
+    case.  (The several-endpoint client's; one endpoint's is ``core.TcpMethod``.)"""
+    flags = codec.flags
+
+    def method(*args, **kwargs):
+        if kwargs:
+            return fallback(*args, **kwargs)
+        if dumps is None:
+            if len(args) != 1 or args[0].__class__ is not bytes:
+                return fallback(*args)
+            payload = args[0]
+        else:
+            try:
+                payload = dumps(args)
+            except Exception:
+                return fallback(*args)   # raises a clear EncodeError
+        return call(name, payload, flags, codec, timeout)
+
+    return method
 
 
 def options_of(address, options: dict) -> ClientOptions:

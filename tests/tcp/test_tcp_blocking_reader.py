@@ -282,9 +282,9 @@ def test_call_alone_errors_stay_what_they_are():
     """An error while the connection's lock is held comes out as itself (not as a SystemError
     from releasing the lock with it pending), and the lock is released; a socket closed under
     an idle connection is left to the Python path, which reconnects."""
-    from speedysvc._shmcore import call_alone
+    from speedysvc._shmcore import ConnectionCore, call_alone
 
-    class NoParser:
+    class NoParser(ConnectionCore):
         def __init__(self):
             self.lock, self.broken, self.reading, self.waiting = threading.Lock(), None, False, {}
 
@@ -292,6 +292,8 @@ def test_call_alone_errors_stay_what_they_are():
     with pytest.raises(AttributeError):
         call_alone(odd, b"x" * 30, 1, None)
     assert not odd.lock.locked()
+    with pytest.raises(TypeError):
+        call_alone(object(), b"x" * 30, 1, None)   # not a connection
     conn, far = _alone_connection()
     conn.last_read = 0.0   # idle: checked with poll() first
     conn.sock.close()

@@ -12,9 +12,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from speedysvc import BadArguments, connect, connect_async
+from speedysvc import BadArguments, DecodeError, connect, connect_async
+from speedysvc import _shmcore as core
+from speedysvc.errors import encode_exception
+from speedysvc.tcp import framing as fr
 import tcp_helpers
-from tcp_helpers import CountingProxy, Interrupted, run, tcp_service
+from tcp_helpers import CountingProxy, Interrupted, fake_service, run, tcp_service
 from tcp_services import TcpEcho, TcpError, TcpKitchen, TcpOther
 
 serve, kitchen, client, proxy = tcp_helpers.serve, tcp_helpers.kitchen, tcp_helpers.client, tcp_helpers.proxy
@@ -315,6 +318,7 @@ def test_tcp_methods_look_like_bound_methods_and_hand_odd_calls_on(client):
     from speedysvc import EncodeError
     m = client.add
     assert client.add is m and "add" in vars(client)
+    assert type(m) is core.TcpMethod   # the usual call in C
     assert (m.__name__, m.__qualname__, m.__doc__) == ("add", "add", "Add two numbers.")
     assert list(inspect.signature(m).parameters) == ["a", "b", "scale"]
     assert weakref.ref(m)() is m
@@ -363,3 +367,67 @@ def test_the_asyncio_client_returns_a_large_reply_without_copying_it():
             loop.run_until_complete(main())
         finally:
             loop.close()
+
+
+def test_tcp_methods_take_every_reply_a_server_may_send():
+    """The C method takes a reply that is a success it decodes at once; every other reply goes
+    the Python way: a success that does not decode (a clear DecodeError), an error (raised
+    with its type), a reply in pieces, and one for another call first (not ours: skipped).
+    The calls the C method sends and those Python sends share one sequence of ids."""
+    import msgpack
+    seen = []
+
+    def replies(call_id, payload):
+        seen.append(call_id)
+        arg = msgpack.unpackb(payload)[0]
+        if arg == "undecodable":
+            return [fr.reply_header(call_id, 0, 2) + b"\xc1\xc1"]
+        if arg == "error":
+            body = encode_exception(ValueError("from the server"))
+            return [fr.reply_header(call_id, core.STATUS_ERROR, len(body)) + body]
+        body = msgpack.packb(arg)
+        reply = fr.reply_header(call_id, 0, len(body)) + body
+        if arg == "pieces":
+            return [reply[:5], reply[5:]]
+        if arg == "stray first":
+            stray = msgpack.packb("stray")
+            return [fr.reply_header((call_id + 1000) & 0xFFFFFFFF, 0, len(stray)) + stray + reply]
+        return [reply]
+
+    listener, th, address = fake_service(replies)
+    try:
+        with connect(TcpKitchen, address, timeout=5) as c:
+            m = c.echo_msgpack
+            assert type(m) is core.TcpMethod
+            assert m("first") == "first"   # (connects through Python: no connection yet)
+            assert m("usual") == "usual"
+            with pytest.raises(DecodeError, match="echo_msgpack"):
+                m("undecodable")
+            with pytest.raises(ValueError, match="from the server"):
+                m("error")
+            assert m("pieces") == "pieces"
+            assert m("stray first") == "stray first"
+            assert c.send("echo_msgpack", ["through send"]) == "through send"   # Python's call
+            assert m("after") == "after"
+        assert len(set(seen)) == len(seen) and seen == sorted(seen)   # one sequence, no id twice
+    finally:
+        listener.close()
+        th.join(5)
+
+
+@pytest.mark.parametrize("args, error", [
+    ((), TypeError),
+    ((None, "not bytes", None, None, bytes, 0, None, 0, print, print), TypeError),
+    ((None, b"m", None, None, bytes, -1, None, 0, print, print), OverflowError),
+    ((None, b"m", None, None, bytes, 1 << 40, None, 0, print, print), OverflowError),
+    ((None, b"m", None, None, bytes, 0, None, 1 << 40, print, print), OverflowError),
+    ((None, b"m", None, None, bytes, 0, None, -1, print, print), OverflowError),
+    ((None, b"m", None, "no", bytes, 0, None, 0, print, print), TypeError),
+    ((None, b"m", None, None, bytes, 0, None, 0, print, "no"), TypeError),
+    ((None, b"", None, None, bytes, 0, None, 0, print, print), ValueError),
+    ((None, b"m" * 65, None, None, bytes, 0, None, 0, print, print), ValueError),
+])
+def test_tcp_method_checks_its_arguments(args, error):
+    with pytest.raises(error):
+        core.TcpMethod(*args)
+
