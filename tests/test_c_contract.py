@@ -84,7 +84,7 @@ def test_every_counter_the_gateway_counts_is_one_the_server_keeps(instances):
 
 
 def test_the_methods_c_calls_are_callable(instances):
-    calls = {"ShmTransport": ("call", "_resume", "_abort"), "Channels": ("retire",), "FrameParser": ("get_buffer",),
+    calls = {"ShmTransport": ("call", "_resume", "_abort"), "Channels": ("retire",),
              "BlockingConnection": ("_failed_to_send", "_read_on", "_unregister", "_pass_reading_on"),
              "TcpTransport": ("call", "_after_alone"),
              "threading.Lock": ("acquire", "release"), "socket.socket": ("fileno",)}

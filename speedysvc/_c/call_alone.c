@@ -35,6 +35,8 @@
 typedef struct {
     PyObject_HEAD
     PyObject *sock, *parser, *lock, *send_lock, *waiting, *broken;
+    /* the locks' bound acquire and release (set with them: see CC_set_lock) */
+    PyObject *lock_acquire, *lock_release, *send_acquire, *send_release;
     double last_read;          /* when bytes last came (time.monotonic()); 0: check before the first call */
     double idle_check_after;   /* see client.IDLE_CHECK_AFTER */
     Py_ssize_t alone_limit;    /* a frame call_alone may send is shorter */
@@ -54,8 +56,9 @@ static double monotonic_s(void) {
     return ts.tv_sec + ts.tv_nsec * 1e-9;
 }
 
-static int lock_call(PyObject *lock, PyObject *method, PyObject *arg) {   /* 1 acquired/released, 0 not, -1 error */
-    PyObject *r = arg ? PyObject_CallMethodOneArg(lock, method, arg) : PyObject_CallMethodNoArgs(lock, method);
+/* a lock's bound acquire (with `arg`: its blocking flag) or release: 1 acquired/released, 0 not, -1 error */
+static int lock_call(PyObject *method, PyObject *arg) {
+    PyObject *r = arg ? PyObject_CallOneArg(method, arg) : PyObject_CallNoArgs(method);
     if (!r) return -1;
     int ok = r != Py_False;
     Py_DECREF(r);
@@ -63,10 +66,10 @@ static int lock_call(PyObject *lock, PyObject *method, PyObject *arg) {   /* 1 a
 }
 
 /* lock.release(), with an exception possibly pending (it stays the one raised). */
-static int release_lock(PyObject *lock) {
+static int release_lock(PyObject *release) {
     PyObject *type, *value, *tb;
     PyErr_Fetch(&type, &value, &tb);
-    int rc = lock_call(lock, s_release, NULL);
+    int rc = lock_call(release, NULL);
     if (type) { if (rc < 0) PyErr_Clear(); PyErr_Restore(type, value, tb); }
     return rc;
 }
@@ -185,32 +188,32 @@ static PyObject *call_alone_on(PyObject *conn, PyObject *frame, PyObject *call_i
     if (!c) return NULL;
     unsigned long id = PyLong_AsUnsignedLong(call_id);
     if (id == (unsigned long)-1 && PyErr_Occurred()) return NULL;
-    PyObject *lock = Py_XNewRef(c->lock);
-    if (!lock) { PyErr_SetString(PyExc_AttributeError, "lock"); return NULL; }
-    int got = lock_call(lock, s_acquire, Py_False);
-    if (got <= 0) { Py_DECREF(lock); return got < 0 ? NULL : Py_NewRef(Py_None); }   /* busy: not alone */
+    if (!c->lock_acquire || !c->send_acquire) { PyErr_SetString(PyExc_AttributeError, "lock, send_lock"); return NULL; }
+    PyObject *acquire = Py_NewRef(c->lock_acquire), *release = Py_NewRef(c->lock_release);
+    int got = lock_call(acquire, Py_False);
+    if (got <= 0) { Py_DECREF(acquire); Py_DECREF(release); return got < 0 ? NULL : Py_NewRef(Py_None); }   /* busy: not alone */
     int claimed = claim_alone(conn, call_id);
-    if (release_lock(lock) < 0) claimed = -1;   /* (cannot fail: we hold it) */
-    if (claimed <= 0) { Py_DECREF(lock); return claimed < 0 ? NULL : Py_NewRef(Py_None); }
+    if (release_lock(release) < 0) claimed = -1;   /* (cannot fail: we hold it) */
+    if (claimed <= 0) { Py_DECREF(acquire); Py_DECREF(release); return claimed < 0 ? NULL : Py_NewRef(Py_None); }
     /* the reader's turn is ours and the call is registered: every path below settles both */
     double deadline = timeout >= 0 ? monotonic_s() + timeout : -1;
-    PyObject *result = NULL, *send_lock = Py_XNewRef(c->send_lock);
-    if (!send_lock) PyErr_SetString(PyExc_AttributeError, "send_lock");
-    if (!send_lock || lock_call(send_lock, s_acquire, NULL) < 0) {
-        Py_XDECREF(send_lock);
+    PyObject *result = NULL, *send_acquire = Py_NewRef(c->send_acquire), *send_release = Py_NewRef(c->send_release);
+    if (lock_call(send_acquire, NULL) < 0) {
+        Py_DECREF(send_acquire); Py_DECREF(send_release);
         hand_error(conn, s_failed_to_send, call_id);
         goto out;
     }
     int sent = send_all(conn, PyBytes_AS_STRING(frame), PyBytes_GET_SIZE(frame));
-    if (release_lock(send_lock) < 0) sent = -1;
-    Py_DECREF(send_lock);
+    if (release_lock(send_release) < 0) sent = -1;
+    Py_DECREF(send_acquire); Py_DECREF(send_release);
     if (sent < 0) { hand_error(conn, s_failed_to_send, call_id); goto out; }
     /* one read, which usually brings exactly our reply */
     PyObject *parser = Py_XNewRef(c->parser), *view = NULL;
     if (!parser) { PyErr_SetString(PyExc_AttributeError, "parser"); goto interrupted; }
     uint64_t max_payload;
-    if (size_attr(parser, s_max_payload, &max_payload) < 0
-        || !(view = PyObject_CallMethodNoArgs(parser, s_get_buffer))) {
+    /* the reply is read into the parser's whole scratch buffer: claim_alone found it empty (its
+     * _end 0, no large frame), and only the reader, which we are, changes that */
+    if (size_attr(parser, s_max_payload, &max_payload) < 0 || !(view = PyObject_GetAttr(parser, s_buf))) {
         Py_DECREF(parser);
         goto interrupted;
     }
@@ -280,7 +283,7 @@ static PyObject *call_alone_on(PyObject *conn, PyObject *frame, PyObject *call_i
             Py_DECREF(st); Py_DECREF(payload);
             if (!result) goto interrupted;
             /* our turn as the reader ends; a caller still waiting takes it over */
-            if (lock_call(lock, s_acquire, NULL) < 0) { Py_CLEAR(result); goto interrupted; }
+            if (lock_call(acquire, NULL) < 0) { Py_CLEAR(result); goto interrupted; }
             PyObject *waiting = Py_XNewRef(c->waiting);
             c->reading = 0;
             int ok = waiting && PyDict_DelItem(waiting, call_id) == 0;
@@ -290,7 +293,7 @@ static PyObject *call_alone_on(PyObject *conn, PyObject *frame, PyObject *call_i
                 Py_XDECREF(r);
             }
             Py_XDECREF(waiting);
-            release_lock(lock);
+            release_lock(release);
             if (!ok) { Py_CLEAR(result); goto interrupted; }   /* (an exception at _pass_reading_on's start) */
             goto out;
         }
@@ -314,7 +317,7 @@ static PyObject *call_alone_on(PyObject *conn, PyObject *frame, PyObject *call_i
 interrupted:   /* an exception while the reader's turn is ours: the connection cannot be trusted */
     end_turn_on_error(conn, call_id);
 out:
-    Py_DECREF(lock);
+    Py_DECREF(acquire); Py_DECREF(release);
     return result;
 }
 
@@ -542,11 +545,36 @@ PyTypeObject TcpMethodType = {
     .tp_getset = TM_getset,
 };
 
+/* lock and send_lock: a lock set here comes with its bound acquire and release, which C calls
+ * (no method lookup per call) */
+static int CC_set_lock(ConnectionCore *self, PyObject *value, void *which) {
+    if (!value) { PyErr_SetString(PyExc_AttributeError, "a connection's locks cannot be deleted"); return -1; }
+    PyObject *acquire = PyObject_GetAttr(value, s_acquire), *release = acquire ? PyObject_GetAttr(value, s_release) : NULL;
+    if (!release) { Py_XDECREF(acquire); return -1; }
+    int send = which != NULL;
+    PyObject **lock = send ? &self->send_lock : &self->lock;
+    PyObject **acq = send ? &self->send_acquire : &self->lock_acquire, **rel = send ? &self->send_release : &self->lock_release;
+    Py_XSETREF(*lock, Py_NewRef(value));
+    Py_XSETREF(*acq, acquire);
+    Py_XSETREF(*rel, release);
+    return 0;
+}
+
+static PyObject *CC_get_lock(ConnectionCore *self, void *which) {
+    PyObject *lock = which ? self->send_lock : self->lock;
+    if (!lock) { PyErr_SetString(PyExc_AttributeError, which ? "send_lock" : "lock"); return NULL; }
+    return Py_NewRef(lock);
+}
+
+static PyGetSetDef CC_getset[] = {
+    {"lock", (getter)CC_get_lock, (setter)CC_set_lock, "guards the states below, and the reader's turn", NULL},
+    {"send_lock", (getter)CC_get_lock, (setter)CC_set_lock, "one frame written at a time", (void *)1},
+    {NULL}
+};
+
 static PyMemberDef CC_members[] = {
     {"sock", T_OBJECT_EX, offsetof(ConnectionCore, sock), 0, "the socket"},
     {"parser", T_OBJECT_EX, offsetof(ConnectionCore, parser), 0, "the replies' FrameParser"},
-    {"lock", T_OBJECT_EX, offsetof(ConnectionCore, lock), 0, "guards the states below, and the reader's turn"},
-    {"send_lock", T_OBJECT_EX, offsetof(ConnectionCore, send_lock), 0, "one frame written at a time"},
     {"waiting", T_OBJECT_EX, offsetof(ConnectionCore, waiting), 0, "call id -> the condition its thread waits on"},
     {"broken", T_OBJECT, offsetof(ConnectionCore, broken), 0, "why the connection is unusable (None: it is not)"},
     {"reading", T_BOOL, offsetof(ConnectionCore, reading), 0, "a thread reads the socket for every call"},
@@ -560,13 +588,15 @@ static PyMemberDef CC_members[] = {
 
 static int CC_traverse(ConnectionCore *self, visitproc visit, void *arg) {
     Py_VISIT(self->sock); Py_VISIT(self->parser); Py_VISIT(self->lock); Py_VISIT(self->send_lock);
-    Py_VISIT(self->waiting); Py_VISIT(self->broken);
+    Py_VISIT(self->waiting); Py_VISIT(self->broken); Py_VISIT(self->lock_acquire); Py_VISIT(self->lock_release);
+    Py_VISIT(self->send_acquire); Py_VISIT(self->send_release);
     return 0;
 }
 
 static int CC_clear(ConnectionCore *self) {
     Py_CLEAR(self->sock); Py_CLEAR(self->parser); Py_CLEAR(self->lock); Py_CLEAR(self->send_lock);
-    Py_CLEAR(self->waiting); Py_CLEAR(self->broken);
+    Py_CLEAR(self->waiting); Py_CLEAR(self->broken); Py_CLEAR(self->lock_acquire); Py_CLEAR(self->lock_release);
+    Py_CLEAR(self->send_acquire); Py_CLEAR(self->send_release);
     return 0;
 }
 
@@ -587,4 +617,5 @@ PyTypeObject ConnectionCoreType = {
     .tp_traverse = (traverseproc)CC_traverse,
     .tp_clear = (inquiry)CC_clear,
     .tp_members = CC_members,
+    .tp_getset = CC_getset,
 };

@@ -41,7 +41,6 @@
     X("FrameParser", s_big, "_big") \
     X("FrameParser", s_buf, "_buf") \
     X("FrameParser", s_max_payload, "max_payload") \
-    X("FrameParser", s_get_buffer, "get_buffer") \
     /* tcp/client.py: call_alone keeps the connection's states as BlockingConnection.call \
      * does (in ConnectionCore, its base), and hands what is not usual back to it */ \
     X("BlockingConnection", s_failed_to_send, "_failed_to_send") \

@@ -255,7 +255,7 @@ class FrameParser:
                 self._resize(min(2 * len(self._buf), SCRATCH_SIZE))
             else:
                 self._compact()
-        return self._view[self._end:]
+        return self._view[self._end:] if self._end else self._view   # (between frames: the whole buffer, no new view)
 
     def shrink(self) -> None:
         """Between frames, give back a scratch buffer that grew (an idle connection then holds
