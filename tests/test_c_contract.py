@@ -6,6 +6,7 @@ Each is checked here on a real instance of its owner, so that renaming one on th
 Python side fails this test, not a call at run time; and the constants Python
 takes from the extension (``layout.h``) are checked against what uses them.
 """
+import asyncio
 import socket
 import struct
 
@@ -16,10 +17,12 @@ from speedysvc.shm import ShmTransport
 from speedysvc.shm.channels import Channel, Channels
 from speedysvc.tcp import client as tc
 from speedysvc.tcp import framing as fr
+from speedysvc.tcp.connection import ServerConnection
 from speedysvc.tcp.server import TcpServer
 
 OWNERS = {"ShmTransport", "Channels", "Channel", "Admission", "Gateway counters", "FrameParser",
-          "BlockingConnection", "TcpTransport", "threading.Lock", "socket.socket"}
+          "BlockingConnection", "TcpTransport", "ServerConnection", "asyncio.Transport", "threading.Lock",
+          "socket.socket"}
 
 
 def test_the_table_lists_each_owner_once_with_names():
@@ -59,6 +62,8 @@ def instances(kitchen):
                 "FrameParser": fr.FrameParser(1 << 20, frozenset((fr.CALL,))),
                 "BlockingConnection": conn,
                 "TcpTransport": tcp_transport,
+                "ServerConnection": ServerConnection(server),
+                "asyncio.Transport": asyncio.Transport(),
                 "threading.Lock": conn.lock,
                 "socket.socket": conn.sock,
             }
@@ -84,7 +89,8 @@ def test_every_counter_the_gateway_counts_is_one_the_server_keeps(instances):
 
 
 def test_the_methods_c_calls_are_callable(instances):
-    calls = {"ShmTransport": ("call", "_resume", "_abort"), "Channels": ("retire",),
+    calls = {"ShmTransport": ("call", "_resume", "_abort"), "Channels": ("retire",), "FrameParser": ("get_buffer",),
+             "ServerConnection": ("_hello_buffer", "_posted", "_buffer_updated"), "asyncio.Transport": ("write",),
              "BlockingConnection": ("_failed_to_send", "_read_on", "_unregister", "_pass_reading_on"),
              "TcpTransport": ("call", "_after_alone"),
              "threading.Lock": ("acquire", "release"), "socket.socket": ("fileno",)}

@@ -13,7 +13,8 @@
  *   serve.c       the worker's side (claim, reply, run_method, serve)
  *   channel.c     taking a transport's channel, giving it back, aborting a call on it
  *   shm_method.c  ShmMethod: a client's generated method, the common case in C
- *   gateway.c     Gateway: the TCP gateway's usual call
+ *   gateway.c     Gateway: the TCP gateway's usual call; LocalWay: a TCP-serving worker's;
+ *                 ServerConnectionCore: a served connection's read callbacks
  *   call_alone.c  call_alone: the TCP client's call alone on its connection; TcpMethod: its
  *                 generated method, the usual call in C; the call ids and the fork generation
  *   msgpack.c     msgpack for the usual values
@@ -236,7 +237,7 @@ void channel_abort(PyObject *transport, taken_channel *c);
 void channel_release(taken_channel *c);
 
 /* shm_method.c, gateway.c, call_alone.c */
-extern PyTypeObject ShmMethodType, GatewayType, LocalWayType, TcpMethodType, ConnectionCoreType;
+extern PyTypeObject ShmMethodType, GatewayType, LocalWayType, TcpMethodType, ConnectionCoreType, ServerConnectionCoreType;
 PyObject *encode_tuple(PyObject *dumps, PyObject *tuple, Py_ssize_t size);
 
 /* call_alone.c, msgpack.c: module functions */

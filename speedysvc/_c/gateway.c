@@ -421,3 +421,131 @@ PyTypeObject LocalWayType = {
     .tp_call = PyVectorcall_Call,
     .tp_vectorcall_offset = offsetof(LocalWay, vectorcall),
 };
+
+/*
+ * ServerConnectionCore: the asyncio protocol methods of a served TCP connection that run for
+ * every read, in C (tcp/connection.py's ServerConnection is its subclass).
+ *
+ * The event loop asks the protocol for a buffer and then tells it how many bytes came, twice
+ * per call; as Python methods that is two frames and a dozen lookups on top of the short way's
+ * own work.  get_buffer hands the parser's buffer out (parser.get_buffer, bound when the parser
+ * is set; before the handshake, the Python method _hello_buffer); buffer_updated offers what
+ * came to the short way (core.Gateway or core.LocalWay, once the handshake chose it) and writes
+ * a reply it answered at once through the transport's bound write; anything else goes to the
+ * Python methods _posted(n, posted) and _buffer_updated(n), which do what ServerConnection did.
+ */
+#undef T_SHORT   /* (layout.h's, unused here: structmember.h's member type of that name is meant) */
+#include <structmember.h>
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *parser, *parser_get_buffer, *transport, *transport_write, *short_way;
+    Py_ssize_t inflight, share;
+    char closed;
+} ServerConnectionCore;
+
+static PyObject *SC_get_buffer(ServerConnectionCore *self, PyObject *sizehint) {
+    if (self->parser_get_buffer) return PyObject_CallNoArgs(self->parser_get_buffer);
+    return PyObject_CallMethodOneArg((PyObject *)self, s_hello_buffer, sizehint);
+}
+
+static PyObject *SC_buffer_updated(ServerConnectionCore *self, PyObject *nbytes) {
+    PyObject *short_way = self->short_way;
+    if (short_way && short_way != Py_None && !self->closed && self->inflight < self->share && self->parser
+        && self->transport_write) {
+        PyObject *args[2] = {self->parser, nbytes};
+        Py_INCREF(short_way);
+        PyObject *posted = PyObject_Vectorcall(short_way, args, 2, NULL);
+        Py_DECREF(short_way);
+        if (!posted) return NULL;
+        if (PyBytes_CheckExact(posted)) {
+            PyObject *write = Py_NewRef(self->transport_write);
+            PyObject *r = PyObject_CallOneArg(write, posted);
+            Py_DECREF(write);
+            Py_DECREF(posted);
+            if (!r) return NULL;
+            Py_DECREF(r);
+            Py_RETURN_NONE;
+        }
+        if (posted != Py_None) {
+            PyObject *r = PyObject_CallMethodObjArgs((PyObject *)self, s_posted, nbytes, posted, NULL);
+            Py_DECREF(posted);
+            return r;
+        }
+        Py_DECREF(posted);
+    }
+    return PyObject_CallMethodOneArg((PyObject *)self, s_buffer_updated_slow, nbytes);
+}
+
+/* parser and transport: set with their bound get_buffer and write (no lookup per read) */
+static int SC_set(ServerConnectionCore *self, PyObject *value, void *which) {
+    int is_parser = which == NULL;
+    PyObject **slot = is_parser ? &self->parser : &self->transport;
+    PyObject **bound = is_parser ? &self->parser_get_buffer : &self->transport_write;
+    if (!value) { PyErr_SetString(PyExc_AttributeError, "cannot be deleted"); return -1; }
+    PyObject *method = NULL;
+    if (value != Py_None && !(method = PyObject_GetAttr(value, is_parser ? s_parser_get_buffer : s_write)))
+        return -1;
+    Py_XSETREF(*slot, Py_NewRef(value));
+    Py_XSETREF(*bound, method);
+    return 0;
+}
+
+static PyObject *SC_get(ServerConnectionCore *self, void *which) {
+    PyObject *v = which == NULL ? self->parser : self->transport;
+    return Py_NewRef(v ? v : Py_None);
+}
+
+static PyGetSetDef SC_getset[] = {
+    {"parser", (getter)SC_get, (setter)SC_set, "the FrameParser, once the handshake is over (None before)", NULL},
+    {"transport", (getter)SC_get, (setter)SC_set, "the asyncio transport (None before connection_made)", (void *)1},
+    {NULL}
+};
+
+static PyMemberDef SC_members[] = {
+    {"short_way", T_OBJECT, offsetof(ServerConnectionCore, short_way), 0,
+     "the server's core.Gateway or core.LocalWay, once the handshake chose no compression (None: the long way)"},
+    {"closed", T_BOOL, offsetof(ServerConnectionCore, closed), 0, "the connection is over"},
+    {"inflight", T_PYSSIZET, offsetof(ServerConnectionCore, inflight), 0, "its calls posted and not answered"},
+    {"share", T_PYSSIZET, offsetof(ServerConnectionCore, share), 0, "the most calls it may have in flight"},
+    {NULL}
+};
+
+static PyMethodDef SC_methods[] = {
+    {"get_buffer", (PyCFunction)SC_get_buffer, METH_O, "asyncio.BufferedProtocol.get_buffer"},
+    {"buffer_updated", (PyCFunction)SC_buffer_updated, METH_O, "asyncio.BufferedProtocol.buffer_updated"},
+    {NULL}
+};
+
+static int SC_traverse(ServerConnectionCore *self, visitproc visit, void *arg) {
+    Py_VISIT(self->parser); Py_VISIT(self->parser_get_buffer); Py_VISIT(self->transport);
+    Py_VISIT(self->transport_write); Py_VISIT(self->short_way);
+    return 0;
+}
+
+static int SC_clear(ServerConnectionCore *self) {
+    Py_CLEAR(self->parser); Py_CLEAR(self->parser_get_buffer); Py_CLEAR(self->transport);
+    Py_CLEAR(self->transport_write); Py_CLEAR(self->short_way);
+    return 0;
+}
+
+static void SC_dealloc(ServerConnectionCore *self) {
+    PyObject_GC_UnTrack(self);
+    SC_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+PyTypeObject ServerConnectionCoreType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "speedysvc._shmcore.ServerConnectionCore",
+    .tp_basicsize = sizeof(ServerConnectionCore),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "A served TCP connection's protocol methods for every read (ServerConnection's base).",
+    .tp_new = PyType_GenericNew,
+    .tp_dealloc = (destructor)SC_dealloc,
+    .tp_traverse = (traverseproc)SC_traverse,
+    .tp_clear = (inquiry)SC_clear,
+    .tp_methods = SC_methods,
+    .tp_members = SC_members,
+    .tp_getset = SC_getset,
+};

@@ -236,7 +236,8 @@ PyMODINIT_FUNC PyInit__shmcore(void) {
     client_spin.budget_ns = worker_spin.budget_ns = spin_max_ns;
     if (PyType_Ready(&RegionType) < 0 || PyType_Ready(&ShmMethodType) < 0 || PyType_Ready(&GatewayType) < 0
         || PyType_Ready(&LocalWayType) < 0 || PyType_Ready(&BytesToFillType) < 0
-        || PyType_Ready(&TcpMethodType) < 0 || PyType_Ready(&ConnectionCoreType) < 0) return NULL;
+        || PyType_Ready(&TcpMethodType) < 0 || PyType_Ready(&ConnectionCoreType) < 0
+        || PyType_Ready(&ServerConnectionCoreType) < 0) return NULL;
     if (names_init() < 0 || serve_init() < 0 || call_alone_init() < 0) return NULL;
     PyObject *m = PyModule_Create(&moduledef);
     if (!m) return NULL;
@@ -248,6 +249,8 @@ PyMODINIT_FUNC PyInit__shmcore(void) {
     if (PyModule_AddObject(m, "Gateway", (PyObject *)&GatewayType) < 0) return NULL;
     Py_INCREF(&LocalWayType);
     if (PyModule_AddObject(m, "LocalWay", (PyObject *)&LocalWayType) < 0) return NULL;
+    Py_INCREF(&ServerConnectionCoreType);
+    if (PyModule_AddObject(m, "ServerConnectionCore", (PyObject *)&ServerConnectionCoreType) < 0) return NULL;
     Py_INCREF(&ConnectionCoreType);
     if (PyModule_AddObject(m, "ConnectionCore", (PyObject *)&ConnectionCoreType) < 0) return NULL;
     Py_INCREF(&TcpMethodType);

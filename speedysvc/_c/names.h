@@ -41,6 +41,13 @@
     X("FrameParser", s_big, "_big") \
     X("FrameParser", s_buf, "_buf") \
     X("FrameParser", s_max_payload, "max_payload") \
+    /* tcp/connection.py: ServerConnectionCore hands what is not the short way back to \
+     * ServerConnection, and binds its parser's and transport's methods */ \
+    X("ServerConnection", s_hello_buffer, "_hello_buffer") \
+    X("ServerConnection", s_posted, "_posted") \
+    X("ServerConnection", s_buffer_updated_slow, "_buffer_updated") \
+    X("FrameParser", s_parser_get_buffer, "get_buffer") \
+    X("asyncio.Transport", s_write, "write") \
     /* tcp/client.py: call_alone keeps the connection's states as BlockingConnection.call \
      * does (in ConnectionCore, its base), and hands what is not usual back to it */ \
     X("BlockingConnection", s_failed_to_send, "_failed_to_send") \

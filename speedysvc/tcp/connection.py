@@ -30,8 +30,11 @@ CLOSE_GRACE = 5.0             # seconds a closed connection gets to flush its la
 TCP_INFO_SIZE, TCPI_BYTES_ACKED = 136, 120   # Linux's struct tcp_info: its size, tcpi_bytes_acked (u64)
 
 
-class ServerConnection(asyncio.BufferedProtocol):
-    """One TCP client: the handshake, then its frames."""
+class ServerConnection(core.ServerConnectionCore, asyncio.BufferedProtocol):
+    """One TCP client: the handshake, then its frames.  The callbacks of every read,
+    ``get_buffer`` and ``buffer_updated``, are its C base's (``core.ServerConnectionCore``),
+    which keeps ``parser``, ``transport``, ``short_way``, ``closed``, ``inflight`` and ``share``
+    and hands all but the short way to ``_hello_buffer``, ``_posted`` and ``_buffer_updated``."""
 
     def __init__(self, server: TcpServer):
         self.server = server
@@ -125,28 +128,23 @@ class ServerConnection(asyncio.BufferedProtocol):
         self.server.counts_changed()
         self.server.release(self)
 
-    def get_buffer(self, sizehint: int) -> memoryview:
-        if self.parser is not None:
-            return self.parser.get_buffer()
+    def _hello_buffer(self, sizehint: int) -> memoryview:
+        """get_buffer before the handshake is over (after it, the parser's)."""
         return memoryview(self.hello_buf)
 
-    def buffer_updated(self, nbytes: int) -> None:
-        # Usually the bytes that came are one whole call, uncompressed, not pickle, with room
-        # for it: the short way.  A small call crosses the gateway twice per round trip and
-        # each layer of Python costs there (on a small VM, most of the gateway's share of the
-        # call), so ``core.Gateway`` checks the frame, takes a channel, posts the call straight
-        # from the read buffer, spins briefly and builds the reply frame, all in C.  It
-        # returns None with nothing done for any other case (the parser takes it), or what a
-        # call posted but not answered at once needs to go on.
-        short_way = self.short_way
-        if short_way is not None and not self.closed and self.inflight < self.share:
-            posted = short_way(self.parser, nbytes)
-            if posted.__class__ is bytes:
-                self.transport.write(posted)
-                return
-            if posted is not None:
-                self.server.go_on(self, nbytes, posted)
-                return
+    # Usually the bytes that came are one whole call, uncompressed, not pickle, with room for
+    # it: the short way.  A small call crosses the gateway twice per round trip and each layer
+    # of Python costs there (on a small VM, most of the gateway's share of the call), so
+    # ``core.Gateway`` checks the frame, takes a channel, posts the call straight from the read
+    # buffer, spins briefly and builds the reply frame, all in C; ``buffer_updated`` (C, the
+    # base's) offers it the bytes and writes the reply frame it returns.  The short way returns
+    # None with nothing done for any other case (``_buffer_updated`` takes it), or what a call
+    # posted but not answered at once needs to go on (``_posted``).
+
+    def _posted(self, nbytes: int, posted) -> None:
+        self.server.go_on(self, nbytes, posted)
+
+    def _buffer_updated(self, nbytes: int) -> None:
         self.last_progress = time.monotonic()
         self.server.counters["bytes_in"] += nbytes
         if self.closed:
