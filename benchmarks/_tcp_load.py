@@ -8,6 +8,7 @@ import grpc only after the fork (a fork after gRPC has started is unsafe)."""
 from __future__ import annotations
 
 import multiprocessing
+import os
 import socket
 import struct
 import time
@@ -149,4 +150,23 @@ def measure_shapes(shapes, seconds, rounds, have_grpc, progress):
             if have_grpc:
                 r["grpc"].append(measure_grpc(c, w, seconds))
             time.sleep(0.2)
+    return results
+
+
+def measure_pinned(callers, workers, seconds, rounds, progress, cpu=0):
+    """{"speedysvc": [...], "raw": [...]}: calls/s with every process of the measure (callers,
+    workers or raw servers, and this one) on one CPU, in interleaved rounds.  Where each process
+    runs then no longer varies (on this VM a wake-up across CPUs costs ~30 µs, and which caller
+    shares a CPU with which server moves the default figures by half), so the ratio shows what
+    a call costs in CPU against the raw echo's.  (Children inherit the affinity.)"""
+    results = {"speedysvc": [], "raw": []}
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {cpu})
+    try:
+        for rnd in range(rounds):
+            progress(f"round {rnd + 1}/{rounds}: {callers} callers x {workers} workers on CPU {cpu}")
+            results["speedysvc"].append(measure_speedysvc(callers, workers, seconds))
+            results["raw"].append(measure_raw(callers, workers, seconds))
+    finally:
+        os.sched_setaffinity(0, before)
     return results

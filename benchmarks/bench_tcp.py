@@ -19,7 +19,9 @@ one server reached at 127.0.0.1, .2 and .3, so the difference is the client's ba
 against a client of one endpoint, in interleaved rounds; pipelining (one asyncio client with 32 calls in flight against the same
 client one call at a time; the blocking client shared by 32 threads against
 one thread), the TCP client with compression on a compressible 1 MiB payload,
-the CPU an idle TCP gateway uses, and the issue's targets beside the results.
+the CPU an idle TCP gateway uses, and the issue's targets beside the results.  The many-callers
+part also measures 8 callers x 4 workers with every process on one CPU (the cost of a call in
+CPU, whatever the placement), beside its raw TCP baseline.
 Only the default placement (no pinning): the gateway, the worker and the
 client are three processes on this VM's two CPUs.  Prints Markdown tables;
 progress goes to stderr.
@@ -374,6 +376,8 @@ def main():
 
     shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",") if s]
     load = _tcp_load.measure_shapes(shapes, 1.0 if args.quick else 2.0, args.rounds, have_grpc, progress)
+    pinned = _tcp_load.measure_pinned(8, 4, 1.0 if args.quick else 2.0, args.rounds, progress) \
+        if (8, 4) in shapes else None
 
     with LocalService(BenchEcho, workers=1, tcp="127.0.0.1:0") as service:
         address = service.tcp_address
@@ -442,6 +446,8 @@ def main():
     print()
 
     med = print_load(load, args.rounds)
+    if pinned:
+        print_pinned(pinned, args.rounds)
 
     print("### Pipelining: 64 B echo_msgpack calls through one client\n")
     if args.rounds > 1:
@@ -527,6 +533,17 @@ def print_load(load, rounds) -> dict:
         print(f"| {c}x{w} | {r['speedysvc']:,.0f} | {r['raw']:,.0f} | {g} | {r['speedysvc'] / r['raw']:.2f} | {xg} |")
     print()
     return med
+
+
+def print_pinned(pinned, rounds) -> None:
+    sp, raw = statistics.median(pinned["speedysvc"]), statistics.median(pinned["raw"])
+    print("The 8x4 shape again with every process on one CPU (where each runs no longer varies, so "
+          "this is what a call costs in CPU; not an ask of the issue, which is about the default "
+          f"placement; medians of {rounds} interleaved round(s)):\n")
+    print("| C x W | speedysvc | raw TCP | speedysvc / raw |")
+    print("|---|---:|---:|---:|")
+    print(f"| 8x4 on one CPU | {sp:,.0f} | {raw:,.0f} | {sp / raw:.2f} |")
+    print()
 
 
 def print_load_asks(med) -> None:
