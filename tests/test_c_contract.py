@@ -91,7 +91,7 @@ def test_every_counter_the_gateway_counts_is_one_the_server_keeps(instances):
 def test_the_methods_c_calls_are_callable(instances):
     calls = {"ShmTransport": ("call", "_resume", "_abort"), "Channels": ("retire",), "FrameParser": ("get_buffer",),
              "ServerConnection": ("_hello_buffer", "_posted", "_buffer_updated"), "asyncio.Transport": ("write",),
-             "BlockingConnection": ("_failed_to_send", "_read_on", "_unregister", "_pass_reading_on"),
+             "BlockingConnection": ("_failed_to_send", "_read_on", "_unregister", "_pass_reading_on", "close"),
              "TcpTransport": ("call", "_after_alone"),
              "threading.Lock": ("acquire", "release"), "socket.socket": ("fileno",)}
     for owner, names in calls.items():

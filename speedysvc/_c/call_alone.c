@@ -42,6 +42,7 @@ typedef struct {
     Py_ssize_t alone_limit;    /* a frame call_alone may send is shorter */
     unsigned long fork_generation;   /* fork_generation() when the connection was made */
     char reading, alone;
+    char retired;              /* taken out of use: closed when its last call ends */
 } ConnectionCore;
 
 static ConnectionCore *core_of(PyObject *conn) {   /* NULL with an exception set */
@@ -292,9 +293,16 @@ static PyObject *call_alone_on(PyObject *conn, PyObject *frame, PyObject *call_i
                 ok = r != NULL;
                 Py_XDECREF(r);
             }
+            /* a retired connection closes once its last call is over (as call() and _unregister do) */
+            int last = ok && c->retired && PyDict_GET_SIZE(waiting) == 0;
             Py_XDECREF(waiting);
             release_lock(release);
             if (!ok) { Py_CLEAR(result); goto interrupted; }   /* (an exception at _pass_reading_on's start) */
+            if (last) {
+                PyObject *r = PyObject_CallMethodNoArgs(conn, s_close);
+                if (!r) Py_CLEAR(result);   /* (close() catches OSError: only a signal handler's exception) */
+                Py_XDECREF(r);
+            }
             goto out;
         }
     }
@@ -462,6 +470,18 @@ static PyObject *TM_call(TcpMethod *self, PyObject *const *args, size_t nargsf, 
         PyObject *b = PyFloat_FromDouble(began);
         if (b) result = PyObject_CallMethodObjArgs(self->transport, s_after_alone, value, b, self->name, payload,
                                                    self->flags_obj, self->codec, self->timeout, NULL);
+        if (!result && value) {   /* another error than the first: that one is its context, as in call()'s except */
+            PyObject *t2, *v2, *tb2;
+            PyErr_Fetch(&t2, &v2, &tb2);
+            PyErr_NormalizeException(&t2, &v2, &tb2);
+            if (tb2) PyException_SetTraceback(v2, tb2);
+            if (v2 && v2 != value) {
+                PyObject *ctx = PyException_GetContext(v2);
+                if (!ctx) PyException_SetContext(v2, Py_NewRef(value));
+                Py_XDECREF(ctx);
+            }
+            PyErr_Restore(t2, v2, tb2);
+        }
         Py_XDECREF(b); Py_XDECREF(type); Py_XDECREF(value); Py_XDECREF(tb);
     }
 done:
@@ -579,6 +599,7 @@ static PyMemberDef CC_members[] = {
     {"broken", T_OBJECT, offsetof(ConnectionCore, broken), 0, "why the connection is unusable (None: it is not)"},
     {"reading", T_BOOL, offsetof(ConnectionCore, reading), 0, "a thread reads the socket for every call"},
     {"alone", T_BOOL, offsetof(ConnectionCore, alone), 0, "call_alone may take the usual call (not over TLS)"},
+    {"retired", T_BOOL, offsetof(ConnectionCore, retired), 0, "taken out of use: closed when its last call ends"},
     {"last_read", T_DOUBLE, offsetof(ConnectionCore, last_read), 0, "when bytes last came (time.monotonic())"},
     {"idle_check_after", T_DOUBLE, offsetof(ConnectionCore, idle_check_after), 0, "see IDLE_CHECK_AFTER"},
     {"alone_limit", T_PYSSIZET, offsetof(ConnectionCore, alone_limit), 0, "a frame call_alone sends is shorter"},

@@ -453,10 +453,11 @@ static PyObject *SC_buffer_updated(ServerConnectionCore *self, PyObject *nbytes)
     PyObject *short_way = self->short_way;
     if (short_way && short_way != Py_None && !self->closed && self->inflight < self->share && self->parser
         && self->transport_write) {
-        PyObject *args[2] = {self->parser, nbytes};
-        Py_INCREF(short_way);
+        PyObject *parser = Py_NewRef(self->parser), *args[2] = {parser, nbytes};
+        Py_INCREF(short_way);   /* (both held: the method the short way runs may replace them) */
         PyObject *posted = PyObject_Vectorcall(short_way, args, 2, NULL);
         Py_DECREF(short_way);
+        Py_DECREF(parser);
         if (!posted) return NULL;
         if (PyBytes_CheckExact(posted)) {
             PyObject *write = Py_NewRef(self->transport_write);

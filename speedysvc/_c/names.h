@@ -54,6 +54,7 @@
     X("BlockingConnection", s_read_on, "_read_on") \
     X("BlockingConnection", s_unregister, "_unregister") \
     X("BlockingConnection", s_pass_reading_on, "_pass_reading_on") \
+    X("BlockingConnection", s_close, "close") \
     /* tcp/client.py: TcpMethod takes the transport's connection, and hands the cases it \
      * does not do itself back to the transport */ \
     X("TcpTransport", s_conn, "_conn") \

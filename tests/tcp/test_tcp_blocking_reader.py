@@ -212,6 +212,32 @@ def _alone_connection(max_payload=None):
     return conn, b
 
 
+@pytest.mark.parametrize("way", ["C", "Python"])
+def test_a_retired_connection_closes_when_its_last_call_ends(way):
+    """retire() while the only call in flight waits for its reply (a server answered another
+    call as not started): the connection closes when that call ends, whether the call went
+    through call_alone (C) or BlockingConnection.call (Python)."""
+    from speedysvc._shmcore import call_alone
+    conn, far = _alone_connection()
+    out = {}
+    frame = fr.call_header(7, b"echo", 0, 0, 2) + b"hi"
+    run = (lambda: call_alone(conn, frame, 7, None)) if way == "C" else (lambda: conn.call(b"echo", b"hi", 0, 5.0))
+    t = threading.Thread(target=lambda: out.setdefault("r", run()))
+    t.start()
+    try:
+        head = far.recv(100)   # sent: the call waits for its reply
+        call_id = fr.FRAME.unpack_from(head, 0)[3]
+        conn.retire()          # a call is in flight: closed when it ends
+        assert conn.sock.fileno() != -1
+        far.sendall(fr.reply_header(call_id, 0, 2) + b"ok")
+        t.join(5)
+        assert out["r"][0] == 0 and bytes(out["r"][1]) == b"ok" and conn.waiting == {}
+        assert conn.sock.fileno() == -1, "a retired connection was left open after its last call"
+    finally:
+        conn.close()
+        far.close()
+
+
 def test_call_alone_never_reads_a_socket_opened_after_its_own_was_closed():
     """A call waiting with a timeout while another thread closes its connection must not read
     from whatever socket takes the closed one's descriptor number next: it looks the
