@@ -36,11 +36,13 @@
  *     and .free read from it): read once per call and held (a reference) for
  *     the call, while another thread may drop or replace it;
  *   - the gateway's counters dict: count() reads, adds and stores;
- *   - the connection's fields that call_alone uses: broken, reading, waiting
- *     and the parser's state under the connection's `lock`, as
- *     BlockingConnection does (that lock goes on protecting them), but
- *     last_read stored and sock read without it, as Python does, each a
- *     whole value only because of the GIL;
+ *   - the connection's fields that call_alone uses (ConnectionCore's, the
+ *     base of BlockingConnection): broken, reading, retired, waiting and the
+ *     parser's state under the connection's `lock`, as BlockingConnection
+ *     does (that lock goes on protecting them), but last_read stored and
+ *     sock read without it, as Python does, each a whole value only because
+ *     of the GIL; and ServerConnectionCore's (parser, transport, short_way,
+ *     closed, inflight, share), which only the event loop's thread uses;
  *   - borrowed references (PyList_GET_ITEM, PyDict_GetItemWithError) to items
  *     of containers other threads may change: used before any Python code
  *     runs, or a reference is taken first (serve's channels and handlers);
