@@ -10,7 +10,12 @@ cd "$(dirname "$0")/.."
 
 # The tests run against the sanitized build.  Not the ones that start the service manager: it
 # drops PYTHONPATH, so its workers would load the normal build.
-ASAN_TESTS="tests/shm tests/codecs tests/test_c_contract.py tests/tcp/test_framing.py"
+# The TCP client's C paths (call_alone, TcpMethod, ConnectionCore) and the workers' (LocalWay,
+# ServerConnectionCore) run in test_tcp_calls and test_tcp_blocking_reader.  (Not
+# test_tcp_gateway_short_way: it needs a worker to answer within the gateway's brief spin, which a
+# sanitized worker is too slow for.)
+ASAN_TESTS="tests/shm tests/codecs tests/test_c_contract.py tests/tcp/test_framing.py tests/tcp/test_tcp_calls.py
+    tests/tcp/test_tcp_blocking_reader.py"
 
 PYTHON=${PYTHON:-python}
 LIBASAN=$(gcc -print-file-name=libasan.so)
