@@ -88,7 +88,7 @@ static int socket_fd(PyObject *conn) {   /* -1 with an exception set */
 }
 
 /* The state checks and the claim, under the connection's lock: 1 claimed, 0 not alone, -1 error. */
-static int claim_alone(PyObject *conn, PyObject *call_id) {
+static int claim_alone(PyObject *conn, PyObject *call_id, double now) {
     ConnectionCore *c = (ConnectionCore *)conn;
     if ((c->broken && c->broken != Py_None) || c->reading) return 0;
     PyObject *waiting = Py_XNewRef(c->waiting), *parser = Py_XNewRef(c->parser);
@@ -107,7 +107,7 @@ static int claim_alone(PyObject *conn, PyObject *call_id) {
     Py_DECREF(big);
     if (big != Py_None) { Py_DECREF(waiting); return 0; }
     /* idle for a while: the service may have gone away meanwhile (see IDLE_CHECK_AFTER) */
-    if (monotonic_s() - c->last_read > c->idle_check_after) {
+    if (now - c->last_read > c->idle_check_after) {
         int fd = socket_fd(conn);
         if (fd < 0) {   /* closed under us: call() finds out, and connects anew */
             Py_DECREF(waiting);
@@ -180,8 +180,10 @@ static int send_all(PyObject *conn, const char *p, Py_ssize_t left) {   /* 0, or
 }
 
 /* The call's frame (bytes) sent and its reply read on `conn`, alone: (status, payload) | None
- * (not alone: nothing done) | what conn._read_on returns.  timeout_obj: None or seconds. */
-static PyObject *call_alone_on(PyObject *conn, PyObject *frame, PyObject *call_id, PyObject *timeout_obj) {
+ * (not alone: nothing done) | what conn._read_on returns.  timeout_obj: None or seconds, from
+ * `began` (monotonic_s() when the call began: one clock read per call). */
+static PyObject *call_alone_on(PyObject *conn, PyObject *frame, PyObject *call_id, PyObject *timeout_obj,
+                               double began) {
     double timeout = -1;
     if (timeout_obj != Py_None && ((timeout = PyFloat_AsDouble(timeout_obj)) == -1.0 && PyErr_Occurred())) return NULL;
     if (timeout_obj != Py_None && !(timeout >= 0)) { PyErr_SetString(PyExc_ValueError, "bad timeout"); return NULL; }
@@ -193,11 +195,11 @@ static PyObject *call_alone_on(PyObject *conn, PyObject *frame, PyObject *call_i
     PyObject *acquire = Py_NewRef(c->lock_acquire), *release = Py_NewRef(c->lock_release);
     int got = lock_call(acquire, Py_False);
     if (got <= 0) { Py_DECREF(acquire); Py_DECREF(release); return got < 0 ? NULL : Py_NewRef(Py_None); }   /* busy: not alone */
-    int claimed = claim_alone(conn, call_id);
+    int claimed = claim_alone(conn, call_id, began);
     if (release_lock(release) < 0) claimed = -1;   /* (cannot fail: we hold it) */
     if (claimed <= 0) { Py_DECREF(acquire); Py_DECREF(release); return claimed < 0 ? NULL : Py_NewRef(Py_None); }
     /* the reader's turn is ours and the call is registered: every path below settles both */
-    double deadline = timeout >= 0 ? monotonic_s() + timeout : -1;
+    double deadline = timeout >= 0 ? began + timeout : -1;
     PyObject *result = NULL, *send_acquire = Py_NewRef(c->send_acquire), *send_release = Py_NewRef(c->send_release);
     if (lock_call(send_acquire, NULL) < 0) {
         Py_DECREF(send_acquire); Py_DECREF(send_release);
@@ -335,7 +337,7 @@ PyObject *m_call_alone(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
         PyErr_SetString(PyExc_TypeError, "call_alone(conn, frame: bytes, call_id, timeout)");
         return NULL;
     }
-    return call_alone_on(args[0], args[1], args[2], args[3]);
+    return call_alone_on(args[0], args[1], args[2], args[3], monotonic_s());
 }
 
 /* Call ids, for every TCP client of the process (the blocking one's, in Python and here, and
@@ -372,7 +374,7 @@ int call_alone_init(void) {
  * (the method, the transport's call and _call, the call id, the header, the
  * timeout, the answer and its decoding): on a small VM about a tenth of the
  * client's share of a small call under load.  This encodes the arguments
- * (as ShmMethod does), takes the connection's usual call (call_alone_on) and
+ * (as ShmMethod does), takes the connection's usual call (usual_call) and
  * decodes a successful reply with codec.loads_fast, and leaves everything
  * else to Python: `fallback` for keyword arguments or arguments the codec
  * refuses, transport.call when there is no connection to take the call alone
@@ -390,11 +392,14 @@ typedef struct {
     vectorcallfunc vectorcall;
 } TcpMethod;
 
-/* The call sent on the transport's connection, alone: 1 with *got set (or NULL and an
- * exception), 0 when the connection cannot take it so (nothing sent). */
-static int TM_alone(TcpMethod *self, PyObject *payload, PyObject **got) {
+/* A call sent on the transport's connection, alone (its frame built here, from the method's
+ * name, codec flags and timeout): 1 with *got set (or NULL and an exception), 0 when the
+ * connection cannot take it so (none yet, made before a fork, TLS, a frame too large): nothing
+ * sent.  TcpMethod's usual call, and TcpTransport._call's (through call_usual). */
+static int usual_call(PyObject *transport, PyObject *name, uint32_t flags, uint32_t timeout_ms, PyObject *timeout,
+                      PyObject *payload, double began, PyObject **got) {
     *got = NULL;
-    PyObject *conn = PyObject_GetAttr(self->transport, s_conn);
+    PyObject *conn = PyObject_GetAttr(transport, s_conn);
     if (!conn) return 1;
     int usual = 0;
     if (conn != Py_None) {
@@ -403,7 +408,7 @@ static int TM_alone(TcpMethod *self, PyObject *payload, PyObject **got) {
         usual = c->alone && c->fork_generation == fork_generation && PyBytes_GET_SIZE(payload) < c->alone_limit;
     }
     if (!usual) { Py_DECREF(conn); return 0; }
-    Py_ssize_t name_len = PyBytes_GET_SIZE(self->name), len = PyBytes_GET_SIZE(payload);
+    Py_ssize_t name_len = PyBytes_GET_SIZE(name), len = PyBytes_GET_SIZE(payload);
     uint32_t id = take_call_id();
     PyObject *call_id = PyLong_FromUnsignedLong(id);
     PyObject *frame = call_id ? PyBytes_FromStringAndSize(NULL, FRAME_HEADER + name_len + len) : NULL;
@@ -415,15 +420,35 @@ static int TM_alone(TcpMethod *self, PyObject *payload, PyObject **got) {
     p[FRAME_FLAGS] = 0;
     memcpy(p + FRAME_NAME_LEN, &nl, 2);   /* little-endian, as framing.FRAME packs it (layout.h) */
     memcpy(p + FRAME_CALL_ID, &id, 4);
-    memcpy(p + FRAME_ARG, &self->flags, 4);
-    memcpy(p + FRAME_TIMEOUT, &self->timeout_ms, 4);
+    memcpy(p + FRAME_ARG, &flags, 4);
+    memcpy(p + FRAME_TIMEOUT, &timeout_ms, 4);
     memcpy(p + FRAME_LENGTH, &length, 8);
-    memcpy(p + FRAME_HEADER, PyBytes_AS_STRING(self->name), (size_t)name_len);
+    memcpy(p + FRAME_HEADER, PyBytes_AS_STRING(name), (size_t)name_len);
     memcpy(p + FRAME_HEADER + name_len, PyBytes_AS_STRING(payload), (size_t)len);
-    *got = call_alone_on(conn, frame, call_id, self->timeout);
+    *got = call_alone_on(conn, frame, call_id, timeout, began);
     Py_DECREF(frame); Py_DECREF(call_id); Py_DECREF(conn);
     if (*got == Py_None) { Py_CLEAR(*got); return 0; }
     return 1;
+}
+
+/* call_usual(transport, name, flags, timeout, timeout_ms, payload) -> (status, payload) | None
+ * (not taken: nothing sent) | what conn._read_on returns: TcpTransport._call's usual call */
+PyObject *m_call_usual(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 6 || !PyBytes_Check(args[1]) || !PyBytes_CheckExact(args[5])) {
+        PyErr_SetString(PyExc_TypeError, "call_usual(transport, name: bytes, flags, timeout, timeout_ms, payload: bytes)");
+        return NULL;
+    }
+    Py_ssize_t name_len = PyBytes_GET_SIZE(args[1]);
+    unsigned long flags = PyLong_AsUnsignedLong(args[2]), timeout_ms = PyLong_AsUnsignedLong(args[4]);
+    if (PyErr_Occurred()) return NULL;
+    if (name_len < 1 || name_len > FRAME_MAX_NAME || flags > 0xFFFFFFFFul || timeout_ms > 0xFFFFFFFFul) {
+        PyErr_SetString(PyExc_ValueError, "a method's name is 1 to 64 bytes; flags and timeout_ms are 32-bit");
+        return NULL;
+    }
+    PyObject *got;
+    if (!usual_call(args[0], args[1], (uint32_t)flags, (uint32_t)timeout_ms, args[3], args[5], monotonic_s(), &got))
+        Py_RETURN_NONE;
+    return got;
 }
 
 static PyObject *TM_call(TcpMethod *self, PyObject *const *args, size_t nargsf, PyObject *kwnames) {
@@ -447,7 +472,8 @@ static PyObject *TM_call(TcpMethod *self, PyObject *const *args, size_t nargsf, 
     }
     PyObject *got = NULL, *result = NULL;
     double began = monotonic_s();
-    if (!PyBytes_CheckExact(payload) || !TM_alone(self, payload, &got)) {
+    if (!PyBytes_CheckExact(payload)
+        || !usual_call(self->transport, self->name, self->flags, self->timeout_ms, self->timeout, payload, began, &got)) {
         result = PyObject_CallMethodObjArgs(self->transport, s_tcp_call, self->name, payload, self->flags_obj,
                                             self->codec, self->timeout, NULL);
         goto done;

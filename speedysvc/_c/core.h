@@ -244,6 +244,7 @@ PyObject *encode_tuple(PyObject *dumps, PyObject *tuple, Py_ssize_t size);
 
 /* call_alone.c, msgpack.c: module functions */
 PyObject *m_call_alone(PyObject *mod, PyObject *const *args, Py_ssize_t nargs);
+PyObject *m_call_usual(PyObject *mod, PyObject *const *args, Py_ssize_t nargs);
 PyObject *m_next_call_id(PyObject *mod, PyObject *unused);
 PyObject *m_fork_generation(PyObject *mod, PyObject *unused);
 int call_alone_init(void);

@@ -220,6 +220,8 @@ static PyMethodDef module_methods[] = {
     {"set_msgpack", m_set_msgpack, METH_VARARGS, "set_msgpack(pack, unpackb[, ExtraData]): what takes every other value (and the error for bytes after a whole value)"},
     {"call_alone", (PyCFunction)(void (*)(void))m_call_alone, METH_FASTCALL,
      "a TCP client's call alone on its connection (see tcp.client.BlockingConnection)"},
+    {"call_usual", (PyCFunction)(void (*)(void))m_call_usual, METH_FASTCALL,
+     "a TCP transport's usual call, its frame built in C (see tcp.client.TcpTransport._call); None: not taken"},
     {"next_call_id", m_next_call_id, METH_NOARGS, "the next TCP call id of this process (1..2**32-1, then round again)"},
     {"fork_generation", m_fork_generation, METH_NOARGS, "how many times this process's line was forked: 0, then 1 in a child, ..."},
     {"set_parent_death_signal", m_set_parent_death_signal, METH_O, "prctl(PR_SET_PDEATHSIG)"},

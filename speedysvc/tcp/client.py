@@ -15,7 +15,7 @@ import ssl
 import threading
 import time
 
-from .._shmcore import STATUS_ERROR, ConnectionCore, TcpMethod, call_alone, fork_generation
+from .._shmcore import STATUS_ERROR, ConnectionCore, TcpMethod, call_usual, fork_generation
 from ..errors import (CallTimeout, ConnectionLost, ProtocolError, ServiceNotUp, ServiceUnavailable,
                       SpeedysvcError, encode_exception)
 from ..transport import Address
@@ -45,13 +45,13 @@ class BlockingConnection(ConnectionCore):
     until its own reply is in, hands each other reply to its caller (waking that
     thread only), then passes the role on to one thread still waiting.
 
-    The usual call, alone on its connection, runs in C (``core.call_alone``, from
-    ``TcpTransport.call``) with the same states under the same lock; it hands
-    what is not usual back to ``call``, ``_failed_to_send``, ``_read_on`` or
+    The usual call, alone on its connection, runs in C (``core.call_alone``, from a
+    ``core.TcpMethod`` or ``TcpTransport._call``) with the same states under the same lock;
+    it hands what is not usual back to ``call``, ``_failed_to_send``, ``_read_on`` or
     ``_unregister``.  The states it shares with C are the fields of its base,
     ``core.ConnectionCore`` (``sock``, ``parser``, ``lock``, ``send_lock``, ``waiting``,
-    ``broken``, ``reading``, ``alone``, ``last_read``, ``idle_check_after``, ``alone_limit``,
-    ``fork_generation``): C reads them without a lookup by name."""
+    ``broken``, ``reading``, ``retired``, ``alone``, ``last_read``, ``idle_check_after``,
+    ``alone_limit``, ``fork_generation``): C reads them without a lookup by name."""
 
     def __init__(self, sock: socket.socket, opts: ClientOptions, leftover: bytes):
         self.sock = sock
@@ -555,12 +555,8 @@ class TcpTransport:
 
     def _call(self, name: bytes, payload, flags: int, codec, timeout: float | None, _waiting: bool = False):
         # the usual call, alone on its connection, goes all the way in C (see BlockingConnection)
-        conn = self._conn
-        if conn is not None and conn.alone and conn.fork_generation == fork_generation() \
-                and payload.__class__ is bytes and len(payload) < conn.alone_limit:
-            call_id = next_call_id()
-            got = call_alone(conn, fr.call_header(call_id, name, flags, timeout_ms(timeout), len(payload)) + payload,
-                             call_id, timeout)
+        if payload.__class__ is bytes:
+            got = call_usual(self, name, flags, timeout, timeout_ms(timeout), payload)
             if got is not None:
                 return answer(got, codec, name)
         # the call's timeout bounds connecting (and the handshake) too

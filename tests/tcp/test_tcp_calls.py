@@ -431,3 +431,17 @@ def test_tcp_method_checks_its_arguments(args, error):
     with pytest.raises(error):
         core.TcpMethod(*args)
 
+
+@pytest.mark.parametrize("args, error", [
+    ((), TypeError),
+    ((None, "not bytes", 0, None, 0, b"x"), TypeError),
+    ((None, b"m", 0, None, 0, bytearray(b"x")), TypeError),
+    ((None, b"", 0, None, 0, b"x"), ValueError),
+    ((None, b"m", 1 << 40, None, 0, b"x"), ValueError),
+    ((None, b"m", 0, None, -1, b"x"), OverflowError),
+    ((None, b"m", 0, None, 0, b"x"), AttributeError),   # (not a transport: it has no _conn)
+])
+def test_call_usual_checks_its_arguments(args, error):
+    with pytest.raises(error):
+        core.call_usual(*args)
+
