@@ -1,20 +1,23 @@
 """Many TCP callers at once (bench_tcp.py's load part): C caller processes x W workers, 64 B echo,
 total calls per second, against a pre-forked raw TCP echo server with W processes and a grpcio
-server with a pool of 2W threads, each measured in the same run.
-
-Each caller process connects, warms up, and calls without pause for the window; the figure is
-the sum over callers of the calls finished within it (bench_load.run_callers).  grpcio callers
-import grpc only after the fork (a fork after gRPC has started is unsafe)."""
+server with a pool of 2W threads, all measured in the same run in interleaved windows
+(measure_shapes, below).  measure_pinned measures one shape with every process on one CPU, in
+rounds of fresh processes (run_callers: each caller connects, warms up and calls without
+pause for the window).  grpcio callers import grpc only after the fork (a fork after gRPC has
+started is unsafe)."""
 from __future__ import annotations
 
+import contextlib
+import mmap
 import multiprocessing
 import os
+import random
 import socket
 import struct
 import time
 
 from bench_load import PAYLOAD, _count_calls, run_callers
-from echo_service import BenchEcho
+from echo_service import BenchEcho, BenchEchoAgain
 from speedysvc import LocalService, connect
 
 GRPC_OPTIONS = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
@@ -26,7 +29,7 @@ def speedysvc_caller(address, start_at, seconds, out):
         _count_calls(lambda: echo(PAYLOAD), start_at, seconds, out)
 
 
-def raw_caller(port, start_at, seconds, out):
+def _raw_call(port):
     s = socket.create_connection(("127.0.0.1", port))
     s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     frame = struct.pack("<I", len(PAYLOAD)) + PAYLOAD
@@ -36,6 +39,11 @@ def raw_caller(port, start_at, seconds, out):
         got = 0
         while got < len(frame):
             got += len(s.recv(len(frame) - got))
+    return s, call
+
+
+def raw_caller(port, start_at, seconds, out):
+    s, call = _raw_call(port)
     _count_calls(call, start_at, seconds, out)
     s.close()
 
@@ -90,15 +98,6 @@ def grpc_server(threads, conn):
     server.stop(0).wait()
 
 
-def grpc_caller(port, start_at, seconds, out):
-    import grpc
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=GRPC_OPTIONS)
-    grpc.channel_ready_future(channel).result(timeout=30)
-    call = channel.unary_unary("/bench.Echo/Echo")
-    _count_calls(lambda: call(PAYLOAD), start_at, seconds, out)
-    channel.close()
-
-
 def measure_speedysvc(callers, workers, seconds):
     with LocalService(BenchEcho, workers=workers, tcp="127.0.0.1:0") as service:
         return run_callers(speedysvc_caller, (service.tcp_address,), callers, seconds)
@@ -121,36 +120,181 @@ def measure_raw(callers, workers, seconds):
             p.join(5)
 
 
-def measure_grpc(callers, workers, seconds):
+# ---- every shape in interleaved windows ----------------------------------------------------
+#
+# On this VM a shape's calls/s swings by half between runs of a few seconds (where the scheduler
+# puts which caller and which server, and the host's own load, both of which move over seconds).
+# Measured one after the other, two shapes or two servers meet different luck.  So every server
+# runs at once, each with the most callers any shape asks of it, and the run is a sequence of
+# short windows: in each, one server's first C callers call and every other caller waits on its
+# Event (a blocked process costs nothing).  The windows visit every (shape, server) pair once per
+# round, in a shuffled order, for several rounds; a figure is the calls made in all its windows
+# over their time.  Slow stretches then fall on every figure alike.
+
+SETTLE = 0.1   # s after a window's callers wake before it counts (they find their CPUs)
+DRAIN = 0.05   # s after they stop before the next window begins
+
+
+class _Board:
+    """Shared memory (inherited across fork) per caller slot: calls so far, its switch (1 call,
+    0 wait on its Event, -1 leave) and ready (connected, one call made)."""
+
+    def __init__(self, slots):
+        self.slots = slots
+        self._mem = mmap.mmap(-1, 8 * 3 * slots)
+        self.cells = memoryview(self._mem).cast("q")
+        self.events = [multiprocessing.Event() for _ in range(slots)]
+
+    def switch(self, slots, on):
+        for i in slots:
+            self.cells[self.slots + i] = on
+            (self.events[i].set if on else self.events[i].clear)()
+
+    def calls(self, slots):
+        return sum(self.cells[i] for i in slots)
+
+    def ready(self, slots):
+        return all(self.cells[2 * self.slots + i] for i in slots)
+
+
+def _speedysvc_call(arg):
+    cls, address = arg
+    c = connect(cls, address, timeout=30)
+    echo = c.echo_msgpack
+    return lambda: echo(PAYLOAD), c.close
+
+
+def _raw_window_call(port):
+    s, call = _raw_call(port)
+    return call, s.close
+
+
+def _grpc_call(port):
+    import grpc   # after the fork
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=GRPC_OPTIONS)
+    grpc.channel_ready_future(channel).result(timeout=30)
+    call = channel.unary_unary("/bench.Echo/Echo")
+    return lambda: call(PAYLOAD), channel.close
+
+
+def _window_caller(board, slot, make, arg):
+    call, close = make(arg)
+    call()
+    cells, event = board.cells, board.events[slot]
+    switch = board.slots + slot
+    cells[2 * board.slots + slot] = 1
+    n = 0
+    while True:
+        while cells[switch] == 0:
+            event.wait()
+        if cells[switch] < 0:
+            break
+        call()
+        n += 1
+        cells[slot] = n
+    close()
+
+
+def _start_raw(workers, stack):
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1024)
+    port = listener.getsockname()[1]
+    servers = [multiprocessing.Process(target=raw_server, args=(listener,), daemon=True) for _ in range(workers)]
+    for p in servers:
+        p.start()
+    listener.close()
+
+    def stop():
+        for p in servers:
+            p.kill()
+            p.join(5)
+    stack.callback(stop)
+    return port
+
+
+def _start_grpc(workers, stack):
     ctx = multiprocessing.get_context("spawn")
     parent, child = ctx.Pipe()
     proc = ctx.Process(target=grpc_server, args=(2 * workers, child), daemon=True)
     proc.start()
     child.close()
-    try:
-        if not parent.poll(60):
-            raise RuntimeError("the grpcio server did not start")
-        return run_callers(grpc_caller, (parent.recv(),), callers, seconds)
-    finally:
+
+    def stop():
         parent.close()
         proc.join(10)
         if proc.is_alive():
             proc.kill()
+    stack.callback(stop)
+    if not parent.poll(60):
+        raise RuntimeError("the grpcio server did not start")
+    return parent.recv()
 
 
-def measure_shapes(shapes, seconds, rounds, have_grpc, progress):
-    """{shape: {"speedysvc": [...], "raw": [...], "grpc": [...]}}: calls/s per round, interleaved."""
-    results = {shape: {"speedysvc": [], "raw": [], "grpc": []} for shape in shapes}
-    for rnd in range(rounds):
-        for c, w in shapes:
-            progress(f"round {rnd + 1}/{rounds}: {c} callers x {w} workers")
-            r = results[c, w]
-            r["speedysvc"].append(measure_speedysvc(c, w, seconds))
-            r["raw"].append(measure_raw(c, w, seconds))
+def measure_shapes(shapes, window, rounds, have_grpc, progress):
+    """{shape: {"speedysvc": figure, "raw": figure, "grpc": figure or None}}, each figure
+    {"rate": calls/s over all its windows, "windows": [calls/s of each window]}."""
+    kinds = ["speedysvc", "raw"] + (["grpc"] if have_grpc else [])
+    most = {}
+    for c, w in shapes:
+        most[w] = max(most.get(w, 0), c)
+    board = _Board(sum(most.values()) * len(kinds))
+    if len(most) > 2:
+        raise ValueError("at most two worker counts at once (one service each)")
+    slots, procs = {}, []
+    with contextlib.ExitStack() as stack:
+        progress(f"starting servers and {board.slots} callers")
+        for (w, n), cls in zip(most.items(), (BenchEcho, BenchEchoAgain)):
+            service = stack.enter_context(LocalService(cls, workers=w, tcp="127.0.0.1:0"))
+            targets = {"speedysvc": (_speedysvc_call, (cls, service.tcp_address)),
+                       "raw": (_raw_window_call, _start_raw(w, stack))}
             if have_grpc:
-                r["grpc"].append(measure_grpc(c, w, seconds))
-            time.sleep(0.2)
-    return results
+                targets["grpc"] = (_grpc_call, _start_grpc(w, stack))
+            for kind, (make, arg) in targets.items():
+                first = len(procs)
+                slots[w, kind] = list(range(first, first + n))
+                for slot in slots[w, kind]:
+                    procs.append(multiprocessing.Process(target=_window_caller, args=(board, slot, make, arg),
+                                                         daemon=True))
+                    procs[-1].start()
+
+        def leave():
+            for i in range(board.slots):
+                board.cells[board.slots + i] = -1
+                board.events[i].set()
+            for p in procs:
+                p.join(10)
+                if p.is_alive():
+                    p.kill()
+        stack.callback(leave)
+        deadline = time.monotonic() + 120
+        while not board.ready(range(board.slots)):
+            if time.monotonic() > deadline or any(p.exitcode is not None for p in procs):
+                raise RuntimeError("a caller did not connect")
+            time.sleep(0.05)
+
+        results = {shape: {k: {"calls": 0, "seconds": 0.0, "windows": []} for k in kinds} for shape in shapes}
+        pairs = [(shape, kind) for shape in shapes for kind in kinds]
+        order = random.Random(19)
+        for rnd in range(rounds + 1):     # round 0 visits every pair once, not counted
+            progress(f"round {rnd}/{rounds} of {len(pairs)} windows" + (" (warm-up)" if not rnd else ""))
+            order.shuffle(pairs)
+            for (c, w), kind in pairs:
+                active = slots[w, kind][:c]
+                board.switch(active, 1)
+                time.sleep(SETTLE)
+                n0, t0 = board.calls(active), time.perf_counter()
+                time.sleep(window)
+                n1, t1 = board.calls(active), time.perf_counter()
+                board.switch(active, 0)
+                time.sleep(DRAIN)
+                if rnd:
+                    r = results[c, w][kind]
+                    r["calls"] += n1 - n0
+                    r["seconds"] += t1 - t0
+                    r["windows"].append((n1 - n0) / (t1 - t0))
+    return {shape: {k: {"rate": r[k]["calls"] / r[k]["seconds"], "windows": r[k]["windows"]} if k in r else None
+                    for k in ("speedysvc", "raw", "grpc")} for shape, r in results.items()}
 
 
 def measure_pinned(callers, workers, seconds, rounds, progress, cpu=0):

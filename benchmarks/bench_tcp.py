@@ -13,7 +13,9 @@ skipped with a note.  speedysvc over shared memory is shown for reference.
 The raw TCP echo and the speedysvc TCP rows, which the targets compare, are
 measured in three interleaved rounds (one with --quick) and each figure is the
 median; the other rows are measured once.  The many-callers shapes, whose figures
-swing most between rounds here, take five rounds.
+swing most here (by half between runs of a few seconds: placement, the host's load), run
+every server at once and measure in short windows interleaved in a shuffled order, twelve
+per figure (_tcp_load.measure_shapes), so that slow stretches fall on every figure alike.
 
 Then: a 64 B call through a client over three endpoints (``connect(Svc, 'tcp://a,b,c')``:
 one server reached at 127.0.0.1, .2 and .3, so the difference is the client's balancing)
@@ -318,7 +320,8 @@ def idle_cpu(service, seconds):
         workers = sum(sum(p.cpu_times()[:2]) - b for p, b in zip(procs, before)) / seconds
         gw = (sum(gateway.cpu_times()[:2]) - gw_before) / seconds if gateway is not None else 0.0
         client = (time.process_time() - mine) / seconds
-    return workers * 100, gw * 100, client * 100
+    tick = 100 / os.sysconf("SC_CLK_TCK") / seconds   # the resolution of the CPU times read
+    return workers * 100, gw * 100, client * 100, tick
 
 
 def loadavg():
@@ -349,8 +352,10 @@ def main():
     args.calls = 3000 if args.quick else 20000
     args.seconds = 0.3 if args.quick else 1.0
     args.rounds = 1 if args.quick else 3
-    # the many-callers figures swing most between rounds on this VM (placement): more rounds
-    args.load_rounds = 1 if args.quick else 5
+    # the many-callers figures swing between windows on this VM (placement, the host): many short
+    # windows, interleaved (_tcp_load.measure_shapes)
+    args.load_rounds, args.load_window = (2, 0.3) if args.quick else (12, 0.5)
+    args.pinned_rounds = 1 if args.quick else 4
     pipe_seconds = 1.0 if args.quick else 2.0
     multiprocessing.set_start_method("fork")
     began = time.perf_counter()
@@ -378,8 +383,8 @@ def main():
         print()
 
     shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",") if s]
-    load = _tcp_load.measure_shapes(shapes, 1.0 if args.quick else 2.0, args.load_rounds, have_grpc, progress)
-    pinned = _tcp_load.measure_pinned(8, 4, 1.0 if args.quick else 2.0, args.load_rounds, progress) \
+    load = _tcp_load.measure_shapes(shapes, args.load_window, args.load_rounds, have_grpc, progress)
+    pinned = _tcp_load.measure_pinned(8, 4, 1.0 if args.quick else 2.0, args.pinned_rounds, progress) \
         if (8, 4) in shapes else None
 
     with LocalService(BenchEcho, workers=1, tcp="127.0.0.1:0") as service:
@@ -448,9 +453,9 @@ def main():
               f"{r['16MiB'] / tcp['16MiB']:.2f} |")
     print()
 
-    med = print_load(load, args.load_rounds)
+    med = print_load(load, args.load_rounds, args.load_window)
     if pinned:
-        print_pinned(pinned, args.load_rounds)
+        print_pinned(pinned, args.pinned_rounds)
 
     print("### Pipelining: 64 B echo_msgpack calls through one client\n")
     if args.rounds > 1:
@@ -514,26 +519,32 @@ def main():
     print_load_asks(med)
     print()
     print_seed_path(seed_rows, "TCP")
-    workers, gw, client = idle
+    workers, gw, client, tick = idle
     print(f"Idle service (1 worker) with a connected TCP client: worker {workers:.2f} % of a core, "
-          f"TCP gateway {gw:.2f} %, client {client:.2f} %")
+          f"TCP gateway {gw:.2f} %, client {client:.2f} % (one clock tick in the window: {tick:.2f} %)")
     print(f"\n(run took {time.perf_counter() - began:.0f} s; at the end: {loadavg()})")
 
 
-def print_load(load, rounds) -> dict:
-    """The many-callers table; returns the medians per shape."""
-    med = {shape: {k: statistics.median(v) if v else None for k, v in r.items()} for shape, r in load.items()}
+def print_load(load, rounds, window) -> dict:
+    """The many-callers table; returns the calls/s per shape."""
+    med = {shape: {k: f["rate"] if f else None for k, f in r.items()} for shape, r in load.items()}
     if not med:
         return med
     print("### Many TCP callers: C caller processes x W workers, 64 B msgpack echo, total calls/s\n")
-    print(f"(each figure the median of {rounds} interleaved round(s); raw TCP: a pre-forked echo server "
-          "with W processes; grpcio: a server with 2W threads)\n")
-    print("| C x W | speedysvc | raw TCP | grpcio | speedysvc / raw | speedysvc / grpcio |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print(f"(every server runs at once; each figure is the calls of its {rounds} windows of {window:g} s, "
+          "interleaved in a shuffled order with every other figure's, over their time; raw TCP: a "
+          "pre-forked echo server with W processes; grpcio: a server with 2W threads; the last column, "
+          "the middle half of speedysvc's windows)\n")
+    print("| C x W | speedysvc | raw TCP | grpcio | speedysvc / raw | speedysvc / grpcio | speedysvc windows |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for (c, w), r in med.items():
         g = f"{r['grpc']:,.0f}" if r["grpc"] else "(not installed)"
         xg = f"{r['speedysvc'] / r['grpc']:.1f}" if r["grpc"] else ""
-        print(f"| {c}x{w} | {r['speedysvc']:,.0f} | {r['raw']:,.0f} | {g} | {r['speedysvc'] / r['raw']:.2f} | {xg} |")
+        q = statistics.quantiles(load[c, w]["speedysvc"]["windows"], n=4) \
+            if len(load[c, w]["speedysvc"]["windows"]) > 1 else None
+        spread = f"{q[0]:,.0f}–{q[2]:,.0f}" if q else ""
+        print(f"| {c}x{w} | {r['speedysvc']:,.0f} | {r['raw']:,.0f} | {g} | {r['speedysvc'] / r['raw']:.2f} | "
+              f"{xg} | {spread} |")
     print()
     return med
 

@@ -27,3 +27,9 @@ class BenchEchoEverywhere(BenchEcho):
     """The same service under a name of its own, for bench_tcp's client over several endpoints
     (it listens on every address, so 127.0.0.1, .2 and .3 all reach it)."""
     name = "bench_echo_everywhere"
+
+
+class BenchEchoAgain(BenchEcho):
+    """The same service under a name of its own, so that two can run at once (bench_tcp's
+    many-callers part runs one per worker count)."""
+    name = "bench_echo_again"
