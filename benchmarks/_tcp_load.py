@@ -104,20 +104,8 @@ def measure_speedysvc(callers, workers, seconds):
 
 
 def measure_raw(callers, workers, seconds):
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(1024)
-    port = listener.getsockname()[1]
-    servers = [multiprocessing.Process(target=raw_server, args=(listener,), daemon=True) for _ in range(workers)]
-    for p in servers:
-        p.start()
-    listener.close()
-    try:
-        return run_callers(raw_caller, (port,), callers, seconds)
-    finally:
-        for p in servers:
-            p.kill()
-            p.join(5)
+    with contextlib.ExitStack() as stack:
+        return run_callers(raw_caller, (_start_raw(workers, stack),), callers, seconds)
 
 
 # ---- every shape in interleaved windows ----------------------------------------------------
