@@ -114,35 +114,52 @@ def measure_raw(callers, workers, seconds):
 # puts which caller and which server, and the host's own load, both of which move over seconds).
 # Measured one after the other, two shapes or two servers meet different luck.  So every server
 # runs at once, each with the most callers any shape asks of it, and the run is a sequence of
-# short windows: in each, one server's first C callers call and every other caller waits on its
-# Event (a blocked process costs nothing).  The windows visit every (shape, server) pair once per
-# round, in a shuffled order, for several rounds; a figure is the calls made in all its windows
-# over their time.  Slow stretches then fall on every figure alike.
+# short windows: in each, one server's first C callers call and every other caller waits in a
+# read of its own pipe (a blocked process costs nothing).  The windows visit every (shape,
+# server) pair once per round, in a shuffled order, for several rounds; a figure is the calls
+# made in all its windows over their time.  Slow stretches then fall on every figure alike.
+# Which server process serves which connection is drawn once per run, by the same SO_REUSEPORT
+# hash for speedysvc's workers and the raw server's processes (each listens on the port).
 
 SETTLE = 0.1   # s after a window's callers wake before it counts (they find their CPUs)
 DRAIN = 0.05   # s after they stop before the next window begins
 
 
 class _Board:
-    """Shared memory (inherited across fork) per caller slot: calls so far, its switch (1 call,
-    0 wait on its Event, -1 leave) and ready (connected, one call made)."""
+    """Per caller slot, in shared memory inherited across fork: calls so far, its switch (1 call,
+    0 wait, -1 leave) and ready (connected, one call made); and a pipe it waits on while its
+    switch is 0.  A switch to 1 or -1 writes one byte to the pipe, which never blocks this side
+    (a caller that died cannot hold it up, as a waiter on a multiprocessing.Event could)."""
 
     def __init__(self, slots):
         self.slots = slots
-        self._mem = mmap.mmap(-1, 8 * 3 * slots)
+        self._mem = mmap.mmap(-1, 8 * 3 * max(slots, 1))
         self.cells = memoryview(self._mem).cast("q")
-        self.events = [multiprocessing.Event() for _ in range(slots)]
+        self.pipes = [os.pipe() for _ in range(slots)]
 
-    def switch(self, slots, on):
+    def switch(self, slots, to):
         for i in slots:
-            self.cells[self.slots + i] = on
-            (self.events[i].set if on else self.events[i].clear)()
+            self.cells[self.slots + i] = to
+            if to:
+                os.write(self.pipes[i][1], b"x")
 
-    def calls(self, slots):
-        return sum(self.cells[i] for i in slots)
+    def calls(self, i):
+        return self.cells[i]
 
     def ready(self, slots):
         return all(self.cells[2 * self.slots + i] for i in slots)
+
+    def wait(self, slot):
+        """In the caller: until its switch is not 0; True to call, False to leave."""
+        switch = self.slots + slot
+        while self.cells[switch] == 0:
+            os.read(self.pipes[slot][0], 64)   # (bytes of earlier switches just loop)
+        return self.cells[switch] > 0
+
+    def close(self):
+        for r, w in self.pipes:
+            os.close(r)
+            os.close(w)
 
 
 def _speedysvc_call(arg):
@@ -168,15 +185,10 @@ def _grpc_call(port):
 def _window_caller(board, slot, make, arg):
     call, close = make(arg)
     call()
-    cells, event = board.cells, board.events[slot]
-    switch = board.slots + slot
+    cells = board.cells
     cells[2 * board.slots + slot] = 1
     n = 0
-    while True:
-        while cells[switch] == 0:
-            event.wait()
-        if cells[switch] < 0:
-            break
+    while board.wait(slot):
         call()
         n += 1
         cells[slot] = n
@@ -184,14 +196,21 @@ def _window_caller(board, slot, make, arg):
 
 
 def _start_raw(workers, stack):
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(1024)
-    port = listener.getsockname()[1]
-    servers = [multiprocessing.Process(target=raw_server, args=(listener,), daemon=True) for _ in range(workers)]
+    """W processes, each accepting on a listener of its own on one port (SO_REUSEPORT: the
+    kernel spreads connections as it does over the workers that serve TCP)."""
+    listeners = []
+    for _ in range(workers):
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        listener.bind(("127.0.0.1", listeners[0].getsockname()[1] if listeners else 0))
+        listener.listen(1024)
+        listeners.append(listener)
+    port = listeners[0].getsockname()[1]
+    servers = [multiprocessing.Process(target=raw_server, args=(listener,), daemon=True) for listener in listeners]
     for p in servers:
         p.start()
-    listener.close()
+    for listener in listeners:
+        listener.close()
 
     def stop():
         for p in servers:
@@ -213,57 +232,65 @@ def _start_grpc(workers, stack):
         proc.join(10)
         if proc.is_alive():
             proc.kill()
+            proc.join(5)
     stack.callback(stop)
     if not parent.poll(60):
         raise RuntimeError("the grpcio server did not start")
     return parent.recv()
 
 
-def measure_shapes(shapes, window, rounds, have_grpc, progress):
+def measure_shapes(shapes, window, rounds, have_grpc, progress, seed=None):
     """{shape: {"speedysvc": figure, "raw": figure, "grpc": figure or None}}, each figure
-    {"rate": calls/s over all its windows, "windows": [calls/s of each window]}."""
+    {"rate": calls/s over all its windows, "windows": [calls/s of each window]}; and the seed of
+    the windows' order.  A caller that dies, or makes no call in a window, ends it (RuntimeError)."""
     kinds = ["speedysvc", "raw"] + (["grpc"] if have_grpc else [])
     most = {}
     for c, w in shapes:
         most[w] = max(most.get(w, 0), c)
-    board = _Board(sum(most.values()) * len(kinds))
     if len(most) > 2:
         raise ValueError("at most two worker counts at once (one service each)")
-    slots, procs = {}, []
+    board = _Board(sum(most.values()) * len(kinds))
+    slots, procs, targets = {}, {}, {}
     with contextlib.ExitStack() as stack:
+        stack.callback(board.close)
         progress(f"starting servers and {board.slots} callers")
         for (w, n), cls in zip(most.items(), (BenchEcho, BenchEchoAgain)):
             service = stack.enter_context(LocalService(cls, workers=w, tcp="127.0.0.1:0"))
-            targets = {"speedysvc": (_speedysvc_call, (cls, service.tcp_address)),
-                       "raw": (_raw_window_call, _start_raw(w, stack))}
+            targets[w, "speedysvc"] = _speedysvc_call, (cls, service.tcp_address)
+            targets[w, "raw"] = _raw_window_call, _start_raw(w, stack)
             if have_grpc:
-                targets["grpc"] = (_grpc_call, _start_grpc(w, stack))
-            for kind, (make, arg) in targets.items():
-                first = len(procs)
-                slots[w, kind] = list(range(first, first + n))
-                for slot in slots[w, kind]:
-                    procs.append(multiprocessing.Process(target=_window_caller, args=(board, slot, make, arg),
-                                                         daemon=True))
-                    procs[-1].start()
+                targets[w, "grpc"] = _grpc_call, _start_grpc(w, stack)
 
-        def leave():
-            for i in range(board.slots):
-                board.cells[board.slots + i] = -1
-                board.events[i].set()
-            for p in procs:
-                p.join(10)
+        def leave():   # (before the servers stop: callback order)
+            board.switch(range(board.slots), -1)
+            deadline = time.monotonic() + 10
+            for p in procs.values():
+                p.join(max(0.0, deadline - time.monotonic()))
                 if p.is_alive():
                     p.kill()
+                    p.join(5)
         stack.callback(leave)
+        for (w, kind), (make, arg) in targets.items():
+            slots[w, kind] = list(range(len(procs), len(procs) + most[w]))
+            for slot in slots[w, kind]:
+                procs[slot] = multiprocessing.Process(target=_window_caller, args=(board, slot, make, arg),
+                                                      daemon=True)
+                procs[slot].start()
         deadline = time.monotonic() + 120
         while not board.ready(range(board.slots)):
-            if time.monotonic() > deadline or any(p.exitcode is not None for p in procs):
+            if time.monotonic() > deadline or any(p.exitcode is not None for p in procs.values()):
                 raise RuntimeError("a caller did not connect")
             time.sleep(0.05)
 
+        def counts(active):
+            before = time.perf_counter()
+            got = [board.calls(i) for i in active]
+            return got, (before + time.perf_counter()) / 2
+
         results = {shape: {k: {"calls": 0, "seconds": 0.0, "windows": []} for k in kinds} for shape in shapes}
         pairs = [(shape, kind) for shape in shapes for kind in kinds]
-        order = random.Random(19)
+        seed = random.randrange(1 << 32) if seed is None else seed
+        order = random.Random(seed)
         for rnd in range(rounds + 1):     # round 0 visits every pair once, not counted
             progress(f"round {rnd}/{rounds} of {len(pairs)} windows" + (" (warm-up)" if not rnd else ""))
             order.shuffle(pairs)
@@ -271,18 +298,23 @@ def measure_shapes(shapes, window, rounds, have_grpc, progress):
                 active = slots[w, kind][:c]
                 board.switch(active, 1)
                 time.sleep(SETTLE)
-                n0, t0 = board.calls(active), time.perf_counter()
+                n0, t0 = counts(active)
                 time.sleep(window)
-                n1, t1 = board.calls(active), time.perf_counter()
+                n1, t1 = counts(active)
                 board.switch(active, 0)
+                stuck = [i for i, a, b in zip(active, n0, n1) if b <= a or procs[i].exitcode is not None]
+                if stuck:
+                    raise RuntimeError(f"{kind} caller(s) {stuck} made no call in a {c}x{w} window "
+                                       f"(exit codes: {[procs[i].exitcode for i in stuck]})")
                 time.sleep(DRAIN)
                 if rnd:
                     r = results[c, w][kind]
-                    r["calls"] += n1 - n0
+                    r["calls"] += sum(n1) - sum(n0)
                     r["seconds"] += t1 - t0
-                    r["windows"].append((n1 - n0) / (t1 - t0))
-    return {shape: {k: {"rate": r[k]["calls"] / r[k]["seconds"], "windows": r[k]["windows"]} if k in r else None
-                    for k in ("speedysvc", "raw", "grpc")} for shape, r in results.items()}
+                    r["windows"].append((sum(n1) - sum(n0)) / (t1 - t0))
+    figures = {shape: {k: {"rate": r[k]["calls"] / r[k]["seconds"], "windows": r[k]["windows"]} if k in r else None
+                       for k in ("speedysvc", "raw", "grpc")} for shape, r in results.items()}
+    return figures, seed
 
 
 def measure_pinned(callers, workers, seconds, rounds, progress, cpu=0):

@@ -383,7 +383,8 @@ def main():
         print()
 
     shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",") if s]
-    load = _tcp_load.measure_shapes(shapes, args.load_window, args.load_rounds, have_grpc, progress)
+    load, args.load_seed = _tcp_load.measure_shapes(shapes, args.load_window, args.load_rounds, have_grpc,
+                                                    progress) if shapes else ({}, None)
     pinned = _tcp_load.measure_pinned(8, 4, 1.0 if args.quick else 2.0, args.pinned_rounds, progress) \
         if (8, 4) in shapes else None
 
@@ -453,7 +454,7 @@ def main():
               f"{r['16MiB'] / tcp['16MiB']:.2f} |")
     print()
 
-    med = print_load(load, args.load_rounds, args.load_window)
+    med = print_load(load, args.load_rounds, args.load_window, args.load_seed)
     if pinned:
         print_pinned(pinned, args.pinned_rounds)
 
@@ -525,7 +526,7 @@ def main():
     print(f"\n(run took {time.perf_counter() - began:.0f} s; at the end: {loadavg()})")
 
 
-def print_load(load, rounds, window) -> dict:
+def print_load(load, rounds, window, seed) -> dict:
     """The many-callers table; returns the calls/s per shape."""
     med = {shape: {k: f["rate"] if f else None for k, f in r.items()} for shape, r in load.items()}
     if not med:
@@ -533,8 +534,8 @@ def print_load(load, rounds, window) -> dict:
     print("### Many TCP callers: C caller processes x W workers, 64 B msgpack echo, total calls/s\n")
     print(f"(every server runs at once; each figure is the calls of its {rounds} windows of {window:g} s, "
           "interleaved in a shuffled order with every other figure's, over their time; raw TCP: a "
-          "pre-forked echo server with W processes; grpcio: a server with 2W threads; the last column, "
-          "the middle half of speedysvc's windows)\n")
+          f"pre-forked echo server with W processes; grpcio: a server with 2W threads; the order's seed: {seed}; "
+          "the last column, the middle half of speedysvc's windows)\n")
     print("| C x W | speedysvc | raw TCP | grpcio | speedysvc / raw | speedysvc / grpcio | speedysvc windows |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for (c, w), r in med.items():
