@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import mmap
 import os
 import struct
 
 import msgpack
 
 from .. import _shmcore as core
+from .. import allocation
 from ..errors import ProtocolError
 
 MAGIC = b"SSVC"
@@ -153,18 +153,19 @@ def lazy_buffer(length: int, lead: int = 0):
     as bytes arrive (a header claiming a gigabyte costs nothing until the gigabyte comes, and
     there is no zero-fill up front), in huge pages where the kernel allows them.  Private, not
     the shared mapping ``mmap(-1, n)`` makes: that one is shmem, and faulting its pages in
-    costs several times more (16 MiB: ~28 ms against ~4 ms in huge pages on a small VM).
+    costs several times more (16 MiB: ~28 ms against ~4 ms in huge pages on a small VM).  The
+    process keeps such mappings up to a bound and hands one out again once nothing refers to it
+    (``allocation.private_mapping``): its pages are committed already, and the buffer is a
+    view of exactly ``length`` bytes of it, which the frame's bytes fill before anyone reads it.
 
     ``lead``: the buffer starts that many bytes after a page boundary (a memoryview of the
     mapping; ``free_buffer`` closes it), as a call's payload does in a channel's data segment,
     after the method's name: the out-of-band buffers of a pickled call, placed on page
     boundaries for that layout (codecs/outofband.py), are then page-aligned here too, for a
     worker that runs the call from this buffer (TCP served by the workers)."""
-    buf = mmap.mmap(-1, length + lead, flags=mmap.MAP_PRIVATE)
-    try:
-        buf.madvise(mmap.MADV_HUGEPAGE)
-    except (AttributeError, OSError):   # not Linux, or no transparent huge pages
-        pass
+    buf, kept = allocation.private_mapping(length + lead)
+    if kept:
+        return memoryview(buf)[lead:lead + length]
     return memoryview(buf)[lead:] if lead else buf
 
 
@@ -179,7 +180,7 @@ def payload_bytes(frame: Frame):
 
 def free_buffer(buf) -> None:
     """Unmap a ``lazy_buffer`` now, unless a view of it is still alive somewhere (then it goes
-    with that)."""
+    with that), or the process keeps it (free again once nothing refers to it)."""
     if buf.__class__ is core.BytesToFill:
         return   # (memory of the heap: freed with its last reference)
     try:
@@ -187,7 +188,8 @@ def free_buffer(buf) -> None:
             mapping = buf.obj
             buf.release()
             buf = mapping
-        buf.close()
+        if not allocation.is_kept(buf):
+            buf.close()
     except BufferError:
         pass
 

@@ -242,3 +242,19 @@ class TcpTurns(ServerMethodsBase):
     @raw_method
     def echo_raw(self, data):
         return data
+
+
+class TcpLarge(ServerMethodsBase):
+    """Large raw calls run from the buffer a worker serving TCP received them into
+    (tests/tcp/test_tcp_large_buffers.py)."""
+    port = PORTS + 112
+    name = "tcpt_large"
+
+    @raw_method
+    def echo_raw(self, data):
+        return data   # the argument's view: written as it is, from the call's own buffer
+
+    @msgpack_method
+    def minor_faults(self):
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
