@@ -11,7 +11,7 @@ process that opens a speedysvc transport, and every worker, keeps buffers of up 
 The TCP side receives a large frame into an anonymous private mapping of its own
 (``private_mapping``; see ``speedysvc.tcp.framing.lazy_buffer`` for why a mapping).  A fresh
 mapping faults in every page on the first write, and the kernel zeroes each: on a 16 MiB raw echo
-served by a worker that was a fifth of the call (1,220 against 1,490 MB/s).  So a process keeps
+served by a worker that was a fifth of the call (1,199 against 1,517 MB/s).  So a process keeps
 one such mapping, of up to ``KEPT_MAPPING`` bytes, and hands it out again once nothing refers to
 it any more (no view, no write in progress): after a large call a process holds up to that much
 more memory, and no more however many calls it took.
