@@ -9,12 +9,12 @@ process that opens a speedysvc transport, and every worker, keeps buffers of up 
 ``TRIM_THRESHOLD`` of it is free: a process may keep up to that much freed memory.
 
 The TCP side receives a large frame into an anonymous private mapping of its own
-(``private_mapping``; see ``speedysvc.tcp.framing.lazy_buffer`` for why a mapping).  A fresh
+(``large_buffer``; see ``speedysvc.tcp.framing.lazy_buffer`` for why a mapping).  A fresh
 mapping faults in every page on the first write, and the kernel zeroes each: on a 16 MiB raw echo
 served by a worker that was a fifth of the call (1,199 against 1,517 MB/s).  So a process keeps
-one such mapping, of up to ``KEPT_MAPPING`` bytes, and hands it out again once nothing refers to
-it any more (no view, no write in progress): after a large call a process holds up to that much
-more memory, and no more however many calls it took.
+one such mapping, of up to ``KEPT_MAPPING`` bytes, and hands it out again once no view of it is
+alive (none kept by a handler, no write in progress): after a large call a process holds up to
+that much more memory, and no more however many calls it took.
 
 Opt out with ``SPEEDYSVC_KEEP_LARGE_ALLOCATIONS=0`` (both); glibc's own ``MALLOC_MMAP_THRESHOLD_``
 or ``MALLOC_TRIM_THRESHOLD_`` in the environment win over the heap's policy too.
@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import mmap
 import os
-import sys
+import threading
 
 from . import _shmcore as core
 
@@ -52,35 +52,51 @@ def _opted_out() -> bool:
     return os.environ.get(ENV, "1").strip() == "0"
 
 
-# The one mapping this process keeps.  It is free when only this module refers to it: every view
-# of it (a memoryview, a Py_buffer held by a write in progress) holds a reference to the mapping
-# object.  (Taking it needs no lock: a thread that finds it free holds it in a local from then
-# on, so any other thread's count is one more.)
+# The one mapping this process keeps, and the lock under which it is found free and a view of it
+# taken (two threads may receive large frames: the event loop's and an inflating one).
 _kept = None
+_kept_lock = threading.Lock()
 
 
-def private_mapping(size: int):
-    """``(mapping, kept)``: an anonymous private mapping of at least ``size`` bytes, in huge
-    pages where the kernel allows them.  ``kept``: it is the one the process keeps for reuse,
-    which may be larger than asked and hold earlier bytes (use ``size`` bytes of it, all
-    written before they are read; do not close it).  The process keeps the newest mapping of
-    at most ``KEPT_MAPPING`` bytes (sizes rounded up to ``KEPT_GRAIN``) that it made while
-    the one it kept was free or too small."""
+def _new_lock() -> None:
+    global _kept_lock
+    _kept_lock = threading.Lock()   # (a child of fork: another thread may have held it)
+
+
+os.register_at_fork(after_in_child=_new_lock)
+
+
+def _in_use(mapping) -> bool:
+    """Whether a view of ``mapping`` is alive: a memoryview (and whatever holds one: a handler,
+    a reply being written, a PickleBuffer) or a Py_buffer C code holds.  An mmap counts the
+    buffers it exported and refuses to resize while any is; a resize to its own size changes
+    nothing (mremap returns at once)."""
+    try:
+        mapping.resize(len(mapping))
+    except BufferError:
+        return True
+    return False
+
+
+def large_buffer(length: int, lead: int = 0):
+    """A writable buffer of exactly ``length`` bytes that starts ``lead`` bytes after a page
+    boundary, in an anonymous private mapping (huge pages where the kernel allows them): the
+    mapping this process keeps, if it is free and large enough, else a new one.  A buffer of
+    the kept mapping holds earlier bytes: write all of it before reading any.  The process keeps
+    the newest mapping of at most ``KEPT_MAPPING`` bytes (rounded up to ``KEPT_GRAIN``) made
+    while the one it kept was free; a larger or a busy one gives a mapping of its own
+    (``free_mapping`` unmaps it)."""
     global _kept
-    if _opted_out():
-        return _new_mapping(size), False
-    kept = _kept
-    # (references: the global, this local and the argument: no view of it is alive)
-    free = kept is not None and sys.getrefcount(kept) == 3
-    if free and len(kept) >= size:
-        return kept, True
-    if (kept is None or free) and size <= KEPT_MAPPING:
-        buf = _new_mapping(-(-size // KEPT_GRAIN) * KEPT_GRAIN)
-        _kept = buf
-        if free:
-            kept.close()
-        return buf, True
-    return _new_mapping(size), False
+    size = length + lead
+    if size <= KEPT_MAPPING and not _opted_out():
+        with _kept_lock:
+            kept = _kept
+            if kept is None or not _in_use(kept):
+                if kept is None or len(kept) < size:
+                    kept = _kept = _new_mapping(-(-size // KEPT_GRAIN) * KEPT_GRAIN)   # (the old one goes)
+                return memoryview(kept)[lead:size]
+    buf = _new_mapping(size)
+    return memoryview(buf)[lead:] if lead else buf
 
 
 def _new_mapping(size: int):

@@ -154,19 +154,16 @@ def lazy_buffer(length: int, lead: int = 0):
     there is no zero-fill up front), in huge pages where the kernel allows them.  Private, not
     the shared mapping ``mmap(-1, n)`` makes: that one is shmem, and faulting its pages in
     costs several times more (16 MiB: ~28 ms against ~4 ms in huge pages on a small VM).  The
-    process keeps such mappings up to a bound and hands one out again once nothing refers to it
-    (``allocation.private_mapping``): its pages are committed already, and the buffer is a
-    view of exactly ``length`` bytes of it, which the frame's bytes fill before anyone reads it.
+    process keeps one such mapping and hands it out again once no view of it is alive
+    (``allocation.large_buffer``): its pages are committed already, and the buffer is a view of
+    exactly ``length`` bytes of it, which the frame's bytes fill before anyone reads it.
 
     ``lead``: the buffer starts that many bytes after a page boundary (a memoryview of the
     mapping; ``free_buffer`` closes it), as a call's payload does in a channel's data segment,
     after the method's name: the out-of-band buffers of a pickled call, placed on page
     boundaries for that layout (codecs/outofband.py), are then page-aligned here too, for a
     worker that runs the call from this buffer (TCP served by the workers)."""
-    buf, kept = allocation.private_mapping(length + lead)
-    if kept:
-        return memoryview(buf)[lead:lead + length]
-    return memoryview(buf)[lead:] if lead else buf
+    return allocation.large_buffer(length, lead)
 
 
 def payload_bytes(frame: Frame):
@@ -180,7 +177,7 @@ def payload_bytes(frame: Frame):
 
 def free_buffer(buf) -> None:
     """Unmap a ``lazy_buffer`` now, unless a view of it is still alive somewhere (then it goes
-    with that), or the process keeps it (free again once nothing refers to it)."""
+    with that), or the process keeps it (free again once no view of it is alive)."""
     if buf.__class__ is core.BytesToFill:
         return   # (memory of the heap: freed with its last reference)
     try:

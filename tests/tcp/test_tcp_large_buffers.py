@@ -1,6 +1,6 @@
 """The buffer a large frame is received into (framing.lazy_buffer): a process keeps one private
-mapping for it (allocation.private_mapping) and hands it out again only once nothing refers to
-it.  In this process: what is reused and what is not.  In a worker that serves TCP: a 16 MiB
+mapping for it (allocation.large_buffer) and hands it out again only once no view of it is
+alive.  In this process: what is reused and what is not.  In a worker that serves TCP: a 16 MiB
 echo costs no page faults per call once the worker keeps the mapping, and a reply that is a view
 of the buffer, which the kernel has not taken yet, is never written over."""
 import os
@@ -30,7 +30,7 @@ def mapping_of(buf):
 
 
 def ref(buf):
-    """A weak reference to ``buf``'s mapping: any strong one would keep it in use."""
+    """A weak reference to ``buf``'s mapping (the test's own reference stays out of the way)."""
     return weakref.ref(mapping_of(buf))
 
 
@@ -87,15 +87,39 @@ def test_a_larger_frame_replaces_a_free_kept_mapping_and_a_huge_one_is_not_kept(
     assert mapping_of(huge).closed   # unmapped at once, as before
 
 
+def test_threads_taking_large_buffers_at_once_never_share_one(nothing_kept):
+    """The event loop's thread and an inflating thread may both receive large payloads."""
+    wrong = []
+
+    def take(mark):
+        for _ in range(100):
+            buf = fr.lazy_buffer(MiB)
+            buf[:] = mark * len(buf)
+            time.sleep(0)   # (let the others run while this one holds it)
+            if set(bytes(buf[::4096])) != {mark[0]}:
+                wrong.append(mark)
+            fr.free_buffer(buf)
+    threads = [threading.Thread(target=take, args=(m,)) for m in (b"a", b"b", b"c", b"d")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not wrong
+
+
 def test_nothing_is_kept_when_the_process_opts_out():
     probe = ("from speedysvc import allocation\n"
-             "m, kept = allocation.private_mapping(1 << 20)\n"
-             "del m\n"
-             "print(allocation.private_mapping(1 << 20)[1] or kept)\n")
-    env = dict(os.environ, SPEEDYSVC_KEEP_LARGE_ALLOCATIONS="0")
-    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=60)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "False"
+             "def mapping(b): return b.obj if isinstance(b, memoryview) else b\n"
+             "first = mapping(allocation.large_buffer(1 << 20))\n"
+             "print(allocation.is_kept(first) or mapping(allocation.large_buffer(1 << 20)) is first)\n")
+
+    def kept(**env):
+        out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                             env=dict(os.environ, **env), timeout=60)
+        assert out.returncode == 0, out.stderr
+        return out.stdout.strip() == "True"
+    assert kept(SPEEDYSVC_KEEP_LARGE_ALLOCATIONS="1")
+    assert not kept(SPEEDYSVC_KEEP_LARGE_ALLOCATIONS="0")
 
 
 @pytest.fixture
