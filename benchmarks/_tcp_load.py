@@ -1,10 +1,8 @@
 """Many TCP callers at once (bench_tcp.py's load part): C caller processes x W workers, 64 B echo,
 total calls per second, against a pre-forked raw TCP echo server with W processes and a grpcio
 server with a pool of 2W threads, all measured in the same run in interleaved windows
-(measure_shapes, below).  measure_pinned measures one shape with every process on one CPU, in
-rounds of fresh processes (run_callers: each caller connects, warms up and calls without
-pause for the window).  grpcio callers import grpc only after the fork (a fork after gRPC has
-started is unsafe)."""
+(measure_shapes, below); measure_pinned measures one shape so with every process on one CPU.
+grpcio callers import grpc only after the fork (a fork after gRPC has started is unsafe)."""
 from __future__ import annotations
 
 import contextlib
@@ -16,41 +14,17 @@ import socket
 import struct
 import time
 
-from bench_load import PAYLOAD, _count_calls, run_callers
+from bench_load import PAYLOAD
 from echo_service import BenchEcho, BenchEchoAgain
 from speedysvc import LocalService, connect
 
 GRPC_OPTIONS = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
 
 
-def speedysvc_caller(address, start_at, seconds, out):
-    with connect(BenchEcho, address, timeout=30) as c:
-        echo = c.echo_msgpack
-        _count_calls(lambda: echo(PAYLOAD), start_at, seconds, out)
-
-
-def _raw_call(port):
-    s = socket.create_connection(("127.0.0.1", port))
-    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    frame = struct.pack("<I", len(PAYLOAD)) + PAYLOAD
-
-    def call():
-        s.sendall(frame)
-        got = 0
-        while got < len(frame):
-            got += len(s.recv(len(frame) - got))
-    return s, call
-
-
-def raw_caller(port, start_at, seconds, out):
-    s, call = _raw_call(port)
-    _count_calls(call, start_at, seconds, out)
-    s.close()
-
-
 def raw_server(listener):
-    """One of W pre-forked processes sharing one listening socket: accepts connections and
-    echoes each 4-byte-length-prefixed frame (blocking I/O, a selector over its connections)."""
+    """One of W pre-forked processes, each with a listener of its own on the port
+    (``_start_raw``): accepts connections and echoes each 4-byte-length-prefixed frame (blocking
+    I/O, a selector over its connections)."""
     import selectors
     sel = selectors.DefaultSelector()
     listener.setblocking(False)
@@ -96,16 +70,6 @@ def grpc_server(threads, conn):
     except EOFError:
         pass
     server.stop(0).wait()
-
-
-def measure_speedysvc(callers, workers, seconds):
-    with LocalService(BenchEcho, workers=workers, tcp="127.0.0.1:0") as service:
-        return run_callers(speedysvc_caller, (service.tcp_address,), callers, seconds)
-
-
-def measure_raw(callers, workers, seconds):
-    with contextlib.ExitStack() as stack:
-        return run_callers(raw_caller, (_start_raw(workers, stack),), callers, seconds)
 
 
 # ---- every shape in interleaved windows ----------------------------------------------------
@@ -169,8 +133,16 @@ def _speedysvc_call(arg):
     return lambda: echo(PAYLOAD), c.close
 
 
-def _raw_window_call(port):
-    s, call = _raw_call(port)
+def _raw_call(port):
+    s = socket.create_connection(("127.0.0.1", port))
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    frame = struct.pack("<I", len(PAYLOAD)) + PAYLOAD
+
+    def call():
+        s.sendall(frame)
+        got = 0
+        while got < len(frame):
+            got += len(s.recv(len(frame) - got))
     return call, s.close
 
 
@@ -257,7 +229,7 @@ def measure_shapes(shapes, window, rounds, have_grpc, progress, seed=None):
         for (w, n), cls in zip(most.items(), (BenchEcho, BenchEchoAgain)):
             service = stack.enter_context(LocalService(cls, workers=w, tcp="127.0.0.1:0"))
             targets[w, "speedysvc"] = _speedysvc_call, (cls, service.tcp_address)
-            targets[w, "raw"] = _raw_window_call, _start_raw(w, stack)
+            targets[w, "raw"] = _raw_call, _start_raw(w, stack)
             if have_grpc:
                 targets[w, "grpc"] = _grpc_call, _start_grpc(w, stack)
 
@@ -317,20 +289,17 @@ def measure_shapes(shapes, window, rounds, have_grpc, progress, seed=None):
     return figures, seed
 
 
-def measure_pinned(callers, workers, seconds, rounds, progress, cpu=0):
-    """{"speedysvc": [...], "raw": [...]}: calls/s with every process of the measure (callers,
-    workers or raw servers, and this one) on one CPU, in interleaved rounds.  Where each process
-    runs then no longer varies (on this VM a wake-up across CPUs costs ~30 µs, and which caller
-    shares a CPU with which server moves the default figures by half), so the ratio shows what
-    a call costs in CPU against the raw echo's.  (Children inherit the affinity.)"""
-    results = {"speedysvc": [], "raw": []}
+def measure_pinned(callers, workers, window, rounds, progress, cpu=0):
+    """``{"speedysvc": calls/s, "raw": calls/s}`` for one shape with every process of the measure
+    (callers, workers or raw servers, and this one) on one CPU, in the same interleaved windows.
+    Where each process runs then no longer varies (on this VM a wake-up across CPUs costs ~30 µs,
+    and which caller shares a CPU with which server moves the default figures by half), so the
+    ratio shows what a call costs in CPU against the raw echo's.  (Children inherit the affinity.)"""
     before = os.sched_getaffinity(0)
     os.sched_setaffinity(0, {cpu})
     try:
-        for rnd in range(rounds):
-            progress(f"round {rnd + 1}/{rounds}: {callers} callers x {workers} workers on CPU {cpu}")
-            results["speedysvc"].append(measure_speedysvc(callers, workers, seconds))
-            results["raw"].append(measure_raw(callers, workers, seconds))
+        figures, _ = measure_shapes([(callers, workers)], window, rounds, False,
+                                    lambda what: progress(f"on CPU {cpu}: {what}"))
     finally:
         os.sched_setaffinity(0, before)
-    return results
+    return {k: f["rate"] for k, f in figures[callers, workers].items() if f}

@@ -355,7 +355,6 @@ def main():
     # the many-callers figures swing between windows on this VM (placement, the host): many short
     # windows, interleaved (_tcp_load.measure_shapes)
     args.load_rounds, args.load_window = (2, 0.3) if args.quick else (12, 0.5)
-    args.pinned_rounds = 1 if args.quick else 4
     pipe_seconds = 1.0 if args.quick else 2.0
     multiprocessing.set_start_method("fork")
     began = time.perf_counter()
@@ -385,7 +384,7 @@ def main():
     shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",") if s]
     load, args.load_seed = _tcp_load.measure_shapes(shapes, args.load_window, args.load_rounds, have_grpc,
                                                     progress) if shapes else ({}, None)
-    pinned = _tcp_load.measure_pinned(8, 4, 1.0 if args.quick else 2.0, args.pinned_rounds, progress) \
+    pinned = _tcp_load.measure_pinned(8, 4, args.load_window, args.load_rounds, progress) \
         if (8, 4) in shapes else None
 
     with LocalService(BenchEcho, workers=1, tcp="127.0.0.1:0") as service:
@@ -454,9 +453,9 @@ def main():
               f"{r['16MiB'] / tcp['16MiB']:.2f} |")
     print()
 
-    med = print_load(load, args.load_rounds, args.load_window, args.load_seed)
+    rates = print_load(load, args.load_rounds, args.load_window, args.load_seed)
     if pinned:
-        print_pinned(pinned, args.pinned_rounds)
+        print_pinned(pinned, args.load_rounds, args.load_window)
 
     print("### Pipelining: 64 B echo_msgpack calls through one client\n")
     if args.rounds > 1:
@@ -517,7 +516,7 @@ def main():
           f"speedysvc tcp, msgpack, 3 endpoints on loopback (calls per endpoint: "
           f"{', '.join(map(str, balanced_spread))}) | {x:.2f}× ({balanced_rt['three']:.1f} vs "
           f"{balanced_rt['single']:.1f} µs) | {verdict(x <= TARGET_BALANCED)} |")
-    print_load_asks(med)
+    print_load_asks(rates)
     print()
     print_seed_path(seed_rows, "TCP")
     workers, gw, client, tick = idle
@@ -528,9 +527,9 @@ def main():
 
 def print_load(load, rounds, window, seed) -> dict:
     """The many-callers table; returns the calls/s per shape."""
-    med = {shape: {k: f["rate"] if f else None for k, f in r.items()} for shape, r in load.items()}
-    if not med:
-        return med
+    rates = {shape: {k: f["rate"] if f else None for k, f in r.items()} for shape, r in load.items()}
+    if not rates:
+        return rates
     print("### Many TCP callers: C caller processes x W workers, 64 B msgpack echo, total calls/s\n")
     print(f"(every server runs at once; each figure is the calls of its {rounds} windows of {window:g} s, "
           "interleaved in a shuffled order with every other figure's, over their time; raw TCP: a "
@@ -538,7 +537,7 @@ def print_load(load, rounds, window, seed) -> dict:
           "the last column, the middle half of speedysvc's windows)\n")
     print("| C x W | speedysvc | raw TCP | grpcio | speedysvc / raw | speedysvc / grpcio | speedysvc windows |")
     print("|---|---:|---:|---:|---:|---:|---:|")
-    for (c, w), r in med.items():
+    for (c, w), r in rates.items():
         g = f"{r['grpc']:,.0f}" if r["grpc"] else "(not installed)"
         xg = f"{r['speedysvc'] / r['grpc']:.1f}" if r["grpc"] else ""
         q = statistics.quantiles(load[c, w]["speedysvc"]["windows"], n=4) \
@@ -547,31 +546,31 @@ def print_load(load, rounds, window, seed) -> dict:
         print(f"| {c}x{w} | {r['speedysvc']:,.0f} | {r['raw']:,.0f} | {g} | {r['speedysvc'] / r['raw']:.2f} | "
               f"{xg} | {spread} |")
     print()
-    return med
+    return rates
 
 
-def print_pinned(pinned, rounds) -> None:
-    sp, raw = statistics.median(pinned["speedysvc"]), statistics.median(pinned["raw"])
+def print_pinned(pinned, rounds, window) -> None:
+    sp, raw = pinned["speedysvc"], pinned["raw"]
     print("The 8x4 shape again with every process on one CPU (where each runs no longer varies, so "
           "this is what a call costs in CPU; not an ask of the issue, which is about the default "
-          f"placement; medians of {rounds} interleaved round(s)):\n")
+          f"placement; {rounds} interleaved windows of {window:g} s each):\n")
     print("| C x W | speedysvc | raw TCP | speedysvc / raw |")
     print("|---|---:|---:|---:|")
     print(f"| 8x4 on one CPU | {sp:,.0f} | {raw:,.0f} | {sp / raw:.2f} |")
     print()
 
 
-def print_load_asks(med) -> None:
-    if (8, 4) in med:
-        r = med[8, 4]
+def print_load_asks(rates) -> None:
+    if (8, 4) in rates:
+        r = rates[8, 4]
         x = r["speedysvc"] / r["raw"]
         print(f"| 8 callers x 4 workers at least {TARGET_LOAD_RAW:g}× the raw TCP server | many callers | "
               f"{x:.2f}× | {verdict(x >= TARGET_LOAD_RAW)} |")
-        if (16, 4) in med:
-            y = med[16, 4]["speedysvc"] / r["speedysvc"]
+        if (16, 4) in rates:
+            y = rates[16, 4]["speedysvc"] / r["speedysvc"]
             print(f"| no collapse: 16x4 at least {TARGET_NO_COLLAPSE:g}× the 8x4 figure | many callers | "
                   f"{y:.2f}× | {verdict(y >= TARGET_NO_COLLAPSE)} |")
-    with_grpc = [(shape, r["speedysvc"] / r["grpc"]) for shape, r in med.items() if r["grpc"]]
+    with_grpc = [(shape, r["speedysvc"] / r["grpc"]) for shape, r in rates.items() if r["grpc"]]
     if with_grpc:
         worst = min(x for _, x in with_grpc)
         print(f"| at least {TARGET_GRPC:g}× grpcio in every shape | many callers | {worst:.1f}× (the lowest) | "

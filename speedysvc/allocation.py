@@ -40,7 +40,7 @@ def keep_large_allocations() -> bool:
     """Apply the policy once per process (unless opted out); whether it is in force."""
     global _applied
     if not _applied:
-        if os.environ.get(ENV, "1").strip() == "0" or \
+        if _opted_out() or \
                 any(k in os.environ for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")):
             return False
         core.keep_large_allocations(MMAP_THRESHOLD, TRIM_THRESHOLD)
@@ -85,7 +85,7 @@ def large_buffer(length: int, lead: int = 0):
     the kept mapping holds earlier bytes: write all of it before reading any.  The process keeps
     the newest mapping of at most ``KEPT_MAPPING`` bytes (rounded up to ``KEPT_GRAIN``) made
     while the one it kept was free; a larger or a busy one gives a mapping of its own
-    (``free_mapping`` unmaps it)."""
+    (``framing.free_buffer`` unmaps it)."""
     global _kept
     size = length + lead
     if size <= KEPT_MAPPING and not _opted_out():
