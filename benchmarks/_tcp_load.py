@@ -14,7 +14,7 @@ import socket
 import struct
 import time
 
-from bench_load import PAYLOAD
+from bench_load import PAYLOAD, framed_echo
 from echo_service import BenchEcho, BenchEchoAgain
 from speedysvc import LocalService, connect
 
@@ -136,14 +136,7 @@ def _speedysvc_call(arg):
 def _raw_call(port):
     s = socket.create_connection(("127.0.0.1", port))
     s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    frame = struct.pack("<I", len(PAYLOAD)) + PAYLOAD
-
-    def call():
-        s.sendall(frame)
-        got = 0
-        while got < len(frame):
-            got += len(s.recv(len(frame) - got))
-    return call, s.close
+    return framed_echo(s), s.close
 
 
 def _grpc_call(port):

@@ -54,9 +54,9 @@ def speedysvc_caller(start_at, seconds, out):
         _count_calls(lambda: echo(PAYLOAD), start_at, seconds, out)
 
 
-def socket_caller(path, start_at, seconds, out):
-    s = socket.socket(socket.AF_UNIX)
-    s.connect(path)
+def framed_echo(s):
+    """One call of the raw baselines over the connected socket ``s``: PAYLOAD after a 4-byte
+    length, sent, and its echo read back whole."""
     frame = struct.pack("<I", len(PAYLOAD)) + PAYLOAD
 
     def call():
@@ -64,7 +64,13 @@ def socket_caller(path, start_at, seconds, out):
         got = 0
         while got < len(frame):
             got += len(s.recv(len(frame) - got))
-    _count_calls(call, start_at, seconds, out)
+    return call
+
+
+def socket_caller(path, start_at, seconds, out):
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(path)
+    _count_calls(framed_echo(s), start_at, seconds, out)
     s.close()
 
 
